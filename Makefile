@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine: `make bench` and `make test`. Both create .venv first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed only when the environment lacks it, so a CUDA build already visible to the venv is kept.
+# On a machine without a GPU, outside this project's CI, a CPU build avoids a multi-GB download:
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: install test lint bench bench-quick reference-model clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: install
+	$(PY) -m offload_moe.bench
+
+bench-quick: install
+	$(PY) -m offload_moe.bench --quick
+
+reference-model: install
+	$(PY) examples/train_reference_model.py --out examples/reference-moe
+	$(PY) examples/model_card.py examples/reference-moe
+
+clean:
+	rm -rf $(VENV) bench-results .pytest_cache .ruff_cache

@@ -1,0 +1,168 @@
+"""The expert residency cache: one device slot pool shared by all MoE layers, filled from the host store.
+
+A slot holds one (layer, expert) at a time. The pool is one tensor `[slots, ...]` per expert weight, so the stock
+transformers experts kernels run on it unchanged once expert ids are remapped to slot ids. All bookkeeping runs on
+the caller's (compute) thread; the transfer engine only moves bytes, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .eviction import EvictionPolicy
+from .store import HostStore
+from .transfer import Transfer, TransferEngine
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class CacheStats:
+    num_layers: int
+    hits: int = 0  # needed expert already resident
+    inflight_hits: int = 0  # needed expert already being copied (by a prefetch): it may still stall
+    misses: int = 0  # needed expert neither resident nor in flight: copied on demand
+    copies: int = 0  # every copy into a slot after warm-up (misses + prefetches)
+    bytes_copied: int = 0
+    stall_seconds: float = 0.0  # compute thread blocked waiting for copies
+    evictions: int = 0
+    waves: int = 0  # layer calls that needed more distinct experts than the pool has slots
+    warmup_copies: int = 0
+    layer_hits: list[int] = field(default_factory=list)
+    layer_misses: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.layer_hits = [0] * self.num_layers
+        self.layer_misses = [0] * self.num_layers
+
+
+class ExpertCache:
+    """`num_slots` device slots for the experts of every layer of `store`, evicted by `eviction`."""
+
+    def __init__(
+        self,
+        store: HostStore,
+        num_slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        engine: TransferEngine,
+        eviction: EvictionPolicy,
+    ):
+        self.store, self.num_slots, self.device = store, num_slots, torch.device(device)
+        self.engine, self.eviction = engine, eviction
+        self.pool = {
+            n: torch.empty((num_slots, *shape), dtype=dtype, device=self.device)
+            for n, shape in store.expert_shapes.items()
+        }  # name -> [S, ...]
+        self.slot_bytes = store.expert_bytes(dtype)
+        self.slot_key: list[Key | None] = [None] * num_slots
+        self.slot_of: dict[Key, int] = {}
+        self.pending: dict[Key, Transfer] = {}
+        self.last_use: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last kernel reading the slot
+        self._free = list(range(num_slots - 1, -1, -1))
+        self.stats = CacheStats(store.num_layers)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.pool.values())
+
+    def warm(self, keys: list[Key]) -> None:
+        """Fill free slots with `keys` before the first forward (not counted as misses)."""
+        for key in keys:
+            if not self._free:
+                break
+            self._load(key).wait()
+            self.pending.pop(key, None)
+            self.stats.warmup_copies += 1
+
+    def load(self, key: Key, protected: set[Key]) -> Transfer | None:
+        """Start copying `key` into a slot unless it is resident or in flight; never evicts `protected` keys.
+
+        Returns the transfer, or None when `key` is already there or no slot can be freed without waiting.
+        """
+        if key in self.slot_of:
+            return None
+        if not self._free and self._evict(protected) is None:
+            return None
+        transfer = self._load(key)
+        self.stats.copies += 1
+        self.stats.bytes_copied += transfer.nbytes
+        return transfer
+
+    def acquire(self, layer: int, experts: list[int]) -> torch.Tensor:
+        """Make `experts` of `layer` resident (fetching misses, waiting for copies) and return the slot table.
+
+        The table is a device LongTensor [E] mapping each expert of the layer to its slot, or to `num_slots` (the
+        kernels' "skip" sentinel) for experts not in `experts`. Needs len(experts) <= num_slots.
+        """
+        keys = [(layer, e) for e in experts]
+        protected = set(keys)
+        waits = []
+        for key in keys:
+            if key in self.slot_of:
+                self.stats.hits += 1
+                self.stats.layer_hits[layer] += 1
+                if key in self.pending:
+                    self.stats.inflight_hits += 1
+                    waits.append(key)
+            else:
+                self.stats.misses += 1
+                self.stats.layer_misses[layer] += 1
+                while self.load(key, protected) is None:
+                    self._wait_for_any_pending(exclude=protected)
+                waits.append(key)
+            self.eviction.touch(key)
+        for key in waits:
+            transfer = self.pending.pop(key, None)
+            if transfer is not None:
+                self.stats.stall_seconds += transfer.wait()
+        table = [self.num_slots] * self.store.num_experts
+        for e in experts:
+            table[e] = self.slot_of[(layer, e)]
+        return torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def release(self, layer: int, experts: list[int]) -> None:
+        """Mark the end of a kernel that read these slots (CUDA: later copies into them wait for it)."""
+        if self.device.type != "cuda":
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        for e in experts:
+            self.last_use[self.slot_of[(layer, e)]] = event
+
+    def _load(self, key: Key) -> Transfer:
+        slot = self._free.pop()
+        self.slot_key[slot] = key
+        self.slot_of[key] = slot
+        pieces = self.store.expert(*key)
+        dst = [self.pool[p.name][slot, p.row : p.row + p.src.shape[0]] for p in pieces]
+        transfer = self.engine.submit([p.src for p in pieces], dst, after=self.last_use[slot])
+        self.pending[key] = transfer
+        self.eviction.touch(key)
+        return transfer
+
+    def _evict(self, protected: set[Key]) -> int | None:
+        candidates = [k for k in self.slot_of if k not in protected and k not in self.pending]
+        victim = self.eviction.victim(candidates)
+        if victim is None:
+            return None
+        slot = self.slot_of.pop(victim)
+        self.slot_key[slot] = None
+        self.eviction.forget(victim)
+        self._free.append(slot)
+        self.stats.evictions += 1
+        return slot
+
+    def _wait_for_any_pending(self, exclude: set[Key]) -> None:
+        """Block until one in-flight copy (not of `exclude`) lands, so its slot becomes evictable."""
+        for key, transfer in list(self.pending.items()):
+            if key not in exclude:
+                self.stats.stall_seconds += transfer.wait()
+                del self.pending[key]
+                return
+        raise RuntimeError(
+            f"the expert pool has {self.num_slots} slots, all needed at once; this is a bug in the caller "
+            "(acquire needs at most num_slots experts)"
+        )

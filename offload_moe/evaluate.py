@@ -1,0 +1,41 @@
+"""Bits per byte of a causal LM on a text: the accuracy measure used by the tests and the benchmark."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def bits_per_byte(model: torch.nn.Module, tokenizer, text: str, seq_len: int = 256, batch_size: int = 8) -> float:
+    """Cross-entropy of every token but the first, in bits, divided by the text's UTF-8 bytes.
+
+    The token stream is cut into windows of `seq_len` predictions that overlap by one token, so each token after
+    the first is predicted exactly once, with up to `seq_len` tokens of context.
+    """
+    n_bytes = len(text.encode("utf-8"))
+    if n_bytes == 0:
+        raise ValueError("bits_per_byte needs a non-empty text")
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # [N]
+    if ids.numel() < 2:
+        raise ValueError("bits_per_byte needs a text of at least two tokens")
+    device = next(model.parameters()).device
+    windows = [ids[s : s + seq_len + 1] for s in range(0, ids.numel() - 1, seq_len)]
+    total_nats = 0.0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        # The last window may be short: run same-length windows together.
+        for group in _same_length_groups(chunk):
+            batch = torch.stack(group).to(device)  # [B, T+1]
+            logits = model(input_ids=batch[:, :-1]).logits.float()  # [B, T, V]
+            total_nats += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+    return total_nats / math.log(2) / n_bytes
+
+
+def _same_length_groups(windows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[int, list[torch.Tensor]] = {}
+    for w in windows:
+        groups.setdefault(w.numel(), []).append(w)
+    return list(groups.values())

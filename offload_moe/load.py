@@ -1,0 +1,137 @@
+"""`load(path, ...)`: open a checkpoint directory with only the budget of experts ever on the device.
+
+Non-expert weights are read and moved to the device; expert weights stay in the safetensors files, memory-mapped,
+and are copied one expert at a time when the cache needs them. Both checkpoint layouts are understood: fused
+(`experts.gate_up_proj` [E, 2I, H]) and per-expert (Mixtral's `experts.{e}.w1/w3/w2`, Qwen/OLMoE's
+`experts.{e}.gate_proj/up_proj/down_proj`), which is how transformers saves them and how the hub serves them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hooks import find_moe_blocks
+
+from .eviction import EvictionPolicy
+from .patch import OffloadHandle, _patch
+from .store import HostStore, Piece, mmap_safetensors
+from .transfer import EmulatedLink
+
+# Checkpoint key renames that transformers applies when loading (only Mixtral's block name changed).
+_RENAMES = [(re.compile(r"\.block_sparse_moe\."), ".mlp.")]
+_PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"^(?P<block>.+)\.experts\.(?P<name>[A-Za-z_]+)$")
+_PART = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),
+         "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", 0), "down_proj": ("down_proj", 0)}  # fmt: skip
+
+
+def load(
+    path: str | Path,
+    budget: float | str = 1.0,
+    device: str | torch.device | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    eviction: str | EvictionPolicy = "lru",
+    fallback: str = "fetch",
+    link: EmulatedLink | None = None,
+) -> tuple[torch.nn.Module, OffloadHandle]:
+    """Open the checkpoint directory `path` and patch it; returns `(model, handle)`.
+
+    Expert weights are never all read into RAM: they are memory-mapped and copied to the device expert by expert.
+    dtype: the compute dtype (default: the checkpoint's). Other arguments are those of `offload_moe.patch`.
+    """
+    path = Path(path)
+    tensors = _open_checkpoint(path)
+    config = AutoConfig.from_pretrained(path)
+    if dtype is None:
+        dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    blocks = find_moe_blocks(model)
+    block_index = {b.name: b for b in blocks}
+
+    dense: dict[str, torch.Tensor] = {}
+    pieces: dict[tuple[int, int], list[Piece]] = {}
+    for key, t in tensors.items():
+        name = _rename(key)
+        m = _PER_EXPERT.match(name)
+        if m and m["block"] in block_index:
+            b = block_index[m["block"]]
+            target, half = _PART[m["w"]]
+            pieces.setdefault((b.index, int(m["e"])), []).append(Piece(target, half * t.shape[0], t))
+            continue
+        m = _FUSED.match(name)
+        if m and m["block"] in block_index and m["name"] in block_index[m["block"]].expert_param_names():
+            b = block_index[m["block"]]
+            for e in range(b.num_experts):
+                pieces.setdefault((b.index, e), []).append(Piece(m["name"], 0, t[e]))
+            continue
+        dense[name] = t.to(dtype) if t.is_floating_point() else t
+
+    shapes = {n: tuple(getattr(blocks[0].experts, n).shape[1:]) for n in blocks[0].expert_param_names()}
+    experts = []
+    for b in blocks:
+        layer = []
+        for e in range(b.num_experts):
+            got = pieces.get((b.index, e))
+            if not got:
+                raise ValueError(f"{path}: no weights found for expert {e} of {b.name}; is this the right checkpoint?")
+            layer.append(sorted(got, key=lambda p: (p.name, p.row)))
+        experts.append(layer)
+    store = HostStore(experts, shapes)
+    _load_dense(model, dense, path)
+    handle = _patch(model, budget, device, eviction, fallback, link, pin_memory=False, store=store)
+    return model, handle
+
+
+def _rename(key: str) -> str:
+    for pattern, repl in _RENAMES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def _open_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's safetensors shards, memory-mapped."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(
+            f"{path} has no model.safetensors or model.safetensors.index.json; offload_moe.load reads safetensors "
+            "checkpoints only (re-save others with save_pretrained(safe_serialization=True))"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(mmap_safetensors(path / shard))
+    return tensors
+
+
+def _load_dense(model: torch.nn.Module, dense: dict[str, torch.Tensor], path: Path) -> None:
+    """Assign the non-expert weights to the meta-initialised model, tie embeddings, and build its buffers."""
+    expert_keys = {f"{b.name}.experts.{n}" for b in find_moe_blocks(model) for n in b.expert_param_names()}
+    result = model.load_state_dict(dense, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in result.missing_keys if k not in expert_keys and model.get_parameter_or_buffer(k).is_meta]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: checkpoint does not match {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    # Non-persistent buffers (rotary frequencies) are not in checkpoints: build them as from_pretrained does.
+    for module in model.modules():
+        meta_buffers = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+        if not meta_buffers:
+            continue
+        for n in meta_buffers:
+            setattr(module, n, torch.empty_like(getattr(module, n), device="cpu"))
+        model._init_weights(module)

@@ -1,0 +1,56 @@
+"""The project's reference MoE model and the corpus it was trained on (the running interpreter's stdlib)."""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+
+REFERENCE_MODEL_DIR = Path(__file__).resolve().parent.parent / "examples" / "reference-moe"
+MAX_FILE_BYTES = 200_000  # larger stdlib files are generated tables (encodings, pydoc topics), not code
+HELD_OUT_BUCKETS = 20  # one module in 20 (by hash) is held out for validation
+
+
+def _module_of(rel: Path) -> str:
+    """Dotted module name of a stdlib file: `email/mime/text.py` -> `email.mime.text`."""
+    return ".".join(rel.with_suffix("").parts)
+
+
+def is_held_out(module: str) -> bool:
+    """Deterministic split by top-level module name, identical on every machine."""
+    return int(hashlib.md5(module.encode()).hexdigest(), 16) % HELD_OUT_BUCKETS == 0
+
+
+def stdlib_files(split: str) -> list[Path]:
+    """Sorted .py files of the running interpreter's standard library for `split` in {"train", "val"}."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root)
+        if "site-packages" in rel.parts or p.stat().st_size > MAX_FILE_BYTES:
+            continue
+        if is_held_out(_module_of(rel)) == (split == "val"):
+            out.append(p)
+    return out
+
+
+def read_source(path: Path) -> str:
+    """A stdlib file as text; the few that are not UTF-8 (encoding tests) get replacement characters."""
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def stdlib_text(split: str, max_bytes: int | None = None) -> str:
+    """Concatenated source of a split (files in sorted order, separated by a blank line), cut to `max_bytes`."""
+    parts, size = [], 0
+    for p in stdlib_files(split):
+        text = read_source(p)
+        parts.append(text)
+        size += len(text.encode())
+        if max_bytes is not None and size >= max_bytes:
+            break
+    text = "\n\n".join(parts)
+    if max_bytes is not None:
+        text = text.encode()[:max_bytes].decode(errors="ignore")
+    return text

@@ -1,0 +1,128 @@
+"""Host-side home of every expert: CPU tensors [E, ...] per layer and weight, in (pinned) RAM or memory-mapped.
+
+The residency cache copies single experts from here into device slots. Memory-mapped tensors come straight from
+safetensors files (`mmap_safetensors`), so opening a checkpoint reads no expert bytes until an expert is used.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class Piece(NamedTuple):
+    """Part of one expert on the host: `src` goes to rows `row:row + len(src)` of pool weight `name`."""
+
+    name: str
+    row: int
+    src: torch.Tensor
+
+
+class HostStore:
+    """Every expert of every MoE layer on the host, as the pieces that make up its fused device layout.
+
+    `experts[layer][e]` lists the pieces of expert e; a fused checkpoint has one piece per weight (a view of
+    `gate_up_proj[e]`), a per-expert checkpoint (Mixtral's w1/w3/w2) has gate and up as two pieces of `gate_up_proj`.
+    """
+
+    def __init__(self, experts: list[list[list[Piece]]], expert_shapes: dict[str, tuple[int, ...]]):
+        if not experts or not experts[0]:
+            raise ValueError("HostStore needs at least one layer with one expert")
+        self.experts = experts
+        self.expert_shapes = expert_shapes
+        self.names = list(expert_shapes)
+        self.num_layers = len(experts)
+        self.num_experts = len(experts[0])
+        for layer, xs in enumerate(experts):
+            if len(xs) != self.num_experts:
+                raise ValueError(f"MoE layer {layer} has {len(xs)} experts, layer 0 has {self.num_experts}")
+
+    @classmethod
+    def from_fused(cls, weights: list[dict[str, torch.Tensor]]) -> HostStore:
+        """From per-layer fused tensors `weights[layer][name]` of shape [E, ...] (views, no copy)."""
+        shapes = {n: tuple(t.shape[1:]) for n, t in weights[0].items()}
+        for layer, w in enumerate(weights):
+            got = {n: tuple(t.shape[1:]) for n, t in w.items()}
+            if got != shapes:
+                raise ValueError(
+                    f"MoE layer {layer} has expert shapes {got}, layer 0 has {shapes}: offload-moe shares one slot "
+                    "pool across layers and needs every layer's experts to have the same shapes"
+                )
+        n_experts = next(iter(weights[0].values())).shape[0]
+        experts = [[[Piece(n, 0, t[e]) for n, t in w.items()] for e in range(n_experts)] for w in weights]
+        return cls(experts, shapes)
+
+    def expert(self, layer: int, expert: int) -> list[Piece]:
+        return self.experts[layer][expert]
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one expert once stored in `dtype` on the device."""
+        numel = sum(torch.Size(s).numel() for s in self.expert_shapes.values())
+        return numel * torch.empty((), dtype=dtype).element_size()
+
+    def materialize(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A layer's experts as fresh fused CPU tensors [E, ...] (reads every byte of the layer)."""
+        out = {n: torch.empty((self.num_experts, *s), dtype=dtype) for n, s in self.expert_shapes.items()}
+        for e, pieces in enumerate(self.experts[layer]):
+            for p in pieces:
+                out[p.name][e, p.row : p.row + p.src.shape[0]].copy_(p.src)
+        return out
+
+
+def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file as a zero-copy view of a private memory map of the file.
+
+    Nothing is read from disk until a tensor's bytes are touched, so a 90 GB checkpoint opens in a moment and only
+    the experts actually copied to the device ever enter RAM (as evictable page cache).
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    data_start = 8 + header_len
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which offload-moe cannot map")
+        begin, end = info["data_offsets"]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        offset = data_start + begin
+        shape = torch.Size(info["shape"])
+        if offset % itemsize or end - begin != shape.numel() * itemsize:
+            raise ValueError(f"{path}: tensor {name} is misaligned or truncated; re-save the checkpoint")
+        t = torch.empty(0, dtype=dtype)
+        t.set_(storage, offset // itemsize, shape, _contiguous_strides(shape))
+        out[name] = t
+    return out
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for dim in reversed(shape):
+        strides.append(acc)
+        acc *= dim
+    return tuple(reversed(strides))

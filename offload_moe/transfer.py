@@ -1,0 +1,125 @@
+"""Asynchronous host-to-device copies of experts, on one background worker that models one PCIe link.
+
+On CUDA the worker issues copies on a dedicated copy stream and records an event per transfer; the compute stream
+only waits when an expert it needs is really still in flight. On CPU the worker thread does the copy itself.
+An `EmulatedLink` makes every copy take `latency + bytes / bandwidth` of wall time, so a CPU-only machine can
+reproduce the behaviour of a PCIe link; results measured with it are emulated and must be reported as such.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EmulatedLink:
+    """A host-to-device link of `gbps` gigabytes per second and a fixed `latency_us` per copy (emulated)."""
+
+    gbps: float
+    latency_us: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.gbps > 0:
+            raise ValueError(f"EmulatedLink needs gbps > 0, got {self.gbps}")
+        if self.latency_us < 0:
+            raise ValueError(f"EmulatedLink needs latency_us >= 0, got {self.latency_us}")
+
+    def seconds(self, nbytes: int) -> float:
+        return self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
+
+
+class Transfer:
+    """One queued copy of a list of source tensors into destination tensors."""
+
+    __slots__ = ("src", "dst", "after", "nbytes", "_issued", "_event", "_error")
+
+    def __init__(self, src: list[torch.Tensor], dst: list[torch.Tensor], after: torch.cuda.Event | None):
+        self.src, self.dst, self.after = src, dst, after
+        self.nbytes = sum(t.numel() * t.element_size() for t in dst)
+        self._issued = threading.Event()
+        self._event: torch.cuda.Event | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        """True once the data is in place (never blocks)."""
+        if not self._issued.is_set():
+            return False
+        return self._event is None or self._event.query()
+
+    def wait(self) -> float:
+        """Block until the data is in place; returns the seconds spent blocked (the stall)."""
+        if self.done():
+            self._raise_if_failed()
+            return 0.0
+        t0 = time.perf_counter()
+        self._issued.wait()
+        self._raise_if_failed()
+        if self._event is not None:
+            self._event.synchronize()  # a real wait: the compute that needs this expert cannot start before
+        return time.perf_counter() - t0
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("expert transfer failed") from self._error
+
+
+class TransferEngine:
+    """FIFO copy worker for one device. `submit` never blocks; `Transfer.wait` blocks only if the copy is not done."""
+
+    def __init__(self, device: torch.device, link: EmulatedLink | None = None):
+        self.device = torch.device(device)
+        self.link = link
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._queue: queue.SimpleQueue[Transfer | None] = queue.SimpleQueue()
+        self._link_free_at = 0.0
+        self._worker = threading.Thread(target=self._run, name="offload-moe-copy", daemon=True)
+        self._worker.start()
+
+    def submit(
+        self, src: list[torch.Tensor], dst: list[torch.Tensor], after: torch.cuda.Event | None = None
+    ) -> Transfer:
+        """Queue a copy of `src` into `dst` (same shapes); on CUDA it starts only after event `after` (if given)."""
+        if not self._worker.is_alive():
+            raise RuntimeError("the transfer engine is shut down")
+        transfer = Transfer(src, dst, after)
+        self._queue.put(transfer)
+        return transfer
+
+    def shutdown(self) -> None:
+        """Finish the queued copies, then stop the worker."""
+        if self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join()
+
+    def _run(self) -> None:
+        while (transfer := self._queue.get()) is not None:
+            start = max(time.perf_counter(), self._link_free_at)
+            try:
+                self._copy(transfer)
+            except BaseException as e:  # surfaced to the waiter by Transfer.wait
+                transfer._error = e
+            if self.link is not None:
+                self._link_free_at = start + self.link.seconds(transfer.nbytes)
+                delay = self._link_free_at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            transfer._issued.set()
+
+    def _copy(self, transfer: Transfer) -> None:
+        if self.stream is None:
+            for s, d in zip(transfer.src, transfer.dst, strict=True):
+                d.copy_(s)
+            return
+        with torch.cuda.stream(self.stream):
+            if transfer.after is not None:
+                self.stream.wait_event(transfer.after)  # the slot's previous expert is no longer read
+            for s, d in zip(transfer.src, transfer.dst, strict=True):
+                d.copy_(s, non_blocking=s.is_pinned())
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            transfer._event = event

@@ -1,0 +1,72 @@
+"""Tiny, seeded MoE models of each supported family, built in memory (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from offload_moe.reference import REFERENCE_MODEL_DIR
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised float32 model of `family` with 8 experts per layer."""
+    torch.manual_seed(seed)
+    if family == "mixtral":
+        cfg = MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)
+        model = MixtralForCausalLM(cfg)
+    elif family == "qwen3_moe":
+        cfg = Qwen3MoeConfig(
+            **COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=4,
+            head_dim=8,
+            norm_topk_prob=True,
+        )
+        model = Qwen3MoeForCausalLM(cfg)
+    elif family == "qwen2_moe":
+        cfg = Qwen2MoeConfig(
+            **COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            num_experts=8,
+            num_experts_per_tok=2,
+        )
+        model = Qwen2MoeForCausalLM(cfg)
+    elif family == "olmoe":
+        cfg = OlmoeConfig(**COMMON, intermediate_size=24, num_experts=8, num_experts_per_tok=2)
+        model = OlmoeForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    if not (REFERENCE_MODEL_DIR / "model.safetensors").exists():
+        pytest.fail(f"reference model missing at {REFERENCE_MODEL_DIR}; run `make reference-model`")
+    return REFERENCE_MODEL_DIR

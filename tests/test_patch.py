@@ -1,0 +1,204 @@
+"""patch() is lossless with fallback="fetch", accounts honestly, and unpatch() restores the model exactly."""
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import offload_moe
+from hooks import RoutingRecorder, UnsupportedModelError, find_moe_blocks, is_attached
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _generate(model, ids, n=8):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", [0.25, 0.5, 1.0])
+def test_lossless_logits_and_greedy_tokens(family, budget):
+    model = tiny_model(family)
+    ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1))  # batch > 1
+    ref_logits, ref_tokens = _logits(model, ids), _generate(model, ids)
+    handle = offload_moe.patch(model, budget=budget, device="cpu")
+    try:
+        torch.testing.assert_close(_logits(model, ids), ref_logits, rtol=0, atol=1e-5)
+        assert torch.equal(_generate(model, ids), ref_tokens)
+        stats = handle.stats()
+        assert stats["resident_bytes"] <= stats["budget_bytes"]
+        if budget < 1.0:
+            assert stats["misses"] > 0
+        else:
+            assert stats["misses"] == 0 and stats["hit_rate"] == 1.0
+    finally:
+        handle.unpatch()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_long_prompt_streams_experts_in_waves(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, 128, (2, 200), generator=torch.Generator().manual_seed(2))
+    ref = _logits(model, ids)
+    top_k = model.config.num_experts_per_tok
+    smallest = top_k / 24  # exactly one layer's top-k: every prefill layer needs more experts than there are slots
+    handle = offload_moe.patch(model, budget=smallest, device="cpu")
+    try:
+        torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)
+        stats = handle.stats()
+        assert stats["slots"] == top_k and stats["waves"] == 3  # one per layer
+    finally:
+        handle.unpatch()
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
+def test_every_experts_kernel_runs_on_the_pool(impl):
+    model = tiny_model("mixtral")
+    model.set_experts_implementation(impl)
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(3))
+    ref = _logits(model, ids)
+    handle = offload_moe.patch(model, budget=0.1, device="cpu")  # 2 slots: waves on every layer
+    try:
+        torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)
+        assert handle.stats()["waves"] > 0
+    finally:
+        handle.unpatch()
+
+
+def test_counts_add_up_against_an_independent_recount():
+    model = tiny_model("mixtral")
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(4))
+    handle = offload_moe.patch(model, budget=0.25, device="cpu")
+    handle.reset_stats()
+    with RoutingRecorder(model) as trace:
+        _generate(model, ids, n=6)
+    stats = handle.stats()
+    # Each layer call needs its distinct routed experts once: hits + misses must equal that count exactly.
+    needed = [sum(len(call.unique()) for call in trace.index[layer]) for layer in range(3)]
+    per_layer = stats["per_layer"]
+    assert [p["hits"] + p["misses"] for p in per_layer] == needed
+    assert sum(p["misses"] for p in per_layer) == stats["misses"] == stats["copies"]  # no prefetch: copy = miss
+    assert stats["bytes_copied"] == stats["copies"] * stats["expert_bytes"]
+    assert stats["resident_bytes"] == stats["slots"] * stats["expert_bytes"] <= stats["budget_bytes"]
+    assert stats["evictions"] == stats["copies"]  # the pool was full from the warm start
+    handle.unpatch()
+
+
+def test_unpatch_restores_parameters_bit_for_bit():
+    model = tiny_model("qwen2_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params_before = dict(model.named_parameters())
+    ids = torch.randint(0, 128, (1, 12))
+    ref = _logits(model, ids)
+    handle = offload_moe.patch(model, budget=0.25, device="cpu")
+    _generate(model, ids)
+    handle.unpatch()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert dict(model.named_parameters()).keys() == params_before.keys()
+    assert all(p is params_before[n] for n, p in model.named_parameters())  # the same Parameter objects
+    assert not any(is_attached(b.experts) for b in find_moe_blocks(model))
+    assert torch.equal(_logits(model, ids), ref)
+    with pytest.raises(RuntimeError, match="already unpatched"):
+        handle.unpatch()
+    offload_moe.patch(model, budget=0.5, device="cpu").unpatch()  # patchable again
+
+
+def test_lfu_eviction_is_lossless_too():
+    model = tiny_model("olmoe")
+    ids = torch.randint(0, 128, (2, 20))
+    ref = _generate(model, ids)
+    handle = offload_moe.patch(model, budget=0.25, device="cpu", eviction="lfu")
+    assert torch.equal(_generate(model, ids), ref)
+    handle.unpatch()
+
+
+def test_emulated_link_is_reported():
+    model = tiny_model("mixtral")
+    handle = offload_moe.patch(model, budget=0.5, device="cpu", link=offload_moe.EmulatedLink(gbps=1.0))
+    _logits(model, torch.randint(0, 128, (1, 8)))
+    assert handle.stats()["link"] == {"emulated": True, "gbps": 1.0, "latency_us": 0.0}
+    handle.unpatch()
+
+
+# --- bad input: a clear error, and nothing left half-patched -------------------------------------------------
+
+
+def _assert_untouched(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(is_attached(b.experts) for b in find_moe_blocks(model))
+    assert all(b.experts.num_experts == 8 for b in find_moe_blocks(model))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"budget": 0}, ValueError, "not a fraction"),
+        ({"budget": -0.5}, ValueError, "not a fraction"),
+        ({"budget": 1.5}, ValueError, "not a fraction"),
+        ({"budget": "many"}, ValueError, "is not a size"),
+        ({"budget": 0.05}, ValueError, "raise the budget to at least"),
+        ({"budget": "1KiB"}, ValueError, "raise the budget to at least"),
+        ({"device": "tpu"}, ValueError, "device='tpu'"),
+        ({"device": "mps"}, ValueError, "not supported"),
+        ({"fallback": "pray"}, ValueError, "unknown fallback 'pray'"),
+        ({"eviction": "fifo"}, ValueError, "unknown eviction policy 'fifo'"),
+        ({"link": 12.0}, TypeError, "EmulatedLink"),
+    ],
+)
+def test_bad_arguments_are_clear_and_leave_the_model_untouched(kwargs, error, match):
+    model = tiny_model("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        offload_moe.patch(model, **{"device": "cpu", **kwargs})
+    _assert_untouched(model, before)
+    offload_moe.patch(model, budget=0.5, device="cpu").unpatch()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_cuda():
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        offload_moe.patch(tiny_model("mixtral"), device="cuda")
+
+
+def test_patching_twice_is_refused():
+    model = tiny_model("mixtral")
+    handle = offload_moe.patch(model, budget=0.5, device="cpu")
+    with pytest.raises(RuntimeError, match="already patched"):
+        offload_moe.patch(model, budget=0.5, device="cpu")
+    handle.unpatch()
+
+
+def test_dense_model_is_refused_by_name():
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
+        offload_moe.patch(dense, device="cpu")
+
+
+def test_failure_midway_rolls_back(monkeypatch):
+    model = tiny_model("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken_warm(self, keys):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(offload_moe.cache.ExpertCache, "warm", broken_warm)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        offload_moe.patch(model, budget=0.5, device="cpu")
+    _assert_untouched(model, before)
+    assert not hasattr(model, "_offload_moe_handle")
