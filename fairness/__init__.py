@@ -1,0 +1,27 @@
+"""fairness: fair, efficient scheduling for LLM serving: a scheduler plug-in API, FCFS / RPM / VTC policies, a
+continuous-batching engine simulator, workloads and fairness metrics."""
+
+from . import policies as _builtin_policies  # noqa: F401  (registers the built-in policies)
+from .engine import PRESETS, EngineModel
+from .policy import SchedulingPolicy, make_policy, policy_names, register_policy
+from .request import Request, RequestInfo
+from .simulator import SimResult, simulate
+from .workloads import TraceFormatError, load_azure_csv, load_jsonl, load_sharegpt, make_workload
+
+__all__ = [
+    "PRESETS",
+    "EngineModel",
+    "Request",
+    "RequestInfo",
+    "SchedulingPolicy",
+    "SimResult",
+    "TraceFormatError",
+    "load_azure_csv",
+    "load_jsonl",
+    "load_sharegpt",
+    "make_policy",
+    "make_workload",
+    "policy_names",
+    "register_policy",
+    "simulate",
+]
