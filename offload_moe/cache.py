@@ -63,6 +63,9 @@ class ExpertCache:
         self.last_use: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last kernel reading the slot
         self._free = list(range(num_slots - 1, -1, -1))
         self.stats = CacheStats(store.num_layers)
+        self.all_resident = num_slots == store.num_layers * store.num_experts
+        self._static: list[tuple[torch.Tensor, int, int]] = []
+        self._uncounted: list[tuple[int, torch.Tensor]] = []
 
     @property
     def resident_bytes(self) -> int:
@@ -76,6 +79,9 @@ class ExpertCache:
             self._load(key).wait()
             self.pending.pop(key, None)
             self.stats.warmup_copies += 1
+        if self.all_resident:
+            self._static = [self.acquire(layer, list(range(self.store.num_experts)))
+                            for layer in range(self.store.num_layers)]  # fmt: skip
 
     def load(self, key: Key, protected: set[Key]) -> Transfer | None:
         """Start copying `key` into a slot unless it is resident or in flight; never evicts `protected` keys.
@@ -91,37 +97,61 @@ class ExpertCache:
         self.stats.bytes_copied += transfer.nbytes
         return transfer
 
-    def acquire(self, layer: int, experts: list[int]) -> torch.Tensor:
-        """Make `experts` of `layer` resident (fetching misses, waiting for copies) and return the slot table.
+    def count(self, layer: int, experts: list[int]) -> None:
+        """Count a layer call's needs: resident (hit), being copied (hit, in flight) or absent (miss)."""
+        st = self.stats
+        for e in experts:
+            key = (layer, e)
+            if key in self.slot_of:
+                st.hits += 1
+                st.layer_hits[layer] += 1
+                if key in self.pending and not self.pending[key].done():
+                    st.inflight_hits += 1
+            else:
+                st.misses += 1
+                st.layer_misses[layer] += 1
 
-        The table is a device LongTensor [E] mapping each expert of the layer to its slot, or to `num_slots` (the
-        kernels' "skip" sentinel) for experts not in `experts`. Needs len(experts) <= num_slots.
+    def count_later(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """All-resident mode: keep the routing to count hits later, off the decode path."""
+        self._uncounted.append((layer, top_k_index))
+        if len(self._uncounted) >= 4096:
+            self.flush_counts()
+
+    def flush_counts(self) -> None:
+        for layer, idx in self._uncounted:
+            n = int(idx.unique().numel())
+            self.stats.hits += n
+            self.stats.layer_hits[layer] += n
+        self._uncounted.clear()
+
+    def static_table(self, layer: int) -> tuple[torch.Tensor, int, int]:
+        """All-resident mode: the fixed (table, lo, hi) of a layer whose experts sit in consecutive slots."""
+        return self._static[layer]
+
+    def acquire(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, int, int]:
+        """Make `experts` of `layer` resident (fetching misses, waiting for copies); returns (table, lo, hi).
+
+        They occupy slots within [lo, hi); `table` is a device LongTensor [E] mapping each expert of the layer to
+        its slot minus lo, or to hi - lo (the kernels' "skip" sentinel) for experts not in `experts`.
+        Needs len(experts) <= num_slots.
         """
         keys = [(layer, e) for e in experts]
         protected = set(keys)
-        waits = []
         for key in keys:
-            if key in self.slot_of:
-                self.stats.hits += 1
-                self.stats.layer_hits[layer] += 1
-                if key in self.pending:
-                    self.stats.inflight_hits += 1
-                    waits.append(key)
-            else:
-                self.stats.misses += 1
-                self.stats.layer_misses[layer] += 1
+            if key not in self.slot_of:
                 while self.load(key, protected) is None:
                     self._wait_for_any_pending(exclude=protected)
-                waits.append(key)
             self.eviction.touch(key)
-        for key in waits:
+        for key in keys:
             transfer = self.pending.pop(key, None)
             if transfer is not None:
                 self.stats.stall_seconds += transfer.wait()
-        table = [self.num_slots] * self.store.num_experts
-        for e in experts:
-            table[e] = self.slot_of[(layer, e)]
-        return torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True)
+        slots = [self.slot_of[k] for k in keys]
+        lo, hi = min(slots), max(slots) + 1
+        table = [hi - lo] * self.store.num_experts
+        for e, s in zip(experts, slots, strict=True):
+            table[e] = s - lo
+        return torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True), lo, hi
 
     def release(self, layer: int, experts: list[int]) -> None:
         """Mark the end of a kernel that read these slots (CUDA: later copies into them wait for it)."""

@@ -23,8 +23,9 @@ FALLBACKS = ("fetch",)
 class ExpertsHook(ModuleHook):
     """Wraps one layer's experts module: makes the routed experts resident, then runs the stock kernel on the pool."""
 
-    def __init__(self, layer: int, cache: ExpertCache):
-        self.layer, self.cache = layer, cache
+    def __init__(self, layer: int, cache: ExpertCache, names: list[str]):
+        self.layer, self.cache, self.names = layer, cache, names
+        self._views: dict[tuple[int, int], list[torch.nn.Parameter]] = {}
 
     def run(
         self,
@@ -36,31 +37,50 @@ class ExpertsHook(ModuleHook):
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
+        cache = self.cache
+        if cache.all_resident:  # budget 1.0: a fixed table, no residency work, no host sync
+            table, lo, hi = cache.static_table(self.layer)
+            cache.count_later(self.layer, top_k_index)
+            return self._on_pool(module, forward, hidden_states, table[top_k_index], top_k_weights, lo, hi, False,
+                                 args, kwargs)  # fmt: skip
         needed = top_k_index.unique().tolist()
-        slots = self.cache.num_slots
-        if len(needed) <= slots:
-            table = self.cache.acquire(self.layer, needed)  # [E] expert -> slot
-            out = forward(hidden_states, table[top_k_index], top_k_weights, *args, **kwargs)
-            self.cache.release(self.layer, needed)
-            return out
-        # More distinct experts than slots (long prefill, big batch): stream them through the pool in waves. Routed
-        # pairs outside the wave map to the kernels' sentinel id with weight 0, which every experts kernel skips.
-        self.cache.stats.waves += 1
+        cache.count(self.layer, needed)
+        if len(needed) > cache.num_slots:
+            cache.stats.waves += 1  # more distinct experts than slots (long prefill, big batch): stream in waves
         out = None
-        was_parallel = getattr(module, "_is_expert_parallel", False)
-        module._is_expert_parallel = True  # makes batched_mm / grouped_mm mask sentinel ids
-        try:
-            for i in range(0, len(needed), slots):
-                wave = needed[i : i + slots]
-                table = self.cache.acquire(self.layer, wave)
-                slot_index = table[top_k_index]  # [T, K]
-                weights = top_k_weights.masked_fill(slot_index == slots, 0)
-                part = forward(hidden_states, slot_index, weights, *args, **kwargs)
-                self.cache.release(self.layer, wave)
-                out = part if out is None else out + part
-        finally:
-            module._is_expert_parallel = was_parallel
+        for i in range(0, len(needed), cache.num_slots):
+            wave = needed[i : i + cache.num_slots]
+            table, lo, hi = cache.acquire(self.layer, wave)
+            masked = len(wave) < len(needed)  # routed pairs outside the wave go to the sentinel id with weight 0
+            part = self._on_pool(module, forward, hidden_states, table[top_k_index], top_k_weights, lo, hi, masked,
+                                 args, kwargs)  # fmt: skip
+            cache.release(self.layer, wave)
+            out = part if out is None else out + part
         return out
+
+    def _on_pool(self, module, forward, hidden_states, slot_index, weights, lo, hi, masked, args, kwargs):
+        """Run the stock kernel on pool slots [lo, hi) (a view: the kernels see hi - lo experts, not the pool)."""
+        views = self._views.get((lo, hi))
+        if views is None:
+            views = self._views[(lo, hi)] = [
+                torch.nn.Parameter(self.cache.pool[n][lo:hi], requires_grad=False) for n in self.names
+            ]
+        params = module._parameters
+        full = [params[n] for n in self.names]
+        for n, v in zip(self.names, views, strict=True):
+            params[n] = v
+        module.num_experts = hi - lo
+        was_parallel = getattr(module, "_is_expert_parallel", False)
+        if masked:
+            weights = weights.masked_fill(slot_index == hi - lo, 0)
+            module._is_expert_parallel = True  # makes batched_mm / grouped_mm skip sentinel ids
+        try:
+            return forward(hidden_states, slot_index, weights, *args, **kwargs)
+        finally:
+            for n, p in zip(self.names, full, strict=True):
+                params[n] = p
+            module.num_experts = self.cache.num_slots
+            module._is_expert_parallel = was_parallel
 
 
 class OffloadHandle:
@@ -82,6 +102,7 @@ class OffloadHandle:
 
     def stats(self) -> dict[str, Any]:
         """Counters since `patch` (or the last `reset_stats`), as a plain dict."""
+        self.cache.flush_counts()
         s = self.cache.stats
         needed = s.hits + s.misses
         return {
@@ -109,8 +130,8 @@ class OffloadHandle:
 
     def reset_stats(self) -> None:
         """Zero the counters (the cache's contents stay)."""
-        stats = type(self.cache.stats)(self.cache.stats.num_layers)
-        self.cache.stats = stats
+        self.cache.flush_counts()
+        self.cache.stats = type(self.cache.stats)(self.cache.stats.num_layers)
 
     def unpatch(self) -> None:
         """Detach every hook and put the original expert parameters back: the model is as before `patch`."""
@@ -245,10 +266,14 @@ def _patch(
             b.experts.num_experts = num_slots
         model.to(dev)  # non-expert weights; the host store is no longer referenced by the model
         for b in blocks:
-            attach(b.experts, ExpertsHook(b.index, cache))
+            attach(b.experts, ExpertsHook(b.index, cache, names))
             attached.append(b)
-        # Warm start: spread the budget evenly over layers, lowest expert ids first.
-        cache.warm([(b.index, e) for e in range(blocks[0].num_experts) for b in blocks])
+        # Warm start: spread the budget evenly over layers, lowest expert ids first; a layer-major order when all
+        # experts fit, so each layer's experts sit in consecutive slots.
+        if num_slots == total_experts:
+            cache.warm([(b.index, e) for b in blocks for e in range(b.num_experts)])
+        else:
+            cache.warm([(b.index, e) for e in range(blocks[0].num_experts) for b in blocks])
     except BaseException:
         restore()
         raise
