@@ -2,9 +2,22 @@
 
 from hooks import UnsupportedModelError
 
+from .calibrate import Calibration, calibrate, load_calibration
 from .eviction import LFU, LRU, EvictionPolicy
 from .load import load
 from .patch import OffloadHandle, patch
 from .transfer import EmulatedLink
 
-__all__ = ["LFU", "LRU", "EmulatedLink", "EvictionPolicy", "OffloadHandle", "UnsupportedModelError", "load", "patch"]
+__all__ = [
+    "Calibration",
+    "calibrate",
+    "load_calibration",
+    "LFU",
+    "LRU",
+    "EmulatedLink",
+    "EvictionPolicy",
+    "OffloadHandle",
+    "UnsupportedModelError",
+    "load",
+    "patch",
+]

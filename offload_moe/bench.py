@@ -50,13 +50,13 @@ def decode_run(model, prompts: list[torch.Tensor], new_tokens: int) -> dict[str,
     for ids in prompts:
         cache = DynamicCache()
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, cache=cache, use_cache=True)
         prefill_s += time.perf_counter() - t0
         n_prefill += ids.numel()
         token = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, cache=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
         decode_s += time.perf_counter() - t0
         n_decode += new_tokens

@@ -29,6 +29,10 @@ class CacheStats:
     stall_seconds: float = 0.0  # compute thread blocked waiting for copies
     evictions: int = 0
     waves: int = 0  # layer calls that needed more distinct experts than the pool has slots
+    prefetches: int = 0  # copies started by the lookahead prefetcher
+    prefetches_used: int = 0  # ... whose expert was then needed before being evicted
+    substituted: int = 0  # (token, expert) pairs served by a fallback instead of the real expert
+    gated_fetches: int = 0  # missing experts fetched anyway because a token needed them critically
     warmup_copies: int = 0
     layer_hits: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
@@ -66,6 +70,7 @@ class ExpertCache:
         self.all_resident = num_slots == store.num_layers * store.num_experts
         self._static: list[tuple[torch.Tensor, int, int]] = []
         self._uncounted: list[tuple[int, torch.Tensor]] = []
+        self._prefetched: set[Key] = set()  # prefetched, not yet needed
 
     @property
     def resident_bytes(self) -> int:
@@ -83,7 +88,7 @@ class ExpertCache:
             self._static = [self.acquire(layer, list(range(self.store.num_experts)))
                             for layer in range(self.store.num_layers)]  # fmt: skip
 
-    def load(self, key: Key, protected: set[Key]) -> Transfer | None:
+    def load(self, key: Key, protected: set[Key], prefetch: bool = False) -> Transfer | None:
         """Start copying `key` into a slot unless it is resident or in flight; never evicts `protected` keys.
 
         Returns the transfer, or None when `key` is already there or no slot can be freed without waiting.
@@ -95,13 +100,34 @@ class ExpertCache:
         transfer = self._load(key)
         self.stats.copies += 1
         self.stats.bytes_copied += transfer.nbytes
+        if prefetch:
+            self.stats.prefetches += 1
+            self._prefetched.add(key)
         return transfer
+
+    def is_ready(self, key: Key) -> bool:
+        """Resident and completely copied (never blocks)."""
+        if key not in self.slot_of:
+            return False
+        transfer = self.pending.get(key)
+        if transfer is not None and transfer.done():
+            self.stats.stall_seconds += transfer.wait()  # 0: done; surfaces a failed copy
+            del self.pending[key]
+            transfer = None
+        return transfer is None
+
+    def ready_experts(self, layer: int) -> set[int]:
+        """Experts of `layer` that are resident and completely copied."""
+        return {e for (lay, e) in list(self.slot_of) if lay == layer and self.is_ready((lay, e))}
 
     def count(self, layer: int, experts: list[int]) -> None:
         """Count a layer call's needs: resident (hit), being copied (hit, in flight) or absent (miss)."""
         st = self.stats
         for e in experts:
             key = (layer, e)
+            if key in self._prefetched:
+                self._prefetched.discard(key)
+                st.prefetches_used += 1
             if key in self.slot_of:
                 st.hits += 1
                 st.layer_hits[layer] += 1
@@ -174,11 +200,14 @@ class ExpertCache:
         return transfer
 
     def _evict(self, protected: set[Key]) -> int | None:
+        for key in [k for k, t in self.pending.items() if t.done()]:  # landed copies are evictable again
+            self.stats.stall_seconds += self.pending.pop(key).wait()  # 0: done; surfaces a failed copy
         candidates = [k for k in self.slot_of if k not in protected and k not in self.pending]
         victim = self.eviction.victim(candidates)
         if victim is None:
             return None
         slot = self.slot_of.pop(victim)
+        self._prefetched.discard(victim)
         self.slot_key[slot] = None
         self.eviction.forget(victim)
         self._free.append(slot)

@@ -17,10 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hooks import find_moe_blocks
 
-from .eviction import EvictionPolicy
-from .patch import OffloadHandle, _patch
+from .patch import OffloadHandle, Options, _patch
 from .store import HostStore, Piece, mmap_safetensors
-from .transfer import EmulatedLink
 
 # Checkpoint key renames that transformers applies when loading (only Mixtral's block name changed).
 _RENAMES = [(re.compile(r"\.block_sparse_moe\."), ".mlp.")]
@@ -36,15 +34,14 @@ def load(
     device: str | torch.device | None = None,
     *,
     dtype: torch.dtype | None = None,
-    eviction: str | EvictionPolicy = "lru",
-    fallback: str = "fetch",
-    link: EmulatedLink | None = None,
+    **options,
 ) -> tuple[torch.nn.Module, OffloadHandle]:
     """Open the checkpoint directory `path` and patch it; returns `(model, handle)`.
 
     Expert weights are never all read into RAM: they are memory-mapped and copied to the device expert by expert.
-    dtype: the compute dtype (default: the checkpoint's). Other arguments are those of `offload_moe.patch`.
+    dtype: the compute dtype (default: the checkpoint's). `options` are the keyword arguments of `offload_moe.patch`.
     """
+    opt = Options(**{**options, "pin_memory": False})  # the memory map is the host store: nothing to pin
     path = Path(path)
     tensors = _open_checkpoint(path)
     config = AutoConfig.from_pretrained(path)
@@ -86,7 +83,7 @@ def load(
         experts.append(layer)
     store = HostStore(experts, shapes)
     _load_dense(model, dense, path)
-    handle = _patch(model, budget, device, eviction, fallback, link, pin_memory=False, store=store)
+    handle = _patch(model, budget, device, opt, store=store)
     return model, handle
 
 

@@ -72,7 +72,7 @@ def test_every_experts_kernel_runs_on_the_pool(impl):
 def test_counts_add_up_against_an_independent_recount():
     model = tiny_model("mixtral")
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(4))
-    handle = offload_moe.patch(model, budget=0.25, device="cpu")
+    handle = offload_moe.patch(model, budget=0.25, device="cpu", prefetch=None)
     handle.reset_stats()
     with RoutingRecorder(model) as trace:
         _generate(model, ids, n=6)

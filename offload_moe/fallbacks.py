@@ -1,0 +1,135 @@
+"""What to do when a routed expert is not on the device (a prefetch miss), instead of stalling on the copy.
+
+Every policy shares one gate: a (token, expert) pair whose routing weight is at least `critical_weight` is critical,
+and its expert is fetched and waited for. The other misses are handled by the policy:
+- "drop": skip the pair and renormalise the token's remaining routing weights;
+- "lowrank": compute the pair with the expert's resident low-rank stand-in;
+- "buddy": BuddyMoE's three checks (token entropy, fraction of missing experts, per-token cap), then run the pair on
+  the first resident expert of the missing one's buddy list that the token does not already use.
+The real expert of every substituted pair is still copied in, in the background, for the following tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .standins import StandIns
+
+
+@dataclass
+class MissPlan:
+    index: torch.Tensor  # [T, K] expert ids to run on the pool (buddy may remap some)
+    weights: torch.Tensor  # [T, K] their weights; 0 for pairs not run on the pool
+    pool: list[int]  # experts to run on the pool: the ready ones plus those fetched now
+    extra: torch.Tensor | None = None  # [T, H] contribution computed outside the pool (stand-ins)
+    substituted: int = 0  # pairs not served by their real expert
+
+
+class MissFallback:
+    name = "base"
+
+    def __init__(self, critical_weight: float):
+        if not 0 < critical_weight <= 1.01:
+            raise ValueError(f"critical_weight must be in (0, 1] (or 1.01 to never gate), got {critical_weight}")
+        self.critical_weight = critical_weight
+
+    def plan(self, layer, hidden, index, weights, needed: list[int], missing: set[int], resident: set[int],
+             act_fn) -> MissPlan:  # fmt: skip
+        """needed: experts routed to; missing: those not ready; resident: every ready expert of the layer."""
+        raise NotImplementedError
+
+    def _critical(self, index: torch.Tensor, weights: torch.Tensor, miss: torch.Tensor) -> set[int]:
+        """Missing experts that some token needs with a weight >= critical_weight."""
+        return set(index[miss & (weights >= self.critical_weight)].tolist())
+
+
+def _isin(index: torch.Tensor, experts: set[int]) -> torch.Tensor:
+    return torch.isin(index, torch.tensor(sorted(experts), dtype=index.dtype, device=index.device))
+
+
+class Drop(MissFallback):
+    name = "drop"
+
+    def plan(self, layer, hidden, index, weights, needed, missing, resident, act_fn) -> MissPlan:
+        miss = _isin(index, missing)  # [T, K]
+        fetch = self._critical(index, weights, miss)
+        lost = miss.all(-1)  # a token keeps at least one real expert: its top one
+        if lost.any():
+            top = weights[lost].argmax(-1, keepdim=True)
+            fetch |= set(index[lost].gather(-1, top).flatten().tolist())
+        dropped = miss & ~_isin(index, fetch) if fetch else miss
+        w = weights.masked_fill(dropped, 0)
+        w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        return MissPlan(index, w, sorted(set(needed) - missing | fetch), substituted=int(dropped.sum()))
+
+
+class LowRank(MissFallback):
+    name = "lowrank"
+
+    def __init__(self, critical_weight: float, standins: StandIns):
+        super().__init__(critical_weight)
+        self.standins = standins
+
+    def plan(self, layer, hidden, index, weights, needed, missing, resident, act_fn) -> MissPlan:
+        miss = _isin(index, missing)
+        fetch = self._critical(index, weights, miss)
+        sub = miss & ~_isin(index, fetch) if fetch else miss  # [T, K]
+        extra = torch.zeros_like(hidden)  # [T, H]
+        for e in sorted(set(index[sub].tolist())):
+            tok, pos = torch.nonzero(sub & (index == e), as_tuple=True)
+            y = self.standins.apply(layer, e, hidden[tok], act_fn) * weights[tok, pos, None].to(hidden.dtype)
+            extra.index_add_(0, tok, y.to(hidden.dtype))
+        pool = sorted(set(needed) - missing | fetch)
+        return MissPlan(index, weights.masked_fill(sub, 0), pool, extra, int(sub.sum()))
+
+
+class Buddy(MissFallback):
+    """BuddyMoE. buddies: [L, E, Kmax] expert ids (-1 padded), best first; tau: [L] entropy thresholds."""
+
+    name = "buddy"
+
+    def __init__(
+        self,
+        critical_weight: float,
+        buddies: torch.Tensor,
+        tau: torch.Tensor,
+        beta: float = 0.75,
+        rho: int = 1,
+        horizon: int = 4,
+    ):
+        super().__init__(critical_weight)
+        self.buddies, self.tau = buddies.tolist(), tau.tolist()
+        self.beta, self.rho, self.horizon = beta, rho, horizon
+
+    def plan(self, layer, hidden, index, weights, needed, missing, resident, act_fn) -> MissPlan:
+        if len(missing) / len(needed) >= self.beta:  # too many substitutions would compound errors: load on demand
+            return MissPlan(index, weights, needed)
+        k = index.shape[-1]
+        p = weights.float().clamp_min(1e-12)
+        tae = (-(p * p.log()).sum(-1) / math.log(k)).tolist() if k > 1 else [0.0] * index.shape[0]  # [T]
+        idx, w = index.tolist(), weights.tolist()
+        new = [row[:] for row in idx]
+        fetch: set[int] = set()
+        subs = 0
+        for t, row in enumerate(idx):
+            used = set(row)
+            n_sub = 0
+            for j, e in enumerate(row):
+                if e not in missing:
+                    continue
+                ok = tae[t] > self.tau[layer] and w[t][j] < self.critical_weight and n_sub < self.rho
+                buddy = next((b for b in self.buddies[layer][e][: self.horizon]
+                              if b >= 0 and b in resident and b not in used), None) if ok else None  # fmt: skip
+                if buddy is None:
+                    fetch.add(e)
+                else:
+                    new[t][j] = buddy
+                    used.add(buddy)
+                    n_sub += 1
+                    subs += 1
+        remapped = torch.tensor(new, dtype=index.dtype, device=index.device)
+        pool = sorted({e for row in new for e in row} - (missing - fetch))
+        return MissPlan(remapped, weights, pool, substituted=subs)

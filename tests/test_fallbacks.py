@@ -1,0 +1,163 @@
+"""Prefetch and miss fallbacks: they really run, their counts are right, stand-ins are exact where they can be."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import offload_moe
+from hooks import RoutingRecorder, attached_hook
+from offload_moe.evaluate import bits_per_byte
+from offload_moe.reference import stdlib_text
+from offload_moe.standins import StandIns, lowrank, rank_for_fraction
+
+
+def _decode(model, ids, n=10):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory, reference_dir):
+    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    path = tmp_path_factory.mktemp("cal") / "reference.safetensors"
+    offload_moe.calibrate(model, [stdlib_text("train", max_bytes=40_000)], tokenizer, path=path, max_tokens=8192)
+    return path
+
+
+def test_lowrank_reconstruction_error_falls_with_rank():
+    torch.manual_seed(0)
+    w = torch.randn(64, 48)
+    errors = [float((w - u @ v).norm() / w.norm()) for u, v in (lowrank(w, r) for r in (2, 8, 16, 32, 48))]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-5
+    x = torch.randn(500, 48) @ torch.randn(48, 48)  # correlated inputs
+    cov = x.T @ x / 500
+    plain, aware = lowrank(w, 8), lowrank(w, 8, cov)
+    out_err = lambda f: float((x @ w.T - x @ (f[0] @ f[1]).T).norm())  # noqa: E731
+    assert out_err(aware) < out_err(plain)  # activation-aware wins where the inputs are
+
+
+def test_exactly_low_rank_expert_is_reproduced_exactly():
+    torch.manual_seed(0)
+    gu = torch.randn(40, 3) @ torch.randn(3, 16)  # rank 3
+    dn = torch.randn(16, 3) @ torch.randn(3, 20)
+    factors = {"gate_up_proj": lowrank(gu, 3), "down_proj": lowrank(dn, 3)}
+    st = StandIns({n: f[0][None, None] for n, f in factors.items()}, {n: f[1][None, None] for n, f in factors.items()})
+    x = torch.randn(7, 16)
+    g, u = (x @ gu.T).chunk(2, -1)
+    ref = (torch.nn.functional.silu(g) * u) @ dn.T
+    torch.testing.assert_close(st.apply(0, 0, x, torch.nn.functional.silu), ref, rtol=1e-4, atol=1e-5)
+    assert rank_for_fraction(0.1, {"a": (40, 16), "b": (16, 20)}) == int(0.1 * (640 + 320) // (56 + 36))
+
+
+@pytest.mark.parametrize("fallback", ["drop", "lowrank"])
+def test_fallbacks_run_on_misses(fallback):
+    model = tiny_model("mixtral")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    handle = offload_moe.patch(model, budget=0.5, device="cpu", fallback=fallback, critical_weight=1.01)
+    _decode(model, ids)
+    stats = handle.stats()
+    assert stats["misses"] > 0 and stats["substituted"] > 0 and stats["fallback"] == fallback
+    handle.unpatch()
+
+
+def test_buddy_runs_on_misses_and_needs_calibration(reference_dir, calibration):
+    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    with pytest.raises(ValueError, match="needs buddy lists"):
+        offload_moe.patch(model, budget=0.25, device="cpu", fallback="buddy")
+    handle = offload_moe.patch(model, budget=0.25, device="cpu", fallback="buddy", calibration=calibration)
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    bits_per_byte(model, tokenizer, stdlib_text("val", max_bytes=1500), decode=True)
+    assert handle.stats()["substituted"] > 0
+    handle.unpatch()
+
+
+def test_standins_are_never_used_for_ready_experts(monkeypatch):
+    model = tiny_model("mixtral")
+    handle = offload_moe.patch(model, budget=0.5, device="cpu", fallback="lowrank", critical_weight=1.01)
+    cache, calls = handle.cache, []
+    standins = attached_hook(handle.blocks[0].experts).fallback.standins  # shared by every layer's hook
+    real_apply = standins.apply
+
+    def spy(layer, expert, x, act_fn):
+        calls.append((layer, expert))
+        assert not cache.is_ready((layer, expert)), "stand-in used although the real expert was on the device"
+        return real_apply(layer, expert, x, act_fn)
+
+    monkeypatch.setattr(standins, "apply", spy)
+    _decode(model, torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1)))
+    assert calls
+    handle.unpatch()
+
+
+def test_prefetch_recall_matches_an_independent_recount():
+    """Recount recall from what the experts module is asked for and what sat in the pool at that moment."""
+    model = tiny_model("mixtral")
+    handle = offload_moe.patch(model, budget=0.5, device="cpu", prefetch="lookahead")
+    handle.reset_stats()
+    present, needed = [], []
+
+    def snapshot(module, args):  # runs before the offload hook: the pool as the layer finds it
+        layer = next(b.index for b in handle.blocks if b.experts is module)
+        want = {(layer, e) for e in args[1].unique().tolist()}
+        needed.append(len(want))
+        present.append(len(want & set(handle.cache.slot_of)))
+
+    hooks = [b.experts.register_forward_pre_hook(snapshot) for b in handle.blocks]
+    with RoutingRecorder(model):
+        _decode(model, torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(2)), n=16)
+    for h in hooks:
+        h.remove()
+    stats = handle.stats()
+    assert stats["prefetches"] > 0 and 0 < stats["prefetch_precision"] <= 1
+    assert stats["prefetch_recall"] == pytest.approx(sum(present) / sum(needed))
+    handle.unpatch()
+
+
+def test_lookahead_raises_recall_over_plain_lru(reference_dir):
+    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    text = stdlib_text("val", max_bytes=1500)
+    recall = {}
+    for prefetch in (None, "lookahead"):
+        handle = offload_moe.patch(model, budget=0.25, device="cpu", prefetch=prefetch)
+        bits_per_byte(model, tokenizer, text, decode=True)
+        recall[prefetch] = handle.stats()["prefetch_recall"]
+        handle.unpatch()
+    assert recall["lookahead"] > recall[None] + 0.1
+
+
+def test_accuracy_ordering_on_the_reference_model(reference_dir, calibration):
+    """Budget 0.25, lookahead, decode regime: lossless fetch, then lowrank well closer to it than drop."""
+    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    text = stdlib_text("val", max_bytes=3000)
+    base = bits_per_byte(model, tokenizer, text, decode=True)
+    bpb = {}
+    for fallback in ("fetch", "drop", "lowrank"):
+        handle = offload_moe.patch(model, budget=0.25, device="cpu", fallback=fallback, calibration=calibration)
+        bpb[fallback] = bits_per_byte(model, tokenizer, text, decode=True)
+        handle.unpatch()
+    assert bpb["fetch"] == pytest.approx(base, abs=1e-6)
+    assert bpb["lowrank"] < bpb["drop"]
+    assert bpb["lowrank"] < base * 1.03
+
+
+def test_bad_fallback_options():
+    model = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="unknown prefetch 'oracle'"):
+        offload_moe.patch(model, device="cpu", prefetch="oracle")
+    with pytest.raises(ValueError, match="critical_weight"):
+        offload_moe.patch(model, budget=0.5, device="cpu", fallback="drop", critical_weight=0)
+    with pytest.raises(ValueError, match="lookahead needs depth"):
+        offload_moe.patch(model, budget=0.5, device="cpu", lookahead_depth=0)
+    with pytest.raises(ValueError, match="standin_fraction"):
+        offload_moe.patch(model, budget=0.5, device="cpu", fallback="lowrank", standin_fraction=2)
+    with pytest.raises(FileNotFoundError, match="calibrate"):
+        offload_moe.patch(model, budget=0.5, device="cpu", fallback="lowrank", calibration="/nonexistent.st")
+
+
+def test_calibration_for_another_model_is_refused(calibration):
+    with pytest.raises(ValueError, match="calibration was made for a MixtralForCausalLM"):
+        offload_moe.patch(tiny_model("mixtral"), budget=0.5, device="cpu", fallback="lowrank", calibration=calibration)
