@@ -13,12 +13,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 from hooks import find_moe_blocks
 
+from .calibrate import calibrate
 from .evaluate import bits_per_byte
 from .patch import patch, resolve_device
 from .reference import REFERENCE_MODEL_DIR, stdlib_text
@@ -34,39 +39,40 @@ class Config:
     prefetch: str | None = None
     fallback: str = "fetch"
 
+    @property
+    def eviction(self) -> str:
+        return "lru" if self.name in ("lru", "naive") else "layer"  # "lru" is mixtral-offloading's released design
 
-def configs(quick: bool) -> list[Config]:
+
+def configs(quick: bool, naive_budget: float) -> list[Config]:
     budgets = [0.25] if quick else [0.125, 0.25, 0.5]
-    out = [Config("resident", None), Config("patched-1.0", 1.0)]
-    out += [Config("lru", b) for b in budgets]
+    out = [Config("resident", None), Config("patched-1.0", 1.0), Config("naive", naive_budget)]
+    for b in budgets:
+        out += [Config("lru", b), Config("layer-aware", b), Config("lookahead", b, "lookahead")]
+        out += [Config(f"lookahead+{f}", b, "lookahead", f) for f in ("drop", "buddy", "lowrank")]
     return out
 
 
 @torch.no_grad()
-def decode_run(model, prompts: list[torch.Tensor], new_tokens: int) -> dict[str, float]:
-    """Greedy decoding of each prompt (batch 1): prefill and decode timed separately."""
-    prefill_s = decode_s = 0.0
-    n_prefill = n_decode = 0
+def prefill_speed(model, prompts: list[torch.Tensor]) -> float:
+    t0 = time.perf_counter()
     for ids in prompts:
-        cache = DynamicCache()
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, cache=cache, use_cache=True)
-        prefill_s += time.perf_counter() - t0
-        n_prefill += ids.numel()
-        token = out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-        decode_s += time.perf_counter() - t0
-        n_decode += new_tokens
-    return {"prefill_tokens_per_s": n_prefill / prefill_s, "decode_tokens_per_s": n_decode / decode_s}
+        model(input_ids=ids, cache=DynamicCache(), use_cache=True)
+    return sum(p.numel() for p in prompts) / (time.perf_counter() - t0)
 
 
-def calibrate_link(model, prompts: list[torch.Tensor], expert_bytes: int) -> tuple[float, float]:
+def decode_speed_and_bpb(model, tokenizer, text: str) -> tuple[float, float, int]:
+    """Teacher-forced decoding of `text`, one token at a time: (tokens/s, bits per byte, tokens decoded)."""
+    n = len(tokenizer(text)["input_ids"])
+    t0 = time.perf_counter()
+    bpb = bits_per_byte(model, tokenizer, text, decode=True)
+    return n / (time.perf_counter() - t0), bpb, n
+
+
+def calibrate_link(model, tokenizer, text: str, expert_bytes: int) -> tuple[float, float]:
     """Link speed at which copying one expert takes COPY_TO_LAYER_RATIO x one layer's decode compute."""
-    speed = decode_run(model, prompts[:1], 16)["decode_tokens_per_s"]
-    layer_s = 1.0 / speed / model.config.num_hidden_layers
+    speed, _, _ = decode_speed_and_bpb(model, tokenizer, text)
+    layer_s = 1.0 / speed / len(find_moe_blocks(model))
     return expert_bytes / (COPY_TO_LAYER_RATIO * layer_s) / 1e9, layer_s
 
 
@@ -74,47 +80,56 @@ def run_offload(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    text = stdlib_text("val", max_bytes=args.prompts * 4000)
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(stdlib_text("val", max_bytes=args.prompts * 4000), return_tensors="pt")["input_ids"][0]
     prompts = [ids[i * args.prompt_len : (i + 1) * args.prompt_len][None].to(device) for i in range(args.prompts)]
     eval_text = stdlib_text("val", max_bytes=args.eval_bytes)
     blocks = find_moe_blocks(model)
     experts = [getattr(b.experts, n) for b in blocks for n in b.expert_param_names()]
     all_expert_bytes = sum(p.numel() * p.element_size() for p in experts)
     expert_bytes = all_expert_bytes // (len(blocks) * blocks[0].num_experts)
+    calibration = args.out / "calibration.safetensors"
+    calibrate(model, [stdlib_text("train", max_bytes=120_000)], tokenizer, path=calibration)  # train split only
     emulated = device.type == "cpu"
     layer_s = None
     if emulated:
         gbps = args.link_gbps
         if gbps is None:
-            gbps, layer_s = calibrate_link(model, prompts, expert_bytes)
+            gbps, layer_s = calibrate_link(model, tokenizer, eval_text[: len(eval_text) // 4], expert_bytes)
         link = EmulatedLink(gbps=gbps)
     else:
         link, gbps = None, None
+    naive_budget = max(b.top_k for b in blocks) / (len(blocks) * blocks[0].num_experts)
     runs = []
-    for cfg in tqdm(configs(args.quick), desc="offload configs", unit="cfg"):
+    for cfg in tqdm(configs(args.quick, naive_budget), desc="offload configs", unit="cfg"):
         handle = None
         if cfg.budget is not None:
-            handle = patch(model, budget=cfg.budget, device=device, fallback=cfg.fallback, link=link)
+            handle = patch(model, budget=cfg.budget, device=device, fallback=cfg.fallback, prefetch=cfg.prefetch,
+                           eviction=cfg.eviction, link=link,
+                           calibration=calibration if cfg.fallback != "fetch" else None)  # fmt: skip
+        prefill = prefill_speed(model, prompts)
+        if handle:
             handle.reset_stats()
-        speed = decode_run(model, prompts, args.new_tokens)
+        decode, bpb, tokens = decode_speed_and_bpb(model, tokenizer, eval_text)
         stats = handle.stats() if handle else None
-        bpb = bits_per_byte(model, tokenizer, eval_text) if cfg.name in ("resident", "lru") or not args.quick else None
-        tokens = args.prompts * (args.prompt_len + args.new_tokens)
         runs.append(
             {
                 "name": cfg.name,
                 "budget": cfg.budget if cfg.budget is not None else 1.0,
                 "prefetch": cfg.prefetch,
                 "fallback": cfg.fallback if cfg.budget is not None else None,
-                **speed,
+                "eviction": cfg.eviction if cfg.budget is not None else None,
+                "decode_tokens_per_s": decode,
+                "prefill_tokens_per_s": prefill,
                 "hit_rate": stats["hit_rate"] if stats else 1.0,
-                "prefetch_recall": None,
+                "prefetch_recall": stats["prefetch_recall"] if stats and cfg.prefetch else None,
+                "prefetch_precision": stats["prefetch_precision"] if stats and cfg.prefetch else None,
                 "misses_per_token": stats["misses"] / tokens if stats else 0.0,
+                "substituted_per_token": stats["substituted"] / tokens if stats else 0.0,
                 "bytes_per_token": stats["bytes_copied"] / tokens if stats else 0.0,
                 "stall_seconds": stats["stall_seconds"] if stats else 0.0,
                 "bits_per_byte": bpb,
                 "peak_device_bytes": stats["resident_bytes"] if stats else all_expert_bytes,
+                "slots": stats["slots"] if stats else None,
             }
         )
         if handle:
@@ -126,31 +141,81 @@ def run_offload(args: argparse.Namespace) -> dict:
         "link": {"emulated": emulated, "gbps": gbps, "copy_to_layer_ratio": COPY_TO_LAYER_RATIO if emulated else None,
                  "layer_decode_seconds": layer_s},
         "expert_bytes": expert_bytes,
+        "decode": "teacher-forced, one token at a time through the KV cache, over the held-out text below",
+        "eval_bytes": len(eval_text.encode()),
+        "eval_tokens": len(tokenizer(eval_text)["input_ids"]),
         "prompts": args.prompts,
         "prompt_tokens": args.prompt_len,
-        "new_tokens": args.new_tokens,
-        "eval_bytes": args.eval_bytes,
         "runs": runs,
     }  # fmt: skip
 
 
 def print_table(result: dict) -> None:
     link = result["link"]
-    where = (f"EMULATED link {link['gbps']:.3f} GB/s (one expert copy = {link['copy_to_layer_ratio']:.0f}x a layer's "
-             "decode compute)" if link["emulated"] else "real host-to-device link")  # fmt: skip
+    where = (f"EMULATED link {link['gbps']:.4f} GB/s (one expert copy = {link['copy_to_layer_ratio']:.0f}x a layer's "
+             "decode compute)" if link["emulated"] else "real host-to-device link, nothing emulated")  # fmt: skip
     print(f"\noffload benchmark on {result['device']} ({result['machine']}), {where}")
-    resident = result["runs"][0]["decode_tokens_per_s"]
-    head = f"{'config':<14}{'budget':>7}{'decode tok/s':>14}{'x resident':>11}{'prefill tok/s':>15}{'hit rate':>10}"
-    head += f"{'miss/token':>11}{'KB/token':>10}{'bits/byte':>10}"
+    print(f"decode: {result['decode']} ({result['eval_tokens']} tokens)")
+    runs = result["runs"]
+    resident = runs[0]
+    lru = {r["budget"]: r for r in runs if r["name"] == "lru"}
+    head = (f"{'config':<18}{'budget':>7}{'slots':>6}{'decode/s':>9}{'x res':>7}{'x lru':>7}{'prefill/s':>10}"
+            f"{'recall':>8}{'miss/tok':>9}{'subs/tok':>9}{'KB/tok':>8}{'bits/B':>8}{'d bits':>8}")  # fmt: skip
     print(head)
     print("-" * len(head))
-    for r in result["runs"]:
-        bpb = f"{r['bits_per_byte']:.4f}" if r["bits_per_byte"] is not None else "-"
+    for r in runs:
+        base = lru.get(r["budget"])
+        x_lru = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-"
+        recall = f"{r['prefetch_recall']:.3f}" if r["prefetch_recall"] is not None else f"{r['hit_rate']:.3f}"
         print(
-            f"{r['name']:<14}{r['budget']:>7.3f}{r['decode_tokens_per_s']:>14.1f}"
-            f"{r['decode_tokens_per_s'] / resident:>11.2f}{r['prefill_tokens_per_s']:>15.0f}{r['hit_rate']:>10.3f}"
-            f"{r['misses_per_token']:>11.2f}{r['bytes_per_token'] / 1024:>10.1f}{bpb:>10}"
+            f"{r['name']:<18}{r['budget']:>7.3f}{r['slots'] or '-':>6}{r['decode_tokens_per_s']:>9.1f}"
+            f"{r['decode_tokens_per_s'] / resident['decode_tokens_per_s']:>7.2f}{x_lru:>7}"
+            f"{r['prefill_tokens_per_s']:>10.0f}{recall:>8}{r['misses_per_token']:>9.2f}"
+            f"{r['substituted_per_token']:>9.2f}{r['bytes_per_token'] / 1024:>8.1f}{r['bits_per_byte']:>8.4f}"
+            f"{(r['bits_per_byte'] / resident['bits_per_byte'] - 1) * 100:>7.2f}%"
         )
+    print("recall: needed experts already resident or in flight (hit rate for configs without prefetch)")
+
+
+def plot_offload(result: dict, out: Path) -> list[Path]:
+    runs = result["runs"]
+    tag = "emulated link" if result["link"]["emulated"] else "real link"
+    resident = runs[0]
+    series = sorted({r["name"] for r in runs if r["name"] not in ("resident", "patched-1.0", "naive")})
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name in series:
+        pts = sorted((r["budget"], r["decode_tokens_per_s"]) for r in runs if r["name"] == name)
+        ax.plot(*zip(*pts, strict=True), "o-", label=name)
+    ax.axhline(resident["decode_tokens_per_s"], color="k", ls="--", label="resident (all experts on device)")
+    naive = next(r for r in runs if r["name"] == "naive")
+    ax.axhline(naive["decode_tokens_per_s"], color="grey", ls=":", label="naive (copy every use)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("expert budget (fraction of all experts' bytes)")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title(f"reference-moe decode speed vs budget ({tag}, {result['device']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    speed_png = out / "offload-speed-vs-budget.png"
+    fig.savefig(speed_png, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    markers = {0.125: "v", 0.25: "o", 0.5: "s"}
+    for name in series:
+        for r in (r for r in runs if r["name"] == name):
+            ax.scatter(r["decode_tokens_per_s"], r["bits_per_byte"], marker=markers.get(r["budget"], "x"),
+                       color=f"C{series.index(name)}", label=name if r["budget"] == 0.25 else None)  # fmt: skip
+    ax.scatter(resident["decode_tokens_per_s"], resident["bits_per_byte"], marker="*", s=150, color="k",
+               label="resident")  # fmt: skip
+    ax.set_xlabel("decode tokens / s")
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    ax.set_title(f"accuracy vs speed (markers: budget 1/8 v, 1/4 o, 1/2 s; {tag})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tradeoff_png = out / "offload-bits-vs-speed.png"
+    fig.savefig(tradeoff_png, dpi=110)
+    plt.close(fig)
+    return [speed_png, tradeoff_png]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,13 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--link-gbps", type=float, default=None, help="emulated link speed (default: calibrated)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--eval-bytes", type=int, default=32_000)
+    ap.add_argument("--eval-bytes", type=int, default=1_500, help="held-out text decoded per config")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--skip-fairness", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.prompts, args.new_tokens, args.eval_bytes = 2, 24, 8_000
+        args.prompts, args.eval_bytes = 2, 800
     if not (args.model / "config.json").exists():
         raise SystemExit(f"{args.model} is not a model directory (no config.json)")
     torch.manual_seed(0)
@@ -175,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run_offload(args)
     (args.out / "offload.json").write_text(json.dumps(result, indent=1))
     print_table(result)
-    print(f"wrote {args.out / 'offload.json'}")
+    pngs = plot_offload(result, args.out)
+    print(f"wrote {args.out / 'offload.json'}, " + ", ".join(str(p) for p in pngs))
     if not args.skip_fairness:
         from fairness.bench import run_fairness_bench
 

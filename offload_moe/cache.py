@@ -13,7 +13,7 @@ import torch
 
 from .eviction import EvictionPolicy
 from .store import HostStore
-from .transfer import Transfer, TransferEngine
+from .transfer import DEMAND, PREFETCH, Transfer, TransferEngine
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -88,16 +88,18 @@ class ExpertCache:
             self._static = [self.acquire(layer, list(range(self.store.num_experts)))
                             for layer in range(self.store.num_layers)]  # fmt: skip
 
-    def load(self, key: Key, protected: set[Key], prefetch: bool = False) -> Transfer | None:
+    def load(self, key: Key, protected: set[Key], prefetch: bool = False, speculative: bool = False) -> Transfer | None:
         """Start copying `key` into a slot unless it is resident or in flight; never evicts `protected` keys.
 
-        Returns the transfer, or None when `key` is already there or no slot can be freed without waiting.
+        prefetch: started by the lookahead prefetcher (counted as such); prefetch or speculative: no one waits for it
+        yet, so demand copies go first. Returns the transfer, or None when `key` is already there or no slot can be
+        freed without waiting.
         """
         if key in self.slot_of:
             return None
         if not self._free and self._evict(protected) is None:
             return None
-        transfer = self._load(key)
+        transfer = self._load(key, PREFETCH if prefetch or speculative else DEMAND)
         self.stats.copies += 1
         self.stats.bytes_copied += transfer.nbytes
         if prefetch:
@@ -188,13 +190,13 @@ class ExpertCache:
         for e in experts:
             self.last_use[self.slot_of[(layer, e)]] = event
 
-    def _load(self, key: Key) -> Transfer:
+    def _load(self, key: Key, priority: int = DEMAND) -> Transfer:
         slot = self._free.pop()
         self.slot_key[slot] = key
         self.slot_of[key] = slot
         pieces = self.store.expert(*key)
         dst = [self.pool[p.name][slot, p.row : p.row + p.src.shape[0]] for p in pieces]
-        transfer = self.engine.submit([p.src for p in pieces], dst, after=self.last_use[slot])
+        transfer = self.engine.submit([p.src for p in pieces], dst, after=self.last_use[slot], priority=priority)
         self.pending[key] = transfer
         self.eviction.touch(key)
         return transfer

@@ -11,6 +11,9 @@ class EvictionPolicy:
 
     name = "base"
 
+    def at_layer(self, layer: int, num_layers: int) -> None:
+        """The model is now running MoE layer `layer` (policies that use the layer order override this)."""
+
     def touch(self, key: Hashable) -> None:
         raise NotImplementedError
 
@@ -65,7 +68,30 @@ class LFU(EvictionPolicy):
         return min(ranked, key=lambda k: self._count[k], default=None)
 
 
-EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU}
+class LayerAware(LRU):
+    """Evict the expert whose layer runs furthest in the future, least recently used first among those.
+
+    Layers run in a fixed cycle, so while layer L runs, layer L's experts are next needed one whole forward pass
+    later and layer L+1's immediately: an approximation of Belady's optimal policy that plain LRU gets backwards
+    (LRU evicts layer L+1's experts, the oldest, just before they are needed).
+    """
+
+    name = "layer"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._layer, self._num_layers = 0, 1
+
+    def at_layer(self, layer: int, num_layers: int) -> None:
+        self._layer, self._num_layers = layer, num_layers
+
+    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
+        ranked = self.oldest_first(candidates)
+        distance = lambda key: (key[0] - self._layer - 1) % self._num_layers  # noqa: E731  0: needed next
+        return max(ranked, key=distance, default=None)  # max() keeps the first of equals: the oldest
+
+
+EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "layer": LayerAware}
 
 
 def make_eviction(name: str | EvictionPolicy) -> EvictionPolicy:

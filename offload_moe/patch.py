@@ -32,11 +32,11 @@ STANDIN_BUDGET_SHARE = 0.4  # stand-ins never take more than this share of the b
 class Options:
     """Everything `patch` and `load` accept besides the model, budget and device (see `patch`)."""
 
-    eviction: str | EvictionPolicy = "lru"
+    eviction: str | EvictionPolicy = "layer"
     fallback: str = "fetch"
     prefetch: str | None = "lookahead"
-    lookahead_depth: int = 2
-    prefetch_candidates: int = 3
+    lookahead_depth: int = 1
+    prefetch_candidates: int = 1
     critical_weight: float = 0.5
     standin_fraction: float = 0.1
     calibration: str | Path | None = None
@@ -76,6 +76,7 @@ class ExpertsHook(ModuleHook):
             return self._on_pool(module, forward, hidden_states, table[top_k_index], top_k_weights, lo, hi, False,
                                  args, kwargs)  # fmt: skip
         needed = top_k_index.unique().tolist()
+        cache.eviction.at_layer(layer, cache.store.num_layers)
         cache.count(layer, needed)
         index, weights, pool, extra, later = top_k_index, top_k_weights, needed, None, []
         if self.fallback is not None:
@@ -111,8 +112,8 @@ class ExpertsHook(ModuleHook):
         protected = {(self.layer, e) for e in pool}
         if self.prefetcher is not None:
             self.prefetcher.run(self.layer, protected)
-        for e in later:
-            if self.cache.load((self.layer, e), protected) is None:
+        for e in later:  # only into idle link time: when the link is the bottleneck, these copies would cost speed
+            if self.cache.engine.queued() > 0 or self.cache.load((self.layer, e), protected, speculative=True) is None:
                 break
 
     def _on_pool(self, module, forward, hidden_states, slot_index, weights, lo, hi, masked, args, kwargs):
@@ -243,11 +244,11 @@ def patch(
     budget: float | str = 1.0,
     device: str | torch.device | None = None,
     *,
-    eviction: str | EvictionPolicy = "lru",
+    eviction: str | EvictionPolicy = "layer",
     fallback: str = "fetch",
     prefetch: str | None = "lookahead",
-    lookahead_depth: int = 2,
-    prefetch_candidates: int = 3,
+    lookahead_depth: int = 1,
+    prefetch_candidates: int = 1,
     critical_weight: float = 0.5,
     standin_fraction: float = 0.1,
     calibration: str | Path | None = None,
@@ -258,6 +259,7 @@ def patch(
 
     budget: a fraction of all experts' bytes in (0, 1], or a size such as "6GiB"; it must hold at least one layer's
         top-k experts. Everything expert-related on the device counts: the slot pool and any stand-ins.
+    eviction: "layer" (evict the expert whose layer runs furthest ahead, LRU among those), "lru" or "lfu".
     fallback: on a prefetch miss, "fetch" (wait for the copy: outputs equal the unpatched model's), "drop",
         "buddy" or "lowrank" (see offload_moe.fallbacks). critical_weight: misses with at least this routing weight
         are fetched whatever the fallback.

@@ -14,15 +14,17 @@ class LookaheadPrefetcher:
     """Predicts the next `depth` layers' experts from the current residual stream and queues their copies.
 
     `candidates` experts per predicted layer are queued (the most probable first, averaged over the call's tokens).
-    Keys already resident are touched, so the eviction policy keeps what is about to be used.
+    Keys already resident are touched, so the eviction policy keeps what is about to be used. Nothing is queued
+    while more than `max_queued` copies wait for the link: a prefetch that cannot land in time only delays others.
     """
 
-    def __init__(self, blocks: list[MoEBlock], cache: ExpertCache, depth: int, candidates: int):
+    def __init__(self, blocks: list[MoEBlock], cache: ExpertCache, depth: int, candidates: int, max_queued: int = 0):
         if depth < 1 or candidates < 1:
             raise ValueError(f"lookahead needs depth >= 1 and candidates >= 1, got {depth} and {candidates}")
         if any(b.norm is None for b in blocks):
             raise ValueError("lookahead prefetch needs each MoE block's pre-MoE norm (post_attention_layernorm)")
         self.blocks, self.cache, self.depth, self.candidates = blocks, cache, depth, candidates
+        self.max_queued = max_queued
         self._residual: list[torch.Tensor | None] = [None] * len(blocks)
         self._handles = [b.norm.register_forward_pre_hook(self._capture(b.index)) for b in blocks]
 
@@ -55,5 +57,7 @@ class LookaheadPrefetcher:
                 protected.add(key)
                 if key in self.cache.slot_of:
                     self.cache.eviction.touch(key)
+                elif self.cache.engine.queued() > self.max_queued:
+                    return
                 elif self.cache.load(key, protected, prefetch=True) is None:
                     return  # every slot is protected or in flight: stop for this round

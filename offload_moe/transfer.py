@@ -2,13 +2,16 @@
 
 On CUDA the worker issues copies on a dedicated copy stream and records an event per transfer; the compute stream
 only waits when an expert it needs is really still in flight. On CPU the worker thread does the copy itself.
+Copies have priorities: a demand copy (something is waiting for it) goes before speculative ones (prefetch), and a
+queued prefetch that someone starts waiting for is promoted. One copy is on the link at a time, so a demand copy
+never queues behind more than the copy in progress.
 An `EmulatedLink` makes every copy take `latency + bytes / bandwidth` of wall time, so a CPU-only machine can
 reproduce the behaviour of a PCIe link; results measured with it are emulated and must be reported as such.
 """
 
 from __future__ import annotations
 
-import queue
+import itertools
 import threading
 import time
 from dataclasses import dataclass
@@ -33,14 +36,18 @@ class EmulatedLink:
         return self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
 
 
+DEMAND, PREFETCH = 0, 1  # copy priorities: lower goes first
+
+
 class Transfer:
     """One queued copy of a list of source tensors into destination tensors."""
 
-    __slots__ = ("src", "dst", "after", "nbytes", "_issued", "_event", "_error")
+    __slots__ = ("src", "dst", "after", "nbytes", "priority", "seq", "_engine", "_issued", "_event", "_error")
 
-    def __init__(self, src: list[torch.Tensor], dst: list[torch.Tensor], after: torch.cuda.Event | None):
+    def __init__(self, src, dst, after, priority: int, seq: int, engine: TransferEngine):
         self.src, self.dst, self.after = src, dst, after
         self.nbytes = sum(t.numel() * t.element_size() for t in dst)
+        self.priority, self.seq, self._engine = priority, seq, engine
         self._issued = threading.Event()
         self._event: torch.cuda.Event | None = None
         self._error: BaseException | None = None
@@ -57,6 +64,7 @@ class Transfer:
             self._raise_if_failed()
             return 0.0
         t0 = time.perf_counter()
+        self._engine.promote(self)  # someone needs it now
         self._issued.wait()
         self._raise_if_failed()
         if self._event is not None:
@@ -69,41 +77,72 @@ class Transfer:
 
 
 class TransferEngine:
-    """FIFO copy worker for one device. `submit` never blocks; `Transfer.wait` blocks only if the copy is not done."""
+    """Copy worker for one device. `submit` never blocks; `Transfer.wait` blocks only if the copy is not done."""
 
     def __init__(self, device: torch.device, link: EmulatedLink | None = None):
         self.device = torch.device(device)
         self.link = link
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._queue: queue.SimpleQueue[Transfer | None] = queue.SimpleQueue()
+        self._queued: list[Transfer] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._closing = False
         self._link_free_at = 0.0
         self._worker = threading.Thread(target=self._run, name="offload-moe-copy", daemon=True)
         self._worker.start()
 
     def submit(
-        self, src: list[torch.Tensor], dst: list[torch.Tensor], after: torch.cuda.Event | None = None
+        self,
+        src: list[torch.Tensor],
+        dst: list[torch.Tensor],
+        after: torch.cuda.Event | None = None,
+        priority: int = DEMAND,
     ) -> Transfer:
         """Queue a copy of `src` into `dst` (same shapes); on CUDA it starts only after event `after` (if given)."""
-        if not self._worker.is_alive():
-            raise RuntimeError("the transfer engine is shut down")
-        transfer = Transfer(src, dst, after)
-        self._queue.put(transfer)
+        with self._cond:
+            if self._closing or not self._worker.is_alive():
+                raise RuntimeError("the transfer engine is shut down")
+            transfer = Transfer(src, dst, after, priority, next(self._seq), self)
+            self._queued.append(transfer)
+            self._cond.notify()
         return transfer
+
+    def queued(self) -> int:
+        """Copies waiting for the link (not counting the one in progress)."""
+        return len(self._queued)
+
+    def promote(self, transfer: Transfer) -> None:
+        """Make a queued copy a demand copy (no-op once it started)."""
+        with self._cond:
+            transfer.priority = DEMAND
 
     def shutdown(self) -> None:
         """Finish the queued copies, then stop the worker."""
-        if self._worker.is_alive():
-            self._queue.put(None)
-            self._worker.join()
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._worker.join()
+
+    def _next(self) -> Transfer | None:
+        with self._cond:
+            while not self._queued and not self._closing:
+                self._cond.wait()
+            if not self._queued:
+                return None
+            transfer = min(self._queued, key=lambda t: (t.priority, t.seq))
+            self._queued.remove(transfer)
+            return transfer
 
     def _run(self) -> None:
         # One intra-op thread here: a second OpenMP team in this thread makes every small op of the compute
         # thread ~10x slower on CPU (measured: index_add_ 3.8 us -> 40 us); the compute thread keeps its threads.
         torch.set_num_threads(1)
-        while (transfer := self._queue.get()) is not None:
+        while (transfer := self._next()) is not None:
             start = max(time.perf_counter(), self._link_free_at)
             try:
                 self._copy(transfer)
+                if transfer._event is not None:
+                    transfer._event.synchronize()  # one copy on the link at a time: priorities stay meaningful
             except BaseException as e:  # surfaced to the waiter by Transfer.wait
                 transfer._error = e
             if self.link is not None:
