@@ -41,7 +41,7 @@ class Config:
 
     @property
     def eviction(self) -> str:
-        return "lru" if self.name in ("lru", "naive") else "layer"  # "lru" is mixtral-offloading's released design
+        return "layer" if self.name == "layer-aware" else "lru"
 
 
 def configs(quick: bool, naive_budget: float) -> list[Config]:

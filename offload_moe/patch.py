@@ -32,7 +32,7 @@ STANDIN_BUDGET_SHARE = 0.4  # stand-ins never take more than this share of the b
 class Options:
     """Everything `patch` and `load` accept besides the model, budget and device (see `patch`)."""
 
-    eviction: str | EvictionPolicy = "layer"
+    eviction: str | EvictionPolicy = "lru"
     fallback: str = "fetch"
     prefetch: str | None = "lookahead"
     lookahead_depth: int = 1
@@ -244,7 +244,7 @@ def patch(
     budget: float | str = 1.0,
     device: str | torch.device | None = None,
     *,
-    eviction: str | EvictionPolicy = "layer",
+    eviction: str | EvictionPolicy = "lru",
     fallback: str = "fetch",
     prefetch: str | None = "lookahead",
     lookahead_depth: int = 1,
@@ -259,7 +259,8 @@ def patch(
 
     budget: a fraction of all experts' bytes in (0, 1], or a size such as "6GiB"; it must hold at least one layer's
         top-k experts. Everything expert-related on the device counts: the slot pool and any stand-ins.
-    eviction: "layer" (evict the expert whose layer runs furthest ahead, LRU among those), "lru" or "lfu".
+    eviction: "lru" (default), "lfu", or "layer" (evict the expert whose layer runs furthest ahead: better than LRU
+        when the pool is smaller than one token's working set, worse above it; see the README's measurements).
     fallback: on a prefetch miss, "fetch" (wait for the copy: outputs equal the unpatched model's), "drop",
         "buddy" or "lowrank" (see offload_moe.fallbacks). critical_weight: misses with at least this routing weight
         are fetched whatever the fallback.
