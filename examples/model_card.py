@@ -146,7 +146,9 @@ A small `MixtralForCausalLM` trained from scratch on CPU so that tests and bench
 model (with specialised experts) without downloading anything. It loads offline like any hub checkpoint:
 
 ```python
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 model = AutoModelForCausalLM.from_pretrained("examples/reference-moe", dtype=torch.float32)
 tokenizer = AutoTokenizer.from_pretrained("examples/reference-moe")
 ```

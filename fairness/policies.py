@@ -51,26 +51,27 @@ class RPM:
         if rpm < 1:
             raise ValueError(f"rpm must be >= 1, got {rpm}")
         self.rpm = rpm
-        self._queue: deque[RequestInfo] = deque()
+        self._queues: dict[str, deque[RequestInfo]] = defaultdict(deque)
         self._admitted: dict[str, deque[float]] = defaultdict(deque)
         self._resumed: set[int] = set()  # preempted requests do not count against the limit again
 
     def add_request(self, req: RequestInfo, now: float) -> None:
-        self._queue.append(req)
+        self._queues[req.client].append(req)
+
+    def _eligible(self, client: str, now: float) -> bool:
+        if self._queues[client][0].id in self._resumed:
+            return True
+        window = self._admitted[client]
+        while window and window[0] <= now - 60.0:
+            window.popleft()
+        return len(window) < self.rpm
 
     def next_request(self, now: float) -> RequestInfo | None:
-        for req in self._queue:
-            if req.id in self._resumed:
-                return req
-            window = self._admitted[req.client]
-            while window and window[0] <= now - 60.0:
-                window.popleft()
-            if len(window) < self.rpm:
-                return req
-        return None
+        heads = [q[0] for c, q in self._queues.items() if q and self._eligible(c, now)]
+        return min(heads, key=lambda r: (r.id not in self._resumed, r.arrival_s, r.id), default=None)
 
     def on_admit(self, req: RequestInfo, now: float) -> None:
-        self._queue.remove(req)
+        self._queues[req.client].remove(req)
         if req.id in self._resumed:
             self._resumed.discard(req.id)
         else:
@@ -83,7 +84,7 @@ class RPM:
         pass
 
     def on_preempt(self, req: RequestInfo, now: float) -> None:
-        self._queue.appendleft(req)
+        self._queues[req.client].appendleft(req)
         self._resumed.add(req.id)
 
 

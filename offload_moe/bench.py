@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--link-gbps", type=float, default=None, help="emulated link speed (default: calibrated)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--eval-bytes", type=int, default=1_500, help="held-out text decoded per config")
+    ap.add_argument("--eval-bytes", type=int, default=1_200, help="held-out text decoded per config")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--skip-fairness", action="store_true")
     args = ap.parse_args(argv)
