@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-fairness", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.prompts, args.eval_bytes = 2, 800
+        args.prompts, args.eval_bytes = 2, 600
     if not (args.model / "config.json").exists():
         raise SystemExit(f"{args.model} is not a model directory (no config.json)")
     torch.manual_seed(0)

@@ -49,10 +49,6 @@ class StandIns:
         return StandIns({n: t.to(device, dtype) for n, t in self.u.items()},
                         {n: t.to(device, dtype) for n, t in self.v.items()})  # fmt: skip
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.u, self.v) for t in d.values())
-
     def apply(self, layer: int, expert: int, x: torch.Tensor, act_fn) -> torch.Tensor:
         """Approximate output of a gated expert (gate_up_proj, down_proj) on x [T, H] -> [T, H]."""
         gu = (x @ self.v["gate_up_proj"][layer, expert].T) @ self.u["gate_up_proj"][layer, expert].T  # [T, 2I]

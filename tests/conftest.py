@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -63,6 +65,13 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 
 
 FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
+
+
+def tiny_dense_model() -> torch.nn.Module:
+    """A model with no MoE block at all, to check that it is refused."""
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    return LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import FAMILIES, tiny_dense_model, tiny_model
 
 from hooks import ModuleHook, RoutingRecorder, UnsupportedModelError, attach, attached_hook, detach, find_moe_blocks
 
@@ -64,16 +63,7 @@ def test_find_moe_blocks(family):
 
 
 def test_unsupported_model_names_its_class():
-    dense = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
+    dense = tiny_dense_model()
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM has no supported MoE block"):
         find_moe_blocks(dense)
 

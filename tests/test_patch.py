@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import FAMILIES, tiny_dense_model, tiny_model
 
 import offload_moe
 from hooks import RoutingRecorder, UnsupportedModelError, find_moe_blocks, is_attached
@@ -176,16 +175,7 @@ def test_patching_twice_is_refused():
 
 
 def test_dense_model_is_refused_by_name():
-    dense = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=32,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
+    dense = tiny_dense_model()
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
         offload_moe.patch(dense, device="cpu")
 
