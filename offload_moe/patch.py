@@ -42,6 +42,7 @@ class Options:
     calibration: str | Path | None = None
     link: EmulatedLink | None = None
     pin_memory: bool = True
+    compile: bool = False
 
 
 class ExpertsHook(ModuleHook):
@@ -254,6 +255,7 @@ def patch(
     calibration: str | Path | None = None,
     link: EmulatedLink | None = None,
     pin_memory: bool = True,
+    compile: bool = False,
 ) -> OffloadHandle:
     """Keep only `budget` of `model`'s expert weights on `device`; every other weight goes to `device`.
 
@@ -270,10 +272,12 @@ def patch(
     calibration: a file from `offload_moe.calibrate` (activation-aware stand-ins, buddy lists, thresholds).
     link: emulate a slower host-to-device link (CPU-only measurements; results are then emulated).
     pin_memory: on CUDA, keep host copies of the experts in pinned memory (asynchronous copies).
+    compile: torch.compile the attention modules (the dense compute); the residency logic and the experts kernels
+        (data-dependent shapes) stay eager. Outputs match eager mode.
     """
     options = Options(
         eviction, fallback, prefetch, lookahead_depth, prefetch_candidates, critical_weight, standin_fraction,
-        calibration, link, pin_memory,
+        calibration, link, pin_memory, compile,
     )  # fmt: skip
     return _patch(model, budget, device, options, store=None)
 
@@ -345,9 +349,14 @@ def _patch(
     engine = TransferEngine(dev, opt.link)
     attached: list[MoEBlock] = []
     prefetcher: LookaheadPrefetcher | None = None
+    compiled: list[torch.nn.Module] = []
+    recompile_limit = torch._dynamo.config.recompile_limit
 
     def restore() -> None:
         engine.shutdown()
+        for m in compiled:
+            m._compiled_call_impl = None  # what nn.Module.compile set
+        torch._dynamo.config.recompile_limit = recompile_limit
         if prefetcher is not None:
             prefetcher.remove()
         for b in attached:
@@ -390,6 +399,13 @@ def _patch(
             attach(b.experts, ExpertsHook(b.index, cache, names, fallback, prefetcher))
             attached.append(b)
         cache.warm(_warm_order(blocks, calib, num_slots == total_experts))
+        if opt.compile:
+            compiled.extend(m for n, m in model.named_modules() if n.endswith("self_attn"))
+            # every layer's attention shares one code object and specialises on its layer index: one entry per
+            # layer and shape class, so the default limit of 8 would send deep models back to eager
+            torch._dynamo.config.recompile_limit = max(recompile_limit, 4 * len(compiled))
+            for m in compiled:
+                m.compile(dynamic=True)
     except BaseException:
         restore()
         raise
