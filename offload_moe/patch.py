@@ -104,7 +104,8 @@ class ExpertsHook(ModuleHook):
             part = self._on_pool(module, forward, hidden_states, table[index], weights, lo, hi, masked, args, kwargs)
             cache.release(layer, wave)
             out = part if out is None else out + part
-        if out is None:  # every routed pair was served by the fallback
+        if out is None:  # every routed pair was served by the fallback: nothing ran on the pool
+            self._look_ahead(pool, later)
             out = torch.zeros_like(hidden_states)
         return out if extra is None else out + extra
 
