@@ -113,9 +113,8 @@ class ExpertCache:
             return False
         transfer = self.pending.get(key)
         if transfer is not None and transfer.done():
-            self.stats.stall_seconds += transfer.wait()  # 0: done; surfaces a failed copy
-            del self.pending[key]
-            transfer = None
+            self._settle(key)
+            return True
         return transfer is None
 
     def ready_experts(self, layer: int) -> set[int]:
@@ -171,9 +170,8 @@ class ExpertCache:
                     self._wait_for_any_pending(exclude=protected)
             self.eviction.touch(key)
         for key in keys:
-            transfer = self.pending.pop(key, None)
-            if transfer is not None:
-                self.stats.stall_seconds += transfer.wait()
+            if key in self.pending:
+                self._settle(key)
         slots = [self.slot_of[k] for k in keys]
         lo, hi = min(slots), max(slots) + 1
         table = [hi - lo] * self.store.num_experts
@@ -203,7 +201,7 @@ class ExpertCache:
 
     def _evict(self, protected: set[Key]) -> int | None:
         for key in [k for k, t in self.pending.items() if t.done()]:  # landed copies are evictable again
-            self.stats.stall_seconds += self.pending.pop(key).wait()  # 0: done; surfaces a failed copy
+            self._settle(key)
         candidates = [k for k in self.slot_of if k not in protected and k not in self.pending]
         victim = self.eviction.victim(candidates)
         if victim is None:
@@ -216,12 +214,15 @@ class ExpertCache:
         self.stats.evictions += 1
         return slot
 
+    def _settle(self, key: Key) -> None:
+        """Wait for `key`'s copy (no time if it landed; raises if it failed), count the stall, forget the transfer."""
+        self.stats.stall_seconds += self.pending.pop(key).wait()
+
     def _wait_for_any_pending(self, exclude: set[Key]) -> None:
         """Block until one in-flight copy (not of `exclude`) lands, so its slot becomes evictable."""
-        for key, transfer in list(self.pending.items()):
+        for key in list(self.pending):
             if key not in exclude:
-                self.stats.stall_seconds += transfer.wait()
-                del self.pending[key]
+                self._settle(key)
                 return
         raise RuntimeError(
             f"the expert pool has {self.num_slots} slots, all needed at once; this is a bug in the caller "
