@@ -41,6 +41,9 @@ class FCFS:
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         self._queue.appendleft(req)  # resumes first, as in vLLM
 
+    def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo:
+        return running[-1]  # the most recently admitted, as in vLLM
+
 
 class RPM:
     """FCFS, but a client may start at most `rpm` requests in any 60-second window (requests-per-minute limit)."""
@@ -86,6 +89,9 @@ class RPM:
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         self._queues[req.client].appendleft(req)
         self._resumed.add(req.id)
+
+    def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo:
+        return running[-1]
 
 
 class VTC:
@@ -144,6 +150,12 @@ class VTC:
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
         del self._running[req.id]
+
+    def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo:
+        """The newest request of the most-served client: evicting the least-served client's request instead would
+        starve it while the others' running requests keep generating (found by the 2U property test)."""
+        newest_first = list(reversed(running))
+        return max(newest_first, key=lambda r: self.counters[r.client])  # max() keeps the first (newest) of equals
 
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         del self._running[req.id]

@@ -7,6 +7,7 @@ Call protocol, per engine step:
     policy.on_admit(r, now)               # the engine admitted it (it fitted); repeat next_request/on_admit
     policy.on_step(generated, step_s, now) # tokens each running request produced this step, step duration
     policy.on_finish(info, output_tokens, now)
+    policy.preemption_victim(running)     # KV ran out: which running request to evict (oldest first in `running`)
     policy.on_preempt(info, now)          # the engine evicted a running request: it waits again, and is
                                           # re-admitted through next_request/on_admit (already-charged work is
                                           # not charged twice)
@@ -32,6 +33,8 @@ class SchedulingPolicy(Protocol):
     def on_step(self, generated: dict[int, int], step_s: float, now: float) -> None: ...
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None: ...
+
+    def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo: ...
 
     def on_preempt(self, req: RequestInfo, now: float) -> None: ...
 

@@ -3,8 +3,8 @@
 Each step: running decodes go first (one token each, never stalled by prefill), then unfinished prefills continue in
 chunks, then the policy admits waiting requests while the per-step token budget, the KV pool and the batch size
 allow (stall-free, chunked prefill in the Sarathi-Serve sense). KV grows by one token per generated token; when it
-runs out, the most recently admitted request is preempted (its KV dropped) and handed back to the policy, which
-decides when it resumes; it is then recomputed (as vLLM does).
+runs out, the policy picks a running request to preempt (its KV dropped); it goes back to the policy, which decides
+when it resumes, and is then recomputed (as vLLM does).
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def simulate(
             waiting[s.info.client] += 1
             nxt += 1
         decode = [s for s in running if s.prefilled >= s.prompt]
-        while kv_used + len(decode) > engine.kv_tokens:  # out of KV: preempt the newest (recompute later)
-            victim = running.pop()
+        while kv_used + len(decode) > engine.kv_tokens:  # out of KV: the policy picks whom to preempt
+            victim = seqs[policy.preemption_victim([r.info for r in running]).id]
+            running.remove(victim)
             kv_used -= victim.kv
             victim.kv, victim.prefilled, victim.prompt = 0, 0, victim.info.input_tokens + victim.generated
             policy.on_preempt(victim.info, t)

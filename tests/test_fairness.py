@@ -254,3 +254,15 @@ def test_real_traces_load():
     assert len(azure) == 19366 and len(arena) == 1500
     assert len({r.client for r in arena}) == 27
     assert math.isclose(max(r.arrival_s for r in arena), 600, rel_tol=0.01)
+
+
+def test_vtc_preempts_the_most_served_client():
+    vtc = VTC()
+    infos = [fairness.RequestInfo(i, c, 0.0, 10, None, 1.0) for i, c in enumerate(["a", "b", "b", "a"])]
+    for r in infos:
+        vtc.add_request(r, 0.0)
+    for r in infos:
+        vtc.on_admit(r, 0.0)
+    vtc.on_step({1: 5}, 0.1, 0.1)  # b has received more service
+    assert vtc.preemption_victim(infos).id == 2  # b's newest, not the newest overall (a's)
+    assert fairness.make_policy("fcfs").preemption_victim(infos).id == 3
