@@ -1,6 +1,7 @@
 """fairness: fair, efficient scheduling for LLM serving: a scheduler plug-in API, FCFS / RPM / VTC policies, a
 continuous-batching engine simulator, workloads and fairness metrics."""
 
+from . import equinox as _equinox  # noqa: F401  (registers "equinox")
 from . import policies as _builtin_policies  # noqa: F401  (registers the built-in policies)
 from .engine import PRESETS, EngineModel
 from .policy import SchedulingPolicy, make_policy, policy_names, register_policy

@@ -1,4 +1,11 @@
-"""The fairness part of `make bench`: every policy on VTC's workloads and the two real traces (simulated engine)."""
+"""The fairness part of `make bench` (simulated engine):
+
+1. MoPE: collect simulator logs (VTC scheduling) from the synthetic workloads generated with seed 1 and from the
+   first half of each real trace; train a 3-expert MoPE and a single regressor on the earliest 70% of each source,
+   report L1 errors on the rest; export both to ONNX.
+2. Every policy, Equinox served by that ONNX model, on data it never saw: the synthetic workloads with seed 0 and the
+   second half of each real trace.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,16 @@ import random
 import time
 from pathlib import Path
 
-from . import EngineModel, Request, load_azure_csv, load_jsonl, make_workload, simulate
+import numpy as np
+
+from . import EngineModel, Request, load_azure_csv, load_jsonl, make_workload, mope, simulate
+from .equinox import Equinox
+from .predictor import HistoryPredictor, OnnxPredictor
 from .report import plot, run, table
 
 TRACES = Path(__file__).resolve().parent.parent / "examples" / "traces"
-POLICIES = ["fcfs", "rpm", "vtc", "vtc-pred"]
 SUITE = ["overload", "proportional", "on-off", "poisson-short-long", "increasing", "distribution-shift"]
+BASELINES = ["fcfs", "rpm", "vtc", "vtc-pred"]
 
 
 def simulator_speed() -> dict[str, float]:
@@ -26,16 +37,82 @@ def simulator_speed() -> dict[str, float]:
             "simulated_s": res.metrics["makespan_s"]}  # fmt: skip
 
 
+def halves(requests: list[Request]) -> tuple[list[Request], list[Request]]:
+    """A trace cut at its median arrival time; the second half starts at t = 0."""
+    reqs = sorted(requests, key=lambda r: r.arrival_s)
+    cut = reqs[len(reqs) // 2].arrival_s
+    second = [Request(r.client, r.arrival_s - cut, r.input_tokens, r.output_tokens, r.max_output_tokens, r.weight)
+              for r in reqs if r.arrival_s >= cut]  # fmt: skip
+    return [r for r in reqs if r.arrival_s < cut], second
+
+
+def _traces(quick: bool) -> list[tuple[str, list[Request], str]]:
+    """(name, requests, engine preset) of each real trace: ~5 requests/s of ~1k-token Azure prompts would leave an
+    A10G-class engine hours behind, so Azure runs on the A100 preset."""
+    out = [("lmsys-arena", load_jsonl(TRACES / "lmsys-arena-vtc.jsonl"), "a10g-llama2-7b")]
+    if not quick:
+        out.append(("azure-conv", load_azure_csv(TRACES / "azure-llm-2023-conv.csv"), "a100-llama2-7b"))
+    return out
+
+
+def train_predictors(out: Path, quick: bool = False) -> dict:
+    """Part 1: logs, training, held-out L1 errors, ONNX export. Returns the report (paths included)."""
+    duration, steps = (120, 60) if quick else (600, 400)
+    t0 = time.perf_counter()
+    parts = []
+    for w in (SUITE[:2] if quick else SUITE) + ["sharegpt-like"]:
+        parts.append(mope.collect(make_workload(w, duration, seed=1), EngineModel.preset("a10g-llama2-7b"),
+                                  source=w, until_s=duration))  # fmt: skip
+    for name, reqs, preset in _traces(quick):
+        parts.append(mope.collect(halves(reqs)[0], EngineModel.preset(preset), source=name))
+    data = mope.Dataset.concat(parts)
+    train, test = data.split(0.7)
+    collect_s = time.perf_counter() - t0
+    report: dict = {"rows_train": len(train), "rows_test": len(test), "collect_s": collect_s, "models": {}}
+    constant = np.median(train.y[:, 0])
+    report["models"]["median (constant)"] = {"l1": {"output_tokens": float(np.abs(test.y[:, 0] - constant).mean())}}
+    report["models"]["client history mean"] = {"l1": mope.l1_errors(HistoryPredictor(), test)}
+    for label, experts in (("single regressor", 1), ("MoPE, 3 experts", 3)):
+        t0 = time.perf_counter()
+        model = mope.train(train, experts=experts, steps=steps)
+        train_s = time.perf_counter() - t0
+        path = model.export(out / f"mope-{experts}.onnx")
+        served = OnnxPredictor(path)
+        parity = float(np.abs(served.predict(test.x) - model.predict(test.x)).max())
+        per_source = {
+            str(s): mope.l1_errors(served, test.take(test.source == s))["output_tokens"] for s in np.unique(test.source)
+        }
+        report["models"][label] = {"l1": mope.l1_errors(served, test), "output_l1_by_source": per_source,
+                                   "train_s": train_s, "onnx": str(path), "onnx_max_abs_diff": parity}  # fmt: skip
+    return report
+
+
+def _print_predictors(report: dict) -> None:
+    print(f"\nMoPE predictors: {report['rows_train']} training rows, {report['rows_test']} held-out rows "
+          "(simulator logs; L1 error on the held-out rows)")  # fmt: skip
+    print(f"{'predictor':<22}{'out tokens':>12}{'TTFT s':>10}{'e2e s':>10}{'tok/s':>8}{'util':>7}")
+    for label, m in report["models"].items():
+        cells = [m["l1"].get(k, float("nan")) for k in ("output_tokens", "ttft_s", "e2e_s", "throughput_tok_s",
+                                                         "batch_util")]  # fmt: skip
+        print(f"{label:<22}{cells[0]:>12.1f}{cells[1]:>10.2f}{cells[2]:>10.2f}{cells[3]:>8.2f}{cells[4]:>7.3f}")
+
+
 def run_fairness_bench(out: Path, quick: bool = False) -> dict:
-    engine_name = "a10g-llama2-7b"
+    out.mkdir(parents=True, exist_ok=True)
+    predictors = train_predictors(out, quick)
+    _print_predictors(predictors)
+    onnx_path = predictors["models"]["MoPE, 3 experts"]["onnx"]
+    policies = BASELINES + [
+        ("equinox", lambda: Equinox(predictor=onnx_path)),
+        ("equinox-static", lambda: Equinox(predictor=onnx_path, adaptive=False)),  # ablation: no adaptive batching
+    ]
     duration = 120 if quick else 600
-    cases = [(w, make_workload(w, duration), duration, engine_name) for w in (SUITE[:2] if quick else SUITE)]
-    cases.append(("lmsys-arena", load_jsonl(TRACES / "lmsys-arena-vtc.jsonl"), None, engine_name))
-    if not quick:  # ~5 requests/s of ~1k-token prompts: an A10G-class engine would fall hours behind
-        cases.append(("azure-conv", load_azure_csv(TRACES / "azure-llm-2023-conv.csv"), None, "a100-llama2-7b"))
-    summary: dict = {"simulated": True, "workloads": {}}
+    cases = [(w, make_workload(w, duration), duration, "a10g-llama2-7b")
+             for w in (SUITE[:2] if quick else SUITE) + ["sharegpt-like"]]  # fmt: skip
+    cases += [(f"{name} (2nd half)", halves(reqs)[1], None, preset) for name, reqs, preset in _traces(quick)]
+    summary: dict = {"simulated": True, "predictors": predictors, "workloads": {}}
     for name, requests, until, preset in cases:
-        rows = run(requests, POLICIES, EngineModel.preset(preset), until)
+        rows = run(requests, policies, EngineModel.preset(preset), until)
         print(f"\nfairness: {name}, {len(requests)} requests, {len({r.client for r in requests})} clients "
               f"(simulated engine {preset})")  # fmt: skip
         print(table(rows))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .engine import EngineModel  # noqa: E402
+from .policy import SchedulingPolicy, make_policy  # noqa: E402
 from .request import Request  # noqa: E402
 from .simulator import SimResult, simulate  # noqa: E402
 from .workloads import load_azure_csv, load_jsonl, load_sharegpt  # noqa: E402
@@ -22,7 +25,10 @@ COLUMNS = [
     ("throughput_tok_s", "out tok/s", "{:.0f}"),
     ("ttft_p50_s", "TTFT p50 s", "{:.2f}"),
     ("ttft_p99_s", "TTFT p99 s", "{:.2f}"),
-    ("utilization", "util", "{:.2f}"),
+    ("utilization", "busy", "{:.2f}"),
+    ("compute_utilization", "compute util", "{:.2f}"),
+    ("preemptions", "preempts", "{:.0f}"),
+    ("decision_us", "decide us", "{:.1f}"),
 ]
 
 
@@ -81,10 +87,54 @@ def plot(results: list[SimResult], title: str, out: Path) -> list[Path]:
     return [service_png, cdf_png]
 
 
-def run(requests: list[Request], policies: list[str], engine: EngineModel, until_s: float | None):
+class Timed:
+    """Forwards every call to a policy and adds up the time each method takes (the scheduler's own overhead)."""
+
+    def __init__(self, inner: SchedulingPolicy):
+        self._inner = inner
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def __getattr__(self, attr: str):
+        value = getattr(self._inner, attr)
+        if not callable(value):
+            return value
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return value(*args, **kwargs)
+            finally:
+                self.seconds[attr] += time.perf_counter() - t0
+                self.calls[attr] += 1
+
+        return timed
+
+    def overhead_us(self) -> dict[str, float]:
+        """Microseconds per admission decision (next_request + on_admit + batch_limits, per admitted request), per
+        arrival (add_request, which includes any prediction) and per engine step (on_step)."""
+        admits = max(self.calls["on_admit"], 1)
+        decide = self.seconds["next_request"] + self.seconds["on_admit"] + self.seconds["batch_limits"]
+        return {
+            "decision_us": 1e6 * decide / admits,
+            "arrival_us": 1e6 * self.seconds["add_request"] / max(self.calls["add_request"], 1),
+            "step_us": 1e6 * self.seconds["on_step"] / max(self.calls["on_step"], 1),
+        }
+
+
+PolicySpec = str | tuple[str, Callable[[], SchedulingPolicy]]
+
+
+def run(requests: list[Request], policies: list[PolicySpec], engine: EngineModel, until_s: float | None):
+    """Simulate each policy (a registered name, or (label, factory) for configured instances) on the same requests;
+    rows of (label, result, wall seconds), with the policy's own overhead added to the result's metrics."""
     rows = []
-    for name in policies:
+    for spec in policies:
+        label, factory = (spec, lambda n=spec: make_policy(n)) if isinstance(spec, str) else spec
+        policy = Timed(factory())
         t0 = time.perf_counter()
-        res = simulate(requests, name, engine=engine, until_s=until_s)
-        rows.append((name, res, time.perf_counter() - t0))
+        res = simulate(requests, policy, engine=engine, until_s=until_s)
+        res.policy = label
+        res.metrics.update(policy.overhead_us())
+        rows.append((label, res, time.perf_counter() - t0))
     return rows

@@ -5,6 +5,10 @@ chunks, then the policy admits waiting requests while the per-step token budget,
 allow (stall-free, chunked prefill in the Sarathi-Serve sense). KV grows by one token per generated token; when it
 runs out, the policy picks a running request to preempt (its KV dropped); it goes back to the policy, which decides
 when it resumes, and is then recomputed (as vLLM does).
+
+Optional policy hooks: `configure(engine, telemetry)` once before the run (the telemetry serves the simulator's own
+per-step estimate: NVML is never read in a simulation), and `batch_limits(now) -> (step tokens, running requests)`
+each step for adaptive batching (clipped to the engine's maxima).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from .engine import EngineModel
 from .metrics import FairnessTracker, percentile
 from .policy import SchedulingPolicy, make_policy
 from .request import Request, RequestInfo
+from .telemetry import Telemetry
 
 W_P, W_Q = 1.0, 2.0  # VTC's service weights of an input and an output token, used to measure service
 
@@ -78,13 +83,16 @@ def simulate(
     ]  # fmt: skip
     if getattr(policy, "needs_oracle", False):
         policy.set_oracle({s.info.id: s.output_tokens for s in seqs})
+    telemetry = Telemetry(nvml=False)
+    if hasattr(policy, "configure"):
+        policy.configure(engine, telemetry)
     clients = sorted({r.client for r in reqs})
     tracker = FairnessTracker(clients, sample_every_s, window_s)
     waiting = dict.fromkeys(clients, 0)  # arrived, not running (queued at the policy or preempted)
     running: list[_Seq] = []
-    kv_used, t, nxt, busy_s, budget_used = 0, reqs[0].arrival_s, 0, 0.0, 0.0
+    kv_used, t, nxt, busy_s, budget_used, compute_s = 0, reqs[0].arrival_s, 0, 0.0, 0.0, 0.0
     start = t
-    n_done = 0
+    n_done = preemptions = recomputed = 0
     while n_done < len(seqs) and (until_s is None or t < until_s):
         while nxt < len(seqs) and seqs[nxt].info.arrival_s <= t:
             s = seqs[nxt]
@@ -96,18 +104,25 @@ def simulate(
             victim = seqs[policy.preemption_victim([r.info for r in running]).id]
             running.remove(victim)
             kv_used -= victim.kv
+            recomputed += victim.prefilled
             victim.kv, victim.prefilled, victim.prompt = 0, 0, victim.info.input_tokens + victim.generated
+            preemptions += 1
             policy.on_preempt(victim.info, t)
             waiting[victim.info.client] += 1
             decode = [s for s in running if s.prefilled >= s.prompt]
-        budget = engine.max_step_tokens - len(decode)
+        max_step_tokens, max_running = engine.max_step_tokens, engine.max_running
+        if hasattr(policy, "batch_limits"):
+            want_tokens, want_running = policy.batch_limits(t)
+            max_step_tokens = max(1, min(max_step_tokens, int(want_tokens)))
+            max_running = max(1, min(max_running, int(want_running)))
+        budget = max_step_tokens - len(decode)
         chunks: list[tuple[_Seq, int]] = []
         for s in running:
             if s.prefilled < s.prompt and budget > 0:
                 n = min(s.prompt - s.prefilled, budget)
                 chunks.append((s, n))
                 budget -= n
-        while budget > 0 and len(running) < engine.max_running:
+        while budget > 0 and len(running) < max_running:
             cand = policy.next_request(t)
             if cand is None:
                 break
@@ -139,6 +154,10 @@ def simulate(
         t += step_s
         busy_s += step_s
         budget_used += step_s * (prefill_tokens + len(decode)) / engine.max_step_tokens
+        # modelled compute utilisation: the share of the step a compute-bound engine would need for its tokens
+        step_compute = min(step_s, engine.prefill_s_per_token * (prefill_tokens + len(decode)))
+        compute_s += step_compute
+        telemetry.report_estimate(t, step_compute / step_s)
         generated: dict[int, int] = {}
         for s in decode:
             generated[s.info.id] = 1
@@ -172,10 +191,11 @@ def simulate(
         tracker.observe(t, waiting)
 
     makespan = max(t - start, 1e-9)
-    return _result(policy, seqs, clients, tracker, makespan, busy_s, budget_used)
+    counts = {"preemptions": preemptions, "recomputed_tokens": recomputed, "compute_s": compute_s}
+    return _result(policy, seqs, clients, tracker, makespan, busy_s, budget_used, counts)
 
 
-def _result(policy, seqs, clients, tracker, makespan, busy_s, budget_used) -> SimResult:
+def _result(policy, seqs, clients, tracker, makespan, busy_s, budget_used, counts) -> SimResult:
     ttft = {c: [] for c in clients}
     e2e = {c: [] for c in clients}
     out_tokens = in_tokens = 0
@@ -199,6 +219,9 @@ def _result(policy, seqs, clients, tracker, makespan, busy_s, budget_used) -> Si
         "e2e_p99_s": percentile(all_e2e, 99),
         "utilization": busy_s / makespan,
         "token_budget_use": budget_used / max(busy_s, 1e-9),
+        "compute_utilization": counts["compute_s"] / makespan,  # modelled (see simulate), not NVML's busy flag
+        "preemptions": float(counts["preemptions"]),
+        "recomputed_tokens": float(counts["recomputed_tokens"]),  # prefill work lost to preemptions
         "finished": float(sum(s.finish_s is not None for s in seqs)),
         "requests": float(len(seqs)),
         "makespan_s": makespan,

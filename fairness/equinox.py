@@ -1,0 +1,255 @@
+"""Equinox: holistic fairness from two counters per client, charged with MoPE predictions before a request runs and
+reconciled with what it really used, plus adaptive batching.
+
+Our formulation (the paper's exact formulas are not public; see README "Equinox formulas"):
+
+- UFC_c (User Fairness Counter), per request r of client c with weight w_c:
+      ufc(r) = (w_p * input + w_q * output) / w_c * f(r),  f(r) = 1 - gamma + gamma * min(1, slo(r) / e2e(r)),
+      slo(r) = ttft_slo_s + tpot_slo_s * output.
+  Service that reached the user late counts for less, so a client whose requests ran late is served sooner.
+- RFC_c (Resource Fairness Counter): GPU-seconds spent on c's requests: prompt tokens x the engine's prefill cost
+  at admission, then per step, step_s x GPU utilisation (telemetry) / requests that produced a token in it.
+- Both are charged at admission with the prediction (MoPE's output tokens and e2e latency; GPU-seconds per token
+  observed so far), accrue only what exceeds the prediction as steps run, and are set to the actual at finish.
+- H_c = alpha * UFC_c / mean(UFC) + (1 - alpha) * RFC_c / mean(RFC) over the clients seen so far; the backlogged
+  client with the smallest H_c is served first (FIFO within a client), and a client that (re)joins the backlog has
+  each counter lifted to the smallest among backlogged clients (VTC's lift: idle time banks no credit).
+- Adaptive batching (when the engine is known through `configure`): a request is admitted only while the running
+  requests' predicted KV footprint (context + predicted remaining output) fits kappa x the KV pool; kappa shrinks
+  by 10% on every preemption and grows back while steps run without one. The per-step token budget is the largest
+  prefill that keeps the engine model's step time within `step_slo_s` (never under `min_chunk` tokens, so prefill
+  always progresses; decodes are never stalled).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .engine import EngineModel
+from .features import TARGETS, LoadTracker
+from .policies import VTC
+from .policy import register_policy
+from .predictor import HistoryPredictor, OnnxPredictor, Predictor
+from .request import RequestInfo
+from .telemetry import Telemetry
+
+_OUT, _E2E = TARGETS.index("output_tokens"), TARGETS.index("e2e_s")
+
+
+class Ledger:
+    """Per-client counter charged with a prediction at admission, reconciled with the actual use.
+
+    After `settle`, a request has been charged exactly its actual amount, whatever was predicted.
+    """
+
+    def __init__(self) -> None:
+        self.value: dict[str, float] = defaultdict(float)
+        self._client: dict[int, str] = {}
+        self._predicted: dict[int, float] = {}
+        self._actual: dict[int, float] = {}
+
+    def admit(self, rid: int, client: str, predicted: float) -> None:
+        self._client[rid], self._predicted[rid], self._actual[rid] = client, predicted, 0.0
+        self.value[client] += predicted
+
+    def accrue(self, rid: int, amount: float) -> None:
+        """Actual use as it happens: only what goes beyond the prediction is charged now."""
+        before = self._actual[rid]
+        self._actual[rid] = before + amount
+        self.value[self._client[rid]] += max(0.0, self._actual[rid] - max(before, self._predicted[rid]))
+
+    def charged(self, rid: int) -> float:
+        return max(self._predicted[rid], self._actual[rid])
+
+    def settle(self, rid: int, actual: float | None = None) -> float:
+        """The request is done: replace what was charged by `actual` (default: the accrued use). Returns it."""
+        final = self._actual[rid] if actual is None else actual
+        self.value[self._client[rid]] += final - self.charged(rid)
+        for d in (self._client, self._predicted, self._actual):
+            del d[rid]
+        return final
+
+
+def holistic(ufc: dict[str, float], rfc: dict[str, float], clients: list[str], alpha: float) -> dict[str, float]:
+    """H_c = alpha * UFC_c / mean(UFC) + (1 - alpha) * RFC_c / mean(RFC), means over `clients` (a term is 0 while
+    its mean is 0)."""
+    mu = sum(ufc[c] for c in clients) / len(clients) if clients else 0.0
+    mr = sum(rfc[c] for c in clients) / len(clients) if clients else 0.0
+    return {
+        c: alpha * (ufc[c] / mu if mu > 0 else 0.0) + (1 - alpha) * (rfc[c] / mr if mr > 0 else 0.0) for c in clients
+    }
+
+
+class Equinox(VTC):
+    """The Equinox scheduling policy (see the module docstring for the formulas).
+
+    predictor: a MoPE (`OnnxPredictor` or a path to its .onnx file); default: `HistoryPredictor` (client means).
+    alpha: weight of the user counter in H. gamma: how much late service is discounted in UFC (0: pure tokens).
+    """
+
+    name = "equinox"
+
+    def __init__(
+        self,
+        predictor: Predictor | str | Path | None = None,
+        alpha: float = 0.5,
+        w_p: float = 1.0,
+        w_q: float = 2.0,
+        gamma: float = 0.1,
+        ttft_slo_s: float = 2.0,
+        tpot_slo_s: float = 0.1,
+        adaptive: bool = True,
+        step_slo_s: float = 0.3,
+        min_chunk: int = 256,
+        max_kappa: float = 1.5,
+    ) -> None:
+        if not 0 <= alpha <= 1 or not 0 <= gamma <= 1:
+            raise ValueError(f"alpha and gamma must be in [0, 1], got alpha={alpha}, gamma={gamma}")
+        if ttft_slo_s <= 0 or tpot_slo_s <= 0 or step_slo_s <= 0 or min_chunk < 1:
+            raise ValueError("ttft_slo_s, tpot_slo_s and step_slo_s must be > 0 and min_chunk >= 1")
+        super().__init__(w_p, w_q)
+        if isinstance(predictor, str | Path):
+            predictor = OnnxPredictor(predictor)
+        self.predictor: Predictor = predictor or HistoryPredictor()
+        self.alpha, self.gamma, self.ttft_slo_s, self.tpot_slo_s = alpha, gamma, ttft_slo_s, tpot_slo_s
+        self.adaptive, self.step_slo_s, self.min_chunk, self.max_kappa = adaptive, step_slo_s, min_chunk, max_kappa
+        self.ufc, self.rfc = Ledger(), Ledger()
+        self.counters = self.ufc.value  # VTC's queue logic lifts and reports `counters`: the user counter
+        self.load = LoadTracker()
+        self.predicted: dict[int, np.ndarray] = {}  # id -> [T] MoPE prediction at arrival
+        self._generated: dict[int, int] = defaultdict(int)
+        self._first_admit: dict[int, float] = {}
+        self.engine: EngineModel | None = None
+        self.telemetry: Telemetry | None = None
+        self.kappa = 1.0  # KV overcommit of the predicted footprint
+        self._footprint = 0.0  # sum of _predicted_kv over running requests
+        self.gpu_s_per_token = 0.0  # running estimate of a decode token's GPU-seconds (from telemetry)
+
+    # --- engine, telemetry and adaptive batching -----------------------------------------------------------------
+
+    def configure(self, engine: EngineModel, telemetry: Telemetry) -> None:
+        self.engine, self.telemetry = engine, telemetry
+
+    def batch_limits(self, now: float) -> tuple[int, int]:
+        """(step token budget, max running requests) for the next step."""
+        e = self.engine
+        if e is None or not self.adaptive:
+            return (e.max_step_tokens, e.max_running) if e else (1 << 30, 1 << 30)
+        decoding = len(self.load.context)
+        base = e.step_seconds(0, decoding, sum(self.load.context.values()))
+        prefill = int((self.step_slo_s - base) / e.prefill_s_per_token) if e.prefill_s_per_token > 0 else 1 << 30
+        return max(self.min_chunk + decoding, prefill + decoding), e.max_running
+
+    def _fits(self, req: RequestInfo) -> bool:
+        """Whether the predicted KV footprint of the running batch plus `req` fits kappa x the pool."""
+        if self.engine is None or not self.adaptive or not self.load.context:
+            return True
+        return self._footprint + self._predicted_kv(req.id, req.input_tokens) <= self.kappa * self.engine.kv_tokens
+
+    def _predicted_kv(self, rid: int, prompt: int) -> float:
+        """KV tokens the request will hold at its end: prompt + max(predicted output, generated so far)."""
+        return prompt + max(self.predicted[rid][_OUT], self._generated[rid])
+
+    # --- the policy protocol -------------------------------------------------------------------------------------
+
+    def _lift(self, u: str) -> None:
+        if self._queues[u]:
+            return
+        backlog = self.backlogged()
+        for counter in (self.ufc.value, self.rfc.value):
+            if backlog:
+                counter[u] = max(counter[u], min(counter[c] for c in backlog))
+            elif self._last_left is not None:
+                counter[u] = max(counter[u], counter[self._last_left])
+
+    def add_request(self, req: RequestInfo, now: float) -> None:
+        pred = self.predictor.predict(self.load.features(req)[None, :])[0]  # [T]
+        out = pred[_OUT] if np.isfinite(pred[_OUT]) else 256.0
+        pred[_OUT] = min(max(out, 1.0), req.max_output_tokens or out)
+        self.predicted[req.id] = pred
+        self.load.arrive(req)
+        super().add_request(req, now)
+
+    def scores(self) -> dict[str, float]:
+        """H_c of every client seen so far."""
+        clients = list(self._queues)
+        return holistic(self.ufc.value, self.rfc.value, clients, self.alpha)
+
+    def next_request(self, now: float) -> RequestInfo | None:
+        backlog = self.backlogged()
+        if not backlog:
+            return None
+        h = self.scores()
+        client = min(backlog, key=lambda c: (h[c], self._queues[c][0].arrival_s, c))
+        head = self._queues[client][0]
+        return head if self._fits(head) else None
+
+    def on_admit(self, req: RequestInfo, now: float) -> None:
+        self.load.admit(req, req.input_tokens + self._generated[req.id])
+        self._footprint += self._predicted_kv(req.id, req.input_tokens)
+        self._first_admit.setdefault(req.id, now)
+        super().on_admit(req, now)
+
+    def _latency_factor(self, e2e_s: float, output_tokens: float) -> float:
+        slo = self.ttft_slo_s + self.tpot_slo_s * output_tokens
+        return 1.0 - self.gamma + self.gamma * min(1.0, slo / max(e2e_s, 1e-9))
+
+    def _charge_admission(self, req: RequestInfo) -> None:
+        """First admission: charge both counters with the predicted use."""
+        pred = self.predicted[req.id]
+        out = pred[_OUT]
+        waited = 0.0 if self._first_admit.get(req.id) is None else self._first_admit[req.id] - req.arrival_s
+        e2e = pred[_E2E] if np.isfinite(pred[_E2E]) else 0.0
+        e2e = max(e2e, waited + self.tpot_slo_s * out)  # at least what it already waited, then decoding at the SLO
+        tokens = (self.w_p * req.input_tokens + self.w_q * out) / req.weight
+        self.ufc.admit(req.id, req.client, tokens * self._latency_factor(e2e, out))
+        self.ufc.accrue(req.id, self.w_p * req.input_tokens / req.weight)
+        prefill_gpu_s = req.input_tokens * (self.engine.prefill_s_per_token if self.engine else 0.0)
+        self.rfc.admit(req.id, req.client, (prefill_gpu_s + out * self.gpu_s_per_token) / req.weight)
+        self.rfc.accrue(req.id, prefill_gpu_s / req.weight)
+
+    def on_step(self, generated: dict[int, int], step_s: float, now: float) -> None:
+        self.load.step(generated)
+        sample = self.telemetry.latest() if self.telemetry else None
+        util = sample.gpu_util if sample is not None else 1.0
+        share = step_s * util / max(len(generated), 1)  # GPU-seconds of this step per request in it
+        if generated:
+            per_token = share * len(generated) / max(sum(generated.values()), 1)
+            self.gpu_s_per_token += 0.05 * (per_token - self.gpu_s_per_token)
+        for rid, n in generated.items():
+            req = self._running[rid]
+            before = self._generated[rid]
+            self._generated[rid] = before + n
+            self._footprint += max(before + n, self.predicted[rid][_OUT]) - max(before, self.predicted[rid][_OUT])
+            self.ufc.accrue(rid, self.w_q * n / req.weight)
+            self.rfc.accrue(rid, share / req.weight)
+        if self.backlogged():
+            self.kappa = min(self.max_kappa, self.kappa + 0.002)
+
+    def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
+        self._footprint -= self._predicted_kv(req.id, req.input_tokens)
+        e2e = now - req.arrival_s
+        tokens = (self.w_p * req.input_tokens + self.w_q * output_tokens) / req.weight
+        self.ufc.settle(req.id, tokens * self._latency_factor(e2e, output_tokens))
+        self.rfc.settle(req.id)
+        self.load.finish(req, output_tokens)
+        for d in (self.predicted, self._generated, self._first_admit):
+            d.pop(req.id, None)
+        super().on_finish(req, output_tokens, now)
+
+    def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo:
+        """The newest request of the client with the largest H (VTC's rule, on the holistic score)."""
+        h = self.scores()
+        return max(reversed(running), key=lambda r: h[r.client])
+
+    def on_preempt(self, req: RequestInfo, now: float) -> None:
+        self._footprint -= self._predicted_kv(req.id, req.input_tokens)
+        self.load.preempt(req)
+        self.kappa = max(0.5, self.kappa * 0.9)
+        super().on_preempt(req, now)
+
+
+register_policy("equinox", Equinox)
