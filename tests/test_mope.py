@@ -15,8 +15,8 @@ ENGINE = EngineModel.preset("a10g-llama2-7b")
 @pytest.fixture(scope="module")
 def data():
     """Simulator logs of two workloads where the client decides the output length (64 or 512 / 256 tokens)."""
-    parts = [mope.collect(make_workload(w, 90), ENGINE, source=w, until_s=90) for w in ("poisson-short-long", "overload")]
-    return mope.Dataset.concat(parts)
+    workloads = ("poisson-short-long", "overload")
+    return mope.Dataset.concat([mope.collect(make_workload(w, 90), ENGINE, source=w, until_s=90) for w in workloads])
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,8 @@ def test_bad_models_and_data_get_clear_errors(trained, tmp_path):
         OnnxPredictor(tmp_path / "junk.onnx")
     from fairness.mope_onnx import to_onnx
 
-    (tmp_path / "old.onnx").write_bytes(to_onnx(model.params, {"features": '["x"]', "targets": '["y"]'}).SerializeToString())
+    old = to_onnx(model.params, {"features": '["x"]', "targets": '["y"]'})
+    (tmp_path / "old.onnx").write_bytes(old.SerializeToString())
     with pytest.raises(ValueError, match="retrain it"):
         OnnxPredictor(tmp_path / "old.onnx")
     with pytest.raises(ValueError, match="too few"):
