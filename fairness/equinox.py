@@ -105,6 +105,8 @@ class Equinox(VTC):
         step_slo_s: float = 0.3,
         min_chunk: int = 256,
         max_kappa: float = 1.5,
+        kappa_growth: float = 0.002,
+        kappa_backoff: float = 0.9,
     ) -> None:
         if not 0 <= alpha <= 1 or not 0 <= gamma <= 1:
             raise ValueError(f"alpha and gamma must be in [0, 1], got alpha={alpha}, gamma={gamma}")
@@ -115,7 +117,8 @@ class Equinox(VTC):
             predictor = OnnxPredictor(predictor)
         self.predictor: Predictor = predictor or HistoryPredictor()
         self.alpha, self.gamma, self.ttft_slo_s, self.tpot_slo_s = alpha, gamma, ttft_slo_s, tpot_slo_s
-        self.adaptive, self.step_slo_s, self.min_chunk, self.max_kappa = adaptive, step_slo_s, min_chunk, max_kappa
+        self.adaptive, self.step_slo_s, self.min_chunk = adaptive, step_slo_s, min_chunk
+        self.max_kappa, self.kappa_growth, self.kappa_backoff = max_kappa, kappa_growth, kappa_backoff
         self.ufc, self.rfc = Ledger(), Ledger()
         self.counters = self.ufc.value  # VTC's queue logic lifts and reports `counters`: the user counter
         self.load = LoadTracker()
@@ -227,7 +230,7 @@ class Equinox(VTC):
             self.ufc.accrue(rid, self.w_q * n / req.weight)
             self.rfc.accrue(rid, share / req.weight)
         if self.backlogged():
-            self.kappa = min(self.max_kappa, self.kappa + 0.002)
+            self.kappa = min(self.max_kappa, self.kappa + self.kappa_growth)
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
         self._footprint -= self._predicted_kv(req.id, req.input_tokens)
@@ -248,7 +251,7 @@ class Equinox(VTC):
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         self._footprint -= self._predicted_kv(req.id, req.input_tokens)
         self.load.preempt(req)
-        self.kappa = max(0.5, self.kappa * 0.9)
+        self.kappa = max(0.5, self.kappa * self.kappa_backoff)
         super().on_preempt(req, now)
 
 

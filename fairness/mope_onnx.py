@@ -22,7 +22,8 @@ def to_onnx(params: dict[str, np.ndarray], metadata: dict[str, str]) -> onnx.Mod
     n = helper.make_node
     nodes = [
         n("Sub", ["features", "mean"], ["centred"]),
-        n("Div", ["centred", "std"], ["z"]),  # [N, F]
+        n("Div", ["centred", "std"], ["scaled"]),
+        n("Max", ["scaled", "zmin"], ["floored"]), n("Min", ["floored", "zmax"], ["z"]),  # [N, F], training range
         # experts: [N, F] @ [E, F, H] broadcasts to [E, N, H]
         n("MatMul", ["z", "w1"], ["e1"]), n("Add", ["e1", "b1"], ["e1b"]), n("Relu", ["e1b"], ["h1"]),
         n("MatMul", ["h1", "w2"], ["e2"]), n("Add", ["e2", "b2"], ["e2b"]), n("Relu", ["e2b"], ["h2"]),

@@ -1,6 +1,7 @@
 """The benchmarks' code paths on tiny settings: complete JSON, numbers consistent with stats(), no timing asserted."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,22 @@ def test_fairness_cli_rejects_unknown_policy(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown policies"):
         main(["--policies", "fcfs,lottery", "--out", str(tmp_path)])
+
+
+def test_fairness_bench_trains_exports_and_compares_equinox(tmp_path):
+    from fairness.bench import run_fairness_bench
+
+    summary = run_fairness_bench(tmp_path, quick=True)
+    saved = json.loads((tmp_path / "fairness.json").read_text())
+    assert saved["simulated"] is True
+    models = saved["predictors"]["models"]
+    for label in ("single regressor", "MoPE, 3 experts"):
+        assert models[label]["onnx_max_abs_diff"] <= 1e-5
+        assert len(models[label]["runs"]) == 3 and all(Path(r["onnx"]).exists() for r in models[label]["runs"])
+    assert saved["predictors"]["rows_train"] > 0 and saved["predictors"]["rows_test"] > 0
+    for name, rows in summary["workloads"].items():
+        assert {"vtc", "equinox", "equinox-static"} <= set(rows), name
+        for policy in ("vtc", "equinox"):
+            m = rows[policy]["metrics"]
+            assert m["decision_us"] > 0 and m["finished"] > 0
+            assert 0 < m["compute_utilization"] <= m["utilization"] <= 1.0 + 1e-9

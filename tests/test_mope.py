@@ -39,7 +39,7 @@ def test_collected_rows_and_a_disjoint_time_split(data):
 def torch_forward(params, x):
     """The mixture computed by the training framework (torch, float64) from the same weights."""
     p = {k: torch.from_numpy(v) for k, v in params.items()}
-    z = (torch.from_numpy(x) - p["mean"]) / p["std"]
+    z = ((torch.from_numpy(x) - p["mean"]) / p["std"]).clamp(p["zmin"], p["zmax"])
     h = torch.relu(torch.einsum("nf,efh->enh", z, p["w1"]) + p["b1"])
     h = torch.relu(torch.einsum("enh,ehk->enk", h, p["w2"]) + p["b2"])
     ye = torch.einsum("enh,eht->ent", h, p["w3"]) + p["b3"]
