@@ -1,21 +1,30 @@
-"""fairness: fair, efficient scheduling for LLM serving: a scheduler plug-in API, FCFS / RPM / VTC policies, a
-continuous-batching engine simulator, workloads and fairness metrics."""
+"""fairness: fair, efficient scheduling for LLM serving: a scheduler plug-in API, FCFS / RPM / VTC / Equinox
+policies, MoPE predictors served with onnxruntime, NVML telemetry, a continuous-batching engine simulator, workloads
+and fairness metrics."""
 
 from . import equinox as _equinox  # noqa: F401  (registers "equinox")
 from . import policies as _builtin_policies  # noqa: F401  (registers the built-in policies)
 from .engine import PRESETS, EngineModel
+from .equinox import Equinox
 from .policy import SchedulingPolicy, make_policy, policy_names, register_policy
+from .predictor import HistoryPredictor, OnnxPredictor
 from .request import Request, RequestInfo
 from .simulator import SimResult, simulate
+from .telemetry import GPUSample, Telemetry
 from .workloads import TraceFormatError, load_azure_csv, load_jsonl, load_sharegpt, make_workload
 
 __all__ = [
     "PRESETS",
     "EngineModel",
+    "Equinox",
+    "GPUSample",
+    "HistoryPredictor",
+    "OnnxPredictor",
     "Request",
     "RequestInfo",
     "SchedulingPolicy",
     "SimResult",
+    "Telemetry",
     "TraceFormatError",
     "load_azure_csv",
     "load_jsonl",

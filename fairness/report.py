@@ -29,6 +29,8 @@ COLUMNS = [
     ("compute_utilization", "compute util", "{:.2f}"),
     ("preemptions", "preempts", "{:.0f}"),
     ("decision_us", "decide us", "{:.1f}"),
+    ("arrival_us", "arrive us", "{:.1f}"),
+    ("step_us", "step us", "{:.1f}"),
 ]
 
 
@@ -43,13 +45,14 @@ def load_trace(path: Path) -> list[Request]:
 
 
 def table(rows: list[tuple[str, SimResult, float]]) -> str:
-    head = f"{'policy':<12}" + "".join(f"{title:>14}" for _, title, _ in COLUMNS) + f"{'sim s':>8}"
+    head = f"{'policy':<15}" + "".join(f"{title:>13}" for _, title, _ in COLUMNS) + f"{'sim s':>7}"
     lines = [head, "-" * len(head)]
     for name, res, secs in rows:
         cells = "".join(
-            f"{'n/a' if math.isnan(res.metrics[k]) else fmt.format(res.metrics[k]):>14}" for k, _, fmt in COLUMNS
+            f"{'n/a' if math.isnan(res.metrics.get(k, math.nan)) else fmt.format(res.metrics[k]):>13}"
+            for k, _, fmt in COLUMNS
         )
-        lines.append(f"{name:<12}{cells}{secs:>8.1f}")
+        lines.append(f"{name:<15}{cells}{secs:>7.1f}")
     return "\n".join(lines)
 
 
@@ -111,14 +114,16 @@ class Timed:
         return timed
 
     def overhead_us(self) -> dict[str, float]:
-        """Microseconds per admission decision (next_request + on_admit + batch_limits, per admitted request), per
-        arrival (add_request, which includes any prediction) and per engine step (on_step)."""
-        admits = max(self.calls["on_admit"], 1)
-        decide = self.seconds["next_request"] + self.seconds["on_admit"] + self.seconds["batch_limits"]
+        """Mean microseconds per scheduling decision (a next_request call, admitted or not), per arrival (add_request,
+        which includes any prediction) and per engine step (on_step + batch_limits)."""
+
+        def per(names: tuple[str, ...], count: str) -> float:
+            return 1e6 * sum(self.seconds[n] for n in names) / max(self.calls[count], 1)
+
         return {
-            "decision_us": 1e6 * decide / admits,
-            "arrival_us": 1e6 * self.seconds["add_request"] / max(self.calls["add_request"], 1),
-            "step_us": 1e6 * self.seconds["on_step"] / max(self.calls["on_step"], 1),
+            "decision_us": per(("next_request",), "next_request"),
+            "arrival_us": per(("add_request",), "add_request"),
+            "step_us": per(("on_step", "batch_limits"), "on_step"),
         }
 
 

@@ -2,6 +2,7 @@
 
 python -m fairness.simulate --workload overload --policies fcfs,rpm,vtc
 python -m fairness.simulate --trace ../shared/traces/lmsys-arena-vtc.jsonl --policies fcfs,vtc
+python -m fairness.simulate --workload sharegpt-like --policies vtc,equinox --mope mope.onnx
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import types
 from pathlib import Path
 
 from . import EngineModel, make_workload, policy_names
+from .equinox import Equinox
+from .predictor import OnnxPredictor
 from .report import load_trace, plot, run, table
 from .simulator import simulate
 from .workloads import WORKLOADS
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--until", type=float, default=None, help="stop the simulation at this time (s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--mope", type=Path, help="a MoPE .onnx file for equinox (default: client-history predictions)")
     args = ap.parse_args(argv)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in policy_names()]
@@ -40,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         requests, title = make_workload(args.workload, args.duration, args.seed), args.workload
     until = args.until if args.until is not None else (None if args.trace else args.duration)
+    if args.mope is not None:
+        if not args.mope.is_file():
+            raise SystemExit(f"--mope {args.mope}: no such file; train one with fairness.mope.train(...).export(path)")
+        predictor = OnnxPredictor(args.mope)
+        policies = [(p, lambda: Equinox(predictor=predictor)) if p == "equinox" else p for p in policies]
     rows = run(requests, policies, engine, until)
     print(f"{title}: {len(requests)} requests, {len({r.client for r in requests})} clients, engine {args.engine}"
           " (simulated; vtc-oracle, if shown, knows true output lengths)")  # fmt: skip

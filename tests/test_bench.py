@@ -72,3 +72,10 @@ def test_fairness_bench_trains_exports_and_compares_equinox(tmp_path):
             m = rows[policy]["metrics"]
             assert m["decision_us"] > 0 and m["finished"] > 0
             assert 0 < m["compute_utilization"] <= m["utilization"] <= 1.0 + 1e-9
+
+
+def test_fairness_cli_refuses_a_missing_mope_file(tmp_path):
+    from fairness.simulate import main
+
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["--policies", "equinox", "--mope", str(tmp_path / "missing.onnx"), "--out", str(tmp_path)])
