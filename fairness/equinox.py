@@ -15,8 +15,9 @@ Our formulation (the paper's exact formulas are not public; see README "Equinox 
   client with the smallest H_c is served first (FIFO within a client), and a client that (re)joins the backlog has
   each counter lifted to the smallest among backlogged clients (VTC's lift: idle time banks no credit).
 - Adaptive batching (when the engine is known through `configure`): a request is admitted only while the running
-  requests' predicted KV footprint (context + predicted remaining output) fits kappa x the KV pool; kappa shrinks
-  by 10% on every preemption and grows back while steps run without one. The per-step token budget is the largest
+  requests' predicted KV footprint (prompt + max(predicted output, generated)) fits kappa x the KV pool; kappa is
+  additive-increase, multiplicative-decrease: +kappa_growth per request that finishes, x kappa_backoff per
+  preemption, within [0.5, max_kappa]. The per-step token budget is the largest
   prefill that keeps the engine model's step time within `step_slo_s` (never under `min_chunk` tokens, so prefill
   always progresses; decodes are never stalled).
 """
@@ -104,8 +105,8 @@ class Equinox(VTC):
         adaptive: bool = True,
         step_slo_s: float = 0.3,
         min_chunk: int = 256,
-        max_kappa: float = 1.5,
-        kappa_growth: float = 0.002,
+        max_kappa: float = 2.0,
+        kappa_growth: float = 0.03,
         kappa_backoff: float = 0.9,
     ) -> None:
         if not 0 <= alpha <= 1 or not 0 <= gamma <= 1:
@@ -229,10 +230,9 @@ class Equinox(VTC):
             self._footprint += max(before + n, self.predicted[rid][_OUT]) - max(before, self.predicted[rid][_OUT])
             self.ufc.accrue(rid, self.w_q * n / req.weight)
             self.rfc.accrue(rid, share / req.weight)
-        if self.backlogged():
-            self.kappa = min(self.max_kappa, self.kappa + self.kappa_growth)
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
+        self.kappa = min(self.max_kappa, self.kappa + self.kappa_growth)  # it fitted: admit a little more
         self._footprint -= self._predicted_kv(req.id, req.input_tokens)
         e2e = now - req.arrival_s
         tokens = (self.w_p * req.input_tokens + self.w_q * output_tokens) / req.weight
