@@ -27,6 +27,7 @@ COLUMNS = [
     ("ttft_p99_s", "TTFT p99 s", "{:.2f}"),
     ("utilization", "busy", "{:.2f}"),
     ("compute_utilization", "compute util", "{:.2f}"),
+    ("useful_compute_utilization", "useful util", "{:.2f}"),
     ("preemptions", "preempts", "{:.0f}"),
     ("decision_us", "decide us", "{:.1f}"),
     ("arrival_us", "arrive us", "{:.1f}"),

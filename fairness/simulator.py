@@ -38,6 +38,7 @@ class _Seq:
     first_token_s: float | None = None
     finish_s: float | None = None
     input_served: int = 0  # input tokens counted as service (recomputation after preemption is not service)
+    computed: int = 0  # KV tokens it held when last preempted: prefilling them again is recomputation
 
 
 @dataclass
@@ -92,7 +93,7 @@ def simulate(
     running: list[_Seq] = []
     kv_used, t, nxt, busy_s, budget_used, compute_s = 0, reqs[0].arrival_s, 0, 0.0, 0.0, 0.0
     start = t
-    n_done = preemptions = recomputed = 0
+    n_done = preemptions = recomputed = prefilled_total = 0
     while n_done < len(seqs) and (until_s is None or t < until_s):
         while nxt < len(seqs) and seqs[nxt].info.arrival_s <= t:
             s = seqs[nxt]
@@ -104,7 +105,7 @@ def simulate(
             victim = seqs[policy.preemption_victim([r.info for r in running]).id]
             running.remove(victim)
             kv_used -= victim.kv
-            recomputed += victim.prefilled
+            victim.computed = max(victim.computed, victim.prefilled + max(0, victim.kv - victim.prompt))
             victim.kv, victim.prefilled, victim.prompt = 0, 0, victim.info.input_tokens + victim.generated
             preemptions += 1
             policy.on_preempt(victim.info, t)
@@ -150,6 +151,7 @@ def simulate(
             continue
 
         prefill_tokens = sum(n for _, n in chunks)
+        prefilled_total += prefill_tokens
         step_s = engine.step_seconds(prefill_tokens, len(decode), sum(s.kv for s in decode))
         t += step_s
         busy_s += step_s
@@ -162,6 +164,7 @@ def simulate(
         for s in decode:
             generated[s.info.id] = 1
         for s, n in chunks:
+            recomputed += max(0, min(s.prefilled + n, s.computed) - s.prefilled)  # KV it had before a preemption
             s.prefilled += n
             newly = min(s.prefilled, s.info.input_tokens) - s.input_served
             if newly > 0:
@@ -191,7 +194,9 @@ def simulate(
         tracker.observe(t, waiting)
 
     makespan = max(t - start, 1e-9)
-    counts = {"preemptions": preemptions, "recomputed_tokens": recomputed, "compute_s": compute_s}
+    counts = {"preemptions": preemptions, "recomputed_tokens": recomputed, "compute_s": compute_s,
+              "prefilled_tokens": prefilled_total,
+              "recompute_s": recomputed * engine.prefill_s_per_token}  # fmt: skip
     return _result(policy, seqs, clients, tracker, makespan, busy_s, budget_used, counts)
 
 
@@ -221,7 +226,9 @@ def _result(policy, seqs, clients, tracker, makespan, busy_s, budget_used, count
         "token_budget_use": budget_used / max(busy_s, 1e-9),
         "compute_utilization": counts["compute_s"] / makespan,  # modelled (see simulate), not NVML's busy flag
         "preemptions": float(counts["preemptions"]),
-        "recomputed_tokens": float(counts["recomputed_tokens"]),  # prefill work lost to preemptions
+        "useful_compute_utilization": (counts["compute_s"] - counts["recompute_s"]) / makespan,  # minus recompute
+        "prefilled_tokens": float(counts["prefilled_tokens"]),
+        "recomputed_tokens": float(counts["recomputed_tokens"]),  # KV prefilled again after preemptions
         "finished": float(sum(s.finish_s is not None for s in seqs)),
         "requests": float(len(seqs)),
         "makespan_s": makespan,

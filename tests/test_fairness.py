@@ -114,6 +114,10 @@ def test_preemption_under_kv_pressure_still_finishes_everything():
     assert res.metrics["finished"] == 60
     service = sum(c["service"] for c in res.per_client.values())
     assert service == pytest.approx(60 * (100 + 2 * 400))  # recomputed prefills are not counted as service
+    m = res.metrics
+    assert m["preemptions"] > 0 and m["recomputed_tokens"] > 0
+    assert m["prefilled_tokens"] == 60 * 100 + m["recomputed_tokens"]  # every other prefilled token is recomputation
+    assert m["useful_compute_utilization"] < m["compute_utilization"] <= m["utilization"]
 
 
 def test_rpm_caps_requests_per_minute():
