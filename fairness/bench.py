@@ -117,6 +117,7 @@ def run_fairness_bench(out: Path, quick: bool = False) -> dict:
     policies = BASELINES + [
         ("equinox", lambda: Equinox(predictor=onnx_path)),
         ("equinox-static", lambda: Equinox(predictor=onnx_path, adaptive=False)),  # ablation: no adaptive batching
+        ("equinox-tokens", lambda: Equinox(predictor=onnx_path, alpha=1.0, gamma=0.0)),  # ablation: UFC = tokens only
     ]
     duration = 120 if quick else 600
     cases = [(w, make_workload(w, duration), duration, "a10g-llama2-7b")

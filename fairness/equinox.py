@@ -8,7 +8,9 @@ Our formulation (the paper's exact formulas are not public; see README "Equinox 
       slo(r) = ttft_slo_s + tpot_slo_s * output.
   Service that reached the user late counts for less, so a client whose requests ran late is served sooner.
 - RFC_c (Resource Fairness Counter): GPU-seconds spent on c's requests: prompt tokens x the engine's prefill cost
-  at admission, then per step, step_s x GPU utilisation (telemetry) / requests that produced a token in it.
+  at admission, then per step, the engine model's decode time of the step x GPU utilisation (telemetry), split by
+  each decoding request's own cost (per-sequence + per-context-token time); without an engine model, step_s split
+  evenly.
 - Both are charged at admission with the prediction (MoPE's output tokens and e2e latency; GPU-seconds per token
   observed so far), accrue only what exceeds the prediction as steps run, and are set to the actual at finish.
 - H_c = alpha * UFC_c / mean(UFC) + (1 - alpha) * RFC_c / mean(RFC) over the clients seen so far; the backlogged
@@ -113,6 +115,8 @@ class Equinox(VTC):
             raise ValueError(f"alpha and gamma must be in [0, 1], got alpha={alpha}, gamma={gamma}")
         if ttft_slo_s <= 0 or tpot_slo_s <= 0 or step_slo_s <= 0 or min_chunk < 1:
             raise ValueError("ttft_slo_s, tpot_slo_s and step_slo_s must be > 0 and min_chunk >= 1")
+        if max_kappa < 0.5 or kappa_growth < 0 or not 0 < kappa_backoff <= 1:
+            raise ValueError("need max_kappa >= 0.5, kappa_growth >= 0 and 0 < kappa_backoff <= 1")
         super().__init__(w_p, w_q)
         if isinstance(predictor, str | Path):
             predictor = OnnxPredictor(predictor)
@@ -121,7 +125,7 @@ class Equinox(VTC):
         self.adaptive, self.step_slo_s, self.min_chunk = adaptive, step_slo_s, min_chunk
         self.max_kappa, self.kappa_growth, self.kappa_backoff = max_kappa, kappa_growth, kappa_backoff
         self.ufc, self.rfc = Ledger(), Ledger()
-        self.counters = self.ufc.value  # VTC's queue logic lifts and reports `counters`: the user counter
+        self.counters = self.ufc.value  # VTC's `counters` attribute shows the user counter
         self.load = LoadTracker()
         self.predicted: dict[int, np.ndarray] = {}  # id -> [T] MoPE prediction at arrival
         self._generated: dict[int, int] = defaultdict(int)
@@ -217,11 +221,9 @@ class Equinox(VTC):
 
     def on_step(self, generated: dict[int, int], step_s: float, now: float) -> None:
         self.load.step(generated)
-        sample = self.telemetry.latest() if self.telemetry else None
-        util = sample.gpu_util if sample is not None else 1.0
-        share = step_s * util / max(len(generated), 1)  # GPU-seconds of this step per request in it
-        if generated:
-            per_token = share * len(generated) / max(sum(generated.values()), 1)
+        shares = self._gpu_shares(generated, step_s)
+        if shares:
+            per_token = sum(shares.values()) / max(sum(generated.values()), 1)
             self.gpu_s_per_token += 0.05 * (per_token - self.gpu_s_per_token)
         for rid, n in generated.items():
             req = self._running[rid]
@@ -229,7 +231,21 @@ class Equinox(VTC):
             self._generated[rid] = before + n
             self._footprint += max(before + n, self.predicted[rid][_OUT]) - max(before, self.predicted[rid][_OUT])
             self.ufc.accrue(rid, self.w_q * n / req.weight)
-            self.rfc.accrue(rid, share / req.weight)
+            self.rfc.accrue(rid, shares[rid] / req.weight)
+
+    def _gpu_shares(self, generated: dict[int, int], step_s: float) -> dict[int, float]:
+        """GPU-seconds of this step's decoding per request: the engine model's decode time of the step (prefill was
+        charged at admission), split by each request's own decode cost (its context length), times the GPU
+        utilisation from telemetry. Without an engine model: step_s split evenly."""
+        sample = self.telemetry.latest() if self.telemetry else None
+        util = sample.gpu_util if sample is not None else 1.0
+        e = self.engine
+        if e is None:
+            return {rid: step_s * util / len(generated) for rid in generated}
+        cost = {rid: e.decode_s_per_seq + e.decode_s_per_ctx_token * self.load.context[rid] for rid in generated}
+        total = sum(cost.values())
+        decode_s = min(step_s, e.step_seconds(0, len(generated), sum(self.load.context[r] for r in generated)))
+        return {rid: decode_s * util * (c / total if total > 0 else 1 / len(cost)) for rid, c in cost.items()}
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
         self.kappa = min(self.max_kappa, self.kappa + self.kappa_growth)  # it fitted: admit a little more

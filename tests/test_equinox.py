@@ -9,6 +9,7 @@ from test_fairness import SMALL, backlogged_workloads
 from fairness import EngineModel, Request, RequestInfo, make_policy, simulate
 from fairness.equinox import Equinox, Ledger, holistic
 from fairness.features import FEATURES, TARGETS
+from fairness.telemetry import Telemetry
 
 
 class Fixed:
@@ -75,6 +76,28 @@ def test_counters_by_hand_and_reconciled_with_a_longer_run_than_predicted():
     assert p.rfc.value["a"] == pytest.approx(5.0)
 
 
+def test_resource_counter_splits_a_steps_decode_time_by_each_requests_cost():
+    engine = EngineModel(step_overhead_s=0.01, prefill_s_per_token=1e-3, decode_s_per_seq=1e-3,
+                         decode_s_per_ctx_token=1e-4)  # fmt: skip
+    tel = Telemetry(nvml=False)
+    tel.report_estimate(0.0, 0.5)
+    p = Equinox(predictor=Fixed(output_tokens=1))
+    p.configure(engine, tel)
+    a, b = info(0, "a", input_tokens=99), info(1, "b", input_tokens=299)
+    p.add_request(a, 0.0)
+    p.add_request(b, 0.0)  # both queued before either runs: no lift
+    p.on_admit(a, 0.0)
+    p.on_admit(b, 0.0)
+    assert p.rfc.value["a"] == pytest.approx(99 * 1e-3)  # prefill at admission: prompt x prefill time per token
+    p.on_step({0: 1, 1: 1}, 0.5, 0.5)  # contexts now 100 and 300; the decode part of the step is
+    decode_s = 0.01 + 2 * 1e-3 + 400 * 1e-4  # 0.052 s of the 0.5 s step (the rest was someone's prefill)
+    cost_a, cost_b = 1e-3 + 100 * 1e-4, 1e-3 + 300 * 1e-4
+    p.on_finish(a, 1, 0.5)
+    p.on_finish(b, 1, 0.5)
+    assert p.rfc.value["a"] == pytest.approx(99e-3 + decode_s * 0.5 * cost_a / (cost_a + cost_b))
+    assert p.rfc.value["b"] == pytest.approx(299e-3 + decode_s * 0.5 * cost_b / (cost_a + cost_b))
+
+
 def test_shorter_run_than_predicted_is_refunded():
     p = Equinox(predictor=Fixed(output_tokens=100, e2e_s=1.0), gamma=0.0)
     a = info(0, "a", input_tokens=10)
@@ -112,6 +135,8 @@ def test_bad_parameters_are_refused(tmp_path):
         Equinox(alpha=1.5)
     with pytest.raises(ValueError, match="step_slo_s"):
         Equinox(step_slo_s=0)
+    with pytest.raises(ValueError, match="kappa_backoff"):
+        Equinox(kappa_backoff=1.5)
     with pytest.raises(FileNotFoundError, match="train one"):
         Equinox(predictor=tmp_path / "missing.onnx")
 
