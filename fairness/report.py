@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -59,15 +60,20 @@ def table(rows: list[tuple[str, SimResult, float]]) -> str:
 
 def plot(results: list[SimResult], title: str, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = title.replace("/", "_").replace(" ", "_")
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), sharey=True, squeeze=False)
-    for ax, res in zip(axes[0], results, strict=True):
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", title).strip("-")
+    cols = min(4, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(results) :]:
+        ax.set_visible(False)
+    for ax, res in zip(axes.flat, results, strict=False):
         for client, series in list(res.service.items())[:12]:
             ax.plot(res.times, series, label=client)
         ax.set_title(res.policy)
         ax.set_xlabel("time (s)")
-    axes[0][0].set_ylabel("cumulative service (weighted tokens)")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
+    for row in axes:
+        row[0].set_ylabel("cumulative service (weighted tokens)")
+    axes[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{title}: service per client over time")
     fig.tight_layout()
     service_png = out / f"fairness-{stem}-service.png"
