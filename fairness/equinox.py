@@ -120,6 +120,8 @@ class Equinox(VTC):
         super().__init__(w_p, w_q)
         if isinstance(predictor, str | Path):
             predictor = OnnxPredictor(predictor)
+        if predictor is not None and not callable(getattr(predictor, "predict", None)):
+            raise TypeError(f"predictor must have predict(features) -> predictions, got {type(predictor).__name__}")
         self.predictor: Predictor = predictor or HistoryPredictor()
         self.alpha, self.gamma, self.ttft_slo_s, self.tpot_slo_s = alpha, gamma, ttft_slo_s, tpot_slo_s
         self.adaptive, self.step_slo_s, self.min_chunk = adaptive, step_slo_s, min_chunk
@@ -174,7 +176,10 @@ class Equinox(VTC):
                 counter[u] = max(counter[u], counter[self._last_left])
 
     def add_request(self, req: RequestInfo, now: float) -> None:
-        pred = self.predictor.predict(self.load.features(req)[None, :])[0]  # [T]
+        pred = np.asarray(self.predictor.predict(self.load.features(req)[None, :]), dtype=np.float64)
+        if pred.shape != (1, len(TARGETS)):
+            raise ValueError(f"the predictor returned shape {pred.shape} for one request; expected (1, {len(TARGETS)})")
+        pred = pred[0]  # [T]
         out = pred[_OUT] if np.isfinite(pred[_OUT]) else 256.0
         pred[_OUT] = min(max(out, 1.0), req.max_output_tokens or out)
         self.predicted[req.id] = pred

@@ -61,6 +61,8 @@ class Dataset:
 
     @staticmethod
     def concat(parts: list[Dataset]) -> Dataset:
+        if not parts:
+            raise ValueError("Dataset.concat needs at least one dataset")
         return Dataset(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "y", "arrival_s", "source")))
 
 

@@ -139,6 +139,15 @@ def test_bad_parameters_are_refused(tmp_path):
         Equinox(kappa_backoff=1.5)
     with pytest.raises(FileNotFoundError, match="train one"):
         Equinox(predictor=tmp_path / "missing.onnx")
+    with pytest.raises(TypeError, match="predict"):
+        Equinox(predictor=42)
+
+    class WrongShape:
+        def predict(self, x):
+            return np.zeros((1, 2))
+
+    with pytest.raises(ValueError, match="expected \\(1, 5\\)"):
+        Equinox(predictor=WrongShape()).add_request(info(0, "a"), 0.0)
 
 
 def test_adaptive_token_budget_keeps_steps_within_the_target():

@@ -101,5 +101,7 @@ def test_bad_models_and_data_get_clear_errors(trained, tmp_path):
         OnnxPredictor(tmp_path / "old.onnx")
     with pytest.raises(ValueError, match="too few"):
         mope.train(train.take(np.arange(len(train)) < 5))
+    with pytest.raises(ValueError, match="at least one"):
+        mope.Dataset.concat([])
     with pytest.raises(ValueError, match="train_fraction"):
         train.split(1.5)
