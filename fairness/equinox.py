@@ -214,7 +214,7 @@ class Equinox(VTC):
         """First admission: charge both counters with the predicted use."""
         pred = self.predicted[req.id]
         out = pred[_OUT]
-        waited = 0.0 if self._first_admit.get(req.id) is None else self._first_admit[req.id] - req.arrival_s
+        waited = self._first_admit[req.id] - req.arrival_s
         e2e = pred[_E2E] if np.isfinite(pred[_E2E]) else 0.0
         e2e = max(e2e, waited + self.tpot_slo_s * out)  # at least what it already waited, then decoding at the SLO
         tokens = (self.w_p * req.input_tokens + self.w_q * out) / req.weight

@@ -38,7 +38,7 @@ class _Seq:
     first_token_s: float | None = None
     finish_s: float | None = None
     input_served: int = 0  # input tokens counted as service (recomputation after preemption is not service)
-    computed: int = 0  # KV tokens it held when last preempted: prefilling them again is recomputation
+    computed: int = 0  # KV tokens it had computed before a preemption: prefilling them again is recomputation
 
 
 @dataclass
