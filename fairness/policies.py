@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from collections.abc import Callable
 
+from .ledger import Ledger
 from .policy import register_policy
 from .request import RequestInfo
 
@@ -182,8 +183,7 @@ class VTCPredicted(VTC):
         self.default_tokens = default_tokens
         self._predict = predict or self._client_mean
         self._history: dict[str, list[int]] = defaultdict(list)
-        self._predicted: dict[int, float] = {}
-        self._generated: dict[int, int] = defaultdict(int)
+        self._output = Ledger(self.counters)  # the output-token part of the counters
 
     def _client_mean(self, req: RequestInfo) -> float:
         seen = self._history[req.client][-32:]
@@ -192,23 +192,14 @@ class VTCPredicted(VTC):
 
     def _charge_admission(self, req: RequestInfo) -> None:
         super()._charge_admission(req)
-        pred = float(self._predict(req))
-        self._predicted[req.id] = pred
-        self.counters[req.client] += self.w_q * pred / req.weight
+        self._output.admit(req.id, req.client, self.w_q * float(self._predict(req)) / req.weight)
 
     def on_step(self, generated: dict[int, int], step_s: float, now: float) -> None:
         for rid, n in generated.items():
-            req = self._running[rid]
-            before = self._generated[rid]
-            self._generated[rid] = before + n
-            beyond = max(0.0, before + n - max(before, self._predicted[rid]))  # tokens past the prediction
-            self.counters[req.client] += self.w_q * beyond / req.weight
+            self._output.accrue(rid, self.w_q * n / self._running[rid].weight)  # charged beyond the prediction
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
-        pred = self._predicted.pop(req.id)
-        self._generated.pop(req.id, None)
-        if output_tokens < pred:  # refund the unused part of the prediction
-            self.counters[req.client] -= self.w_q * (pred - output_tokens) / req.weight
+        self._output.settle(req.id)  # refunds the unused part of the prediction
         self._history[req.client].append(output_tokens)
         super().on_finish(req, output_tokens, now)
 

@@ -7,8 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from test_fairness import SMALL, backlogged_workloads
 
 from fairness import EngineModel, Request, RequestInfo, make_policy, simulate
-from fairness.equinox import Equinox, Ledger, holistic
+from fairness.equinox import Equinox, holistic
 from fairness.features import FEATURES, TARGETS
+from fairness.ledger import Ledger
 from fairness.telemetry import Telemetry
 
 
