@@ -1,7 +1,7 @@
 """The thin layer that attaches to `torch.nn.Module`s: find MoE blocks, attach/detach hooks, capture routing."""
 
 from .module_hooks import ModuleHook, attach, attached_hook, detach, is_attached
-from .moe import MoEBlock, UnsupportedModelError, find_moe_blocks
+from .moe import MoEBlock, find_moe_blocks, is_stacked_experts
 from .routing import RoutingRecorder, RoutingTrace
 
 __all__ = [
@@ -9,10 +9,10 @@ __all__ = [
     "ModuleHook",
     "RoutingRecorder",
     "RoutingTrace",
-    "UnsupportedModelError",
     "attach",
     "attached_hook",
     "detach",
     "find_moe_blocks",
     "is_attached",
+    "is_stacked_experts",
 ]

@@ -1,8 +1,9 @@
 """A small hook protocol for `torch.nn.Module`s, with symmetric attach/detach (in the spirit of accelerate's hooks).
 
-A hook wraps one module's forward: `attach` installs it, `detach` restores the module exactly as it was. Unlike
-torch's forward pre-hooks, a `ModuleHook` may call the original forward more than once (for example to stream
-experts through a slot pool in waves), or not at all.
+A hook wraps one module's forward: `attach` calls `hook.init_hook(module)` and installs it, `detach` calls
+`hook.detach_hook(module)` and restores the module's forward exactly as it was. Unlike torch's forward pre-hooks, a
+`ModuleHook` may call the original forward more than once (for example to stream weights through a buffer in waves),
+or not at all.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ from typing import Any
 
 import torch
 
-_HOOK_ATTR = "_offload_moe_hook"
-_ORIG_FORWARD_ATTR = "_offload_moe_orig_forward"
+_HOOK_ATTR = "_module_hook"
+_ORIG_FORWARD_ATTR = "_module_hook_orig_forward"
 
 
 class ModuleHook:
     """Override `pre_forward` / `post_forward` for simple hooks, or `run` to control how the forward is called."""
+
+    def init_hook(self, module: torch.nn.Module) -> None:
+        """Called once by `attach`, before the hook sees a forward."""
+
+    def detach_hook(self, module: torch.nn.Module) -> None:
+        """Called once by `detach`, after the module's forward is restored."""
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         return args, kwargs
@@ -37,6 +44,7 @@ def attach(module: torch.nn.Module, hook: ModuleHook) -> None:
         raise RuntimeError(f"{type(module).__name__} already has a hook attached; detach it first")
     had_instance_forward = "forward" in module.__dict__
     original = module.forward
+    hook.init_hook(module)
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -58,6 +66,7 @@ def detach(module: torch.nn.Module) -> ModuleHook | None:
         module.forward = original
     delattr(module, _HOOK_ATTR)
     delattr(module, _ORIG_FORWARD_ATTR)
+    hook.detach_hook(module)
     return hook
 
 

@@ -1,9 +1,10 @@
-"""Find the Mixture-of-Experts blocks of a transformers model whose experts use the fused 3-D layout.
+"""Find the Mixture-of-Experts blocks of a transformers model whose experts are stacked per-expert tensors.
 
-Supported: any experts module registered through transformers' `ExpertsInterface` layout, i.e. a module with
-`num_experts` and 3-D parameters `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], called as
-`experts(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K])` by a block whose `gate` router returns
-`(logits, top_k_weights, top_k_index)`. Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE are tested.
+A block is a module with an `experts` child and a router child (`gate` or `router`). The experts module holds
+`num_experts` and parameters whose first dimension is the expert (transformers' `ExpertsInterface` layout:
+`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], optional biases [E, ...]) and is called as
+`experts(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K])`. What to do with a model that has none is
+the caller's decision: `find_moe_blocks` returns an empty list.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-
-class UnsupportedModelError(TypeError):
-    """The model has no MoE block in the fused-experts layout that offload-moe drives."""
+ROUTER_NAMES = ("gate", "router")
+NORM_NAMES = ("post_attention_layernorm", "pre_feedforward_layernorm", "ffn_norm")
 
 
 @dataclass
@@ -24,14 +24,14 @@ class MoEBlock:
     index: int  # 0-based among the model's MoE blocks, in forward order
     name: str  # qualified name of the block, e.g. "model.layers.3.mlp"
     block: torch.nn.Module
-    router: torch.nn.Module  # returns (logits [T, E], top_k_weights [T, K], top_k_index [T, K])
+    router: torch.nn.Module
     experts: torch.nn.Module
-    norm: torch.nn.Module | None  # the norm applied to the residual stream before this block (for lookahead)
+    norm: torch.nn.Module | None  # the norm applied to the residual stream before this block, if found
     num_experts: int
-    top_k: int
+    top_k: int | None  # experts per token, when the router or block states it
 
     def expert_param_names(self) -> list[str]:
-        """Names of the experts module's per-expert parameters (first dimension = num_experts)."""
+        """Names of the experts module's per-expert parameters (first dimension = num_experts), in module order."""
         return [
             n
             for n, p in self.experts.named_parameters(recurse=False)
@@ -39,39 +39,27 @@ class MoEBlock:
         ]
 
 
-def _is_fused_experts(module: torch.nn.Module) -> bool:
-    gate_up = getattr(module, "gate_up_proj", None)
-    down = getattr(module, "down_proj", None)
+def is_stacked_experts(module: torch.nn.Module) -> bool:
+    """An experts module whose weights are stacked per expert: `num_experts` and at least one [E, ...] parameter."""
     n = getattr(module, "num_experts", None)
-    return (
-        isinstance(gate_up, torch.Tensor)
-        and isinstance(down, torch.Tensor)
-        and isinstance(n, int)
-        and gate_up.dim() == 3
-        and down.dim() == 3
-        and gate_up.shape[0] == n == down.shape[0]
-    )
+    if not isinstance(n, int) or n < 1:
+        return False
+    return any(p.dim() >= 2 and p.shape[0] == n for p in module.parameters(recurse=False))
 
 
 def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
-    """All MoE blocks of `model` in forward order; raises `UnsupportedModelError` naming the class if there are none."""
+    """All MoE blocks of `model` in forward (module registration) order; empty when there are none."""
     modules = dict(model.named_modules())
     blocks: list[MoEBlock] = []
     for name, module in modules.items():
         experts = getattr(module, "experts", None)
-        router = getattr(module, "gate", None)
-        if experts is None or router is None or not _is_fused_experts(experts):
+        routers = (getattr(module, n, None) for n in ROUTER_NAMES)
+        router = next((r for r in routers if isinstance(r, torch.nn.Module)), None)
+        if not isinstance(experts, torch.nn.Module) or router is None or not is_stacked_experts(experts):
             continue
-        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
-        parent = modules.get(parent_name)
-        norm = getattr(parent, "post_attention_layernorm", None) if parent is not None else None
+        parent = modules.get(name.rsplit(".", 1)[0] if "." in name else "")
+        norm = next((getattr(parent, n) for n in NORM_NAMES if parent is not None and hasattr(parent, n)), None)
         top_k = getattr(router, "top_k", None) or getattr(module, "top_k", None)
-        if top_k is None:
-            raise UnsupportedModelError(f"MoE block {name} ({type(module).__name__}) has no top_k on its router")
-        blocks.append(MoEBlock(len(blocks), name, module, router, experts, norm, experts.num_experts, int(top_k)))
-    if not blocks:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no supported MoE block: offload-moe needs transformers>=5 MoE models whose "
-            "experts are fused 3-D tensors (gate_up_proj, down_proj), such as Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE"
-        )
+        blocks.append(MoEBlock(len(blocks), name, module, router, experts, norm, experts.num_experts,
+                               int(top_k) if top_k else None))  # fmt: skip
     return blocks

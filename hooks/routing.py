@@ -24,12 +24,14 @@ class RoutingTrace:
 class RoutingRecorder:
     """Context manager that records (top_k_index, top_k_weights) entering each experts module.
 
-    Uses a plain forward pre-hook, which runs before the module's `forward`: it composes with an offload-moe patch
-    (whose hook wraps `forward`) and always sees expert ids, never slot ids.
+    Uses a plain forward pre-hook, which runs before the module's `forward`: it composes with a `ModuleHook` (which
+    wraps `forward`) and always sees the ids the router chose, whatever the hook does with them.
     """
 
     def __init__(self, model: torch.nn.Module, blocks: list[MoEBlock] | None = None):
         self.blocks = blocks if blocks is not None else find_moe_blocks(model)
+        if not self.blocks:
+            raise ValueError(f"{type(model).__name__} has no MoE block whose routing could be recorded")
         self.trace = RoutingTrace([[] for _ in self.blocks], [[] for _ in self.blocks])
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

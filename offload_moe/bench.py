@@ -1,7 +1,7 @@
-"""`make bench`: decode and prefill speed of the reference model with its experts offloaded, side by side with the
-fully resident model, under one (emulated, on CPU) host-to-device link; then the fairness simulations.
+"""The offloading part of `make bench`: decode and prefill speed of the reference model with its experts offloaded,
+side by side with the fully resident model, under one (emulated, on CPU) host-to-device link.
 
-    python -m offload_moe.bench [--quick] [--model PATH] [--link-gbps G] [--out bench-results]
+    python -m offload_moe.bench [--mode quick|default|full] [--model PATH] [--link-gbps G] [--out bench-results]
 """
 
 from __future__ import annotations
@@ -13,20 +13,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
-
-from hooks import find_moe_blocks
-
+from .blocks import moe_blocks
 from .calibrate import calibrate
 from .evaluate import bits_per_byte
 from .patch import patch, resolve_device
-from .reference import REFERENCE_MODEL_DIR, stdlib_text
+from .plots import plot_offload
+from .reference import REFERENCE_MODEL, model_dir, stdlib_text
 from .transfer import EmulatedLink
 
 COPY_TO_LAYER_RATIO = 15.0  # Mixtral-8x7B on PCIe 4.0: one expert copy takes ~15x one layer's decode compute
@@ -44,11 +40,28 @@ class Config:
         return "layer" if self.name == "layer-aware" else "lru"
 
 
-def configs(quick: bool, naive_budget: float) -> list[Config]:
-    budgets = [0.25] if quick else [0.125, 0.25, 0.5]
+@dataclass(frozen=True)
+class Mode:
+    """How much `make bench` measures: budgets, which configurations, and how much text each decodes."""
+
+    budgets: tuple[float, ...]
+    layer_aware: bool  # include the layer-aware eviction ablation
+    prompts: int
+    eval_bytes: int
+
+
+MODES = {
+    "quick": Mode((0.25,), False, 2, 600),  # tests and bench-quick
+    "default": Mode((0.25, 0.5), False, 3, 800),  # make bench: under 10 minutes with the fairness part
+    "full": Mode((0.125, 0.25, 0.5), True, 4, 1200),  # make bench-full
+}
+
+
+def configs(mode: Mode, naive_budget: float) -> list[Config]:
     out = [Config("resident", None), Config("patched-1.0", 1.0), Config("naive", naive_budget)]
-    for b in budgets:
-        out += [Config("lru", b), Config("layer-aware", b), Config("lookahead", b, "lookahead")]
+    for b in mode.budgets:
+        out += [Config("lru", b)] + ([Config("layer-aware", b)] if mode.layer_aware else [])
+        out += [Config("lookahead", b, "lookahead")]
         out += [Config(f"lookahead+{f}", b, "lookahead", f) for f in ("drop", "buddy", "lowrank")]
     return out
 
@@ -72,7 +85,7 @@ def decode_speed_and_bpb(model, tokenizer, text: str) -> tuple[float, float, int
 def calibrate_link(model, tokenizer, text: str, expert_bytes: int) -> tuple[float, float]:
     """Link speed at which copying one expert takes COPY_TO_LAYER_RATIO x one layer's decode compute."""
     speed, _, _ = decode_speed_and_bpb(model, tokenizer, text)
-    layer_s = 1.0 / speed / len(find_moe_blocks(model))
+    layer_s = 1.0 / speed / len(moe_blocks(model))
     return expert_bytes / (COPY_TO_LAYER_RATIO * layer_s) / 1e9, layer_s
 
 
@@ -83,7 +96,7 @@ def run_offload(args: argparse.Namespace) -> dict:
     ids = tokenizer(stdlib_text("val", max_bytes=args.prompts * 4000), return_tensors="pt")["input_ids"][0]
     prompts = [ids[i * args.prompt_len : (i + 1) * args.prompt_len][None].to(device) for i in range(args.prompts)]
     eval_text = stdlib_text("val", max_bytes=args.eval_bytes)
-    blocks = find_moe_blocks(model)
+    blocks = moe_blocks(model)
     experts = [getattr(b.experts, n) for b in blocks for n in b.expert_param_names()]
     all_expert_bytes = sum(p.numel() * p.element_size() for p in experts)
     expert_bytes = all_expert_bytes // (len(blocks) * blocks[0].num_experts)
@@ -100,7 +113,7 @@ def run_offload(args: argparse.Namespace) -> dict:
         link, gbps = None, None
     naive_budget = max(b.top_k for b in blocks) / (len(blocks) * blocks[0].num_experts)
     runs = []
-    for cfg in tqdm(configs(args.quick, naive_budget), desc="offload configs", unit="cfg"):
+    for cfg in tqdm(configs(MODES[args.mode], naive_budget), desc="offload configs", unit="cfg"):
         handle = None
         if cfg.budget is not None:
             handle = patch(model, budget=cfg.budget, device=device, fallback=cfg.fallback, prefetch=cfg.prefetch,
@@ -120,16 +133,15 @@ def run_offload(args: argparse.Namespace) -> dict:
                 "eviction": cfg.eviction if cfg.budget is not None else None,
                 "decode_tokens_per_s": decode,
                 "prefill_tokens_per_s": prefill,
-                "hit_rate": stats["hit_rate"] if stats else 1.0,
-                "prefetch_recall": stats["prefetch_recall"] if stats and cfg.prefetch else None,
-                "prefetch_precision": stats["prefetch_precision"] if stats and cfg.prefetch else None,
-                "misses_per_token": stats["misses"] / tokens if stats else 0.0,
-                "substituted_per_token": stats["substituted"] / tokens if stats else 0.0,
-                "bytes_per_token": stats["bytes_copied"] / tokens if stats else 0.0,
-                "stall_seconds": stats["stall_seconds"] if stats else 0.0,
+                "hit_rate": stats.hit_rate if stats else 1.0,
+                "prefetch_precision": stats.prefetch_precision if stats and cfg.prefetch else None,
+                "misses_per_token": stats.misses / tokens if stats else 0.0,
+                "substituted_per_token": stats.substituted / tokens if stats else 0.0,
+                "bytes_per_token": stats.bytes_copied / tokens if stats else 0.0,
+                "stall_seconds": stats.stall_seconds if stats else 0.0,
                 "bits_per_byte": bpb,
-                "peak_device_bytes": stats["resident_bytes"] if stats else all_expert_bytes,
-                "slots": stats["slots"] if stats else None,
+                "peak_device_bytes": stats.resident_bytes if stats else all_expert_bytes,
+                "slots": stats.slots if stats else None,
             }
         )
         if handle:
@@ -160,13 +172,13 @@ def print_table(result: dict) -> None:
     resident = runs[0]
     lru = {r["budget"]: r for r in runs if r["name"] == "lru"}
     head = (f"{'config':<18}{'budget':>7}{'slots':>6}{'decode/s':>9}{'x res':>7}{'x lru':>7}{'prefill/s':>10}"
-            f"{'recall':>8}{'miss/tok':>9}{'subs/tok':>9}{'KB/tok':>8}{'bits/B':>8}{'d bits':>8}")  # fmt: skip
+            f"{'hits':>8}{'miss/tok':>9}{'subs/tok':>9}{'KB/tok':>8}{'bits/B':>8}{'d bits':>8}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in runs:
         base = lru.get(r["budget"])
         x_lru = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-"
-        recall = f"{r['prefetch_recall']:.3f}" if r["prefetch_recall"] is not None else f"{r['hit_rate']:.3f}"
+        recall = f"{r['hit_rate']:.3f}"
         print(
             f"{r['name']:<18}{r['budget']:>7.3f}{r['slots'] or '-':>6}{r['decode_tokens_per_s']:>9.1f}"
             f"{r['decode_tokens_per_s'] / resident['decode_tokens_per_s']:>7.2f}{x_lru:>7}"
@@ -174,66 +186,27 @@ def print_table(result: dict) -> None:
             f"{r['substituted_per_token']:>9.2f}{r['bytes_per_token'] / 1024:>8.1f}{r['bits_per_byte']:>8.4f}"
             f"{(r['bits_per_byte'] / resident['bits_per_byte'] - 1) * 100:>7.2f}%"
         )
-    print("recall: needed experts already resident or in flight (hit rate for configs without prefetch)")
-
-
-def plot_offload(result: dict, out: Path) -> list[Path]:
-    runs = result["runs"]
-    tag = "emulated link" if result["link"]["emulated"] else "real link"
-    resident = runs[0]
-    series = sorted({r["name"] for r in runs if r["name"] not in ("resident", "patched-1.0", "naive")})
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for name in series:
-        pts = sorted((r["budget"], r["decode_tokens_per_s"]) for r in runs if r["name"] == name)
-        ax.plot(*zip(*pts, strict=True), "o-", label=name)
-    ax.axhline(resident["decode_tokens_per_s"], color="k", ls="--", label="resident (all experts on device)")
-    naive = next(r for r in runs if r["name"] == "naive")
-    ax.axhline(naive["decode_tokens_per_s"], color="grey", ls=":", label="naive (copy every use)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("expert budget (fraction of all experts' bytes)")
-    ax.set_ylabel("decode tokens / s")
-    ax.set_title(f"reference-moe decode speed vs budget ({tag}, {result['device']})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    speed_png = out / "offload-speed-vs-budget.png"
-    fig.savefig(speed_png, dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    markers = {0.125: "v", 0.25: "o", 0.5: "s"}
-    for name in series:
-        for r in (r for r in runs if r["name"] == name):
-            ax.scatter(r["decode_tokens_per_s"], r["bits_per_byte"], marker=markers.get(r["budget"], "x"),
-                       color=f"C{series.index(name)}", label=name if r["budget"] == 0.25 else None)  # fmt: skip
-    ax.scatter(resident["decode_tokens_per_s"], resident["bits_per_byte"], marker="*", s=150, color="k",
-               label="resident")  # fmt: skip
-    ax.set_xlabel("decode tokens / s")
-    ax.set_ylabel("held-out bits per byte (lower is better)")
-    ax.set_title(f"accuracy vs speed (markers: budget 1/8 v, 1/4 o, 1/2 s; {tag})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tradeoff_png = out / "offload-bits-vs-speed.png"
-    fig.savefig(tradeoff_png, dpi=110)
-    plt.close(fig)
-    return [speed_png, tradeoff_png]
+    print("hits: hit rate, the share of routed experts already resident or in flight when their layer ran")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR)
+    ap.add_argument("--model", type=Path, default=REFERENCE_MODEL, help="model directory (default: %(default)s)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--quick", action="store_true", help="a subset, for quick checks")
+    ap.add_argument("--mode", choices=sorted(MODES), default="default", help="how much to measure")
     ap.add_argument("--link-gbps", type=float, default=None, help="emulated link speed (default: calibrated)")
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=None, help="prefill prompts (default: the mode's)")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--eval-bytes", type=int, default=1_200, help="held-out text decoded per config")
+    ap.add_argument("--eval-bytes", type=int, default=None, help="held-out text decoded per config (mode's)")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
-    ap.add_argument("--skip-fairness", action="store_true")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.prompts, args.eval_bytes = 2, 600
-    if not (args.model / "config.json").exists():
-        raise SystemExit(f"{args.model} is not a model directory (no config.json)")
+    mode = MODES[args.mode]
+    args.prompts = args.prompts or mode.prompts
+    args.eval_bytes = args.eval_bytes or mode.eval_bytes
+    try:
+        model_dir(args.model)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from e
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run_offload(args)
@@ -241,10 +214,6 @@ def main(argv: list[str] | None = None) -> None:
     print_table(result)
     pngs = plot_offload(result, args.out)
     print(f"wrote {args.out / 'offload.json'}, " + ", ".join(str(p) for p in pngs))
-    if not args.skip_fairness:
-        from fairness.bench import run_fairness_bench
-
-        run_fairness_bench(args.out, quick=args.quick)
 
 
 if __name__ == "__main__":

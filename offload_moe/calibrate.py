@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from hooks import find_moe_blocks
+from hooks import MoEBlock
 
+from .blocks import moe_blocks
+from .handle import handle_of
 from .standins import StandIns, lowrank, rank_for_fraction
 
 FORMAT = "offload-moe-calibration/1"
@@ -33,6 +35,16 @@ class Calibration:
     buddies: torch.Tensor
     tau: torch.Tensor
     standins: StandIns
+
+    def check_fits(self, blocks: list[MoEBlock]) -> None:
+        """Refuse a calibration made for another model geometry."""
+        got = (len(blocks), blocks[0].num_experts, blocks[0].experts.gate_up_proj.shape[-1])
+        want = (self.meta.get("layers"), self.meta.get("experts"), self.meta.get("hidden"))
+        if got != want:
+            raise ValueError(
+                f"calibration was made for a {self.meta.get('model')} with (layers, experts, hidden) = {want}, "
+                f"but this model has {got}; calibrate this model"
+            )
 
     def save(self, path: str | Path) -> None:
         tensors = {"frequencies": self.frequencies, "buddies": self.buddies, "tau": self.tau}
@@ -97,9 +109,9 @@ def calibrate(
     output on the inputs routed to i (relative squared error), keeping `buddy_list`. tau is the `tae_percentile`-th
     percentile of each layer's token activating entropy (BuddyMoE). Saved to `path` if given.
     """
-    blocks = find_moe_blocks(model)
-    handle = getattr(model, "_offload_moe_handle", None)
-    store = handle.cache.store if handle is not None else None
+    blocks = moe_blocks(model)
+    handle = handle_of(model)  # a patched or loaded model: read experts from its host store
+    store = handle.store if handle is not None else None
     if set(blocks[0].expert_param_names()) != {"gate_up_proj", "down_proj"}:
         raise ValueError("calibrate supports gated experts (gate_up_proj, down_proj)")
     n_layers, n_exp = len(blocks), blocks[0].num_experts

@@ -12,11 +12,26 @@ The real expert of every substituted pair is still copied in, in the background,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .standins import StandIns
+
+
+@dataclass
+class LayerCall:
+    """One call of a layer's experts whose routed experts are not all ready on the device."""
+
+    layer: int
+    hidden: torch.Tensor  # [T, H]
+    index: torch.Tensor  # [T, K] expert ids
+    weights: torch.Tensor  # [T, K] routing weights
+    needed: list[int]  # distinct experts routed to
+    missing: set[int]  # ... of which not ready on the device
+    resident: set[int]  # every ready expert of the layer
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -29,16 +44,14 @@ class MissPlan:
 
 
 class MissFallback:
+    """Decides, for a layer call with misses, what runs on the pool and what the fallback computes instead."""
+
     name = "base"
 
     def __init__(self, critical_weight: float):
-        if not 0 < critical_weight <= 1.01:
-            raise ValueError(f"critical_weight must be in (0, 1] (or 1.01 to never gate), got {critical_weight}")
-        self.critical_weight = critical_weight
+        self.critical_weight = critical_weight  # validated by OffloadOptions
 
-    def plan(self, layer, hidden, index, weights, needed: list[int], missing: set[int], resident: set[int],
-             act_fn) -> MissPlan:  # fmt: skip
-        """needed: experts routed to; missing: those not ready; resident: every ready expert of the layer."""
+    def plan(self, call: LayerCall) -> MissPlan:
         raise NotImplementedError
 
     def _critical(self, index: torch.Tensor, weights: torch.Tensor, miss: torch.Tensor) -> set[int]:
@@ -53,8 +66,9 @@ def _isin(index: torch.Tensor, experts: set[int]) -> torch.Tensor:
 class Drop(MissFallback):
     name = "drop"
 
-    def plan(self, layer, hidden, index, weights, needed, missing, resident, act_fn) -> MissPlan:
-        miss = _isin(index, missing)  # [T, K]
+    def plan(self, call: LayerCall) -> MissPlan:
+        index, weights = call.index, call.weights
+        miss = _isin(index, call.missing)  # [T, K]
         fetch = self._critical(index, weights, miss)
         lost = miss.all(-1)  # a token keeps at least one real expert: its top one
         if lost.any():
@@ -63,7 +77,7 @@ class Drop(MissFallback):
         dropped = miss & ~_isin(index, fetch) if fetch else miss
         w = weights.masked_fill(dropped, 0)
         w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        return MissPlan(index, w, sorted(set(needed) - missing | fetch), substituted=int(dropped.sum()))
+        return MissPlan(index, w, sorted(set(call.needed) - call.missing | fetch), substituted=int(dropped.sum()))
 
 
 class LowRank(MissFallback):
@@ -73,16 +87,17 @@ class LowRank(MissFallback):
         super().__init__(critical_weight)
         self.standins = standins
 
-    def plan(self, layer, hidden, index, weights, needed, missing, resident, act_fn) -> MissPlan:
-        miss = _isin(index, missing)
+    def plan(self, call: LayerCall) -> MissPlan:
+        index, weights, hidden = call.index, call.weights, call.hidden
+        miss = _isin(index, call.missing)
         fetch = self._critical(index, weights, miss)
         sub = miss & ~_isin(index, fetch) if fetch else miss  # [T, K]
         extra = torch.zeros_like(hidden)  # [T, H]
         for e in sorted(set(index[sub].tolist())):
             tok, pos = torch.nonzero(sub & (index == e), as_tuple=True)
-            y = self.standins.apply(layer, e, hidden[tok], act_fn) * weights[tok, pos, None].to(hidden.dtype)
+            y = self.standins.apply(call.layer, e, hidden[tok], call.act_fn) * weights[tok, pos, None].to(hidden.dtype)
             extra.index_add_(0, tok, y.to(hidden.dtype))
-        pool = sorted(set(needed) - missing | fetch)
+        pool = sorted(set(call.needed) - call.missing | fetch)
         return MissPlan(index, weights.masked_fill(sub, 0), pool, extra, int(sub.sum()))
 
 
@@ -104,9 +119,10 @@ class Buddy(MissFallback):
         self.buddies, self.tau = buddies.tolist(), tau.tolist()
         self.beta, self.rho, self.horizon = beta, rho, horizon
 
-    def plan(self, layer, hidden, index, weights, needed, missing, resident, act_fn) -> MissPlan:
-        if len(missing) / len(needed) >= self.beta:  # too many substitutions would compound errors: load on demand
-            return MissPlan(index, weights, needed)
+    def plan(self, call: LayerCall) -> MissPlan:
+        index, weights, layer, missing = call.index, call.weights, call.layer, call.missing
+        if len(missing) / len(call.needed) >= self.beta:  # too many substitutions would compound errors: load on demand
+            return MissPlan(index, weights, call.needed)
         k = index.shape[-1]
         p = weights.float().clamp_min(1e-12)
         tae = (-(p * p.log()).sum(-1) / math.log(k)).tolist() if k > 1 else [0.0] * index.shape[0]  # [T]
@@ -122,7 +138,7 @@ class Buddy(MissFallback):
                     continue
                 ok = tae[t] > self.tau[layer] and w[t][j] < self.critical_weight and n_sub < self.rho
                 buddy = next((b for b in self.buddies[layer][e][: self.horizon]
-                              if b >= 0 and b in resident and b not in used), None) if ok else None  # fmt: skip
+                              if b >= 0 and b in call.resident and b not in used), None) if ok else None  # fmt: skip
                 if buddy is None:
                     fetch.add(e)
                 else:

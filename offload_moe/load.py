@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hooks import find_moe_blocks
-
-from .patch import OffloadHandle, Options, _patch
+from .blocks import moe_blocks
+from .handle import OffloadHandle
+from .options import OffloadOptions
+from .patch import offload
 from .store import HostStore, Piece, mmap_safetensors
 
 # Checkpoint key renames that transformers applies when loading (only Mixtral's block name changed).
@@ -34,14 +36,20 @@ def load(
     device: str | torch.device | None = None,
     *,
     dtype: torch.dtype | None = None,
-    **options,
+    options: OffloadOptions | None = None,
+    **kwargs: Any,
 ) -> tuple[torch.nn.Module, OffloadHandle]:
     """Open the checkpoint directory `path` and patch it; returns `(model, handle)`.
 
     Expert weights are never all read into RAM: they are memory-mapped and copied to the device expert by expert.
-    dtype: the compute dtype (default: the checkpoint's). `options` are the keyword arguments of `offload_moe.patch`.
+    dtype: the compute dtype (default: the checkpoint's). options / kwargs: as for `offload_moe.patch`.
     """
-    opt = Options(**{**options, "pin_memory": False})  # the memory map is the host store: nothing to pin
+    opt = OffloadOptions.of(options, **kwargs)
+    if opt.pin_memory:
+        raise ValueError(
+            "load() keeps the experts memory-mapped on disk, and pinning them would read all of them into RAM; "
+            "leave pin_memory unset, or use patch() on a model loaded with from_pretrained to pin"
+        )
     path = Path(path)
     tensors = _open_checkpoint(path)
     config = AutoConfig.from_pretrained(path)
@@ -50,7 +58,7 @@ def load(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    blocks = find_moe_blocks(model)
+    blocks = moe_blocks(model)
     block_index = {b.name: b for b in blocks}
 
     dense: dict[str, torch.Tensor] = {}
@@ -83,7 +91,7 @@ def load(
         experts.append(layer)
     store = HostStore(experts, shapes)
     _load_dense(model, dense, path)
-    handle = _patch(model, budget, device, opt, store=store)
+    handle = offload(model, budget, device, opt, store=store)
     return model, handle
 
 
@@ -115,7 +123,7 @@ def _open_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_dense(model: torch.nn.Module, dense: dict[str, torch.Tensor], path: Path) -> None:
     """Assign the non-expert weights to the meta-initialised model, tie embeddings, and build its buffers."""
-    expert_keys = {f"{b.name}.experts.{n}" for b in find_moe_blocks(model) for n in b.expert_param_names()}
+    expert_keys = {f"{b.name}.experts.{n}" for b in moe_blocks(model) for n in b.expert_param_names()}
     result = model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()
     missing = [k for k in result.missing_keys if k not in expert_keys and model.get_parameter_or_buffer(k).is_meta]

@@ -14,19 +14,24 @@ class LookaheadPrefetcher:
     """Predicts the next `depth` layers' experts from the current residual stream and queues their copies.
 
     `candidates` experts per predicted layer are queued (the most probable first, averaged over the call's tokens).
-    Keys already resident are touched, so the eviction policy keeps what is about to be used. Nothing is queued
+    Keys already resident are kept (the eviction policy holds on to what is about to be used). Nothing is queued
     while more than `max_queued` copies wait for the link: a prefetch that cannot land in time only delays others.
+    Only `predictable` layers (those whose router can be applied to a residual stream) are predicted.
     """
 
-    def __init__(self, blocks: list[MoEBlock], cache: ExpertCache, depth: int, candidates: int, max_queued: int = 0):
-        if depth < 1 or candidates < 1:
-            raise ValueError(f"lookahead needs depth >= 1 and candidates >= 1, got {depth} and {candidates}")
-        if any(b.norm is None for b in blocks):
-            raise ValueError("lookahead prefetch needs each MoE block's pre-MoE norm (post_attention_layernorm)")
+    def __init__(
+        self,
+        blocks: list[MoEBlock],
+        cache: ExpertCache,
+        depth: int,
+        candidates: int,
+        predictable: set[int],
+        max_queued: int = 0,
+    ):
         self.blocks, self.cache, self.depth, self.candidates = blocks, cache, depth, candidates
-        self.max_queued = max_queued
+        self.predictable, self.max_queued = predictable, max_queued
         self._residual: list[torch.Tensor | None] = [None] * len(blocks)
-        self._handles = [b.norm.register_forward_pre_hook(self._capture(b.index)) for b in blocks]
+        self._handles = [b.norm.register_forward_pre_hook(self._capture(b.index)) for b in blocks if b.norm is not None]
 
     def _capture(self, layer: int):
         def hook(module, args):
@@ -49,15 +54,23 @@ class LookaheadPrefetcher:
         x = x.reshape(-1, x.shape[-1])  # [T, H]
         protected = set(protected)
         for j in range(layer + 1, min(layer + 1 + self.depth, len(self.blocks))):
+            if j not in self.predictable:
+                continue
             b = self.blocks[j]
-            logits = b.router.forward(b.norm.forward(x))[0]  # [T, E]; .forward: no hooks (ours would fire)
+            logits = router_logits(b.router, b.norm.forward(x))  # .forward: no hooks (ours would fire)
             probs = logits.float().softmax(-1).mean(0)  # [E]
             for e in probs.topk(min(self.candidates, b.num_experts)).indices.tolist():
                 key = (j, e)
                 protected.add(key)
-                if key in self.cache.slot_of:
-                    self.cache.eviction.touch(key)
-                elif self.cache.engine.queued() > self.max_queued:
+                if self.cache.is_resident(key):
+                    self.cache.keep(key)
+                elif self.cache.queued_copies() > self.max_queued:
                     return
                 elif self.cache.load(key, protected, prefetch=True) is None:
                     return  # every slot is protected or in flight: stop for this round
+
+
+def router_logits(router: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[T, E] router scores for x [T, H]: routers return either the logits or a tuple whose first item they are."""
+    out = router.forward(x)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,4 +1,8 @@
-"""The project's reference MoE model and the corpus it was trained on (the running interpreter's stdlib)."""
+"""The project's reference MoE models and the corpus they were trained on (the running interpreter's stdlib).
+
+The models live in the repository's `examples/` (they are built by the scripts there, and are not part of the
+installed package): tools find them by an explicit path, by default relative to the working directory.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,20 @@ import hashlib
 import sysconfig
 from pathlib import Path
 
-REFERENCE_MODEL_DIR = Path(__file__).resolve().parent.parent / "examples" / "reference-moe"
+REFERENCE_MODEL = Path("examples/reference-moe")  # relative to the repository root, where `make` runs
 MAX_FILE_BYTES = 200_000  # larger stdlib files are generated tables (encodings, pydoc topics), not code
 HELD_OUT_BUCKETS = 20  # one module in 20 (by hash) is held out for validation
+
+
+def model_dir(path: str | Path) -> Path:
+    """`path` if it is a model directory (has a config.json), else a clear error saying what to pass."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a model directory (no config.json); run from the repository root, where "
+            f"{REFERENCE_MODEL} is, or pass the model directory explicitly"
+        )
+    return path
 
 
 def _module_of(rel: Path) -> str:

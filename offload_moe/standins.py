@@ -45,6 +45,10 @@ class StandIns:
         self.u, self.v = u, v
         self.rank = next(iter(v.values())).shape[2]
 
+    def truncated(self, rank: int) -> StandIns:
+        """The best rank-`rank` stand-ins these factors hold: their leading columns (SVD order)."""
+        return StandIns({n: t[..., :rank] for n, t in self.u.items()}, {n: t[:, :, :rank] for n, t in self.v.items()})
+
     def to(self, device: torch.device, dtype: torch.dtype) -> StandIns:
         return StandIns({n: t.to(device, dtype) for n, t in self.u.items()},
                         {n: t.to(device, dtype) for n, t in self.v.items()})  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -17,7 +19,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from offload_moe.reference import REFERENCE_MODEL_DIR
+REPO = Path(__file__).resolve().parent.parent  # the tests run from a checkout of the repository
+REFERENCE_MODEL_DIR = REPO / "examples" / "reference-moe"
 
 COMMON = dict(
     vocab_size=128,

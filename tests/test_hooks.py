@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_dense_model, tiny_model
 
-from hooks import ModuleHook, RoutingRecorder, UnsupportedModelError, attach, attached_hook, detach, find_moe_blocks
+from hooks import ModuleHook, RoutingRecorder, attach, attached_hook, detach, find_moe_blocks
+from offload_moe import UnsupportedModelError, patch
 
 
 class Doubler(ModuleHook):
@@ -62,10 +63,32 @@ def test_find_moe_blocks(family):
         assert all("shared_expert" not in n for b in blocks for n in b.expert_param_names())
 
 
-def test_unsupported_model_names_its_class():
+def test_a_dense_model_has_no_blocks_and_offload_moe_says_so():
     dense = tiny_dense_model()
+    assert find_moe_blocks(dense) == []
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM has no supported MoE block"):
-        find_moe_blocks(dense)
+        patch(dense, device="cpu")
+    with pytest.raises(ValueError, match="no MoE block"):
+        RoutingRecorder(dense)
+
+
+def test_init_and_detach_hooks_run_once_each():
+    events = []
+
+    class Tracking(ModuleHook):
+        def init_hook(self, module):
+            events.append(("init", module))
+
+        def detach_hook(self, module):
+            events.append(("detach", module))
+
+    lin = torch.nn.Linear(2, 2)
+    hook = Tracking()
+    attach(lin, hook)
+    assert events == [("init", lin)]
+    detach(lin)
+    detach(lin)  # a second detach is a no-op
+    assert events == [("init", lin), ("detach", lin)]
 
 
 def test_routing_recorder_captures_every_layer():

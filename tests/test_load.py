@@ -23,7 +23,7 @@ def test_load_matches_from_pretrained(tmp_path, family):
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     model, handle = offload_moe.load(tmp_path, budget=0.25, device="cpu")
     torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=0, atol=1e-5)
-    assert handle.stats()["misses"] > 0
+    assert handle.stats().misses > 0
     handle.unpatch()  # experts are materialised from the checkpoint: the model equals from_pretrained's
     ref_sd, sd = ref.state_dict(), model.state_dict()
     assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
@@ -60,7 +60,7 @@ def test_load_keeps_experts_on_disk(tmp_path):
     rss_before = _rss_bytes()
     model, handle = offload_moe.load(tmp_path, budget=0.125, device="cpu")
     grown = _rss_bytes() - rss_before
-    assert handle.stats()["resident_bytes"] <= expert_bytes / 8
+    assert handle.stats().resident_bytes <= expert_bytes / 8
     assert grown < 0.4 * expert_bytes, f"RSS grew by {grown / 1e6:.0f} MB for {expert_bytes / 1e6:.0f} MB of experts"
     handle.unpatch()
 

@@ -5,7 +5,8 @@ import torch
 from conftest import FAMILIES, tiny_dense_model, tiny_model
 
 import offload_moe
-from hooks import RoutingRecorder, UnsupportedModelError, find_moe_blocks, is_attached
+from hooks import RoutingRecorder, find_moe_blocks, is_attached
+from offload_moe import UnsupportedModelError
 
 
 def _logits(model, ids):
@@ -29,11 +30,11 @@ def test_lossless_logits_and_greedy_tokens(family, budget):
         torch.testing.assert_close(_logits(model, ids), ref_logits, rtol=0, atol=1e-5)
         assert torch.equal(_generate(model, ids), ref_tokens)
         stats = handle.stats()
-        assert stats["resident_bytes"] <= stats["budget_bytes"]
+        assert stats.resident_bytes <= stats.budget_bytes
         if budget < 1.0:
-            assert stats["misses"] > 0
+            assert stats.misses > 0
         else:
-            assert stats["misses"] == 0 and stats["hit_rate"] == 1.0
+            assert stats.misses == 0 and stats.hit_rate == 1.0
     finally:
         handle.unpatch()
 
@@ -49,7 +50,7 @@ def test_long_prompt_streams_experts_in_waves(family):
     try:
         torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)
         stats = handle.stats()
-        assert stats["slots"] == top_k and stats["waves"] == 3  # one per layer
+        assert stats.slots == top_k and stats.waves == 3  # one per layer
     finally:
         handle.unpatch()
 
@@ -63,7 +64,7 @@ def test_every_experts_kernel_runs_on_the_pool(impl):
     handle = offload_moe.patch(model, budget=0.1, device="cpu")  # 2 slots: waves on every layer
     try:
         torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)
-        assert handle.stats()["waves"] > 0
+        assert handle.stats().waves > 0
     finally:
         handle.unpatch()
 
@@ -78,12 +79,12 @@ def test_counts_add_up_against_an_independent_recount():
     stats = handle.stats()
     # Each layer call needs its distinct routed experts once: hits + misses must equal that count exactly.
     needed = [sum(len(call.unique()) for call in trace.index[layer]) for layer in range(3)]
-    per_layer = stats["per_layer"]
-    assert [p["hits"] + p["misses"] for p in per_layer] == needed
-    assert sum(p["misses"] for p in per_layer) == stats["misses"] == stats["copies"]  # no prefetch: copy = miss
-    assert stats["bytes_copied"] == stats["copies"] * stats["expert_bytes"]
-    assert stats["resident_bytes"] == stats["slots"] * stats["expert_bytes"] <= stats["budget_bytes"]
-    assert stats["evictions"] == stats["copies"]  # the pool was full from the warm start
+    per_layer = stats.per_layer
+    assert [p.hits + p.misses for p in per_layer] == needed
+    assert sum(p.misses for p in per_layer) == stats.misses == stats.copies  # no prefetch: copy = miss
+    assert stats.bytes_copied == stats.copies * stats.expert_bytes
+    assert stats.resident_bytes == stats.slots * stats.expert_bytes <= stats.budget_bytes
+    assert stats.evictions == stats.copies  # the pool was full from the warm start
     handle.unpatch()
 
 
@@ -121,7 +122,7 @@ def test_emulated_link_is_reported():
     model = tiny_model("mixtral")
     handle = offload_moe.patch(model, budget=0.5, device="cpu", link=offload_moe.EmulatedLink(gbps=1.0))
     _logits(model, torch.randint(0, 128, (1, 8)))
-    assert handle.stats()["link"] == {"emulated": True, "gbps": 1.0, "latency_us": 0.0}
+    assert handle.stats().link == {"emulated": True, "gbps": 1.0, "latency_us": 0.0}
     handle.unpatch()
 
 
@@ -191,7 +192,7 @@ def test_failure_midway_rolls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         offload_moe.patch(model, budget=0.5, device="cpu")
     _assert_untouched(model, before)
-    assert not hasattr(model, "_offload_moe_handle")
+    assert offload_moe.handle_of(model) is None
 
 
 def test_compile_matches_eager_and_unpatch_removes_it():

@@ -61,8 +61,8 @@ def test_offloading_the_reference_model_is_lossless(reference, held_out_ids, bud
                 assert torch.equal(logits, ref_logits)
             assert torch.equal(model.generate(batch, max_new_tokens=12, do_sample=False), ref_tokens)
         stats = handle.stats()
-        assert stats["resident_bytes"] <= stats["budget_bytes"]
-        assert (stats["waves"] > 0) == (stats["slots"] < 8)  # fewer slots than one layer's experts: waves
+        assert stats.resident_bytes <= stats.budget_bytes
+        assert (stats.waves > 0) == (stats.slots < 8)  # fewer slots than one layer's experts: waves
     finally:
         handle.unpatch()
 

@@ -1,0 +1,138 @@
+"""`OffloadHandle`, what `patch` and `load` return: a typed statistics snapshot and an exact undo."""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from hooks import MoEBlock
+
+from .cache import ExpertCache
+from .options import OffloadOptions
+from .plan import Plan
+from .store import HostStore
+
+_HANDLES: weakref.WeakKeyDictionary[torch.nn.Module, OffloadHandle] = weakref.WeakKeyDictionary()
+
+
+def handle_of(model: torch.nn.Module) -> OffloadHandle | None:
+    """The live handle of a patched model, or None."""
+    return _HANDLES.get(model)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    layer: int
+    name: str
+    hits: int
+    misses: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+
+@dataclass(frozen=True)
+class OffloadStats:
+    """Counters since `patch` (or the last `reset_stats`), and how the device memory is used.
+
+    hits / misses: routed experts that were resident (or already being copied) / absent when their layer ran.
+    substituted: (token, expert) pairs a lossy fallback served instead of the real expert.
+    """
+
+    device: str
+    link: dict[str, Any]  # {"emulated": bool, "gbps", ...}
+    fallback: str
+    prefetch: str | None
+    slots: int
+    expert_bytes: int
+    budget_bytes: int
+    standin_bytes: int
+    resident_bytes: int  # slot pool + stand-ins: never above budget_bytes
+    hits: int
+    inflight_hits: int
+    misses: int
+    copies: int
+    bytes_copied: int
+    stall_seconds: float
+    evictions: int
+    waves: int
+    warmup_copies: int
+    prefetches: int
+    prefetches_used: int
+    substituted: int
+    gated_fetches: int
+    per_layer: tuple[LayerStats, ...]
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Share of prefetched experts that were needed before being evicted."""
+        return self.prefetches_used / self.prefetches if self.prefetches else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field and derived rate, JSON-ready."""
+        out = asdict(self)
+        out["per_layer"] = [{**asdict(p), "hit_rate": p.hit_rate} for p in self.per_layer]
+        return {**out, "hit_rate": self.hit_rate, "prefetch_precision": self.prefetch_precision}
+
+
+class OffloadHandle:
+    """Reports what the cache did (`stats`) and restores the model exactly (`unpatch`)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        blocks: list[MoEBlock],
+        cache: ExpertCache,
+        plan: Plan,
+        options: OffloadOptions,
+        undo: ExitStack,
+    ):
+        self.model, self.blocks, self.cache, self.plan, self.options = model, blocks, cache, plan, options
+        self._undo = undo
+        _HANDLES[model] = self
+
+    @property
+    def patched(self) -> bool:
+        return handle_of(self.model) is self
+
+    @property
+    def store(self) -> HostStore:
+        """Where every expert lives on the host."""
+        return self.cache.store
+
+    def stats(self) -> OffloadStats:
+        s = self.cache.snapshot()
+        opt, link = self.options, self.options.link
+        link_info = ({"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us} if link is not None else
+                     {"emulated": False, "kind": "pcie" if self.cache.device.type == "cuda" else "memcpy"})  # fmt: skip
+        return OffloadStats(
+            device=str(self.cache.device), link=link_info, fallback=opt.fallback, prefetch=opt.prefetch,
+            slots=self.cache.num_slots, expert_bytes=self.cache.slot_bytes, budget_bytes=self.plan.budget_bytes,
+            standin_bytes=self.plan.standin_bytes, resident_bytes=self.cache.resident_bytes + self.plan.standin_bytes,
+            hits=s.hits, inflight_hits=s.inflight_hits, misses=s.misses, copies=s.copies,
+            bytes_copied=s.bytes_copied, stall_seconds=s.stall_seconds, evictions=s.evictions, waves=s.waves,
+            warmup_copies=s.warmup_copies, prefetches=s.prefetches, prefetches_used=s.prefetches_used,
+            substituted=s.substituted, gated_fetches=s.gated_fetches,
+            per_layer=tuple(LayerStats(i, b.name, s.layer_hits[i], s.layer_misses[i])
+                            for i, b in enumerate(self.blocks)),
+        )  # fmt: skip
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the cache's contents stay)."""
+        self.cache.reset_stats()
+
+    def unpatch(self) -> None:
+        """Detach every hook and put the original expert parameters back: the model is as before `patch`."""
+        if not self.patched:
+            raise RuntimeError("this model was already unpatched")
+        del _HANDLES[self.model]
+        self._undo.close()

@@ -1,0 +1,97 @@
+"""The offload plan without a model, the options object, and what patch leaves of process-wide state."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import offload_moe
+from offload_moe import BudgetError, ExpertGeometry, OffloadOptions, make_plan
+
+# Mixtral-8x7B in bfloat16: 32 layers x 8 experts, 3 matrices of 4096 x 14336
+MIXTRAL = ExpertGeometry(32, 8, 2, {"gate_up_proj": (28672, 4096), "down_proj": (4096, 14336)}, itemsize=2)
+
+
+def test_plan_of_mixtral_by_hand():
+    assert MIXTRAL.expert_bytes == 3 * 4096 * 14336 * 2  # 352 MB
+    plan = make_plan(MIXTRAL, "24GiB", OffloadOptions())
+    assert plan.slots == 24 * 2**30 // MIXTRAL.expert_bytes == 73
+    assert plan.standin_bytes == 0 and plan.device_expert_bytes <= plan.budget_bytes
+    assert make_plan(MIXTRAL, 1.0, OffloadOptions()).all_resident
+
+
+def test_lowrank_standins_take_their_share_and_count_against_the_budget():
+    plan = make_plan(MIXTRAL, 0.25, OffloadOptions(fallback="lowrank", standin_fraction=0.05))
+    per_rank = (28672 + 4096 + 4096 + 14336) * 2
+    assert plan.standin_rank == int(0.05 * 3 * 4096 * 14336 // (per_rank / 2))
+    assert plan.standin_bytes == 256 * plan.standin_rank * per_rank
+    assert plan.device_expert_bytes <= plan.budget_bytes
+    capped = make_plan(MIXTRAL, 0.1, OffloadOptions(fallback="lowrank", standin_fraction=0.5))
+    assert capped.standin_bytes <= 0.4 * capped.budget_bytes  # never more than 40% of the budget
+    assert make_plan(MIXTRAL, 0.25, OffloadOptions(fallback="lowrank"), calibrated_rank=3).standin_rank == 3
+
+
+def test_budget_errors_say_how_much_is_needed():
+    with pytest.raises(BudgetError, match="raise the budget to at least 672.0 MiB"):
+        make_plan(MIXTRAL, "500MiB", OffloadOptions())
+    with pytest.raises(BudgetError, match="no room for rank-1 stand-ins"):
+        make_plan(MIXTRAL, "10MiB", OffloadOptions(fallback="lowrank"))
+    ungated = ExpertGeometry(2, 4, 1, {"up_proj": (8, 4), "down_proj": (4, 8)}, itemsize=4)
+    with pytest.raises(ValueError, match="needs gated experts"):
+        make_plan(ungated, 0.5, OffloadOptions(fallback="lowrank"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"fallback": "pray"}, ValueError, "unknown fallback 'pray'"),
+        ({"prefetch": "oracle"}, ValueError, "unknown prefetch 'oracle'"),
+        ({"eviction": "fifo"}, ValueError, "unknown eviction policy 'fifo'"),
+        ({"critical_weight": 0}, ValueError, "critical_weight"),
+        ({"lookahead_depth": 0}, ValueError, "lookahead needs depth"),
+        ({"fallback": "buddy"}, ValueError, "needs buddy lists"),
+        ({"link": 3}, TypeError, "EmulatedLink"),
+        ({"budgte": 0.5}, TypeError, r"unknown option\(s\) \['budgte'\]"),
+    ],
+)
+def test_options_are_validated_once(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        OffloadOptions.of(**kwargs)
+
+
+def test_options_object_and_keywords_combine():
+    base = OffloadOptions(fallback="drop", prefetch=None)
+    assert OffloadOptions.of(base, critical_weight=0.7) == OffloadOptions("lru", "drop", 0.7, None)
+    model = tiny_model("mixtral")
+    handle = offload_moe.patch(model, budget=0.5, device="cpu", options=base, eviction="lfu")
+    assert (handle.options.fallback, handle.options.eviction, handle.options.prefetch) == ("drop", "lfu", None)
+    handle.unpatch()
+
+
+def test_load_refuses_to_pin_a_memory_map(tmp_path):
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="memory-mapped"):
+        offload_moe.load(tmp_path, budget=0.5, device="cpu", pin_memory=True)
+
+
+def test_compile_leaves_dynamos_process_wide_limit_as_it_was():
+    limit = torch._dynamo.config.recompile_limit
+    model = tiny_model("mixtral")
+    handle = offload_moe.patch(model, budget=0.5, device="cpu", compile=True)
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append(torch._dynamo.config.recompile_limit), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 8)))
+    assert torch._dynamo.config.recompile_limit == limit  # outside a forward: untouched
+    assert seen and seen[0] >= 4 * model.config.num_hidden_layers  # raised only while the model runs
+    handle.unpatch()
+
+
+def test_importing_the_packages_draws_nothing():
+    code = "import sys, offload_moe, fairness, hooks; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
