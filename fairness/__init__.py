@@ -6,29 +6,44 @@ from . import equinox as _equinox  # noqa: F401  (registers "equinox")
 from . import policies as _builtin_policies  # noqa: F401  (registers the built-in policies)
 from .engine import PRESETS, EngineModel
 from .equinox import Equinox
+from .ledger import Backlog, Ledger
 from .policy import SchedulingPolicy, make_policy, policy_names, register_policy
 from .predictor import HistoryPredictor, OnnxPredictor
 from .request import Request, RequestInfo
-from .simulator import SimResult, simulate
+from .simulator import SimObserver, SimResult, Simulator, simulate
 from .telemetry import GPUSample, Telemetry
-from .workloads import TraceFormatError, load_azure_csv, load_jsonl, load_sharegpt, make_workload
+from .workloads import (
+    TraceFormatError,
+    bundled_trace,
+    load_azure_csv,
+    load_jsonl,
+    load_sharegpt,
+    load_trace,
+    make_workload,
+)
 
 __all__ = [
-    "PRESETS",
+    "Backlog",
     "EngineModel",
     "Equinox",
     "GPUSample",
     "HistoryPredictor",
+    "Ledger",
     "OnnxPredictor",
+    "PRESETS",
     "Request",
     "RequestInfo",
     "SchedulingPolicy",
+    "SimObserver",
     "SimResult",
+    "Simulator",
     "Telemetry",
     "TraceFormatError",
+    "bundled_trace",
     "load_azure_csv",
     "load_jsonl",
     "load_sharegpt",
+    "load_trace",
     "make_policy",
     "make_workload",
     "policy_names",

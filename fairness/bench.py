@@ -18,10 +18,11 @@ import numpy as np
 
 from . import EngineModel, Request, load_azure_csv, load_jsonl, make_workload, mope, simulate
 from .equinox import Equinox
+from .plots import plot_runs
 from .predictor import HistoryPredictor, OnnxPredictor
-from .report import plot, run, table
+from .report import run, table
+from .workloads import bundled_trace
 
-TRACES = Path(__file__).resolve().parent.parent / "examples" / "traces"
 SUITE = ["overload", "proportional", "on-off", "poisson-short-long", "increasing", "distribution-shift"]
 BASELINES = ["fcfs", "rpm", "vtc", "vtc-pred"]
 SEEDS = (0, 1, 2)  # MoPE and the single regressor are each trained with these seeds; the scheduler uses the first
@@ -50,9 +51,9 @@ def halves(requests: list[Request]) -> tuple[list[Request], list[Request]]:
 def _traces(quick: bool) -> list[tuple[str, list[Request], str]]:
     """(name, requests, engine preset) of each real trace: ~5 requests/s of ~1k-token Azure prompts would leave an
     A10G-class engine hours behind, so Azure runs on the A100 preset."""
-    out = [("lmsys-arena", load_jsonl(TRACES / "lmsys-arena-vtc.jsonl"), "a10g-llama2-7b")]
+    out = [("lmsys-arena", load_jsonl(bundled_trace("lmsys-arena-vtc.jsonl")), "a10g-llama2-7b")]
     if not quick:
-        out.append(("azure-conv", load_azure_csv(TRACES / "azure-llm-2023-conv.csv"), "a100-llama2-7b"))
+        out.append(("azure-conv", load_azure_csv(bundled_trace("azure-llm-2023-conv.csv")), "a100-llama2-7b"))
     return out
 
 
@@ -129,7 +130,7 @@ def run_fairness_bench(out: Path, quick: bool = False) -> dict:
         print(f"\nfairness: {name}, {len(requests)} requests, {len({r.client for r in requests})} clients "
               f"(simulated engine {preset})")  # fmt: skip
         print(table(rows))
-        plot([r for _, r, _ in rows], name, out)
+        plot_runs([r for _, r, _ in rows], name, out)
         summary["workloads"][name] = {"engine": preset, **{p: {"metrics": res.metrics, "sim_wall_s": s}
                                                            for p, res, s in rows}}  # fmt: skip
     summary["simulator_speed"] = simulator_speed()
@@ -139,11 +140,15 @@ def run_fairness_bench(out: Path, quick: bool = False) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="The fairness part of make bench (simulated engine).")
     ap.add_argument("--quick", action="store_true", help="two synthetic workloads and the LMSYS trace, 120 s each")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     run_fairness_bench(args.out, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

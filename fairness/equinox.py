@@ -27,15 +27,15 @@ Our formulation (the paper's exact formulas are not public; see README "Equinox 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from .engine import EngineModel
 from .features import TARGETS, LoadTracker
-from .ledger import Ledger
-from .policies import VTC
-from .policy import register_policy
+from .ledger import Backlog, Ledger
+from .policy import SchedulingPolicy, register_policy
 from .predictor import HistoryPredictor, OnnxPredictor, Predictor
 from .request import RequestInfo
 from .telemetry import Telemetry
@@ -43,17 +43,17 @@ from .telemetry import Telemetry
 _OUT, _E2E = TARGETS.index("output_tokens"), TARGETS.index("e2e_s")
 
 
-def holistic(ufc: dict[str, float], rfc: dict[str, float], clients: list[str], alpha: float) -> dict[str, float]:
+def holistic(ufc: Mapping[str, float], rfc: Mapping[str, float], clients: list[str], alpha: float) -> dict[str, float]:
     """H_c = alpha * UFC_c / mean(UFC) + (1 - alpha) * RFC_c / mean(RFC), means over `clients` (a term is 0 while
-    its mean is 0)."""
-    mu = sum(ufc[c] for c in clients) / len(clients) if clients else 0.0
-    mr = sum(rfc[c] for c in clients) / len(clients) if clients else 0.0
-    return {
-        c: alpha * (ufc[c] / mu if mu > 0 else 0.0) + (1 - alpha) * (rfc[c] / mr if mr > 0 else 0.0) for c in clients
-    }
+    its mean is 0; a client without a counter yet has 0)."""
+    u = {c: ufc.get(c, 0.0) for c in clients}
+    r = {c: rfc.get(c, 0.0) for c in clients}
+    mu = sum(u.values()) / len(clients) if clients else 0.0
+    mr = sum(r.values()) / len(clients) if clients else 0.0
+    return {c: alpha * (u[c] / mu if mu > 0 else 0.0) + (1 - alpha) * (r[c] / mr if mr > 0 else 0.0) for c in clients}
 
 
-class Equinox(VTC):
+class Equinox(SchedulingPolicy):
     """The Equinox scheduling policy (see the module docstring for the formulas).
 
     predictor: a MoPE (`OnnxPredictor` or a path to its .onnx file); default: `HistoryPredictor` (client means).
@@ -84,17 +84,18 @@ class Equinox(VTC):
             raise ValueError("ttft_slo_s, tpot_slo_s and step_slo_s must be > 0 and min_chunk >= 1")
         if max_kappa < 0.5 or kappa_growth < 0 or not 0 < kappa_backoff <= 1:
             raise ValueError("need max_kappa >= 0.5, kappa_growth >= 0 and 0 < kappa_backoff <= 1")
-        super().__init__(w_p, w_q)
         if isinstance(predictor, str | Path):
             predictor = OnnxPredictor(predictor)
         if predictor is not None and not callable(getattr(predictor, "predict", None)):
             raise TypeError(f"predictor must have predict(features) -> predictions, got {type(predictor).__name__}")
         self.predictor: Predictor = predictor or HistoryPredictor()
+        self.w_p, self.w_q = w_p, w_q
         self.alpha, self.gamma, self.ttft_slo_s, self.tpot_slo_s = alpha, gamma, ttft_slo_s, tpot_slo_s
         self.adaptive, self.step_slo_s, self.min_chunk = adaptive, step_slo_s, min_chunk
         self.max_kappa, self.kappa_growth, self.kappa_backoff = max_kappa, kappa_growth, kappa_backoff
         self.ufc, self.rfc = Ledger(), Ledger()
-        self.counters = self.ufc.value  # VTC's `counters` attribute shows the user counter
+        self.backlog = Backlog()
+        self._running: dict[int, RequestInfo] = {}
         self.load = LoadTracker()
         self.predicted: dict[int, np.ndarray] = {}  # id -> [T] MoPE prediction at arrival
         self._generated: dict[int, int] = defaultdict(int)
@@ -110,11 +111,11 @@ class Equinox(VTC):
     def configure(self, engine: EngineModel, telemetry: Telemetry) -> None:
         self.engine, self.telemetry = engine, telemetry
 
-    def batch_limits(self, now: float) -> tuple[int, int]:
+    def batch_limits(self, now: float) -> tuple[int, int] | None:
         """(step token budget, max running requests) for the next step."""
         e = self.engine
         if e is None or not self.adaptive:
-            return (e.max_step_tokens, e.max_running) if e else (1 << 30, 1 << 30)
+            return None
         decoding = len(self.load.context)
         base = e.step_seconds(0, decoding, sum(self.load.context.values()))
         prefill = int((self.step_slo_s - base) / e.prefill_s_per_token) if e.prefill_s_per_token > 0 else 1 << 30
@@ -132,16 +133,6 @@ class Equinox(VTC):
 
     # --- the policy protocol -------------------------------------------------------------------------------------
 
-    def _lift(self, u: str) -> None:
-        if self._queues[u]:
-            return
-        backlog = self.backlogged()
-        for counter in (self.ufc.value, self.rfc.value):
-            if backlog:
-                counter[u] = max(counter[u], min(counter[c] for c in backlog))
-            elif self._last_left is not None:
-                counter[u] = max(counter[u], counter[self._last_left])
-
     def add_request(self, req: RequestInfo, now: float) -> None:
         pred = np.asarray(self.predictor.predict(self.load.features(req)[None, :]), dtype=np.float64)
         if pred.shape != (1, len(TARGETS)):
@@ -151,27 +142,27 @@ class Equinox(VTC):
         pred[_OUT] = min(max(out, 1.0), req.max_output_tokens or out)
         self.predicted[req.id] = pred
         self.load.arrive(req)
-        super().add_request(req, now)
+        self.backlog.push(req, (self.ufc, self.rfc))
 
     def scores(self) -> dict[str, float]:
         """H_c of every client seen so far."""
-        clients = list(self._queues)
-        return holistic(self.ufc.value, self.rfc.value, clients, self.alpha)
+        return holistic(self.ufc.values(), self.rfc.values(), self.backlog.clients(), self.alpha)
 
     def next_request(self, now: float) -> RequestInfo | None:
-        backlog = self.backlogged()
-        if not backlog:
+        if not self.backlog.backlogged():
             return None
         h = self.scores()
-        client = min(backlog, key=lambda c: (h[c], self._queues[c][0].arrival_s, c))
-        head = self._queues[client][0]
+        head = self.backlog.pick(lambda c: h[c])
         return head if self._fits(head) else None
 
     def on_admit(self, req: RequestInfo, now: float) -> None:
         self.load.admit(req, req.input_tokens + self._generated[req.id])
         self._footprint += self._predicted_kv(req.id, req.input_tokens)
         self._first_admit.setdefault(req.id, now)
-        super().on_admit(req, now)
+        self.backlog.remove(req)
+        self._running[req.id] = req
+        if not self.ufc.holds(req.id):  # a resumed request was charged at its first admission
+            self._charge_admission(req)
 
     def _latency_factor(self, e2e_s: float, output_tokens: float) -> float:
         slo = self.ttft_slo_s + self.tpot_slo_s * output_tokens
@@ -227,9 +218,8 @@ class Equinox(VTC):
         self.ufc.settle(req.id, tokens * self._latency_factor(e2e, output_tokens))
         self.rfc.settle(req.id)
         self.load.finish(req, output_tokens)
-        for d in (self.predicted, self._generated, self._first_admit):
+        for d in (self.predicted, self._generated, self._first_admit, self._running):
             d.pop(req.id, None)
-        super().on_finish(req, output_tokens, now)
 
     def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo:
         """The newest request of the client with the largest H (VTC's rule, on the holistic score)."""
@@ -240,7 +230,8 @@ class Equinox(VTC):
         self._footprint -= self._predicted_kv(req.id, req.input_tokens)
         self.load.preempt(req)
         self.kappa = max(0.5, self.kappa * self.kappa_backoff)
-        super().on_preempt(req, now)
+        del self._running[req.id]
+        self.backlog.push(req, (self.ufc, self.rfc), front=True)
 
 
 register_policy("equinox", Equinox)

@@ -9,7 +9,8 @@ TTFT, end-to-end latency, the decode throughput it will get and the compute util
 
 Each expert is a small MLP over standardised features (clamped to the range seen in training) predicting log1p of
 every target. The gate is a small MLP whose softmax weights mix the experts' outputs: a fixed function of the input,
-so the same features give the same prediction every time. Training first specialises expert e on the e-th
+so the same features give the same prediction every time. The mixture is one torch module (`MoPE`); its ONNX export
+is built from that module's weights and tested for parity against it. Training first specialises expert e on the e-th
 output-length regime (quantiles of the training outputs) and teaches the gate to recognise the regimes, then
 fine-tunes all of it end to end on the L1 error in log space (a conditional median, which is what minimises L1 error
 in tokens). Computation is in float64.
@@ -22,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .engine import EngineModel
 from .features import FEATURES, TARGETS, LoadTracker
-from .policy import SchedulingPolicy, make_policy
+from .policy import SchedulingPolicy
+from .predictor import Predictor
 from .request import Request, RequestInfo
-from .simulator import simulate
+from .simulator import SimObserver, simulate
 from .telemetry import Telemetry
 
 TARGET_WEIGHTS = (2.0, 1.0, 1.0, 1.0, 1.0)  # output tokens matter most: the counters charge them
@@ -66,32 +69,24 @@ class Dataset:
         return Dataset(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "y", "arrival_s", "source")))
 
 
-class _Recorder:
-    """Wraps a policy and logs, per request, the features at arrival and what happened to it."""
+class _Recorder(SimObserver):
+    """Logs, per request, the features at arrival and what happened to it."""
 
-    def __init__(self, inner: SchedulingPolicy):
-        self.inner, self.name = inner, getattr(inner, "name", "recorded")
+    def __init__(self) -> None:
         self.load = LoadTracker()
         self.telemetry: Telemetry | None = None
         self.rows: dict[int, dict] = {}
 
-    def configure(self, engine: EngineModel, telemetry: Telemetry) -> None:
+    def on_start(self, engine: EngineModel, telemetry: Telemetry) -> None:
         self.telemetry = telemetry
-        if hasattr(self.inner, "configure"):
-            self.inner.configure(engine, telemetry)
 
-    def add_request(self, req: RequestInfo, now: float) -> None:
+    def on_arrival(self, req: RequestInfo, now: float) -> None:
         self.rows[req.id] = {"x": self.load.features(req), "arrival": now, "util": []}
         self.load.arrive(req)
-        self.inner.add_request(req, now)
-
-    def next_request(self, now: float) -> RequestInfo | None:
-        return self.inner.next_request(now)
 
     def on_admit(self, req: RequestInfo, now: float) -> None:
         self.load.admit(req, req.input_tokens + self.rows[req.id].get("generated", 0))
         self.rows[req.id].setdefault("admit", now)
-        self.inner.on_admit(req, now)
 
     def on_step(self, generated: dict[int, int], step_s: float, now: float) -> None:
         self.load.step(generated)
@@ -102,7 +97,6 @@ class _Recorder:
             row["generated"] = row.get("generated", 0) + n
             if sample is not None:
                 row["util"].append(sample.gpu_util)
-        self.inner.on_step(generated, step_s, now)
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
         self.load.finish(req, output_tokens)
@@ -114,14 +108,9 @@ class _Recorder:
             output_tokens / max(now - row["admit"], 1e-6),
             float(np.mean(row["util"])) if row["util"] else 0.0,
         ]
-        self.inner.on_finish(req, output_tokens, now)
-
-    def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo:
-        return self.inner.preemption_victim(running)
 
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         self.load.preempt(req)
-        self.inner.on_preempt(req, now)
 
 
 def collect(
@@ -132,8 +121,8 @@ def collect(
     until_s: float | None = None,
 ) -> Dataset:
     """Run `requests` through the simulator under `policy` and log every finished request (training data)."""
-    rec = _Recorder(make_policy(policy))
-    simulate(requests, rec, engine=engine, until_s=until_s)
+    rec = _Recorder()
+    simulate(requests, policy, engine=engine, until_s=until_s, observers=[rec])
     rows = [r for r in rec.rows.values() if "y" in r]
     if not rows:
         raise ValueError(f"no request of {source!r} finished: nothing to learn from (run longer or with less load)")
@@ -145,26 +134,56 @@ def collect(
     )
 
 
-class MoPE:
-    """A trained mixture (numpy weights, float64). `experts=1` is the single-regressor baseline."""
+class MoPE(torch.nn.Module):
+    """The mixture: `experts` MLPs over standardised features (clamped to the training range) predicting log1p of
+    every target, mixed by a softmax gate. `experts=1` is the single-regressor baseline. float64 throughout.
 
-    def __init__(self, params: dict[str, np.ndarray], experts: int):
-        self.params, self.experts = params, experts
+    forward(x [N, F] raw features) -> [N, T] predictions in log1p space; `predict` gives them in target units.
+    """
 
-    def raw(self, x: np.ndarray) -> np.ndarray:
-        """[N, T] predictions in log1p space, in numpy (the framework-free reference of the ONNX graph)."""
-        p = self.params
-        z = np.clip((np.asarray(x, dtype=np.float64) - p["mean"]) / p["std"], p["zmin"], p["zmax"])  # [N, F]
-        h = np.maximum(np.einsum("nf,efh->enh", z, p["w1"]) + p["b1"], 0)  # [E, N, H]
-        h = np.maximum(np.einsum("enh,ehk->enk", h, p["w2"]) + p["b2"], 0)  # [E, N, H]
-        ye = np.einsum("enh,eht->ent", h, p["w3"]) + p["b3"]  # [E, N, T]
-        g = np.maximum(z @ p["g1"] + p["gb1"], 0) @ p["g2"] + p["gb2"]  # [N, E]
-        g = np.exp(g - g.max(axis=1, keepdims=True))
-        g /= g.sum(axis=1, keepdims=True)
-        return np.einsum("ne,ent->nt", g, ye)
+    def __init__(self, experts: int, hidden: int, generator: torch.Generator | None = None):
+        super().__init__()
+        f, t, e = len(FEATURES), len(TARGETS), experts
+        self.experts = experts
 
+        def init(*shape: int) -> torch.nn.Parameter:
+            w = torch.randn(*shape, generator=generator, dtype=torch.float64) * (2.0 / shape[-2]) ** 0.5
+            return torch.nn.Parameter(w)
+
+        def zeros(*shape: int) -> torch.nn.Parameter:
+            return torch.nn.Parameter(torch.zeros(*shape, dtype=torch.float64))
+
+        self.w1, self.b1 = init(e, f, hidden), zeros(e, 1, hidden)  # experts: [E, F, H] ...
+        self.w2, self.b2 = init(e, hidden, hidden), zeros(e, 1, hidden)
+        self.w3, self.b3 = init(e, hidden, t), zeros(e, 1, t)  # ... -> [E, N, T]
+        self.g1, self.gb1 = init(f, hidden), zeros(hidden)  # gate: [F, H] -> [H, E]
+        self.g2, self.gb2 = init(hidden, e), zeros(e)
+        for name in ("mean", "std", "zmin", "zmax"):  # input standardisation and the training range, [F]
+            self.register_buffer(name, torch.zeros(f, dtype=torch.float64))
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / self.std).clamp(self.zmin, self.zmax)  # [N, F]
+
+    def experts_out(self, z: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.einsum("nf,efh->enh", z, self.w1) + self.b1)
+        h = torch.relu(torch.einsum("enh,ehk->enk", h, self.w2) + self.b2)
+        return torch.einsum("enh,eht->ent", h, self.w3) + self.b3  # [E, N, T]
+
+    def gate_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.relu(z @ self.g1 + self.gb1) @ self.g2 + self.gb2  # [N, E]
+
+    def mix(self, z: torch.Tensor) -> torch.Tensor:
+        g = torch.softmax(self.gate_logits(z), dim=1)  # [N, E]
+        return torch.einsum("ne,ent->nt", g, self.experts_out(z))  # [N, T]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.standardise(x))
+
+    @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.maximum(np.expm1(self.raw(x)), 0.0)
+        """[N, T] predictions in target units (tokens, seconds, ...)."""
+        raw = self(torch.as_tensor(np.asarray(x, dtype=np.float64)))
+        return torch.expm1(raw).clamp_min(0.0).numpy()
 
     def export(self, path: str | Path) -> Path:
         """Write the mixture as one ONNX graph: raw features in, [N, T] predictions out."""
@@ -172,9 +191,10 @@ class MoPE:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        params = {k: v.detach().numpy() for k, v in self.state_dict().items()}
         meta = {"features": json.dumps(list(FEATURES)), "targets": json.dumps(list(TARGETS)),
                 "experts": str(self.experts)}  # fmt: skip
-        path.write_bytes(to_onnx(self.params, meta).SerializeToString())
+        path.write_bytes(to_onnx(params, meta).SerializeToString())
         return path
 
 
@@ -187,40 +207,22 @@ def train(
     lr: float = 1e-2,
 ) -> MoPE:
     """Fit a MoPE (or, with experts=1, a single regressor) to `data`. Deterministic for a given seed and machine."""
-    import torch
-
     if experts < 1 or hidden < 1 or steps < 1:
         raise ValueError("experts, hidden and steps must all be >= 1")
     if len(data) < 10 * experts:
         raise ValueError(f"{len(data)} rows are too few to train {experts} experts; collect more (>= {10 * experts})")
-    f, t, e = len(FEATURES), len(TARGETS), experts
+    model = MoPE(experts, hidden, torch.Generator().manual_seed(seed))
     x = torch.tensor(data.x, dtype=torch.float64)
     y = torch.log1p(torch.tensor(data.y, dtype=torch.float64).clamp_min(0))  # [N, T]
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
-    zmin, zmax = z.min(0).values, z.max(0).values  # inputs are clamped to the training range: no wild extrapolation
-    gen = torch.Generator().manual_seed(seed)
-
-    def init(*shape: int) -> torch.nn.Parameter:
-        return torch.nn.Parameter(torch.randn(*shape, generator=gen, dtype=torch.float64) * (2.0 / shape[-2]) ** 0.5)
-
-    def zeros(*shape: int) -> torch.nn.Parameter:
-        return torch.nn.Parameter(torch.zeros(*shape, dtype=torch.float64))
-
-    p = {"w1": init(e, f, hidden), "b1": zeros(e, 1, hidden), "w2": init(e, hidden, hidden), "b2": zeros(e, 1, hidden),
-         "w3": init(e, hidden, t), "b3": zeros(e, 1, t), "g1": init(f, hidden), "gb1": zeros(hidden),
-         "g2": init(hidden, e), "gb2": zeros(e)}  # fmt: skip
     with torch.no_grad():
-        p["b3"] += y.median(0).values  # start every expert at the overall median
+        model.mean.copy_(mean)
+        model.std.copy_(std)
+        model.zmin.copy_(z.min(0).values)  # inputs are clamped to the training range: no wild extrapolation
+        model.zmax.copy_(z.max(0).values)
+        model.b3 += y.median(0).values  # start every expert at the overall median
     w = torch.tensor(TARGET_WEIGHTS, dtype=torch.float64)
-
-    def experts_out(zz: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(torch.einsum("nf,efh->enh", zz, p["w1"]) + p["b1"])
-        h = torch.relu(torch.einsum("enh,ehk->enk", h, p["w2"]) + p["b2"])
-        return torch.einsum("enh,eht->ent", h, p["w3"]) + p["b3"]  # [E, N, T]
-
-    def gate_logits(zz: torch.Tensor) -> torch.Tensor:
-        return torch.relu(zz @ p["g1"] + p["gb1"]) @ p["g2"] + p["gb2"]  # [N, E]
 
     def fit(params: list[torch.nn.Parameter], loss_fn, n: int, rate: float) -> None:
         opt = torch.optim.Adam(params, lr=rate)
@@ -229,28 +231,20 @@ def train(
             loss_fn().backward()
             opt.step()
 
-    if e > 1:  # 1) specialise: expert k learns the k-th output-length regime, the gate learns to tell them apart
-        edges = torch.quantile(y[:, 0], torch.linspace(0, 1, e + 1, dtype=torch.float64)[1:-1])
+    m = model
+    if experts > 1:  # 1) specialise: expert k learns the k-th output-length regime, the gate learns to tell them apart
+        edges = torch.quantile(y[:, 0], torch.linspace(0, 1, experts + 1, dtype=torch.float64)[1:-1])
         regime = torch.bucketize(y[:, 0].contiguous(), edges)  # [N]
         rows = torch.arange(len(z))
-        expert_keys = ["w1", "b1", "w2", "b2", "w3", "b3"]
-        fit([p[k] for k in expert_keys],
-            lambda: ((experts_out(z)[regime, rows] - y).abs() * w).mean(), steps, lr)  # fmt: skip
-        fit([p[k] for k in ("g1", "gb1", "g2", "gb2")],
-            lambda: torch.nn.functional.cross_entropy(gate_logits(z), regime), steps, lr)  # fmt: skip
-
-    def mixture_loss() -> torch.Tensor:  # 2) end to end: L1 of the gated mixture in log space
-        g = torch.softmax(gate_logits(z), dim=1)  # [N, E]
-        return ((torch.einsum("ne,ent->nt", g, experts_out(z)) - y).abs() * w).mean()
-
-    fit(list(p.values()), mixture_loss, steps, lr if e == 1 else lr / 3)
-    params = {k: v.detach().numpy().copy() for k, v in p.items()}
-    params["mean"], params["std"] = mean.numpy().copy(), std.numpy().copy()
-    params["zmin"], params["zmax"] = zmin.numpy().copy(), zmax.numpy().copy()
-    return MoPE(params, e)
+        fit([m.w1, m.b1, m.w2, m.b2, m.w3, m.b3],
+            lambda: ((m.experts_out(z)[regime, rows] - y).abs() * w).mean(), steps, lr)  # fmt: skip
+        fit([m.g1, m.gb1, m.g2, m.gb2], lambda: torch.nn.functional.cross_entropy(m.gate_logits(z), regime), steps, lr)
+    # 2) end to end: L1 of the gated mixture in log space
+    fit(list(m.parameters()), lambda: ((m.mix(z) - y).abs() * w).mean(), steps, lr if experts == 1 else lr / 3)
+    return model.eval()
 
 
-def l1_errors(model: MoPE | object, data: Dataset) -> dict[str, float]:
+def l1_errors(model: Predictor, data: Dataset) -> dict[str, float]:
     """Mean absolute error of each target on `data` (output tokens in tokens, latencies in seconds); NaN for targets
     the model does not predict."""
     err = np.abs(model.predict(data.x) - data.y)  # [N, T]

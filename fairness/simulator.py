@@ -4,16 +4,17 @@ Each step: running decodes go first (one token each, never stalled by prefill), 
 chunks, then the policy admits waiting requests while the per-step token budget, the KV pool and the batch size
 allow (stall-free, chunked prefill in the Sarathi-Serve sense). KV grows by one token per generated token; when it
 runs out, the policy picks a running request to preempt (its KV dropped); it goes back to the policy, which decides
-when it resumes, and is then recomputed (as vLLM does).
-
-Optional policy hooks: `configure(engine, telemetry)` once before the run (the telemetry serves the simulator's own
-per-step estimate: NVML is never read in a simulation), and `batch_limits(now) -> (step tokens, running requests)`
-each step for adaptive batching (clipped to the engine's maxima).
+when it resumes, and is then recomputed (as vLLM does). The telemetry the policy sees serves the simulator's own
+per-step estimate: NVML is never read in a simulation.
 """
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,22 @@ from .telemetry import Telemetry
 W_P, W_Q = 1.0, 2.0  # VTC's service weights of an input and an output token, used to measure service
 
 
+class SimObserver:
+    """Sees what the engine does, request by request (for logs and training data); every method is optional."""
+
+    def on_start(self, engine: EngineModel, telemetry: Telemetry) -> None: ...
+
+    def on_arrival(self, req: RequestInfo, now: float) -> None: ...
+
+    def on_admit(self, req: RequestInfo, now: float) -> None: ...
+
+    def on_step(self, generated: dict[int, int], step_s: float, now: float) -> None: ...
+
+    def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None: ...
+
+    def on_preempt(self, req: RequestInfo, now: float) -> None: ...
+
+
 @dataclass
 class _Seq:
     info: RequestInfo
@@ -34,7 +51,6 @@ class _Seq:
     prefilled: int = 0
     generated: int = 0
     kv: int = 0
-    admitted_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
     input_served: int = 0  # input tokens counted as service (recomputation after preemption is not service)
@@ -53,196 +69,278 @@ class SimResult:
     ttft: dict[str, list[float]] = field(default_factory=dict)  # client -> TTFT of each request (s)
 
 
+class _PolicyClock:
+    """Calls the policy and adds up the time each hook takes (the scheduler's own overhead)."""
+
+    def __init__(self, policy: SchedulingPolicy):
+        self.policy = policy
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def __call__(self, hook: str, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return getattr(self.policy, hook)(*args)
+        finally:
+            self.seconds[hook] += time.perf_counter() - t0
+            self.calls[hook] += 1
+
+    def overhead_us(self) -> dict[str, float]:
+        """Mean microseconds per scheduling decision (a next_request call, admitted or not), per arrival (add_request,
+        which includes any prediction) and per engine step (on_step + batch_limits)."""
+
+        def per(names: tuple[str, ...], count: str) -> float:
+            return 1e6 * sum(self.seconds[n] for n in names) / max(self.calls[count], 1)
+
+        return {
+            "decision_us": per(("next_request",), "next_request"),
+            "arrival_us": per(("add_request",), "add_request"),
+            "step_us": per(("on_step", "batch_limits"), "on_step"),
+        }
+
+
+class Simulator:
+    """One run of `requests` through `engine` under `policy`: arrive, preempt, schedule, step, finish, repeat."""
+
+    def __init__(
+        self,
+        requests: Sequence[Request],
+        policy: str | SchedulingPolicy,
+        engine: EngineModel | None = None,
+        sample_every_s: float = 1.0,
+        window_s: float = 60.0,
+        observers: Sequence[SimObserver] = (),
+    ):
+        if not requests:
+            raise ValueError("simulate needs at least one request")
+        self.engine = engine or EngineModel()
+        self.policy = make_policy(policy)
+        self.observers = list(observers)
+        reqs = sorted(requests, key=lambda r: r.arrival_s)
+        for r in reqs:
+            if r.input_tokens + min(r.output_tokens, r.max_output_tokens or r.output_tokens) > self.engine.kv_tokens:
+                raise ValueError(
+                    f"a request of {r.client!r} needs {r.input_tokens} + {r.output_tokens} KV tokens but the engine "
+                    f"has {self.engine.kv_tokens}; use a larger kv_tokens or drop such requests"
+                )
+        self.seqs = [
+            _Seq(RequestInfo(i, r.client, r.arrival_s, r.input_tokens, r.max_output_tokens, r.weight),
+                 min(r.output_tokens, r.max_output_tokens or r.output_tokens), r.input_tokens)
+            for i, r in enumerate(reqs)
+        ]  # fmt: skip
+        self.clients = sorted({r.client for r in reqs})
+        self.tracker = FairnessTracker(self.clients, sample_every_s, window_s)
+        self.telemetry = Telemetry(nvml=False)
+        self.clock = _PolicyClock(self.policy)
+        self.waiting = dict.fromkeys(self.clients, 0)  # arrived, not running (queued at the policy or preempted)
+        self.running: list[_Seq] = []
+        self.t = self.start = reqs[0].arrival_s
+        self.kv_used = self.next_arrival = self.done = 0
+        self.counts: dict[str, float] = defaultdict(float)  # busy_s, budget_used, compute_s, preemptions, ...
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for o in self.observers:
+            getattr(o, event)(*args)
+
+    def run(self, until_s: float | None = None) -> SimResult:
+        if self.policy.needs_oracle:
+            self.policy.set_oracle({s.info.id: s.output_tokens for s in self.seqs})
+        self.clock("configure", self.engine, self.telemetry)
+        self._emit("on_start", self.engine, self.telemetry)
+        while self.done < len(self.seqs) and (until_s is None or self.t < until_s):
+            self.arrive()
+            decode = self.preempt()
+            chunks = self.schedule(decode)
+            if not decode and not chunks:
+                if not self.idle():
+                    break
+                continue
+            self.finish(self.step(decode, chunks))
+            self.tracker.observe(self.t, self.waiting)
+        return self._result()
+
+    # --- phases ---------------------------------------------------------------------------------------------------
+
+    def arrive(self) -> None:
+        """Hand every request that has arrived by now to the policy."""
+        while self.next_arrival < len(self.seqs) and self.seqs[self.next_arrival].info.arrival_s <= self.t:
+            s = self.seqs[self.next_arrival]
+            self._emit("on_arrival", s.info, self.t)
+            self.clock("add_request", s.info, self.t)
+            self.waiting[s.info.client] += 1
+            self.next_arrival += 1
+
+    def preempt(self) -> list[_Seq]:
+        """Out of KV for this step's decodes: the policy picks whom to preempt. Returns the decoding requests."""
+        decode = [s for s in self.running if s.prefilled >= s.prompt]
+        while self.kv_used + len(decode) > self.engine.kv_tokens:
+            victim = self.seqs[self.clock("preemption_victim", [r.info for r in self.running]).id]
+            self.running.remove(victim)
+            self.kv_used -= victim.kv
+            victim.computed = max(victim.computed, victim.prefilled + max(0, victim.kv - victim.prompt))
+            victim.kv, victim.prefilled, victim.prompt = 0, 0, victim.info.input_tokens + victim.generated
+            self.counts["preemptions"] += 1
+            self._emit("on_preempt", victim.info, self.t)
+            self.clock("on_preempt", victim.info, self.t)
+            self.waiting[victim.info.client] += 1
+            decode = [s for s in self.running if s.prefilled >= s.prompt]
+        return decode
+
+    def schedule(self, decode: list[_Seq]) -> list[tuple[_Seq, int]]:
+        """Prefill chunks for this step: unfinished prefills first, then requests the policy admits."""
+        max_step_tokens, max_running = self.engine.max_step_tokens, self.engine.max_running
+        limits = self.clock("batch_limits", self.t)
+        if limits is not None:
+            max_step_tokens = max(1, min(max_step_tokens, int(limits[0])))
+            max_running = max(1, min(max_running, int(limits[1])))
+        budget = max_step_tokens - len(decode)
+        chunks: list[tuple[_Seq, int]] = []
+        for s in self.running:
+            if s.prefilled < s.prompt and budget > 0:
+                n = min(s.prompt - s.prefilled, budget)
+                chunks.append((s, n))
+                budget -= n
+        while budget > 0 and len(self.running) < max_running:
+            cand = self.clock("next_request", self.t)
+            if cand is None:
+                break
+            s = self.seqs[cand.id]
+            if self.kv_used + s.prompt + 1 > self.engine.kv_tokens:
+                break
+            self.clock("on_admit", s.info, self.t)
+            self._emit("on_admit", s.info, self.t)
+            self.waiting[s.info.client] -= 1
+            self.running.append(s)
+            s.kv = s.prompt
+            self.kv_used += s.prompt
+            n = min(s.prompt, budget)
+            chunks.append((s, n))
+            budget -= n
+        return chunks
+
+    def idle(self) -> bool:
+        """Nothing to run: jump to the next arrival (or let a rate limit expire). False when all is done."""
+        if self.next_arrival < len(self.seqs):
+            nxt = self.seqs[self.next_arrival].info.arrival_s
+            self.t = max(self.t, nxt) if not any(self.waiting.values()) else self.t + 0.05
+        elif any(self.waiting.values()):
+            self.t += 0.05
+        else:
+            return False
+        self.tracker.observe(self.t, self.waiting)
+        return True
+
+    def step(self, decode: list[_Seq], chunks: list[tuple[_Seq, int]]) -> list[_Seq]:
+        """Run one engine step: time passes, prompts are prefilled, tokens generated. Returns finished requests."""
+        e, c = self.engine, self.counts
+        prefill_tokens = sum(n for _, n in chunks)
+        c["prefilled_tokens"] += prefill_tokens
+        step_s = e.step_seconds(prefill_tokens, len(decode), sum(s.kv for s in decode))
+        self.t += step_s
+        c["busy_s"] += step_s
+        c["budget_used"] += step_s * (prefill_tokens + len(decode)) / e.max_step_tokens
+        # modelled compute utilisation: the share of the step a compute-bound engine would need for its tokens
+        step_compute = min(step_s, e.prefill_s_per_token * (prefill_tokens + len(decode)))
+        c["compute_s"] += step_compute
+        self.telemetry.report_estimate(self.t, step_compute / step_s)
+        generated: dict[int, int] = {s.info.id: 1 for s in decode}
+        for s, n in chunks:
+            c["recomputed_tokens"] += max(0, min(s.prefilled + n, s.computed) - s.prefilled)  # KV it had before
+            s.prefilled += n
+            newly = min(s.prefilled, s.info.input_tokens) - s.input_served
+            if newly > 0:
+                s.input_served += newly
+                self.tracker.serve(s.info.client, W_P * newly / s.info.weight)
+            if s.prefilled >= s.prompt:
+                generated[s.info.id] = 1  # the step that finishes a prefill samples the next token
+                if s.first_token_s is None:
+                    s.first_token_s = self.t
+        done = []
+        for rid, n in generated.items():
+            s = self.seqs[rid]
+            s.generated += n
+            s.kv += n
+            self.kv_used += n
+            self.tracker.serve(s.info.client, W_Q * n / s.info.weight)
+            if s.generated >= s.output_tokens:
+                done.append(s)
+        self._emit("on_step", generated, step_s, self.t)
+        self.clock("on_step", generated, step_s, self.t)
+        return done
+
+    def finish(self, done: list[_Seq]) -> None:
+        for s in done:
+            s.finish_s = self.t
+            self.running.remove(s)
+            self.kv_used -= s.kv
+            s.kv = 0
+            self.done += 1
+            self._emit("on_finish", s.info, s.generated, self.t)
+            self.clock("on_finish", s.info, s.generated, self.t)
+
+    # --- results --------------------------------------------------------------------------------------------------
+
+    def _result(self) -> SimResult:
+        seqs, clients, c = self.seqs, self.clients, self.counts
+        makespan = max(self.t - self.start, 1e-9)
+        ttft: dict[str, list[float]] = {cl: [] for cl in clients}
+        e2e: dict[str, list[float]] = {cl: [] for cl in clients}
+        for s in seqs:
+            if s.first_token_s is not None:
+                ttft[s.info.client].append(s.first_token_s - s.info.arrival_s)
+            if s.finish_s is not None:
+                e2e[s.info.client].append(s.finish_s - s.info.arrival_s)
+        all_ttft = [x for v in ttft.values() for x in v]
+        all_e2e = [x for v in e2e.values() for x in v]
+        recompute_s = c["recomputed_tokens"] * self.engine.prefill_s_per_token
+        metrics = {
+            "max_service_diff": self.tracker.max_diff,
+            "jain": self.tracker.jain(),
+            "throughput_tok_s": sum(s.generated for s in seqs) / makespan,
+            "input_tok_s": sum(s.input_served for s in seqs) / makespan,
+            "ttft_p50_s": percentile(all_ttft, 50),
+            "ttft_p99_s": percentile(all_ttft, 99),
+            "e2e_p50_s": percentile(all_e2e, 50),
+            "e2e_p99_s": percentile(all_e2e, 99),
+            "utilization": c["busy_s"] / makespan,
+            "token_budget_use": c["budget_used"] / max(c["busy_s"], 1e-9),
+            "compute_utilization": c["compute_s"] / makespan,  # modelled (see step), not NVML's busy flag
+            "useful_compute_utilization": (c["compute_s"] - recompute_s) / makespan,  # minus recomputation
+            "preemptions": float(c["preemptions"]),
+            "prefilled_tokens": float(c["prefilled_tokens"]),
+            "recomputed_tokens": float(c["recomputed_tokens"]),  # KV prefilled again after preemptions
+            "finished": float(self.done),
+            "requests": float(len(seqs)),
+            "makespan_s": makespan,
+            **self.clock.overhead_us(),
+        }
+        per_client = {
+            cl: {
+                "service": self.tracker.total(cl),
+                "requests": float(sum(s.info.client == cl for s in seqs)),
+                "ttft_p50_s": percentile(ttft[cl], 50),
+                "ttft_p99_s": percentile(ttft[cl], 99),
+                "e2e_p50_s": percentile(e2e[cl], 50),
+                "e2e_p99_s": percentile(e2e[cl], 99),
+            }
+            for cl in clients
+        }
+        times, service = self.tracker.series()
+        return SimResult(self.policy.name, metrics, per_client, times, service, ttft)
+
+
 def simulate(
-    requests: list[Request],
+    requests: Sequence[Request],
     policy: str | SchedulingPolicy,
     engine: EngineModel | None = None,
     until_s: float | None = None,
     sample_every_s: float = 1.0,
     window_s: float = 60.0,
+    observers: Sequence[SimObserver] = (),
 ) -> SimResult:
     """Run `requests` through `engine` scheduled by `policy` (a name or an instance).
 
     until_s: stop at this time (default: when every request has finished). Service is VTC's measure,
-    (1 x input tokens + 2 x output tokens) / client weight.
+    (1 x input tokens + 2 x output tokens) / client weight. observers: `SimObserver`s that see every event.
     """
-    engine = engine or EngineModel()
-    policy = make_policy(policy)
-    if not requests:
-        raise ValueError("simulate needs at least one request")
-    reqs = sorted(requests, key=lambda r: r.arrival_s)
-    for r in reqs:
-        if r.input_tokens + min(r.output_tokens, r.max_output_tokens or r.output_tokens) > engine.kv_tokens:
-            raise ValueError(
-                f"a request of {r.client!r} needs {r.input_tokens} + {r.output_tokens} KV tokens but the engine has "
-                f"{engine.kv_tokens}; use a larger kv_tokens or drop such requests"
-            )
-    seqs = [
-        _Seq(RequestInfo(i, r.client, r.arrival_s, r.input_tokens, r.max_output_tokens, r.weight),
-             min(r.output_tokens, r.max_output_tokens or r.output_tokens), r.input_tokens)
-        for i, r in enumerate(reqs)
-    ]  # fmt: skip
-    if getattr(policy, "needs_oracle", False):
-        policy.set_oracle({s.info.id: s.output_tokens for s in seqs})
-    telemetry = Telemetry(nvml=False)
-    if hasattr(policy, "configure"):
-        policy.configure(engine, telemetry)
-    clients = sorted({r.client for r in reqs})
-    tracker = FairnessTracker(clients, sample_every_s, window_s)
-    waiting = dict.fromkeys(clients, 0)  # arrived, not running (queued at the policy or preempted)
-    running: list[_Seq] = []
-    kv_used, t, nxt, busy_s, budget_used, compute_s = 0, reqs[0].arrival_s, 0, 0.0, 0.0, 0.0
-    start = t
-    n_done = preemptions = recomputed = prefilled_total = 0
-    while n_done < len(seqs) and (until_s is None or t < until_s):
-        while nxt < len(seqs) and seqs[nxt].info.arrival_s <= t:
-            s = seqs[nxt]
-            policy.add_request(s.info, t)
-            waiting[s.info.client] += 1
-            nxt += 1
-        decode = [s for s in running if s.prefilled >= s.prompt]
-        while kv_used + len(decode) > engine.kv_tokens:  # out of KV: the policy picks whom to preempt
-            victim = seqs[policy.preemption_victim([r.info for r in running]).id]
-            running.remove(victim)
-            kv_used -= victim.kv
-            victim.computed = max(victim.computed, victim.prefilled + max(0, victim.kv - victim.prompt))
-            victim.kv, victim.prefilled, victim.prompt = 0, 0, victim.info.input_tokens + victim.generated
-            preemptions += 1
-            policy.on_preempt(victim.info, t)
-            waiting[victim.info.client] += 1
-            decode = [s for s in running if s.prefilled >= s.prompt]
-        max_step_tokens, max_running = engine.max_step_tokens, engine.max_running
-        if hasattr(policy, "batch_limits"):
-            want_tokens, want_running = policy.batch_limits(t)
-            max_step_tokens = max(1, min(max_step_tokens, int(want_tokens)))
-            max_running = max(1, min(max_running, int(want_running)))
-        budget = max_step_tokens - len(decode)
-        chunks: list[tuple[_Seq, int]] = []
-        for s in running:
-            if s.prefilled < s.prompt and budget > 0:
-                n = min(s.prompt - s.prefilled, budget)
-                chunks.append((s, n))
-                budget -= n
-        while budget > 0 and len(running) < max_running:
-            cand = policy.next_request(t)
-            if cand is None:
-                break
-            s = seqs[cand.id]
-            if kv_used + s.prompt + 1 > engine.kv_tokens:
-                break
-            policy.on_admit(s.info, t)
-            if s.admitted_s is None:
-                s.admitted_s = t
-            waiting[s.info.client] -= 1
-            running.append(s)
-            s.kv = s.prompt
-            kv_used += s.prompt
-            n = min(s.prompt, budget)
-            chunks.append((s, n))
-            budget -= n
-        if not decode and not chunks:  # idle: jump to the next arrival (or let a rate limit expire)
-            if nxt < len(seqs):
-                t = max(t, seqs[nxt].info.arrival_s) if not any(waiting.values()) else t + 0.05
-            elif any(waiting.values()):
-                t += 0.05
-            else:
-                break
-            tracker.observe(t, waiting)
-            continue
-
-        prefill_tokens = sum(n for _, n in chunks)
-        prefilled_total += prefill_tokens
-        step_s = engine.step_seconds(prefill_tokens, len(decode), sum(s.kv for s in decode))
-        t += step_s
-        busy_s += step_s
-        budget_used += step_s * (prefill_tokens + len(decode)) / engine.max_step_tokens
-        # modelled compute utilisation: the share of the step a compute-bound engine would need for its tokens
-        step_compute = min(step_s, engine.prefill_s_per_token * (prefill_tokens + len(decode)))
-        compute_s += step_compute
-        telemetry.report_estimate(t, step_compute / step_s)
-        generated: dict[int, int] = {}
-        for s in decode:
-            generated[s.info.id] = 1
-        for s, n in chunks:
-            recomputed += max(0, min(s.prefilled + n, s.computed) - s.prefilled)  # KV it had before a preemption
-            s.prefilled += n
-            newly = min(s.prefilled, s.info.input_tokens) - s.input_served
-            if newly > 0:
-                s.input_served += newly
-                tracker.serve(s.info.client, W_P * newly / s.info.weight)
-            if s.prefilled >= s.prompt:
-                generated[s.info.id] = 1  # the step that finishes a prefill samples the next token
-                if s.first_token_s is None:
-                    s.first_token_s = t
-        done = []
-        for rid, n in generated.items():
-            s = seqs[rid]
-            s.generated += n
-            s.kv += n
-            kv_used += n
-            tracker.serve(s.info.client, W_Q * n / s.info.weight)
-            if s.generated >= s.output_tokens:
-                done.append(s)
-        policy.on_step(generated, step_s, t)
-        for s in done:
-            s.finish_s = t
-            running.remove(s)
-            kv_used -= s.kv
-            s.kv = 0
-            n_done += 1
-            policy.on_finish(s.info, s.generated, t)
-        tracker.observe(t, waiting)
-
-    makespan = max(t - start, 1e-9)
-    counts = {"preemptions": preemptions, "recomputed_tokens": recomputed, "compute_s": compute_s,
-              "prefilled_tokens": prefilled_total,
-              "recompute_s": recomputed * engine.prefill_s_per_token}  # fmt: skip
-    return _result(policy, seqs, clients, tracker, makespan, busy_s, budget_used, counts)
-
-
-def _result(policy, seqs, clients, tracker, makespan, busy_s, budget_used, counts) -> SimResult:
-    ttft = {c: [] for c in clients}
-    e2e = {c: [] for c in clients}
-    out_tokens = in_tokens = 0
-    for s in seqs:
-        out_tokens += s.generated
-        in_tokens += s.input_served
-        if s.first_token_s is not None:
-            ttft[s.info.client].append(s.first_token_s - s.info.arrival_s)
-        if s.finish_s is not None:
-            e2e[s.info.client].append(s.finish_s - s.info.arrival_s)
-    all_ttft = [x for v in ttft.values() for x in v]
-    all_e2e = [x for v in e2e.values() for x in v]
-    metrics = {
-        "max_service_diff": tracker.max_diff,
-        "jain": tracker.jain(),
-        "throughput_tok_s": out_tokens / makespan,
-        "input_tok_s": in_tokens / makespan,
-        "ttft_p50_s": percentile(all_ttft, 50),
-        "ttft_p99_s": percentile(all_ttft, 99),
-        "e2e_p50_s": percentile(all_e2e, 50),
-        "e2e_p99_s": percentile(all_e2e, 99),
-        "utilization": busy_s / makespan,
-        "token_budget_use": budget_used / max(busy_s, 1e-9),
-        "compute_utilization": counts["compute_s"] / makespan,  # modelled (see simulate), not NVML's busy flag
-        "preemptions": float(counts["preemptions"]),
-        "useful_compute_utilization": (counts["compute_s"] - counts["recompute_s"]) / makespan,  # minus recompute
-        "prefilled_tokens": float(counts["prefilled_tokens"]),
-        "recomputed_tokens": float(counts["recomputed_tokens"]),  # KV prefilled again after preemptions
-        "finished": float(sum(s.finish_s is not None for s in seqs)),
-        "requests": float(len(seqs)),
-        "makespan_s": makespan,
-    }
-    per_client = {
-        c: {
-            "service": tracker.total(c),
-            "requests": float(sum(s.info.client == c for s in seqs)),
-            "ttft_p50_s": percentile(ttft[c], 50),
-            "ttft_p99_s": percentile(ttft[c], 99),
-            "e2e_p50_s": percentile(e2e[c], 50),
-            "e2e_p99_s": percentile(e2e[c], 99),
-        }
-        for c in clients
-    }
-    times, service = tracker.series()
-    return SimResult(getattr(policy, "name", type(policy).__name__), metrics, per_client, times, service, ttft)
+    return Simulator(requests, policy, engine, sample_every_s, window_s, observers).run(until_s)

@@ -11,6 +11,7 @@ import math
 import random
 from collections.abc import Callable
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 
 from .request import Request
@@ -241,6 +242,28 @@ def load_sharegpt(path: str | Path, rate_per_s: float = 2.0, clients: int = 8, s
     if not reqs:
         raise TraceFormatError(f"{path}: no human/gpt turn pairs")
     return reqs
+
+
+def load_trace(path: str | Path) -> list[Request]:
+    """A trace file by its extension: .csv is the Azure trace, .jsonl VTC / LMSYS-Chat lines, .json ShareGPT."""
+    path = Path(path)
+    loaders = {".csv": load_azure_csv, ".jsonl": load_jsonl, ".json": load_sharegpt}
+    if path.suffix not in loaders:
+        raise TraceFormatError(
+            f"{path}: unknown trace type {path.suffix!r}; use a .csv (Azure), .jsonl (VTC/LMSYS) or .json (ShareGPT)"
+        )
+    return loaders[path.suffix](path)
+
+
+def bundled_trace(name: str) -> Path:
+    """A real trace shipped with the package (`fairness/traces/`, licences in its README)."""
+    path = Path(str(resources.files("fairness") / "traces" / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"no bundled trace {name!r}; the package ships {sorted(BUNDLED_TRACES)}")
+    return path
+
+
+BUNDLED_TRACES = ("azure-llm-2023-conv.csv", "lmsys-arena-vtc.jsonl")
 
 
 def _open(path: Path):

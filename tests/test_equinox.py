@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from test_fairness import SMALL, backlogged_workloads
 
-from fairness import EngineModel, Request, RequestInfo, make_policy, simulate
+from fairness import EngineModel, Request, RequestInfo, make_policy, make_workload, simulate
 from fairness.equinox import Equinox, holistic
 from fairness.features import FEATURES, TARGETS
 from fairness.ledger import Ledger
@@ -34,18 +34,18 @@ def test_ledger_charges_actual_use_whatever_was_predicted():
     led = Ledger()
     led.admit(1, "a", 100.0)  # ran longer than predicted
     led.accrue(1, 30.0)
-    assert led.value["a"] == 100.0  # within the prediction: nothing more yet
+    assert led["a"] == 100.0  # within the prediction: nothing more yet
     led.accrue(1, 90.0)
-    assert led.value["a"] == 120.0  # 20 beyond the prediction
-    assert led.settle(1) == 120.0 and led.value["a"] == 120.0
+    assert led["a"] == 120.0  # 20 beyond the prediction
+    assert led.settle(1) == 120.0 and led["a"] == 120.0
     led.admit(2, "b", 100.0)  # ran shorter: refunded at finish
     led.accrue(2, 40.0)
     led.settle(2)
-    assert led.value["b"] == 40.0
+    assert led["b"] == 40.0
     led.admit(3, "b", 10.0)  # settled at a value computed at finish
     led.accrue(3, 50.0)
     led.settle(3, actual=25.0)
-    assert led.value["b"] == 65.0
+    assert led["b"] == 65.0
 
 
 def test_holistic_score_by_hand():
@@ -65,16 +65,16 @@ def test_counters_by_hand_and_reconciled_with_a_longer_run_than_predicted():
     p.on_admit(a, 1.0)
     # predicted: (1 x 100 + 2 x 10) tokens x f, f = 0.5 + 0.5 x min(1, (2 + 0.1 x 10) / 6) = 0.75 -> 90; the prompt
     # (100 actual) is already beyond that
-    assert p.ufc.value["a"] == pytest.approx(100.0)
-    assert p.rfc.value["a"] == pytest.approx(0.0)  # no engine: prefill cost unknown; nothing per token observed yet
+    assert p.ufc["a"] == pytest.approx(100.0)
+    assert p.rfc["a"] == pytest.approx(0.0)  # no engine: prefill cost unknown; nothing per token observed yet
     for k in range(50):  # it generates 50 tokens, 5x the prediction, 0.1 s per step, alone in each step
         p.on_step({0: 1}, 0.1, 1.0 + 0.1 * (k + 1))
-    assert p.ufc.value["a"] == pytest.approx(200.0)  # charged as it ran: 100 + 2 x 50
-    assert p.rfc.value["a"] == pytest.approx(5.0)  # 50 steps x 0.1 s x utilisation 1 (no telemetry) / 1 request
+    assert p.ufc["a"] == pytest.approx(200.0)  # charged as it ran: 100 + 2 x 50
+    assert p.rfc["a"] == pytest.approx(5.0)  # 50 steps x 0.1 s x utilisation 1 (no telemetry) / 1 request
     p.on_finish(a, 50, 15.0)
     # actual: e2e 15 s against an SLO of 2 + 0.1 x 50 = 7 s: f = 0.5 + 0.5 x 7 / 15
-    assert p.ufc.value["a"] == pytest.approx(200.0 * (0.5 + 0.5 * 7 / 15))
-    assert p.rfc.value["a"] == pytest.approx(5.0)
+    assert p.ufc["a"] == pytest.approx(200.0 * (0.5 + 0.5 * 7 / 15))
+    assert p.rfc["a"] == pytest.approx(5.0)
 
 
 def test_resource_counter_splits_a_steps_decode_time_by_each_requests_cost():
@@ -89,14 +89,14 @@ def test_resource_counter_splits_a_steps_decode_time_by_each_requests_cost():
     p.add_request(b, 0.0)  # both queued before either runs: no lift
     p.on_admit(a, 0.0)
     p.on_admit(b, 0.0)
-    assert p.rfc.value["a"] == pytest.approx(99 * 1e-3)  # prefill at admission: prompt x prefill time per token
+    assert p.rfc["a"] == pytest.approx(99 * 1e-3)  # prefill at admission: prompt x prefill time per token
     p.on_step({0: 1, 1: 1}, 0.5, 0.5)  # contexts now 100 and 300; the decode part of the step is
     decode_s = 0.01 + 2 * 1e-3 + 400 * 1e-4  # 0.052 s of the 0.5 s step (the rest was someone's prefill)
     cost_a, cost_b = 1e-3 + 100 * 1e-4, 1e-3 + 300 * 1e-4
     p.on_finish(a, 1, 0.5)
     p.on_finish(b, 1, 0.5)
-    assert p.rfc.value["a"] == pytest.approx(99e-3 + decode_s * 0.5 * cost_a / (cost_a + cost_b))
-    assert p.rfc.value["b"] == pytest.approx(299e-3 + decode_s * 0.5 * cost_b / (cost_a + cost_b))
+    assert p.rfc["a"] == pytest.approx(99e-3 + decode_s * 0.5 * cost_a / (cost_a + cost_b))
+    assert p.rfc["b"] == pytest.approx(299e-3 + decode_s * 0.5 * cost_b / (cost_a + cost_b))
 
 
 def test_shorter_run_than_predicted_is_refunded():
@@ -104,18 +104,19 @@ def test_shorter_run_than_predicted_is_refunded():
     a = info(0, "a", input_tokens=10)
     p.add_request(a, 0.0)
     p.on_admit(a, 0.0)
-    assert p.ufc.value["a"] == pytest.approx(10 + 2 * 100)
+    assert p.ufc["a"] == pytest.approx(10 + 2 * 100)
     p.on_step({0: 1}, 0.1, 0.1)
     p.on_finish(a, 1, 0.1)
-    assert p.ufc.value["a"] == pytest.approx(10 + 2 * 1)
+    assert p.ufc["a"] == pytest.approx(10 + 2 * 1)
 
 
 def test_lift_and_choice_of_the_smallest_holistic_score():
     p = Equinox(predictor=Fixed(), alpha=0.5)
     p.add_request(info(0, "a"), 0.0)
     p.add_request(info(1, "b"), 0.0)
-    p.ufc.value.update({"a": 500.0, "b": 100.0})
-    p.rfc.value.update({"a": 1.0, "b": 3.0})
+    for client, u, r in (("a", 500.0, 1.0), ("b", 100.0, 3.0)):
+        p.ufc.set(client, u)
+        p.rfc.set(client, r)
     # means 300 and 2: H_a = 0.5 x 5/3 + 0.5 x 0.5 = 1.083, H_b = 0.5 x 1/3 + 0.5 x 1.5 = 0.917
     assert p.next_request(0.0).client == "b"
     p.alpha = 1.0
@@ -123,12 +124,12 @@ def test_lift_and_choice_of_the_smallest_holistic_score():
     p.alpha = 0.0
     assert p.next_request(0.0).client == "a"
     p.add_request(info(2, "c"), 0.0)  # c joins the backlog: each counter lifted to the backlog's smallest
-    assert (p.ufc.value["c"], p.rfc.value["c"]) == (100.0, 1.0)
+    assert (p.ufc["c"], p.rfc["c"]) == (100.0, 1.0)
     p.alpha = 0.5  # means 233.3 and 1.667: H_a = 1.37, H_b = 1.11, H_c = 0.5 x 0.43 + 0.5 x 0.6 = 0.51
     assert p.next_request(0.0).client == "c"
-    p.ufc.value["c"] = 50.0
+    p.ufc.set("c", 50.0)
     p.add_request(info(3, "c"), 0.0)  # already backlogged: no lift
-    assert p.ufc.value["c"] == 50.0
+    assert p.ufc["c"] == 50.0
 
 
 def test_bad_parameters_are_refused(tmp_path):
@@ -212,3 +213,29 @@ def test_token_only_equinox_keeps_vtcs_bound(requests):
     res = simulate(requests, Equinox(gamma=0.0, alpha=1.0), engine=SMALL, until_s=60)
     u = max(max(r.input_tokens for r in requests), 2 * SMALL.kv_tokens)
     assert res.metrics["max_service_diff"] <= 2 * u
+
+
+def test_an_observer_changes_nothing_equinox_keeps_adaptive_batching():
+    """Regression: the MoPE log recorder used to wrap the policy and dropped its batch_limits hook."""
+    from fairness import mope
+
+    reqs = [Request(c, t * 0.25, 256, 256) for t in range(400) for c in "AB"]
+    engine = EngineModel.preset("a10g-llama2-7b")
+    plain = simulate(reqs, Equinox(), engine=engine, until_s=100)
+    recorder = mope._Recorder()
+    observed = simulate(reqs, Equinox(), engine=engine, until_s=100, observers=[recorder])
+    timing = {"decision_us", "arrival_us", "step_us"}
+    assert {k: v for k, v in plain.metrics.items() if k not in timing} == {
+        k: v for k, v in observed.metrics.items() if k not in timing
+    }
+    assert sum("y" in r for r in recorder.rows.values()) == observed.metrics["finished"]
+
+
+def test_logs_can_be_collected_under_the_oracle():
+    """Regression: collect(policy="vtc-oracle") raised KeyError: the oracle never got the true lengths."""
+    from fairness import mope
+
+    data = mope.collect(make_workload("overload", 60), EngineModel.preset("a10g-llama2-7b"), policy="vtc-oracle")
+    assert len(data) > 0
+    with pytest.raises(TypeError, match="not an oracle"):
+        make_policy("vtc").set_oracle({0: 1})

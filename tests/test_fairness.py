@@ -3,7 +3,6 @@
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -249,15 +248,16 @@ def test_missing_trace_file(tmp_path):
         fairness.load_jsonl(tmp_path / "none.jsonl")
 
 
-TRACES = Path(__file__).resolve().parent.parent / "examples" / "traces"
-
-
-def test_real_traces_load():
-    azure = fairness.load_azure_csv(TRACES / "azure-llm-2023-conv.csv")
-    arena = fairness.load_jsonl(TRACES / "lmsys-arena-vtc.jsonl")
+def test_bundled_real_traces_load():
+    azure = fairness.load_trace(fairness.bundled_trace("azure-llm-2023-conv.csv"))
+    arena = fairness.load_trace(fairness.bundled_trace("lmsys-arena-vtc.jsonl"))
     assert len(azure) == 19366 and len(arena) == 1500
     assert len({r.client for r in arena}) == 27
     assert math.isclose(max(r.arrival_s for r in arena), 600, rel_tol=0.01)
+    with pytest.raises(FileNotFoundError, match="the package ships"):
+        fairness.bundled_trace("sharegpt.json")
+    with pytest.raises(TraceFormatError, match="unknown trace type '.txt'"):
+        fairness.load_trace("trace.txt")
 
 
 def test_vtc_preempts_the_most_served_client():
