@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install test lint bench bench-quick reference-model clean
+.PHONY: install test lint bench bench-full bench-quick reference-model clean
 
 install: $(VENV)/.installed
 
@@ -26,10 +26,16 @@ lint: install
 	$(PY) -m ruff format --check .
 
 bench: install
-	$(PY) -m offload_moe.bench
+	$(PY) -m offload_moe.bench --mode default
+	$(PY) -m fairness.bench
+
+bench-full: install
+	$(PY) -m offload_moe.bench --mode full
+	$(PY) -m fairness.bench
 
 bench-quick: install
-	$(PY) -m offload_moe.bench --quick
+	$(PY) -m offload_moe.bench --mode quick
+	$(PY) -m fairness.bench --quick
 
 reference-model: install
 	$(PY) examples/train_reference_model.py --out examples/reference-moe
