@@ -3,7 +3,7 @@ policies, MoPE predictors served with onnxruntime, NVML telemetry, a continuous-
 and fairness metrics."""
 
 from . import equinox as _equinox  # noqa: F401  (registers "equinox")
-from . import policies as _builtin_policies  # noqa: F401  (registers the built-in policies)
+from . import baselines as _baselines  # noqa: F401  (registers fcfs, rpm, vtc, lcf, vtc-pred, vtc-oracle)
 from .engine import PRESETS, EngineModel
 from .equinox import Equinox
 from .ledger import Backlog, Ledger

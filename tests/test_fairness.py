@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import fairness
 from fairness import EngineModel, Request, TraceFormatError, simulate
 from fairness.metrics import jain_index
-from fairness.policies import VTC
+from fairness.baselines import VTC
 
 SMALL = EngineModel(kv_tokens=4000, max_step_tokens=512, max_running=64)
 
@@ -126,7 +126,7 @@ def test_rpm_caps_requests_per_minute():
 
 
 def test_register_a_custom_policy():
-    class Lifo(fairness.policies.FCFS):
+    class Lifo(fairness.baselines.FCFS):
         name = "lifo"
 
         def next_request(self, now):
