@@ -2,8 +2,8 @@
 policies, MoPE predictors served with onnxruntime, NVML telemetry, a continuous-batching engine simulator, workloads
 and fairness metrics."""
 
-from . import equinox as _equinox  # noqa: F401  (registers "equinox")
 from . import baselines as _baselines  # noqa: F401  (registers fcfs, rpm, vtc, lcf, vtc-pred, vtc-oracle)
+from . import equinox as _equinox  # noqa: F401  (registers "equinox")
 from .engine import PRESETS, EngineModel
 from .equinox import Equinox
 from .ledger import Backlog, Ledger

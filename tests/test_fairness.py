@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import fairness
 from fairness import EngineModel, Request, TraceFormatError, simulate
-from fairness.metrics import jain_index
 from fairness.baselines import VTC
+from fairness.metrics import jain_index
 
 SMALL = EngineModel(kv_tokens=4000, max_step_tokens=512, max_running=64)
 
