@@ -4,6 +4,7 @@ from .calibrate import Calibration, calibrate, load_calibration
 from .errors import BudgetError, UnsupportedModelError
 from .eviction import LFU, LRU, EvictionPolicy
 from .handle import LayerStats, OffloadHandle, OffloadStats, handle_of
+from .host import EmulatedHost
 from .load import load
 from .options import OffloadOptions
 from .patch import patch
@@ -13,6 +14,7 @@ from .transfer import EmulatedLink
 __all__ = [
     "BudgetError",
     "Calibration",
+    "EmulatedHost",
     "EmulatedLink",
     "EvictionPolicy",
     "ExpertGeometry",

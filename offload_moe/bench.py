@@ -20,12 +20,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from .blocks import moe_blocks
 from .calibrate import calibrate
 from .evaluate import bits_per_byte
+from .host import EmulatedHost
 from .patch import patch, resolve_device
 from .plots import plot_offload
 from .reference import REFERENCE_MODEL, model_dir, stdlib_text
 from .transfer import EmulatedLink
 
 COPY_TO_LAYER_RATIO = 15.0  # Mixtral-8x7B on PCIe 4.0: one expert copy takes ~15x one layer's decode compute
+HOST_TO_LINK_BANDWIDTH = 2.6  # dual-channel DDR5 (~65 GB/s) over PCIe 4.0 x16 (~25 GB/s)
+CROSSOVER_TOKENS = 40  # computing an expert on the host costs as much as copying it at ~40 tokens (Fiddler's model)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class Config:
     budget: float | None  # None: the unpatched model, every expert resident
     prefetch: str | None = None
     fallback: str = "fetch"
+    standin: str | None = None
 
     @property
     def eviction(self) -> str:
@@ -62,7 +66,9 @@ def configs(mode: Mode, naive_budget: float) -> list[Config]:
     for b in mode.budgets:
         out += [Config("lru", b)] + ([Config("layer-aware", b)] if mode.layer_aware else [])
         out += [Config("lookahead", b, "lookahead")]
-        out += [Config(f"lookahead+{f}", b, "lookahead", f) for f in ("drop", "buddy", "lowrank")]
+        out += [Config(f"lookahead+{f}", b, "lookahead", standin=f) for f in ("drop", "buddy", "lowrank")]
+        out += [Config("host", b, None, "host"), Config("auto", b, None, "auto")]
+        out += [Config("auto+lookahead", b, "lookahead", "auto")]
     return out
 
 
@@ -89,6 +95,14 @@ def calibrate_link(model, tokenizer, text: str, expert_bytes: int) -> tuple[floa
     return expert_bytes / (COPY_TO_LAYER_RATIO * layer_s) / 1e9, layer_s
 
 
+def emulated_host(link: EmulatedLink, expert_bytes: int, expert_params: int) -> EmulatedHost:
+    """A host with HOST_TO_LINK_BANDWIDTH x the link's bandwidth whose compute equals one copy at CROSSOVER_TOKENS."""
+    copy_s = link.seconds(expert_bytes)
+    return EmulatedHost(
+        gbps=HOST_TO_LINK_BANDWIDTH * link.gbps, gflops=2 * expert_params * CROSSOVER_TOKENS / copy_s / 1e9
+    )
+
+
 def run_offload(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(device)
@@ -100,6 +114,7 @@ def run_offload(args: argparse.Namespace) -> dict:
     experts = [getattr(b.experts, n) for b in blocks for n in b.expert_param_names()]
     all_expert_bytes = sum(p.numel() * p.element_size() for p in experts)
     expert_bytes = all_expert_bytes // (len(blocks) * blocks[0].num_experts)
+    expert_params = sum(p.numel() for p in experts) // (len(blocks) * blocks[0].num_experts)
     calibration = args.out / "calibration.safetensors"
     calibrate(model, [stdlib_text("train", max_bytes=120_000)], tokenizer, path=calibration)  # train split only
     emulated = device.type == "cpu"
@@ -109,16 +124,17 @@ def run_offload(args: argparse.Namespace) -> dict:
         if gbps is None:
             gbps, layer_s = calibrate_link(model, tokenizer, eval_text[: len(eval_text) // 4], expert_bytes)
         link = EmulatedLink(gbps=gbps)
+        host = emulated_host(link, expert_bytes, expert_params)
     else:
-        link, gbps = None, None
+        link, gbps, host = None, None, None
     naive_budget = max(b.top_k for b in blocks) / (len(blocks) * blocks[0].num_experts)
     runs = []
     for cfg in tqdm(configs(MODES[args.mode], naive_budget), desc="offload configs", unit="cfg"):
         handle = None
         if cfg.budget is not None:
-            handle = patch(model, budget=cfg.budget, device=device, fallback=cfg.fallback, prefetch=cfg.prefetch,
-                           eviction=cfg.eviction, link=link,
-                           calibration=calibration if cfg.fallback != "fetch" else None)  # fmt: skip
+            handle = patch(model, budget=cfg.budget, device=device, fallback=cfg.fallback, standin=cfg.standin,
+                           prefetch=cfg.prefetch, eviction=cfg.eviction, link=link, host=host,
+                           calibration=calibration if cfg.standin is not None else None)  # fmt: skip
         prefill = prefill_speed(model, prompts)
         if handle:
             handle.reset_stats()
@@ -130,6 +146,7 @@ def run_offload(args: argparse.Namespace) -> dict:
                 "budget": cfg.budget if cfg.budget is not None else 1.0,
                 "prefetch": cfg.prefetch,
                 "fallback": cfg.fallback if cfg.budget is not None else None,
+                "standin": cfg.standin,
                 "eviction": cfg.eviction if cfg.budget is not None else None,
                 "decode_tokens_per_s": decode,
                 "prefill_tokens_per_s": prefill,
@@ -139,6 +156,9 @@ def run_offload(args: argparse.Namespace) -> dict:
                 "substituted_per_token": stats.substituted / tokens if stats else 0.0,
                 "bytes_per_token": stats.bytes_copied / tokens if stats else 0.0,
                 "stall_seconds": stats.stall_seconds if stats else 0.0,
+                "host_per_token": stats.host_jobs / tokens if stats else 0.0,
+                "host_wait_seconds": stats.host_wait_seconds if stats else 0.0,
+                "copies_per_token": stats.copies / tokens if stats else 0.0,
                 "bits_per_byte": bpb,
                 "peak_device_bytes": stats.resident_bytes if stats else all_expert_bytes,
                 "slots": stats.slots if stats else None,
@@ -152,6 +172,9 @@ def run_offload(args: argparse.Namespace) -> dict:
         "model": str(args.model),
         "link": {"emulated": emulated, "gbps": gbps, "copy_to_layer_ratio": COPY_TO_LAYER_RATIO if emulated else None,
                  "layer_decode_seconds": layer_s},
+        "host": ({"emulated": True, "gbps": host.gbps, "gflops": host.gflops,
+                  "host_to_link_bandwidth": HOST_TO_LINK_BANDWIDTH, "crossover_tokens": CROSSOVER_TOKENS}
+                 if host is not None else {"emulated": False, "cpu": platform.processor()}),
         "expert_bytes": expert_bytes,
         "decode": "teacher-forced, one token at a time through the KV cache, over the held-out text below",
         "eval_bytes": len(eval_text.encode()),
@@ -164,29 +187,34 @@ def run_offload(args: argparse.Namespace) -> dict:
 
 def print_table(result: dict) -> None:
     link = result["link"]
+    host = result["host"]
     where = (f"EMULATED link {link['gbps']:.4f} GB/s (one expert copy = {link['copy_to_layer_ratio']:.0f}x a layer's "
-             "decode compute)" if link["emulated"] else "real host-to-device link, nothing emulated")  # fmt: skip
+             f"decode compute) and EMULATED host {host['gbps']:.4f} GB/s ({host['host_to_link_bandwidth']}x the link; "
+             f"computing an expert costs one copy at {host['crossover_tokens']} tokens)"
+             if link["emulated"] else "real host-to-device link and host, nothing emulated")  # fmt: skip
     print(f"\noffload benchmark on {result['device']} ({result['machine']}), {where}")
     print(f"decode: {result['decode']} ({result['eval_tokens']} tokens)")
     runs = result["runs"]
     resident = runs[0]
     lru = {r["budget"]: r for r in runs if r["name"] == "lru"}
     head = (f"{'config':<18}{'budget':>7}{'slots':>6}{'decode/s':>9}{'x res':>7}{'x lru':>7}{'prefill/s':>10}"
-            f"{'hits':>8}{'miss/tok':>9}{'subs/tok':>9}{'KB/tok':>8}{'bits/B':>8}{'d bits':>8}")  # fmt: skip
+            f"{'x lru':>7}{'hits':>7}{'miss/tok':>9}{'host/tok':>9}{'subs/tok':>9}{'KB/tok':>8}{'bits/B':>8}"
+            f"{'d bits':>8}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in runs:
         base = lru.get(r["budget"])
         x_lru = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-"
-        recall = f"{r['hit_rate']:.3f}"
+        x_lru_prefill = f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}" if base else "-"
         print(
             f"{r['name']:<18}{r['budget']:>7.3f}{r['slots'] or '-':>6}{r['decode_tokens_per_s']:>9.1f}"
             f"{r['decode_tokens_per_s'] / resident['decode_tokens_per_s']:>7.2f}{x_lru:>7}"
-            f"{r['prefill_tokens_per_s']:>10.0f}{recall:>8}{r['misses_per_token']:>9.2f}"
-            f"{r['substituted_per_token']:>9.2f}{r['bytes_per_token'] / 1024:>8.1f}{r['bits_per_byte']:>8.4f}"
-            f"{(r['bits_per_byte'] / resident['bits_per_byte'] - 1) * 100:>7.2f}%"
+            f"{r['prefill_tokens_per_s']:>10.0f}{x_lru_prefill:>7}{r['hit_rate']:>7.3f}{r['misses_per_token']:>9.2f}"
+            f"{r['host_per_token']:>9.2f}{r['substituted_per_token']:>9.2f}{r['bytes_per_token'] / 1024:>8.1f}"
+            f"{r['bits_per_byte']:>8.4f}{(r['bits_per_byte'] / resident['bits_per_byte'] - 1) * 100:>7.2f}%"
         )
-    print("hits: hit rate, the share of routed experts already resident or in flight when their layer ran")
+    print("hits: hit rate, the share of routed experts already resident or in flight when their layer ran; "
+          "host/tok: experts computed on the host per token")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,7 @@ class CacheStats:
     prefetches: int = 0  # copies started by the lookahead prefetcher
     prefetches_used: int = 0  # ... whose expert was then needed before being evicted
     substituted: int = 0  # (token, expert) pairs served by a fallback instead of the real expert
-    gated_fetches: int = 0  # missing experts fetched anyway because a token needed them critically
+    critical_misses: int = 0  # missed experts kept exact although a stand-in was configured (critical pairs)
     warmup_copies: int = 0
     layer_hits: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
@@ -84,6 +84,7 @@ class ExpertCache:
         self._static: list[SlotWindow] = []
         self._uncounted: list[tuple[int, torch.Tensor]] = []
         self._prefetched: set[Key] = set()  # prefetched, not yet needed
+        self._uses: dict[Key, int] = {}  # layer calls that needed each expert
 
     # --- queries --------------------------------------------------------------------------------------------------
 
@@ -132,9 +133,9 @@ class ExpertCache:
         self._flush_counts()
         self._stats = CacheStats(self._stats.num_layers)
 
-    def record_fallback(self, substituted: int, gated_fetches: int) -> None:
+    def record_fallback(self, substituted: int, critical_misses: int) -> None:
         self._stats.substituted += substituted
-        self._stats.gated_fetches += gated_fetches
+        self._stats.critical_misses += critical_misses
 
     def record_waves(self) -> None:
         self._stats.waves += 1
@@ -147,6 +148,7 @@ class ExpertCache:
         st = self._stats
         for e in experts:
             key = (layer, e)
+            self._uses[key] = self._uses.get(key, 0) + 1
             if key in self._prefetched:
                 self._prefetched.discard(key)
                 st.prefetches_used += 1
@@ -205,6 +207,16 @@ class ExpertCache:
             self._stats.prefetches += 1
             self._prefetched.add(key)
         return transfer
+
+    def worth_caching(self, key: Key) -> bool:
+        """`key` (not resident) has been needed more often than the expert it would evict (or a slot is free)."""
+        if key in self._slot_of:
+            return False
+        if self._free:
+            return True
+        candidates = [k for k in self._slot_of if k not in self._pending]
+        victim = self._eviction.victim(candidates)
+        return victim is not None and self._uses.get(key, 0) > self._uses.get(victim, 0)
 
     def keep(self, key: Key) -> None:
         """`key` (resident) is about to be used: the eviction policy should hold on to it."""

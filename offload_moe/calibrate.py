@@ -77,10 +77,7 @@ def expert_weights(block, store, layer: int, expert: int) -> dict[str, torch.Ten
     """One expert's matrices in float32 on the CPU, from the model itself or from a patched model's host store."""
     if store is None:
         return {n: getattr(block.experts, n)[expert].detach().float().cpu() for n in block.expert_param_names()}
-    out = {n: torch.empty(s) for n, s in store.expert_shapes.items()}
-    for p in store.expert(layer, expert):
-        out[p.name][p.row : p.row + p.src.shape[0]].copy_(p.src)
-    return out
+    return {n: t.float() for n, t in store.expert_tensors(layer, expert).items()}
 
 
 def _gated_hidden(w: dict[str, torch.Tensor], x: torch.Tensor, act_fn) -> torch.Tensor:

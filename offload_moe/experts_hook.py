@@ -11,23 +11,27 @@ import torch
 from hooks import ModuleHook
 
 from .cache import ExpertCache, SlotWindow
+from .costs import MissRouter
 from .fallbacks import LayerCall, MissFallback, MissPlan
+from .host import HostCompute
 from .prefetch import LookaheadPrefetcher
 
 
 class ExpertsHook(ModuleHook):
-    """Wraps one layer's experts module: residency, slot remap, fallback, then the stock kernel on the pool."""
+    """Wraps one layer's experts module: residency, stand-ins, slot remap, host jobs, then the stock kernel."""
 
     def __init__(
         self,
         layer: int,
         cache: ExpertCache,
         names: list[str],
-        fallback: MissFallback | None,
+        router: MissRouter | None,
+        standin: MissFallback | None,
         prefetcher: LookaheadPrefetcher | None,
+        host: HostCompute | None,
     ):
         self.layer, self.cache, self.names = layer, cache, names
-        self.fallback, self.prefetcher = fallback, prefetcher
+        self.router, self.standin, self.prefetcher, self.host = router, standin, prefetcher, host
         self._views: dict[tuple[int, int], list[torch.nn.Parameter]] = {}  # (lo, hi) -> pool views per weight
 
     def run(
@@ -48,32 +52,51 @@ class ExpertsHook(ModuleHook):
             return kernel.run(self._params(window), window, window.table[top_k_index], top_k_weights, masked=False)
         needed = top_k_index.unique().tolist()
         cache.begin_layer(layer, needed)
-        plan, later = MissPlan(top_k_index, top_k_weights, needed), []
-        if self.fallback is not None:
-            missing = {e for e in needed if not cache.is_ready((layer, e))}
-            if missing:
-                call = LayerCall(layer, hidden_states, top_k_index, top_k_weights, needed, missing,
-                                 cache.ready_experts(layer), module.act_fn)  # fmt: skip
-                plan = self.fallback.plan(call)
-                cache.record_fallback(plan.substituted, len(missing.intersection(plan.pool)))
-                later = sorted(missing.difference(plan.pool))  # copied in the background, for the next tokens
-        referenced = len(plan.index.unique()) if plan.index is not top_k_index else len(needed)
-        if len(plan.pool) > cache.num_slots:
+        missing = {e for e in needed if not cache.is_ready((layer, e))}
+        plan = MissPlan(top_k_index, top_k_weights, missing)
+        if missing and self.standin is not None:
+            call = LayerCall(layer, hidden_states, top_k_index, top_k_weights, needed, missing,
+                             cache.ready_experts(layer), module.act_fn)  # fmt: skip
+            plan = self.standin.plan(call)
+            cache.record_fallback(plan.substituted, len(plan.exact))
+        routed = plan.index.unique().tolist() if plan.index is not top_k_index else needed
+        copy, jobs = plan.exact, []
+        if plan.exact and self.router is not None:  # host or auto: some exact misses are computed on the host
+            # (k positions, tokens) of each expert's pairs, in the order the stock kernels gather them
+            pairs = {e: torch.nonzero((plan.index == e).T, as_tuple=True) for e in plan.exact}
+            copy, on_host = self.router.split({e: len(tok) for e, (_, tok) in pairs.items()})
+            for e in sorted(on_host):  # submitted first: the host computes while the device does
+                pos, tok = pairs[e]
+                jobs.append(self.host.submit(layer, e, hidden_states[tok], plan.weights[tok, pos], tok))
+        pool = [e for e in routed if e not in missing or e in copy]
+        later = sorted(missing.difference(plan.exact))  # substituted: copied in the background, for the next tokens
+        out = self._on_pool(kernel, pool, plan, len(routed), later)
+        for job in jobs:
+            y, seconds = self.host.result(job)
+            self.router.observe(len(job.tokens), seconds)
+            out.index_add_(0, job.tokens, y)
+        self._warm([job.expert for job in jobs])
+        return out if plan.extra is None else out + plan.extra
+
+    def _on_pool(self, kernel: _Kernel, pool: list[int], plan: MissPlan, routed: int, later: list[int]):
+        """Run the pool's experts in waves of at most `slots` experts; [T, H] (zeros when the pool is empty)."""
+        cache = self.cache
+        if len(pool) > cache.num_slots:
             cache.record_waves()  # more distinct experts than slots (long prefill, big batch): stream in waves
         out = None
-        for i in range(0, len(plan.pool), cache.num_slots):
-            wave = plan.pool[i : i + cache.num_slots]
-            window = cache.acquire(layer, wave)
+        for i in range(0, len(pool), cache.num_slots):
+            wave = pool[i : i + cache.num_slots]
+            window = cache.acquire(self.layer, wave)
             if i == 0:
-                self._look_ahead(plan.pool, later)
-            masked = len(wave) < referenced  # routed pairs outside the wave go to the sentinel id with weight 0
+                self._look_ahead(pool, later)
+            masked = len(wave) < routed  # routed pairs outside the wave: sentinel id, weight 0
             part = kernel.run(self._params(window), window, window.table[plan.index], plan.weights, masked)
-            cache.release(layer, wave)
+            cache.release(self.layer, wave)
             out = part if out is None else out + part
-        if out is None:  # every routed pair was served by the fallback: nothing ran on the pool
-            self._look_ahead(plan.pool, later)
-            out = torch.zeros_like(hidden_states)
-        return out if plan.extra is None else out + plan.extra
+        if out is None:  # every routed pair was served by a stand-in or the host: nothing ran on the pool
+            self._look_ahead(pool, later)
+            out = torch.zeros_like(kernel.hidden)
+        return out
 
     def _params(self, window: SlotWindow) -> list[torch.nn.Parameter]:
         """The pool's slots [lo, hi) as Parameters (views, cached): the kernel sees hi - lo experts."""
@@ -93,6 +116,15 @@ class ExpertsHook(ModuleHook):
         for e in later:  # only into idle link time: when the link is the bottleneck, these copies would cost speed
             if self.cache.link_busy() or self.cache.load((self.layer, e), protected, speculative=True) is None:
                 break
+
+    def _warm(self, computed_on_host: list[int]) -> None:
+        """Experts computed on the host that are used more than what they would evict are copied in, in idle link
+        time, so the cache follows the workload."""
+        for e in computed_on_host:
+            key = (self.layer, e)
+            if self.cache.link_busy() or not self.cache.worth_caching(key):
+                break
+            self.cache.load(key, set(), speculative=True)
 
 
 class _Kernel:

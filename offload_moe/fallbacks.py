@@ -1,12 +1,14 @@
-"""What to do when a routed expert is not on the device (a prefetch miss), instead of stalling on the copy.
+"""Lossy stand-ins for a routed expert that is not on the device (a prefetch miss): what serves its (token, expert)
+pairs instead of the real expert, so that nothing waits for it.
 
-Every policy shares one gate: a (token, expert) pair whose routing weight is at least `critical_weight` is critical,
-and its expert is fetched and waited for. The other misses are handled by the policy:
+Every stand-in shares one gate: a pair whose routing weight is at least `critical_weight` is critical, and its
+expert stays exact (computed by the `fallback` path: copied, or computed on the host). The other misses:
 - "drop": skip the pair and renormalise the token's remaining routing weights;
 - "lowrank": compute the pair with the expert's resident low-rank stand-in;
 - "buddy": BuddyMoE's three checks (token entropy, fraction of missing experts, per-token cap), then run the pair on
   the first resident expert of the missing one's buddy list that the token does not already use.
 The real expert of every substituted pair is still copied in, in the background, for the following tokens.
+The class names say what serves the pair; `options.standin` names them "drop", "lowrank" and "buddy".
 """
 
 from __future__ import annotations
@@ -36,15 +38,15 @@ class LayerCall:
 
 @dataclass
 class MissPlan:
-    index: torch.Tensor  # [T, K] expert ids to run on the pool (buddy may remap some)
-    weights: torch.Tensor  # [T, K] their weights; 0 for pairs not run on the pool
-    pool: list[int]  # experts to run on the pool: the ready ones plus those fetched now
-    extra: torch.Tensor | None = None  # [T, H] contribution computed outside the pool (stand-ins)
+    index: torch.Tensor  # [T, K] expert ids to run (buddy may remap some)
+    weights: torch.Tensor  # [T, K] their weights; 0 for pairs a stand-in serves
+    exact: set[int]  # missing experts some pair still needs exactly (copied or computed on the host)
+    extra: torch.Tensor | None = None  # [T, H] contribution of the stand-ins
     substituted: int = 0  # pairs not served by their real expert
 
 
 class MissFallback:
-    """Decides, for a layer call with misses, what runs on the pool and what the fallback computes instead."""
+    """Decides, for a layer call with misses, which pairs a stand-in serves and which missed experts stay exact."""
 
     name = "base"
 
@@ -77,7 +79,7 @@ class Drop(MissFallback):
         dropped = miss & ~_isin(index, fetch) if fetch else miss
         w = weights.masked_fill(dropped, 0)
         w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        return MissPlan(index, w, sorted(set(call.needed) - call.missing | fetch), substituted=int(dropped.sum()))
+        return MissPlan(index, w, fetch, substituted=int(dropped.sum()))
 
 
 class LowRank(MissFallback):
@@ -97,8 +99,7 @@ class LowRank(MissFallback):
             tok, pos = torch.nonzero(sub & (index == e), as_tuple=True)
             y = self.standins.apply(call.layer, e, hidden[tok], call.act_fn) * weights[tok, pos, None].to(hidden.dtype)
             extra.index_add_(0, tok, y.to(hidden.dtype))
-        pool = sorted(set(call.needed) - call.missing | fetch)
-        return MissPlan(index, weights.masked_fill(sub, 0), pool, extra, int(sub.sum()))
+        return MissPlan(index, weights.masked_fill(sub, 0), fetch, extra, int(sub.sum()))
 
 
 class Buddy(MissFallback):
@@ -122,7 +123,7 @@ class Buddy(MissFallback):
     def plan(self, call: LayerCall) -> MissPlan:
         index, weights, layer, missing = call.index, call.weights, call.layer, call.missing
         if len(missing) / len(call.needed) >= self.beta:  # too many substitutions would compound errors: load on demand
-            return MissPlan(index, weights, call.needed)
+            return MissPlan(index, weights, set(missing))
         k = index.shape[-1]
         p = weights.float().clamp_min(1e-12)
         tae = (-(p * p.log()).sum(-1) / math.log(k)).tolist() if k > 1 else [0.0] * index.shape[0]  # [T]
@@ -147,5 +148,4 @@ class Buddy(MissFallback):
                     n_sub += 1
                     subs += 1
         remapped = torch.tensor(new, dtype=index.dtype, device=index.device)
-        pool = sorted({e for row in new for e in row} - (missing - fetch))
-        return MissPlan(remapped, weights, pool, substituted=subs)
+        return MissPlan(remapped, weights, fetch, substituted=subs)

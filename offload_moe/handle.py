@@ -12,6 +12,8 @@ import torch
 from hooks import MoEBlock
 
 from .cache import ExpertCache
+from .costs import MissRouter, RouterStats
+from .host import HostCompute, HostStats
 from .options import OffloadOptions
 from .plan import Plan
 from .store import HostStore
@@ -46,7 +48,9 @@ class OffloadStats:
 
     device: str
     link: dict[str, Any]  # {"emulated": bool, "gbps", ...}
-    fallback: str
+    host: dict[str, Any]  # {"emulated": bool, "gbps", "gflops"} of host compute
+    fallback: str  # the exact-miss path in effect: "fetch", "host" or "auto"
+    standin: str | None
     prefetch: str | None
     slots: int
     expert_bytes: int
@@ -65,7 +69,13 @@ class OffloadStats:
     prefetches: int
     prefetches_used: int
     substituted: int
-    gated_fetches: int
+    critical_misses: int
+    host_jobs: int  # missed experts computed on the host (per layer call)
+    host_tokens: int  # (token, expert) pairs they served
+    host_seconds: float  # host worker time
+    host_wait_seconds: float  # compute thread blocked on host results
+    auto_host: int  # fallback="auto": missed experts sent to the host ...
+    auto_copy: int  # ... and to the link
     per_layer: tuple[LayerStats, ...]
 
     @property
@@ -95,8 +105,12 @@ class OffloadHandle:
         plan: Plan,
         options: OffloadOptions,
         undo: ExitStack,
+        miss_path: str,
+        host: HostCompute | None,
+        router: MissRouter | None,
     ):
         self.model, self.blocks, self.cache, self.plan, self.options = model, blocks, cache, plan, options
+        self.miss_path, self.host, self.router = miss_path, host, router
         self._undo = undo
         _HANDLES[model] = self
 
@@ -111,17 +125,23 @@ class OffloadHandle:
 
     def stats(self) -> OffloadStats:
         s = self.cache.snapshot()
-        opt, link = self.options, self.options.link
+        opt, link, emulated_host = self.options, self.options.link, self.options.host
         link_info = ({"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us} if link is not None else
                      {"emulated": False, "kind": "pcie" if self.cache.device.type == "cuda" else "memcpy"})  # fmt: skip
+        host_info = ({"emulated": True, "gbps": emulated_host.gbps, "gflops": emulated_host.gflops}
+                     if emulated_host is not None else {"emulated": False})  # fmt: skip
+        h = self.host.stats if self.host is not None else HostStats()
+        r = self.router.stats if self.router is not None else RouterStats()
         return OffloadStats(
-            device=str(self.cache.device), link=link_info, fallback=opt.fallback, prefetch=opt.prefetch,
+            device=str(self.cache.device), link=link_info, host=host_info, fallback=self.miss_path,
+            standin=opt.standin, prefetch=opt.prefetch,
             slots=self.cache.num_slots, expert_bytes=self.cache.slot_bytes, budget_bytes=self.plan.budget_bytes,
             standin_bytes=self.plan.standin_bytes, resident_bytes=self.cache.resident_bytes + self.plan.standin_bytes,
             hits=s.hits, inflight_hits=s.inflight_hits, misses=s.misses, copies=s.copies,
             bytes_copied=s.bytes_copied, stall_seconds=s.stall_seconds, evictions=s.evictions, waves=s.waves,
             warmup_copies=s.warmup_copies, prefetches=s.prefetches, prefetches_used=s.prefetches_used,
-            substituted=s.substituted, gated_fetches=s.gated_fetches,
+            substituted=s.substituted, critical_misses=s.critical_misses, host_jobs=h.jobs, host_tokens=h.tokens,
+            host_seconds=h.seconds, host_wait_seconds=h.wait_seconds, auto_host=r.host, auto_copy=r.copy,
             per_layer=tuple(LayerStats(i, b.name, s.layer_hits[i], s.layer_misses[i])
                             for i, b in enumerate(self.blocks)),
         )  # fmt: skip
@@ -129,6 +149,10 @@ class OffloadHandle:
     def reset_stats(self) -> None:
         """Zero the counters (the cache's contents stay)."""
         self.cache.reset_stats()
+        if self.host is not None:
+            self.host.reset_stats()
+        if self.router is not None:
+            self.router.reset_stats()
 
     def unpatch(self) -> None:
         """Detach every hook and put the original expert parameters back: the model is as before `patch`."""

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .eviction import EVICTION_POLICIES, EvictionPolicy
+from .host import EmulatedHost
 from .transfer import EmulatedLink
 
-FALLBACKS = ("fetch", "drop", "buddy", "lowrank")
+FALLBACKS = ("fetch", "host", "auto")
+STANDINS = (None, "drop", "buddy", "lowrank")
 PREFETCHERS = ("lookahead", None)
 
 
@@ -23,24 +25,32 @@ class OffloadOptions:
 
     eviction: "lru" (default), "lfu", "layer" (evict the expert whose layer runs furthest ahead: better than LRU
         when the pool is smaller than one token's working set, worse above it), or an `EvictionPolicy` instance.
-    fallback: on a prefetch miss, "fetch" (copy it and wait: outputs equal the unpatched model's), "drop" (skip it,
-        renormalise the token's other weights), "buddy" (a resident substitute from calibration) or "lowrank" (the
-        expert's resident low-rank stand-in). Every lossy fallback still copies the real expert in the background.
-    critical_weight: a missed (token, expert) pair with at least this routing weight is fetched whatever the
-        fallback (1.01: never).
+    fallback: how a missed expert is computed exactly (outputs equal the unpatched model's): "fetch" (copy it to the
+        device and wait), "host" (compute it on the host, where its weights live; only its output crosses the link)
+        or "auto" (per miss, whichever a measured cost model says is faster). None: "auto" when the device is not
+        the host (CUDA, or an emulated link), else "fetch".
+    standin: what serves a missed (token, expert) pair instead of the real expert, losing accuracy: None (nothing:
+        every miss is exact), "drop" (skip it, renormalise the token's other weights), "buddy" (a resident
+        substitute from calibration) or "lowrank" (the expert's resident low-rank stand-in). The real expert is still
+        copied in the background for the next tokens.
+    critical_weight: a missed pair with at least this routing weight is served exactly (by `fallback`) whatever the
+        stand-in (1.01: never).
     prefetch: "lookahead" applies the routers of the next `lookahead_depth` layers to the current residual stream
         and copies their `prefetch_candidates` most likely experts early; None turns prefetching off.
     standin_fraction: "lowrank" stand-ins take this fraction of all experts' bytes, and at most 40% of the budget.
     calibration: a file written by `offload_moe.calibrate` (activation-aware stand-ins, buddy lists, thresholds,
         expert frequencies for the warm start); "buddy" needs one.
     link: an `EmulatedLink`: every copy takes latency + bytes / bandwidth (CPU-only measurements; emulated).
+    host: an `EmulatedHost`: every host job takes at least bytes / bandwidth (CPU-only measurements; emulated).
+    host_threads: torch threads per host worker (default: 1 when the device is this CPU, else all cores but one).
     pin_memory: on CUDA, move in-RAM host copies of the experts to pinned memory (asynchronous copies). None: pin
         when that applies (experts in RAM, device CUDA); `load()` keeps experts memory-mapped and never pins.
     compile: torch.compile the attention modules; the residency logic and the experts kernels stay eager.
     """
 
     eviction: str | EvictionPolicy = "lru"
-    fallback: str = "fetch"
+    fallback: str | None = None
+    standin: str | None = None
     critical_weight: float = 0.5
     prefetch: str | None = "lookahead"
     lookahead_depth: int = 1
@@ -48,14 +58,23 @@ class OffloadOptions:
     standin_fraction: float = 0.1
     calibration: str | Path | None = None
     link: EmulatedLink | None = None
+    host: EmulatedHost | None = None
+    host_threads: int | None = None
     pin_memory: bool | None = None
     compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.eviction, EvictionPolicy) and self.eviction not in EVICTION_POLICIES:
             raise ValueError(f"unknown eviction policy {self.eviction!r}; choose one of {sorted(EVICTION_POLICIES)}")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"unknown fallback {self.fallback!r}; choose one of {list(FALLBACKS)}")
+        if self.fallback in STANDINS[1:]:
+            raise ValueError(
+                f"fallback={self.fallback!r} is a lossy stand-in: pass standin={self.fallback!r} (fallback chooses how "
+                "misses are computed exactly: 'fetch', 'host' or 'auto')"
+            )
+        if self.fallback is not None and self.fallback not in FALLBACKS:
+            raise ValueError(f"unknown fallback {self.fallback!r}; choose one of {list(FALLBACKS)} or None")
+        if self.standin not in STANDINS:
+            raise ValueError(f"unknown standin {self.standin!r}; choose one of {list(STANDINS)}")
         if self.prefetch not in PREFETCHERS:
             raise ValueError(f"unknown prefetch {self.prefetch!r}; choose 'lookahead' or None")
         if not 0 < self.critical_weight <= 1.01:
@@ -69,8 +88,12 @@ class OffloadOptions:
             raise ValueError(f"standin_fraction must be in (0, 1), got {self.standin_fraction}")
         if self.link is not None and not isinstance(self.link, EmulatedLink):
             raise TypeError(f"link must be an offload_moe.EmulatedLink or None, got {type(self.link).__name__}")
-        if self.fallback == "buddy" and self.calibration is None:
-            raise ValueError("fallback='buddy' needs buddy lists: pass calibration=<a file from offload_moe.calibrate>")
+        if self.host is not None and not isinstance(self.host, EmulatedHost):
+            raise TypeError(f"host must be an offload_moe.EmulatedHost or None, got {type(self.host).__name__}")
+        if self.host_threads is not None and self.host_threads < 1:
+            raise ValueError(f"host_threads must be >= 1, got {self.host_threads}")
+        if self.standin == "buddy" and self.calibration is None:
+            raise ValueError("standin='buddy' needs buddy lists: pass calibration=<a file from offload_moe.calibrate>")
 
     @classmethod
     def of(cls, options: OffloadOptions | None = None, **kwargs: Any) -> OffloadOptions:
@@ -82,3 +105,9 @@ class OffloadOptions:
         if options is None:
             return cls(**kwargs)
         return cls(**{**{n: getattr(options, n) for n in names}, **kwargs})
+
+    def miss_path(self, device_type: str) -> str:
+        """The exact-miss path in effect: `fallback`, or its default for this device."""
+        if self.fallback is not None:
+            return self.fallback
+        return "auto" if device_type == "cuda" or self.link is not None else "fetch"

@@ -15,10 +15,12 @@ from hooks import ModuleHook, MoEBlock, attach, detach
 from .blocks import expert_geometry, moe_blocks
 from .cache import ExpertCache
 from .calibrate import Calibration, expert_weights, load_calibration
+from .costs import MissRouter, measure_host
 from .eviction import make_eviction
 from .experts_hook import ExpertsHook
 from .fallbacks import Buddy, Drop, LowRank, MissFallback
 from .handle import OffloadHandle, handle_of
+from .host import HostCompute
 from .options import OffloadOptions
 from .plan import Plan, make_plan
 from .prefetch import LookaheadPrefetcher
@@ -79,17 +81,27 @@ def offload(
         _swap_in_pool(blocks, names, cache, undo)
         model.to(dev)  # non-expert weights; the experts modules now hold only the pool
         prefetcher = _prefetcher(blocks, cache, options, undo) if not plan.all_resident else None
-        fallback = _fallback(options, calib, blocks, store, plan, dev, dtype)
+        standin = _standin(options, calib, blocks, store, plan, dev, dtype)
+        miss_path = options.miss_path(dev.type)
+        host = None
+        if miss_path != "fetch" and not plan.all_resident:
+            host = HostCompute(store, [b.experts for b in blocks], names, _hidden_size(model), dev, options.host,
+                               threads=options.host_threads)  # fmt: skip
+            undo.callback(host.shutdown)
+        cache.warm(_warm_order(blocks, calib, plan.all_resident))  # measures the link as it copies
+        router = None
+        if host is not None:
+            router = MissRouter(miss_path, engine, host, measure_host(host) if miss_path == "auto" else None)
+            host.reset_stats()  # the micro-benchmark's jobs are not the model's
         for b in blocks:
-            attach(b.experts, ExpertsHook(b.index, cache, names, fallback, prefetcher))
+            attach(b.experts, ExpertsHook(b.index, cache, names, router, standin, prefetcher, host))
             undo.callback(detach, b.experts)
-        cache.warm(_warm_order(blocks, calib, plan.all_resident))
         if options.compile:
             _compile_attention(model, undo)
     except BaseException:
         undo.close()
         raise
-    return OffloadHandle(model, blocks, cache, plan, options, undo)
+    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, host, router)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -174,7 +186,12 @@ def _prefetcher(
     return prefetcher
 
 
-def _fallback(
+def _hidden_size(model: torch.nn.Module) -> int:
+    """The width of the residual stream the experts read (the text model's, in a multimodal one)."""
+    return int(model.config.get_text_config().hidden_size)
+
+
+def _standin(
     options: OffloadOptions,
     calib: Calibration | None,
     blocks: list[MoEBlock],
@@ -183,11 +200,11 @@ def _fallback(
     dev: torch.device,
     dtype: torch.dtype,
 ) -> MissFallback | None:
-    if options.fallback == "fetch":
+    if options.standin is None:
         return None
-    if options.fallback == "drop":
+    if options.standin == "drop":
         return Drop(options.critical_weight)
-    if options.fallback == "lowrank":
+    if options.standin == "lowrank":
         rank = plan.standin_rank
         if calib is not None:  # activation-aware factors, truncated to the rank the budget allows
             standins = calib.standins.truncated(rank)
@@ -198,7 +215,7 @@ def _fallback(
             v = {n: torch.stack([torch.stack([f[n][1] for f in layer]) for layer in factors]) for n in store.names}
             standins = StandIns(u, v)
         return LowRank(options.critical_weight, standins.to(dev, dtype))
-    assert calib is not None  # OffloadOptions refuses buddy without a calibration
+    assert calib is not None  # OffloadOptions refuses standin="buddy" without a calibration
     return Buddy(options.critical_weight, calib.buddies, calib.tau)
 
 

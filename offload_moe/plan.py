@@ -68,11 +68,9 @@ def make_plan(
     g = geometry
     budget_b = budget_bytes(budget, g.total_bytes)
     rank = 0
-    if options.fallback == "lowrank":
+    if options.standin == "lowrank":
         if set(g.shapes) != GATED:
-            raise ValueError(
-                f"fallback='lowrank' needs gated experts (gate_up_proj, down_proj), not {sorted(g.shapes)}"
-            )
+            raise ValueError(f"standin='lowrank' needs gated experts (gate_up_proj, down_proj), not {sorted(g.shapes)}")
         share = min(options.standin_fraction, STANDIN_BUDGET_SHARE * budget_b / g.total_bytes)
         rank = rank_for_fraction(share, g.shapes)
         if calibrated_rank is not None:

@@ -72,9 +72,25 @@ class HostStore:
     def expert(self, layer: int, expert: int) -> list[Piece]:
         return self.experts[layer][expert]
 
-    def expert_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of one expert once stored in `dtype` on the device."""
+    def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's weights as whole tensors on the host: views of a fused store (no copy), or assembled from a
+        per-expert checkpoint's pieces (gate and up are two pieces of gate_up_proj)."""
+        out: dict[str, torch.Tensor] = {}
+        for p in self.experts[layer][expert]:
+            shape = self.expert_shapes[p.name]
+            if p.row == 0 and tuple(p.src.shape) == shape:
+                out[p.name] = p.src
+                continue
+            if p.name not in out:
+                out[p.name] = torch.empty(shape, dtype=p.src.dtype)
+            out[p.name][p.row : p.row + p.src.shape[0]].copy_(p.src)
+        return out
+
+    def expert_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of one expert once stored in `dtype` (default: as the host stores it)."""
         numel = sum(torch.Size(s).numel() for s in self.expert_shapes.values())
+        if dtype is None:
+            dtype = self.experts[0][0][0].src.dtype
         return numel * torch.empty((), dtype=dtype).element_size()
 
     def materialize(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -88,6 +88,8 @@ class TransferEngine:
         self._seq = itertools.count()
         self._closing = False
         self._link_free_at = 0.0
+        self._copy_s: float | None = None  # measured seconds per copy (EMA over copies, warm-up included)
+        self._current: float | None = None  # start time of the copy on the link
         self._worker = threading.Thread(target=self._run, name="offload-moe-copy", daemon=True)
         self._worker.start()
 
@@ -111,6 +113,20 @@ class TransferEngine:
         """Copies waiting for the link (not counting the one in progress)."""
         return len(self._queued)
 
+    def copy_seconds(self) -> float | None:
+        """Measured link time of one copy (an exponential average over every copy so far), None before any."""
+        return self._copy_s
+
+    def demand_wait_seconds(self) -> float:
+        """Estimated wait before a new demand copy would start: the rest of the copy on the link and every demand
+        copy queued before it (prefetches queue behind demand copies)."""
+        copy_s = self._copy_s or 0.0
+        with self._cond:
+            current = self._current
+            demand = sum(t.priority == DEMAND for t in self._queued)
+        rest = max(0.0, current + copy_s - time.perf_counter()) if current is not None else 0.0
+        return rest + demand * copy_s
+
     def promote(self, transfer: Transfer) -> None:
         """Make a queued copy a demand copy (no-op once it started)."""
         with self._cond:
@@ -131,6 +147,7 @@ class TransferEngine:
                 return None
             transfer = min(self._queued, key=lambda t: (t.priority, t.seq))
             self._queued.remove(transfer)
+            self._current = max(time.perf_counter(), self._link_free_at)
             return transfer
 
     def _run(self) -> None:
@@ -150,6 +167,10 @@ class TransferEngine:
                 delay = self._link_free_at - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
+            took = time.perf_counter() - start
+            self._copy_s = took if self._copy_s is None else 0.8 * self._copy_s + 0.2 * took
+            with self._cond:
+                self._current = None
             transfer._issued.set()
 
     def _copy(self, transfer: Transfer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,9 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+
+# measured host costs are cached per machine; the tests keep theirs to themselves
+os.environ.setdefault("OFFLOAD_MOE_CACHE_DIR", tempfile.mkdtemp(prefix="offload-moe-test-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent  # the tests run from a checkout of the repository
 REFERENCE_MODEL_DIR = REPO / "examples" / "reference-moe"

@@ -51,22 +51,22 @@ def test_exactly_low_rank_expert_is_reproduced_exactly():
     assert rank_for_fraction(0.1, {"a": (40, 16), "b": (16, 20)}) == int(0.1 * (640 + 320) // (56 + 36))
 
 
-@pytest.mark.parametrize("fallback", ["drop", "lowrank"])
-def test_fallbacks_run_on_misses(fallback):
+@pytest.mark.parametrize("standin", ["drop", "lowrank"])
+def test_standins_run_on_misses(standin):
     model = tiny_model("mixtral")
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    handle = offload_moe.patch(model, budget=0.5, device="cpu", fallback=fallback, critical_weight=1.01)
+    handle = offload_moe.patch(model, budget=0.5, device="cpu", standin=standin, critical_weight=1.01)
     _decode(model, ids)
     stats = handle.stats()
-    assert stats.misses > 0 and stats.substituted > 0 and stats.fallback == fallback
+    assert stats.misses > 0 and stats.substituted > 0 and stats.standin == standin
     handle.unpatch()
 
 
 def test_buddy_runs_on_misses_and_needs_calibration(reference_dir, calibration):
     model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
     with pytest.raises(ValueError, match="needs buddy lists"):
-        offload_moe.patch(model, budget=0.25, device="cpu", fallback="buddy")
-    handle = offload_moe.patch(model, budget=0.25, device="cpu", fallback="buddy", calibration=calibration)
+        offload_moe.patch(model, budget=0.25, device="cpu", standin="buddy")
+    handle = offload_moe.patch(model, budget=0.25, device="cpu", standin="buddy", calibration=calibration)
     tokenizer = AutoTokenizer.from_pretrained(reference_dir)
     bits_per_byte(model, tokenizer, stdlib_text("val", max_bytes=1500), decode=True)
     assert handle.stats().substituted > 0
@@ -76,8 +76,8 @@ def test_buddy_runs_on_misses_and_needs_calibration(reference_dir, calibration):
 def test_standins_are_never_used_for_ready_experts(monkeypatch):
     """A stand-in serves only experts that were not ready when the layer planned its call (a copy may land later)."""
     model = tiny_model("mixtral")
-    handle = offload_moe.patch(model, budget=0.5, device="cpu", fallback="lowrank", critical_weight=1.01)
-    fallback = attached_hook(handle.blocks[0].experts).fallback  # shared by every layer's hook
+    handle = offload_moe.patch(model, budget=0.5, device="cpu", standin="lowrank", critical_weight=1.01)
+    fallback = attached_hook(handle.blocks[0].experts).standin  # shared by every layer's hook
     standins, calls, planned = fallback.standins, [], {}
     real_plan, real_apply = fallback.plan, standins.apply
 
@@ -138,17 +138,17 @@ def test_lookahead_raises_the_hit_rate_with_layer_aware_eviction(reference_dir):
 
 
 def test_accuracy_ordering_on_the_reference_model(reference_dir, calibration):
-    """Budget 0.25, lookahead, decode regime: lossless fetch, then lowrank well closer to it than drop."""
+    """Budget 0.25, lookahead, decode regime: lossless without a stand-in, then lowrank well closer to it than drop."""
     model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(reference_dir)
     text = stdlib_text("val", max_bytes=3000)
     base = bits_per_byte(model, tokenizer, text, decode=True)
     bpb = {}
-    for fallback in ("fetch", "drop", "lowrank"):
-        handle = offload_moe.patch(model, budget=0.25, device="cpu", fallback=fallback, calibration=calibration)
-        bpb[fallback] = bits_per_byte(model, tokenizer, text, decode=True)
+    for standin in (None, "drop", "lowrank"):
+        handle = offload_moe.patch(model, budget=0.25, device="cpu", standin=standin, calibration=calibration)
+        bpb[standin] = bits_per_byte(model, tokenizer, text, decode=True)
         handle.unpatch()
-    assert bpb["fetch"] == pytest.approx(base, abs=1e-6)
+    assert bpb[None] == pytest.approx(base, abs=1e-6)
     assert bpb["lowrank"] < bpb["drop"]
     assert bpb["lowrank"] < base * 1.03
 
@@ -158,15 +158,15 @@ def test_bad_fallback_options():
     with pytest.raises(ValueError, match="unknown prefetch 'oracle'"):
         offload_moe.patch(model, device="cpu", prefetch="oracle")
     with pytest.raises(ValueError, match="critical_weight"):
-        offload_moe.patch(model, budget=0.5, device="cpu", fallback="drop", critical_weight=0)
+        offload_moe.patch(model, budget=0.5, device="cpu", standin="drop", critical_weight=0)
     with pytest.raises(ValueError, match="lookahead needs depth"):
         offload_moe.patch(model, budget=0.5, device="cpu", lookahead_depth=0)
     with pytest.raises(ValueError, match="standin_fraction"):
-        offload_moe.patch(model, budget=0.5, device="cpu", fallback="lowrank", standin_fraction=2)
+        offload_moe.patch(model, budget=0.5, device="cpu", standin="lowrank", standin_fraction=2)
     with pytest.raises(FileNotFoundError, match="calibrate"):
-        offload_moe.patch(model, budget=0.5, device="cpu", fallback="lowrank", calibration="/nonexistent.st")
+        offload_moe.patch(model, budget=0.5, device="cpu", standin="lowrank", calibration="/nonexistent.st")
 
 
 def test_calibration_for_another_model_is_refused(calibration):
     with pytest.raises(ValueError, match="calibration was made for a MixtralForCausalLM"):
-        offload_moe.patch(tiny_model("mixtral"), budget=0.5, device="cpu", fallback="lowrank", calibration=calibration)
+        offload_moe.patch(tiny_model("mixtral"), budget=0.5, device="cpu", standin="lowrank", calibration=calibration)

@@ -23,24 +23,24 @@ def test_plan_of_mixtral_by_hand():
 
 
 def test_lowrank_standins_take_their_share_and_count_against_the_budget():
-    plan = make_plan(MIXTRAL, 0.25, OffloadOptions(fallback="lowrank", standin_fraction=0.05))
+    plan = make_plan(MIXTRAL, 0.25, OffloadOptions(standin="lowrank", standin_fraction=0.05))
     per_rank = (28672 + 4096 + 4096 + 14336) * 2
     assert plan.standin_rank == int(0.05 * 3 * 4096 * 14336 // (per_rank / 2))
     assert plan.standin_bytes == 256 * plan.standin_rank * per_rank
     assert plan.device_expert_bytes <= plan.budget_bytes
-    capped = make_plan(MIXTRAL, 0.1, OffloadOptions(fallback="lowrank", standin_fraction=0.5))
+    capped = make_plan(MIXTRAL, 0.1, OffloadOptions(standin="lowrank", standin_fraction=0.5))
     assert capped.standin_bytes <= 0.4 * capped.budget_bytes  # never more than 40% of the budget
-    assert make_plan(MIXTRAL, 0.25, OffloadOptions(fallback="lowrank"), calibrated_rank=3).standin_rank == 3
+    assert make_plan(MIXTRAL, 0.25, OffloadOptions(standin="lowrank"), calibrated_rank=3).standin_rank == 3
 
 
 def test_budget_errors_say_how_much_is_needed():
     with pytest.raises(BudgetError, match="raise the budget to at least 672.0 MiB"):
         make_plan(MIXTRAL, "500MiB", OffloadOptions())
     with pytest.raises(BudgetError, match="no room for rank-1 stand-ins"):
-        make_plan(MIXTRAL, "10MiB", OffloadOptions(fallback="lowrank"))
+        make_plan(MIXTRAL, "10MiB", OffloadOptions(standin="lowrank"))
     ungated = ExpertGeometry(2, 4, 1, {"up_proj": (8, 4), "down_proj": (4, 8)}, itemsize=4)
     with pytest.raises(ValueError, match="needs gated experts"):
-        make_plan(ungated, 0.5, OffloadOptions(fallback="lowrank"))
+        make_plan(ungated, 0.5, OffloadOptions(standin="lowrank"))
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,9 @@ def test_budget_errors_say_how_much_is_needed():
         ({"eviction": "fifo"}, ValueError, "unknown eviction policy 'fifo'"),
         ({"critical_weight": 0}, ValueError, "critical_weight"),
         ({"lookahead_depth": 0}, ValueError, "lookahead needs depth"),
-        ({"fallback": "buddy"}, ValueError, "needs buddy lists"),
+        ({"standin": "buddy"}, ValueError, "needs buddy lists"),
+        ({"fallback": "drop"}, ValueError, "pass standin='drop'"),
+        ({"standin": "magic"}, ValueError, "unknown standin 'magic'"),
         ({"link": 3}, TypeError, "EmulatedLink"),
         ({"budgte": 0.5}, TypeError, r"unknown option\(s\) \['budgte'\]"),
     ],
@@ -62,11 +64,12 @@ def test_options_are_validated_once(kwargs, error, match):
 
 
 def test_options_object_and_keywords_combine():
-    base = OffloadOptions(fallback="drop", prefetch=None)
-    assert OffloadOptions.of(base, critical_weight=0.7) == OffloadOptions("lru", "drop", 0.7, None)
+    base = OffloadOptions(standin="drop", prefetch=None)
+    assert OffloadOptions.of(base, critical_weight=0.7) == OffloadOptions(standin="drop", critical_weight=0.7,
+                                                                          prefetch=None)  # fmt: skip
     model = tiny_model("mixtral")
     handle = offload_moe.patch(model, budget=0.5, device="cpu", options=base, eviction="lfu")
-    assert (handle.options.fallback, handle.options.eviction, handle.options.prefetch) == ("drop", "lfu", None)
+    assert (handle.options.standin, handle.options.eviction, handle.options.prefetch) == ("drop", "lfu", None)
     handle.unpatch()
 
 
