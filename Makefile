@@ -28,14 +28,17 @@ lint: install
 bench: install
 	$(PY) -m offload_moe.bench --mode default
 	$(PY) -m fairness.bench
+	$(PY) -m fairness.served_bench
 
 bench-full: install
 	$(PY) -m offload_moe.bench --mode full
 	$(PY) -m fairness.bench
+	$(PY) -m fairness.served_bench
 
 bench-quick: install
 	$(PY) -m offload_moe.bench --mode quick
 	$(PY) -m fairness.bench --quick
+	$(PY) -m fairness.served_bench --quick
 
 reference-model: install
 	$(PY) examples/train_reference_model.py --out examples/reference-moe

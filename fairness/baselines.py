@@ -36,6 +36,10 @@ class FCFS(SchedulingPolicy):
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         self._queue.appendleft(req)  # resumes first, as in vLLM
 
+    def on_cancel(self, req: RequestInfo, generated: int | None, now: float) -> None:
+        if generated is None:
+            self._queue.remove(req)
+
 
 class RPM(SchedulingPolicy):
     """FCFS, but a client may start at most `rpm` requests in any 60-second window (requests-per-minute limit)."""
@@ -75,6 +79,11 @@ class RPM(SchedulingPolicy):
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         self._queues[req.client].appendleft(req)
         self._resumed.add(req.id)
+
+    def on_cancel(self, req: RequestInfo, generated: int | None, now: float) -> None:
+        if generated is None:
+            self._queues[req.client].remove(req)
+            self._resumed.discard(req.id)
 
 
 class VTC(SchedulingPolicy):
@@ -127,6 +136,15 @@ class VTC(SchedulingPolicy):
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         del self._running[req.id]
         self.backlog.push(req, [self.counter], front=True)
+
+    def on_cancel(self, req: RequestInfo, generated: int | None, now: float) -> None:
+        if generated is not None:
+            self.on_finish(req, generated, now)  # charged what it received
+        elif self.counter.holds(req.id):  # preempted, then cancelled while waiting to resume
+            self.backlog.discard(req)
+            self.counter.settle(req.id)
+        else:
+            self.backlog.discard(req)
 
 
 class LCF(VTC):

@@ -226,6 +226,18 @@ class Equinox(SchedulingPolicy):
         h = self.scores()
         return max(reversed(running), key=lambda r: h[r.client])
 
+    def on_cancel(self, req: RequestInfo, generated: int | None, now: float) -> None:
+        if generated is not None:
+            self.on_finish(req, generated, now)
+            return
+        self.backlog.discard(req)
+        if self.ufc.holds(req.id):  # preempted, then cancelled while waiting to resume
+            self.ufc.settle(req.id)
+            self.rfc.settle(req.id)
+        self.load.cancel(req)
+        for d in (self.predicted, self._generated, self._first_admit):
+            d.pop(req.id, None)
+
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         self._footprint -= self._predicted_kv(req.id, req.input_tokens)
         self.load.preempt(req)

@@ -84,6 +84,10 @@ class LoadTracker:
         self._global.append(output_tokens)
         self._finished[req.client] += 1
 
+    def cancel(self, req: RequestInfo) -> None:
+        """A waiting request left unserved."""
+        self._waiting_input -= self._waiting.pop(req.id)
+
     def preempt(self, req: RequestInfo) -> None:
         """A running request goes back to the queue; on resumption it re-prefills its context."""
         ctx = self.context.pop(req.id)

@@ -106,3 +106,7 @@ class Backlog:
         """`req` leaves the queue (admitted)."""
         self._queues[req.client].remove(req)
         self._last_left = req.client
+
+    def discard(self, req: RequestInfo) -> None:
+        """`req` leaves the queue unserved (its client went away)."""
+        self._queues[req.client].remove(req)

@@ -13,6 +13,7 @@ Call protocol:
     policy.preemption_victim(running)     # KV ran out: which running request to evict (oldest first in `running`)
     policy.on_preempt(info, now)          # the engine evicted it: it waits again, and is re-admitted through
                                           # next_request/on_admit (already-charged work is not charged twice)
+    policy.on_cancel(info, generated, now) # a serving engine: the client left (generated None: it was waiting)
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class SchedulingPolicy(ABC):
     needs_oracle: bool = False  # only a labelled oracle (for reference) is handed true output lengths
 
     def configure(self, engine: EngineModel, telemetry: Telemetry) -> None:  # noqa: B027 (optional hook)
-        """Once before the first request: the engine's capacity and step-time model, and GPU telemetry."""
+        """Before the first request: the engine's capacity and step-time model, and GPU telemetry. A serving engine
+        calls it again when it has refitted its step-time model from measured steps."""
 
     @abstractmethod
     def add_request(self, req: RequestInfo, now: float) -> None: ...
@@ -62,6 +64,13 @@ class SchedulingPolicy(ABC):
     def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo:
         """Which running request to evict when KV runs out (`running` is oldest first): the newest, as vLLM does."""
         return running[-1]
+
+    def on_cancel(self, req: RequestInfo, generated: int | None, now: float) -> None:
+        """The client left before `req` finished. generated: tokens it received while running, or None if it was
+        still waiting (then it must leave the queue). Default: a running request is settled as finished."""
+        if generated is None:
+            raise NotImplementedError(f"policy {self.name!r} cannot drop a waiting request: implement on_cancel")
+        self.on_finish(req, generated, now)
 
     def set_oracle(self, true_output_tokens: dict[int, int]) -> None:
         """Oracles only (`needs_oracle = True`): every request's true output length, by request id."""

@@ -21,6 +21,7 @@ import numpy as np
 from .engine import EngineModel
 from .metrics import FairnessTracker, percentile
 from .policy import SchedulingPolicy, make_policy
+from .records import RequestRecord
 from .request import Request, RequestInfo
 from .telemetry import Telemetry
 
@@ -67,6 +68,7 @@ class SimResult:
     times: np.ndarray  # [K] sample times (s)
     service: dict[str, np.ndarray] = field(default_factory=dict)  # client -> [K] cumulative weighted service
     ttft: dict[str, list[float]] = field(default_factory=dict)  # client -> TTFT of each request (s)
+    records: list[RequestRecord] = field(default_factory=list)  # every request, as it was served
 
 
 class _PolicyClock:
@@ -326,7 +328,9 @@ class Simulator:
             for cl in clients
         }
         times, service = self.tracker.series()
-        return SimResult(self.policy.name, metrics, per_client, times, service, ttft)
+        records = [RequestRecord(s.info.client, s.info.arrival_s, s.info.input_tokens, s.generated, s.first_token_s,
+                                 s.finish_s, s.info.weight) for s in seqs]  # fmt: skip
+        return SimResult(self.policy.name, metrics, per_client, times, service, ttft, records)
 
 
 def simulate(

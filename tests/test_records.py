@@ -1,0 +1,73 @@
+"""Metrics from per-request records: by hand, and consistent with the simulator's own accounting."""
+
+import json
+
+import pytest
+
+from fairness import EngineModel, Request, make_workload, simulate
+from fairness.records import RequestRecord, record_metrics
+
+
+def test_record_metrics_by_hand():
+    records = [
+        RequestRecord("a", 0.0, 10, 10, first_token_s=1.0, finish_s=3.0),  # 30 of service over [1, 3]
+        RequestRecord("b", 0.0, 10, 5, first_token_s=2.0, finish_s=4.0),  # 20 over [2, 4]
+    ]
+    m = record_metrics(records, resolution_s=0.01, window_s=2.0)
+    # accumulated service: at t = 3, a has 30 and b 10: the largest gap
+    assert m.metrics["acc_service_diff"] == pytest.approx(20.0, abs=0.3)
+    assert m.per_client["a"]["service"] == pytest.approx(30.0) and m.per_client["b"]["service"] == pytest.approx(20.0)
+    assert m.metrics["ttft_p50_s"] == pytest.approx(1.5) and m.metrics["e2e_p50_s"] == pytest.approx(3.5)
+    assert m.metrics["throughput_tok_s"] == pytest.approx(15 / 4, rel=0.01)
+    assert m.metrics["throughput_in_out_tok_s"] == pytest.approx(35 / 4, rel=0.01)
+    # b is backlogged over [0, 2), a over [0, 1): both from 0 to 1, where neither is served: no difference yet
+    assert m.metrics["max_service_diff"] == pytest.approx(0.0, abs=0.5)
+    # 2 s windows: [0, 2) rates a 7.5, b 0; [2, 4) a 7.5, b 10
+    assert m.metrics["window_service_diff_max"] == pytest.approx(7.5, abs=0.3)
+
+
+def test_unfinished_requests_count_no_service_and_weights_divide_it():
+    records = [RequestRecord("a", 0.0, 4, 4, 1.0, None), RequestRecord("b", 0.0, 4, 4, 1.0, 2.0, weight=2.0)]
+    m = record_metrics(records, resolution_s=0.05)
+    assert m.per_client["a"]["service"] == 0 and m.per_client["b"]["service"] == pytest.approx(6.0)
+    assert m.metrics["finished"] == 1
+    with pytest.raises(ValueError, match="at least one record"):
+        record_metrics([])
+
+
+def test_simulated_records_add_up_to_the_simulators_service():
+    res = simulate(make_workload("overload", 60), "vtc", engine=EngineModel.preset("a10g-llama2-7b"))
+    assert len(res.records) == res.metrics["requests"]
+    m = record_metrics(res.records, resolution_s=0.5)
+    for client, numbers in res.per_client.items():
+        assert m.per_client[client]["service"] == pytest.approx(numbers["service"], rel=1e-9)
+    assert m.metrics["ttft_p50_s"] == pytest.approx(res.metrics["ttft_p50_s"])
+
+
+def test_loadgen_command_line_against_a_live_server(reference_dir, tmp_path):
+    from fairness.loadgen import main
+    from fairness.serve import BackgroundServer, build_engine
+    from fairness.server import create_app
+
+    trace = tmp_path / "trace.jsonl"
+    rows = [{"client": c, "arrival_s": t, "input_tokens": 8, "output_tokens": 6} for t, c in enumerate("abab")]
+    trace.write_text("\n".join(json.dumps(r) for r in rows))
+    srv = BackgroundServer(create_app(build_engine(reference_dir, "vtc", device="cpu", max_running=2)))
+    url = srv.start()
+    try:
+        main(["--url", url, "--trace", str(trace), "--speedup", "4", "--duration", "5", "--out", str(tmp_path),
+              "--label", "t"])  # fmt: skip
+    finally:
+        srv.stop()
+    saved = json.loads((tmp_path / "loadgen-t.json").read_text())
+    assert saved["metrics"]["finished"] == 4 and [r["output_tokens"] for r in saved["records"]] == [6] * 4
+    assert {r["client"] for r in saved["records"]} == {"a", "b"}
+    assert (tmp_path / "fairness-loadgen-t-service.png").exists()
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--url", url, "--trace", str(tmp_path / "none.jsonl")])
+    with pytest.raises(ValueError, match="speedup must be > 0"):
+        import asyncio
+
+        from fairness.loadgen import replay
+
+        asyncio.run(replay(url, "m", [Request("a", 0, 1, 1)], speedup=0))
