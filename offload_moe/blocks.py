@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from hooks import MoEBlock, find_moe_blocks
+from hooks import MoEBlock, find_moe_blocks, is_stacked_experts
 
 from .errors import UnsupportedModelError
 from .plan import ExpertGeometry
@@ -12,12 +14,12 @@ from .plan import ExpertGeometry
 
 def moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
     """The model's MoE blocks, checked to share one expert layout; `UnsupportedModelError` otherwise."""
-    blocks = find_moe_blocks(model)
+    blocks = [b for b in find_moe_blocks(model) if _takes_routing(b.experts)]
     if not blocks:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no supported MoE block: offload-moe needs transformers>=5 MoE models whose "
-            "experts are stacked per-expert tensors (gate_up_proj, down_proj), such as Mixtral, Qwen2-MoE, "
-            "Qwen3-MoE or OLMoE"
+            f"{type(model).__name__} has no MoE block offload-moe can drive: {_why_not(model)}. offload-moe needs "
+            "experts stacked per expert (transformers' ExpertsInterface layout) and called with the routed expert "
+            "ids, as in Mixtral, Qwen-MoE, DeepSeek, gpt-oss, Granite-MoE and most transformers MoE families"
         )
     names = blocks[0].expert_param_names()
     if any(b.expert_param_names() != names for b in blocks):
@@ -42,3 +44,25 @@ def expert_geometry(blocks: list[MoEBlock]) -> ExpertGeometry:
             )
     itemsize = getattr(first, names[0]).element_size()
     return ExpertGeometry(len(blocks), blocks[0].num_experts, max(b.top_k for b in blocks), shapes, itemsize)
+
+
+def _takes_routing(experts: torch.nn.Module) -> bool:
+    """The experts module is called as experts(hidden_states, top_k_index, top_k_weights, ...)."""
+    params = list(inspect.signature(type(experts).forward).parameters.values())[1:]  # after self
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def _why_not(model: torch.nn.Module) -> str:
+    """What is wrong with the model's experts modules, for the error message."""
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not cls.endswith("Experts"):
+            continue
+        if not is_stacked_experts(module):
+            return f"{name} ({cls}) does not hold its weights stacked per expert with a num_experts count"
+        if not _takes_routing(module):
+            sig = inspect.signature(type(module).forward)
+            return f"{name} ({cls}) is called as forward{sig}, without the routed expert ids to fetch experts by"
+        return f"{name} ({cls}) has no router (gate or router) beside it in its block"
+    return "no experts module found (a dense model?)"

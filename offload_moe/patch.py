@@ -180,8 +180,7 @@ def _prefetcher(
 ) -> LookaheadPrefetcher | None:
     if options.prefetch != "lookahead":
         return None
-    predictable = {b.index for b in blocks if b.norm is not None}
-    prefetcher = LookaheadPrefetcher(blocks, cache, options.lookahead_depth, options.prefetch_candidates, predictable)
+    prefetcher = LookaheadPrefetcher(blocks, cache, options.lookahead_depth, options.prefetch_candidates)
     undo.callback(prefetcher.remove)
     return prefetcher
 

@@ -77,7 +77,7 @@ def make_plan(
             rank = min(rank, calibrated_rank)
         if rank < 1:
             raise BudgetError(f"budget {format_bytes(budget_b)} leaves no room for rank-1 stand-ins; raise the budget")
-    standin_bytes = g.total_experts * rank * sum(a + b for a, b in g.shapes.values()) * g.itemsize
+    standin_bytes = g.total_experts * rank * sum(a + b for a, b in g.shapes.values()) * g.itemsize if rank else 0
     slots = min((budget_b - standin_bytes) // g.expert_bytes, g.total_experts)
     if slots < g.top_k:
         need = g.top_k * g.expert_bytes + standin_bytes
