@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install test lint bench bench-full bench-quick reference-model clean
+.PHONY: install test lint bench bench-full bench-quick gpu-check reference-model clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ bench-quick: install
 	$(PY) -m offload_moe.bench --mode quick
 	$(PY) -m fairness.bench --quick
 	$(PY) -m fairness.served_bench --quick
+
+# On a CUDA machine: the CUDA tests, then a real-link benchmark (bench-results/gpu-check.json); elsewhere it says so.
+gpu-check: install
+	$(PY) -m offload_moe.gpu_check
 
 reference-model: install
 	$(PY) examples/train_reference_model.py --out examples/reference-moe

@@ -117,6 +117,10 @@ class ExpertCache:
     def queued_copies(self) -> int:
         return self._engine.queued()
 
+    def link_totals(self) -> tuple[int, float]:
+        """(bytes, seconds) the link spent on every copy so far."""
+        return self._engine.link_totals()
+
     def slots(self) -> dict[Key, int]:
         """A copy of the residency map, for inspection."""
         return dict(self._slot_of)

@@ -207,8 +207,8 @@ def _standin(
         rank = plan.standin_rank
         if calib is not None:  # activation-aware factors, truncated to the rank the budget allows
             standins = calib.standins.truncated(rank)
-        else:  # weight-only truncated SVD, expert by expert
-            factors = [[{n: lowrank(w, rank) for n, w in expert_weights(b, store, b.index, e).items()}
+        else:  # weight-only truncated SVD, expert by expert, on the device (a GPU factors large experts fast)
+            factors = [[{n: lowrank(w.to(dev), rank) for n, w in expert_weights(b, store, b.index, e).items()}
                         for e in range(b.num_experts)] for b in blocks]  # fmt: skip
             u = {n: torch.stack([torch.stack([f[n][0] for f in layer]) for layer in factors]) for n in store.names}
             v = {n: torch.stack([torch.stack([f[n][1] for f in layer]) for layer in factors]) for n in store.names}

@@ -15,8 +15,11 @@ def lowrank(w: torch.Tensor, rank: int, cov: torch.Tensor | None = None) -> tupl
 
     cov: optional input second-moment matrix [in, in] (X^T X / n); the fit is then activation-aware.
     """
-    w = w.double()
     rank = max(1, min(rank, *w.shape))
+    if cov is None and 8 * rank < min(w.shape) and min(w.shape) > 1024:  # a large matrix: randomized SVD
+        u, s, v = torch.svd_lowrank(w.float(), q=rank + 16, niter=4)
+        return (u[:, :rank] * s[:rank]), v[:, :rank].T.contiguous()
+    w = w.double()
     if cov is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()

@@ -89,6 +89,7 @@ class TransferEngine:
         self._closing = False
         self._link_free_at = 0.0
         self._copy_s: float | None = None  # measured seconds per copy (EMA over copies, warm-up included)
+        self._link_seconds, self._link_bytes = 0.0, 0  # totals of every copy
         self._current: float | None = None  # start time of the copy on the link
         self._worker = threading.Thread(target=self._run, name="offload-moe-copy", daemon=True)
         self._worker.start()
@@ -116,6 +117,10 @@ class TransferEngine:
     def copy_seconds(self) -> float | None:
         """Measured link time of one copy (an exponential average over every copy so far), None before any."""
         return self._copy_s
+
+    def link_totals(self) -> tuple[int, float]:
+        """(bytes, seconds) of every copy so far: their ratio is the bandwidth the link achieved."""
+        return self._link_bytes, self._link_seconds
 
     def demand_wait_seconds(self) -> float:
         """Estimated wait before a new demand copy would start: the rest of the copy on the link and every demand
@@ -169,6 +174,8 @@ class TransferEngine:
                     time.sleep(delay)
             took = time.perf_counter() - start
             self._copy_s = took if self._copy_s is None else 0.8 * self._copy_s + 0.2 * took
+            self._link_seconds += took
+            self._link_bytes += transfer.nbytes
             with self._cond:
                 self._current = None
             transfer._issued.set()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import DEVICES, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import offload_moe
@@ -51,11 +51,12 @@ def test_exactly_low_rank_expert_is_reproduced_exactly():
     assert rank_for_fraction(0.1, {"a": (40, 16), "b": (16, 20)}) == int(0.1 * (640 + 320) // (56 + 36))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("standin", ["drop", "lowrank"])
-def test_standins_run_on_misses(standin):
-    model = tiny_model("mixtral")
-    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    handle = offload_moe.patch(model, budget=0.5, device="cpu", standin=standin, critical_weight=1.01)
+def test_standins_run_on_misses(standin, device):
+    model = tiny_model("mixtral").to(device)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    handle = offload_moe.patch(model, budget=0.5, device=device, standin=standin, critical_weight=1.01)
     _decode(model, ids)
     stats = handle.stats()
     assert stats.misses > 0 and stats.substituted > 0 and stats.standin == standin

@@ -66,7 +66,9 @@ def test_find_moe_blocks(family):
 def test_a_dense_model_has_no_blocks_and_offload_moe_says_so():
     dense = tiny_dense_model()
     assert find_moe_blocks(dense) == []
-    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM has no MoE block offload-moe can drive: no experts module found"):
+    with pytest.raises(
+        UnsupportedModelError, match="LlamaForCausalLM has no MoE block offload-moe can drive: no experts module found"
+    ):
         patch(dense, device="cpu")
     with pytest.raises(ValueError, match="no MoE block"):
         RoutingRecorder(dense)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_dense_model, tiny_model
+from conftest import DEVICES, FAMILIES, tiny_dense_model, tiny_model
 
 import offload_moe
 from hooks import RoutingRecorder, find_moe_blocks, is_attached
@@ -19,13 +19,14 @@ def _generate(model, ids, n=8):
         return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("budget", [0.25, 0.5, 1.0])
-def test_lossless_logits_and_greedy_tokens(family, budget):
-    model = tiny_model(family)
-    ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1))  # batch > 1
+def test_lossless_logits_and_greedy_tokens(family, budget, device):
+    model = tiny_model(family).to(device)
+    ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1)).to(device)  # batch > 1
     ref_logits, ref_tokens = _logits(model, ids), _generate(model, ids)
-    handle = offload_moe.patch(model, budget=budget, device="cpu")
+    handle = offload_moe.patch(model, budget=budget, device=device)
     try:
         torch.testing.assert_close(_logits(model, ids), ref_logits, rtol=0, atol=1e-5)
         assert torch.equal(_generate(model, ids), ref_tokens)
@@ -39,14 +40,15 @@ def test_lossless_logits_and_greedy_tokens(family, budget):
         handle.unpatch()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_long_prompt_streams_experts_in_waves(family):
-    model = tiny_model(family)
-    ids = torch.randint(0, 128, (2, 200), generator=torch.Generator().manual_seed(2))
+def test_long_prompt_streams_experts_in_waves(family, device):
+    model = tiny_model(family).to(device)
+    ids = torch.randint(0, 128, (2, 200), generator=torch.Generator().manual_seed(2)).to(device)
     ref = _logits(model, ids)
     top_k = model.config.num_experts_per_tok
     smallest = top_k / 24  # exactly one layer's top-k: every prefill layer needs more experts than there are slots
-    handle = offload_moe.patch(model, budget=smallest, device="cpu")
+    handle = offload_moe.patch(model, budget=smallest, device=device)
     try:
         torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)
         stats = handle.stats()
@@ -55,13 +57,14 @@ def test_long_prompt_streams_experts_in_waves(family):
         handle.unpatch()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
-def test_every_experts_kernel_runs_on_the_pool(impl):
-    model = tiny_model("mixtral")
+def test_every_experts_kernel_runs_on_the_pool(impl, device):
+    model = tiny_model("mixtral").to(device)
     model.set_experts_implementation(impl)
-    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(3)).to(device)
     ref = _logits(model, ids)
-    handle = offload_moe.patch(model, budget=0.1, device="cpu")  # 2 slots: waves on every layer
+    handle = offload_moe.patch(model, budget=0.1, device=device)  # 2 slots: waves on every layer
     try:
         torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)
         assert handle.stats().waves > 0
@@ -88,13 +91,14 @@ def test_counts_add_up_against_an_independent_recount():
     handle.unpatch()
 
 
-def test_unpatch_restores_parameters_bit_for_bit():
-    model = tiny_model("qwen2_moe")
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpatch_restores_parameters_bit_for_bit(device):
+    model = tiny_model("qwen2_moe").to(device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params_before = dict(model.named_parameters())
-    ids = torch.randint(0, 128, (1, 12))
+    ids = torch.randint(0, 128, (1, 12)).to(device)
     ref = _logits(model, ids)
-    handle = offload_moe.patch(model, budget=0.25, device="cpu")
+    handle = offload_moe.patch(model, budget=0.25, device=device)
     _generate(model, ids)
     handle.unpatch()
     after = model.state_dict()
@@ -102,11 +106,12 @@ def test_unpatch_restores_parameters_bit_for_bit():
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert dict(model.named_parameters()).keys() == params_before.keys()
     assert all(p is params_before[n] for n, p in model.named_parameters())  # the same Parameter objects
+    assert all(p.device.type == device for p in model.parameters())  # experts back where they were
     assert not any(is_attached(b.experts) for b in find_moe_blocks(model))
     assert torch.equal(_logits(model, ids), ref)
     with pytest.raises(RuntimeError, match="already unpatched"):
         handle.unpatch()
-    offload_moe.patch(model, budget=0.5, device="cpu").unpatch()  # patchable again
+    offload_moe.patch(model, budget=0.5, device=device).unpatch()  # patchable again
 
 
 def test_lfu_eviction_is_lossless_too():

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from offload_moe.cache import ExpertCache
 from offload_moe.eviction import LRU
@@ -13,15 +14,17 @@ from offload_moe.store import HostStore
 from offload_moe.transfer import EmulatedLink, TransferEngine
 
 
-def test_many_outstanding_copies_all_land():
-    engine = TransferEngine(torch.device("cpu"))
-    src = [torch.randn(64, 64) for _ in range(200)]
-    dst = [torch.zeros(64, 64) for _ in range(200)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_outstanding_copies_all_land(device):
+    engine = TransferEngine(torch.device(device))
+    pin = device == "cuda"  # host copies are pinned for asynchronous copies on CUDA
+    src = [torch.randn(64, 64).pin_memory() if pin else torch.randn(64, 64) for _ in range(200)]
+    dst = [torch.zeros(64, 64, device=device) for _ in range(200)]
     transfers = [engine.submit([s], [d]) for s, d in zip(src, dst, strict=True)]
     for t in reversed(transfers):  # waiting out of order is fine
         t.wait()
     assert all(t.done() for t in transfers)
-    assert all(torch.equal(s, d) for s, d in zip(src, dst, strict=True))
+    assert all(torch.equal(s, d.cpu()) for s, d in zip(src, dst, strict=True))
     engine.shutdown()
 
 
@@ -56,21 +59,25 @@ def test_emulated_link_rejects_nonsense():
         EmulatedLink(gbps=1, latency_us=-1)
 
 
-def _store(layers=4, experts=8):
+def _store(layers=4, experts=8, pinned=False):
     gen = torch.Generator().manual_seed(0)
     weights = [
         {"w": torch.randn(experts, 16, 8, generator=gen), "v": torch.randn(experts, 8, 4, generator=gen)}
         for _ in range(layers)
     ]
+    if pinned:
+        weights = [{n: t.pin_memory() for n, t in w.items()} for w in weights]
     return HostStore.from_fused(weights), weights
 
 
-def test_cache_stress_prefetch_racing_eviction():
-    """Random demand (acquire) interleaved with speculative loads (prefetch-style) over a slow emulated link."""
-    store, weights = _store()
-    engine = TransferEngine(torch.device("cpu"), EmulatedLink(gbps=0.05))
+@pytest.mark.parametrize("device", DEVICES)
+def test_cache_stress_prefetch_racing_eviction(device):
+    """Random demand (acquire) interleaved with speculative loads (prefetch-style) over a slow emulated link; on
+    CUDA, copy-stream events order every slot overwrite after the kernels that read it (checked by the contents)."""
+    store, weights = _store(pinned=device == "cuda")
+    engine = TransferEngine(torch.device(device), EmulatedLink(gbps=0.05))
     cache = ExpertCache(
-        store, num_slots=5, device=torch.device("cpu"), dtype=torch.float32, engine=engine, eviction=LRU()
+        store, num_slots=5, device=torch.device(device), dtype=torch.float32, engine=engine, eviction=LRU()
     )
     rng = random.Random(0)
     errors = []
@@ -86,8 +93,8 @@ def test_cache_stress_prefetch_racing_eviction():
                 table, lo, hi = cache.acquire(layer, need)
                 for e in need:  # the slot holds exactly that expert, fully copied
                     slot = lo + int(table[e])
-                    assert torch.equal(cache.pool["w"][slot], weights[layer]["w"][e])
-                    assert torch.equal(cache.pool["v"][slot], weights[layer]["v"][e])
+                    assert torch.equal(cache.pool["w"][slot].cpu(), weights[layer]["w"][e])
+                    assert torch.equal(cache.pool["v"][slot].cpu(), weights[layer]["v"][e])
                 assert int((table < hi - lo).sum()) == len(need)
                 cache.release(layer, need)
                 # invariants: one slot per key

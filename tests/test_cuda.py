@@ -1,0 +1,69 @@
+"""CUDA checks (skipped without a GPU): pinned host copies, the copy stream and its events under slot reuse; and
+`make gpu-check`, whose benchmark path also runs on CPU so that it is exercised everywhere."""
+
+import pytest
+import torch
+from conftest import requires_cuda, tiny_model
+from transformers import DynamicCache
+
+import offload_moe
+
+
+@requires_cuda
+def test_host_copies_are_pinned_and_the_pool_is_on_the_gpu():
+    model = tiny_model("mixtral").to("cuda")
+    handle = offload_moe.patch(model, budget=0.25, device="cuda")
+    try:
+        assert all(p.src.is_pinned() for layer in handle.store.experts for e in layer for p in e)
+        assert all(t.device.type == "cuda" for t in handle.cache.pool.values())
+        assert all(p.device.type == "cuda" for p in model.parameters())  # the model holds the pool, not the experts
+    finally:
+        handle.unpatch()
+
+
+@requires_cuda
+@pytest.mark.parametrize("prefetch", [None, "lookahead"])
+def test_copy_stream_and_events_under_slot_reuse(prefetch):
+    """The smallest budget (one layer's top-k slots: every layer call overwrites slots the previous one read),
+    random tokens, batch 4, 400 decode steps: every step equals the unpatched model on the same GPU."""
+    model = tiny_model("mixtral", seed=7).to("cuda")
+    steps = torch.randint(0, 128, (400, 4, 1), generator=torch.Generator().manual_seed(8)).to("cuda")
+    with torch.no_grad():
+        cache, ref = DynamicCache(), []
+        for ids in steps:
+            ref.append(model(input_ids=ids, cache=cache, use_cache=True).logits)
+    handle = offload_moe.patch(model, budget=2 / 24, device="cuda", fallback="fetch", prefetch=prefetch)
+    try:
+        with torch.no_grad():
+            cache = DynamicCache()
+            for ids, want in zip(steps, ref, strict=True):
+                got = model(input_ids=ids, cache=cache, use_cache=True).logits
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        stats = handle.stats()
+        assert stats.slots == 2 and stats.evictions > 1000 and stats.copies == stats.evictions
+    finally:
+        handle.unpatch()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_gpu_check_says_so_without_cuda(capsys, tmp_path):
+    from offload_moe.gpu_check import main
+
+    main(["--out", str(tmp_path)])
+    assert "no CUDA device" in capsys.readouterr().out and not (tmp_path / "gpu-check.json").exists()
+
+
+def test_gpu_check_benchmark_runs_its_configurations():
+    """The benchmark's code path, on a tiny Mixtral geometry on this machine's device."""
+    from offload_moe.gpu_check import CONFIGS, mixtral_geometry, run_benchmark
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = mixtral_geometry(layers=2, hidden=64, intermediate=96, vocab=256)
+    config.num_attention_heads, config.num_key_value_heads = 4, 2
+    result = run_benchmark(config, device, torch.float32, decode_tokens=4, prompt_tokens=16)
+    runs = result["runs"]
+    assert [r["name"] for r in runs] == [name for name, _, _ in CONFIGS]
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in runs)
+    lru = next(r for r in runs if r["name"] == "lru")
+    assert lru["copies"] > 0 and lru["copy_gbps"] > 0 and lru["overlap"] <= 1
+    assert next(r for r in runs if r["name"] == "host")["host_jobs"] > 0
