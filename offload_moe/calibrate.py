@@ -20,9 +20,11 @@ from hooks import MoEBlock
 
 from .blocks import moe_blocks
 from .handle import handle_of
+from .plan import StandinCatalog
+from .quant import BITS, quantize
 from .standins import StandIns, lowrank, rank_for_fraction
 
-FORMAT = "offload-moe-calibration/1"
+FORMAT = "offload-moe-calibration/2"
 
 
 @dataclass
@@ -35,6 +37,12 @@ class Calibration:
     buddies: torch.Tensor
     tau: torch.Tensor
     standins: StandIns
+    standin_errors: torch.Tensor  # [L, E, K] relative output error of each candidate stand-in (meta "standin_kinds")
+
+    def catalog(self) -> StandinCatalog:
+        """What `standin="mixed"` chooses from: each candidate's error per expert, and how often experts are used."""
+        return StandinCatalog(self.standins.rank, tuple(self.meta["standin_kinds"]), self.meta["group_size"],
+                              self.standin_errors, self.frequencies)  # fmt: skip
 
     def check_fits(self, blocks: list[MoEBlock]) -> None:
         """Refuse a calibration made for another model geometry."""
@@ -47,7 +55,8 @@ class Calibration:
             )
 
     def save(self, path: str | Path) -> None:
-        tensors = {"frequencies": self.frequencies, "buddies": self.buddies, "tau": self.tau}
+        tensors = {"frequencies": self.frequencies, "buddies": self.buddies, "tau": self.tau,
+                   "standin_errors": self.standin_errors}  # fmt: skip
         for n in self.standins.u:
             tensors[f"standin.{n}.u"] = self.standins.u[n].contiguous()
             tensors[f"standin.{n}.v"] = self.standins.v[n].contiguous()
@@ -67,10 +76,11 @@ def load_calibration(path: str | Path) -> Calibration:
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not an offload-moe calibration file: {e}") from e
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an offload-moe calibration file (format {meta.get('format')!r})")
+        raise ValueError(f"{path} is not a calibration file of this offload-moe (format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r}); run offload_moe.calibrate again")  # fmt: skip
     names = meta["standin_names"]
     standins = StandIns({n: t[f"standin.{n}.u"] for n in names}, {n: t[f"standin.{n}.v"] for n in names})
-    return Calibration(meta, t["frequencies"], t["buddies"], t["tau"], standins)
+    return Calibration(meta, t["frequencies"], t["buddies"], t["tau"], standins, t["standin_errors"])
 
 
 def expert_weights(block, store, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -78,6 +88,12 @@ def expert_weights(block, store, layer: int, expert: int) -> dict[str, torch.Ten
     if store is None:
         return {n: getattr(block.experts, n)[expert].detach().float().cpu() for n in block.expert_param_names()}
     return {n: t.float() for n, t in store.expert_tensors(layer, expert).items()}
+
+
+def _relative_error(w: dict[str, torch.Tensor], x: torch.Tensor, ref: torch.Tensor, act_fn) -> float:
+    """||expert_w(x) - ref||^2 / ||ref||^2 for gated weights w."""
+    out = _gated_hidden(w, x, act_fn) @ w["down_proj"].T
+    return float(((out - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-12))
 
 
 def _gated_hidden(w: dict[str, torch.Tensor], x: torch.Tensor, act_fn) -> torch.Tensor:
@@ -97,6 +113,7 @@ def calibrate(
     buddy_list: int = 8,
     tae_percentile: float = 15.0,
     samples_per_expert: int = 256,
+    group_size: int = 64,
     path: str | Path | None = None,
 ) -> Calibration:
     """Calibrate for the fallbacks on `texts` (at most `max_tokens` tokens, in windows of `seq_len`).
@@ -104,7 +121,9 @@ def calibrate(
     standin_fraction: stand-ins are fitted at the rank whose factors take this fraction of an expert's parameters
     (patch can use any lower rank). Buddy lists rank, for each expert i, the others by how well they reproduce i's
     output on the inputs routed to i (relative squared error), keeping `buddy_list`. tau is the `tae_percentile`-th
-    percentile of each layer's token activating entropy (BuddyMoE). Saved to `path` if given.
+    percentile of each layer's token activating entropy (BuddyMoE). Each candidate stand-in (quantized at every bit
+    width with groups of `group_size`, low-rank at the fitted rank) is scored by its relative squared output error
+    on the expert's own inputs, for `standin="mixed"`. Saved to `path` if given.
     """
     blocks = moe_blocks(model)
     handle = handle_of(model)  # a patched or loaded model: read experts from its host store
@@ -156,6 +175,7 @@ def calibrate(
     u = {n: [] for n in ("gate_up_proj", "down_proj")}
     v = {n: [] for n in ("gate_up_proj", "down_proj")}
     buddies = torch.full((n_layers, n_exp, min(buddy_list, n_exp - 1)), -1, dtype=torch.long)
+    errors = torch.ones(n_layers, n_exp, len(BITS) + 1)  # no samples: as bad as leaving the expert out
     for b in blocks:
         act = b.experts.act_fn
         outs = {}
@@ -166,11 +186,17 @@ def calibrate(
             c_in = cov[b.index, e] / count[b.index, e] if count[b.index, e] > hidden else None
             h = _gated_hidden(w, x, act) if x.shape[0] else None
             c_mid = (h.double().T @ h.double()) / h.shape[0] if h is not None and h.shape[0] > h.shape[1] else None
+            fitted = {}
             for name, c in (("gate_up_proj", c_in), ("down_proj", c_mid)):
                 uu, vv = lowrank(w[name], rank, c)
                 u[name].append(uu)
                 v[name].append(vv)
+                fitted[name] = uu @ vv
             outs[e] = (x, h @ w["down_proj"].T if h is not None else None)
+            if h is not None:  # each candidate stand-in, on the expert's own inputs
+                candidates = [{n: quantize(t, bits, group_size, True).dequantize() for n, t in w.items()}
+                              for bits in BITS] + [fitted]  # fmt: skip
+                errors[b.index, e] = torch.tensor([_relative_error(c, x, outs[e][1], act) for c in candidates])
         for i in range(n_exp):  # rank substitutes for i by relative error on i's own inputs
             x, ref = outs[i]
             if ref is None or x.shape[0] == 0:
@@ -179,8 +205,7 @@ def calibrate(
             for j in range(n_exp):
                 if j != i:
                     wj = layer_w[j] if layer_w is not None else expert_weights(b, store, b.index, j)
-                    out = _gated_hidden(wj, x, act) @ wj["down_proj"].T
-                    err[j] = float(((out - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-12))
+                    err[j] = _relative_error(wj, x, ref, act)
             ranked = sorted(err, key=err.get)[: buddies.shape[-1]]
             buddies[b.index, i, : len(ranked)] = torch.tensor(ranked)
     standins = StandIns(
@@ -200,8 +225,10 @@ def calibrate(
         "tokens": int(ids.numel()),
         "text": f"{len(texts)} text(s), {sum(len(t) for t in texts)} characters",
         "tae_percentile": tae_percentile,
+        "standin_kinds": [f"quant{bits}" for bits in BITS] + [f"lowrank{rank}"],
+        "group_size": group_size,
     }
-    result = Calibration(meta, count, buddies, tau, standins)
+    result = Calibration(meta, count, buddies, tau, standins, errors)
     if path is not None:
         result.save(path)
     return result

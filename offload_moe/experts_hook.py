@@ -55,8 +55,8 @@ class ExpertsHook(ModuleHook):
         missing = {e for e in needed if not cache.is_ready((layer, e))}
         plan = MissPlan(top_k_index, top_k_weights, missing)
         if missing and self.standin is not None:
-            call = LayerCall(layer, hidden_states, top_k_index, top_k_weights, needed, missing,
-                             cache.ready_experts(layer), module.act_fn)  # fmt: skip
+            ready = cache.ready_experts(layer)
+            call = LayerCall(layer, hidden_states, top_k_index, top_k_weights, needed, missing, ready)
             plan = self.standin.plan(call)
             cache.record_fallback(plan.substituted, len(plan.exact))
         routed = plan.index.unique().tolist() if plan.index is not top_k_index else needed

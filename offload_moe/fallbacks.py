@@ -4,7 +4,8 @@ pairs instead of the real expert, so that nothing waits for it.
 Every stand-in shares one gate: a pair whose routing weight is at least `critical_weight` is critical, and its
 expert stays exact (computed by the `fallback` path: copied, or computed on the host). The other misses:
 - "drop": skip the pair and renormalise the token's remaining routing weights;
-- "lowrank": compute the pair with the expert's resident low-rank stand-in;
+- "lowrank", "quant", "mixed": compute the pair with the expert's resident stand-in (low-rank factors or quantized
+  weights, `bank.StandinBank`);
 - "buddy": BuddyMoE's three checks (token entropy, fraction of missing experts, per-token cap), then run the pair on
   the first resident expert of the missing one's buddy list that the token does not already use.
 The real expert of every substituted pair is still copied in, in the background, for the following tokens.
@@ -14,12 +15,11 @@ The class names say what serves the pair; `options.standin` names them "drop", "
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .standins import StandIns
+from .bank import StandinBank
 
 
 @dataclass
@@ -33,7 +33,6 @@ class LayerCall:
     needed: list[int]  # distinct experts routed to
     missing: set[int]  # ... of which not ready on the device
     resident: set[int]  # every ready expert of the layer
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -82,12 +81,14 @@ class Drop(MissFallback):
         return MissPlan(index, w, fetch, substituted=int(dropped.sum()))
 
 
-class LowRank(MissFallback):
-    name = "lowrank"
+class Substitute(MissFallback):
+    """Each non-critical missed pair runs on its expert's resident stand-in."""
 
-    def __init__(self, critical_weight: float, standins: StandIns):
+    name = "standin"
+
+    def __init__(self, critical_weight: float, bank: StandinBank):
         super().__init__(critical_weight)
-        self.standins = standins
+        self.bank = bank
 
     def plan(self, call: LayerCall) -> MissPlan:
         index, weights, hidden = call.index, call.weights, call.hidden
@@ -97,8 +98,7 @@ class LowRank(MissFallback):
         extra = torch.zeros_like(hidden)  # [T, H]
         for e in sorted(set(index[sub].tolist())):
             tok, pos = torch.nonzero(sub & (index == e), as_tuple=True)
-            y = self.standins.apply(call.layer, e, hidden[tok], call.act_fn) * weights[tok, pos, None].to(hidden.dtype)
-            extra.index_add_(0, tok, y.to(hidden.dtype))
+            extra.index_add_(0, tok, self.bank.apply(call.layer, e, hidden[tok], weights[tok, pos]).to(hidden.dtype))
         return MissPlan(index, weights.masked_fill(sub, 0), fetch, extra, int(sub.sum()))
 
 

@@ -169,7 +169,7 @@ def expert_forward(
     call._parameters = {**twin._parameters}
     for n in names:
         call._parameters[n] = torch.nn.Parameter(weights[n].to(dtype).unsqueeze(0), requires_grad=False)
-    index = torch.zeros((x.shape[0], 1), dtype=torch.long)
+    index = torch.zeros((x.shape[0], 1), dtype=torch.long, device=x.device)
     with torch.no_grad():  # the class's forward, called directly: forward hooks on the module do not fire
         y = type(twin).forward(call, x.to(dtype), index, w[:, None].to(dtype))
     return y.to(x.dtype)

@@ -12,10 +12,11 @@ from typing import Any
 
 from .eviction import EVICTION_POLICIES, EvictionPolicy
 from .host import EmulatedHost
+from .quant import BITS
 from .transfer import EmulatedLink
 
 FALLBACKS = ("fetch", "host", "auto")
-STANDINS = (None, "drop", "buddy", "lowrank")
+STANDINS = (None, "drop", "buddy", "lowrank", "quant", "mixed")
 PREFETCHERS = ("lookahead", None)
 
 
@@ -31,13 +32,17 @@ class OffloadOptions:
         the host (CUDA, or an emulated link), else "fetch".
     standin: what serves a missed (token, expert) pair instead of the real expert, losing accuracy: None (nothing:
         every miss is exact), "drop" (skip it, renormalise the token's other weights), "buddy" (a resident
-        substitute from calibration) or "lowrank" (the expert's resident low-rank stand-in). The real expert is still
-        copied in the background for the next tokens.
+        substitute from calibration), "lowrank" (the expert's resident low-rank stand-in), "quant" (its resident
+        `bits`-bit copy) or "mixed" (per expert, the kind and bit width calibration found best, under one byte
+        budget). The real expert is still copied in the background for the next tokens.
     critical_weight: a missed pair with at least this routing weight is served exactly (by `fallback`) whatever the
         stand-in (1.01: never).
     prefetch: "lookahead" applies the routers of the next `lookahead_depth` layers to the current residual stream
         and copies their `prefetch_candidates` most likely experts early; None turns prefetching off.
-    standin_fraction: "lowrank" stand-ins take this fraction of all experts' bytes, and at most 40% of the budget.
+    standin_fraction: "lowrank" stand-ins take this fraction of all experts' bytes, and at most 40% of the budget;
+        "mixed" ones, this fraction at most.
+    bits, group_size, quant_optimize: "quant" stand-ins: bits per weight (2, 3, 4 or 8), weights per scale and zero,
+        and HQQ's refinement of the zeros.
     calibration: a file written by `offload_moe.calibrate` (activation-aware stand-ins, buddy lists, thresholds,
         expert frequencies for the warm start); "buddy" needs one.
     link: an `EmulatedLink`: every copy takes latency + bytes / bandwidth (CPU-only measurements; emulated).
@@ -56,6 +61,9 @@ class OffloadOptions:
     lookahead_depth: int = 1
     prefetch_candidates: int = 1
     standin_fraction: float = 0.1
+    bits: int = 4
+    group_size: int = 64
+    quant_optimize: bool = True
     calibration: str | Path | None = None
     link: EmulatedLink | None = None
     host: EmulatedHost | None = None
@@ -86,6 +94,13 @@ class OffloadOptions:
             )
         if not 0 < self.standin_fraction < 1:
             raise ValueError(f"standin_fraction must be in (0, 1), got {self.standin_fraction}")
+        if self.bits not in BITS:
+            raise ValueError(f"bits={self.bits} is not supported; choose one of {list(BITS)}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.standin == "mixed" and self.calibration is None:
+            raise ValueError("standin='mixed' chooses each expert's stand-in from calibration errors: pass "
+                             "calibration=<a file from offload_moe.calibrate>")  # fmt: skip
         if self.link is not None and not isinstance(self.link, EmulatedLink):
             raise TypeError(f"link must be an offload_moe.EmulatedLink or None, got {type(self.link).__name__}")
         if self.host is not None and not isinstance(self.host, EmulatedHost):

@@ -12,19 +12,19 @@ import torch
 
 from hooks import ModuleHook, MoEBlock, attach, detach
 
+from .bank import build_bank
 from .blocks import expert_geometry, moe_blocks
 from .cache import ExpertCache
-from .calibrate import Calibration, expert_weights, load_calibration
+from .calibrate import Calibration, load_calibration
 from .costs import MissRouter, measure_host
 from .eviction import make_eviction
 from .experts_hook import ExpertsHook
-from .fallbacks import Buddy, Drop, LowRank, MissFallback
+from .fallbacks import Buddy, Drop, MissFallback, Substitute
 from .handle import OffloadHandle, handle_of
 from .host import HostCompute
 from .options import OffloadOptions
 from .plan import Plan, make_plan
 from .prefetch import LookaheadPrefetcher
-from .standins import StandIns, lowrank
 from .store import HostStore
 from .transfer import TransferEngine
 
@@ -64,7 +64,7 @@ def offload(
     if calib is not None:
         calib.check_fits(blocks)
     geometry = expert_geometry(blocks)
-    plan = make_plan(geometry, budget, options, calib.standins.rank if calib is not None else None)
+    plan = make_plan(geometry, budget, options, calib.catalog() if calib is not None else None)
     dtype = getattr(blocks[0].experts, names[0]).dtype
     undo = ExitStack()
     try:
@@ -203,19 +203,10 @@ def _standin(
         return None
     if options.standin == "drop":
         return Drop(options.critical_weight)
-    if options.standin == "lowrank":
-        rank = plan.standin_rank
-        if calib is not None:  # activation-aware factors, truncated to the rank the budget allows
-            standins = calib.standins.truncated(rank)
-        else:  # weight-only truncated SVD, expert by expert, on the device (a GPU factors large experts fast)
-            factors = [[{n: lowrank(w.to(dev), rank) for n, w in expert_weights(b, store, b.index, e).items()}
-                        for e in range(b.num_experts)] for b in blocks]  # fmt: skip
-            u = {n: torch.stack([torch.stack([f[n][0] for f in layer]) for layer in factors]) for n in store.names}
-            v = {n: torch.stack([torch.stack([f[n][1] for f in layer]) for layer in factors]) for n in store.names}
-            standins = StandIns(u, v)
-        return LowRank(options.critical_weight, standins.to(dev, dtype))
-    assert calib is not None  # OffloadOptions refuses standin="buddy" without a calibration
-    return Buddy(options.critical_weight, calib.buddies, calib.tau)
+    if options.standin == "buddy":
+        assert calib is not None  # OffloadOptions refuses standin="buddy" without a calibration
+        return Buddy(options.critical_weight, calib.buddies, calib.tau)
+    return Substitute(options.critical_weight, build_bank(options, calib, blocks, store, plan, dev, dtype))
 
 
 def _warm_order(blocks: list[MoEBlock], calib: Calibration | None, layer_major: bool) -> list[tuple[int, int]]:

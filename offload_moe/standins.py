@@ -48,6 +48,10 @@ class StandIns:
         self.u, self.v = u, v
         self.rank = next(iter(v.values())).shape[2]
 
+    def expert_bytes(self, layer: int, expert: int) -> int:
+        """Bytes of one expert's factors."""
+        return sum(t[layer, expert].numel() * t.element_size() for d in (self.u, self.v) for t in d.values())
+
     def truncated(self, rank: int) -> StandIns:
         """The best rank-`rank` stand-ins these factors hold: their leading columns (SVD order)."""
         return StandIns({n: t[..., :rank] for n, t in self.u.items()}, {n: t[:, :, :rank] for n, t in self.v.items()})

@@ -79,21 +79,21 @@ def test_standins_are_never_used_for_ready_experts(monkeypatch):
     model = tiny_model("mixtral")
     handle = offload_moe.patch(model, budget=0.5, device="cpu", standin="lowrank", critical_weight=1.01)
     fallback = attached_hook(handle.blocks[0].experts).standin  # shared by every layer's hook
-    standins, calls, planned = fallback.standins, [], {}
-    real_plan, real_apply = fallback.plan, standins.apply
+    bank, calls, planned = fallback.bank, [], {}
+    real_plan, real_apply = fallback.plan, bank.apply
 
     def plan_spy(call):
         assert not call.missing & call.resident
         planned["missing"] = call.missing
         return real_plan(call)
 
-    def apply_spy(layer, expert, x, act_fn):
+    def apply_spy(layer, expert, x, w):
         calls.append((layer, expert))
         assert expert in planned["missing"], "stand-in used for an expert that was ready on the device"
-        return real_apply(layer, expert, x, act_fn)
+        return real_apply(layer, expert, x, w)
 
     monkeypatch.setattr(fallback, "plan", plan_spy)
-    monkeypatch.setattr(standins, "apply", apply_spy)
+    monkeypatch.setattr(bank, "apply", apply_spy)
     _decode(model, torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1)))
     assert calls
     handle.unpatch()

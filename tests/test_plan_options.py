@@ -9,6 +9,7 @@ from conftest import tiny_model
 
 import offload_moe
 from offload_moe import BudgetError, ExpertGeometry, OffloadOptions, make_plan
+from offload_moe.plan import StandinCatalog, assign_mixed, quant_expert_bytes
 
 # Mixtral-8x7B in bfloat16: 32 layers x 8 experts, 3 matrices of 4096 x 14336
 MIXTRAL = ExpertGeometry(32, 8, 2, {"gate_up_proj": (28672, 4096), "down_proj": (4096, 14336)}, itemsize=2)
@@ -30,7 +31,32 @@ def test_lowrank_standins_take_their_share_and_count_against_the_budget():
     assert plan.device_expert_bytes <= plan.budget_bytes
     capped = make_plan(MIXTRAL, 0.1, OffloadOptions(standin="lowrank", standin_fraction=0.5))
     assert capped.standin_bytes <= 0.4 * capped.budget_bytes  # never more than 40% of the budget
-    assert make_plan(MIXTRAL, 0.25, OffloadOptions(standin="lowrank"), calibrated_rank=3).standin_rank == 3
+    catalog = StandinCatalog(3, ("quant4", "lowrank3"), 64, torch.zeros(32, 8, 2), torch.ones(32, 8))
+    assert make_plan(MIXTRAL, 0.25, OffloadOptions(standin="lowrank"), catalog).standin_rank == 3
+
+
+def test_quantized_standins_count_at_their_packed_size():
+    plan = make_plan(MIXTRAL, 0.5, OffloadOptions(standin="quant", bits=3, group_size=128))
+    codes = (28672 * 4096 + 4096 * 14336) * 3 // 8
+    scales = 2 * 2 * (28672 * 4096 // 128 + 4096 * 14336 // 128)  # float16 scale and zero per group of 128
+    assert quant_expert_bytes(MIXTRAL, 3, 128) == codes + scales
+    assert plan.standin_bytes == 256 * (codes + scales) and plan.device_expert_bytes <= plan.budget_bytes
+    with pytest.raises(BudgetError, match="raise the budget"):
+        make_plan(MIXTRAL, 0.2, OffloadOptions(standin="quant", bits=8))  # 53% of the bytes as stand-ins
+
+
+def test_mixed_assignment_spends_the_bytes_where_frequent_experts_gain_most():
+    """Two experts, kinds 2-bit (error 0.5) and 8-bit (error 0.1 / 0.4): the frequent one gets the upgrade."""
+    g = ExpertGeometry(1, 2, 1, {"gate_up_proj": (64, 64), "down_proj": (64, 32)}, itemsize=2)
+    errors = torch.tensor([[[0.5, 0.1], [0.5, 0.4]]])  # [L, E, K]
+    catalog = StandinCatalog(4, ("quant2", "quant8"), 32, errors, torch.tensor([[1.0, 9.0]]))
+    cheap, rich = catalog.kind_bytes(g)
+    kinds, used = assign_mixed(catalog, [cheap, rich], cheap + rich, budget_b=10**9)
+    assert kinds == (("quant2", "quant8"),) and used == cheap + rich  # 9 x 0.1 saved beats 1 x 0.4
+    kinds, used = assign_mixed(catalog, [cheap, rich], 2 * rich, budget_b=10**9)
+    assert kinds == (("quant8", "quant8"),)
+    with pytest.raises(BudgetError, match="cheapest for every expert"):
+        assign_mixed(catalog, [cheap, rich], cheap, budget_b=10**9)
 
 
 def test_budget_errors_say_how_much_is_needed():
