@@ -5,6 +5,7 @@
    each source, report L1 errors on the rest; export them to ONNX.
 2. Every policy, Equinox served by the seed-0 MoPE's ONNX model, on data it never saw: the synthetic workloads with
    seed 0 and the second half of each real trace.
+3. The VTC paper's workloads on its S-LoRA engine preset, every policy beside the paper's own runs (`vtc_paper`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .equinox import Equinox
 from .plots import plot_runs
 from .predictor import HistoryPredictor, OnnxPredictor
 from .report import run, table
+from .vtc_paper import run_paper_suite
 from .workloads import bundled_trace
 
 SUITE = ["overload", "proportional", "on-off", "poisson-short-long", "increasing", "distribution-shift"]
@@ -133,6 +135,8 @@ def run_fairness_bench(out: Path, quick: bool = False) -> dict:
         plot_runs([r for _, r, _ in rows], name, out)
         summary["workloads"][name] = {"engine": preset, **{p: {"metrics": res.metrics, "sim_wall_s": s}
                                                            for p, res, s in rows}}  # fmt: skip
+    paper = ["fcfs", "rpm", "lcf", "vtc", "vtc-pred", ("equinox", lambda: Equinox(predictor=onnx_path))]
+    summary["vtc_paper"] = run_paper_suite(paper, ["overload", "poisson_short_long"] if quick else None)
     summary["simulator_speed"] = simulator_speed()
     print(f"\nsimulator speed: {summary['simulator_speed']}")
     (out / "fairness.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -3,6 +3,7 @@
 python -m fairness.cli --workload overload --policies fcfs,rpm,vtc
 python -m fairness.cli --trace my-trace.jsonl --policies fcfs,vtc
 python -m fairness.cli --workload sharegpt-like --policies vtc,equinox --mope mope.onnx
+python -m fairness.cli --vtc-paper overload --policies fcfs,lcf,vtc   # the VTC paper's workload and engine
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .plots import plot_runs
 from .policy import policy_names
 from .predictor import OnnxPredictor
 from .report import run, table
+from .vtc_suite import SUITE, workload
 from .workloads import WORKLOADS, TraceFormatError, load_trace, make_workload
 
 
@@ -25,8 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--workload", choices=sorted(WORKLOADS), default="overload")
     src.add_argument("--trace", type=Path, help="a trace file: .csv (Azure), .jsonl (VTC/LMSYS), .json (ShareGPT)")
+    src.add_argument("--vtc-paper", choices=[*SUITE, "real"], help="a workload of the VTC paper (fairness.vtc_suite)")
     ap.add_argument("--policies", default="fcfs,rpm,vtc,vtc-pred", help=f"comma-separated, from {policy_names()}")
-    ap.add_argument("--engine", default="a10g-llama2-7b", help="engine preset")
+    ap.add_argument("--engine", help="engine preset (default a10g-llama2-7b; a10g-llama2-7b-slora with --vtc-paper)")
     ap.add_argument("--duration", type=float, default=600, help="seconds of synthetic arrivals")
     ap.add_argument("--until", type=float, default=None, help="stop the simulation at this time (s)")
     ap.add_argument("--seed", type=int, default=0)
@@ -37,22 +40,25 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [p for p in policies if p not in policy_names()]
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; registered: {policy_names()}")
+    preset = args.engine or ("a10g-llama2-7b-slora" if args.vtc_paper else "a10g-llama2-7b")
     try:
-        engine = EngineModel.preset(args.engine)
+        engine = EngineModel.preset(preset)
         if args.trace:
             requests, title = load_trace(args.trace), args.trace.stem
+        elif args.vtc_paper:
+            requests, title = workload(args.vtc_paper), f"vtc-paper-{args.vtc_paper}"
         else:
             requests, title = make_workload(args.workload, args.duration, args.seed), args.workload
     except (ValueError, FileNotFoundError, TraceFormatError) as e:
         raise SystemExit(str(e)) from e
-    until = args.until if args.until is not None else (None if args.trace else args.duration)
+    until = args.until if args.until is not None else (None if args.trace or args.vtc_paper else args.duration)
     if args.mope is not None:
         if not args.mope.is_file():
             raise SystemExit(f"--mope {args.mope}: no such file; train one with fairness.mope.train(...).export(path)")
         predictor = OnnxPredictor(args.mope)
         policies = [(p, lambda: Equinox(predictor=predictor)) if p == "equinox" else p for p in policies]
     rows = run(requests, policies, engine, until)
-    print(f"{title}: {len(requests)} requests, {len({r.client for r in requests})} clients, engine {args.engine}"
+    print(f"{title}: {len(requests)} requests, {len({r.client for r in requests})} clients, engine {preset}"
           " (simulated; vtc-oracle, if shown, knows true output lengths)")  # fmt: skip
     print(table(rows))
     pngs = plot_runs([r for _, r, _ in rows], title, args.out)

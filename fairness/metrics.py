@@ -23,8 +23,10 @@ def jain_index(x: np.ndarray) -> float:
 class FairnessTracker:
     """Accumulates each client's service and, after every engine step, the fairness state.
 
-    max_diff: the largest |service_i - service_j| received over any interval in which both i and j were backlogged
-    throughout (VTC's measure; service is (w_p * input + w_q * output tokens) / weight).
+    max_diff: the largest |service_i - service_j| received since i and j last became jointly backlogged.
+    worst_interval_diff: the same over ANY sub-interval in which both were backlogged throughout (what VTC's 2U
+    theorem bounds): within each joint backlog, the range of service_i - service_j. Service is
+    (w_p * input + w_q * output tokens) / weight.
     jain(): mean over windows of `window_s` of Jain's index of the service received in the window by the clients that
     were backlogged during the whole window (clients that want less than their share are not counted against it).
     """
@@ -37,6 +39,9 @@ class FairnessTracker:
         self._base = np.zeros((n, n))  # base[i, j]: service of i when i and j last became jointly backlogged
         self._backlogged = np.zeros(n, dtype=bool)
         self.max_diff = 0.0
+        self.worst_interval_diff = 0.0
+        self._hi = np.zeros((n, n))  # within the current joint backlog: the largest and smallest s_i - s_j so far
+        self._lo = np.zeros((n, n))
         self._sample_every, self._next_sample = sample_every_s, None
         self._times: list[float] = []
         self._samples: list[np.ndarray] = []
@@ -51,14 +56,21 @@ class FairnessTracker:
         """Call after each step with the number of waiting requests per client."""
         mask = np.array([waiting[c] > 0 for c in self.clients])
         new = mask & ~self._backlogged
+        now = self.s[:, None] - self.s[None, :]  # [C, C] s_i - s_j
         if new.any():
             self._base[new, :] = self.s[new, None]
             self._base[:, new] = self.s[:, None]
+            self._hi[new, :], self._hi[:, new] = now[new, :], now[:, new]
+            self._lo[new, :], self._lo[:, new] = now[new, :], now[:, new]
         self._backlogged = mask
         if mask.sum() >= 2:
             gained = self.s[:, None] - self._base  # [C, C] service of i since (i, j) became jointly backlogged
             diff = gained - gained.T
-            self.max_diff = max(self.max_diff, float(diff[np.ix_(mask, mask)].max()))
+            both = np.ix_(mask, mask)
+            self.max_diff = max(self.max_diff, float(diff[both].max()))
+            np.maximum(self._hi, now, out=self._hi)
+            np.minimum(self._lo, now, out=self._lo)
+            self.worst_interval_diff = max(self.worst_interval_diff, float((self._hi - self._lo)[both].max()))
         self._window(t, mask)
         if self._next_sample is None:
             self._next_sample = t

@@ -21,7 +21,7 @@ import numpy as np
 from .engine import EngineModel
 from .metrics import FairnessTracker, percentile
 from .policy import SchedulingPolicy, make_policy
-from .records import RequestRecord
+from .records import RequestRecord, paper_metrics
 from .request import Request, RequestInfo
 from .telemetry import Telemetry
 
@@ -151,8 +151,7 @@ class Simulator:
         self._emit("on_start", self.engine, self.telemetry)
         while self.done < len(self.seqs) and (until_s is None or self.t < until_s):
             self.arrive()
-            decode = self.preempt()
-            chunks = self.schedule(decode)
+            decode, chunks = self.next_batch()
             if not decode and not chunks:
                 if not self.idle():
                     break
@@ -160,6 +159,11 @@ class Simulator:
             self.finish(self.step(decode, chunks))
             self.tracker.observe(self.t, self.waiting)
         return self._result()
+
+    def next_batch(self) -> tuple[list[_Seq], list[tuple[_Seq, int]]]:
+        """What the next step runs: decoding requests and prefill chunks (continuous batching, chunked prefill)."""
+        decode = self.preempt()
+        return decode, self.schedule(decode)
 
     # --- phases ---------------------------------------------------------------------------------------------------
 
@@ -295,8 +299,12 @@ class Simulator:
         all_ttft = [x for v in ttft.values() for x in v]
         all_e2e = [x for v in e2e.values() for x in v]
         recompute_s = c["recomputed_tokens"] * self.engine.prefill_s_per_token
+        records = [RequestRecord(s.info.client, s.info.arrival_s, s.info.input_tokens, s.generated, s.first_token_s,
+                                 s.finish_s, s.info.weight) for s in seqs]  # fmt: skip
         metrics = {
             "max_service_diff": self.tracker.max_diff,
+            "worst_interval_service_diff": self.tracker.worst_interval_diff,
+            **paper_metrics(records, resolution_s=0.5),  # the VTC paper's measures, as its artifact takes them
             "jain": self.tracker.jain(),
             "throughput_tok_s": sum(s.generated for s in seqs) / makespan,
             "input_tok_s": sum(s.input_served for s in seqs) / makespan,
@@ -328,9 +336,58 @@ class Simulator:
             for cl in clients
         }
         times, service = self.tracker.series()
-        records = [RequestRecord(s.info.client, s.info.arrival_s, s.info.input_tokens, s.generated, s.first_token_s,
-                                 s.finish_s, s.info.weight) for s in seqs]  # fmt: skip
         return SimResult(self.policy.name, metrics, per_client, times, service, ttft, records)
+
+
+class SloraSimulator(Simulator):
+    """S-LoRA's engine, as the VTC artifact runs it: KV is reserved for a request's whole output at admission (so
+    nothing is ever preempted); a prefill batch runs alone when nothing is running, or after `prefill_every` decode
+    steps, holding at most `max_step_tokens` prompt tokens; decode steps run every running request."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._decodes_since_prefill = 0
+
+    def next_batch(self) -> tuple[list[_Seq], list[tuple[_Seq, int]]]:
+        running = [s for s in self.running if s.prefilled >= s.prompt]
+        if not running or self._decodes_since_prefill >= self.engine.prefill_every:
+            chunks = self._prefill_batch()
+            if chunks:
+                self._decodes_since_prefill = 0
+                return [], chunks
+        self._decodes_since_prefill += 1
+        return running, []
+
+    def _prefill_batch(self) -> list[tuple[_Seq, int]]:
+        """Admit in the policy's order while the reservation of every request's full output fits the KV pool."""
+        tokens, chunks = 0, []
+        limits = self.clock("batch_limits", self.t)
+        max_running = self.engine.max_running if limits is None else min(self.engine.max_running, int(limits[1]))
+        while len(self.running) < max_running:
+            cand = self.clock("next_request", self.t)
+            if cand is None:
+                break
+            s = self.seqs[cand.id]
+            if tokens + s.prompt > self.engine.max_step_tokens or not self._fits(s):
+                break
+            self.clock("on_admit", s.info, self.t)
+            self._emit("on_admit", s.info, self.t)
+            self.waiting[s.info.client] -= 1
+            self.running.append(s)
+            s.kv = s.prompt
+            self.kv_used += s.prompt
+            chunks.append((s, s.prompt))
+            tokens += s.prompt
+        return chunks
+
+    def _fits(self, new: _Seq) -> bool:
+        """S-LoRA's test: with every request decoding to its cap, the KV in use never exceeds the pool."""
+        cap = lambda s: s.info.max_output_tokens or s.output_tokens  # noqa: E731  the request's max_tokens
+        lens = [(s.kv, cap(s) - s.generated) for s in self.running] + [(new.prompt + 1, cap(new) - 1)]
+        lens.sort(key=lambda x: -x[1])  # the longest remaining output first
+        held = np.cumsum([n for n, _ in lens])
+        need = max(left * (i + 1) + held[i] for i, (_, left) in enumerate(lens))
+        return need < self.engine.kv_tokens
 
 
 def simulate(
@@ -347,4 +404,6 @@ def simulate(
     until_s: stop at this time (default: when every request has finished). Service is VTC's measure,
     (1 x input tokens + 2 x output tokens) / client weight. observers: `SimObserver`s that see every event.
     """
-    return Simulator(requests, policy, engine, sample_every_s, window_s, observers).run(until_s)
+    engine = engine or EngineModel()
+    cls = SloraSimulator if engine.mode == "slora" else Simulator
+    return cls(requests, policy, engine, sample_every_s, window_s, observers).run(until_s)

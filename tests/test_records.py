@@ -5,25 +5,31 @@ import json
 import pytest
 
 from fairness import EngineModel, Request, make_workload, simulate
-from fairness.records import RequestRecord, record_metrics
+from fairness.records import RequestRecord, paper_window_diffs, record_metrics
 
 
 def test_record_metrics_by_hand():
     records = [
         RequestRecord("a", 0.0, 10, 10, first_token_s=1.0, finish_s=3.0),  # 30 of service over [1, 3]
-        RequestRecord("b", 0.0, 10, 5, first_token_s=2.0, finish_s=4.0),  # 20 over [2, 4]
+        RequestRecord("b", 2.0, 10, 5, first_token_s=2.0, finish_s=4.0),  # 20 over [2, 4]
     ]
     m = record_metrics(records, resolution_s=0.01, window_s=2.0)
-    # accumulated service: at t = 3, a has 30 and b 10: the largest gap
-    assert m.metrics["acc_service_diff"] == pytest.approx(20.0, abs=0.3)
+    # accumulated service over the arrivals' span [0, 2]: at t = 2, a has 15 and b 0
+    assert m.metrics["acc_service_diff"] == pytest.approx(15.0, abs=0.3)
     assert m.per_client["a"]["service"] == pytest.approx(30.0) and m.per_client["b"]["service"] == pytest.approx(20.0)
-    assert m.metrics["ttft_p50_s"] == pytest.approx(1.5) and m.metrics["e2e_p50_s"] == pytest.approx(3.5)
+    assert m.metrics["ttft_p50_s"] == pytest.approx(0.5) and m.metrics["e2e_p50_s"] == pytest.approx(2.5)
     assert m.metrics["throughput_tok_s"] == pytest.approx(15 / 4, rel=0.01)
     assert m.metrics["throughput_in_out_tok_s"] == pytest.approx(35 / 4, rel=0.01)
-    # b is backlogged over [0, 2), a over [0, 1): both from 0 to 1, where neither is served: no difference yet
+    # a is backlogged over [0, 1), b never (its first token comes as it arrives): no pair backlogged together
     assert m.metrics["max_service_diff"] == pytest.approx(0.0, abs=0.5)
-    # 2 s windows: [0, 2) rates a 7.5, b 0; [2, 4) a 7.5, b 10
-    assert m.metrics["window_service_diff_max"] == pytest.approx(7.5, abs=0.3)
+
+
+def test_the_vtc_artifacts_window_difference_by_hand():
+    """Ticks at 0 and 2 with 2 s windows: at 0 nobody is served (a and b only ask); over [1, 3] a gets 15/s and b
+    5/s, b asked nothing in that window, so b is 5 behind (capped by its demand gap |0 - 5|), a is the best."""
+    records = [RequestRecord("a", 0.0, 10, 10, 1.0, 3.0), RequestRecord("b", 0.0, 10, 5, 2.0, 4.0)]
+    diffs = paper_window_diffs(records, ["a", "b"], horizon=4.0, window_s=2.0, ticks=2)
+    assert diffs.tolist() == pytest.approx([0.0, 5.0])
 
 
 def test_unfinished_requests_count_no_service_and_weights_divide_it():
