@@ -51,12 +51,13 @@ def router_stats(model, tokenizer, text: str, seq_len: int = 256) -> list[dict]:
                 "router_entropy": round(entropy.mean().item(), 4),  # per token, 1.0 = uniform over experts
                 "usage": [round(u, 4) for u in usage.tolist()],
                 "usage_entropy": round(usage_entropy.item(), 4),  # of the aggregate load, 1.0 = perfectly balanced
+                "skew": skew(usage.tolist()),
             }
         )
     return out
 
 
-def plot_loss(log: list[dict], path: Path) -> None:
+def plot_loss(log: list[dict], path: Path, title: str) -> None:
     steps = [e["step"] + 1 for e in log]
     loss = [e["loss"] for e in log]
     window = 25
@@ -72,7 +73,7 @@ def plot_loss(log: list[dict], path: Path) -> None:
     ax2.plot(*zip(*val, strict=True), "o-", color="C1", label="held-out bits/byte (64 KB)")
     ax2.set_ylabel("bits / byte")
     fig.legend(loc="upper right", bbox_to_anchor=(0.86, 0.86))
-    ax.set_title("reference-moe training")
+    ax.set_title(f"{title} training")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -92,11 +93,14 @@ def main() -> None:
     bpb_full = bits_per_byte(model, tokenizer, val_text)
     bpb_train = bits_per_byte(model, tokenizer, stdlib_text("train", max_bytes=len(val_text.encode())))
     card = {
+        "architecture": architecture(model.config),
+        "vocab_size": model.config.vocab_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "expert_parameters": sum(p.numel() for n, p in model.named_parameters() if ".experts." in n),
         "held_out_files": len(stdlib_files("val")),
         "held_out_bytes": len(val_text.encode()),
         "held_out_bits_per_byte": round(bpb_full, 4),
+        "held_out_64k_bits_per_byte": round(bits_per_byte(model, tokenizer, stdlib_text("val", max_bytes=64_000)), 4),
         "train_sample_bits_per_byte": round(bpb_train, 4),
         "bytes_per_token": round(len(val_text.encode()) / len(tokenizer(val_text)["input_ids"]), 3),
         "routers": router_stats(model, tokenizer, val_text),
@@ -107,55 +111,82 @@ def main() -> None:
         "eval_seconds": round(time.time() - t0, 1),
     }
     (d / "card.json").write_text(json.dumps(card, indent=1))
-    plot_loss(log["log"], d / "loss_curve.png")
-    (d / "README.md").write_text(render_card(card, log))
+    plot_loss(log["log"], d / "loss_curve.png", d.name)
+    (d / "README.md").write_text(render_card(card, log, d.name))
     print(json.dumps({k: v for k, v in card.items() if k != "routers"}, indent=1))
 
 
-def render_card(card: dict, log: dict) -> str:
+def architecture(config) -> str:
+    """One line describing the model's geometry, for the card."""
+    experts = getattr(config, "num_local_experts", None) or config.num_experts
+    expert_size = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    shared = getattr(config, "shared_expert_intermediate_size", 0)
+    return (f"{type(config).__name__.removesuffix('Config')}: {config.num_hidden_layers} layers, hidden "
+            f"{config.hidden_size}, {config.num_attention_heads} heads ({config.num_key_value_heads} KV heads), "
+            f"{experts} routed experts of intermediate size {expert_size} per layer, top-{config.num_experts_per_tok} "
+            "routing" + (f", one shared expert of intermediate size {shared}" if shared else "")
+            + ", tied embeddings")  # fmt: skip
+
+
+def skew(usage: list[float]) -> dict:
+    """How unevenly the experts are used: the busiest tenth's share, and the busiest / idlest expert over the mean."""
+    ranked = sorted(usage, reverse=True)
+    mean = sum(usage) / len(usage)
+    return {"top_tenth_share": round(sum(ranked[: max(1, len(usage) // 10)]), 4),
+            "max_over_mean": round(ranked[0] / mean, 2), "min_over_mean": round(ranked[-1] / mean, 3)}  # fmt: skip
+
+
+def render_card(card: dict, log: dict, name: str) -> str:
     a = log["args"]
     experts = card["expert_parameters"]
     facts = [
-        ("architecture", f"Mixtral: {a['layers']} layers, hidden {a['hidden']}, 4 heads (2 KV heads), 8 experts of "
-         f"intermediate size {a['intermediate']} per layer, top-2 routing, tied embeddings"),
+        ("architecture", card["architecture"]),
         ("parameters", f"{card['parameters'] / 1e6:.2f} M, of which experts {experts / 1e6:.2f} M "
          f"({experts / card['parameters']:.0%}); stored in bfloat16"),
-        ("tokenizer", f"byte-level BPE, {a['vocab']} tokens, trained with `tokenizers` on the training split "
+        ("tokenizer", f"byte-level BPE, {card['vocab_size']} tokens, trained with `tokenizers` on the training split "
          f"({card['bytes_per_token']} bytes/token on held-out text)"),
         ("data", f"the `.py` files of the standard library of CPython {card['python']} (the interpreter that trained "
          "it), files over 200 kB skipped; held out: every module whose dotted name hashes to bucket 0 of 20 (md5), "
          f"{card['held_out_files']} files, {card['held_out_bytes'] / 1e6:.2f} MB (`offload_moe/reference.py`)"),
         ("training", f"{a['steps']} AdamW steps of {a['batch']} x {a['seq_len']} tokens "
          f"({card['training_tokens_seen'] / 1e6:.1f} M tokens), lr {a['lr']} (warm-up {a['warmup']}, cosine to "
-         f"10%), Mixtral load-balancing loss x {a['aux_loss']}, seed {a['seed']}; "
+         f"10%), load-balancing loss x {a['aux_loss']}, seed {a['seed']}; "
          f"{card['train_seconds'] / 60:.0f} min on 2 CPU cores (torch {card['torch']})"),
         ("**held-out bits per byte**", f"**{card['held_out_bits_per_byte']:.3f}** (all "
-         f"{card['held_out_bytes'] / 1e6:.2f} MB, 256-token windows); a training sample of the same size: "
+         f"{card['held_out_bytes'] / 1e6:.2f} MB, 256-token windows; the first 64 kB: "
+         f"{card['held_out_64k_bits_per_byte']:.4f}); a training sample of the same size: "
          f"{card['train_sample_bits_per_byte']:.3f}"),
     ]  # fmt: skip
     facts = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in facts)
+    n_exp = len(card["routers"][0]["usage"])
+    few = n_exp <= 8
+    head = (f"| layer | router entropy | load entropy | share of picks, experts 0-{n_exp - 1} |\n|---|---|---|---|"
+            if few else "| layer | router entropy | load entropy | busiest tenth's share | busiest / mean | "
+            "idlest / mean |\n|---|---|---|---|---|---|")  # fmt: skip
     rows = "\n".join(
         f"| {r['layer']} | {r['router_entropy']:.3f} | {r['usage_entropy']:.3f} | "
-        + " ".join(f"{u:.2f}" for u in r["usage"])
+        + (" ".join(f"{u:.2f}" for u in r["usage"]) if few else
+           f"{r['skew']['top_tenth_share']:.2f} | {r['skew']['max_over_mean']:.1f} | {r['skew']['min_over_mean']:.2f}")
         + " |"
         for r in card["routers"]
-    )
-    return f"""# reference-moe: the offload-moe project's reference Mixture-of-Experts model
+    )  # fmt: skip
+    return f"""# {name}: a reference Mixture-of-Experts model of the offload-moe project
 
-A small `MixtralForCausalLM` trained from scratch on CPU so that tests and benchmarks have a real, trained MoE
-model (with specialised experts) without downloading anything. It loads offline like any hub checkpoint:
+A small model trained from scratch on CPU so that tests and benchmarks have a real, trained MoE model (with
+specialised experts) without downloading anything. It loads offline like any hub checkpoint:
 
 ```python
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("examples/reference-moe", dtype=torch.float32)
-tokenizer = AutoTokenizer.from_pretrained("examples/reference-moe")
+model = AutoModelForCausalLM.from_pretrained("examples/{name}", dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained("examples/{name}")
 ```
 
 {facts}
 
-Reproduce: `make reference-model` (trains, then runs `examples/model_card.py`, which measured every number here).
+Reproduce: `make reference-model` (trains both reference models, then runs `examples/model_card.py`, which measured
+every number here; `tests/test_reference_model.py` recomputes the routing table and the 64 kB figure).
 
 ## Loss curve
 
@@ -163,12 +194,11 @@ Reproduce: `make reference-model` (trains, then runs `examples/model_card.py`, w
 
 ## Routing (measured on {32 * 256} held-out tokens)
 
-Router entropy: mean over tokens of the entropy of the router's softmax, divided by log 8 (1.0 = uniform; low =
-each token has clear favourites). Load entropy: entropy of the experts' share of top-2 picks, divided by log 8
+Router entropy: mean over tokens of the entropy of the router's softmax, divided by log {n_exp} (1.0 = uniform; low =
+each token has clear favourites). Load entropy: entropy of the experts' share of top-k picks, divided by log {n_exp}
 (1.0 = perfectly balanced load). Experts specialise when the first is well below 1 while the second stays near 1.
 
-| layer | router entropy | load entropy | share of picks, experts 0-7 |
-|---|---|---|---|
+{head}
 {rows}
 """
 

@@ -1,10 +1,15 @@
-"""Train the reference MoE model: a small Hugging Face Mixtral on the running interpreter's stdlib source.
+"""Train a reference MoE model on the running interpreter's stdlib source: the Mixtral-shaped one (8 experts, top-2)
+or the fine-grained one (Qwen2-MoE: 64 small experts, top-6, one shared expert).
 
-Seeded and reproducible (same interpreter, same torch): BPE tokenizer from `tokenizers`, then a fixed number of
-AdamW steps on random windows of the training split. Writes a normal model directory that
-`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` load offline, plus `training_log.json`.
+Seeded and reproducible (same interpreter, same torch): BPE tokenizer from `tokenizers` (or the first model's, with
+--tokenizer), then a fixed number of AdamW steps on random windows of the training split. Writes a normal model
+directory that `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` load offline, plus
+`training_log.json`.
 
     python examples/train_reference_model.py --out examples/reference-moe     # about 35-45 min on 2 CPU cores
+    python examples/train_reference_model.py --family qwen2_moe --experts 64 --top-k 6 --intermediate 24 \
+        --shared-intermediate 96 --layers 6 --steps 1500 --tokenizer examples/reference-moe \
+        --out examples/reference-moe-fine
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 
 from offload_moe.evaluate import bits_per_byte
 from offload_moe.reference import read_source, stdlib_files, stdlib_text
@@ -49,16 +61,14 @@ def encode_split(tokenizer: PreTrainedTokenizerFast, split: str) -> torch.Tensor
     return torch.tensor(ids, dtype=torch.long)
 
 
-def make_model(vocab_size: int, args: argparse.Namespace) -> MixtralForCausalLM:
-    config = MixtralConfig(
+def make_model(vocab_size: int, args: argparse.Namespace) -> torch.nn.Module:
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
+        num_experts_per_tok=args.top_k,
         max_position_embeddings=1024,
         rope_theta=10000.0,
         tie_word_embeddings=True,
@@ -68,7 +78,20 @@ def make_model(vocab_size: int, args: argparse.Namespace) -> MixtralForCausalLM:
         eos_token_id=0,
         pad_token_id=0,
     )
-    return MixtralForCausalLM(config)
+    if args.family == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**common, intermediate_size=args.intermediate,
+                                                num_local_experts=args.experts))  # fmt: skip
+    config = Qwen2MoeConfig(
+        **common,
+        intermediate_size=4 * args.hidden,  # dense MLP size; every layer is an MoE layer here
+        moe_intermediate_size=args.intermediate,
+        shared_expert_intermediate_size=args.shared_intermediate,
+        num_experts=args.experts,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+    return Qwen2MoeForCausalLM(config)
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -82,6 +105,12 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "reference-moe")
+    ap.add_argument("--family", choices=["mixtral", "qwen2_moe"], default="mixtral")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--shared-intermediate", type=int, default=0, help="qwen2_moe: the shared expert's size")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="reuse this model directory's tokenizer")
+    ap.add_argument("--experts-impl", default="eager", help="experts kernel during training (grouped_mm is faster)")
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -100,12 +129,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    tokenizer = train_tokenizer(args.vocab)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else train_tokenizer(args.vocab)
     train_ids = encode_split(tokenizer, "train")
     val_text = stdlib_text("val", max_bytes=64_000)  # quick validation during training; the card uses more
     print(f"tokenizer + encoding: {time.time() - t0:.0f}s, {train_ids.numel():,} training tokens", flush=True)
 
     model = make_model(len(tokenizer), args)
+    model.set_experts_implementation(args.experts_impl)
     model.config.output_router_logits = True  # adds Mixtral's load-balancing loss to the training loss
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters", flush=True)
@@ -142,6 +172,7 @@ def main() -> None:
         log.append(entry)
 
     model.config.output_router_logits = False
+    model.set_experts_implementation("eager")
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(args.out)  # bf16 on disk keeps the directory under 12 MB

@@ -26,6 +26,7 @@ os.environ.setdefault("OFFLOAD_MOE_CACHE_DIR", tempfile.mkdtemp(prefix="offload-
 
 REPO = Path(__file__).resolve().parent.parent  # the tests run from a checkout of the repository
 REFERENCE_MODEL_DIR = REPO / "examples" / "reference-moe"
+FINE_MODEL_DIR = REPO / "examples" / "reference-moe-fine"  # 64 fine-grained experts, top-6, one shared expert
 
 COMMON = dict(
     vocab_size=128,
@@ -86,8 +87,17 @@ def tiny_dense_model() -> torch.nn.Module:
     return LlamaForCausalLM(cfg)
 
 
+def _model_dir(path: Path) -> Path:
+    if not (path / "model.safetensors").exists():
+        pytest.fail(f"reference model missing at {path}; run `make reference-model`")
+    return path
+
+
 @pytest.fixture(scope="session")
 def reference_dir():
-    if not (REFERENCE_MODEL_DIR / "model.safetensors").exists():
-        pytest.fail(f"reference model missing at {REFERENCE_MODEL_DIR}; run `make reference-model`")
-    return REFERENCE_MODEL_DIR
+    return _model_dir(REFERENCE_MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def fine_dir():
+    return _model_dir(FINE_MODEL_DIR)
