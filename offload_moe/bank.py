@@ -4,7 +4,8 @@ output for the tokens routed to it, on the device, without waiting for the real 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,6 +19,7 @@ from .standins import StandIns, lowrank
 from .store import HostStore
 
 Key = tuple[int, int]  # (layer, expert)
+Fetch = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # host tensors -> the same on the device
 
 
 @dataclass(frozen=True)
@@ -66,27 +68,54 @@ class StandinBank:
         self._lowrank[key] = (factors, layer, expert)
         self.kinds[key] = Kind("lowrank", factors.rank)
 
-    def apply(self, layer: int, expert: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """w[:, None] * approximation of the expert's output on x [n, H] -> [n, H]."""
+    def pin(self) -> None:
+        """Page-lock the quantized stand-ins (a bank kept on the host for CUDA: asynchronous copies)."""
+        for key, parts in self._quant.items():
+            self._quant[key] = {n: replace(t, packed=t.packed.pin_memory(), scale=t.scale.pin_memory(),
+                                           zero=t.zero.pin_memory()) if isinstance(t, QuantTensor) else t.pin_memory()
+                                for n, t in parts.items()}  # fmt: skip
+
+    def apply(
+        self, layer: int, expert: int, x: torch.Tensor, w: torch.Tensor, fetch: Fetch | None = None
+    ) -> torch.Tensor:
+        """w[:, None] * approximation of the expert's output on x [n, H] -> [n, H]. fetch: for a bank kept on the
+        host, copies the stand-in's tensors to the device first."""
         key = (layer, expert)
         if key in self._quant:
+            parts = self._quant[key] if fetch is None else _fetched(self._quant[key], fetch)
             weights = {n: t.dequantize(self.dtype) if isinstance(t, QuantTensor) else t
-                       for n, t in self._quant[key].items()}  # fmt: skip
+                       for n, t in parts.items()}  # fmt: skip
             return expert_forward(self._twins[layer], self.names, weights, x, w)
         factors, fl, fe = self._lowrank[key]
         act = self._twins[layer].act_fn
         return (factors.apply(fl, fe, x, act) * w[:, None]).to(x.dtype)
 
 
+def _fetched(parts: dict[str, QuantTensor | torch.Tensor], fetch: Fetch) -> dict[str, QuantTensor | torch.Tensor]:
+    """The same stand-in, its tensors copied by `fetch` (one copy for all of them)."""
+    flat = [x for t in parts.values() for x in ((t.packed, t.scale, t.zero) if isinstance(t, QuantTensor) else (t,))]
+    moved, out = iter(fetch(flat)), {}
+    for n, t in parts.items():
+        out[n] = (
+            replace(t, packed=next(moved), scale=next(moved), zero=next(moved))
+            if isinstance(t, QuantTensor)
+            else next(moved)
+        )
+    return out
+
+
 def build_bank(options, calib, blocks: list[MoEBlock], store: HostStore, plan: Plan, dev: torch.device,
                dtype: torch.dtype) -> StandinBank:  # fmt: skip
-    """Every expert's stand-in, of the kind the options ask for, on the device."""
+    """Every expert's stand-in, of the kind the options ask for, on the device ("lowbit": on the host)."""
     bank = StandinBank([b.experts for b in blocks], store.names, dtype)
-    if options.standin == "quant":
+    if options.standin in ("quant", "lowbit"):
+        home = dev if options.standin == "quant" else torch.device("cpu")
         for b in blocks:
             for e in range(b.num_experts):
                 weights = store.expert_tensors(b.index, e)
-                bank.add_quant((b.index, e), weights, options.bits, options.group_size, options.quant_optimize, dev)
+                bank.add_quant((b.index, e), weights, options.bits, options.group_size, options.quant_optimize, home)
+        if home != dev and dev.type == "cuda":
+            bank.pin()
         return bank
     if options.standin == "mixed":  # each expert's kind was chosen by the plan from the calibration's errors
         factors = calib.standins.to(dev, dtype)

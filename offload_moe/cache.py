@@ -38,6 +38,7 @@ class CacheStats:
     prefetches_used: int = 0  # ... whose expert was then needed before being evicted
     substituted: int = 0  # (token, expert) pairs served by a fallback instead of the real expert
     critical_misses: int = 0  # missed experts kept exact although a stand-in was configured (critical pairs)
+    lowbit_copies: int = 0  # standin="lowbit": low-bit copies of missed experts fetched for one use
     warmup_copies: int = 0
     layer_hits: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
@@ -140,6 +141,16 @@ class ExpertCache:
     def record_fallback(self, substituted: int, critical_misses: int) -> None:
         self._stats.substituted += substituted
         self._stats.critical_misses += critical_misses
+
+    def fetch_once(self, src: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy host tensors into fresh device buffers now, as a demand copy on the link, for one use (a missed
+        expert's low-bit copy); counts the copy, its bytes and the wait."""
+        dst = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in src]
+        transfer = self._engine.submit(src, dst)
+        self._stats.stall_seconds += transfer.wait()
+        self._stats.lowbit_copies += 1
+        self._stats.bytes_copied += transfer.nbytes
+        return dst
 
     def record_waves(self) -> None:
         self._stats.waves += 1

@@ -6,6 +6,8 @@ expert stays exact (computed by the `fallback` path: copied, or computed on the 
 - "drop": skip the pair and renormalise the token's remaining routing weights;
 - "lowrank", "quant", "mixed": compute the pair with the expert's resident stand-in (low-rank factors or quantized
   weights, `bank.StandinBank`);
+- "lowbit": HOBBIT: copy the expert's low-bit copy (kept on the host) in now, bits/16 of its bf16 bytes, and compute
+  the pair with it;
 - "buddy": BuddyMoE's three checks (token entropy, fraction of missing experts, per-token cap), then run the pair on
   the first resident expert of the missing one's buddy list that the token does not already use.
 The real expert of every substituted pair is still copied in, in the background, for the following tokens.
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bank import StandinBank
+from .bank import Fetch, StandinBank
 
 
 @dataclass
@@ -82,13 +84,14 @@ class Drop(MissFallback):
 
 
 class Substitute(MissFallback):
-    """Each non-critical missed pair runs on its expert's resident stand-in."""
+    """Each non-critical missed pair runs on its expert's stand-in: resident, or (`fetch` given: HOBBIT's low-bit
+    copies, kept on the host) copied in for this call."""
 
     name = "standin"
 
-    def __init__(self, critical_weight: float, bank: StandinBank):
+    def __init__(self, critical_weight: float, bank: StandinBank, fetch: Fetch | None = None):
         super().__init__(critical_weight)
-        self.bank = bank
+        self.bank, self.fetch = bank, fetch
 
     def plan(self, call: LayerCall) -> MissPlan:
         index, weights, hidden = call.index, call.weights, call.hidden
@@ -98,7 +101,8 @@ class Substitute(MissFallback):
         extra = torch.zeros_like(hidden)  # [T, H]
         for e in sorted(set(index[sub].tolist())):
             tok, pos = torch.nonzero(sub & (index == e), as_tuple=True)
-            extra.index_add_(0, tok, self.bank.apply(call.layer, e, hidden[tok], weights[tok, pos]).to(hidden.dtype))
+            y = self.bank.apply(call.layer, e, hidden[tok], weights[tok, pos], self.fetch)
+            extra.index_add_(0, tok, y.to(hidden.dtype))
         return MissPlan(index, weights.masked_fill(sub, 0), fetch, extra, int(sub.sum()))
 
 

@@ -70,6 +70,7 @@ class OffloadStats:
     prefetches_used: int
     substituted: int
     critical_misses: int
+    lowbit_copies: int  # standin="lowbit": low-bit copies fetched for one use (their bytes are in bytes_copied)
     host_jobs: int  # missed experts computed on the host (per layer call)
     host_tokens: int  # (token, expert) pairs they served
     host_seconds: float  # host worker time
@@ -140,7 +141,8 @@ class OffloadHandle:
             hits=s.hits, inflight_hits=s.inflight_hits, misses=s.misses, copies=s.copies,
             bytes_copied=s.bytes_copied, stall_seconds=s.stall_seconds, evictions=s.evictions, waves=s.waves,
             warmup_copies=s.warmup_copies, prefetches=s.prefetches, prefetches_used=s.prefetches_used,
-            substituted=s.substituted, critical_misses=s.critical_misses, host_jobs=h.jobs, host_tokens=h.tokens,
+            substituted=s.substituted, critical_misses=s.critical_misses, lowbit_copies=s.lowbit_copies,
+            host_jobs=h.jobs, host_tokens=h.tokens,
             host_seconds=h.seconds, host_wait_seconds=h.wait_seconds, auto_host=r.host, auto_copy=r.copy,
             per_layer=tuple(LayerStats(i, b.name, s.layer_hits[i], s.layer_misses[i])
                             for i, b in enumerate(self.blocks)),

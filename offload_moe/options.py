@@ -16,7 +16,7 @@ from .quant import BITS
 from .transfer import EmulatedLink
 
 FALLBACKS = ("fetch", "host", "auto")
-STANDINS = (None, "drop", "buddy", "lowrank", "quant", "mixed")
+STANDINS = (None, "drop", "buddy", "lowrank", "quant", "mixed", "lowbit")
 PREFETCHERS = ("lookahead", None)
 
 
@@ -33,16 +33,18 @@ class OffloadOptions:
     standin: what serves a missed (token, expert) pair instead of the real expert, losing accuracy: None (nothing:
         every miss is exact), "drop" (skip it, renormalise the token's other weights), "buddy" (a resident
         substitute from calibration), "lowrank" (the expert's resident low-rank stand-in), "quant" (its resident
-        `bits`-bit copy) or "mixed" (per expert, the kind and bit width calibration found best, under one byte
-        budget). The real expert is still copied in the background for the next tokens.
+        `bits`-bit copy), "mixed" (per expert, the kind and bit width calibration found best, under one byte
+        budget) or "lowbit" (HOBBIT: the missed expert's `bits`-bit copy, kept on the host, is copied in at once,
+        bits/16 of its bf16 bytes on the link, and used for this call; nothing resident). The real expert is still
+        copied in the background for the next tokens.
     critical_weight: a missed pair with at least this routing weight is served exactly (by `fallback`) whatever the
         stand-in (1.01: never).
     prefetch: "lookahead" applies the routers of the next `lookahead_depth` layers to the current residual stream
         and copies their `prefetch_candidates` most likely experts early; None turns prefetching off.
     standin_fraction: "lowrank" stand-ins take this fraction of all experts' bytes, and at most 40% of the budget;
         "mixed" ones, this fraction at most.
-    bits, group_size, quant_optimize: "quant" stand-ins: bits per weight (2, 3, 4 or 8), weights per scale and zero,
-        and HQQ's refinement of the zeros.
+    bits, group_size, quant_optimize: "quant" and "lowbit" stand-ins: bits per weight (2, 3, 4 or 8), weights per
+        scale and zero, and HQQ's refinement of the zeros.
     calibration: a file written by `offload_moe.calibrate` (activation-aware stand-ins, buddy lists, thresholds,
         expert frequencies for the warm start); "buddy" needs one.
     link: an `EmulatedLink`: every copy takes latency + bytes / bandwidth (CPU-only measurements; emulated).

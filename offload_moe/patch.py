@@ -81,7 +81,7 @@ def offload(
         _swap_in_pool(blocks, names, cache, undo)
         model.to(dev)  # non-expert weights; the experts modules now hold only the pool
         prefetcher = _prefetcher(blocks, cache, options, undo) if not plan.all_resident else None
-        standin = _standin(options, calib, blocks, store, plan, dev, dtype)
+        standin = _standin(options, calib, blocks, store, cache, plan, dev, dtype)
         miss_path = options.miss_path(dev.type)
         host = None
         if miss_path != "fetch" and not plan.all_resident:
@@ -195,6 +195,7 @@ def _standin(
     calib: Calibration | None,
     blocks: list[MoEBlock],
     store: HostStore,
+    cache: ExpertCache,
     plan: Plan,
     dev: torch.device,
     dtype: torch.dtype,
@@ -206,7 +207,8 @@ def _standin(
     if options.standin == "buddy":
         assert calib is not None  # OffloadOptions refuses standin="buddy" without a calibration
         return Buddy(options.critical_weight, calib.buddies, calib.tau)
-    return Substitute(options.critical_weight, build_bank(options, calib, blocks, store, plan, dev, dtype))
+    bank = build_bank(options, calib, blocks, store, plan, dev, dtype)
+    return Substitute(options.critical_weight, bank, cache.fetch_once if options.standin == "lowbit" else None)
 
 
 def _warm_order(blocks: list[MoEBlock], calib: Calibration | None, layer_major: bool) -> list[tuple[int, int]]:
