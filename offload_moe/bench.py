@@ -1,7 +1,8 @@
-"""The offloading part of `make bench`: decode and prefill speed of the reference model with its experts offloaded,
-side by side with the fully resident model, under one (emulated, on CPU) host-to-device link.
+"""The offloading part of `make bench`: decode and prefill speed and held-out bits per byte of the reference models
+(Mixtral-shaped and fine-grained) with their experts offloaded, side by side with the fully resident model, under one
+(emulated, on CPU) host-to-device link and host; plus each stand-in kind's own quality.
 
-    python -m offload_moe.bench [--mode quick|default|full] [--model PATH] [--link-gbps G] [--out bench-results]
+    python -m offload_moe.bench [--mode quick|default|full] [--models mixtral,fine] [--out bench-results]
 """
 
 from __future__ import annotations
@@ -10,65 +11,68 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from .bench_report import print_quality, print_table
 from .blocks import moe_blocks
 from .calibrate import calibrate
 from .evaluate import bits_per_byte
 from .host import EmulatedHost
 from .patch import patch, resolve_device
 from .plots import plot_offload
-from .reference import REFERENCE_MODEL, model_dir, stdlib_text
+from .quality import standin_quality
+from .reference import model_dir, stdlib_text
 from .transfer import EmulatedLink
 
 COPY_TO_LAYER_RATIO = 15.0  # Mixtral-8x7B on PCIe 4.0: one expert copy takes ~15x one layer's decode compute
 HOST_TO_LINK_BANDWIDTH = 2.6  # dual-channel DDR5 (~65 GB/s) over PCIe 4.0 x16 (~25 GB/s)
 CROSSOVER_TOKENS = 40  # computing an expert on the host costs as much as copying it at ~40 tokens (Fiddler's model)
+MODELS = {"mixtral": Path("examples/reference-moe"), "fine": Path("examples/reference-moe-fine")}
+DTYPE = torch.bfloat16  # the dtype deployments use: every byte counted is a deployment byte
 
 
 @dataclass(frozen=True)
 class Config:
     name: str
     budget: float | None  # None: the unpatched model, every expert resident
-    prefetch: str | None = None
-    fallback: str = "fetch"
-    standin: str | None = None
-
-    @property
-    def eviction(self) -> str:
-        return "layer" if self.name == "layer-aware" else "lru"
+    options: dict = field(default_factory=dict)  # patch() keywords besides link, host and calibration
 
 
-@dataclass(frozen=True)
-class Mode:
-    """How much `make bench` measures: budgets, which configurations, and how much text each decodes."""
-
-    budgets: tuple[float, ...]
-    layer_aware: bool  # include the layer-aware eviction ablation
-    prompts: int
-    eval_bytes: int
+LRU = {"fallback": "fetch", "prefetch": None}
+LOOKAHEAD = {"fallback": "fetch", "prefetch": "lookahead"}
+AUTO = {"fallback": "auto", "prefetch": None}
 
 
-MODES = {
-    "quick": Mode((0.25,), False, 2, 600),  # tests and bench-quick
-    "default": Mode((0.25, 0.5), False, 3, 800),  # make bench: under 10 minutes with the fairness part
-    "full": Mode((0.125, 0.25, 0.5), True, 4, 1200),  # make bench-full
-}
-
-
-def configs(mode: Mode, naive_budget: float) -> list[Config]:
-    out = [Config("resident", None), Config("patched-1.0", 1.0), Config("naive", naive_budget)]
-    for b in mode.budgets:
-        out += [Config("lru", b)] + ([Config("layer-aware", b)] if mode.layer_aware else [])
-        out += [Config("lookahead", b, "lookahead")]
-        out += [Config(f"lookahead+{f}", b, "lookahead", standin=f) for f in ("drop", "buddy", "lowrank")]
-        out += [Config("host", b, None, "host"), Config("auto", b, None, "auto")]
-        out += [Config("auto+lookahead", b, "lookahead", "auto")]
+def configs(mode: str, model: str, naive_budget: float) -> list[Config]:
+    """The configurations of a mode for one model, in table order."""
+    out = [Config("resident", None), Config("patched-1.0", 1.0)]
+    if mode == "full":
+        out.append(Config("naive", naive_budget, LRU))
+    budgets = {"quick": (0.25,), "default": (0.25, 0.5), "full": (0.125, 0.25, 0.5)}[mode]
+    for b in budgets:
+        out += [Config("lru", b, LRU), Config("lookahead", b, LOOKAHEAD)]
+        out += [Config("host", b, {"fallback": "host", "prefetch": None}), Config("auto", b, AUTO)]
+        out += [Config(f"lookahead+{s}", b, {**LOOKAHEAD, "standin": s}) for s in ("drop", "buddy", "lowrank")]
+        out += [Config("auto+quant2", b, {**AUTO, "standin": "quant", "bits": 2})]
+        out += [Config(f"{f}+lowbit4", b, {**o, "standin": "lowbit", "bits": 4}) for f, o in (("lru", LRU),
+                                                                                          ("auto", AUTO))]  # fmt: skip
+        out += [Config("auto+mixed", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.15})]
+        out += [Config("auto+mixed-fast", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
+                                              "critical_weight": 0.9})]  # fmt: skip
+        if mode == "full":
+            out += [Config("layer-aware", b, {**LRU, "eviction": "layer"})]
+            out += [Config("auto+lookahead", b, {**AUTO, "prefetch": "lookahead"})]
+            out += [Config(f"auto+mixed cw{cw}", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
+                                                     "critical_weight": cw}) for cw in (0.5, 0.7, 1.01)]  # fmt: skip
+    if mode == "quick" or (mode == "default" and model == "fine"):  # the shortest list that answers the question
+        keep = {"resident", "patched-1.0", "lru", "auto", "lookahead+buddy", "auto+lowbit4", "auto+mixed",
+                "auto+mixed-fast"}  # fmt: skip
+        out = [c for c in out if c.name in keep and (c.budget in (None, 1.0, 0.25))]
     return out
 
 
@@ -98,148 +102,111 @@ def calibrate_link(model, tokenizer, text: str, expert_bytes: int) -> tuple[floa
 def emulated_host(link: EmulatedLink, expert_bytes: int, expert_params: int) -> EmulatedHost:
     """A host with HOST_TO_LINK_BANDWIDTH x the link's bandwidth whose compute equals one copy at CROSSOVER_TOKENS."""
     copy_s = link.seconds(expert_bytes)
-    return EmulatedHost(
-        gbps=HOST_TO_LINK_BANDWIDTH * link.gbps, gflops=2 * expert_params * CROSSOVER_TOKENS / copy_s / 1e9
-    )
+    flops = 2 * expert_params * CROSSOVER_TOKENS / copy_s
+    return EmulatedHost(gbps=HOST_TO_LINK_BANDWIDTH * link.gbps, gflops=flops / 1e9)
 
 
-def run_offload(args: argparse.Namespace) -> dict:
+def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
+    """Every configuration of the mode on one model: one JSON-ready dict."""
     device = resolve_device(args.device)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer(stdlib_text("val", max_bytes=args.prompts * 4000), return_tensors="pt")["input_ids"][0]
     prompts = [ids[i * args.prompt_len : (i + 1) * args.prompt_len][None].to(device) for i in range(args.prompts)]
     eval_text = stdlib_text("val", max_bytes=args.eval_bytes)
     blocks = moe_blocks(model)
     experts = [getattr(b.experts, n) for b in blocks for n in b.expert_param_names()]
-    all_expert_bytes = sum(p.numel() * p.element_size() for p in experts)
-    expert_bytes = all_expert_bytes // (len(blocks) * blocks[0].num_experts)
-    expert_params = sum(p.numel() for p in experts) // (len(blocks) * blocks[0].num_experts)
-    calibration = args.out / "calibration.safetensors"
+    n_experts = len(blocks) * blocks[0].num_experts
+    all_bytes = sum(p.numel() * p.element_size() for p in experts)
+    expert_bytes, expert_params = all_bytes // n_experts, sum(p.numel() for p in experts) // n_experts
+    calibration = args.out / f"calibration-{name}.safetensors"
     calibrate(model, [stdlib_text("train", max_bytes=120_000)], tokenizer, path=calibration)  # train split only
-    emulated = device.type == "cpu"
-    layer_s = None
-    if emulated:
-        gbps = args.link_gbps
-        if gbps is None:
-            gbps, layer_s = calibrate_link(model, tokenizer, eval_text[: len(eval_text) // 4], expert_bytes)
-        link = EmulatedLink(gbps=gbps)
+    quality = standin_quality(model, tokenizer, calibration, stdlib_text("val", max_bytes=args.quality_bytes))
+    link, host, layer_s = None, None, None
+    if device.type == "cpu":  # emulated: calibrated to this machine's own compute
+        gbps, layer_s = calibrate_link(model, tokenizer, eval_text[: len(eval_text) // 4], expert_bytes)
+        link = EmulatedLink(gbps=args.link_gbps or gbps)
         host = emulated_host(link, expert_bytes, expert_params)
-    else:
-        link, gbps, host = None, None, None
-    naive_budget = max(b.top_k for b in blocks) / (len(blocks) * blocks[0].num_experts)
+    naive_budget = max(b.top_k for b in blocks) / n_experts
     runs = []
-    for cfg in tqdm(configs(MODES[args.mode], naive_budget), desc="offload configs", unit="cfg"):
-        handle = None
-        if cfg.budget is not None:
-            handle = patch(model, budget=cfg.budget, device=device, fallback=cfg.fallback, standin=cfg.standin,
-                           prefetch=cfg.prefetch, eviction=cfg.eviction, link=link, host=host,
-                           calibration=calibration if cfg.standin is not None else None)  # fmt: skip
+    for cfg in tqdm(configs(args.mode, name, naive_budget), desc=f"offload configs ({name})", unit="cfg"):
+        runs.append(run_config(model, tokenizer, cfg, device, link, host, calibration, prompts, eval_text, all_bytes))
+    return {
+        "model": name, "path": str(path), "dtype": str(DTYPE).removeprefix("torch."), "device": str(device),
+        "layers": len(blocks), "experts": blocks[0].num_experts, "top_k": blocks[0].top_k,
+        "link": {"emulated": link is not None, "gbps": link.gbps if link else None,
+                 "copy_to_layer_ratio": COPY_TO_LAYER_RATIO if link else None, "layer_decode_seconds": layer_s},
+        "host": ({"emulated": True, "gbps": host.gbps, "gflops": host.gflops,
+                  "host_to_link_bandwidth": HOST_TO_LINK_BANDWIDTH, "crossover_tokens": CROSSOVER_TOKENS}
+                 if host is not None else {"emulated": False, "cpu": platform.processor()}),
+        "expert_bytes": expert_bytes, "expert_bytes_bf16": all_bytes * 2 // experts[0].element_size(),
+        "eval_bytes": len(eval_text.encode()), "eval_tokens": len(tokenizer(eval_text)["input_ids"]),
+        "prompts": args.prompts, "prompt_tokens": args.prompt_len, "standin_quality": quality, "runs": runs,
+    }  # fmt: skip
+
+
+def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, prompts, eval_text, all_bytes) -> dict:
+    handle = None
+    if cfg.budget is not None:
+        needs_calibration = cfg.options.get("standin") in ("buddy", "lowrank", "mixed")
+        handle = patch(model, budget=cfg.budget, device=device, link=link, host=host,
+                       calibration=calibration if needs_calibration else None, **cfg.options)  # fmt: skip
+    try:
         prefill = prefill_speed(model, prompts)
         if handle:
             handle.reset_stats()
         decode, bpb, tokens = decode_speed_and_bpb(model, tokenizer, eval_text)
-        stats = handle.stats() if handle else None
-        runs.append(
-            {
-                "name": cfg.name,
-                "budget": cfg.budget if cfg.budget is not None else 1.0,
-                "prefetch": cfg.prefetch,
-                "fallback": cfg.fallback if cfg.budget is not None else None,
-                "standin": cfg.standin,
-                "eviction": cfg.eviction if cfg.budget is not None else None,
-                "decode_tokens_per_s": decode,
-                "prefill_tokens_per_s": prefill,
-                "hit_rate": stats.hit_rate if stats else 1.0,
-                "prefetch_precision": stats.prefetch_precision if stats and cfg.prefetch else None,
-                "misses_per_token": stats.misses / tokens if stats else 0.0,
-                "substituted_per_token": stats.substituted / tokens if stats else 0.0,
-                "bytes_per_token": stats.bytes_copied / tokens if stats else 0.0,
-                "stall_seconds": stats.stall_seconds if stats else 0.0,
-                "host_per_token": stats.host_jobs / tokens if stats else 0.0,
-                "host_wait_seconds": stats.host_wait_seconds if stats else 0.0,
-                "copies_per_token": stats.copies / tokens if stats else 0.0,
-                "bits_per_byte": bpb,
-                "peak_device_bytes": stats.resident_bytes if stats else all_expert_bytes,
-                "slots": stats.slots if stats else None,
-            }
-        )
+        s = handle.stats() if handle else None
+    finally:
         if handle:
             handle.unpatch()
+    per_token = lambda v: v / tokens if s else 0.0  # noqa: E731
     return {
-        "device": str(device),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "model": str(args.model),
-        "link": {"emulated": emulated, "gbps": gbps, "copy_to_layer_ratio": COPY_TO_LAYER_RATIO if emulated else None,
-                 "layer_decode_seconds": layer_s},
-        "host": ({"emulated": True, "gbps": host.gbps, "gflops": host.gflops,
-                  "host_to_link_bandwidth": HOST_TO_LINK_BANDWIDTH, "crossover_tokens": CROSSOVER_TOKENS}
-                 if host is not None else {"emulated": False, "cpu": platform.processor()}),
-        "expert_bytes": expert_bytes,
-        "decode": "teacher-forced, one token at a time through the KV cache, over the held-out text below",
-        "eval_bytes": len(eval_text.encode()),
-        "eval_tokens": len(tokenizer(eval_text)["input_ids"]),
-        "prompts": args.prompts,
-        "prompt_tokens": args.prompt_len,
-        "runs": runs,
+        "name": cfg.name, "budget": cfg.budget if cfg.budget is not None else 1.0, **cfg.options,
+        "decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill, "bits_per_byte": bpb,
+        "hit_rate": s.hit_rate if s else 1.0, "misses_per_token": per_token(s.misses if s else 0),
+        "substituted_per_token": per_token(s.substituted if s else 0),
+        "host_per_token": per_token(s.host_jobs if s else 0), "copies_per_token": per_token(s.copies if s else 0),
+        "lowbit_copies_per_token": per_token(s.lowbit_copies if s else 0),
+        "bytes_per_token": per_token(s.bytes_copied if s else 0), "stall_seconds": s.stall_seconds if s else 0.0,
+        "host_wait_seconds": s.host_wait_seconds if s else 0.0, "slots": s.slots if s else None,
+        "standin_bytes": s.standin_bytes if s else 0,
+        "device_expert_bytes": s.resident_bytes if s else all_bytes,  # slot pool plus stand-ins, real sizes
     }  # fmt: skip
-
-
-def print_table(result: dict) -> None:
-    link = result["link"]
-    host = result["host"]
-    where = (f"EMULATED link {link['gbps']:.4f} GB/s (one expert copy = {link['copy_to_layer_ratio']:.0f}x a layer's "
-             f"decode compute) and EMULATED host {host['gbps']:.4f} GB/s ({host['host_to_link_bandwidth']}x the link; "
-             f"computing an expert costs one copy at {host['crossover_tokens']} tokens)"
-             if link["emulated"] else "real host-to-device link and host, nothing emulated")  # fmt: skip
-    print(f"\noffload benchmark on {result['device']} ({result['machine']}), {where}")
-    print(f"decode: {result['decode']} ({result['eval_tokens']} tokens)")
-    runs = result["runs"]
-    resident = runs[0]
-    lru = {r["budget"]: r for r in runs if r["name"] == "lru"}
-    head = (f"{'config':<18}{'budget':>7}{'slots':>6}{'decode/s':>9}{'x res':>7}{'x lru':>7}{'prefill/s':>10}"
-            f"{'x lru':>7}{'hits':>7}{'miss/tok':>9}{'host/tok':>9}{'subs/tok':>9}{'KB/tok':>8}{'bits/B':>8}"
-            f"{'d bits':>8}")  # fmt: skip
-    print(head)
-    print("-" * len(head))
-    for r in runs:
-        base = lru.get(r["budget"])
-        x_lru = f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}" if base else "-"
-        x_lru_prefill = f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}" if base else "-"
-        print(
-            f"{r['name']:<18}{r['budget']:>7.3f}{r['slots'] or '-':>6}{r['decode_tokens_per_s']:>9.1f}"
-            f"{r['decode_tokens_per_s'] / resident['decode_tokens_per_s']:>7.2f}{x_lru:>7}"
-            f"{r['prefill_tokens_per_s']:>10.0f}{x_lru_prefill:>7}{r['hit_rate']:>7.3f}{r['misses_per_token']:>9.2f}"
-            f"{r['host_per_token']:>9.2f}{r['substituted_per_token']:>9.2f}{r['bytes_per_token'] / 1024:>8.1f}"
-            f"{r['bits_per_byte']:>8.4f}{(r['bits_per_byte'] / resident['bits_per_byte'] - 1) * 100:>7.2f}%"
-        )
-    print("hits: hit rate, the share of routed experts already resident or in flight when their layer ran; "
-          "host/tok: experts computed on the host per token")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=REFERENCE_MODEL, help="model directory (default: %(default)s)")
+    ap.add_argument("--mode", choices=["quick", "default", "full"], default="default", help="how much to measure")
+    ap.add_argument("--models", default="mixtral,fine", help=f"comma-separated, from {sorted(MODELS)}")
+    ap.add_argument("--model", type=Path, default=None, help="one model directory instead of the reference models")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--mode", choices=sorted(MODES), default="default", help="how much to measure")
     ap.add_argument("--link-gbps", type=float, default=None, help="emulated link speed (default: calibrated)")
     ap.add_argument("--prompts", type=int, default=None, help="prefill prompts (default: the mode's)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--eval-bytes", type=int, default=None, help="held-out text decoded per config (mode's)")
+    ap.add_argument("--quality-bytes", type=int, default=16_000, help="held-out text of the stand-in quality table")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
-    mode = MODES[args.mode]
-    args.prompts = args.prompts or mode.prompts
-    args.eval_bytes = args.eval_bytes or mode.eval_bytes
+    args.prompts = args.prompts or {"quick": 1, "default": 2, "full": 4}[args.mode]
+    args.eval_bytes = args.eval_bytes or {"quick": 500, "default": 700, "full": 1200}[args.mode]
+    chosen = {"custom": args.model} if args.model else {m: MODELS[m] for m in args.models.split(",") if m}
     try:
-        model_dir(args.model)
-    except FileNotFoundError as e:
+        for path in chosen.values():
+            model_dir(path)
+    except (FileNotFoundError, KeyError) as e:
         raise SystemExit(str(e)) from e
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run_offload(args)
-    (args.out / "offload.json").write_text(json.dumps(result, indent=1))
-    print_table(result)
+    t0 = time.time()
+    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "mode": args.mode, "decode": "teacher-forced, one token at a time through the KV cache, over held-out "
+              "text", "models": [run_model(name, path, args) for name, path in chosen.items()]}  # fmt: skip
+    result["seconds"] = time.time() - t0
+    (args.out / "offload.json").write_text(json.dumps(result, indent=1, default=str))
+    for m in result["models"]:
+        print_table(m)
+        print_quality(m)
     pngs = plot_offload(result, args.out)
     print(f"wrote {args.out / 'offload.json'}, " + ", ".join(str(p) for p in pngs))
 

@@ -10,24 +10,30 @@ def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
     from offload_moe.bench import main
 
     main(["--mode", "quick", "--model", str(reference_dir), "--out", str(tmp_path), "--prompts", "1",
-          "--prompt-len", "16", "--eval-bytes", "300", "--link-gbps", "50"])  # fmt: skip
+          "--prompt-len", "16", "--eval-bytes", "300", "--quality-bytes", "1500", "--link-gbps", "50"])  # fmt: skip
     result = json.loads((tmp_path / "offload.json").read_text())
-    assert result["link"] == {**result["link"], "emulated": True, "gbps": 50}
-    fields = {"name", "budget", "prefetch", "fallback", "decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate",
-              "misses_per_token", "bytes_per_token", "bits_per_byte",
-              "peak_device_bytes"}  # fmt: skip
-    runs = {(r["name"], r["budget"]): r for r in result["runs"]}
-    assert all(fields <= set(r) for r in result["runs"])
-    assert {name for name, _ in runs} >= {"resident", "naive", "lru", "lookahead", "lookahead+drop", "lookahead+buddy",
-                                          "lookahead+lowrank"}  # fmt: skip
+    (model,) = result["models"]
+    assert model["model"] == "custom" and model["experts"] == 8 and model["dtype"] == "bfloat16"
+    assert model["link"] == {**model["link"], "emulated": True, "gbps": 50}
+    fields = {"name", "budget", "decode_tokens_per_s", "prefill_tokens_per_s", "hit_rate", "misses_per_token",
+              "bytes_per_token", "bits_per_byte", "substituted_per_token", "device_expert_bytes"}  # fmt: skip
+    runs = {(r["name"], r["budget"]): r for r in model["runs"]}
+    assert all(fields <= set(r) for r in model["runs"])
+    assert {name for name, _ in runs} >= {"resident", "lru", "auto", "lookahead+buddy", "auto+mixed"}
     resident, lru = runs[("resident", 1.0)], runs[("lru", 0.25)]
-    # lossless configs decode the same text to the same bits per byte; without prefetch every copy is a miss
-    for name in ("patched-1.0", "naive", "lru", "lookahead"):
+    for name in ("patched-1.0", "lru", "auto"):  # lossless configs decode the text to the same bits per byte
         r = next(r for (n, _), r in runs.items() if n == name)
         assert r["bits_per_byte"] == pytest.approx(resident["bits_per_byte"], abs=1e-6)
-    assert lru["bytes_per_token"] == pytest.approx(lru["misses_per_token"] * result["expert_bytes"])
-    assert all(r["peak_device_bytes"] <= r["budget"] * 64 * result["expert_bytes"] + 1 for r in result["runs"])
-    for png in ("offload-speed-vs-budget.png", "offload-bits-vs-speed.png"):
+        assert r["substituted_per_token"] == 0
+    assert runs[("lookahead+buddy", 0.25)]["substituted_per_token"] > 0  # lossy: some pairs served by a buddy
+    assert lru["bytes_per_token"] == pytest.approx(lru["misses_per_token"] * model["expert_bytes"])  # no prefetch
+    total = model["layers"] * model["experts"] * model["expert_bytes"]
+    assert all(r["device_expert_bytes"] <= r["budget"] * total + 1 for r in model["runs"])
+    quality = model["standin_quality"]
+    assert {"resident", "quant2", "quant4", "quant8", "buddy"} <= set(quality)
+    assert any(k.startswith("lowrank") for k in quality)
+    assert quality["quant8"]["bits_per_byte"] < quality["quant2"]["bits_per_byte"]  # more bits, closer to exact
+    for png in ("offload-custom-speed-vs-budget.png", "offload-custom-bits-vs-speed.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 
 
@@ -67,6 +73,11 @@ def test_fairness_bench_trains_exports_and_compares_equinox(tmp_path):
             m = rows[policy]["metrics"]
             assert m["decision_us"] > 0 and m["finished"] > 0
             assert 0 < m["compute_utilization"] <= m["utilization"] <= 1.0 + 1e-9
+    paper = saved["vtc_paper"]["workloads"]["overload"]  # the VTC paper's workload, beside the artifact's runs
+    assert {"fcfs", "lcf", "vtc", "vtc-pred", "equinox"} <= set(paper)
+    assert paper["vtc"]["paper"]["throughput_in_out_tok_s"] > 0 and paper["equinox"]["paper"] is None
+    assert paper["vtc"]["sim"]["acc_service_diff"] < paper["fcfs"]["sim"]["acc_service_diff"]
+    assert 0 < paper["vtc"]["ratio_to_2U"] <= 1 < paper["fcfs"]["ratio_to_2U"]
 
 
 def test_fairness_cli_refuses_a_missing_mope_file(tmp_path):
