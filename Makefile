@@ -32,12 +32,12 @@ bench: install
 
 bench-full: install
 	$(PY) -m offload_moe.bench --mode full
-	$(PY) -m fairness.bench
+	$(PY) -m fairness.bench --mode full
 	$(PY) -m fairness.served_bench
 
 bench-quick: install
 	$(PY) -m offload_moe.bench --mode quick
-	$(PY) -m fairness.bench --quick
+	$(PY) -m fairness.bench --mode quick
 	$(PY) -m fairness.served_bench --quick
 
 # On a CUDA machine: the CUDA tests, then a real-link benchmark (bench-results/gpu-check.json); elsewhere it says so.

@@ -3,8 +3,8 @@
 The artifact (github.com/Ying1123/VTC-artifact, Apache-2.0) ships every run behind the paper's figures as
 `fair_bench/<SCHEDULER>/all_results_<workload>.jsonl`: one record per request measured on the authors' A10G. This
 script turns them into `RequestRecord`s and applies `fairness.records.paper_metrics`, so the simulator's numbers
-(`python -m fairness.bench --vtc-paper`) are compared with the paper's own runs by one definition. It writes
-fairness/traces/vtc_artifact_metrics.json (numbers only; the records stay in the artifact).
+(`fairness.vtc_paper`, run by `python -m fairness.bench --mode full`) are compared with the paper's own runs by one
+definition. It writes fairness/traces/vtc_artifact_metrics.json (numbers only; the records stay in the artifact).
 
     git clone https://github.com/Ying1123/VTC-artifact /tmp/VTC-artifact
     python examples/vtc_artifact_metrics.py /tmp/VTC-artifact

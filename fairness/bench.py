@@ -5,7 +5,8 @@
    each source, report L1 errors on the rest; export them to ONNX.
 2. Every policy, Equinox served by the seed-0 MoPE's ONNX model, on data it never saw: the synthetic workloads with
    seed 0 and the second half of each real trace.
-3. The VTC paper's workloads on its S-LoRA engine preset, every policy beside the paper's own runs (`vtc_paper`).
+3. The VTC paper's workloads on its S-LoRA engine preset, every policy beside the paper's own runs (`vtc_paper`):
+   two of them by default, all twelve with --mode full.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .workloads import bundled_trace
 
 SUITE = ["overload", "proportional", "on-off", "poisson-short-long", "increasing", "distribution-shift"]
 BASELINES = ["fcfs", "rpm", "vtc", "vtc-pred"]
+PAPER_QUICK = ["overload", "poisson_short_long"]  # the VTC paper's workloads run by --quick and by default
 SEEDS = (0, 1, 2)  # MoPE and the single regressor are each trained with these seeds; the scheduler uses the first
 
 
@@ -50,36 +52,38 @@ def halves(requests: list[Request]) -> tuple[list[Request], list[Request]]:
     return [r for r in reqs if r.arrival_s < cut], second
 
 
-def _traces(quick: bool) -> list[tuple[str, list[Request], str]]:
+def _traces(with_azure: bool) -> list[tuple[str, list[Request], str]]:
     """(name, requests, engine preset) of each real trace: ~5 requests/s of ~1k-token Azure prompts would leave an
     A10G-class engine hours behind, so Azure runs on the A100 preset."""
     out = [("lmsys-arena", load_jsonl(bundled_trace("lmsys-arena-vtc.jsonl")), "a10g-llama2-7b")]
-    if not quick:
+    if with_azure:
         out.append(("azure-conv", load_azure_csv(bundled_trace("azure-llm-2023-conv.csv")), "a100-llama2-7b"))
     return out
 
 
-def train_predictors(out: Path, quick: bool = False) -> dict:
+def train_predictors(out: Path, mode: str = "default") -> dict:
     """Part 1: logs, training, held-out L1 errors, ONNX export. Returns the report (paths included)."""
+    quick = mode == "quick"
+    seeds = SEEDS if mode == "full" else SEEDS[:1]
     duration, steps = (120, 60) if quick else (600, 400)
     t0 = time.perf_counter()
     parts = []
     for w in (SUITE[:2] if quick else SUITE) + ["sharegpt-like"]:
         parts.append(mope.collect(make_workload(w, duration, seed=1), EngineModel.preset("a10g-llama2-7b"),
                                   source=w, until_s=duration))  # fmt: skip
-    for name, reqs, preset in _traces(quick):
+    for name, reqs, preset in _traces(mode == "full"):
         parts.append(mope.collect(halves(reqs)[0], EngineModel.preset(preset), source=name))
     data = mope.Dataset.concat(parts)
     train, test = data.split(0.7)
     collect_s = time.perf_counter() - t0
-    report: dict = {"rows_train": len(train), "rows_test": len(test), "collect_s": collect_s, "seeds": list(SEEDS),
+    report: dict = {"rows_train": len(train), "rows_test": len(test), "collect_s": collect_s, "seeds": list(seeds),
                     "models": {}}  # fmt: skip
     constant = np.median(train.y[:, 0])
     report["models"]["median (constant)"] = {"l1": {"output_tokens": float(np.abs(test.y[:, 0] - constant).mean())}}
     report["models"]["client history mean"] = {"l1": mope.l1_errors(HistoryPredictor(), test)}
     for label, experts in (("single regressor", 1), ("MoPE, 3 experts", 3)):
         runs = []
-        for seed in SEEDS:  # training noise is of the order of the difference between the two: report the spread
+        for seed in seeds:  # training noise is of the order of the difference between the two: report the spread
             t0 = time.perf_counter()
             model = mope.train(train, experts=experts, steps=steps, seed=seed)
             train_s = time.perf_counter() - t0
@@ -112,21 +116,26 @@ def _print_predictors(report: dict) -> None:
         )
 
 
-def run_fairness_bench(out: Path, quick: bool = False) -> dict:
+def run_fairness_bench(out: Path, mode: str = "default") -> dict:
+    """mode "quick": two synthetic workloads and the LMSYS trace, 120 s each; "default": every synthetic workload and
+    the LMSYS trace for 600 s, one training seed, two of the VTC paper's workloads; "full": also the Azure trace,
+    three training seeds, Equinox's ablations and the VTC paper's whole suite."""
     out.mkdir(parents=True, exist_ok=True)
-    predictors = train_predictors(out, quick)
+    quick, full = mode == "quick", mode == "full"
+    predictors = train_predictors(out, mode)
     _print_predictors(predictors)
     onnx_path = predictors["models"]["MoPE, 3 experts"]["onnx"]
-    policies = BASELINES + [
-        ("equinox", lambda: Equinox(predictor=onnx_path)),
-        ("equinox-static", lambda: Equinox(predictor=onnx_path, adaptive=False)),  # ablation: no adaptive batching
-        ("equinox-tokens", lambda: Equinox(predictor=onnx_path, alpha=1.0, gamma=0.0)),  # ablation: UFC = tokens only
-    ]
+    policies = BASELINES + [("equinox", lambda: Equinox(predictor=onnx_path))]
+    if mode != "default":  # Equinox's ablations: cheap at quick's 120 s, left to full otherwise
+        policies += [
+            ("equinox-static", lambda: Equinox(predictor=onnx_path, adaptive=False)),  # ablation: no adaptive batching
+            ("equinox-tokens", lambda: Equinox(predictor=onnx_path, alpha=1.0, gamma=0.0)),  # ablation: tokens only
+        ]
     duration = 120 if quick else 600
     cases = [(w, make_workload(w, duration), duration, "a10g-llama2-7b")
              for w in (SUITE[:2] if quick else SUITE) + ["sharegpt-like"]]  # fmt: skip
-    cases += [(f"{name} (2nd half)", halves(reqs)[1], None, preset) for name, reqs, preset in _traces(quick)]
-    summary: dict = {"simulated": True, "predictors": predictors, "workloads": {}}
+    cases += [(f"{name} (2nd half)", halves(reqs)[1], None, preset) for name, reqs, preset in _traces(full)]
+    summary: dict = {"simulated": True, "mode": mode, "predictors": predictors, "workloads": {}}
     for name, requests, until, preset in cases:
         rows = run(requests, policies, EngineModel.preset(preset), until)
         print(f"\nfairness: {name}, {len(requests)} requests, {len({r.client for r in requests})} clients "
@@ -136,7 +145,7 @@ def run_fairness_bench(out: Path, quick: bool = False) -> dict:
         summary["workloads"][name] = {"engine": preset, **{p: {"metrics": res.metrics, "sim_wall_s": s}
                                                            for p, res, s in rows}}  # fmt: skip
     paper = ["fcfs", "rpm", "lcf", "vtc", "vtc-pred", ("equinox", lambda: Equinox(predictor=onnx_path))]
-    summary["vtc_paper"] = run_paper_suite(paper, ["overload", "poisson_short_long"] if quick else None)
+    summary["vtc_paper"] = run_paper_suite(paper, None if full else PAPER_QUICK)
     summary["simulator_speed"] = simulator_speed()
     print(f"\nsimulator speed: {summary['simulator_speed']}")
     (out / "fairness.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -148,10 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="The fairness part of make bench (simulated engine).")
-    ap.add_argument("--quick", action="store_true", help="two synthetic workloads and the LMSYS trace, 120 s each")
+    ap.add_argument("--mode", choices=["quick", "default", "full"], default="default", help="see run_fairness_bench")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
-    run_fairness_bench(args.out, quick=args.quick)
+    run_fairness_bench(args.out, args.mode)
 
 
 if __name__ == "__main__":

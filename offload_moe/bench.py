@@ -2,7 +2,7 @@
 (Mixtral-shaped and fine-grained) with their experts offloaded, side by side with the fully resident model, under one
 (emulated, on CPU) host-to-device link and host; plus each stand-in kind's own quality.
 
-    python -m offload_moe.bench [--mode quick|default|full] [--models mixtral,fine] [--out bench-results]
+    python -m offload_moe.bench [--mode quick|default|full|cw-sweep] [--models mixtral,fine] [--out bench-results]
 """
 
 from __future__ import annotations
@@ -48,13 +48,25 @@ LOOKAHEAD = {"fallback": "fetch", "prefetch": "lookahead"}
 AUTO = {"fallback": "auto", "prefetch": None}
 
 
-def configs(mode: str, model: str, naive_budget: float) -> list[Config]:
-    """The configurations of a mode for one model, in table order."""
+SHORT = {"resident", "patched-1.0", "lru", "auto", "lookahead+buddy", "auto+lowbit4", "auto+mixed", "auto+mixed-fast"}
+LEAN = {"resident", "patched-1.0", "lru", "host", "auto", "auto+quant2", "auto+lowbit4", "auto+mixed",
+        "auto+mixed-fast"}  # fmt: skip
+
+
+def configs(mode: str, model: str) -> list[Config]:
+    """The configurations of a mode for one model, in table order: "full" runs every configuration at budgets 1/4
+    and 1/2 on the Mixtral-shaped model; "default" the LEAN list at 1/4 (the slow lossless and lookahead rows are
+    left to full); the fine-grained model and "quick" the SHORT list at 1/4; "cw-sweep" the critical_weight sweep of
+    the quantised stand-ins at 1/4."""
+    if mode == "cw-sweep":
+        out = [Config("resident", None), Config("auto", 0.25, AUTO)]
+        for cw in (0.5, 0.7, 0.9, 1.01):
+            out += [Config(f"auto+quant2 cw{cw}", 0.25, {**AUTO, "standin": "quant", "bits": 2, "critical_weight": cw}),
+                    Config(f"auto+mixed cw{cw}", 0.25, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
+                                                        "critical_weight": cw})]  # fmt: skip
+        return out
     out = [Config("resident", None), Config("patched-1.0", 1.0)]
-    if mode == "full":
-        out.append(Config("naive", naive_budget, LRU))
-    budgets = {"quick": (0.25,), "default": (0.25, 0.5), "full": (0.125, 0.25, 0.5)}[mode]
-    for b in budgets:
+    for b in (0.25, 0.5) if mode == "full" else (0.25,):
         out += [Config("lru", b, LRU), Config("lookahead", b, LOOKAHEAD)]
         out += [Config("host", b, {"fallback": "host", "prefetch": None}), Config("auto", b, AUTO)]
         out += [Config(f"lookahead+{s}", b, {**LOOKAHEAD, "standin": s}) for s in ("drop", "buddy", "lowrank")]
@@ -64,16 +76,10 @@ def configs(mode: str, model: str, naive_budget: float) -> list[Config]:
         out += [Config("auto+mixed", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.15})]
         out += [Config("auto+mixed-fast", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
                                               "critical_weight": 0.9})]  # fmt: skip
-        if mode == "full":
-            out += [Config("layer-aware", b, {**LRU, "eviction": "layer"})]
-            out += [Config("auto+lookahead", b, {**AUTO, "prefetch": "lookahead"})]
-            out += [Config(f"auto+mixed cw{cw}", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
-                                                     "critical_weight": cw}) for cw in (0.5, 0.7, 1.01)]  # fmt: skip
-    if mode == "quick" or (mode == "default" and model == "fine"):  # the shortest list that answers the question
-        keep = {"resident", "patched-1.0", "lru", "auto", "lookahead+buddy", "auto+lowbit4", "auto+mixed",
-                "auto+mixed-fast"}  # fmt: skip
-        out = [c for c in out if c.name in keep and (c.budget in (None, 1.0, 0.25))]
-    return out
+    if mode == "full" and model != "fine":
+        return out
+    keep = LEAN if mode == "default" and model != "fine" else SHORT
+    return [c for c in out if c.name in keep and c.budget in (None, 1.0, 0.25)]
 
 
 @torch.no_grad()
@@ -127,9 +133,8 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
         gbps, layer_s = calibrate_link(model, tokenizer, eval_text[: len(eval_text) // 4], expert_bytes)
         link = EmulatedLink(gbps=args.link_gbps or gbps)
         host = emulated_host(link, expert_bytes, expert_params)
-    naive_budget = max(b.top_k for b in blocks) / n_experts
     runs = []
-    for cfg in tqdm(configs(args.mode, name, naive_budget), desc=f"offload configs ({name})", unit="cfg"):
+    for cfg in tqdm(configs(args.mode, name), desc=f"offload configs ({name})", unit="cfg"):
         runs.append(run_config(model, tokenizer, cfg, device, link, host, calibration, prompts, eval_text, all_bytes))
     return {
         "model": name, "path": str(path), "dtype": str(DTYPE).removeprefix("torch."), "device": str(device),
@@ -177,20 +182,30 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=["quick", "default", "full"], default="default", help="how much to measure")
-    ap.add_argument("--models", default="mixtral,fine", help=f"comma-separated, from {sorted(MODELS)}")
+    ap.add_argument(
+        "--mode",
+        choices=["quick", "default", "full", "cw-sweep"],
+        default="default",
+        help="how much to measure (see configs())",
+    )
+    ap.add_argument("--models", help=f"comma-separated, from {sorted(MODELS)} (default: mixtral; both with full)")
     ap.add_argument("--model", type=Path, default=None, help="one model directory instead of the reference models")
     ap.add_argument("--device", default=None)
     ap.add_argument("--link-gbps", type=float, default=None, help="emulated link speed (default: calibrated)")
     ap.add_argument("--prompts", type=int, default=None, help="prefill prompts (default: the mode's)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--eval-bytes", type=int, default=None, help="held-out text decoded per config (mode's)")
-    ap.add_argument("--quality-bytes", type=int, default=16_000, help="held-out text of the stand-in quality table")
+    ap.add_argument("--quality-bytes", type=int, default=None, help="held-out text of the stand-in quality table")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
-    args.prompts = args.prompts or {"quick": 1, "default": 2, "full": 4}[args.mode]
-    args.eval_bytes = args.eval_bytes or {"quick": 500, "default": 700, "full": 1200}[args.mode]
-    chosen = {"custom": args.model} if args.model else {m: MODELS[m] for m in args.models.split(",") if m}
+    args.prompts = args.prompts or {"quick": 1, "default": 2, "full": 2, "cw-sweep": 1}[args.mode]
+    args.quality_bytes = args.quality_bytes or {"quick": 4000, "default": 8000}.get(args.mode, 16_000)
+    args.eval_bytes = args.eval_bytes or {"quick": 500, "default": 500, "full": 700, "cw-sweep": 700}[args.mode]
+    names = args.models or ("mixtral,fine" if args.mode in ("full", "cw-sweep") else "mixtral")
+    unknown = [m for m in names.split(",") if m and m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; choose from {sorted(MODELS)}, or pass --model DIR")
+    chosen = {"custom": args.model} if args.model else {m: MODELS[m] for m in names.split(",") if m}
     try:
         for path in chosen.values():
             model_dir(path)

@@ -36,8 +36,8 @@ def _speed_vs_budget(m: dict, out: Path) -> Path:
     for i, name in enumerate(series):
         pts = sorted((r["budget"], r["decode_tokens_per_s"] / resident["decode_tokens_per_s"])
                      for r in runs if r["name"] == name)  # fmt: skip
-        ax.plot(*zip(*pts, strict=True), "o-" if len(pts) > 1 else "o", label=name, color=f"C{i % 10}",
-                ls="-" if i < 10 else "--")  # fmt: skip
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name, color=plt.get_cmap("tab20")(i % 20),
+                ls=("-" if i < 10 else "--") if len(pts) > 1 else "none")  # fmt: skip
     ax.axhline(1.0, color="k", ls="--", label="resident (every expert on the device)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("expert budget (fraction of the experts' bf16 bytes)")
@@ -62,7 +62,7 @@ def _bits_vs_speed(m: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for x, y, r in pts:
         i = names.index(r["name"])
-        ax.scatter(x, y, marker=markers.get(r["budget"], "x"), color=f"C{i % 10}",
+        ax.scatter(x, y, marker=markers.get(r["budget"], "x"), color=plt.get_cmap("tab20")(i % 20),
                    label=r["name"] if r["budget"] == 0.25 else None)  # fmt: skip
     frontier, best = [], float("inf")  # the fastest configuration for each accuracy: no other is faster and better
     for x, y, _ in sorted(pts, key=lambda p: -p[0]):

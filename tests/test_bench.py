@@ -59,7 +59,7 @@ def test_fairness_cli_rejects_unknown_policy(tmp_path):
 def test_fairness_bench_trains_exports_and_compares_equinox(tmp_path):
     from fairness.bench import run_fairness_bench
 
-    summary = run_fairness_bench(tmp_path, quick=True)
+    summary = run_fairness_bench(tmp_path, "quick")
     saved = json.loads((tmp_path / "fairness.json").read_text())
     assert saved["simulated"] is True
     models = saved["predictors"]["models"]
