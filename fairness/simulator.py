@@ -10,7 +10,6 @@ per-step estimate: NVML is never read in a simulation.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import numpy as np
 from .engine import EngineModel
 from .metrics import FairnessTracker, percentile
 from .policy import SchedulingPolicy, make_policy
+from .policy_clock import PolicyClock
 from .records import RequestRecord, paper_metrics
 from .request import Request, RequestInfo
 from .telemetry import Telemetry
@@ -71,36 +71,6 @@ class SimResult:
     records: list[RequestRecord] = field(default_factory=list)  # every request, as it was served
 
 
-class _PolicyClock:
-    """Calls the policy and adds up the time each hook takes (the scheduler's own overhead)."""
-
-    def __init__(self, policy: SchedulingPolicy):
-        self.policy = policy
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-
-    def __call__(self, hook: str, *args: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return getattr(self.policy, hook)(*args)
-        finally:
-            self.seconds[hook] += time.perf_counter() - t0
-            self.calls[hook] += 1
-
-    def overhead_us(self) -> dict[str, float]:
-        """Mean microseconds per scheduling decision (a next_request call, admitted or not), per arrival (add_request,
-        which includes any prediction) and per engine step (on_step + batch_limits)."""
-
-        def per(names: tuple[str, ...], count: str) -> float:
-            return 1e6 * sum(self.seconds[n] for n in names) / max(self.calls[count], 1)
-
-        return {
-            "decision_us": per(("next_request",), "next_request"),
-            "arrival_us": per(("add_request",), "add_request"),
-            "step_us": per(("on_step", "batch_limits"), "on_step"),
-        }
-
-
 class Simulator:
     """One run of `requests` through `engine` under `policy`: arrive, preempt, schedule, step, finish, repeat."""
 
@@ -133,7 +103,7 @@ class Simulator:
         self.clients = sorted({r.client for r in reqs})
         self.tracker = FairnessTracker(self.clients, sample_every_s, window_s)
         self.telemetry = Telemetry(nvml=False)
-        self.clock = _PolicyClock(self.policy)
+        self.clock = PolicyClock(self.policy)
         self.waiting = dict.fromkeys(self.clients, 0)  # arrived, not running (queued at the policy or preempted)
         self.running: list[_Seq] = []
         self.t = self.start = reqs[0].arrival_s
