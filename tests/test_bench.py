@@ -65,7 +65,8 @@ def test_fairness_bench_trains_exports_and_compares_equinox(tmp_path):
     models = saved["predictors"]["models"]
     for label in ("single regressor", "MoPE, 3 experts"):
         assert models[label]["onnx_max_abs_diff"] <= 1e-5
-        assert len(models[label]["runs"]) == 3 and all(Path(r["onnx"]).exists() for r in models[label]["runs"])
+        runs = models[label]["runs"]
+        assert len(runs) == len(saved["predictors"]["seeds"]) and all(Path(r["onnx"]).exists() for r in runs)
     assert saved["predictors"]["rows_train"] > 0 and saved["predictors"]["rows_test"] > 0
     for name, rows in summary["workloads"].items():
         assert {"vtc", "equinox", "equinox-static"} <= set(rows), name
@@ -85,3 +86,13 @@ def test_fairness_cli_refuses_a_missing_mope_file(tmp_path):
 
     with pytest.raises(SystemExit, match="no such file"):
         main(["--policies", "equinox", "--mope", str(tmp_path / "missing.onnx"), "--out", str(tmp_path)])
+
+
+def test_fairness_cli_runs_a_vtc_paper_workload_on_the_slora_preset(tmp_path, capsys):
+    from fairness.cli import main
+
+    main(["--vtc-paper", "increase", "--policies", "fcfs,lcf", "--until", "60", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "vtc-paper-increase: 960 requests, 2 clients, engine a10g-llama2-7b-slora" in out
+    summary = json.loads((tmp_path / "fairness-vtc-paper-increase.json").read_text())
+    assert summary["lcf"]["metrics"]["preemptions"] == 0  # the S-LoRA engine never preempts

@@ -87,10 +87,10 @@ def test_standins_are_never_used_for_ready_experts(monkeypatch):
         planned["missing"] = call.missing
         return real_plan(call)
 
-    def apply_spy(layer, expert, x, w):
+    def apply_spy(layer, expert, x, w, fetch=None):
         calls.append((layer, expert))
         assert expert in planned["missing"], "stand-in used for an expert that was ready on the device"
-        return real_apply(layer, expert, x, w)
+        return real_apply(layer, expert, x, w, fetch)
 
     monkeypatch.setattr(fallback, "plan", plan_spy)
     monkeypatch.setattr(bank, "apply", apply_spy)

@@ -25,10 +25,7 @@ def _fingerprint(requests: list[Request]) -> dict[str, list[int]]:
 def test_workloads_are_the_requests_of_the_papers_runs(name):
     """Per client: the number of requests and their input and output tokens equal those the artifact's published
     runs of the workload served (adapter i = client-i, or model-i in the real trace)."""
-    spec = SUITE.get(name)
-    runs = [r for (w, _), r in artifact_reference().items() if w == name and r["finished"] == r["requests"]
-            and (spec is None or (r["config"]["duration"], tuple(r["config"]["req_rate"])) == (spec.duration,
-                                                                                           spec.rates))]  # fmt: skip
+    runs = [r for (w, _), r in artifact_reference().items() if w == name and r["finished"] == r["requests"]]
     assert runs, f"the artifact publishes no complete run of {name} as the paper configures it"
     ours = _fingerprint(workload(name))
     for run in runs:
