@@ -183,16 +183,20 @@ class Simulator:
             s = self.seqs[cand.id]
             if self.kv_used + s.prompt + 1 > self.engine.kv_tokens:
                 break
-            self.clock("on_admit", s.info, self.t)
-            self._emit("on_admit", s.info, self.t)
-            self.waiting[s.info.client] -= 1
-            self.running.append(s)
-            s.kv = s.prompt
-            self.kv_used += s.prompt
+            self.admit(s)
             n = min(s.prompt, budget)
             chunks.append((s, n))
             budget -= n
         return chunks
+
+    def admit(self, s: _Seq) -> None:
+        """The policy admits `s`: it joins the running batch with the KV of its prompt (to prefill)."""
+        self.clock("on_admit", s.info, self.t)
+        self._emit("on_admit", s.info, self.t)
+        self.waiting[s.info.client] -= 1
+        self.running.append(s)
+        s.kv = s.prompt
+        self.kv_used += s.prompt
 
     def idle(self) -> bool:
         """Nothing to run: jump to the next arrival (or let a rate limit expire). False when all is done."""
@@ -340,12 +344,7 @@ class SloraSimulator(Simulator):
             s = self.seqs[cand.id]
             if tokens + s.prompt > self.engine.max_step_tokens or not self._fits(s):
                 break
-            self.clock("on_admit", s.info, self.t)
-            self._emit("on_admit", s.info, self.t)
-            self.waiting[s.info.client] -= 1
-            self.running.append(s)
-            s.kv = s.prompt
-            self.kv_used += s.prompt
+            self.admit(s)
             chunks.append((s, s.prompt))
             tokens += s.prompt
         return chunks
