@@ -33,12 +33,12 @@ bench: install
 bench-full: install
 	$(PY) -m offload_moe.bench --mode full
 	$(PY) -m fairness.bench --mode full
-	$(PY) -m fairness.served_bench
+	$(PY) -m fairness.served_bench --mode full
 
 bench-quick: install
 	$(PY) -m offload_moe.bench --mode quick
 	$(PY) -m fairness.bench --mode quick
-	$(PY) -m fairness.served_bench --quick
+	$(PY) -m fairness.served_bench --mode quick
 
 # On a CUDA machine: the CUDA tests, then a real-link benchmark (bench-results/gpu-check.json); elsewhere it says so.
 gpu-check: install

@@ -6,7 +6,7 @@
 2. Every policy, Equinox served by the seed-0 MoPE's ONNX model, on data it never saw: the synthetic workloads with
    seed 0 and the second half of each real trace.
 3. The VTC paper's workloads on its S-LoRA engine preset, every policy beside the paper's own runs (`vtc_paper`):
-   two of them by default, all twelve with --mode full.
+   `overload` by default, all twelve with --mode full.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from .workloads import bundled_trace
 
 SUITE = ["overload", "proportional", "on-off", "poisson-short-long", "increasing", "distribution-shift"]
 BASELINES = ["fcfs", "rpm", "vtc", "vtc-pred"]
-PAPER_QUICK = ["overload", "poisson_short_long"]  # the VTC paper's workloads run by --quick and by default
 SEEDS = (0, 1, 2)  # MoPE and the single regressor are each trained with these seeds; the scheduler uses the first
 
 
@@ -118,7 +117,7 @@ def _print_predictors(report: dict) -> None:
 
 def run_fairness_bench(out: Path, mode: str = "default") -> dict:
     """mode "quick": two synthetic workloads and the LMSYS trace, 120 s each; "default": every synthetic workload and
-    the LMSYS trace for 600 s, one training seed, two of the VTC paper's workloads; "full": also the Azure trace,
+    the LMSYS trace for 600 s, one training seed, the VTC paper's `overload`; "full": also the Azure trace,
     three training seeds, Equinox's ablations and the VTC paper's whole suite."""
     out.mkdir(parents=True, exist_ok=True)
     quick, full = mode == "quick", mode == "full"
@@ -145,7 +144,7 @@ def run_fairness_bench(out: Path, mode: str = "default") -> dict:
         summary["workloads"][name] = {"engine": preset, **{p: {"metrics": res.metrics, "sim_wall_s": s}
                                                            for p, res, s in rows}}  # fmt: skip
     paper = ["fcfs", "rpm", "lcf", "vtc", "vtc-pred", ("equinox", lambda: Equinox(predictor=onnx_path))]
-    summary["vtc_paper"] = run_paper_suite(paper, None if full else PAPER_QUICK)
+    summary["vtc_paper"] = run_paper_suite(paper, None if full else ["overload"])
     summary["simulator_speed"] = simulator_speed()
     print(f"\nsimulator speed: {summary['simulator_speed']}")
     (out / "fairness.json").write_text(json.dumps(summary, indent=1, default=float))

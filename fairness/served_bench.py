@@ -67,13 +67,16 @@ def serve_once(model_dir: Path, policy: str, requests: list[Request], stop_at: f
     return records, model, steps
 
 
-def run_served_bench(out: Path, model_dir: Path, quick: bool = False) -> dict:
-    """Measure, serve, simulate, compare; writes served.json and plots into `out`."""
+def run_served_bench(out: Path, model_dir: Path, mode: str = "default") -> dict:
+    """Measure, serve, simulate, compare; writes served.json and plots into `out`. mode "quick": unpatched, FCFS and
+    VTC, 6 s windows; "default": the offloaded model (budget 1/2), FCFS, VTC and Equinox, 24 s; "full": both."""
+    quick = mode == "quick"
     from .plots import plot_runs
 
     out.mkdir(parents=True, exist_ok=True)
     duration, load, max_running = (6.0, 1.6, 4) if quick else (24.0, 1.8, 6)
-    configs = {"unpatched": None} if quick else {"unpatched": None, "offloaded-0.5": {"offload_budget": 0.5}}
+    configs = {"unpatched": None, "offloaded-0.5": {"offload_budget": 0.5}}
+    configs = {k: v for k, v in configs.items() if mode == "full" or (k == "unpatched") == quick}
     policies = POLICIES[:2] if quick else POLICIES
     summary: dict = {"served": True, "device": "cpu", "window_s": duration, "load": load, "shares": SHARES,
                      "prompt_tokens": PROMPT, "output_tokens": OUTPUT, "configs": {}}  # fmt: skip
@@ -127,12 +130,12 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description="The served (real engine) part of make bench.")
     ap.add_argument("--model", type=Path, default=Path("examples/reference-moe"))
-    ap.add_argument("--quick", action="store_true", help="6 s windows, FCFS and VTC, unpatched only")
+    ap.add_argument("--mode", choices=["quick", "default", "full"], default="default", help="see run_served_bench")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model} is not a model directory; run from the repository root or pass --model")
-    run_served_bench(args.out, args.model, quick=args.quick)
+    run_served_bench(args.out, args.model, args.mode)
 
 
 if __name__ == "__main__":

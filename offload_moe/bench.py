@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
     args.prompts = args.prompts or {"quick": 1, "default": 2, "full": 2, "cw-sweep": 1}[args.mode]
-    args.quality_bytes = args.quality_bytes or {"quick": 4000, "default": 8000}.get(args.mode, 16_000)
+    args.quality_bytes = args.quality_bytes or {"quick": 4000, "default": 4000}.get(args.mode, 16_000)
     args.eval_bytes = args.eval_bytes or {"quick": 500, "default": 500, "full": 700, "cw-sweep": 700}[args.mode]
     names = args.models or ("mixtral,fine" if args.mode in ("full", "cw-sweep") else "mixtral")
     unknown = [m for m in names.split(",") if m and m not in MODELS]
