@@ -28,6 +28,7 @@ from .workloads import bundled_trace
 
 SUITE = ["overload", "proportional", "on-off", "poisson-short-long", "increasing", "distribution-shift"]
 BASELINES = ["fcfs", "rpm", "vtc", "vtc-pred"]
+MODES = ("quick", "default", "full")
 SEEDS = (0, 1, 2)  # MoPE and the single regressor are each trained with these seeds; the scheduler uses the first
 
 
@@ -119,6 +120,8 @@ def run_fairness_bench(out: Path, mode: str = "default") -> dict:
     """mode "quick": two synthetic workloads and the LMSYS trace, 120 s each; "default": every synthetic workload and
     the LMSYS trace for 600 s, one training seed, the VTC paper's `overload`; "full": also the Azure trace,
     three training seeds, Equinox's ablations and the VTC paper's whole suite."""
+    if mode not in MODES:
+        raise ValueError(f"unknown fairness bench mode {mode!r}; choose one of {list(MODES)}")
     out.mkdir(parents=True, exist_ok=True)
     quick, full = mode == "quick", mode == "full"
     predictors = train_predictors(out, mode)
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="The fairness part of make bench (simulated engine).")
-    ap.add_argument("--mode", choices=["quick", "default", "full"], default="default", help="see run_fairness_bench")
+    ap.add_argument("--mode", choices=MODES, default="default", help="see run_fairness_bench")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
     run_fairness_bench(args.out, args.mode)

@@ -70,6 +70,8 @@ def serve_once(model_dir: Path, policy: str, requests: list[Request], stop_at: f
 def run_served_bench(out: Path, model_dir: Path, mode: str = "default") -> dict:
     """Measure, serve, simulate, compare; writes served.json and plots into `out`. mode "quick": unpatched, FCFS and
     VTC, 6 s windows; "default": the offloaded model (budget 1/2), FCFS, VTC and Equinox, 24 s; "full": both."""
+    if mode not in ("quick", "default", "full"):
+        raise ValueError(f"unknown served bench mode {mode!r}; choose quick, default or full")
     quick = mode == "quick"
     from .plots import plot_runs
 

@@ -96,3 +96,13 @@ def test_fairness_cli_runs_a_vtc_paper_workload_on_the_slora_preset(tmp_path, ca
     assert "vtc-paper-increase: 960 requests, 2 clients, engine a10g-llama2-7b-slora" in out
     summary = json.loads((tmp_path / "fairness-vtc-paper-increase.json").read_text())
     assert summary["lcf"]["metrics"]["preemptions"] == 0  # the S-LoRA engine never preempts
+
+
+def test_unknown_bench_modes_are_refused(tmp_path):
+    from fairness.bench import run_fairness_bench
+    from fairness.served_bench import run_served_bench
+
+    with pytest.raises(ValueError, match="unknown fairness bench mode 'fulll'"):
+        run_fairness_bench(tmp_path, "fulll")
+    with pytest.raises(ValueError, match="unknown served bench mode 'fast'"):
+        run_served_bench(tmp_path, tmp_path, "fast")
