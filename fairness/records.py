@@ -16,7 +16,7 @@ import numpy as np
 
 from .metrics import FairnessTracker, percentile
 
-W_P, W_Q = 1.0, 2.0
+W_P, W_Q = 1.0, 2.0  # VTC's service weights of an input and an output token: how every measure counts service
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,8 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from .cb_scheduler import Client, ClientDirectory, register_scheduler
 from .policy import SchedulingPolicy
+from .records import W_P, W_Q
 from .telemetry import Telemetry
-
-W_P, W_Q = 1.0, 2.0  # service weights of an input and an output token (VTC's measure)
 
 
 @dataclass

@@ -21,11 +21,9 @@ from .engine import EngineModel
 from .metrics import FairnessTracker, percentile
 from .policy import SchedulingPolicy, make_policy
 from .policy_clock import PolicyClock
-from .records import RequestRecord, paper_metrics
+from .records import W_P, W_Q, RequestRecord, paper_metrics
 from .request import Request, RequestInfo
 from .telemetry import Telemetry
-
-W_P, W_Q = 1.0, 2.0  # VTC's service weights of an input and an output token, used to measure service
 
 
 class SimObserver:
