@@ -9,10 +9,11 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fairness import Request
 from fairness.loadgen import replay
 from fairness.records import record_metrics
 from fairness.serve import BackgroundServer, build_engine
-from fairness.served_bench import measure_capacity, overload
+from fairness.served_bench import OUTPUT, PROMPT, measure_capacity
 from fairness.server import create_app, load_tenants
 
 MODEL = "reference-moe"
@@ -157,10 +158,13 @@ def test_shutdown_drains_what_is_in_flight(reference_dir):
 
 
 def test_vtc_keeps_a_light_client_from_starving_on_the_real_engine(reference_dir):
-    """Twice this engine's measured capacity (it varies with the machine and what else runs), one heavy client
-    sending four times each light one's share: FCFS lets the backlogged gap grow and makes the light clients wait
-    behind the heavy one; VTC keeps the gap small and the light clients' first tokens prompt."""
-    requests = overload(measure_capacity(reference_dir, None, max_running=6), load=2.0, duration_s=10.0)
+    """A heavy client at twice this engine's measured capacity (it varies with the machine and what else runs), two
+    light ones at an eighth of its rate each, well under their fair share: FCFS lets the backlogged gap grow and makes
+    the light clients wait behind the heavy one; VTC keeps the gap small and the light clients' first tokens prompt."""
+    rate = 2.0 * measure_capacity(reference_dir, None, max_running=6) / OUTPUT  # heavy requests/s
+    requests = [Request("heavy", i / rate, PROMPT, OUTPUT) for i in range(int(10 * rate))]
+    requests += [Request(c, 0.1 + k * 0.05 + 8 * i / rate, PROMPT, OUTPUT) for k, c in enumerate(("light-a", "light-b"))
+                 for i in range(int(10 * rate / 8))]  # fmt: skip
     measured = {}
     for policy in ("fcfs", "vtc"):
         engine = build_engine(reference_dir, policy, device="cpu", max_running=6)
