@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install test lint bench bench-full bench-quick gpu-check reference-model clean
+.PHONY: install test test-quick lint bench bench-full bench-quick gpu-check reference-model clean
 
 install: $(VENV)/.installed
 
@@ -18,31 +18,37 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# Every tier: unit, slow, bench and served (real servers on loopback). CI runs this.
 test: install
 	$(PY) -m pytest
+
+# The edit loop: everything but the slow, bench and served tiers (about a minute here).
+test-quick: install
+	$(PY) -m pytest -m "not slow and not bench and not served"
 
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 bench: install
-	$(PY) -m offload_moe.bench --mode default
-	$(PY) -m fairness.bench
-	$(PY) -m fairness.served_bench
+	$(PY) -m lab.offload_bench --mode default
+	$(PY) -m lab.fairness_bench
+	$(PY) -m lab.served_bench
+	$(PY) -m lab.results_doc bench-results docs/results.md
 
 bench-full: install
-	$(PY) -m offload_moe.bench --mode full
-	$(PY) -m fairness.bench --mode full
-	$(PY) -m fairness.served_bench --mode full
+	$(PY) -m lab.offload_bench --mode full
+	$(PY) -m lab.fairness_bench --mode full
+	$(PY) -m lab.served_bench --mode full
 
 bench-quick: install
-	$(PY) -m offload_moe.bench --mode quick
-	$(PY) -m fairness.bench --mode quick
-	$(PY) -m fairness.served_bench --mode quick
+	$(PY) -m lab.offload_bench --mode quick
+	$(PY) -m lab.fairness_bench --mode quick
+	$(PY) -m lab.served_bench --mode quick
 
 # On a CUDA machine: the CUDA tests, then a real-link benchmark (bench-results/gpu-check.json); elsewhere it says so.
 gpu-check: install
-	$(PY) -m offload_moe.gpu_check
+	$(PY) -m lab.gpu_check
 
 reference-model: install
 	$(PY) examples/train_reference_model.py --out examples/reference-moe

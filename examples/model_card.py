@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from hooks import RoutingRecorder  # noqa: E402
-from offload_moe.evaluate import bits_per_byte  # noqa: E402
-from offload_moe.reference import stdlib_files, stdlib_text  # noqa: E402
+from lab.evaluate import bits_per_byte  # noqa: E402
+from lab.reference import corpus_text, stdlib_files  # noqa: E402
 
 
 def router_stats(model, tokenizer, text: str, seq_len: int = 256) -> list[dict]:
@@ -89,9 +89,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(d)
     log = json.loads((d / "training_log.json").read_text())
     t0 = time.time()
-    val_text = stdlib_text("val")
+    val_text = corpus_text("val")
     bpb_full = bits_per_byte(model, tokenizer, val_text)
-    bpb_train = bits_per_byte(model, tokenizer, stdlib_text("train", max_bytes=len(val_text.encode())))
+    bpb_train = bits_per_byte(model, tokenizer, corpus_text("train", max_bytes=len(val_text.encode())))
     card = {
         "architecture": architecture(model.config),
         "vocab_size": model.config.vocab_size,
@@ -100,7 +100,7 @@ def main() -> None:
         "held_out_files": len(stdlib_files("val")),
         "held_out_bytes": len(val_text.encode()),
         "held_out_bits_per_byte": round(bpb_full, 4),
-        "held_out_64k_bits_per_byte": round(bits_per_byte(model, tokenizer, stdlib_text("val", max_bytes=64_000)), 4),
+        "held_out_64k_bits_per_byte": round(bits_per_byte(model, tokenizer, corpus_text("val", max_bytes=64_000)), 4),
         "train_sample_bits_per_byte": round(bpb_train, 4),
         "bytes_per_token": round(len(val_text.encode()) / len(tokenizer(val_text)["input_ids"]), 3),
         "routers": router_stats(model, tokenizer, val_text),

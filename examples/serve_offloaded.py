@@ -10,7 +10,7 @@ import httpx
 from openai import OpenAI
 
 from fairness.serve import BackgroundServer, build_engine
-from fairness.server import create_app
+from fairness.serving.server import create_app
 
 MODEL_DIR = "examples/reference-moe"
 

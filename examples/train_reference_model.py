@@ -31,8 +31,8 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
-from offload_moe.evaluate import bits_per_byte
-from offload_moe.reference import read_source, stdlib_files, stdlib_text
+from lab.evaluate import bits_per_byte
+from lab.reference import corpus_text, read_source, stdlib_files
 
 EOS = "<|endoftext|>"
 
@@ -131,7 +131,7 @@ def main() -> None:
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else train_tokenizer(args.vocab)
     train_ids = encode_split(tokenizer, "train")
-    val_text = stdlib_text("val", max_bytes=64_000)  # quick validation during training; the card uses more
+    val_text = corpus_text("val", max_bytes=64_000)  # quick validation during training; the card uses more
     print(f"tokenizer + encoding: {time.time() - t0:.0f}s, {train_ids.numel():,} training tokens", flush=True)
 
     model = make_model(len(tokenizer), args)

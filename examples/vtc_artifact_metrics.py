@@ -3,8 +3,8 @@
 The artifact (github.com/Ying1123/VTC-artifact, Apache-2.0) ships every run behind the paper's figures as
 `fair_bench/<SCHEDULER>/all_results_<workload>.jsonl`: one record per request measured on the authors' A10G. This
 script turns them into `RequestRecord`s and applies `fairness.records.paper_metrics`, so the simulator's numbers
-(`fairness.vtc_paper`, run by `python -m fairness.bench --mode full`) are compared with the paper's own runs by one
-definition. It writes fairness/traces/vtc_artifact_metrics.json (numbers only; the records stay in the artifact).
+(`fairness.vtc_paper`, run by `python -m lab.fairness_bench --mode full`) are compared with the paper's own runs by one
+definition. It writes lab/data/vtc_artifact_metrics.json (numbers only; the records stay in the artifact).
 
     git clone https://github.com/Ying1123/VTC-artifact /tmp/VTC-artifact
     python examples/vtc_artifact_metrics.py /tmp/VTC-artifact
@@ -17,7 +17,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from fairness.records import RequestRecord, paper_metrics
+from fairness.measure.records import RequestRecord, paper_metrics
 
 # the artifact's scheduler directories -> this project's policy names
 # (the artifact's overload-weighted runs VTC twice: "WVTC" with the clients' weights, which is what this project's
@@ -51,7 +51,7 @@ def per_client(recs: list[RequestRecord]) -> dict[str, list[int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("artifact", type=Path, help="a checkout of github.com/Ying1123/VTC-artifact")
-    ap.add_argument("--out", type=Path, default=Path("fairness/traces/vtc_artifact_metrics.json"))
+    ap.add_argument("--out", type=Path, default=Path("lab/data/vtc_artifact_metrics.json"))
     ap.add_argument("--commit", help="the artifact's commit, if the checkout is not a git work tree")
     args = ap.parse_args()
     git = subprocess.run(["git", "-C", str(args.artifact), "rev-parse", "HEAD"], capture_output=True, text=True)

@@ -2,17 +2,18 @@
 policies, MoPE predictors served with onnxruntime, NVML telemetry, a continuous-batching engine simulator, workloads
 and fairness metrics."""
 
-from . import baselines as _baselines  # noqa: F401  (registers fcfs, rpm, vtc, lcf, vtc-pred, vtc-oracle)
-from . import equinox as _equinox  # noqa: F401  (registers "equinox")
-from .engine import PRESETS, EngineModel
-from .equinox import Equinox
-from .ledger import Backlog, Ledger
-from .policy import SchedulingPolicy, make_policy, policy_names, register_policy
-from .predictor import HistoryPredictor, OnnxPredictor
-from .request import Request, RequestInfo
-from .simulator import SimObserver, SimResult, Simulator, simulate
-from .telemetry import GPUSample, Telemetry
-from .workloads import (
+import fairness.core.baselines as _baselines  # noqa: F401  (registers fcfs, rpm, vtc, lcf, vtc-pred, vtc-oracle)
+import fairness.core.equinox as _equinox  # noqa: F401  (registers "equinox")
+from fairness.core.driver import PolicyDriver, SimObserver
+from fairness.core.engine import PRESETS, EngineModel
+from fairness.core.equinox import Equinox
+from fairness.core.ledger import Backlog, Ledger
+from fairness.core.policy import SchedulingPolicy, make_policy, policy_names, register_policy, unregister_policy
+from fairness.core.predictor import HistoryPredictor, OnnxPredictor
+from fairness.core.request import Request, RequestInfo
+from fairness.core.telemetry import GPUSample, Telemetry
+from fairness.sim.simulator import SimResult, Simulator, simulate
+from fairness.sim.workloads import (
     TraceFormatError,
     bundled_trace,
     load_azure_csv,
@@ -31,6 +32,7 @@ __all__ = [
     "Ledger",
     "OnnxPredictor",
     "PRESETS",
+    "PolicyDriver",
     "Request",
     "RequestInfo",
     "SchedulingPolicy",
@@ -49,4 +51,5 @@ __all__ = [
     "policy_names",
     "register_policy",
     "simulate",
+    "unregister_policy",
 ]

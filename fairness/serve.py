@@ -13,13 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import uvicorn
 
-from .equinox import Equinox
-from .policy import SchedulingPolicy, policy_names
-from .predictor import OnnxPredictor
-from .server import create_app, load_tenants
-from .serving import ServingEngine
+from fairness.extras import missing
+
+try:
+    import uvicorn
+except ImportError as e:
+    raise missing("serve", e) from e
+
+from fairness.core.equinox import Equinox
+from fairness.core.policy import SchedulingPolicy, policy_names
+from fairness.core.predictor import OnnxPredictor
+from fairness.serving.engine import ServingEngine
+from fairness.serving.server import create_app, load_tenants
+from offload_moe.options import PREFETCH_DEFAULT, PREFETCHERS, STANDINS
 
 
 def build_engine(
@@ -84,6 +91,10 @@ class BackgroundServer:
         self.thread.join()
 
 
+def _name(prefetch: str | None) -> str:
+    return "none" if prefetch is None else prefetch
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Serve a model fairly over an OpenAI-compatible HTTP API.")
     ap.add_argument("model", type=Path, help="a model directory (safetensors checkpoint)")
@@ -92,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--offload-budget", default=None, help="offload experts: a fraction (0.25) or a size (6GiB)")
     ap.add_argument("--offload-fallback", default=None, choices=["fetch", "host", "auto"])
-    ap.add_argument("--offload-standin", default=None, choices=["drop", "buddy", "lowrank"])
-    ap.add_argument("--offload-prefetch", default="none", choices=["lookahead", "none"])
+    ap.add_argument("--offload-standin", default=None, choices=[k for k in STANDINS if k is not None])
+    ap.add_argument("--offload-bits", type=int, default=None, help="bits per weight of 'quant'/'lowbit' stand-ins")
+    ap.add_argument("--offload-prefetch", default=_name(PREFETCH_DEFAULT), choices=[_name(p) for p in PREFETCHERS],
+                    help="offload_moe's prefetcher (default: the library's, %(default)s)")  # fmt: skip
     ap.add_argument("--offload-calibration", type=Path, default=None)
     ap.add_argument("--max-running", type=int, default=16, help="requests running at once")
     ap.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step")
@@ -112,8 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             pass  # a size such as "6GiB"
     options = {"fallback": args.offload_fallback, "standin": args.offload_standin,
-               "prefetch": None if args.offload_prefetch == "none" else "lookahead",
+               "prefetch": None if args.offload_prefetch == "none" else args.offload_prefetch,
                "calibration": args.offload_calibration}  # fmt: skip
+    if args.offload_bits is not None:
+        options["bits"] = args.offload_bits
     try:
         tenants = load_tenants(str(args.tenants)) if args.tenants else None
         engine = build_engine(args.model, args.policy, args.device, budget, options, args.max_running,

@@ -1,15 +1,15 @@
 """offload-moe: run Mixture-of-Experts models whose experts do not fit in GPU memory."""
 
-from .calibrate import Calibration, calibrate, load_calibration
-from .errors import BudgetError, UnsupportedModelError
-from .eviction import LFU, LRU, EvictionPolicy
-from .handle import LayerStats, OffloadHandle, OffloadStats, handle_of
-from .host import EmulatedHost
-from .load import load
-from .options import OffloadOptions
-from .patch import patch
-from .plan import ExpertGeometry, Plan, make_plan
-from .transfer import EmulatedLink
+from offload_moe.calibration import Calibration, calibrate, load_calibration
+from offload_moe.errors import BudgetError, UnsupportedModelError
+from offload_moe.handle import LayerStats, OffloadHandle, OffloadStats, handle_of
+from offload_moe.load import load
+from offload_moe.options import OffloadOptions
+from offload_moe.patch import patch
+from offload_moe.plan import ExpertGeometry, Plan, make_plan
+from offload_moe.runtime.eviction import LFU, LRU, EvictionPolicy
+from offload_moe.runtime.host import EmulatedHost
+from offload_moe.runtime.transfer import EmulatedLink
 
 __all__ = [
     "BudgetError",

@@ -7,9 +7,8 @@ import inspect
 import torch
 
 from hooks import MoEBlock, find_moe_blocks, is_stacked_experts
-
-from .errors import UnsupportedModelError
-from .plan import ExpertGeometry
+from offload_moe.errors import UnsupportedModelError
+from offload_moe.plan import ExpertGeometry
 
 
 def moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:

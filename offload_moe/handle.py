@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -10,20 +11,19 @@ from typing import Any
 import torch
 
 from hooks import MoEBlock
+from offload_moe.options import OffloadOptions
+from offload_moe.plan import Plan
+from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.host import HostCompute, HostStats
+from offload_moe.runtime.miss_router import MissRouter, RouterStats
+from offload_moe.runtime.store import HostStore
 
-from .cache import ExpertCache
-from .costs import MissRouter, RouterStats
-from .host import HostCompute, HostStats
-from .options import OffloadOptions
-from .plan import Plan
-from .store import HostStore
-
-_HANDLES: weakref.WeakKeyDictionary[torch.nn.Module, OffloadHandle] = weakref.WeakKeyDictionary()
+_ATTR = "_offload_moe_handle"  # the handle lives on its model: both go together when a user drops the model
 
 
 def handle_of(model: torch.nn.Module) -> OffloadHandle | None:
     """The live handle of a patched model, or None."""
-    return _HANDLES.get(model)
+    return model.__dict__.get(_ATTR)
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,14 @@ class OffloadHandle:
         miss_path: str,
         host: HostCompute | None,
         router: MissRouter | None,
+        workers: list[Callable[[], None]],
     ):
         self.model, self.blocks, self.cache, self.plan, self.options = model, blocks, cache, plan, options
         self.miss_path, self.host, self.router = miss_path, host, router
         self._undo = undo
-        _HANDLES[model] = self
+        model.__dict__[_ATTR] = self
+        # a patched model dropped without unpatch(): its worker threads stop when it is collected
+        self._stop_workers = weakref.finalize(model, _call_all, workers)
 
     @property
     def patched(self) -> bool:
@@ -160,5 +163,11 @@ class OffloadHandle:
         """Detach every hook and put the original expert parameters back: the model is as before `patch`."""
         if not self.patched:
             raise RuntimeError("this model was already unpatched")
-        del _HANDLES[self.model]
+        del self.model.__dict__[_ATTR]
+        self._stop_workers.detach()
         self._undo.close()
+
+
+def _call_all(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .blocks import moe_blocks
-from .handle import OffloadHandle
-from .options import OffloadOptions
-from .patch import offload
-from .store import HostStore, Piece, mmap_safetensors
+from offload_moe import compat
+from offload_moe.blocks import moe_blocks
+from offload_moe.handle import OffloadHandle
+from offload_moe.options import OffloadOptions
+from offload_moe.patch import offload
+from offload_moe.runtime.store import HostStore, Piece, mmap_safetensors
 
 # Checkpoint key renames that transformers applies when loading (only Mixtral's block name changed).
 _RENAMES = [(re.compile(r"\.block_sparse_moe\."), ".mlp.")]
@@ -139,4 +140,4 @@ def _load_dense(model: torch.nn.Module, dense: dict[str, torch.Tensor], path: Pa
             continue
         for n in meta_buffers:
             setattr(module, n, torch.empty_like(getattr(module, n), device="cpu"))
-        model._init_weights(module)
+        compat.init_weights(model, module)

@@ -10,14 +10,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .eviction import EVICTION_POLICIES, EvictionPolicy
-from .host import EmulatedHost
-from .quant import BITS
-from .transfer import EmulatedLink
+from offload_moe.runtime.eviction import EVICTION_POLICIES, EvictionPolicy
+from offload_moe.runtime.host import EmulatedHost
+from offload_moe.runtime.transfer import EmulatedLink
+from offload_moe.standins.quant import BITS
 
 FALLBACKS = ("fetch", "host", "auto")
 STANDINS = (None, "drop", "buddy", "lowrank", "quant", "mixed", "lowbit")
 PREFETCHERS = ("lookahead", None)
+PREFETCH_DEFAULT = "lookahead"
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class OffloadOptions:
     fallback: str | None = None
     standin: str | None = None
     critical_weight: float = 0.5
-    prefetch: str | None = "lookahead"
+    prefetch: str | None = PREFETCH_DEFAULT
     lookahead_depth: int = 1
     prefetch_candidates: int = 1
     standin_fraction: float = 0.1

@@ -11,22 +11,22 @@ from typing import Any
 import torch
 
 from hooks import ModuleHook, MoEBlock, attach, detach
-
-from .bank import build_bank
-from .blocks import expert_geometry, moe_blocks
-from .cache import ExpertCache
-from .calibrate import Calibration, load_calibration
-from .costs import MissRouter, measure_host
-from .eviction import make_eviction
-from .experts_hook import ExpertsHook
-from .fallbacks import Buddy, Drop, MissFallback, Substitute
-from .handle import OffloadHandle, handle_of
-from .host import HostCompute
-from .options import OffloadOptions
-from .plan import Plan, make_plan
-from .prefetch import LookaheadPrefetcher
-from .store import HostStore
-from .transfer import TransferEngine
+from offload_moe import compat
+from offload_moe.blocks import expert_geometry, moe_blocks
+from offload_moe.calibration import Calibration, load_calibration
+from offload_moe.handle import OffloadHandle, handle_of
+from offload_moe.options import OffloadOptions
+from offload_moe.plan import Plan, make_plan
+from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.eviction import make_eviction
+from offload_moe.runtime.hook import ExpertsHook
+from offload_moe.runtime.host import HostCompute
+from offload_moe.runtime.miss_router import MissRouter, measure_host
+from offload_moe.runtime.prefetch import LookaheadPrefetcher
+from offload_moe.runtime.store import HostStore
+from offload_moe.runtime.transfer import TransferEngine
+from offload_moe.standins.bank import build_bank
+from offload_moe.standins.policies import Buddy, Drop, MissFallback, Substitute
 
 
 def patch(
@@ -74,6 +74,7 @@ def offload(
             undo.callback(_materialize, blocks, store, dtype)  # unpatch: experts from the checkpoint, as loaded
         engine = TransferEngine(dev, options.link)
         undo.callback(engine.shutdown)
+        workers = [engine.shutdown]
         cache = ExpertCache(store, plan.slots, dev, dtype, engine, make_eviction(options.eviction))
         home = _non_expert_device(model, blocks)
         if home is not None and home != dev:
@@ -88,6 +89,7 @@ def offload(
             host = HostCompute(store, [b.experts for b in blocks], names, _hidden_size(model), dev, options.host,
                                threads=options.host_threads)  # fmt: skip
             undo.callback(host.shutdown)
+            workers.append(host.shutdown)
         cache.warm(_warm_order(blocks, calib, plan.all_resident))  # measures the link as it copies
         router = None
         if host is not None:
@@ -101,7 +103,7 @@ def offload(
     except BaseException:
         undo.close()
         raise
-    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, host, router)
+    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, host, router, workers)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -159,19 +161,18 @@ def _swap_in_pool(blocks: list[MoEBlock], names: list[str], cache: ExpertCache, 
     """Every layer's experts module points at the shared slot pool; the originals go back at unpatch."""
     pool = {n: torch.nn.Parameter(t, requires_grad=False) for n, t in cache.pool.items()}
     for b in blocks:
-        originals, num_experts = {n: b.experts._parameters[n] for n in names}, b.experts.num_experts
+        originals, num_experts = compat.swap_parameters(b.experts, pool), b.experts.num_experts
         undo.callback(_restore_experts, b.experts, originals, num_experts)
-        b.experts._parameters.update(pool)
         b.experts.num_experts = cache.num_slots
 
 
 def _restore_experts(module: torch.nn.Module, params: dict[str, torch.nn.Parameter], num_experts: int) -> None:
-    module._parameters.update(params)
+    compat.swap_parameters(module, params)
     module.num_experts = num_experts
 
 
 def _non_expert_device(model: torch.nn.Module, blocks: list[MoEBlock]) -> torch.device | None:
-    expert_ids = {id(p) for b in blocks for p in b.experts._parameters.values()}
+    expert_ids = {id(p) for b in blocks for p in compat.parameters(b.experts).values()}
     return next((p.device for p in model.parameters() if id(p) not in expert_ids), None)
 
 
@@ -232,7 +233,7 @@ class _RecompileLimit(ModuleHook):
         self.limit = limit
 
     def run(self, module: torch.nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(recompile_limit=max(self.limit, torch._dynamo.config.recompile_limit)):
+        with compat.recompile_limit(self.limit):
             return forward(*args, **kwargs)
 
 
@@ -241,6 +242,6 @@ def _compile_attention(model: torch.nn.Module, undo: ExitStack) -> None:
     compiled = [m for n, m in model.named_modules() if n.endswith("self_attn")]
     for m in compiled:
         m.compile(dynamic=True)
-        undo.callback(setattr, m, "_compiled_call_impl", None)  # what nn.Module.compile set
+        undo.callback(compat.uncompile, m)
     attach(model, _RecompileLimit(4 * len(compiled)))
     undo.callback(detach, model)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import budget_bytes, format_bytes
-from .errors import BudgetError
-from .options import OffloadOptions
-from .quant import quant_bytes
-from .standins import rank_for_fraction
+from offload_moe.budget import budget_bytes, format_bytes
+from offload_moe.errors import BudgetError
+from offload_moe.options import OffloadOptions
+from offload_moe.standins.lowrank import rank_for_fraction
+from offload_moe.standins.quant import quant_bytes
 
 STANDIN_BUDGET_SHARE = 0.4  # stand-ins never take more than this share of the budget: the pool needs the rest
 GATED = {"gate_up_proj", "down_proj"}  # the layout low-rank stand-ins understand

@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.bench
+
 
 def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
-    from offload_moe.bench import main
+    from lab.offload_bench import main
 
     main(["--mode", "quick", "--model", str(reference_dir), "--out", str(tmp_path), "--prompts", "1",
           "--prompt-len", "16", "--eval-bytes", "300", "--quality-bytes", "1500", "--link-gbps", "50"])  # fmt: skip
@@ -38,7 +40,7 @@ def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
 
 
 def test_fairness_cli_writes_table_plots_and_json(tmp_path, capsys):
-    from fairness.cli import main
+    from lab.simulate import main
 
     main(["--workload", "overload", "--duration", "30", "--policies", "fcfs,vtc", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -50,14 +52,14 @@ def test_fairness_cli_writes_table_plots_and_json(tmp_path, capsys):
 
 
 def test_fairness_cli_rejects_unknown_policy(tmp_path):
-    from fairness.cli import main
+    from lab.simulate import main
 
     with pytest.raises(SystemExit, match="unknown policies"):
         main(["--policies", "fcfs,lottery", "--out", str(tmp_path)])
 
 
 def test_fairness_bench_trains_exports_and_compares_equinox(tmp_path):
-    from fairness.bench import run_fairness_bench
+    from lab.fairness_bench import run_fairness_bench
 
     summary = run_fairness_bench(tmp_path, "quick")
     saved = json.loads((tmp_path / "fairness.json").read_text())
@@ -82,14 +84,14 @@ def test_fairness_bench_trains_exports_and_compares_equinox(tmp_path):
 
 
 def test_fairness_cli_refuses_a_missing_mope_file(tmp_path):
-    from fairness.cli import main
+    from lab.simulate import main
 
     with pytest.raises(SystemExit, match="no such file"):
         main(["--policies", "equinox", "--mope", str(tmp_path / "missing.onnx"), "--out", str(tmp_path)])
 
 
 def test_fairness_cli_runs_a_vtc_paper_workload_on_the_slora_preset(tmp_path, capsys):
-    from fairness.cli import main
+    from lab.simulate import main
 
     main(["--vtc-paper", "increase", "--policies", "fcfs,lcf", "--until", "60", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -99,8 +101,8 @@ def test_fairness_cli_runs_a_vtc_paper_workload_on_the_slora_preset(tmp_path, ca
 
 
 def test_unknown_bench_modes_are_refused(tmp_path):
-    from fairness.bench import run_fairness_bench
-    from fairness.served_bench import run_served_bench
+    from lab.fairness_bench import run_fairness_bench
+    from lab.served_bench import run_served_bench
 
     with pytest.raises(ValueError, match="unknown fairness bench mode 'fulll'"):
         run_fairness_bench(tmp_path, "fulll")

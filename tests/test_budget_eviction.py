@@ -1,7 +1,7 @@
 import pytest
 
 from offload_moe.budget import budget_bytes
-from offload_moe.eviction import LFU, LRU, make_eviction
+from offload_moe.runtime.eviction import LFU, LRU, make_eviction
 
 
 @pytest.mark.parametrize(

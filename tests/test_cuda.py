@@ -3,10 +3,10 @@
 
 import pytest
 import torch
-from conftest import requires_cuda, tiny_model
 from transformers import DynamicCache
 
 import offload_moe
+from tests.helpers import requires_cuda, tiny_model
 
 
 @requires_cuda
@@ -47,7 +47,7 @@ def test_copy_stream_and_events_under_slot_reuse(prefetch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_gpu_check_says_so_without_cuda(capsys, tmp_path):
-    from offload_moe.gpu_check import main
+    from lab.gpu_check import main
 
     main(["--out", str(tmp_path)])
     assert "no CUDA device" in capsys.readouterr().out and not (tmp_path / "gpu-check.json").exists()
@@ -55,7 +55,7 @@ def test_gpu_check_says_so_without_cuda(capsys, tmp_path):
 
 def test_gpu_check_benchmark_runs_its_configurations():
     """The benchmark's code path, on a tiny Mixtral geometry on this machine's device."""
-    from offload_moe.gpu_check import CONFIGS, mixtral_geometry, run_benchmark
+    from lab.gpu_check import CONFIGS, mixtral_geometry, run_benchmark
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = mixtral_geometry(layers=2, hidden=64, intermediate=96, vocab=256)

@@ -2,27 +2,20 @@
 
 import pytest
 import torch
-from conftest import DEVICES, tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import offload_moe
 from hooks import RoutingRecorder, attached_hook
-from offload_moe.evaluate import bits_per_byte
-from offload_moe.reference import stdlib_text
-from offload_moe.standins import StandIns, lowrank, rank_for_fraction
-
-
-def _decode(model, ids, n=10):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+from lab.evaluate import bits_per_byte
+from lab.reference import corpus_text
+from offload_moe.standins.lowrank import StandIns, lowrank, rank_for_fraction
+from tests.helpers import DEVICES, generate, load_reference, tiny_model
 
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory, reference_dir):
-    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    model, tokenizer = load_reference(reference_dir)
     path = tmp_path_factory.mktemp("cal") / "reference.safetensors"
-    offload_moe.calibrate(model, [stdlib_text("train", max_bytes=40_000)], tokenizer, path=path, max_tokens=8192)
+    offload_moe.calibrate(model, [corpus_text("train", max_bytes=40_000)], tokenizer, path=path, max_tokens=8192)
     return path
 
 
@@ -53,31 +46,31 @@ def test_exactly_low_rank_expert_is_reproduced_exactly():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("standin", ["drop", "lowrank"])
-def test_standins_run_on_misses(standin, device):
+def test_standins_run_on_misses(standin, device, patched):
     model = tiny_model("mixtral").to(device)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
-    handle = offload_moe.patch(model, budget=0.5, device=device, standin=standin, critical_weight=1.01)
-    _decode(model, ids)
+    handle = patched(model, budget=0.5, device=device, standin=standin, critical_weight=1.01)
+    generate(model, ids)
     stats = handle.stats()
     assert stats.misses > 0 and stats.substituted > 0 and stats.standin == standin
     handle.unpatch()
 
 
-def test_buddy_runs_on_misses_and_needs_calibration(reference_dir, calibration):
-    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+@pytest.mark.slow
+def test_buddy_runs_on_misses_and_needs_calibration(reference_dir, calibration, patched):
+    model, tokenizer = load_reference(reference_dir)
     with pytest.raises(ValueError, match="needs buddy lists"):
-        offload_moe.patch(model, budget=0.25, device="cpu", standin="buddy")
-    handle = offload_moe.patch(model, budget=0.25, device="cpu", standin="buddy", calibration=calibration)
-    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
-    bits_per_byte(model, tokenizer, stdlib_text("val", max_bytes=1500), decode=True)
+        patched(model, budget=0.25, device="cpu", standin="buddy")
+    handle = patched(model, budget=0.25, device="cpu", standin="buddy", calibration=calibration)
+    bits_per_byte(model, tokenizer, corpus_text("val", max_bytes=1500), decode=True)
     assert handle.stats().substituted > 0
     handle.unpatch()
 
 
-def test_standins_are_never_used_for_ready_experts(monkeypatch):
+def test_standins_are_never_used_for_ready_experts(monkeypatch, patched):
     """A stand-in serves only experts that were not ready when the layer planned its call (a copy may land later)."""
     model = tiny_model("mixtral")
-    handle = offload_moe.patch(model, budget=0.5, device="cpu", standin="lowrank", critical_weight=1.01)
+    handle = patched(model, budget=0.5, device="cpu", standin="lowrank", critical_weight=1.01)
     fallback = attached_hook(handle.blocks[0].experts).standin  # shared by every layer's hook
     bank, calls, planned = fallback.bank, [], {}
     real_plan, real_apply = fallback.plan, bank.apply
@@ -94,15 +87,15 @@ def test_standins_are_never_used_for_ready_experts(monkeypatch):
 
     monkeypatch.setattr(fallback, "plan", plan_spy)
     monkeypatch.setattr(bank, "apply", apply_spy)
-    _decode(model, torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1)))
+    generate(model, torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1)))
     assert calls
     handle.unpatch()
 
 
-def test_hit_rate_matches_an_independent_recount():
+def test_hit_rate_matches_an_independent_recount(patched):
     """Recount the hit rate from what the experts module is asked for and what sat in the pool at that moment."""
     model = tiny_model("mixtral")
-    handle = offload_moe.patch(model, budget=0.5, device="cpu", prefetch="lookahead")
+    handle = patched(model, budget=0.5, device="cpu", prefetch="lookahead")
     handle.reset_stats()
     present, needed = [], []
 
@@ -114,7 +107,7 @@ def test_hit_rate_matches_an_independent_recount():
 
     hooks = [b.experts.register_forward_pre_hook(snapshot) for b in handle.blocks]
     with RoutingRecorder(model):
-        _decode(model, torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(2)), n=16)
+        generate(model, torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(2)), n=16)
     for h in hooks:
         h.remove()
     stats = handle.stats()
@@ -123,30 +116,30 @@ def test_hit_rate_matches_an_independent_recount():
     handle.unpatch()
 
 
-def test_lookahead_raises_the_hit_rate_with_layer_aware_eviction(reference_dir):
+@pytest.mark.slow
+def test_lookahead_raises_the_hit_rate_with_layer_aware_eviction(reference_dir, patched):
     """Measured: at budget 1/4, lookahead lifts the hit rate 0.54 -> 0.65 with layer-aware eviction; with LRU the
     prefetches evict experts that were about to hit and it stays ~0.54 (see the README)."""
-    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
-    text = stdlib_text("val", max_bytes=1500)
+    model, tokenizer = load_reference(reference_dir)
+    text = corpus_text("val", max_bytes=1500)
     hit_rate = {}
     for prefetch in (None, "lookahead"):
-        handle = offload_moe.patch(model, budget=0.25, device="cpu", prefetch=prefetch, eviction="layer")
+        handle = patched(model, budget=0.25, device="cpu", prefetch=prefetch, eviction="layer")
         bits_per_byte(model, tokenizer, text, decode=True)
         hit_rate[prefetch] = handle.stats().hit_rate
         handle.unpatch()
     assert hit_rate["lookahead"] > hit_rate[None] + 0.05
 
 
-def test_accuracy_ordering_on_the_reference_model(reference_dir, calibration):
+@pytest.mark.slow
+def test_accuracy_ordering_on_the_reference_model(reference_dir, calibration, patched):
     """Budget 0.25, lookahead, decode regime: lossless without a stand-in, then lowrank well closer to it than drop."""
-    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
-    text = stdlib_text("val", max_bytes=3000)
+    model, tokenizer = load_reference(reference_dir)
+    text = corpus_text("val", max_bytes=3000)
     base = bits_per_byte(model, tokenizer, text, decode=True)
     bpb = {}
     for standin in (None, "drop", "lowrank"):
-        handle = offload_moe.patch(model, budget=0.25, device="cpu", standin=standin, calibration=calibration)
+        handle = patched(model, budget=0.25, device="cpu", standin=standin, calibration=calibration)
         bpb[standin] = bits_per_byte(model, tokenizer, text, decode=True)
         handle.unpatch()
     assert bpb[None] == pytest.approx(base, abs=1e-6)
@@ -154,20 +147,20 @@ def test_accuracy_ordering_on_the_reference_model(reference_dir, calibration):
     assert bpb["lowrank"] < base * 1.03
 
 
-def test_bad_fallback_options():
+def test_bad_fallback_options(patched):
     model = tiny_model("mixtral")
     with pytest.raises(ValueError, match="unknown prefetch 'oracle'"):
-        offload_moe.patch(model, device="cpu", prefetch="oracle")
+        patched(model, device="cpu", prefetch="oracle")
     with pytest.raises(ValueError, match="critical_weight"):
-        offload_moe.patch(model, budget=0.5, device="cpu", standin="drop", critical_weight=0)
+        patched(model, budget=0.5, device="cpu", standin="drop", critical_weight=0)
     with pytest.raises(ValueError, match="lookahead needs depth"):
-        offload_moe.patch(model, budget=0.5, device="cpu", lookahead_depth=0)
+        patched(model, budget=0.5, device="cpu", lookahead_depth=0)
     with pytest.raises(ValueError, match="standin_fraction"):
-        offload_moe.patch(model, budget=0.5, device="cpu", standin="lowrank", standin_fraction=2)
+        patched(model, budget=0.5, device="cpu", standin="lowrank", standin_fraction=2)
     with pytest.raises(FileNotFoundError, match="calibrate"):
-        offload_moe.patch(model, budget=0.5, device="cpu", standin="lowrank", calibration="/nonexistent.st")
+        patched(model, budget=0.5, device="cpu", standin="lowrank", calibration="/nonexistent.st")
 
 
-def test_calibration_for_another_model_is_refused(calibration):
+def test_calibration_for_another_model_is_refused(calibration, patched):
     with pytest.raises(ValueError, match="calibration was made for a MixtralForCausalLM"):
-        offload_moe.patch(tiny_model("mixtral"), budget=0.5, device="cpu", standin="lowrank", calibration=calibration)
+        patched(tiny_model("mixtral"), budget=0.5, device="cpu", standin="lowrank", calibration=calibration)

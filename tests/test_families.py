@@ -4,7 +4,9 @@ offload-moe cannot drive is refused with the reason; one that cannot be built ti
 
 import pytest
 
-from offload_moe.families import check_family, moe_families
+from lab.families import check_family, moe_families
+
+pytestmark = pytest.mark.slow
 
 FAMILIES = moe_families()
 MUST_BE_LOSSLESS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared",

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from conftest import FAMILIES, tiny_dense_model, tiny_model
 
 from hooks import ModuleHook, RoutingRecorder, attach, attached_hook, detach, find_moe_blocks
 from offload_moe import UnsupportedModelError, patch
+from tests.helpers import FAMILIES, tiny_dense_model, tiny_model
 
 
 class Doubler(ModuleHook):

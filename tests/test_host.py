@@ -5,40 +5,30 @@ import time
 
 import pytest
 import torch
-from conftest import DEVICES, FAMILIES, tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import offload_moe
 from hooks import RoutingRecorder
-from offload_moe.costs import HostFit, MissRouter
-from offload_moe.reference import stdlib_text
+from lab.reference import corpus_text
+from offload_moe.runtime.miss_router import HostFit, MissRouter
+from tests.helpers import DEVICES, FAMILIES, generate, load_reference, logits, tiny_model
 
 SLOW_LINK = offload_moe.EmulatedLink(gbps=0.02)  # a tiny model's expert: ~1 ms a copy, the host wins decode
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def _generate(model, ids, n=8):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("budget", [0.25, 0.5])
 @pytest.mark.parametrize("fallback", ["host", "auto"])
-def test_host_and_auto_are_lossless(family, budget, fallback, device):
+def test_host_and_auto_are_lossless(family, budget, fallback, device, patched):
     model = tiny_model(family).to(device)
     ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1)).to(device)
-    ref_logits, ref_tokens = _logits(model, ids), _generate(model, ids)
+    ref_logits, ref_tokens = logits(model, ids), generate(model, ids)
     link = SLOW_LINK if device == "cpu" else None  # on CUDA the real link, and auto decides from its measurements
-    handle = offload_moe.patch(model, budget=budget, device=device, fallback=fallback, link=link)
+    handle = patched(model, budget=budget, device=device, fallback=fallback, link=link)
     try:
-        torch.testing.assert_close(_logits(model, ids), ref_logits, rtol=0, atol=1e-5)
-        assert torch.equal(_generate(model, ids), ref_tokens)
+        torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
+        assert torch.equal(generate(model, ids), ref_tokens)
         stats = handle.stats()
         assert stats.fallback == fallback and stats.host_tokens >= stats.host_jobs
         assert stats.host_jobs > 0 or (fallback == "auto" and device == "cuda")  # a real link may always win
@@ -51,25 +41,24 @@ def test_host_and_auto_are_lossless(family, budget, fallback, device):
 
 @pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("fallback", ["host", "auto"])
-def test_reference_model_host_compute_is_lossless(reference_dir, impl, fallback):
+def test_reference_model_host_compute_is_lossless(reference_dir, impl, fallback, patched):
     """eager: bit-identical when the host worker uses as many threads as the compute thread (BLAS rounds the same);
     batched_mm and grouped_mm: within float32 rounding, as grouped_mm is for fetch."""
-    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    model, tokenizer = load_reference(reference_dir)
     model.set_experts_implementation(impl)
-    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
-    ids = torch.tensor(tokenizer(stdlib_text("val", max_bytes=4000))["input_ids"])
+    ids = torch.tensor(tokenizer(corpus_text("val", max_bytes=4000))["input_ids"])
     prompt, batch = ids[:300][None], torch.stack([ids[300:340], ids[400:440]])
-    ref_logits, ref_tokens = _logits(model, prompt), _generate(model, batch, 10)
+    ref_logits, ref_tokens = logits(model, prompt), generate(model, batch, 10)
     link = offload_moe.EmulatedLink(gbps=0.05)
-    handle = offload_moe.patch(model, budget=0.25, device="cpu", fallback=fallback, link=link,
+    handle = patched(model, budget=0.25, device="cpu", fallback=fallback, link=link,
                                host_threads=torch.get_num_threads())  # fmt: skip
     try:
-        logits = _logits(model, prompt)
+        got = logits(model, prompt)
         if impl == "eager":
-            assert torch.equal(logits, ref_logits)
+            assert torch.equal(got, ref_logits)
         else:
-            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-        assert torch.equal(_generate(model, batch, 10), ref_tokens)
+            torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(generate(model, batch, 10), ref_tokens)
         assert handle.stats().host_jobs > 0
     finally:
         handle.unpatch()
@@ -80,7 +69,7 @@ def test_host_compute_from_a_memory_mapped_per_expert_checkpoint(tmp_path):
     ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(0))
     model, handle = offload_moe.load(tmp_path, budget=0.25, device="cpu", fallback="host")
-    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=0, atol=1e-5)
     assert handle.stats().host_jobs > 0
     handle.unpatch()
 
@@ -116,7 +105,8 @@ def test_cost_model_computes_decode_on_the_host_and_copies_long_prefills():
     assert fit.scale > 1
 
 
-def test_stress_host_pool_copy_worker_and_compute_together():
+@pytest.mark.slow
+def test_stress_host_pool_copy_worker_and_compute_together(patched):
     """Random tokens, batch 2, 700 decode steps (2,100 layer calls) under auto with lookahead on an emulated link
     and host: every step equals the unpatched model, nothing deadlocks, both paths are used."""
     model = tiny_model("mixtral", seed=3)
@@ -127,7 +117,7 @@ def test_stress_host_pool_copy_worker_and_compute_together():
         for ids in steps:
             ref.append(model(input_ids=ids, cache=cache, use_cache=True).logits)
     host = offload_moe.EmulatedHost(gbps=0.05)
-    handle = offload_moe.patch(model, budget=0.25, device="cpu", fallback="auto", link=SLOW_LINK, host=host)
+    handle = patched(model, budget=0.25, device="cpu", fallback="auto", link=SLOW_LINK, host=host)
     errors, worst = [], [0.0]
 
     def drive():
@@ -154,15 +144,15 @@ def test_stress_host_pool_copy_worker_and_compute_together():
     assert time.monotonic() - t0 < 300
 
 
-def test_host_jobs_do_not_fire_forward_hooks():
+def test_host_jobs_do_not_fire_forward_hooks(patched):
     """The host computes on a twin of the experts module: a RoutingRecorder sees only the router's choices."""
     model = tiny_model("mixtral")
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
     with RoutingRecorder(model) as ref_trace:
-        _generate(model, ids, 4)
-    handle = offload_moe.patch(model, budget=0.25, device="cpu", fallback="host")
+        generate(model, ids, 4)
+    handle = patched(model, budget=0.25, device="cpu", fallback="host")
     with RoutingRecorder(model) as trace:
-        _generate(model, ids, 4)
+        generate(model, ids, 4)
     assert handle.stats().host_jobs > 0
     assert [len(calls) for calls in trace.index] == [len(calls) for calls in ref_trace.index]
     assert all(torch.equal(a, b) for x, y in zip(trace.index, ref_trace.index, strict=True)
@@ -170,23 +160,23 @@ def test_host_jobs_do_not_fire_forward_hooks():
     handle.unpatch()
 
 
-def test_bad_host_options():
+def test_bad_host_options(patched):
     model = tiny_model("mixtral")
     with pytest.raises(TypeError, match="EmulatedHost"):
-        offload_moe.patch(model, budget=0.5, device="cpu", host=3.0)
+        patched(model, budget=0.5, device="cpu", host=3.0)
     with pytest.raises(ValueError, match="host_threads must be >= 1"):
-        offload_moe.patch(model, budget=0.5, device="cpu", host_threads=0)
+        patched(model, budget=0.5, device="cpu", host_threads=0)
     with pytest.raises(ValueError, match="gbps > 0 and gflops > 0"):
         offload_moe.EmulatedHost(gbps=0)
     with pytest.raises(ValueError, match="unknown fallback 'cpu'"):
-        offload_moe.patch(model, budget=0.5, device="cpu", fallback="cpu")
+        patched(model, budget=0.5, device="cpu", fallback="cpu")
 
 
-def test_default_miss_path_is_auto_only_when_the_device_is_not_the_host():
+def test_default_miss_path_is_auto_only_when_the_device_is_not_the_host(patched):
     model = tiny_model("mixtral")
-    plain = offload_moe.patch(model, budget=0.5, device="cpu")
+    plain = patched(model, budget=0.5, device="cpu")
     assert plain.stats().fallback == "fetch"
     plain.unpatch()
-    emulated = offload_moe.patch(model, budget=0.5, device="cpu", link=SLOW_LINK)
+    emulated = patched(model, budget=0.5, device="cpu", link=SLOW_LINK)
     assert emulated.stats().fallback == "auto"
     emulated.unpatch()

@@ -4,16 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import offload_moe
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
+from tests.helpers import logits, tiny_model
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
@@ -22,7 +17,7 @@ def test_load_matches_from_pretrained(tmp_path, family):
     ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     model, handle = offload_moe.load(tmp_path, budget=0.25, device="cpu")
-    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=0, atol=1e-5)
     assert handle.stats().misses > 0
     handle.unpatch()  # experts are materialised from the checkpoint: the model equals from_pretrained's
     ref_sd, sd = ref.state_dict(), model.state_dict()
@@ -38,7 +33,7 @@ def test_load_fused_layout_and_dtype(tmp_path):
     loaded, handle = offload_moe.load(tmp_path, budget=0.5, device="cpu", dtype=torch.bfloat16)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    assert torch.equal(_logits(loaded, ids), _logits(ref, ids))
+    assert torch.equal(logits(loaded, ids), logits(ref, ids))
     handle.unpatch()
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fairness import EngineModel, make_workload, mope
-from fairness.features import FEATURES, TARGETS
-from fairness.predictor import HistoryPredictor, OnnxPredictor
+from fairness.core.features import FEATURES, TARGETS
+from fairness.core.predictor import HistoryPredictor, OnnxPredictor
 
 ENGINE = EngineModel.preset("a10g-llama2-7b")
 
@@ -84,7 +84,7 @@ def test_bad_models_and_data_get_clear_errors(trained, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         OnnxPredictor(tmp_path / "junk.onnx")
-    from fairness.mope_onnx import to_onnx
+    from fairness.mope.onnx_export import to_onnx
 
     params = {k: v.numpy() for k, v in model.state_dict().items()}
     old = to_onnx(params, {"features": '["x"]', "targets": '["y"]'})

@@ -2,34 +2,25 @@
 
 import pytest
 import torch
-from conftest import DEVICES, FAMILIES, tiny_dense_model, tiny_model
 
 import offload_moe
 from hooks import RoutingRecorder, find_moe_blocks, is_attached
 from offload_moe import UnsupportedModelError
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def _generate(model, ids, n=8):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+from offload_moe.runtime.cache import ExpertCache
+from tests.helpers import DEVICES, FAMILIES, generate, logits, tiny_dense_model, tiny_model
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("budget", [0.25, 0.5, 1.0])
-def test_lossless_logits_and_greedy_tokens(family, budget, device):
+def test_lossless_logits_and_greedy_tokens(family, budget, device, patched):
     model = tiny_model(family).to(device)
     ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1)).to(device)  # batch > 1
-    ref_logits, ref_tokens = _logits(model, ids), _generate(model, ids)
-    handle = offload_moe.patch(model, budget=budget, device=device)
+    ref_logits, ref_tokens = logits(model, ids), generate(model, ids)
+    handle = patched(model, budget=budget, device=device)
     try:
-        torch.testing.assert_close(_logits(model, ids), ref_logits, rtol=0, atol=1e-5)
-        assert torch.equal(_generate(model, ids), ref_tokens)
+        torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
+        assert torch.equal(generate(model, ids), ref_tokens)
         stats = handle.stats()
         assert stats.resident_bytes <= stats.budget_bytes
         if budget < 1.0:
@@ -42,15 +33,15 @@ def test_lossless_logits_and_greedy_tokens(family, budget, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_long_prompt_streams_experts_in_waves(family, device):
+def test_long_prompt_streams_experts_in_waves(family, device, patched):
     model = tiny_model(family).to(device)
     ids = torch.randint(0, 128, (2, 200), generator=torch.Generator().manual_seed(2)).to(device)
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     top_k = model.config.num_experts_per_tok
     smallest = top_k / 24  # exactly one layer's top-k: every prefill layer needs more experts than there are slots
-    handle = offload_moe.patch(model, budget=smallest, device=device)
+    handle = patched(model, budget=smallest, device=device)
     try:
-        torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits(model, ids), ref, rtol=0, atol=1e-5)
         stats = handle.stats()
         assert stats.slots == top_k and stats.waves == 3  # one per layer
     finally:
@@ -59,26 +50,26 @@ def test_long_prompt_streams_experts_in_waves(family, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
-def test_every_experts_kernel_runs_on_the_pool(impl, device):
+def test_every_experts_kernel_runs_on_the_pool(impl, device, patched):
     model = tiny_model("mixtral").to(device)
     model.set_experts_implementation(impl)
     ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(3)).to(device)
-    ref = _logits(model, ids)
-    handle = offload_moe.patch(model, budget=0.1, device=device)  # 2 slots: waves on every layer
+    ref = logits(model, ids)
+    handle = patched(model, budget=0.1, device=device)  # 2 slots: waves on every layer
     try:
-        torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits(model, ids), ref, rtol=0, atol=1e-5)
         assert handle.stats().waves > 0
     finally:
         handle.unpatch()
 
 
-def test_counts_add_up_against_an_independent_recount():
+def test_counts_add_up_against_an_independent_recount(patched):
     model = tiny_model("mixtral")
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(4))
-    handle = offload_moe.patch(model, budget=0.25, device="cpu", prefetch=None)
+    handle = patched(model, budget=0.25, device="cpu", prefetch=None)
     handle.reset_stats()
     with RoutingRecorder(model) as trace:
-        _generate(model, ids, n=6)
+        generate(model, ids, n=6)
     stats = handle.stats()
     # Each layer call needs its distinct routed experts once: hits + misses must equal that count exactly.
     needed = [sum(len(call.unique()) for call in trace.index[layer]) for layer in range(3)]
@@ -92,14 +83,14 @@ def test_counts_add_up_against_an_independent_recount():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_unpatch_restores_parameters_bit_for_bit(device):
+def test_unpatch_restores_parameters_bit_for_bit(device, patched):
     model = tiny_model("qwen2_moe").to(device)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params_before = dict(model.named_parameters())
     ids = torch.randint(0, 128, (1, 12)).to(device)
-    ref = _logits(model, ids)
-    handle = offload_moe.patch(model, budget=0.25, device=device)
-    _generate(model, ids)
+    ref = logits(model, ids)
+    handle = patched(model, budget=0.25, device=device)
+    generate(model, ids)
     handle.unpatch()
     after = model.state_dict()
     assert after.keys() == before.keys()
@@ -108,25 +99,25 @@ def test_unpatch_restores_parameters_bit_for_bit(device):
     assert all(p is params_before[n] for n, p in model.named_parameters())  # the same Parameter objects
     assert all(p.device.type == device for p in model.parameters())  # experts back where they were
     assert not any(is_attached(b.experts) for b in find_moe_blocks(model))
-    assert torch.equal(_logits(model, ids), ref)
+    assert torch.equal(logits(model, ids), ref)
     with pytest.raises(RuntimeError, match="already unpatched"):
         handle.unpatch()
-    offload_moe.patch(model, budget=0.5, device=device).unpatch()  # patchable again
+    patched(model, budget=0.5, device=device).unpatch()  # patchable again
 
 
-def test_lfu_eviction_is_lossless_too():
+def test_lfu_eviction_is_lossless_too(patched):
     model = tiny_model("olmoe")
     ids = torch.randint(0, 128, (2, 20))
-    ref = _generate(model, ids)
-    handle = offload_moe.patch(model, budget=0.25, device="cpu", eviction="lfu")
-    assert torch.equal(_generate(model, ids), ref)
+    ref = generate(model, ids)
+    handle = patched(model, budget=0.25, device="cpu", eviction="lfu")
+    assert torch.equal(generate(model, ids), ref)
     handle.unpatch()
 
 
-def test_emulated_link_is_reported():
+def test_emulated_link_is_reported(patched):
     model = tiny_model("mixtral")
-    handle = offload_moe.patch(model, budget=0.5, device="cpu", link=offload_moe.EmulatedLink(gbps=1.0))
-    _logits(model, torch.randint(0, 128, (1, 8)))
+    handle = patched(model, budget=0.5, device="cpu", link=offload_moe.EmulatedLink(gbps=1.0))
+    logits(model, torch.randint(0, 128, (1, 8)))
     assert handle.stats().link == {"emulated": True, "gbps": 1.0, "latency_us": 0.0}
     handle.unpatch()
 
@@ -157,59 +148,60 @@ def _assert_untouched(model, before):
         ({"link": 12.0}, TypeError, "EmulatedLink"),
     ],
 )
-def test_bad_arguments_are_clear_and_leave_the_model_untouched(kwargs, error, match):
+def test_bad_arguments_are_clear_and_leave_the_model_untouched(kwargs, error, match, patched):
     model = tiny_model("mixtral")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(error, match=match):
-        offload_moe.patch(model, **{"device": "cpu", **kwargs})
+        patched(model, **{"device": "cpu", **kwargs})
     _assert_untouched(model, before)
-    offload_moe.patch(model, budget=0.5, device="cpu").unpatch()
+    patched(model, budget=0.5, device="cpu").unpatch()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
-def test_cuda_without_cuda():
+def test_cuda_without_cuda(patched):
     with pytest.raises(ValueError, match="torch sees no CUDA device"):
-        offload_moe.patch(tiny_model("mixtral"), device="cuda")
+        patched(tiny_model("mixtral"), device="cuda")
 
 
-def test_patching_twice_is_refused():
+def test_patching_twice_is_refused(patched):
     model = tiny_model("mixtral")
-    handle = offload_moe.patch(model, budget=0.5, device="cpu")
+    handle = patched(model, budget=0.5, device="cpu")
     with pytest.raises(RuntimeError, match="already patched"):
-        offload_moe.patch(model, budget=0.5, device="cpu")
+        patched(model, budget=0.5, device="cpu")
     handle.unpatch()
 
 
-def test_dense_model_is_refused_by_name():
+def test_dense_model_is_refused_by_name(patched):
     dense = tiny_dense_model()
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
-        offload_moe.patch(dense, device="cpu")
+        patched(dense, device="cpu")
 
 
-def test_failure_midway_rolls_back(monkeypatch):
+def test_failure_midway_rolls_back(monkeypatch, patched):
     model = tiny_model("mixtral")
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def broken_warm(self, keys):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(offload_moe.cache.ExpertCache, "warm", broken_warm)
+    monkeypatch.setattr(ExpertCache, "warm", broken_warm)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        offload_moe.patch(model, budget=0.5, device="cpu")
+        patched(model, budget=0.5, device="cpu")
     _assert_untouched(model, before)
     assert offload_moe.handle_of(model) is None
 
 
-def test_compile_matches_eager_and_unpatch_removes_it():
+@pytest.mark.slow
+def test_compile_matches_eager_and_unpatch_removes_it(patched):
     model = tiny_model("mixtral")
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(5))
-    ref_logits, ref_tokens = _logits(model, ids), _generate(model, ids, n=6)
-    handle = offload_moe.patch(model, budget=0.5, device="cpu", compile=True)
+    ref_logits, ref_tokens = logits(model, ids), generate(model, ids, n=6)
+    handle = patched(model, budget=0.5, device="cpu", compile=True)
     try:
-        torch.testing.assert_close(_logits(model, ids), ref_logits, rtol=0, atol=1e-5)
-        assert torch.equal(_generate(model, ids, n=6), ref_tokens)
+        torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
+        assert torch.equal(generate(model, ids, n=6), ref_tokens)
         assert any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
     finally:
         handle.unpatch()
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in model.modules())
-    assert torch.equal(_logits(model, ids), ref_logits)
+    assert torch.equal(logits(model, ids), ref_logits)

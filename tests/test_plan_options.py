@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import offload_moe
 from offload_moe import BudgetError, ExpertGeometry, OffloadOptions, make_plan
 from offload_moe.plan import StandinCatalog, assign_mixed, quant_expert_bytes
+from tests.helpers import tiny_model
 
 # Mixtral-8x7B in bfloat16: 32 layers x 8 experts, 3 matrices of 4096 x 14336
 MIXTRAL = ExpertGeometry(32, 8, 2, {"gate_up_proj": (28672, 4096), "down_proj": (4096, 14336)}, itemsize=2)
@@ -89,12 +89,12 @@ def test_options_are_validated_once(kwargs, error, match):
         OffloadOptions.of(**kwargs)
 
 
-def test_options_object_and_keywords_combine():
+def test_options_object_and_keywords_combine(patched):
     base = OffloadOptions(standin="drop", prefetch=None)
     assert OffloadOptions.of(base, critical_weight=0.7) == OffloadOptions(standin="drop", critical_weight=0.7,
                                                                           prefetch=None)  # fmt: skip
     model = tiny_model("mixtral")
-    handle = offload_moe.patch(model, budget=0.5, device="cpu", options=base, eviction="lfu")
+    handle = patched(model, budget=0.5, device="cpu", options=base, eviction="lfu")
     assert (handle.options.standin, handle.options.eviction, handle.options.prefetch) == ("drop", "lfu", None)
     handle.unpatch()
 
@@ -105,10 +105,10 @@ def test_load_refuses_to_pin_a_memory_map(tmp_path):
         offload_moe.load(tmp_path, budget=0.5, device="cpu", pin_memory=True)
 
 
-def test_compile_leaves_dynamos_process_wide_limit_as_it_was():
+def test_compile_leaves_dynamos_process_wide_limit_as_it_was(patched):
     limit = torch._dynamo.config.recompile_limit
     model = tiny_model("mixtral")
-    handle = offload_moe.patch(model, budget=0.5, device="cpu", compile=True)
+    handle = patched(model, budget=0.5, device="cpu", compile=True)
     seen = []
     model.model.layers[0].self_attn.register_forward_pre_hook(
         lambda m, a, k: seen.append(torch._dynamo.config.recompile_limit), with_kwargs=True

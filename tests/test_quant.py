@@ -3,17 +3,16 @@ deterministic calibration, clear errors."""
 
 import pytest
 import torch
-from conftest import tiny_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import offload_moe
+from lab.evaluate import bits_per_byte
+from lab.reference import corpus_text
 from offload_moe.blocks import expert_geometry, moe_blocks
-from offload_moe.calibrate import load_calibration
-from offload_moe.evaluate import bits_per_byte
+from offload_moe.calibration import load_calibration
 from offload_moe.options import OffloadOptions
 from offload_moe.plan import make_plan, quant_expert_bytes
-from offload_moe.quant import pack, quant_bytes, quantize, unpack
-from offload_moe.reference import stdlib_text
+from offload_moe.standins.quant import pack, quant_bytes, quantize, unpack
+from tests.helpers import load_reference, tiny_model
 
 # relative Frobenius error of a Gaussian matrix, group 64, asymmetric min-max: (max - min) / (2^b - 1) / sqrt(12)
 # over a group's spread of ~4.6 sigma gives 2-bit ~0.44, 3-bit ~0.19, 4-bit ~0.089, 8-bit ~0.0052; bounds with margin
@@ -43,30 +42,30 @@ def test_pack_round_trip(bits):
     assert torch.equal(unpack(packed, bits, 1001), codes)
 
 
-def test_unsupported_bit_widths_are_refused():
+def test_unsupported_bit_widths_are_refused(patched):
     with pytest.raises(ValueError, match=r"bits=5 is not supported; choose one of \[2, 3, 4, 8\]"):
         quantize(torch.randn(4, 64), 5)
     with pytest.raises(ValueError, match=r"bits=1 is not supported"):
-        offload_moe.patch(tiny_model("mixtral"), budget=0.5, device="cpu", standin="quant", bits=1)
+        patched(tiny_model("mixtral"), budget=0.5, device="cpu", standin="quant", bits=1)
     with pytest.raises(ValueError, match="group_size"):
-        offload_moe.patch(tiny_model("mixtral"), budget=0.5, device="cpu", standin="quant", group_size=0)
+        patched(tiny_model("mixtral"), budget=0.5, device="cpu", standin="quant", group_size=0)
 
 
 @pytest.fixture(scope="module")
 def reference(reference_dir):
-    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(reference_dir)
+    return load_reference(reference_dir)
 
 
-def test_8_bit_standins_are_nearly_lossless_and_inside_the_budget(reference):
+@pytest.mark.slow
+def test_8_bit_standins_are_nearly_lossless_and_inside_the_budget(reference, patched):
     """Every miss served by an 8-bit copy (critical_weight 1.01: none fetched): within 0.3% of the exact bits per
     byte, while 2-bit copies cost more; the stand-ins and the slot pool fit the budget."""
     model, tokenizer = reference
-    text = stdlib_text("val", max_bytes=1500)
+    text = corpus_text("val", max_bytes=1500)
     base = bits_per_byte(model, tokenizer, text, decode=True)
     bpb = {}
     for bits in (8, 2):
-        handle = offload_moe.patch(model, budget=0.75, device="cpu", standin="quant", bits=bits, critical_weight=1.01)
+        handle = patched(model, budget=0.75, device="cpu", standin="quant", bits=bits, critical_weight=1.01)
         try:
             bpb[bits] = bits_per_byte(model, tokenizer, text, decode=True)
             s = handle.stats()
@@ -78,9 +77,10 @@ def test_8_bit_standins_are_nearly_lossless_and_inside_the_budget(reference):
     assert bpb[2] > bpb[8]
 
 
+@pytest.mark.slow
 def test_calibration_is_deterministic_for_a_seed(reference, tmp_path):
     model, tokenizer = reference
-    text = [stdlib_text("train", max_bytes=6000)]
+    text = [corpus_text("train", max_bytes=6000)]
     paths = []
     for i in range(2):
         torch.manual_seed(0)
@@ -94,13 +94,14 @@ def test_calibration_is_deterministic_for_a_seed(reference, tmp_path):
         assert torch.equal(a.standins.u[n], b.standins.u[n]) and torch.equal(a.standins.v[n], b.standins.v[n])
 
 
-def test_lowbit_copies_cross_the_link_at_their_packed_size(reference):
+@pytest.mark.slow
+def test_lowbit_copies_cross_the_link_at_their_packed_size(reference, patched):
     """standin="lowbit" (HOBBIT): nothing resident besides the slots; each non-critical miss copies the expert's
     4-bit copy (28% of its bf16 bytes) and uses it at once; the real expert follows in idle link time."""
     model, tokenizer = reference
-    text = stdlib_text("val", max_bytes=1500)
+    text = corpus_text("val", max_bytes=1500)
     base = bits_per_byte(model, tokenizer, text, decode=True)
-    handle = offload_moe.patch(model, budget=0.25, device="cpu", standin="lowbit", bits=4, critical_weight=1.01,
+    handle = patched(model, budget=0.25, device="cpu", standin="lowbit", bits=4, critical_weight=1.01,
                                prefetch=None, fallback="fetch")  # fmt: skip
     try:
         bpb = bits_per_byte(model, tokenizer, text, decode=True)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fairness import EngineModel, Request, make_workload, simulate
-from fairness.records import RequestRecord, paper_window_diffs, record_metrics
+from fairness.measure.records import RequestRecord, paper_window_diffs, record_metrics
 
 
 def test_record_metrics_by_hand():
@@ -50,10 +50,11 @@ def test_simulated_records_add_up_to_the_simulators_service():
     assert m.metrics["ttft_p50_s"] == pytest.approx(res.metrics["ttft_p50_s"])
 
 
+@pytest.mark.served
 def test_loadgen_command_line_against_a_live_server(reference_dir, tmp_path):
-    from fairness.loadgen import main
     from fairness.serve import BackgroundServer, build_engine
-    from fairness.server import create_app
+    from fairness.serving.server import create_app
+    from lab.loadgen import main
 
     trace = tmp_path / "trace.jsonl"
     rows = [{"client": c, "arrival_s": t, "input_tokens": 8, "output_tokens": 6} for t, c in enumerate("abab")]
@@ -74,6 +75,6 @@ def test_loadgen_command_line_against_a_live_server(reference_dir, tmp_path):
     with pytest.raises(ValueError, match="speedup must be > 0"):
         import asyncio
 
-        from fairness.loadgen import replay
+        from lab.loadgen import replay
 
         asyncio.run(replay(url, "m", [Request("a", 0, 1, 1)], speedup=0))

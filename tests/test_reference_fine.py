@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import FINE_MODEL_DIR, REFERENCE_MODEL_DIR, REPO
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
+from transformers import Qwen2MoeForCausalLM
 
-import offload_moe
-from offload_moe.evaluate import bits_per_byte
-from offload_moe.reference import stdlib_text
+from lab.evaluate import bits_per_byte
+from lab.reference import corpus_text
+from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR, REPO, load_reference
 
 
 def _card_script():
@@ -23,8 +22,7 @@ def _card_script():
 
 @pytest.fixture(scope="module")
 def fine(fine_dir):
-    model = AutoModelForCausalLM.from_pretrained(fine_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(fine_dir)
+    return load_reference(fine_dir)
 
 
 def test_loads_offline_in_the_fine_grained_geometry(fine, fine_dir):
@@ -40,20 +38,20 @@ def test_loads_offline_in_the_fine_grained_geometry(fine, fine_dir):
 
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
 @pytest.mark.parametrize("budget", [0.125, 0.5])
-def test_offloading_the_fine_model_is_lossless_and_keeps_the_shared_expert(fine, budget, impl):
+def test_offloading_the_fine_model_is_lossless_and_keeps_the_shared_expert(fine, budget, impl, patched):
     """Float32 rounding only, and the same generated tokens: a token's six expert outputs are added in the order
     their slots come (with two experts, as in Mixtral, the order cannot change the sum; with six it can), below one
     layer's experts (1/8: 48 slots for 64) a layer runs in waves that each add a partial sum, and grouped_mm's CPU
     kernel blocks rows by group offsets, which move with the slots."""
     model, tokenizer = fine
     model.set_experts_implementation(impl)
-    ids = torch.tensor(tokenizer(stdlib_text("val", max_bytes=4000))["input_ids"])
+    ids = torch.tensor(tokenizer(corpus_text("val", max_bytes=4000))["input_ids"])
     prompt, batch = ids[:400][None], torch.stack([ids[400:440], ids[500:540]])
     shared = {n: p for n, p in model.named_parameters() if "shared_expert" in n}
     with torch.no_grad():
         ref_logits = model(prompt).logits
         ref_tokens = model.generate(batch, max_new_tokens=10, do_sample=False)
-    handle = offload_moe.patch(model, budget=budget, device="cpu")
+    handle = patched(model, budget=budget, device="cpu")
     try:
         with torch.no_grad():
             logits = model(prompt).logits
@@ -73,9 +71,8 @@ def test_offloading_the_fine_model_is_lossless_and_keeps_the_shared_expert(fine,
 def test_card_numbers_are_reproduced_by_the_card_script(model_dir):
     """The routing table (router and load entropy, usage skew per layer) and the 64 kB held-out bits per byte."""
     card = json.loads((model_dir / "card.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    text = stdlib_text("val", max_bytes=64_000)  # the card's routing table reads the first 8192 tokens of it
+    model, tokenizer = load_reference(model_dir)
+    text = corpus_text("val", max_bytes=64_000)  # the card's routing table reads the first 8192 tokens of it
     assert bits_per_byte(model, tokenizer, text) == pytest.approx(card["held_out_64k_bits_per_byte"], abs=2e-4)
     for ours, theirs in zip(_card_script().router_stats(model, tokenizer, text), card["routers"], strict=True):
         assert ours["router_entropy"] == pytest.approx(theirs["router_entropy"], abs=2e-4)

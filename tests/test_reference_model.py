@@ -2,25 +2,24 @@
 
 import pytest
 import torch
-from conftest import DEVICES
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
+from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 import offload_moe
-from offload_moe.evaluate import bits_per_byte
-from offload_moe.reference import stdlib_text
+from lab.evaluate import bits_per_byte
+from lab.reference import corpus_text
+from tests.helpers import DEVICES, load_reference
 
 
 @pytest.fixture(scope="module")
 def reference(reference_dir):
-    model = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(reference_dir)
+    model, tokenizer = load_reference(reference_dir)
     return model, tokenizer
 
 
 @pytest.fixture(scope="module")
 def held_out_ids(reference):
     _, tokenizer = reference
-    return torch.tensor(tokenizer(stdlib_text("val", max_bytes=8000))["input_ids"])
+    return torch.tensor(tokenizer(corpus_text("val", max_bytes=8000))["input_ids"])
 
 
 def test_loads_offline_like_a_hub_checkpoint(reference, reference_dir):
@@ -36,14 +35,14 @@ def test_loads_offline_like_a_hub_checkpoint(reference, reference_dir):
 
 def test_held_out_bits_per_byte(reference):
     model, tokenizer = reference
-    bpb = bits_per_byte(model, tokenizer, stdlib_text("val", max_bytes=32_000))
+    bpb = bits_per_byte(model, tokenizer, corpus_text("val", max_bytes=32_000))
     assert bpb < 1.6
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("budget", [0.0625, 0.25, 0.5, 1.0])
-def test_offloading_the_reference_model_is_lossless(reference, held_out_ids, budget, impl, device):
+def test_offloading_the_reference_model_is_lossless(reference, held_out_ids, budget, impl, device, patched):
     """On CPU, eager and batched_mm give bit-identical logits (top-2 sums are order-free); grouped_mm's CPU kernel
     blocks rows by group offsets, which change when experts sit in other slots: float32 rounding only. On CUDA the
     library may pick other GEMM kernels for slot views than for the original tensors: float32 rounding only."""
@@ -54,7 +53,7 @@ def test_offloading_the_reference_model_is_lossless(reference, held_out_ids, bud
     with torch.no_grad():
         ref_logits = model(long_prompt).logits
         ref_tokens = model.generate(batch, max_new_tokens=12, do_sample=False)
-    handle = offload_moe.patch(model, budget=budget, device=device)
+    handle = patched(model, budget=budget, device=device)
     try:
         with torch.no_grad():
             logits = model(long_prompt).logits

@@ -10,11 +10,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fairness import Request
-from fairness.loadgen import replay
-from fairness.records import record_metrics
+from fairness.core.driver import OracleUnavailableError
+from fairness.measure.records import record_metrics
 from fairness.serve import BackgroundServer, build_engine
-from fairness.served_bench import OUTPUT, PROMPT, measure_capacity
-from fairness.server import create_app, load_tenants
+from fairness.serve import main as serve_main
+from fairness.serving.compat import is_registered
+from fairness.serving.server import create_app, load_tenants
+from lab.loadgen import replay
+from lab.served_bench import OUTPUT, PROMPT, measure_capacity
+
+pytestmark = pytest.mark.served
 
 MODEL = "reference-moe"
 
@@ -112,6 +117,8 @@ def test_a_client_that_leaves_mid_stream_is_cancelled_and_its_cache_freed(server
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
     outcomes = {s.labels["outcome"] for s in families["fairness_requests"].samples if s.labels.get("client") == "dave"}
     assert "cancelled" in outcomes
+    gauges = {f.name: f.samples[0].value for f in families.values() if f.name.startswith("fairness_requests_")}
+    assert gauges["fairness_requests_running"] == 0 and gauges["fairness_requests_queued"] == 0  # not stuck at 1
     assert _client(url).completions.create(model=MODEL, prompt="ok", max_tokens=2).usage.completion_tokens >= 1
 
 
@@ -152,9 +159,19 @@ def test_shutdown_drains_what_is_in_flight(reference_dir):
         await asyncio.to_thread(srv.stop)
         return await task
 
+    scheduler_type = engine.scheduler_type
+    assert is_registered(scheduler_type)
     result = asyncio.run(run())
     assert result.usage.completion_tokens == 24  # drained, not cut
     assert not srv.thread.is_alive() and not engine.manager.is_running()
+    assert not is_registered(scheduler_type)  # transformers' scheduler table holds no entry per stopped engine
+
+
+def test_an_oracle_policy_is_refused_before_serving(reference_dir):
+    with pytest.raises(OracleUnavailableError, match="only a simulation knows"):
+        build_engine(reference_dir, "vtc-oracle", device="cpu")
+    with pytest.raises(SystemExit, match="only a simulation knows"):
+        serve_main([str(reference_dir), "--policy", "vtc-oracle", "--device", "cpu"])
 
 
 def test_vtc_keeps_a_light_client_from_starving_on_the_real_engine(reference_dir):

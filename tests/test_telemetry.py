@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fairness import telemetry
-from fairness.telemetry import Telemetry
+from fairness.core import telemetry
+from fairness.core.telemetry import Telemetry
 
 
 class FakeNVML:

@@ -6,12 +6,12 @@ import time
 
 import pytest
 import torch
-from conftest import DEVICES
 
-from offload_moe.cache import ExpertCache
-from offload_moe.eviction import LRU
-from offload_moe.store import HostStore
-from offload_moe.transfer import EmulatedLink, TransferEngine
+from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.eviction import LRU
+from offload_moe.runtime.store import HostStore
+from offload_moe.runtime.transfer import EmulatedLink, TransferEngine
+from tests.helpers import DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)

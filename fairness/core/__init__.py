@@ -1,0 +1,1 @@
+"""Policies and the state they keep: requests, the plug-in API and its driver, ledgers, VTC and Equinox."""

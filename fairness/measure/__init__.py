@@ -1,0 +1,1 @@
+"""Fairness and latency measures, from per-request records."""

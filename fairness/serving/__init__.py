@@ -1,0 +1,1 @@
+"""Serving: a fairness policy as transformers' continuous-batching scheduler, and its HTTP front."""

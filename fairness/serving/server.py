@@ -1,0 +1,264 @@
+"""The OpenAI-compatible HTTP layer of `fairness.serve` (FastAPI): completions and chat completions (streamed as
+server-sent events or not), models, health and Prometheus metrics. Bad input gets an OpenAI-style error body and a
+4xx status; the server keeps serving.
+
+The client a request is charged to: the API key's tenant when a tenants file is given (then a missing or unknown
+key is refused with 401), else the request's `user` field, else "anonymous".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fairness.extras import missing
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+except ImportError as e:
+    raise missing("serve", e) from e
+
+from fairness.serving.cb_scheduler import Client
+from fairness.serving.engine import ServingEngine, Stream
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class ApiError(Exception):
+    """An OpenAI-style error: `status`, `message`, `type`, `code`, `param`."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type_: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    weight: float = 1.0
+
+
+def load_tenants(path: str) -> dict[str, Tenant]:
+    """A JSON object mapping API keys to {"name": ..., "weight": ...} (weight optional, default 1)."""
+    try:
+        raw = json.loads(open(path, encoding="utf-8").read())
+        tenants = {key: Tenant(str(v["name"]), float(v.get("weight", 1.0))) for key, v in raw.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: not a tenants file ({type(e).__name__}: {e}); expected "
+                         '{"<api key>": {"name": "<tenant>", "weight": 1.0}, ...}') from e  # fmt: skip
+    if any(t.weight <= 0 for t in tenants.values()):
+        raise ValueError(f"{path}: tenant weights must be > 0")
+    return tenants
+
+
+def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, max_tokens_limit: int = 512,
+               drain_s: float = 30.0) -> FastAPI:  # fmt: skip
+    """The FastAPI application serving `engine`; it starts the engine on startup and drains it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop(drain_s)
+
+    app = FastAPI(title="fairness.serve", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.healthy
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
+                                            "owned_by": "fairness.serve"}]}  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        client, body = _client(request, tenants), await _json(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not all(0 <= t < engine.vocab_size for t in prompt):
+                raise ApiError(400, f"token ids must be in [0, {engine.vocab_size})", "invalid_value", "prompt")
+            ids = list(prompt)  # token ids, as the OpenAI API allows
+        elif isinstance(prompt, str) and prompt:
+            ids = engine.encode_prompt(prompt)
+        else:
+            raise ApiError(400, "'prompt' is required: a non-empty string or list of token ids", "missing_prompt",
+                           "prompt")  # fmt: skip
+        return await _serve(engine, body, client, ids, "text_completion", max_tokens_limit)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        client, body = _client(request, tenants), await _json(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+            raise ApiError(400, "'messages' is required: a non-empty list of {role, content} objects with string "
+                           "content", "missing_messages", "messages")  # fmt: skip
+        return await _serve(engine, body, client, engine.encode_chat(messages), "chat.completion", max_tokens_limit)
+
+    return app
+
+
+def _is_message(m: Any) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+
+def _client(request: Request, tenants: dict[str, Tenant] | None) -> Client:
+    """The tenant of the request's API key (tenants given), else None: the body's `user` decides (see _serve)."""
+    if tenants is None:
+        return Client(arrival=time.monotonic())
+    auth = request.headers.get("authorization", "")
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    tenant = tenants.get(key)
+    if tenant is None:
+        raise ApiError(401, "missing or unknown API key: pass one of the tenants' keys as 'Authorization: Bearer "
+                       "<key>'", "invalid_api_key")  # fmt: skip
+    return Client(tenant.name, tenant.weight, time.monotonic())
+
+
+async def _json(request: Request) -> dict:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", "invalid_json") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", "invalid_json")
+    return body
+
+
+def _check(engine: ServingEngine, body: dict, prompt_len: int, limit: int) -> int:
+    """Validate the common parameters; returns max_tokens."""
+    model = body.get("model")
+    if model != engine.model_name:
+        raise ApiError(404, f"the model {model!r} does not exist; this server serves {engine.model_name!r}",
+                       "model_not_found", "model")  # fmt: skip
+    if not engine.accepting:
+        raise ApiError(503, "the server is shutting down", "unavailable", type_="server_error")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 < max_tokens <= limit:
+        raise ApiError(400, f"max_tokens must be an integer in [1, {limit}], got {max_tokens!r}", "invalid_value",
+                       "max_tokens")  # fmt: skip
+    if prompt_len + max_tokens > engine.context_length:
+        raise ApiError(400, f"this model's maximum context length is {engine.context_length} tokens; the request "
+                       f"needs {prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to complete)",
+                       "context_length_exceeded", "messages" if "messages" in body else "prompt")  # fmt: skip
+    temperature, top_p, n = body.get("temperature"), body.get("top_p"), body.get("n", 1)
+    if temperature not in (None, 0, 0.0) or top_p not in (None, 1, 1.0) or n != 1:
+        raise ApiError(400, "this server decodes greedily, one choice per request: leave temperature and top_p "
+                       "unset (or 0 and 1) and n at 1", "unsupported_parameter")  # fmt: skip
+    return max_tokens
+
+
+async def _serve(engine: ServingEngine, body: dict, client: Client, ids: list[int], kind: str, limit: int) -> Response:
+    max_tokens = _check(engine, body, len(ids), limit)
+    if client.name == "anonymous" and isinstance(body.get("user"), str) and body["user"]:
+        client = Client(body["user"], client.weight, client.arrival)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of non-empty strings", "invalid_value", "stop")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be true or false", "invalid_value", "ignore_eos")
+    response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    stream = engine.submit(ids, client, max_tokens, ignore_eos)
+    if body.get("stream"):
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_sse(engine, stream, stop, response_id, kind, len(ids), usage),
+                                 media_type="text/event-stream")  # fmt: skip
+    try:
+        parts = [part async for part in _text(engine, stream, stop)]
+    finally:
+        stream.close()
+    text = "".join(delta for delta, _, _ in parts)
+    _, reason, generated = parts[-1] if parts else ("", None, 0)
+    if reason == "error":
+        raise ApiError(500, "generation failed", "generation_error", type_="server_error")
+    choice = (
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        if kind == "chat.completion"
+        else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+    )
+    return JSONResponse({"id": response_id, "object": kind, "created": int(time.time()), "model": engine.model_name,
+                         "choices": [choice], "usage": _usage(len(ids), generated)})  # fmt: skip
+
+
+async def _text(engine: ServingEngine, stream: Stream, stop: list[str]):
+    """(new text, finish reason or None, tokens generated) as tokens arrive; cuts at a stop string (which ends the
+    request) and holds back an incomplete UTF-8 character."""
+    sent = ""
+    async for piece in stream:
+        text = engine.decode(piece.tokens)
+        hit = min((text.find(s) for s in stop if s in text), default=-1)
+        if hit >= 0:
+            yield text[len(sent) : hit], "stop", len(piece.tokens)
+            return
+        if not piece.finished:
+            text = text.rstrip("\ufffd")
+        yield text[len(sent) :], piece.finish_reason, len(piece.tokens)
+        sent = text
+        if piece.finished:
+            return
+
+
+async def _sse(engine: ServingEngine, stream: Stream, stop: list[str], response_id: str, kind: str, prompt_len: int,
+               usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+    created, total, first = int(time.time()), 0, True
+    model = engine.model_name
+
+    def event(choice: dict) -> str:
+        data = {"id": response_id, "object": chunk_kind, "created": created, "model": model, "choices": [choice]}
+        return f"data: {json.dumps(data)}\n\n"
+
+    try:
+        async for delta, reason, generated in _text(engine, stream, stop):
+            total = generated
+            if kind == "chat.completion":
+                content = {"role": "assistant", "content": delta} if first else {"content": delta}
+                yield event({"index": 0, "delta": content, "finish_reason": reason})
+            else:
+                yield event({"index": 0, "text": delta, "finish_reason": reason, "logprobs": None})
+            first = False
+    finally:
+        stream.close()  # synchronous: also runs when the client went away and this task is cancelled
+    if usage:
+        data = {"id": response_id, "object": chunk_kind, "created": created, "model": model, "choices": [],
+                "usage": _usage(prompt_len, total)}  # fmt: skip
+        yield f"data: {json.dumps(data)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,1 @@
+"""The continuous-batching engine simulator and the workloads it runs."""

@@ -1,0 +1,230 @@
+"""The offloading part of `make bench`: decode and prefill speed and held-out bits per byte of the reference models
+(Mixtral-shaped and fine-grained) with their experts offloaded, side by side with the fully resident model, under one
+(emulated, on CPU) host-to-device link and host; plus each stand-in kind's own quality.
+
+    python -m lab.offload_bench [--mode quick|default|full|cw-sweep] [--models mixtral,fine] [--out bench-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from lab.evaluate import bits_per_byte
+from lab.offload_plots import plot_offload
+from lab.offload_report import print_quality, print_table
+from lab.reference import corpus_text, model_dir
+from lab.standin_quality import standin_quality
+from offload_moe.blocks import moe_blocks
+from offload_moe.calibration import calibrate
+from offload_moe.patch import patch, resolve_device
+from offload_moe.runtime.host import EmulatedHost
+from offload_moe.runtime.transfer import EmulatedLink
+
+COPY_TO_LAYER_RATIO = 15.0  # Mixtral-8x7B on PCIe 4.0: one expert copy takes ~15x one layer's decode compute
+HOST_TO_LINK_BANDWIDTH = 2.6  # dual-channel DDR5 (~65 GB/s) over PCIe 4.0 x16 (~25 GB/s)
+CROSSOVER_TOKENS = 40  # computing an expert on the host costs as much as copying it at ~40 tokens (Fiddler's model)
+MODELS = {"mixtral": Path("examples/reference-moe"), "fine": Path("examples/reference-moe-fine")}
+DTYPE = torch.bfloat16  # the dtype deployments use: every byte counted is a deployment byte
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    budget: float | None  # None: the unpatched model, every expert resident
+    options: dict = field(default_factory=dict)  # patch() keywords besides link, host and calibration
+
+
+LRU = {"fallback": "fetch", "prefetch": None}
+LOOKAHEAD = {"fallback": "fetch", "prefetch": "lookahead"}
+AUTO = {"fallback": "auto", "prefetch": None}
+
+
+SHORT = {"resident", "patched-1.0", "lru", "auto", "lookahead+buddy", "auto+lowbit4", "auto+mixed", "auto+mixed-fast"}
+LEAN = {"resident", "patched-1.0", "lru", "host", "auto", "auto+quant2", "auto+lowbit4", "auto+mixed",
+        "auto+mixed-fast"}  # fmt: skip
+
+
+def configs(mode: str, model: str) -> list[Config]:
+    """The configurations of a mode for one model, in table order: "full" runs every configuration at budgets 1/4
+    and 1/2 on the Mixtral-shaped model; "default" the LEAN list at 1/4 (the slow lossless and lookahead rows are
+    left to full); the fine-grained model and "quick" the SHORT list at 1/4; "cw-sweep" the critical_weight sweep of
+    the quantised stand-ins at 1/4."""
+    if mode == "cw-sweep":
+        out = [Config("resident", None), Config("auto", 0.25, AUTO)]
+        for cw in (0.5, 0.7, 0.9, 1.01):
+            out += [Config(f"auto+quant2 cw{cw}", 0.25, {**AUTO, "standin": "quant", "bits": 2, "critical_weight": cw}),
+                    Config(f"auto+mixed cw{cw}", 0.25, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
+                                                        "critical_weight": cw})]  # fmt: skip
+        return out
+    out = [Config("resident", None), Config("patched-1.0", 1.0)]
+    for b in (0.25, 0.5) if mode == "full" else (0.25,):
+        out += [Config("lru", b, LRU), Config("lookahead", b, LOOKAHEAD)]
+        out += [Config("host", b, {"fallback": "host", "prefetch": None}), Config("auto", b, AUTO)]
+        out += [Config(f"lookahead+{s}", b, {**LOOKAHEAD, "standin": s}) for s in ("drop", "buddy", "lowrank")]
+        out += [Config("auto+quant2", b, {**AUTO, "standin": "quant", "bits": 2})]
+        out += [Config(f"{f}+lowbit4", b, {**o, "standin": "lowbit", "bits": 4}) for f, o in (("lru", LRU),
+                                                                                          ("auto", AUTO))]  # fmt: skip
+        out += [Config("auto+mixed", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.15})]
+        out += [Config("auto+mixed-fast", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
+                                              "critical_weight": 0.9})]  # fmt: skip
+    if mode == "full" and model != "fine":
+        return out
+    keep = LEAN if mode == "default" and model != "fine" else SHORT
+    return [c for c in out if c.name in keep and c.budget in (None, 1.0, 0.25)]
+
+
+@torch.no_grad()
+def prefill_speed(model, prompts: list[torch.Tensor]) -> float:
+    t0 = time.perf_counter()
+    for ids in prompts:
+        model(input_ids=ids, cache=DynamicCache(), use_cache=True)
+    return sum(p.numel() for p in prompts) / (time.perf_counter() - t0)
+
+
+def decode_speed_and_bpb(model, tokenizer, text: str) -> tuple[float, float, int]:
+    """Teacher-forced decoding of `text`, one token at a time: (tokens/s, bits per byte, tokens decoded)."""
+    n = len(tokenizer(text)["input_ids"])
+    t0 = time.perf_counter()
+    bpb = bits_per_byte(model, tokenizer, text, decode=True)
+    return n / (time.perf_counter() - t0), bpb, n
+
+
+def calibrate_link(model, tokenizer, text: str, expert_bytes: int) -> tuple[float, float]:
+    """Link speed at which copying one expert takes COPY_TO_LAYER_RATIO x one layer's decode compute."""
+    speed, _, _ = decode_speed_and_bpb(model, tokenizer, text)
+    layer_s = 1.0 / speed / len(moe_blocks(model))
+    return expert_bytes / (COPY_TO_LAYER_RATIO * layer_s) / 1e9, layer_s
+
+
+def emulated_host(link: EmulatedLink, expert_bytes: int, expert_params: int) -> EmulatedHost:
+    """A host with HOST_TO_LINK_BANDWIDTH x the link's bandwidth whose compute equals one copy at CROSSOVER_TOKENS."""
+    copy_s = link.seconds(expert_bytes)
+    flops = 2 * expert_params * CROSSOVER_TOKENS / copy_s
+    return EmulatedHost(gbps=HOST_TO_LINK_BANDWIDTH * link.gbps, gflops=flops / 1e9)
+
+
+def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
+    """Every configuration of the mode on one model: one JSON-ready dict."""
+    device = resolve_device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(corpus_text("val", max_bytes=args.prompts * 4000), return_tensors="pt")["input_ids"][0]
+    prompts = [ids[i * args.prompt_len : (i + 1) * args.prompt_len][None].to(device) for i in range(args.prompts)]
+    eval_text = corpus_text("val", max_bytes=args.eval_bytes)
+    blocks = moe_blocks(model)
+    experts = [getattr(b.experts, n) for b in blocks for n in b.expert_param_names()]
+    n_experts = len(blocks) * blocks[0].num_experts
+    all_bytes = sum(p.numel() * p.element_size() for p in experts)
+    expert_bytes, expert_params = all_bytes // n_experts, sum(p.numel() for p in experts) // n_experts
+    calibration = args.out / f"calibration-{name}.safetensors"
+    calibrate(model, [corpus_text("train", max_bytes=120_000)], tokenizer, path=calibration)  # train split only
+    quality = standin_quality(model, tokenizer, calibration, corpus_text("val", max_bytes=args.quality_bytes))
+    link, host, layer_s = None, None, None
+    if device.type == "cpu":  # emulated: calibrated to this machine's own compute
+        gbps, layer_s = calibrate_link(model, tokenizer, eval_text[: len(eval_text) // 4], expert_bytes)
+        link = EmulatedLink(gbps=args.link_gbps or gbps)
+        host = emulated_host(link, expert_bytes, expert_params)
+    runs = []
+    for cfg in tqdm(configs(args.mode, name), desc=f"offload configs ({name})", unit="cfg"):
+        runs.append(run_config(model, tokenizer, cfg, device, link, host, calibration, prompts, eval_text, all_bytes))
+    return {
+        "model": name, "path": str(path), "dtype": str(DTYPE).removeprefix("torch."), "device": str(device),
+        "layers": len(blocks), "experts": blocks[0].num_experts, "top_k": blocks[0].top_k,
+        "link": {"emulated": link is not None, "gbps": link.gbps if link else None,
+                 "copy_to_layer_ratio": COPY_TO_LAYER_RATIO if link else None, "layer_decode_seconds": layer_s},
+        "host": ({"emulated": True, "gbps": host.gbps, "gflops": host.gflops,
+                  "host_to_link_bandwidth": HOST_TO_LINK_BANDWIDTH, "crossover_tokens": CROSSOVER_TOKENS}
+                 if host is not None else {"emulated": False, "cpu": platform.processor()}),
+        "expert_bytes": expert_bytes, "expert_bytes_bf16": all_bytes * 2 // experts[0].element_size(),
+        "eval_bytes": len(eval_text.encode()), "eval_tokens": len(tokenizer(eval_text)["input_ids"]),
+        "prompts": args.prompts, "prompt_tokens": args.prompt_len, "standin_quality": quality, "runs": runs,
+    }  # fmt: skip
+
+
+def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, prompts, eval_text, all_bytes) -> dict:
+    handle = None
+    if cfg.budget is not None:
+        needs_calibration = cfg.options.get("standin") in ("buddy", "lowrank", "mixed")
+        handle = patch(model, budget=cfg.budget, device=device, link=link, host=host,
+                       calibration=calibration if needs_calibration else None, **cfg.options)  # fmt: skip
+    try:
+        prefill = prefill_speed(model, prompts)
+        if handle:
+            handle.reset_stats()
+        decode, bpb, tokens = decode_speed_and_bpb(model, tokenizer, eval_text)
+        s = handle.stats() if handle else None
+    finally:
+        if handle:
+            handle.unpatch()
+    per_token = lambda v: v / tokens if s else 0.0  # noqa: E731
+    return {
+        "name": cfg.name, "budget": cfg.budget if cfg.budget is not None else 1.0, **cfg.options,
+        "decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill, "bits_per_byte": bpb,
+        "hit_rate": s.hit_rate if s else 1.0, "misses_per_token": per_token(s.misses if s else 0),
+        "substituted_per_token": per_token(s.substituted if s else 0),
+        "host_per_token": per_token(s.host_jobs if s else 0), "copies_per_token": per_token(s.copies if s else 0),
+        "lowbit_copies_per_token": per_token(s.lowbit_copies if s else 0),
+        "bytes_per_token": per_token(s.bytes_copied if s else 0), "stall_seconds": s.stall_seconds if s else 0.0,
+        "host_wait_seconds": s.host_wait_seconds if s else 0.0, "slots": s.slots if s else None,
+        "standin_bytes": s.standin_bytes if s else 0,
+        "device_expert_bytes": s.resident_bytes if s else all_bytes,  # slot pool plus stand-ins, real sizes
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--mode",
+        choices=["quick", "default", "full", "cw-sweep"],
+        default="default",
+        help="how much to measure (see configs())",
+    )
+    ap.add_argument("--models", help=f"comma-separated, from {sorted(MODELS)} (default: mixtral; both with full)")
+    ap.add_argument("--model", type=Path, default=None, help="one model directory instead of the reference models")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--link-gbps", type=float, default=None, help="emulated link speed (default: calibrated)")
+    ap.add_argument("--prompts", type=int, default=None, help="prefill prompts (default: the mode's)")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--eval-bytes", type=int, default=None, help="held-out text decoded per config (mode's)")
+    ap.add_argument("--quality-bytes", type=int, default=None, help="held-out text of the stand-in quality table")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = ap.parse_args(argv)
+    args.prompts = args.prompts or {"quick": 1, "default": 2, "full": 2, "cw-sweep": 1}[args.mode]
+    args.quality_bytes = args.quality_bytes or {"quick": 4000, "default": 4000}.get(args.mode, 16_000)
+    args.eval_bytes = args.eval_bytes or {"quick": 500, "default": 500, "full": 700, "cw-sweep": 700}[args.mode]
+    names = args.models or ("mixtral,fine" if args.mode in ("full", "cw-sweep") else "mixtral")
+    unknown = [m for m in names.split(",") if m and m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; choose from {sorted(MODELS)}, or pass --model DIR")
+    chosen = {"custom": args.model} if args.model else {m: MODELS[m] for m in names.split(",") if m}
+    try:
+        for path in chosen.values():
+            model_dir(path)
+    except (FileNotFoundError, KeyError) as e:
+        raise SystemExit(str(e)) from e
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "mode": args.mode, "decode": "teacher-forced, one token at a time through the KV cache, over held-out "
+              "text", "models": [run_model(name, path, args) for name, path in chosen.items()]}  # fmt: skip
+    result["seconds"] = time.time() - t0
+    (args.out / "offload.json").write_text(json.dumps(result, indent=1, default=str))
+    for m in result["models"]:
+        print_table(m)
+        print_quality(m)
+    pngs = plot_offload(result, args.out)
+    print(f"wrote {args.out / 'offload.json'}, " + ", ".join(str(p) for p in pngs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""`python -m lab.results_doc [bench-results] [docs/results.md]`: the results document, generated from the benches'
+JSON so that no number is typed by hand. `make bench` runs it last; plots are copied next to the document."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def offload_section(doc: dict) -> list[str]:
+    out = [f"## Offloading (`{doc['mode']}` mode; {doc['machine']}; {doc['decode']})", ""]
+    for m in doc["models"]:
+        link, host = m["link"], m["host"]
+        out += [
+            f"### {m['model']}: {m['layers']} layers x {m['experts']} experts, top-{m['top_k']}, {m['dtype']}, "
+            f"on {m['device']}",
+            "",
+            f"Link {'EMULATED' if link['emulated'] else 'real'}: {link['gbps']:.4f} GB/s (one expert copy = "
+            f"{link.get('copy_to_layer_ratio', float('nan')):.0f}x a layer's decode compute); host compute "
+            f"{'EMULATED' if host['emulated'] else 'real'} at {host.get('host_to_link_bandwidth', float('nan'))}x the "
+            f"link's bandwidth. {m['eval_tokens']} held-out tokens decoded one at a time.",
+            "",
+        ]
+        runs = m["runs"]
+        lru = {r["budget"]: r["decode_tokens_per_s"] for r in runs if r["name"] == "lru"}
+        resident = next((r for r in runs if r["name"] == "resident"), None)
+        rows = []
+        for r in runs:
+            base = lru.get(r["budget"])
+            bpb = (r["bits_per_byte"] / resident["bits_per_byte"] - 1) * 100 if resident else None
+            rows.append([
+                f"`{r['name']}`", _fmt(r["budget"]), _fmt(r["decode_tokens_per_s"], 1),
+                _fmt(r["decode_tokens_per_s"] / base) if base else "-", _fmt(r["prefill_tokens_per_s"], 0),
+                _fmt(r["bits_per_byte"], 4), (f"{bpb:+.2f}%" if bpb is not None else "-"), _fmt(r["hit_rate"]),
+                _fmt(r["misses_per_token"]), _fmt(r["substituted_per_token"]), _fmt(r["bytes_per_token"] / 1024, 0),
+            ])  # fmt: skip
+        out += _table(["config", "budget", "decode tok/s", "x lru", "prefill tok/s", "bits/byte", "vs resident",
+                       "hit rate", "misses/token", "substituted/token", "KB copied/token"], rows)  # fmt: skip
+        quality = m.get("standin_quality")
+        if quality:
+            out += ["", "Each stand-in kind's own quality, with **every** expert replaced by its stand-in:", ""]
+            rows = [[k, _fmt(v["bits_per_byte"], 4), f"{100 * v['relative']:+.1f}%"] for k, v in quality.items()]
+            out += _table(["kind", "bits/byte", "vs resident"], rows)
+        for plot in (f"offload-{m['model']}-speed-vs-budget.png", f"offload-{m['model']}-bits-vs-speed.png"):
+            out += ["", f"![{plot}]({plot})"]
+        out.append("")
+    return out
+
+
+FAIRNESS_MEASURES = [("max_service_diff", "max service diff", 0), ("jain", "Jain", 3),
+                     ("throughput_tok_s", "out tok/s", 0), ("ttft_p50_s", "TTFT p50 s", 2),
+                     ("ttft_p99_s", "TTFT p99 s", 2), ("decision_us", "decision us", 1)]  # fmt: skip
+
+
+def fairness_section(doc: dict) -> list[str]:
+    out = [f"## Fair scheduling, SIMULATED engine (`{doc['mode']}` mode)", ""]
+    for name, w in doc["workloads"].items():
+        policies = {k: v for k, v in w.items() if isinstance(v, dict) and "metrics" in v}
+        out += [f"### {name} (engine `{w.get('engine', '?')}`)", ""]
+        rows = [[f"`{p}`", *(_fmt(v["metrics"].get(k), d) for k, _, d in FAIRNESS_MEASURES)]
+                for p, v in policies.items()]  # fmt: skip
+        out += _table(["policy", *(t for _, t, _ in FAIRNESS_MEASURES)], rows) + [""]
+    paper = doc.get("vtc_paper")
+    if paper:
+        out += [f"### The VTC paper's workloads (preset `{paper['preset']}`), simulated beside the artifact's runs", ""]
+        rows = []
+        for wname, pols in paper["workloads"].items():
+            for p, v in pols.items():
+                ref = (v.get("paper") or {}).get("acc_service_diff")
+                rows.append([wname, f"`{p}`", _fmt(v["sim"]["acc_service_diff"], 0), _fmt(ref, 0),
+                             _fmt(v["sim"]["throughput_in_out_tok_s"], 0), _fmt(v.get("ratio_to_2U"))])  # fmt: skip
+        out += _table(["workload", "policy", "acc. service diff (sim)", "(artifact)", "in+out tok/s", "worst / 2U"],
+                      rows) + [""]  # fmt: skip
+    preds = doc.get("predictors", {}).get("models", {})
+    if preds:
+        out += ["### Output-length predictors (L1 error on held-out simulator logs)", ""]
+        out += _table(["predictor", "output tokens L1"],
+                      [[k, _fmt(v["l1"].get("output_tokens"), 1)] for k, v in preds.items()]) + [""]  # fmt: skip
+    return out
+
+
+def served_section(doc: dict) -> list[str]:
+    out = [f"## Serving on the REAL engine ({doc['device']}), beside the simulator fitted to its steps", "",
+           f"Load {doc['load']}x capacity, shares {doc['shares']}, {doc['window_s']} s window.", ""]  # fmt: skip
+    for cname, c in doc["configs"].items():
+        out += [f"### {cname} (capacity {c['capacity_tok_s']:.0f} tok/s)", ""]
+        rows = []
+        for p, v in c["runs"].items():
+            real, sim = v["real"], v["sim"]
+            rows.append(
+                [
+                    f"`{p}`",
+                    _fmt(real["max_service_diff"], 0),
+                    _fmt(sim["max_service_diff"], 0),
+                    _fmt(real["ttft_p50_s"]),
+                    _fmt(sim["ttft_p50_s"]),
+                    _fmt(real["throughput_tok_s"], 0),
+                ]
+            )
+        out += _table(["policy", "max service diff (real)", "(sim)", "TTFT p50 s (real)", "(sim)", "out tok/s"],
+                      rows) + [""]  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    results = Path(args[0] if args else "bench-results")
+    target = Path(args[1] if len(args) > 1 else "docs/results.md")
+    parts = ["# Results", "",
+             f"Generated by `python -m lab.results_doc` from `{results}/*.json` (written by `make bench`); do not edit "
+             "by hand. Offloading speeds are measured on an EMULATED link and host unless a table says otherwise.",
+             ""]  # fmt: skip
+    sections = (("offload.json", offload_section), ("fairness.json", fairness_section), ("served.json", served_section))
+    for name, section in sections:
+        path = results / name
+        if path.is_file():
+            parts += section(json.loads(path.read_text()))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for png in results.glob("*.png"):
+        shutil.copy(png, target.parent / png.name)
+    target.write_text("\n".join(parts) + "\n")
+    print(f"wrote {target} from {results}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The per-call hot path: a hook on each layer's experts module makes the routed experts resident, remaps expert ids
+to slot ids and runs the stock transformers kernel on the slot pool, with the miss fallback and the prefetcher."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hooks import ModuleHook
+from offload_moe import compat
+from offload_moe.runtime.cache import ExpertCache, SlotWindow
+from offload_moe.runtime.host import HostCompute
+from offload_moe.runtime.miss_router import MissRouter
+from offload_moe.runtime.prefetch import LookaheadPrefetcher
+from offload_moe.standins.policies import LayerCall, MissFallback, MissPlan
+
+
+class ExpertsHook(ModuleHook):
+    """Wraps one layer's experts module: residency, stand-ins, slot remap, host jobs, then the stock kernel."""
+
+    def __init__(
+        self,
+        layer: int,
+        cache: ExpertCache,
+        names: list[str],
+        router: MissRouter | None,
+        standin: MissFallback | None,
+        prefetcher: LookaheadPrefetcher | None,
+        host: HostCompute | None,
+    ):
+        self.layer, self.cache, self.names = layer, cache, names
+        self.router, self.standin, self.prefetcher, self.host = router, standin, prefetcher, host
+        self._views: dict[tuple[int, int], list[torch.nn.Parameter]] = {}  # (lo, hi) -> pool views per weight
+
+    def run(
+        self,
+        module: torch.nn.Module,
+        forward: Callable,
+        hidden_states: torch.Tensor,  # [T, H]
+        top_k_index: torch.Tensor,  # [T, K] expert ids
+        top_k_weights: torch.Tensor,  # [T, K]
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        cache, layer = self.cache, self.layer
+        kernel = _Kernel(module, forward, self.names, hidden_states, args, kwargs)
+        if cache.all_resident:  # budget 1.0: a fixed window, no residency work, no host sync
+            window = cache.static_window(layer)
+            cache.count_later(layer, top_k_index)
+            return kernel.run(self._params(window), window, window.table[top_k_index], top_k_weights, masked=False)
+        needed = top_k_index.unique().tolist()
+        cache.begin_layer(layer, needed)
+        missing = {e for e in needed if not cache.is_ready((layer, e))}
+        plan = MissPlan(top_k_index, top_k_weights, missing)
+        if missing and self.standin is not None:
+            ready = cache.ready_experts(layer)
+            call = LayerCall(layer, hidden_states, top_k_index, top_k_weights, needed, missing, ready)
+            plan = self.standin.plan(call)
+            cache.record_fallback(plan.substituted, len(plan.exact))
+        routed = plan.index.unique().tolist() if plan.index is not top_k_index else needed
+        copy, jobs = plan.exact, []
+        if plan.exact and self.router is not None:  # host or auto: some exact misses are computed on the host
+            # (k positions, tokens) of each expert's pairs, in the order the stock kernels gather them
+            pairs = {e: torch.nonzero((plan.index == e).T, as_tuple=True) for e in plan.exact}
+            copy, on_host = self.router.split({e: len(tok) for e, (_, tok) in pairs.items()})
+            for e in sorted(on_host):  # submitted first: the host computes while the device does
+                pos, tok = pairs[e]
+                jobs.append(self.host.submit(layer, e, hidden_states[tok], plan.weights[tok, pos], tok))
+        pool = [e for e in routed if e not in missing or e in copy]
+        later = sorted(missing.difference(plan.exact))  # substituted: copied in the background, for the next tokens
+        out = self._on_pool(kernel, pool, plan, len(routed), later)
+        for job in jobs:
+            y, seconds = self.host.result(job)
+            self.router.observe(len(job.tokens), seconds)
+            out.index_add_(0, job.tokens, y)
+        self._warm([job.expert for job in jobs])
+        return out if plan.extra is None else out + plan.extra
+
+    def _on_pool(self, kernel: _Kernel, pool: list[int], plan: MissPlan, routed: int, later: list[int]):
+        """Run the pool's experts in waves of at most `slots` experts; [T, H] (zeros when the pool is empty)."""
+        cache = self.cache
+        if len(pool) > cache.num_slots:
+            cache.record_waves()  # more distinct experts than slots (long prefill, big batch): stream in waves
+        out = None
+        for i in range(0, len(pool), cache.num_slots):
+            wave = pool[i : i + cache.num_slots]
+            window = cache.acquire(self.layer, wave)
+            if i == 0:
+                self._look_ahead(pool, later)
+            masked = len(wave) < routed  # routed pairs outside the wave: sentinel id, weight 0
+            part = kernel.run(self._params(window), window, window.table[plan.index], plan.weights, masked)
+            cache.release(self.layer, wave)
+            out = part if out is None else out + part
+        if out is None:  # every routed pair was served by a stand-in or the host: nothing ran on the pool
+            self._look_ahead(pool, later)
+            out = torch.zeros_like(kernel.hidden)
+        return out
+
+    def _params(self, window: SlotWindow) -> list[torch.nn.Parameter]:
+        """The pool's slots [lo, hi) as Parameters (views, cached): the kernel sees hi - lo experts."""
+        key = (window.lo, window.hi)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = [
+                torch.nn.Parameter(self.cache.pool[n][window.lo : window.hi], requires_grad=False) for n in self.names
+            ]
+        return views
+
+    def _look_ahead(self, pool: list[int], later: list[int]) -> None:
+        """After the demand copies: queue the next layers' predicted experts, then this layer's substituted ones."""
+        protected = {(self.layer, e) for e in pool}
+        if self.prefetcher is not None:
+            self.prefetcher.run(self.layer, protected)
+        for e in later:  # only into idle link time: when the link is the bottleneck, these copies would cost speed
+            if self.cache.link_busy() or self.cache.load((self.layer, e), protected, speculative=True) is None:
+                break
+
+    def _warm(self, computed_on_host: list[int]) -> None:
+        """Experts computed on the host that are used more than what they would evict are copied in, in idle link
+        time, so the cache follows the workload."""
+        for e in computed_on_host:
+            key = (self.layer, e)
+            if self.cache.link_busy() or not self.cache.worth_caching(key):
+                break
+            self.cache.load(key, set(), speculative=True)
+
+
+class _Kernel:
+    """One call of the stock experts kernel, run on pool views instead of the module's own parameters."""
+
+    def __init__(self, module: torch.nn.Module, forward: Callable, names: list[str], hidden: torch.Tensor,
+                 args: tuple, kwargs: dict):  # fmt: skip
+        self.module, self.forward, self.names = module, forward, names
+        self.hidden, self.args, self.kwargs = hidden, args, kwargs
+
+    def run(
+        self,
+        params: list[torch.nn.Parameter],
+        window: SlotWindow,
+        slot_index: torch.Tensor,  # [T, K] slot ids relative to window.lo
+        weights: torch.Tensor,  # [T, K]
+        masked: bool,
+    ) -> torch.Tensor:
+        module = self.module
+        saved = compat.swap_parameters(module, dict(zip(self.names, params, strict=True)))
+        num_experts, was_parallel = module.num_experts, compat.set_expert_parallel(module, masked)
+        module.num_experts = window.hi - window.lo
+        if masked:  # the stock kernels skip sentinel ids (>= num_experts) in expert-parallel mode
+            weights = weights.masked_fill(slot_index == window.hi - window.lo, 0)
+        try:
+            return self.forward(self.hidden, slot_index, weights, *self.args, **self.kwargs)
+        finally:
+            compat.swap_parameters(module, saved)
+            module.num_experts = num_experts
+            compat.set_expert_parallel(module, was_parallel)

@@ -1,0 +1,176 @@
+"""Computing a missed expert where its weights live: on the host, from the host store, so that only its output
+(tokens x hidden) crosses the link instead of the expert (Fiddler's and kTransformers' design).
+
+A host job runs the experts module's own kernel on a one-expert twin of the module whose weights are the host
+copies, so every expert layout the hook drives is computed exactly as the device would compute it. Jobs run on a
+pool of worker threads concurrently with the device computing the layer's resident experts.
+
+An `EmulatedHost` makes every job take at least `bytes / bandwidth` (and `flops / FLOP rate`) of wall time, one job
+at a time on the host's memory, so a CPU-only machine reproduces the host-versus-link trade-off; results measured
+with it are emulated and must be reported as such.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from offload_moe import compat
+from offload_moe.runtime.store import HostStore
+
+NATIVE_FEW_TOKENS = 8  # up to this many tokens a non-native dtype is computed as is: a GEMV is memory bound
+
+
+@dataclass(frozen=True)
+class EmulatedHost:
+    """A host of `gbps` gigabytes per second of memory bandwidth and `gflops` of compute (emulated).
+
+    Computing an expert for n tokens takes at least max(expert bytes / bandwidth, n x 2 x expert parameters / FLOP
+    rate) of wall time, on top of the real compute; jobs share one memory system, so they do not overlap.
+    """
+
+    gbps: float
+    gflops: float = float("inf")
+
+    def __post_init__(self) -> None:
+        if not self.gbps > 0 or not self.gflops > 0:
+            raise ValueError(f"EmulatedHost needs gbps > 0 and gflops > 0, got {self.gbps} and {self.gflops}")
+
+    def seconds(self, nbytes: int, flops: float) -> float:
+        return max(nbytes / (self.gbps * 1e9), flops / (self.gflops * 1e9))
+
+
+@functools.cache
+def native_dtypes() -> frozenset[torch.dtype]:
+    """Dtypes this CPU multiplies in hardware: float32 always, bf16 / fp16 with AVX512 or AMX support."""
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    out = {torch.float32, torch.float64}
+    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        out.add(torch.bfloat16)
+    if {"avx512_fp16", "amx_fp16"} & set(flags):
+        out.add(torch.float16)
+    return frozenset(out)
+
+
+@dataclass
+class HostJob:
+    """One expert computed on the host for some of a call's tokens; `future` resolves to ([n, H] weighted outputs,
+    seconds the job took on its worker)."""
+
+    layer: int
+    expert: int
+    tokens: torch.Tensor  # [n] token rows of the call (on the device)
+    future: Future
+
+
+@dataclass
+class HostStats:
+    jobs: int = 0  # experts computed on the host (one job per expert and layer call)
+    tokens: int = 0  # (token, expert) pairs they served
+    seconds: float = 0.0  # worker time of those jobs
+    wait_seconds: float = 0.0  # compute thread blocked on host results (not hidden by the device's own work)
+
+
+class HostCompute:
+    """Worker threads computing experts from the host store.
+
+    threads: torch intra-op threads per worker (1 when the device is this CPU, whose cores the compute thread uses).
+    """
+
+    def __init__(
+        self,
+        store: HostStore,
+        experts_modules: list[torch.nn.Module],
+        names: list[str],
+        hidden_size: int,
+        device: torch.device,
+        emulated: EmulatedHost | None = None,
+        workers: int = 1,
+        threads: int | None = None,
+    ):
+        self.store, self.names, self.hidden_size, self.device = store, names, hidden_size, device
+        self.stats = HostStats()
+        self._twins = [one_expert_twin(m) for m in experts_modules]  # snapshots: the hook swaps the modules' weights
+        self.emulated = emulated
+        self.threads = threads or (1 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 1))
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="offload-moe-host", initializer=self._init)
+        self._lock = threading.Lock()
+        self._memory_free_at = 0.0  # the emulated host's memory is busy until then
+        self.expert_params = sum(torch.Size(s).numel() for s in store.expert_shapes.values())
+
+    def _init(self) -> None:
+        torch.set_num_threads(self.threads)
+
+    def reset_stats(self) -> None:
+        self.stats = HostStats()
+
+    def submit(self, layer: int, expert: int, x: torch.Tensor, w: torch.Tensor, tokens: torch.Tensor) -> HostJob:
+        """Compute expert `expert` of `layer` on rows x [n, H] with routing weights w [n] (both on the device)."""
+        if self.device.type == "cuda":  # only activations cross the link: [n, H] down, [n, H] up
+            x, w = x.to("cpu", non_blocking=False), w.to("cpu", non_blocking=False)
+        return HostJob(layer, expert, tokens, self._pool.submit(self._run, layer, expert, x, w))
+
+    def result(self, job: HostJob) -> tuple[torch.Tensor, float]:
+        """The job's [n, H] output on the device and the seconds it took (blocks until it is done)."""
+        t0 = time.perf_counter()
+        y, seconds = job.future.result()
+        st = self.stats
+        st.wait_seconds += time.perf_counter() - t0
+        st.jobs, st.tokens, st.seconds = st.jobs + 1, st.tokens + y.shape[0], st.seconds + seconds
+        return (y.to(self.device, non_blocking=True) if self.device.type == "cuda" else y), seconds
+
+    def _run(self, layer: int, expert: int, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
+        start = time.perf_counter()
+        if self.emulated is not None:  # reserve the emulated memory system before the real work starts
+            with self._lock:
+                begin = max(start, self._memory_free_at)
+                flops = 2.0 * self.expert_params * x.shape[0]
+                self._memory_free_at = begin + self.emulated.seconds(self.store.expert_bytes(), flops)
+                done_at = self._memory_free_at
+        y = expert_forward(self._twins[layer], self.names, self.store.expert_tensors(layer, expert), x, w)
+        if self.emulated is not None:
+            delay = done_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        return y, time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def one_expert_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of an experts module that holds one expert and runs its class's forward (no hooks)."""
+    twin = copy.copy(module)
+    twin.__dict__.pop("forward", None)  # the class's forward, not a hook's wrapper
+    twin._parameters = dict(compat.parameters(module))
+    twin.num_experts = 1
+    compat.set_expert_parallel(twin, False)
+    return twin
+
+
+def expert_forward(
+    twin: torch.nn.Module, names: list[str], weights: dict[str, torch.Tensor], x: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """w[:, None] * expert(x) for one expert whose weights are `weights[name]` (one expert's slice of each stacked
+    weight), computed by the experts module's own kernel on its one-expert `twin`: [n, H] in x's dtype."""
+    dtype = next(iter(weights.values())).dtype
+    if dtype not in native_dtypes() and x.shape[0] > NATIVE_FEW_TOKENS:
+        dtype = torch.float32  # measured on AVX2: fp32 2x faster than bf16 at 32 tokens, conversion included
+    call = copy.copy(twin)  # per call: workers run concurrently
+    call._parameters = {**twin._parameters}
+    for n in names:
+        call._parameters[n] = torch.nn.Parameter(weights[n].to(dtype).unsqueeze(0), requires_grad=False)
+    index = torch.zeros((x.shape[0], 1), dtype=torch.long, device=x.device)
+    with torch.no_grad():  # the class's forward, called directly: forward hooks on the module do not fire
+        y = type(twin).forward(call, x.to(dtype), index, w[:, None].to(dtype))
+    return y.to(x.dtype)

@@ -1,0 +1,142 @@
+"""Where a missed expert is computed: copied to the device ("fetch"), computed on the host ("host"), or whichever a
+per-miss cost model says is faster ("auto").
+
+The cost model's inputs are measured, not assumed. Host time per expert as a function of the tokens routed to it,
+a + b x tokens, comes from a short micro-benchmark at patch time (cached per machine, expert shape, dtype and thread
+count) and is refined online from every host job. Link time per copy is measured by the transfer engine on every
+copy (warm-up included), and so is the wait for the copies already on the link. For the misses of one layer call,
+most tokens first, each expert goes to whichever resource (host or link) would finish it first: a long prefill
+copies, a decode token computes on the host, and both run at once when there are many misses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offload_moe.runtime.host import HostCompute
+from offload_moe.runtime.transfer import TransferEngine
+
+BENCH_TOKENS = (1, 8, 32)  # token counts of the patch-time micro-benchmark
+BENCH_REPEATS = 3
+
+
+@dataclass
+class HostFit:
+    """Host seconds to compute one expert for n tokens: (a + b n) x scale, scale refined online."""
+
+    a: float
+    b: float
+    scale: float = 1.0
+
+    def seconds(self, tokens: int) -> float:
+        return (self.a + self.b * tokens) * self.scale
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        predicted = self.a + self.b * tokens
+        if predicted > 0:
+            self.scale = 0.9 * self.scale + 0.1 * seconds / predicted
+
+
+@dataclass
+class RouterStats:
+    host: int = 0  # missed experts the cost model sent to the host
+    copy: int = 0  # ... and to the link
+
+
+def cache_dir() -> Path:
+    """Where measured host costs are cached: $OFFLOAD_MOE_CACHE_DIR, else ~/.cache/offload_moe."""
+    return Path(os.environ.get("OFFLOAD_MOE_CACHE_DIR") or Path.home() / ".cache" / "offload_moe")
+
+
+def _cpu_name() -> str:
+    try:
+        return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                    platform.processor())  # fmt: skip
+    except OSError:
+        return platform.processor()
+
+
+def measure_host(host: HostCompute, layer: int = 0, expert: int = 0) -> HostFit:
+    """Time host jobs for BENCH_TOKENS tokens (best of BENCH_REPEATS each, through the worker pool as in use) and
+    fit a + b x tokens. Cached on disk per machine, expert shape, dtype, threads and emulation."""
+    weights = host.store.expert_tensors(layer, expert)
+    hidden = host.hidden_size
+    dtype = next(iter(weights.values())).dtype
+    shapes = sorted(host.store.expert_shapes.items())
+    key_src = json.dumps([_cpu_name(), torch.__version__, host.threads, str(dtype), shapes, repr(host.emulated)])
+    key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
+    path = cache_dir() / "host_costs.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return HostFit(*cached[key])
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for n in BENCH_TOKENS:
+        x = torch.randn(n, hidden, generator=gen).to(dtype)
+        w = torch.ones(n, dtype=dtype)
+        best = float("inf")
+        for _ in range(BENCH_REPEATS):
+            t0 = time.perf_counter()
+            host.result(host.submit(layer, expert, x, w, torch.arange(n)))
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    b, a = np.polyfit(np.array(BENCH_TOKENS, dtype=float), np.array(times), 1)
+    fit = HostFit(max(float(a), 0.0), max(float(b), 0.0))
+    cached[key] = [fit.a, fit.b]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=1))
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return fit
+
+
+class MissRouter:
+    """Splits a layer call's missed experts that must be exact between the link (copy, then compute on the device)
+    and the host. mode: "host" (all on the host) or "auto" (the cost model, `fit` measured)."""
+
+    def __init__(self, mode: str, engine: TransferEngine, host: HostCompute, fit: HostFit | None):
+        if mode not in ("host", "auto") or (mode == "auto" and fit is None):
+            raise ValueError(f"MissRouter needs mode 'host', or 'auto' with measured host costs; got {mode!r}")
+        self.mode, self.engine, self.host, self.fit = mode, engine, host, fit
+        self.stats = RouterStats()
+
+    def split(self, tokens: dict[int, int]) -> tuple[set[int], set[int]]:
+        """tokens: missed expert -> tokens routed to it. Returns (copy, host)."""
+        if self.mode == "host":
+            self.stats.host += len(tokens)
+            return set(), set(tokens)
+        copy, host = set(), set()
+        copy_s = self.engine.copy_seconds() or 0.0
+        link_t, host_t = self.engine.demand_wait_seconds(), 0.0
+        for e, n in sorted(tokens.items(), key=lambda kv: (-kv[1], kv[0])):  # most tokens first
+            on_host, on_link = host_t + self.fit.seconds(n), link_t + copy_s
+            if on_host <= on_link:
+                host.add(e)
+                host_t = on_host
+            else:
+                copy.add(e)
+                link_t = on_link
+        self.stats.host += len(host)
+        self.stats.copy += len(copy)
+        return copy, host
+
+    def reset_stats(self) -> None:
+        self.stats = RouterStats()
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A host job for `tokens` tokens took `seconds`: refine the host estimate."""
+        if self.fit is not None:
+            self.fit.observe(tokens, seconds)

@@ -1,0 +1,103 @@
+"""Each private torch / transformers internal the project relies on, checked on the installed versions, and the
+message a user gets when one is gone."""
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+from transformers.generation.continuous_batching.scheduler import Scheduler
+
+import offload_moe
+from fairness.serving import compat as cb_compat
+from fairness.serving.cb_scheduler import FairScheduler
+from offload_moe import compat
+from tests.helpers import tiny_model
+
+
+def _experts():
+    return tiny_model("mixtral").model.layers[0].mlp.experts
+
+
+def test_parameter_swap_round_trips():
+    experts = _experts()
+    names = list(compat.parameters(experts))
+    originals = {n: compat.parameters(experts)[n] for n in names}
+    other = {n: torch.nn.Parameter(torch.zeros_like(p), requires_grad=False) for n, p in originals.items()}
+    saved = compat.swap_parameters(experts, other)
+    assert all(saved[n] is originals[n] for n in names)
+    assert all(getattr(experts, n) is other[n] for n in names)
+    compat.swap_parameters(experts, saved)
+    assert all(getattr(experts, n) is originals[n] for n in names)
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched_mm", "grouped_mm"])
+def test_stock_kernels_skip_sentinel_ids_in_expert_parallel_mode(impl):
+    """The pool's waves mark pairs outside a wave with id == num_experts: the kernels must skip them."""
+    experts = _experts()
+    experts.config._experts_implementation = impl
+    x = torch.randn(5, experts.config.hidden_size)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 4], [5, 6], [7, 0]])
+    w = torch.rand(5, 2)
+    n = experts.num_experts
+    sentinel = ids.clone()
+    sentinel[:, 1] = n  # every second pair outside the "wave"
+    was = compat.set_expert_parallel(experts, True)
+    try:
+        with torch.no_grad():
+            masked = experts(x, sentinel, w.masked_fill(sentinel == n, 0))
+    finally:
+        compat.set_expert_parallel(experts, was)
+    with torch.no_grad():
+        first_only = experts(x, ids, w * torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(masked, first_only, rtol=1e-5, atol=1e-6)
+
+
+def test_recompile_limit_is_raised_only_inside_the_block():
+    before = torch._dynamo.config.recompile_limit
+    with compat.recompile_limit(before + 100):
+        assert torch._dynamo.config.recompile_limit == before + 100
+    assert torch._dynamo.config.recompile_limit == before
+    with compat.recompile_limit(1):  # never lowered
+        assert torch._dynamo.config.recompile_limit == before
+
+
+def test_uncompile_and_init_weights_exist():
+    model = tiny_model("mixtral")
+    attn = model.model.layers[0].self_attn
+    attn.compile()
+    assert attn._compiled_call_impl is not None
+    compat.uncompile(attn)
+    assert attn._compiled_call_impl is None
+    compat.init_weights(model, model.model.rotary_emb)
+
+
+def test_a_missing_internal_names_itself_and_the_tested_versions(monkeypatch):
+    monkeypatch.delattr(Scheduler, "_process_candidates")
+    with pytest.raises(
+        cb_compat.IncompatibleVersionError, match=r"_process_candidates.*tested with transformers 5\.24"
+    ):
+        cb_compat.process_candidates(object.__new__(FairScheduler), [], 1, 1, set())
+    with pytest.raises(compat.IncompatibleVersionError, match=r"PreTrainedModel._init_weights.*torch 2\.13"):
+        compat.init_weights(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+
+
+def test_served_scheduler_internals_exist():
+    for name in ("_process_candidates", "_cleanup_waiting_queue"):
+        assert callable(getattr(Scheduler, name, None)), name
+    cb_compat.register_scheduler_class("compat-probe", Scheduler)
+    assert cb_compat.is_registered("compat-probe")
+    cb_compat.unregister_scheduler_class("compat-probe")
+    assert not cb_compat.is_registered("compat-probe")
+
+
+def test_a_patched_model_dropped_without_unpatch_is_freed_with_its_workers():
+    model = tiny_model("mixtral")
+    offload_moe.patch(model, budget=0.5, device="cpu", fallback="host", prefetch=None)
+    ref = weakref.ref(model)
+    workers_before = threading.active_count()
+    del model
+    gc.collect()
+    assert ref() is None
+    assert threading.active_count() < workers_before  # the transfer and host workers stopped
