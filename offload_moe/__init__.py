@@ -2,11 +2,12 @@
 
 from offload_moe.calibration import Calibration, calibrate, load_calibration
 from offload_moe.errors import BudgetError, UnsupportedModelError
+from offload_moe.geometry import ExpertGeometry
 from offload_moe.handle import LayerStats, OffloadHandle, OffloadStats, handle_of
 from offload_moe.load import load
 from offload_moe.options import OffloadOptions
 from offload_moe.patch import patch
-from offload_moe.plan import ExpertGeometry, Plan, make_plan
+from offload_moe.plan import Plan, make_plan
 from offload_moe.runtime.eviction import LFU, LRU, EvictionPolicy
 from offload_moe.runtime.host import EmulatedHost
 from offload_moe.runtime.transfer import EmulatedLink

@@ -8,7 +8,7 @@ import torch
 
 from hooks import MoEBlock, find_moe_blocks, is_stacked_experts
 from offload_moe.errors import UnsupportedModelError
-from offload_moe.plan import ExpertGeometry
+from offload_moe.geometry import ExpertGeometry
 
 
 def moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from hooks import MoEBlock
 from offload_moe.blocks import moe_blocks
 from offload_moe.handle import handle_of
-from offload_moe.plan import StandinCatalog
+from offload_moe.standins.catalog import StandinCatalog
 from offload_moe.standins.lowrank import StandIns, lowrank, rank_for_fraction
 from offload_moe.standins.quant import BITS, quantize
 

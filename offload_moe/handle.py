@@ -14,8 +14,7 @@ from hooks import MoEBlock
 from offload_moe.options import OffloadOptions
 from offload_moe.plan import Plan
 from offload_moe.runtime.cache import ExpertCache
-from offload_moe.runtime.host import HostCompute, HostStats
-from offload_moe.runtime.miss_router import MissRouter, RouterStats
+from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.store import HostStore
 
 _ATTR = "_offload_moe_handle"  # the handle lives on its model: both go together when a user drops the model
@@ -107,12 +106,11 @@ class OffloadHandle:
         options: OffloadOptions,
         undo: ExitStack,
         miss_path: str,
-        host: HostCompute | None,
-        router: MissRouter | None,
+        counters: Counters,
         workers: list[Callable[[], None]],
     ):
         self.model, self.blocks, self.cache, self.plan, self.options = model, blocks, cache, plan, options
-        self.miss_path, self.host, self.router = miss_path, host, router
+        self.miss_path, self._counters = miss_path, counters
         self._undo = undo
         model.__dict__[_ATTR] = self
         # a patched model dropped without unpatch(): its worker threads stop when it is collected
@@ -128,14 +126,13 @@ class OffloadHandle:
         return self.cache.store
 
     def stats(self) -> OffloadStats:
-        s = self.cache.snapshot()
+        self.cache.flush_counts()
+        s = self._counters.snapshot()
         opt, link, emulated_host = self.options, self.options.link, self.options.host
         link_info = ({"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us} if link is not None else
                      {"emulated": False, "kind": "pcie" if self.cache.device.type == "cuda" else "memcpy"})  # fmt: skip
         host_info = ({"emulated": True, "gbps": emulated_host.gbps, "gflops": emulated_host.gflops}
                      if emulated_host is not None else {"emulated": False})  # fmt: skip
-        h = self.host.stats if self.host is not None else HostStats()
-        r = self.router.stats if self.router is not None else RouterStats()
         return OffloadStats(
             device=str(self.cache.device), link=link_info, host=host_info, fallback=self.miss_path,
             standin=opt.standin, prefetch=opt.prefetch,
@@ -145,19 +142,16 @@ class OffloadHandle:
             bytes_copied=s.bytes_copied, stall_seconds=s.stall_seconds, evictions=s.evictions, waves=s.waves,
             warmup_copies=s.warmup_copies, prefetches=s.prefetches, prefetches_used=s.prefetches_used,
             substituted=s.substituted, critical_misses=s.critical_misses, lowbit_copies=s.lowbit_copies,
-            host_jobs=h.jobs, host_tokens=h.tokens,
-            host_seconds=h.seconds, host_wait_seconds=h.wait_seconds, auto_host=r.host, auto_copy=r.copy,
+            host_jobs=s.host_jobs, host_tokens=s.host_tokens, host_seconds=s.host_seconds,
+            host_wait_seconds=s.host_wait_seconds, auto_host=s.auto_host, auto_copy=s.auto_copy,
             per_layer=tuple(LayerStats(i, b.name, s.layer_hits[i], s.layer_misses[i])
                             for i, b in enumerate(self.blocks)),
         )  # fmt: skip
 
     def reset_stats(self) -> None:
         """Zero the counters (the cache's contents stay)."""
-        self.cache.reset_stats()
-        if self.host is not None:
-            self.host.reset_stats()
-        if self.router is not None:
-            self.router.reset_stats()
+        self.cache.flush_counts()
+        self._counters.reset()
 
     def unpatch(self) -> None:
         """Detach every hook and put the original expert parameters back: the model is as before `patch`."""

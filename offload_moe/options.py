@@ -13,10 +13,11 @@ from typing import Any
 from offload_moe.runtime.eviction import EVICTION_POLICIES, EvictionPolicy
 from offload_moe.runtime.host import EmulatedHost
 from offload_moe.runtime.transfer import EmulatedLink
+from offload_moe.standins.kinds import KINDS
 from offload_moe.standins.quant import BITS
 
 FALLBACKS = ("fetch", "host", "auto")
-STANDINS = (None, "drop", "buddy", "lowrank", "quant", "mixed", "lowbit")
+STANDINS = (None, *KINDS)
 PREFETCHERS = ("lookahead", None)
 PREFETCH_DEFAULT = "lookahead"
 
@@ -84,8 +85,8 @@ class OffloadOptions:
             )
         if self.fallback is not None and self.fallback not in FALLBACKS:
             raise ValueError(f"unknown fallback {self.fallback!r}; choose one of {list(FALLBACKS)} or None")
-        if self.standin not in STANDINS:
-            raise ValueError(f"unknown standin {self.standin!r}; choose one of {list(STANDINS)}")
+        if self.standin is not None and self.standin not in KINDS:
+            raise ValueError(f"unknown standin {self.standin!r}; choose one of {[None, *KINDS]}")
         if self.prefetch not in PREFETCHERS:
             raise ValueError(f"unknown prefetch {self.prefetch!r}; choose 'lookahead' or None")
         if not 0 < self.critical_weight <= 1.01:
@@ -101,17 +102,16 @@ class OffloadOptions:
             raise ValueError(f"bits={self.bits} is not supported; choose one of {list(BITS)}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.standin == "mixed" and self.calibration is None:
-            raise ValueError("standin='mixed' chooses each expert's stand-in from calibration errors: pass "
-                             "calibration=<a file from offload_moe.calibrate>")  # fmt: skip
         if self.link is not None and not isinstance(self.link, EmulatedLink):
             raise TypeError(f"link must be an offload_moe.EmulatedLink or None, got {type(self.link).__name__}")
         if self.host is not None and not isinstance(self.host, EmulatedHost):
             raise TypeError(f"host must be an offload_moe.EmulatedHost or None, got {type(self.host).__name__}")
         if self.host_threads is not None and self.host_threads < 1:
             raise ValueError(f"host_threads must be >= 1, got {self.host_threads}")
-        if self.standin == "buddy" and self.calibration is None:
-            raise ValueError("standin='buddy' needs buddy lists: pass calibration=<a file from offload_moe.calibrate>")
+        needs = KINDS[self.standin].calibration_for if self.standin is not None else None
+        if needs is not None and self.calibration is None:
+            raise ValueError(f"standin={self.standin!r} needs {needs}: pass calibration=<a file from "
+                             "offload_moe.calibrate>")  # fmt: skip
 
     @classmethod
     def of(cls, options: OffloadOptions | None = None, **kwargs: Any) -> OffloadOptions:

@@ -18,6 +18,7 @@ from offload_moe.handle import OffloadHandle, handle_of
 from offload_moe.options import OffloadOptions
 from offload_moe.plan import Plan, make_plan
 from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.eviction import make_eviction
 from offload_moe.runtime.hook import ExpertsHook
 from offload_moe.runtime.host import HostCompute
@@ -25,8 +26,8 @@ from offload_moe.runtime.miss_router import MissRouter, measure_host
 from offload_moe.runtime.prefetch import LookaheadPrefetcher
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import TransferEngine
-from offload_moe.standins.bank import build_bank
-from offload_moe.standins.policies import Buddy, Drop, MissFallback, Substitute
+from offload_moe.standins.kinds import KINDS, BuildContext
+from offload_moe.standins.policies import StandinPolicy
 
 
 def patch(
@@ -75,7 +76,8 @@ def offload(
         engine = TransferEngine(dev, options.link)
         undo.callback(engine.shutdown)
         workers = [engine.shutdown]
-        cache = ExpertCache(store, plan.slots, dev, dtype, engine, make_eviction(options.eviction))
+        counters = Counters(len(blocks))
+        cache = ExpertCache(store, plan.slots, dev, dtype, engine, make_eviction(options.eviction), counters)
         home = _non_expert_device(model, blocks)
         if home is not None and home != dev:
             undo.callback(model.to, home)  # runs after the experts are restored: they go home too
@@ -86,24 +88,23 @@ def offload(
         miss_path = options.miss_path(dev.type)
         host = None
         if miss_path != "fetch" and not plan.all_resident:
-            host = HostCompute(store, [b.experts for b in blocks], names, _hidden_size(model), dev, options.host,
-                               threads=options.host_threads)  # fmt: skip
+            host = HostCompute(store, [b.experts for b in blocks], names, _hidden_size(model), dev, counters,
+                               options.host, threads=options.host_threads)  # fmt: skip
             undo.callback(host.shutdown)
             workers.append(host.shutdown)
+        fit = measure_host(host) if host is not None and miss_path == "auto" else None
+        counters.reset()  # the micro-benchmark's jobs are not the model's
         cache.warm(_warm_order(blocks, calib, plan.all_resident))  # measures the link as it copies
-        router = None
-        if host is not None:
-            router = MissRouter(miss_path, engine, host, measure_host(host) if miss_path == "auto" else None)
-            host.reset_stats()  # the micro-benchmark's jobs are not the model's
+        router = MissRouter(miss_path, engine, host, fit, counters) if host is not None else None
         for b in blocks:
-            attach(b.experts, ExpertsHook(b.index, cache, names, router, standin, prefetcher, host))
+            attach(b.experts, ExpertsHook(b.index, cache, names, router, standin, prefetcher, host, counters))
             undo.callback(detach, b.experts)
         if options.compile:
             _compile_attention(model, undo)
     except BaseException:
         undo.close()
         raise
-    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, host, router, workers)
+    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, counters, workers)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -191,25 +192,12 @@ def _hidden_size(model: torch.nn.Module) -> int:
     return int(model.config.get_text_config().hidden_size)
 
 
-def _standin(
-    options: OffloadOptions,
-    calib: Calibration | None,
-    blocks: list[MoEBlock],
-    store: HostStore,
-    cache: ExpertCache,
-    plan: Plan,
-    dev: torch.device,
-    dtype: torch.dtype,
-) -> MissFallback | None:
+def _standin(options: OffloadOptions, calib: Calibration | None, blocks: list[MoEBlock], store: HostStore,
+             cache: ExpertCache, plan: Plan, dev: torch.device, dtype: torch.dtype
+             ) -> StandinPolicy | None:  # fmt: skip
     if options.standin is None:
         return None
-    if options.standin == "drop":
-        return Drop(options.critical_weight)
-    if options.standin == "buddy":
-        assert calib is not None  # OffloadOptions refuses standin="buddy" without a calibration
-        return Buddy(options.critical_weight, calib.buddies, calib.tau)
-    bank = build_bank(options, calib, blocks, store, plan, dev, dtype)
-    return Substitute(options.critical_weight, bank, cache.fetch_once if options.standin == "lowbit" else None)
+    return KINDS[options.standin].build(BuildContext(options, calib, blocks, store, plan.sizing, cache, dev, dtype))
 
 
 def _warm_order(blocks: list[MoEBlock], calib: Calibration | None, layer_major: bool) -> list[tuple[int, int]]:

@@ -164,3 +164,22 @@ def test_bad_fallback_options(patched):
 def test_calibration_for_another_model_is_refused(calibration, patched):
     with pytest.raises(ValueError, match="calibration was made for a MixtralForCausalLM"):
         patched(tiny_model("mixtral"), budget=0.5, device="cpu", standin="lowrank", calibration=calibration)
+
+
+def test_a_new_standin_kind_is_one_registry_entry(monkeypatch, patched):
+    """A kind registered in standins.kinds.KINDS (and nowhere else) is accepted by the options, sized by the plan and
+    built by patch: here, "drop" under another name whose stand-ins reserve 1 KB per expert."""
+    from offload_moe.standins.kinds import KINDS, Sizing, StandinKind
+    from offload_moe.standins.policies import Drop
+
+    def size(g, options, budget_b, catalog):
+        return Sizing(nbytes=1024 * g.total_experts)
+
+    monkeypatch.setitem(KINDS, "skip", StandinKind("skip", None, size, lambda ctx: Drop(ctx.options.critical_weight)))
+    model = tiny_model("mixtral")
+    handle = patched(model, budget=0.25, device="cpu", standin="skip")
+    generate(model, torch.randint(0, 128, (1, 12)), 6)
+    stats = handle.stats()
+    assert stats.standin == "skip" and stats.standin_bytes == 1024 * 3 * 8 and stats.substituted > 0
+    with pytest.raises(ValueError, match="unknown standin 'nope'"):
+        patched(tiny_model("mixtral"), budget=0.25, device="cpu", standin="nope")

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import offload_moe
 from hooks import RoutingRecorder
 from lab.reference import corpus_text
+from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.miss_router import HostFit, MissRouter
 from tests.helpers import DEVICES, FAMILIES, generate, load_reference, logits, tiny_model
 
@@ -91,16 +92,17 @@ def test_cost_model_computes_decode_on_the_host_and_copies_long_prefills():
     """Mixtral-8x7B-like costs: a 352 MB copy takes 14 ms; the host reads the expert in 5.4 ms and needs 0.35 ms
     more per token, so the two cost the same at about 40 tokens."""
     fit = HostFit(a=5.4e-3, b=0.35e-3)
-    router = MissRouter("auto", _Link(14e-3), host=None, fit=fit)
+    counters = Counters(num_layers=1)
+    router = MissRouter("auto", _Link(14e-3), host=None, fit=fit, counters=counters)
     assert router.split({3: 1}) == (set(), {3})  # one decode token: the host
     assert router.split({3: 64}) == ({3}, set())  # a long prefill: copy
     copy, host = router.split({1: 1, 2: 1, 3: 1})  # three decode misses: the host takes two, the link one
     assert len(host) == 2 and len(copy) == 1
     copy, host = router.split({e: 50 for e in range(6)})  # six prefill misses: both resources work at once
     assert copy and host
-    busy = MissRouter("auto", _Link(14e-3, wait_s=0.2), host=None, fit=fit)
+    busy = MissRouter("auto", _Link(14e-3, wait_s=0.2), host=None, fit=fit, counters=counters)
     assert busy.split({3: 64}) == (set(), {3})  # the link is busy for 200 ms: the host is faster after all
-    assert router.stats.host == 1 + 2 + len(host) and router.stats.copy == 1 + 1 + len(copy)
+    assert counters.auto_host == 1 + 2 + len(host) + 1 and counters.auto_copy == 1 + 1 + len(copy)  # both routers
     fit.observe(1, 2 * fit.seconds(1))  # the host turned out slower: the estimate follows
     assert fit.scale > 1
 

@@ -8,7 +8,7 @@ import torch
 
 import offload_moe
 from offload_moe import BudgetError, ExpertGeometry, OffloadOptions, make_plan
-from offload_moe.plan import StandinCatalog, assign_mixed, quant_expert_bytes
+from offload_moe.standins.catalog import StandinCatalog, assign_mixed, quant_expert_bytes
 from tests.helpers import tiny_model
 
 # Mixtral-8x7B in bfloat16: 32 layers x 8 experts, 3 matrices of 4096 x 14336
@@ -26,13 +26,13 @@ def test_plan_of_mixtral_by_hand():
 def test_lowrank_standins_take_their_share_and_count_against_the_budget():
     plan = make_plan(MIXTRAL, 0.25, OffloadOptions(standin="lowrank", standin_fraction=0.05))
     per_rank = (28672 + 4096 + 4096 + 14336) * 2
-    assert plan.standin_rank == int(0.05 * 3 * 4096 * 14336 // (per_rank / 2))
-    assert plan.standin_bytes == 256 * plan.standin_rank * per_rank
+    assert plan.sizing.rank == int(0.05 * 3 * 4096 * 14336 // (per_rank / 2))
+    assert plan.standin_bytes == 256 * plan.sizing.rank * per_rank
     assert plan.device_expert_bytes <= plan.budget_bytes
     capped = make_plan(MIXTRAL, 0.1, OffloadOptions(standin="lowrank", standin_fraction=0.5))
     assert capped.standin_bytes <= 0.4 * capped.budget_bytes  # never more than 40% of the budget
     catalog = StandinCatalog(3, ("quant4", "lowrank3"), 64, torch.zeros(32, 8, 2), torch.ones(32, 8))
-    assert make_plan(MIXTRAL, 0.25, OffloadOptions(standin="lowrank"), catalog).standin_rank == 3
+    assert make_plan(MIXTRAL, 0.25, OffloadOptions(standin="lowrank"), catalog).sizing.rank == 3
 
 
 def test_quantized_standins_count_at_their_packed_size():

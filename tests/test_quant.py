@@ -10,7 +10,8 @@ from lab.reference import corpus_text
 from offload_moe.blocks import expert_geometry, moe_blocks
 from offload_moe.calibration import load_calibration
 from offload_moe.options import OffloadOptions
-from offload_moe.plan import make_plan, quant_expert_bytes
+from offload_moe.plan import make_plan
+from offload_moe.standins.catalog import quant_expert_bytes
 from offload_moe.standins.quant import pack, quant_bytes, quantize, unpack
 from tests.helpers import load_reference, tiny_model
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.eviction import LRU
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import EmulatedLink, TransferEngine
@@ -76,9 +77,8 @@ def test_cache_stress_prefetch_racing_eviction(device):
     CUDA, copy-stream events order every slot overwrite after the kernels that read it (checked by the contents)."""
     store, weights = _store(pinned=device == "cuda")
     engine = TransferEngine(torch.device(device), EmulatedLink(gbps=0.05))
-    cache = ExpertCache(
-        store, num_slots=5, device=torch.device(device), dtype=torch.float32, engine=engine, eviction=LRU()
-    )
+    counters = Counters(num_layers=4)
+    cache = ExpertCache(store, 5, torch.device(device), torch.float32, engine, LRU(), counters)
     rng = random.Random(0)
     errors = []
 
@@ -88,8 +88,8 @@ def test_cache_stress_prefetch_racing_eviction(device):
                 layer = rng.randrange(4)
                 need = rng.sample(range(8), rng.randint(1, 3))
                 for _ in range(rng.randint(0, 3)):  # speculative copies, possibly of other layers
-                    cache.load((rng.randrange(4), rng.randrange(8)), protected=set())
-                cache.begin_layer(layer, need)
+                    cache.speculate([(rng.randrange(4), rng.randrange(8))], set(), "lookahead", max_queued=10**6)
+                cache.prepare(layer, need)
                 table, lo, hi = cache.acquire(layer, need)
                 for e in need:  # the slot holds exactly that expert, fully copied
                     slot = lo + int(table[e])
@@ -109,6 +109,6 @@ def test_cache_stress_prefetch_racing_eviction(device):
     assert not worker.is_alive(), "deadlock: the driver did not finish in 120 s"
     assert not errors, errors
     engine.shutdown()
-    s = cache.snapshot()
+    s = counters.snapshot()
     assert s.copies > s.misses > 0 and s.hits > 0 and s.inflight_hits > 0
     assert s.bytes_copied == s.copies * cache.slot_bytes

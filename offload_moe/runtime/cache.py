@@ -2,50 +2,24 @@
 
 A slot holds one (layer, expert) at a time. The pool is one tensor `[slots, ...]` per expert weight, so the stock
 transformers experts kernels run on it unchanged once expert ids are remapped to slot ids. The cache is the only
-owner of its slots, its transfers and its statistics: the hook and the prefetcher use its methods. All bookkeeping
-runs on the caller's (compute) thread; the transfer engine only moves bytes, so no lock is needed.
+owner of its slots and its transfers. What the experts hook asks of it, once per layer call: `prepare` (count the
+routed experts, say which are not ready), `acquire` / `release` around each kernel call on the pool, `speculate` (copy
+experts someone may need soon into link time no one waits for), and `fetch_once` (a low-bit copy for one use). All
+bookkeeping runs on the caller's (compute) thread; the transfer engine only moves bytes, so no lock is needed.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
+from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.eviction import EvictionPolicy
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import DEMAND, PREFETCH, Transfer, TransferEngine
 
 Key = tuple[int, int]  # (layer, expert)
-
-
-@dataclass
-class CacheStats:
-    """Counters since the start (or the last reset). Written by `ExpertCache` alone."""
-
-    num_layers: int
-    hits: int = 0  # needed expert already resident (or being copied) when its layer ran
-    inflight_hits: int = 0  # ... of which still being copied (by a prefetch): it may still stall
-    misses: int = 0  # needed expert neither resident nor in flight
-    copies: int = 0  # every copy into a slot after warm-up (demand, prefetch and background)
-    bytes_copied: int = 0
-    stall_seconds: float = 0.0  # compute thread blocked waiting for copies
-    evictions: int = 0
-    waves: int = 0  # layer calls that needed more distinct experts than the pool has slots
-    prefetches: int = 0  # copies started by the lookahead prefetcher
-    prefetches_used: int = 0  # ... whose expert was then needed before being evicted
-    substituted: int = 0  # (token, expert) pairs served by a fallback instead of the real expert
-    critical_misses: int = 0  # missed experts kept exact although a stand-in was configured (critical pairs)
-    lowbit_copies: int = 0  # standin="lowbit": low-bit copies of missed experts fetched for one use
-    warmup_copies: int = 0
-    layer_hits: list[int] = field(default_factory=list)
-    layer_misses: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.layer_hits = self.layer_hits or [0] * self.num_layers
-        self.layer_misses = self.layer_misses or [0] * self.num_layers
 
 
 class SlotWindow(NamedTuple):
@@ -57,8 +31,20 @@ class SlotWindow(NamedTuple):
     hi: int
 
 
+class Residency(NamedTuple):
+    """What `prepare` found for a layer call: the routed experts not ready on the device, and (when some are missing)
+    every expert of the layer that is."""
+
+    missing: set[int]
+    ready: set[int]
+
+
+SPECULATION_SOURCES = ("lookahead", "standin", "host")
+
+
 class ExpertCache:
-    """`num_slots` device slots for the experts of every layer of `store`, evicted by `eviction`."""
+    """`num_slots` device slots for the experts of every layer of `store`, evicted by `eviction`; it counts into
+    `counters` (its own fields: hits, misses, copies, stalls, evictions, prefetches, warm-up)."""
 
     def __init__(
         self,
@@ -68,6 +54,7 @@ class ExpertCache:
         dtype: torch.dtype,
         engine: TransferEngine,
         eviction: EvictionPolicy,
+        counters: Counters,
     ):
         self.store, self.num_slots, self.device = store, num_slots, torch.device(device)
         self._engine, self._eviction = engine, eviction
@@ -81,7 +68,7 @@ class ExpertCache:
         self._pending: dict[Key, Transfer] = {}
         self._last_use: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last kernel reading the slot
         self._free = list(range(num_slots - 1, -1, -1))
-        self._stats = CacheStats(store.num_layers)
+        self._counters = counters
         self._static: list[SlotWindow] = []
         self._uncounted: list[tuple[int, torch.Tensor]] = []
         self._prefetched: set[Key] = set()  # prefetched, not yet needed
@@ -93,11 +80,7 @@ class ExpertCache:
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.pool.values())
 
-    def is_resident(self, key: Key) -> bool:
-        """In a slot, fully copied or still being copied."""
-        return key in self._slot_of
-
-    def is_ready(self, key: Key) -> bool:
+    def _is_ready(self, key: Key) -> bool:
         """Resident and completely copied (never blocks)."""
         if key not in self._slot_of:
             return False
@@ -107,17 +90,6 @@ class ExpertCache:
             return True
         return transfer is None
 
-    def ready_experts(self, layer: int) -> set[int]:
-        """Experts of `layer` that are resident and completely copied."""
-        return {e for (lay, e) in list(self._slot_of) if lay == layer and self.is_ready((lay, e))}
-
-    def link_busy(self) -> bool:
-        """Copies are waiting for the link (besides the one in progress)."""
-        return self._engine.queued() > 0
-
-    def queued_copies(self) -> int:
-        return self._engine.queued()
-
     def link_totals(self) -> tuple[int, float]:
         """(bytes, seconds) the link spent on every copy so far."""
         return self._engine.link_totals()
@@ -126,41 +98,27 @@ class ExpertCache:
         """A copy of the residency map, for inspection."""
         return dict(self._slot_of)
 
-    # --- statistics -----------------------------------------------------------------------------------------------
+    # --- the hook's operations ------------------------------------------------------------------------------------
 
-    def snapshot(self) -> CacheStats:
-        """A copy of the counters, including the deferred counts of the all-resident fast path."""
+    def flush_counts(self) -> None:
+        """Count the routing the all-resident fast path kept for later (before the counters are read)."""
         self._flush_counts()
-        return copy.deepcopy(self._stats)
-
-    def reset_stats(self) -> None:
-        """Zero the counters (the cache's contents stay)."""
-        self._flush_counts()
-        self._stats = CacheStats(self._stats.num_layers)
-
-    def record_fallback(self, substituted: int, critical_misses: int) -> None:
-        self._stats.substituted += substituted
-        self._stats.critical_misses += critical_misses
 
     def fetch_once(self, src: list[torch.Tensor]) -> list[torch.Tensor]:
         """Copy host tensors into fresh device buffers now, as a demand copy on the link, for one use (a missed
         expert's low-bit copy); counts the copy, its bytes and the wait."""
         dst = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in src]
         transfer = self._engine.submit(src, dst)
-        self._stats.stall_seconds += transfer.wait()
-        self._stats.lowbit_copies += 1
-        self._stats.bytes_copied += transfer.nbytes
+        self._counters.stall_seconds += transfer.wait()
+        self._counters.lowbit_copies += 1
+        self._counters.bytes_copied += transfer.nbytes
         return dst
 
-    def record_waves(self) -> None:
-        self._stats.waves += 1
-
-    # --- the hook's operations ------------------------------------------------------------------------------------
-
-    def begin_layer(self, layer: int, experts: list[int]) -> None:
-        """Layer `layer` now runs and needs `experts`: tell the eviction policy, count hits and misses."""
+    def prepare(self, layer: int, experts: list[int]) -> Residency:
+        """Layer `layer` now runs and needs `experts`: tell the eviction policy, count hits and misses, and say which
+        are not ready on the device (never blocks)."""
         self._eviction.at_layer(layer, self.store.num_layers)
-        st = self._stats
+        st = self._counters
         for e in experts:
             key = (layer, e)
             self._uses[key] = self._uses.get(key, 0) + 1
@@ -175,6 +133,10 @@ class ExpertCache:
             else:
                 st.misses += 1
                 st.layer_misses[layer] += 1
+        missing = {e for e in experts if not self._is_ready((layer, e))}
+        if not missing:
+            return Residency(missing, set())
+        return Residency(missing, {e for (lay, e) in list(self._slot_of) if lay == layer and self._is_ready((lay, e))})
 
     def acquire(self, layer: int, experts: list[int]) -> SlotWindow:
         """Make `experts` of `layer` resident (fetching misses, waiting for copies). Needs len(experts) <= slots."""
@@ -182,7 +144,7 @@ class ExpertCache:
         protected = set(keys)
         for key in keys:
             if key not in self._slot_of:
-                while self.load(key, protected) is None:
+                while self._load(key, protected) is None:
                     self._wait_for_any_pending(exclude=protected)
             self._eviction.touch(key)
         for key in keys:
@@ -204,7 +166,9 @@ class ExpertCache:
         for e in experts:
             self._last_use[self._slot_of[(layer, e)]] = event
 
-    def load(self, key: Key, protected: set[Key], prefetch: bool = False, speculative: bool = False) -> Transfer | None:
+    def _load(
+        self, key: Key, protected: set[Key], prefetch: bool = False, speculative: bool = False
+    ) -> Transfer | None:
         """Start copying `key` into a slot unless it is resident or in flight; never evicts `protected` keys.
 
         prefetch: started by the lookahead prefetcher (counted as such); prefetch or speculative: no one waits for it
@@ -216,26 +180,43 @@ class ExpertCache:
         if not self._free and self._evict(protected) is None:
             return None
         transfer = self._start_copy(key, PREFETCH if prefetch or speculative else DEMAND)
-        self._stats.copies += 1
-        self._stats.bytes_copied += transfer.nbytes
+        self._counters.copies += 1
+        self._counters.bytes_copied += transfer.nbytes
         if prefetch:
-            self._stats.prefetches += 1
+            self._counters.prefetches += 1
             self._prefetched.add(key)
         return transfer
 
-    def worth_caching(self, key: Key) -> bool:
+    def speculate(self, keys: list[Key], protected: set[Key], source: str, max_queued: int = 0) -> bool:
+        """Copy `keys` in, in order, behind every demand copy, while at most `max_queued` copies wait for the link;
+        resident ones are kept (touched); never evicts `protected` (nor an earlier key of the list).
+
+        source: "lookahead" (the prefetcher's predictions, counted as prefetches), "standin" (experts a stand-in
+        served: for the next tokens) or "host" (experts computed on the host: copied only when used more often than
+        the expert they would evict, so the cache follows the workload). False when it stopped before the end (the
+        link's queue was full, or no slot could be freed).
+        """
+        if source not in SPECULATION_SOURCES:
+            raise ValueError(f"unknown speculation source {source!r}; one of {SPECULATION_SOURCES}")
+        protected = set(protected)
+        for key in keys:
+            protected.add(key)
+            if key in self._slot_of:
+                self._eviction.touch(key)
+                continue
+            if self._engine.queued() > max_queued or (source == "host" and not self._worth_caching(key)):
+                return False
+            if self._load(key, protected, prefetch=source == "lookahead", speculative=True) is None:
+                return False  # every slot is protected or in flight
+        return True
+
+    def _worth_caching(self, key: Key) -> bool:
         """`key` (not resident) has been needed more often than the expert it would evict (or a slot is free)."""
-        if key in self._slot_of:
-            return False
         if self._free:
             return True
         candidates = [k for k in self._slot_of if k not in self._pending]
         victim = self._eviction.victim(candidates)
         return victim is not None and self._uses.get(key, 0) > self._uses.get(victim, 0)
-
-    def keep(self, key: Key) -> None:
-        """`key` (resident) is about to be used: the eviction policy should hold on to it."""
-        self._eviction.touch(key)
 
     # --- warm start and the all-resident fast path ----------------------------------------------------------------
 
@@ -246,26 +227,24 @@ class ExpertCache:
                 break
             self._start_copy(key).wait()
             self._pending.pop(key, None)
-            self._stats.warmup_copies += 1
+            self._counters.warmup_copies += 1
         if self.all_resident:
             self._static = [self.acquire(layer, list(range(self.store.num_experts)))
                             for layer in range(self.store.num_layers)]  # fmt: skip
 
-    def static_window(self, layer: int) -> SlotWindow:
-        """All-resident mode: the fixed window of a layer whose experts sit in consecutive slots."""
-        return self._static[layer]
-
-    def count_later(self, layer: int, top_k_index: torch.Tensor) -> None:
-        """All-resident mode: keep the routing to count hits later, off the decode path (no host sync)."""
+    def fixed_window(self, layer: int, top_k_index: torch.Tensor) -> SlotWindow:
+        """All-resident mode: the fixed window of a layer whose experts sit in consecutive slots. The routing is kept
+        to count hits later, off the decode path (no host sync)."""
         self._uncounted.append((layer, top_k_index))
         if len(self._uncounted) >= 4096:
             self._flush_counts()
+        return self._static[layer]
 
     def _flush_counts(self) -> None:
         for layer, idx in self._uncounted:
             n = int(idx.unique().numel())
-            self._stats.hits += n
-            self._stats.layer_hits[layer] += n
+            self._counters.hits += n
+            self._counters.layer_hits[layer] += n
         self._uncounted.clear()
 
     # --- slots and copies -----------------------------------------------------------------------------------------
@@ -291,12 +270,12 @@ class ExpertCache:
         self._prefetched.discard(victim)
         self._eviction.forget(victim)
         self._free.append(slot)
-        self._stats.evictions += 1
+        self._counters.evictions += 1
         return slot
 
     def _settle(self, key: Key) -> None:
         """Wait for `key`'s copy (no time if it landed; raises if it failed), count the stall, forget the transfer."""
-        self._stats.stall_seconds += self._pending.pop(key).wait()
+        self._counters.stall_seconds += self._pending.pop(key).wait()
 
     def _wait_for_any_pending(self, exclude: set[Key]) -> None:
         """Block until one in-flight copy (not of `exclude`) lands, so its slot becomes evictable."""

@@ -11,10 +11,11 @@ import torch
 from hooks import ModuleHook
 from offload_moe import compat
 from offload_moe.runtime.cache import ExpertCache, SlotWindow
+from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.miss_router import MissRouter
 from offload_moe.runtime.prefetch import LookaheadPrefetcher
-from offload_moe.standins.policies import LayerCall, MissFallback, MissPlan
+from offload_moe.standins.policies import LayerCall, MissPlan, StandinPolicy
 
 
 class ExpertsHook(ModuleHook):
@@ -26,11 +27,12 @@ class ExpertsHook(ModuleHook):
         cache: ExpertCache,
         names: list[str],
         router: MissRouter | None,
-        standin: MissFallback | None,
+        standin: StandinPolicy | None,
         prefetcher: LookaheadPrefetcher | None,
         host: HostCompute | None,
+        counters: Counters,
     ):
-        self.layer, self.cache, self.names = layer, cache, names
+        self.layer, self.cache, self.names, self.counters = layer, cache, names, counters
         self.router, self.standin, self.prefetcher, self.host = router, standin, prefetcher, host
         self._views: dict[tuple[int, int], list[torch.nn.Parameter]] = {}  # (lo, hi) -> pool views per weight
 
@@ -47,18 +49,16 @@ class ExpertsHook(ModuleHook):
         cache, layer = self.cache, self.layer
         kernel = _Kernel(module, forward, self.names, hidden_states, args, kwargs)
         if cache.all_resident:  # budget 1.0: a fixed window, no residency work, no host sync
-            window = cache.static_window(layer)
-            cache.count_later(layer, top_k_index)
+            window = cache.fixed_window(layer, top_k_index)
             return kernel.run(self._params(window), window, window.table[top_k_index], top_k_weights, masked=False)
         needed = top_k_index.unique().tolist()
-        cache.begin_layer(layer, needed)
-        missing = {e for e in needed if not cache.is_ready((layer, e))}
+        missing, ready = cache.prepare(layer, needed)
         plan = MissPlan(top_k_index, top_k_weights, missing)
         if missing and self.standin is not None:
-            ready = cache.ready_experts(layer)
             call = LayerCall(layer, hidden_states, top_k_index, top_k_weights, needed, missing, ready)
             plan = self.standin.plan(call)
-            cache.record_fallback(plan.substituted, len(plan.exact))
+            self.counters.substituted += plan.substituted
+            self.counters.critical_misses += len(plan.exact)
         routed = plan.index.unique().tolist() if plan.index is not top_k_index else needed
         copy, jobs = plan.exact, []
         if plan.exact and self.router is not None:  # host or auto: some exact misses are computed on the host
@@ -75,14 +75,15 @@ class ExpertsHook(ModuleHook):
             y, seconds = self.host.result(job)
             self.router.observe(len(job.tokens), seconds)
             out.index_add_(0, job.tokens, y)
-        self._warm([job.expert for job in jobs])
+        # experts computed on the host and used more than what they would evict: copied in, in idle link time
+        cache.speculate([(layer, job.expert) for job in jobs], set(), "host")
         return out if plan.extra is None else out + plan.extra
 
     def _on_pool(self, kernel: _Kernel, pool: list[int], plan: MissPlan, routed: int, later: list[int]):
         """Run the pool's experts in waves of at most `slots` experts; [T, H] (zeros when the pool is empty)."""
         cache = self.cache
         if len(pool) > cache.num_slots:
-            cache.record_waves()  # more distinct experts than slots (long prefill, big batch): stream in waves
+            self.counters.waves += 1  # more distinct experts than slots (long prefill, big batch): stream in waves
         out = None
         for i in range(0, len(pool), cache.num_slots):
             wave = pool[i : i + cache.num_slots]
@@ -113,18 +114,8 @@ class ExpertsHook(ModuleHook):
         protected = {(self.layer, e) for e in pool}
         if self.prefetcher is not None:
             self.prefetcher.run(self.layer, protected)
-        for e in later:  # only into idle link time: when the link is the bottleneck, these copies would cost speed
-            if self.cache.link_busy() or self.cache.load((self.layer, e), protected, speculative=True) is None:
-                break
-
-    def _warm(self, computed_on_host: list[int]) -> None:
-        """Experts computed on the host that are used more than what they would evict are copied in, in idle link
-        time, so the cache follows the workload."""
-        for e in computed_on_host:
-            key = (self.layer, e)
-            if self.cache.link_busy() or not self.cache.worth_caching(key):
-                break
-            self.cache.load(key, set(), speculative=True)
+        # only into idle link time: when the link is the bottleneck, these copies would cost speed
+        self.cache.speculate([(self.layer, e) for e in later], protected, "standin")
 
 
 class _Kernel:

@@ -12,8 +12,6 @@ with it are emulated and must be reported as such.
 
 from __future__ import annotations
 
-import copy
-import functools
 import os
 import threading
 import time
@@ -22,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from offload_moe import compat
+from offload_moe.runtime.counters import Counters
+from offload_moe.runtime.kernels import expert_forward, one_expert_twin
 from offload_moe.runtime.store import HostStore
-
-NATIVE_FEW_TOKENS = 8  # up to this many tokens a non-native dtype is computed as is: a GEMV is memory bound
 
 
 @dataclass(frozen=True)
@@ -47,21 +44,6 @@ class EmulatedHost:
         return max(nbytes / (self.gbps * 1e9), flops / (self.gflops * 1e9))
 
 
-@functools.cache
-def native_dtypes() -> frozenset[torch.dtype]:
-    """Dtypes this CPU multiplies in hardware: float32 always, bf16 / fp16 with AVX512 or AMX support."""
-    try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    out = {torch.float32, torch.float64}
-    if {"avx512_bf16", "amx_bf16"} & set(flags):
-        out.add(torch.bfloat16)
-    if {"avx512_fp16", "amx_fp16"} & set(flags):
-        out.add(torch.float16)
-    return frozenset(out)
-
-
 @dataclass
 class HostJob:
     """One expert computed on the host for some of a call's tokens; `future` resolves to ([n, H] weighted outputs,
@@ -71,14 +53,6 @@ class HostJob:
     expert: int
     tokens: torch.Tensor  # [n] token rows of the call (on the device)
     future: Future
-
-
-@dataclass
-class HostStats:
-    jobs: int = 0  # experts computed on the host (one job per expert and layer call)
-    tokens: int = 0  # (token, expert) pairs they served
-    seconds: float = 0.0  # worker time of those jobs
-    wait_seconds: float = 0.0  # compute thread blocked on host results (not hidden by the device's own work)
 
 
 class HostCompute:
@@ -94,12 +68,13 @@ class HostCompute:
         names: list[str],
         hidden_size: int,
         device: torch.device,
+        counters: Counters,
         emulated: EmulatedHost | None = None,
         workers: int = 1,
         threads: int | None = None,
     ):
         self.store, self.names, self.hidden_size, self.device = store, names, hidden_size, device
-        self.stats = HostStats()
+        self.counters = counters  # writes host_jobs, host_tokens, host_seconds, host_wait_seconds
         self._twins = [one_expert_twin(m) for m in experts_modules]  # snapshots: the hook swaps the modules' weights
         self.emulated = emulated
         self.threads = threads or (1 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 1))
@@ -111,9 +86,6 @@ class HostCompute:
     def _init(self) -> None:
         torch.set_num_threads(self.threads)
 
-    def reset_stats(self) -> None:
-        self.stats = HostStats()
-
     def submit(self, layer: int, expert: int, x: torch.Tensor, w: torch.Tensor, tokens: torch.Tensor) -> HostJob:
         """Compute expert `expert` of `layer` on rows x [n, H] with routing weights w [n] (both on the device)."""
         if self.device.type == "cuda":  # only activations cross the link: [n, H] down, [n, H] up
@@ -124,9 +96,13 @@ class HostCompute:
         """The job's [n, H] output on the device and the seconds it took (blocks until it is done)."""
         t0 = time.perf_counter()
         y, seconds = job.future.result()
-        st = self.stats
-        st.wait_seconds += time.perf_counter() - t0
-        st.jobs, st.tokens, st.seconds = st.jobs + 1, st.tokens + y.shape[0], st.seconds + seconds
+        c = self.counters
+        c.host_wait_seconds += time.perf_counter() - t0
+        c.host_jobs, c.host_tokens, c.host_seconds = (
+            c.host_jobs + 1,
+            c.host_tokens + y.shape[0],
+            c.host_seconds + seconds,
+        )
         return (y.to(self.device, non_blocking=True) if self.device.type == "cuda" else y), seconds
 
     def _run(self, layer: int, expert: int, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -146,31 +122,3 @@ class HostCompute:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
-
-
-def one_expert_twin(module: torch.nn.Module) -> torch.nn.Module:
-    """A shallow copy of an experts module that holds one expert and runs its class's forward (no hooks)."""
-    twin = copy.copy(module)
-    twin.__dict__.pop("forward", None)  # the class's forward, not a hook's wrapper
-    twin._parameters = dict(compat.parameters(module))
-    twin.num_experts = 1
-    compat.set_expert_parallel(twin, False)
-    return twin
-
-
-def expert_forward(
-    twin: torch.nn.Module, names: list[str], weights: dict[str, torch.Tensor], x: torch.Tensor, w: torch.Tensor
-) -> torch.Tensor:
-    """w[:, None] * expert(x) for one expert whose weights are `weights[name]` (one expert's slice of each stacked
-    weight), computed by the experts module's own kernel on its one-expert `twin`: [n, H] in x's dtype."""
-    dtype = next(iter(weights.values())).dtype
-    if dtype not in native_dtypes() and x.shape[0] > NATIVE_FEW_TOKENS:
-        dtype = torch.float32  # measured on AVX2: fp32 2x faster than bf16 at 32 tokens, conversion included
-    call = copy.copy(twin)  # per call: workers run concurrently
-    call._parameters = {**twin._parameters}
-    for n in names:
-        call._parameters[n] = torch.nn.Parameter(weights[n].to(dtype).unsqueeze(0), requires_grad=False)
-    index = torch.zeros((x.shape[0], 1), dtype=torch.long, device=x.device)
-    with torch.no_grad():  # the class's forward, called directly: forward hooks on the module do not fire
-        y = type(twin).forward(call, x.to(dtype), index, w[:, None].to(dtype))
-    return y.to(x.dtype)

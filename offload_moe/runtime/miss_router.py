@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.transfer import TransferEngine
 
@@ -44,12 +45,6 @@ class HostFit:
         predicted = self.a + self.b * tokens
         if predicted > 0:
             self.scale = 0.9 * self.scale + 0.1 * seconds / predicted
-
-
-@dataclass
-class RouterStats:
-    host: int = 0  # missed experts the cost model sent to the host
-    copy: int = 0  # ... and to the link
 
 
 def cache_dir() -> Path:
@@ -107,16 +102,16 @@ class MissRouter:
     """Splits a layer call's missed experts that must be exact between the link (copy, then compute on the device)
     and the host. mode: "host" (all on the host) or "auto" (the cost model, `fit` measured)."""
 
-    def __init__(self, mode: str, engine: TransferEngine, host: HostCompute, fit: HostFit | None):
+    def __init__(self, mode: str, engine: TransferEngine, host: HostCompute, fit: HostFit | None, counters: Counters):
         if mode not in ("host", "auto") or (mode == "auto" and fit is None):
             raise ValueError(f"MissRouter needs mode 'host', or 'auto' with measured host costs; got {mode!r}")
         self.mode, self.engine, self.host, self.fit = mode, engine, host, fit
-        self.stats = RouterStats()
+        self.counters = counters  # writes auto_host, auto_copy
 
     def split(self, tokens: dict[int, int]) -> tuple[set[int], set[int]]:
         """tokens: missed expert -> tokens routed to it. Returns (copy, host)."""
         if self.mode == "host":
-            self.stats.host += len(tokens)
+            self.counters.auto_host += len(tokens)
             return set(), set(tokens)
         copy, host = set(), set()
         copy_s = self.engine.copy_seconds() or 0.0
@@ -129,12 +124,9 @@ class MissRouter:
             else:
                 copy.add(e)
                 link_t = on_link
-        self.stats.host += len(host)
-        self.stats.copy += len(copy)
+        self.counters.auto_host += len(host)
+        self.counters.auto_copy += len(copy)
         return copy, host
-
-    def reset_stats(self) -> None:
-        self.stats = RouterStats()
 
     def observe(self, tokens: int, seconds: float) -> None:
         """A host job for `tokens` tokens took `seconds`: refine the host estimate."""

@@ -103,12 +103,7 @@ class LookaheadPrefetcher:
             if logits is None:
                 continue
             probs = logits.float().softmax(-1).mean(0)  # [E]
-            for e in probs.topk(min(self.candidates, b.num_experts)).indices.tolist():
-                key = (j, e)
-                protected.add(key)
-                if self.cache.is_resident(key):
-                    self.cache.keep(key)
-                elif self.cache.queued_copies() > self.max_queued:
-                    return
-                elif self.cache.load(key, protected, prefetch=True) is None:
-                    return  # every slot is protected or in flight: stop for this round
+            keys = [(j, e) for e in probs.topk(min(self.candidates, b.num_experts)).indices.tolist()]
+            if not self.cache.speculate(keys, protected, "lookahead", self.max_queued):
+                return  # the link's queue is full, or every slot is protected or in flight: stop for this round
+            protected.update(keys)

@@ -10,9 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from hooks import MoEBlock
-from offload_moe.calibration import expert_weights
-from offload_moe.plan import Plan
-from offload_moe.runtime.host import expert_forward, one_expert_twin
+from offload_moe.runtime.kernels import expert_forward, one_expert_twin
 from offload_moe.runtime.store import HostStore
 from offload_moe.standins.lowrank import StandIns, lowrank
 from offload_moe.standins.quant import QuantTensor, quantize
@@ -103,39 +101,46 @@ def _fetched(parts: dict[str, QuantTensor | torch.Tensor], fetch: Fetch) -> dict
     return out
 
 
-def build_bank(options, calib, blocks: list[MoEBlock], store: HostStore, plan: Plan, dev: torch.device,
+def quant_bank(blocks: list[MoEBlock], store: HostStore, bits: int, group: int, optimize: bool, home: torch.device,
                dtype: torch.dtype) -> StandinBank:  # fmt: skip
-    """Every expert's stand-in, of the kind the options ask for, on the device ("lowbit": on the host)."""
-    bank = StandinBank([b.experts for b in blocks], store.names, dtype)
-    if options.standin in ("quant", "lowbit"):
-        home = dev if options.standin == "quant" else torch.device("cpu")
-        for b in blocks:
-            for e in range(b.num_experts):
-                weights = store.expert_tensors(b.index, e)
-                bank.add_quant((b.index, e), weights, options.bits, options.group_size, options.quant_optimize, home)
-        if home != dev and dev.type == "cuda":
-            bank.pin()
-        return bank
-    if options.standin == "mixed":  # each expert's kind was chosen by the plan from the calibration's errors
-        factors = calib.standins.to(dev, dtype)
-        for b in blocks:
-            for e, kind in enumerate(plan.standin_kinds[b.index]):
-                if kind.startswith("quant"):
-                    bank.add_quant((b.index, e), store.expert_tensors(b.index, e), int(kind[5:]),
-                                   calib.meta["group_size"], True, dev)  # fmt: skip
-                else:
-                    bank.add_lowrank((b.index, e), factors, b.index, e)
-        return bank
-    rank = plan.standin_rank
-    if calib is not None:  # activation-aware factors, truncated to the rank the budget allows
+    """Every expert's `bits`-bit copy, kept on `home` (the device; the host for "lowbit")."""
+    b = StandinBank([blk.experts for blk in blocks], store.names, dtype)
+    for blk in blocks:
+        for e in range(blk.num_experts):
+            b.add_quant((blk.index, e), store.expert_tensors(blk.index, e), bits, group, optimize, home)
+    return b
+
+
+def mixed_bank(blocks: list[MoEBlock], store: HostStore, calib, kinds: tuple[tuple[str, ...], ...],
+               dev: torch.device, dtype: torch.dtype) -> StandinBank:  # fmt: skip
+    """Each expert's stand-in of the kind the plan chose for it from the calibration's errors."""
+    b = StandinBank([blk.experts for blk in blocks], store.names, dtype)
+    factors = calib.standins.to(dev, dtype)
+    for blk in blocks:
+        for e, kind in enumerate(kinds[blk.index]):
+            if kind.startswith("quant"):
+                b.add_quant((blk.index, e), store.expert_tensors(blk.index, e), int(kind[5:]),
+                            calib.meta["group_size"], True, dev)  # fmt: skip
+            else:
+                b.add_lowrank((blk.index, e), factors, blk.index, e)
+    return b
+
+
+def lowrank_bank(blocks: list[MoEBlock], store: HostStore, calib, rank: int, dev: torch.device,
+                 dtype: torch.dtype) -> StandinBank:  # fmt: skip
+    """Rank-`rank` factors of every expert: the calibration's activation-aware ones (truncated), else a weight-only
+    truncated SVD, expert by expert, on the device (a GPU factors large experts fast)."""
+    b = StandinBank([blk.experts for blk in blocks], store.names, dtype)
+    if calib is not None:
         factors = calib.standins.truncated(rank).to(dev, dtype)
-    else:  # weight-only truncated SVD, expert by expert, on the device (a GPU factors large experts fast)
-        per_expert = [[{n: lowrank(w.to(dev), rank) for n, w in expert_weights(b, store, b.index, e).items()}
-                       for e in range(b.num_experts)] for b in blocks]  # fmt: skip
+    else:
+        per_expert = [[{n: lowrank(w.to(dev, torch.float32), rank) for n, w in
+                        store.expert_tensors(blk.index, e).items()} for e in range(blk.num_experts)]
+                      for blk in blocks]  # fmt: skip
         u = {n: torch.stack([torch.stack([f[n][0] for f in layer]) for layer in per_expert]) for n in store.names}
         v = {n: torch.stack([torch.stack([f[n][1] for f in layer]) for layer in per_expert]) for n in store.names}
         factors = StandIns(u, v).to(dev, dtype)
-    for b in blocks:
-        for e in range(b.num_experts):
-            bank.add_lowrank((b.index, e), factors, b.index, e)
-    return bank
+    for blk in blocks:
+        for e in range(blk.num_experts):
+            b.add_lowrank((blk.index, e), factors, blk.index, e)
+    return b

@@ -11,7 +11,7 @@ expert stays exact (computed by the `fallback` path: copied, or computed on the 
 - "buddy": BuddyMoE's three checks (token entropy, fraction of missing experts, per-token cap), then run the pair on
   the first resident expert of the missing one's buddy list that the token does not already use.
 The real expert of every substituted pair is still copied in, in the background, for the following tokens.
-The class names say what serves the pair; `options.standin` names them "drop", "lowrank" and "buddy".
+The class names say what serves the pair; `standins.kinds` maps each `standin=` name to one of them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class MissPlan:
     substituted: int = 0  # pairs not served by their real expert
 
 
-class MissFallback:
+class StandinPolicy:
     """Decides, for a layer call with misses, which pairs a stand-in serves and which missed experts stay exact."""
 
     name = "base"
@@ -66,7 +66,7 @@ def _isin(index: torch.Tensor, experts: set[int]) -> torch.Tensor:
     return torch.isin(index, torch.tensor(sorted(experts), dtype=index.dtype, device=index.device))
 
 
-class Drop(MissFallback):
+class Drop(StandinPolicy):
     name = "drop"
 
     def plan(self, call: LayerCall) -> MissPlan:
@@ -83,7 +83,7 @@ class Drop(MissFallback):
         return MissPlan(index, w, fetch, substituted=int(dropped.sum()))
 
 
-class Substitute(MissFallback):
+class Substitute(StandinPolicy):
     """Each non-critical missed pair runs on its expert's stand-in: resident, or (`fetch` given: HOBBIT's low-bit
     copies, kept on the host) copied in for this call."""
 
@@ -106,7 +106,7 @@ class Substitute(MissFallback):
         return MissPlan(index, weights.masked_fill(sub, 0), fetch, extra, int(sub.sum()))
 
 
-class Buddy(MissFallback):
+class Buddy(StandinPolicy):
     """BuddyMoE. buddies: [L, E, Kmax] expert ids (-1 padded), best first; tau: [L] entropy thresholds."""
 
     name = "buddy"
