@@ -1,5 +1,5 @@
 """Shared test helpers: tiny seeded MoE models of each supported family (built in memory, nothing downloaded), the
-reference models, logits and greedy decoding, and VTC's 2U bound."""
+reference models, logits and greedy decoding; a small simulated engine and backlogged workloads for the schedulers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (  # noqa: I001
+from hypothesis import strategies as st
+from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -21,6 +22,8 @@ from transformers import (  # noqa: I001
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+
+from fairness import EngineModel, Request
 
 REPO = Path(__file__).resolve().parent.parent  # the tests run from a checkout of the repository
 REFERENCE_MODEL_DIR = REPO / "examples" / "reference-moe"
@@ -99,3 +102,21 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, n: int = 8) -> torch.Ten
 def load_reference(path: Path, dtype: torch.dtype = torch.float32):
     """A reference model (float32 by default: exact comparisons on this CPU) and its tokenizer."""
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
+
+
+SMALL = EngineModel(kv_tokens=4000, max_step_tokens=512, max_running=64)  # a small simulated engine
+
+
+@st.composite
+def backlogged_workloads(draw):
+    """2-4 clients with random (over-capacity) rates and request sizes, for 60 s."""
+    n = draw(st.integers(2, 4))
+    reqs = []
+    for c in range(n):
+        rate = draw(st.floats(0.5, 6.0))
+        n_in, n_out = draw(st.integers(8, 600)), draw(st.integers(8, 600))
+        step, t = 1.0 / rate, draw(st.floats(0, 1))
+        while t < 60:
+            reqs.append(Request(f"c{c}", t, n_in, n_out))
+            t += step
+    return reqs

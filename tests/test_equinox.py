@@ -4,7 +4,6 @@ adaptive batching, and the policy inside the simulator."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from test_fairness import SMALL, backlogged_workloads
 
 from fairness import EngineModel, Request, RequestInfo, make_policy, make_workload, simulate
 from fairness.core.equinox import Equinox, holistic
@@ -12,6 +11,7 @@ from fairness.core.features import FEATURES, TARGETS
 from fairness.core.ledger import Ledger
 from fairness.core.telemetry import Telemetry
 from fairness.measure.bound import vtc_bound
+from tests.helpers import SMALL, backlogged_workloads
 
 
 class Fixed:

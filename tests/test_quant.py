@@ -79,7 +79,7 @@ def test_8_bit_standins_are_nearly_lossless_and_inside_the_budget(reference, pat
 
 
 @pytest.mark.slow
-def test_calibration_is_deterministic_for_a_seed(reference, tmp_path):
+def test_calibration_gives_the_same_file_twice(reference, tmp_path):
     model, tokenizer = reference
     text = [corpus_text("train", max_bytes=6000)]
     paths = []

@@ -51,7 +51,9 @@ def test_streamed_chat_and_plain_completion_through_the_openai_client(server):
     assert 1 <= done.usage.completion_tokens <= 10 and done.choices[0].finish_reason in ("stop", "length")
     exact = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=9, extra_body={"ignore_eos": True})
     assert exact.usage.completion_tokens == 9 and exact.choices[0].finish_reason == "length"
-    assert isinstance(text, str)
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "def f(x):"}],
+                                           max_tokens=12, user="alice")  # fmt: skip
+    assert text == whole.choices[0].message.content  # greedy: streamed pieces add up to the whole answer
     stats = engine.offload.stats()
     assert stats.host_jobs > 0  # the model really ran offloaded, misses computed on the host
 

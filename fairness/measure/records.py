@@ -44,6 +44,26 @@ class RecordMetrics:
     ttft: dict[str, list[float]]
 
 
+def latencies(records: Sequence[RequestRecord]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each client's times to first token and end-to-end latencies (requests that got there), in record order."""
+    clients = sorted({r.client for r in records})
+    ttft: dict[str, list[float]] = {c: [] for c in clients}
+    e2e: dict[str, list[float]] = {c: [] for c in clients}
+    for r in records:
+        if r.first_token_s is not None:
+            ttft[r.client].append(r.first_token_s - r.arrival_s)
+        if r.finish_s is not None:
+            e2e[r.client].append(r.finish_s - r.arrival_s)
+    return ttft, e2e
+
+
+def latency_metrics(ttft: dict[str, list[float]], e2e: dict[str, list[float]]) -> dict[str, float]:
+    """p50 and p99 of TTFT and end-to-end latency over every client's requests."""
+    all_ttft, all_e2e = [x for v in ttft.values() for x in v], [x for v in e2e.values() for x in v]
+    return {"ttft_p50_s": percentile(all_ttft, 50), "ttft_p99_s": percentile(all_ttft, 99),
+            "e2e_p50_s": percentile(all_e2e, 50), "e2e_p99_s": percentile(all_e2e, 99)}  # fmt: skip
+
+
 def paper_metrics(records: Sequence[RequestRecord], window_s: float = 60.0, resolution_s: float = 0.1) -> dict:
     """The VTC paper's measures, taken as its artifact takes them over the span of arrivals [0, T] (T = the last
     arrival), with service unweighted (input + 2 x output): acc_service_diff, the largest max - min over clients of
@@ -108,10 +128,7 @@ def record_metrics(
             if gained[c, k]:
                 tracker.serve(name, gained[c, k])
         tracker.observe(float(t), {name: int(waiting[c, k] > 0.5) for c, name in enumerate(clients)})
-    ttft = {c: [r.first_token_s - r.arrival_s for r in records if r.client == c and r.first_token_s is not None]
-            for c in clients}  # fmt: skip
-    e2e = [r.finish_s - r.arrival_s for r in records if r.finish_s is not None]
-    all_ttft = [x for v in ttft.values() for x in v]
+    ttft, e2e = latencies(records)
     makespan = max(end - start, 1e-9)
     out_tokens = sum(r.output_tokens for r in records if r.finish_s is not None)
     metrics = {
@@ -120,10 +137,7 @@ def record_metrics(
         "jain": tracker.jain(),
         **paper_metrics(records, window_s),
         "throughput_tok_s": out_tokens / makespan,
-        "ttft_p50_s": percentile(all_ttft, 50),
-        "ttft_p99_s": percentile(all_ttft, 99),
-        "e2e_p50_s": percentile(e2e, 50),
-        "e2e_p99_s": percentile(e2e, 99),
+        **latency_metrics(ttft, e2e),
         "finished": float(len(done)),
         "requests": float(len(records)),
         "makespan_s": makespan,

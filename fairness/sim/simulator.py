@@ -22,7 +22,7 @@ from fairness.core.policy import SchedulingPolicy, make_policy
 from fairness.core.request import Request, RequestInfo
 from fairness.core.telemetry import Telemetry
 from fairness.measure.metrics import FairnessTracker, percentile
-from fairness.measure.records import W_P, W_Q, RequestRecord, paper_metrics
+from fairness.measure.records import W_P, W_Q, RequestRecord, latencies, latency_metrics, paper_metrics
 
 
 @dataclass
@@ -225,18 +225,10 @@ class Simulator:
     def _result(self) -> SimResult:
         seqs, clients, c = self.seqs, self.clients, self.counts
         makespan = max(self.t - self.start, 1e-9)
-        ttft: dict[str, list[float]] = {cl: [] for cl in clients}
-        e2e: dict[str, list[float]] = {cl: [] for cl in clients}
-        for s in seqs:
-            if s.first_token_s is not None:
-                ttft[s.info.client].append(s.first_token_s - s.info.arrival_s)
-            if s.finish_s is not None:
-                e2e[s.info.client].append(s.finish_s - s.info.arrival_s)
-        all_ttft = [x for v in ttft.values() for x in v]
-        all_e2e = [x for v in e2e.values() for x in v]
         recompute_s = c["recomputed_tokens"] * self.engine.prefill_s_per_token
         records = [RequestRecord(s.info.client, s.info.arrival_s, s.info.input_tokens, s.generated, s.first_token_s,
                                  s.finish_s, s.info.weight) for s in seqs]  # fmt: skip
+        ttft, e2e = latencies(records)
         metrics = {
             "max_service_diff": self.tracker.max_diff,
             "worst_interval_service_diff": self.tracker.worst_interval_diff,
@@ -244,10 +236,7 @@ class Simulator:
             "jain": self.tracker.jain(),
             "throughput_tok_s": sum(s.generated for s in seqs) / makespan,
             "input_tok_s": sum(s.input_served for s in seqs) / makespan,
-            "ttft_p50_s": percentile(all_ttft, 50),
-            "ttft_p99_s": percentile(all_ttft, 99),
-            "e2e_p50_s": percentile(all_e2e, 50),
-            "e2e_p99_s": percentile(all_e2e, 99),
+            **latency_metrics(ttft, e2e),
             "utilization": c["busy_s"] / makespan,
             "token_budget_use": c["budget_used"] / max(c["busy_s"], 1e-9),
             "compute_utilization": c["compute_s"] / makespan,  # modelled (see step), not NVML's busy flag
