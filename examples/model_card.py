@@ -13,16 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from hooks import RoutingRecorder  # noqa: E402
 from lab.evaluate import bits_per_byte  # noqa: E402
-from lab.reference import corpus_text, stdlib_files  # noqa: E402
+from lab.figures import figure  # noqa: E402
+from lab.reference import HELD_OUT_FILES, corpus_text  # noqa: E402
 
 
 def router_stats(model, tokenizer, text: str, seq_len: int = 256) -> list[dict]:
@@ -65,7 +62,7 @@ def plot_loss(log: list[dict], path: Path, title: str) -> None:
         sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1]) for i in range(len(loss))
     ]
     val = [(e["step"] + 1, e["val_bits_per_byte"]) for e in log if "val_bits_per_byte" in e]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(figsize=(7, 4))
     ax.plot(steps, smooth, label="training loss (nats/token, 25-step mean)")
     ax.set_xlabel("step")
     ax.set_ylabel("nats / token")
@@ -76,7 +73,6 @@ def plot_loss(log: list[dict], path: Path, title: str) -> None:
     ax.set_title(f"{title} training")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -97,7 +93,7 @@ def main() -> None:
         "vocab_size": model.config.vocab_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "expert_parameters": sum(p.numel() for n, p in model.named_parameters() if ".experts." in n),
-        "held_out_files": len(stdlib_files("val")),
+        "held_out_files": HELD_OUT_FILES,
         "held_out_bytes": len(val_text.encode()),
         "held_out_bits_per_byte": round(bpb_full, 4),
         "held_out_64k_bits_per_byte": round(bits_per_byte(model, tokenizer, corpus_text("val", max_bytes=64_000)), 4),
@@ -147,7 +143,8 @@ def render_card(card: dict, log: dict, name: str) -> str:
          f"({card['bytes_per_token']} bytes/token on held-out text)"),
         ("data", f"the `.py` files of the standard library of CPython {card['python']} (the interpreter that trained "
          "it), files over 200 kB skipped; held out: every module whose dotted name hashes to bucket 0 of 20 (md5), "
-         f"{card['held_out_files']} files, {card['held_out_bytes'] / 1e6:.2f} MB (`offload_moe/reference.py`)"),
+         f"{card['held_out_files']} files, {card['held_out_bytes'] / 1e6:.2f} MB, frozen in "
+         "`examples/corpus/heldout.txt` (`lab/reference.py`)"),
         ("training", f"{a['steps']} AdamW steps of {a['batch']} x {a['seq_len']} tokens "
          f"({card['training_tokens_seen'] / 1e6:.1f} M tokens), lr {a['lr']} (warm-up {a['warmup']}, cosine to "
          f"10%), load-balancing loss x {a['aux_loss']}, seed {a['seed']}; "

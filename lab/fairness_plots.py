@@ -1,5 +1,5 @@
-"""Plots of simulated or served runs: service per client over time and TTFT CDFs. matplotlib is imported only here,
-and only when something is drawn."""
+"""Plots of simulated or served runs: service per client over time and TTFT CDFs (matplotlib is imported only when
+something is drawn)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,7 @@ import re
 from pathlib import Path
 
 from fairness.sim.simulator import SimResult
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from lab.figures import figure
 
 
 def safe_stem(title: str) -> str:
@@ -24,12 +16,11 @@ def safe_stem(title: str) -> str:
 
 def plot_runs(results: list[SimResult], title: str, out: Path) -> list[Path]:
     """Service over time (one panel per policy) and the TTFT CDF of every policy; returns the PNG paths."""
-    plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)
     stem = safe_stem(title)
     cols = min(4, len(results))
     rows = -(-len(results) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharey=True, squeeze=False)
+    fig, axes = figure(rows, cols, figsize=(4.2 * cols, 3.2 * rows), sharey=True, squeeze=False)
     for ax in axes.flat[len(results) :]:
         ax.set_visible(False)
     for ax, res in zip(axes.flat, results, strict=False):
@@ -44,9 +35,8 @@ def plot_runs(results: list[SimResult], title: str, out: Path) -> list[Path]:
     fig.tight_layout()
     service_png = out / f"fairness-{stem}-service.png"
     fig.savefig(service_png, dpi=100)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = figure(figsize=(5.5, 3.6))
     for res in results:
         ttft = sorted(x for v in res.ttft.values() for x in v)
         if ttft:
@@ -59,5 +49,4 @@ def plot_runs(results: list[SimResult], title: str, out: Path) -> list[Path]:
     fig.tight_layout()
     cdf_png = out / f"fairness-{stem}-ttft-cdf.png"
     fig.savefig(cdf_png, dpi=100)
-    plt.close(fig)
     return [service_png, cdf_png]

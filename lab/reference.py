@@ -14,6 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent  # lab/ lives in a checkout of the repository
 REFERENCE_MODEL = REPO / "examples" / "reference-moe"
+HELD_OUT_FILES = 83  # stdlib files in the frozen held-out text (Python 3.11.7's held-out split)
 CORPUS = {  # split -> (frozen file, sha256)
     "val": ("heldout.txt", "536b22168556b3136a37bcd3c12d73957923b6c848470ecfa749b83eef6b108a"),
     "train": ("train-sample.txt", "56f09c73b365a9e2734b283364d2e082668a9580b96ea7347e810e67ac0c8969"),
