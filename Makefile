@@ -51,12 +51,12 @@ gpu-check: install
 	$(PY) -m lab.gpu_check
 
 reference-model: install
-	$(PY) examples/train_reference_model.py --out examples/reference-moe
-	$(PY) examples/model_card.py examples/reference-moe
-	$(PY) examples/train_reference_model.py --family qwen2_moe --experts 64 --top-k 6 --intermediate 24 \
+	$(PY) -m lab.train_reference_model --out examples/reference-moe
+	$(PY) -m lab.model_card examples/reference-moe
+	$(PY) -m lab.train_reference_model --family qwen2_moe --experts 64 --top-k 6 --intermediate 24 \
 		--shared-intermediate 96 --layers 6 --steps 1500 --tokenizer examples/reference-moe \
 		--experts-impl grouped_mm --out examples/reference-moe-fine
-	$(PY) examples/model_card.py examples/reference-moe-fine
+	$(PY) -m lab.model_card examples/reference-moe-fine
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache .ruff_cache

@@ -2,7 +2,7 @@
 
 Every workload of `vtc_suite` runs on the S-LoRA preset (`a10g-llama2-7b-slora`) under each policy; the reference is
 `lab/data/vtc_artifact_metrics.json`: the same measures (`records.paper_metrics`) taken from the per-request records the
-artifact publishes for the authors' A10G runs (regenerate with `examples/vtc_artifact_metrics.py`).
+artifact publishes for the authors' A10G runs (regenerate with `python -m lab.vtc_artifact_metrics`).
 """
 
 from __future__ import annotations

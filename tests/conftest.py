@@ -31,17 +31,29 @@ def fine_dir():
     return _model_dir(FINE_MODEL_DIR)
 
 
-@pytest.fixture
-def patched():
-    """patch(...) whose handles are unpatched when the test ends, passed or failed (no leaked workers)."""
+def _unpatched_at_teardown(open_):
+    """Wraps patch or load: every handle it returns is unpatched when the test ends, passed or failed (no leaked
+    workers), unless the test unpatched it itself."""
     handles = []
 
-    def patch(model, *args, **kwargs):
-        handle = offload_moe.patch(model, *args, **kwargs)
-        handles.append(handle)
-        return handle
+    def call(*args, **kwargs):
+        out = open_(*args, **kwargs)
+        handles.append(out[1] if isinstance(out, tuple) else out)
+        return out
 
-    yield patch
+    yield call
     for h in handles:
         if h.patched:
             h.unpatch()
+
+
+@pytest.fixture
+def patched():
+    """`offload_moe.patch`, unpatched at teardown."""
+    yield from _unpatched_at_teardown(offload_moe.patch)
+
+
+@pytest.fixture
+def loaded():
+    """`offload_moe.load` (returns model, handle), unpatched at teardown."""
+    yield from _unpatched_at_teardown(offload_moe.load)

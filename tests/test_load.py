@@ -12,11 +12,11 @@ from tests.helpers import logits, tiny_model
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
-def test_load_matches_from_pretrained(tmp_path, family):
+def test_load_matches_from_pretrained(tmp_path, family, loaded):
     tiny_model(family).save_pretrained(tmp_path)  # transformers writes the per-expert layout (w1/w3/w2, ...)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
-    model, handle = offload_moe.load(tmp_path, budget=0.25, device="cpu")
+    model, handle = loaded(tmp_path, budget=0.25, device="cpu")
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=0, atol=1e-5)
     assert handle.stats().misses > 0
     handle.unpatch()  # experts are materialised from the checkpoint: the model equals from_pretrained's
@@ -24,20 +24,20 @@ def test_load_matches_from_pretrained(tmp_path, family):
     assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
 
 
-def test_load_fused_layout_and_dtype(tmp_path):
+def test_load_fused_layout_and_dtype(tmp_path, loaded):
     model = tiny_model("mixtral")
     model.config.save_pretrained(tmp_path)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}  # fused keys: experts.gate_up_proj
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     ids = torch.randint(0, 128, (1, 16))
-    loaded, handle = offload_moe.load(tmp_path, budget=0.5, device="cpu", dtype=torch.bfloat16)
-    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    model, handle = loaded(tmp_path, budget=0.5, device="cpu", dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    assert torch.equal(logits(loaded, ids), logits(ref, ids))
+    assert torch.equal(logits(model, ids), logits(ref, ids))
     handle.unpatch()
 
 
-def test_load_keeps_experts_on_disk(tmp_path):
+def test_load_keeps_experts_on_disk(tmp_path, loaded):
     """A checkpoint whose experts are ~100 MB: opening it at budget 1/8 reads only about that eighth into RAM."""
     cfg = MixtralConfig(
         vocab_size=64,
@@ -53,7 +53,7 @@ def test_load_keeps_experts_on_disk(tmp_path):
     MixtralForCausalLM(cfg).save_pretrained(tmp_path)
     expert_bytes = 4 * 8 * 3 * 256 * 2048 * 4
     rss_before = _rss_bytes()
-    model, handle = offload_moe.load(tmp_path, budget=0.125, device="cpu")
+    model, handle = loaded(tmp_path, budget=0.125, device="cpu")
     grown = _rss_bytes() - rss_before
     assert handle.stats().resident_bytes <= expert_bytes / 8
     assert grown < 0.4 * expert_bytes, f"RSS grew by {grown / 1e6:.0f} MB for {expert_bytes / 1e6:.0f} MB of experts"

@@ -1,23 +1,16 @@
 """The fine-grained reference model (Qwen2-MoE: 64 experts, top-6, one shared expert): loads offline, offloading
 it is lossless with the shared expert left resident, and both models' cards are reproduced by the card script."""
 
-import importlib.util
 import json
 
 import pytest
 import torch
 from transformers import Qwen2MoeForCausalLM
 
+from lab import model_card
 from lab.evaluate import bits_per_byte
 from lab.reference import corpus_text
-from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR, REPO, load_reference
-
-
-def _card_script():
-    spec = importlib.util.spec_from_file_location("model_card", REPO / "examples" / "model_card.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR, load_reference
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +67,7 @@ def test_card_numbers_are_reproduced_by_the_card_script(model_dir):
     model, tokenizer = load_reference(model_dir)
     text = corpus_text("val", max_bytes=64_000)  # the card's routing table reads the first 8192 tokens of it
     assert bits_per_byte(model, tokenizer, text) == pytest.approx(card["held_out_64k_bits_per_byte"], abs=2e-4)
-    for ours, theirs in zip(_card_script().router_stats(model, tokenizer, text), card["routers"], strict=True):
+    for ours, theirs in zip(model_card.router_stats(model, tokenizer, text), card["routers"], strict=True):
         assert ours["router_entropy"] == pytest.approx(theirs["router_entropy"], abs=2e-4)
         assert ours["usage_entropy"] == pytest.approx(theirs["usage_entropy"], abs=2e-4)
         assert ours["skew"]["top_tenth_share"] == pytest.approx(theirs["skew"]["top_tenth_share"], abs=2e-4)

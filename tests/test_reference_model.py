@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-import offload_moe
 from lab.evaluate import bits_per_byte
 from lab.reference import corpus_text
 from tests.helpers import DEVICES, load_reference
@@ -70,9 +69,9 @@ def test_offloading_the_reference_model_is_lossless(reference, held_out_ids, bud
         model.to("cpu")
 
 
-def test_load_matches_from_pretrained(reference_dir, held_out_ids):
+def test_load_matches_from_pretrained(reference_dir, held_out_ids, loaded):
     ref = AutoModelForCausalLM.from_pretrained(reference_dir).eval()  # bfloat16, as stored
-    model, handle = offload_moe.load(reference_dir, budget=0.25, device="cpu")
+    model, handle = loaded(reference_dir, budget=0.25, device="cpu")
     ids = held_out_ids[:200][None]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)

@@ -1,7 +1,7 @@
 """Measure the reference model and write its card: held-out bits per byte, router entropy and expert usage per layer,
 the loss curve. Writes `card.json`, `loss_curve.png` and `README.md` into the model directory.
 
-    python examples/model_card.py examples/reference-moe
+    python -m lab.model_card examples/reference-moe
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hooks import RoutingRecorder  # noqa: E402
-from lab.evaluate import bits_per_byte  # noqa: E402
-from lab.figures import figure  # noqa: E402
-from lab.reference import HELD_OUT_FILES, corpus_text  # noqa: E402
+from hooks import RoutingRecorder
+from lab.evaluate import bits_per_byte
+from lab.figures import figure
+from lab.reference import HELD_OUT_FILES, corpus_text
 
 
 def router_stats(model, tokenizer, text: str, seq_len: int = 256) -> list[dict]:
@@ -182,7 +182,7 @@ tokenizer = AutoTokenizer.from_pretrained("examples/{name}")
 
 {facts}
 
-Reproduce: `make reference-model` (trains both reference models, then runs `examples/model_card.py`, which measured
+Reproduce: `make reference-model` (trains both reference models, then runs `python -m lab.model_card`, which measured
 every number here; `tests/test_reference_model.py` recomputes the routing table and the 64 kB figure).
 
 ## Loss curve

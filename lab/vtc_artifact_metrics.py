@@ -7,7 +7,7 @@ script turns them into `RequestRecord`s and applies `fairness.records.paper_metr
 definition. It writes lab/data/vtc_artifact_metrics.json (numbers only; the records stay in the artifact).
 
     git clone https://github.com/Ying1123/VTC-artifact /tmp/VTC-artifact
-    python examples/vtc_artifact_metrics.py /tmp/VTC-artifact
+    python -m lab.vtc_artifact_metrics /tmp/VTC-artifact
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Seeded and reproducible (same interpreter, same torch): BPE tokenizer from `toke
 directory that `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` load offline, plus
 `training_log.json`.
 
-    python examples/train_reference_model.py --out examples/reference-moe     # about 35-45 min on 2 CPU cores
-    python examples/train_reference_model.py --family qwen2_moe --experts 64 --top-k 6 --intermediate 24 \
+    python -m lab.train_reference_model --out examples/reference-moe     # about 35-45 min on 2 CPU cores
+    python -m lab.train_reference_model --family qwen2_moe --experts 64 --top-k 6 --intermediate 24 \
         --shared-intermediate 96 --layers 6 --steps 1500 --tokenizer examples/reference-moe \
         --out examples/reference-moe-fine
 """
