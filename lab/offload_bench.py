@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from lab.evaluate import bits_per_byte
 from lab.offload_plots import plot_offload
 from lab.offload_report import print_quality, print_table
-from lab.reference import corpus_text, model_dir
+from lab.reference import REPO, corpus_text, model_dir
 from lab.standin_quality import standin_quality
 from offload_moe.blocks import moe_blocks
 from offload_moe.calibration import calibrate
@@ -32,7 +32,7 @@ from offload_moe.runtime.transfer import EmulatedLink
 COPY_TO_LAYER_RATIO = 15.0  # Mixtral-8x7B on PCIe 4.0: one expert copy takes ~15x one layer's decode compute
 HOST_TO_LINK_BANDWIDTH = 2.6  # dual-channel DDR5 (~65 GB/s) over PCIe 4.0 x16 (~25 GB/s)
 CROSSOVER_TOKENS = 40  # computing an expert on the host costs as much as copying it at ~40 tokens (Fiddler's model)
-MODELS = {"mixtral": Path("examples/reference-moe"), "fine": Path("examples/reference-moe-fine")}
+MODELS = {"mixtral": REPO / "examples" / "reference-moe", "fine": REPO / "examples" / "reference-moe-fine"}
 DTYPE = torch.bfloat16  # the dtype deployments use: every byte counted is a deployment byte
 
 
