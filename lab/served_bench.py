@@ -20,6 +20,7 @@ from fairness.serve import BackgroundServer, build_engine
 from fairness.serving.server import create_app
 from fairness.sim.simulator import simulate
 from lab.loadgen import as_result, replay
+from lab.reference import REFERENCE_MODEL
 
 POLICIES = ("fcfs", "vtc", "equinox")
 SHARES = {"heavy": 4.0, "light-a": 1.0, "light-b": 1.0}  # one client sends four times each light one's share
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="The served (real engine) part of make bench.")
-    ap.add_argument("--model", type=Path, default=Path("examples/reference-moe"))
+    ap.add_argument("--model", type=Path, default=REFERENCE_MODEL)
     ap.add_argument("--mode", choices=["quick", "default", "full"], default="default", help="see run_served_bench")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
