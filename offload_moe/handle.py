@@ -67,6 +67,13 @@ class OffloadStats:
     warmup_copies: int
     prefetches: int
     prefetches_used: int
+    background_copies: int  # copies of experts a stand-in or the host served, in idle link time
+    background_used: int  # ... used before being evicted
+    speculation_skipped: int  # speculation rounds skipped at layers where the source did not pay
+    placement: str  # "dynamic", "static-layers" or "static-frequency"
+    link_seconds: float  # the link's busy time ...
+    speculative_link_seconds: float  # ... of which on speculative copies (demand preempts them between chunks)
+    preemptions: int  # speculative copies set aside at a chunk boundary for a demand copy
     substituted: int
     critical_misses: int
     lowbit_copies: int  # standin="lowbit": low-bit copies fetched for one use (their bytes are in bytes_copied)
@@ -111,6 +118,7 @@ class OffloadHandle:
     ):
         self.model, self.blocks, self.cache, self.plan, self.options = model, blocks, cache, plan, options
         self.miss_path, self._counters = miss_path, counters
+        self._link_base = cache.link_use()  # the link's totals at patch time (warm-up copies included there)
         self._undo = undo
         model.__dict__[_ATTR] = self
         # a patched model dropped without unpatch(): its worker threads stop when it is collected
@@ -128,6 +136,7 @@ class OffloadHandle:
     def stats(self) -> OffloadStats:
         self.cache.flush_counts()
         s = self._counters.snapshot()
+        link_use = self.cache.link_use()
         opt, link, emulated_host = self.options, self.options.link, self.options.host
         link_info = ({"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us} if link is not None else
                      {"emulated": False, "kind": "pcie" if self.cache.device.type == "cuda" else "memcpy"})  # fmt: skip
@@ -141,6 +150,11 @@ class OffloadHandle:
             hits=s.hits, inflight_hits=s.inflight_hits, misses=s.misses, copies=s.copies,
             bytes_copied=s.bytes_copied, stall_seconds=s.stall_seconds, evictions=s.evictions, waves=s.waves,
             warmup_copies=s.warmup_copies, prefetches=s.prefetches, prefetches_used=s.prefetches_used,
+            background_copies=s.background_copies, background_used=s.background_used,
+            speculation_skipped=s.speculation_skipped, placement=opt.placement,
+            link_seconds=link_use["link_seconds"] - self._link_base["link_seconds"],
+            speculative_link_seconds=link_use["speculative_link_seconds"] - self._link_base["speculative_link_seconds"],
+            preemptions=int(link_use["preemptions"] - self._link_base["preemptions"]),
             substituted=s.substituted, critical_misses=s.critical_misses, lowbit_copies=s.lowbit_copies,
             host_jobs=s.host_jobs, host_tokens=s.host_tokens, host_seconds=s.host_seconds,
             host_wait_seconds=s.host_wait_seconds, auto_host=s.auto_host, auto_copy=s.auto_copy,
@@ -152,6 +166,7 @@ class OffloadHandle:
         """Zero the counters (the cache's contents stay)."""
         self.cache.flush_counts()
         self._counters.reset()
+        self._link_base = self.cache.link_use()
 
     def unpatch(self) -> None:
         """Detach every hook and put the original expert parameters back: the model is as before `patch`."""

@@ -20,6 +20,7 @@ FALLBACKS = ("fetch", "host", "auto")
 STANDINS = (None, *KINDS)
 PREFETCHERS = ("lookahead", None)
 PREFETCH_DEFAULT = "lookahead"
+PLACEMENTS = ("dynamic", "static-layers", "static-frequency")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class OffloadOptions:
     pin_memory: on CUDA, move in-RAM host copies of the experts to pinned memory (asynchronous copies). None: pin
         when that applies (experts in RAM, device CUDA); `load()` keeps experts memory-mapped and never pins.
     compile: torch.compile the attention modules; the residency logic and the experts kernels stay eager.
+    placement: which experts are on the device. "dynamic" (default): the residency cache follows the routing. The
+        static baselines people run today compute every miss on the host and never change what is resident:
+        "static-layers" (llama.cpp's --n-cpu-moe: whole layers' experts resident, the last layers first; the rest on
+        the host) and "static-frequency" (kTransformers: the experts the calibration saw used most; needs one).
+    chunk_bytes: copies move in pieces of this size; a speculative copy yields to a demand copy at the next piece
+        (default 2 MiB).
     """
 
     eviction: str | EvictionPolicy = "lru"
@@ -74,6 +81,8 @@ class OffloadOptions:
     host_threads: int | None = None
     pin_memory: bool | None = None
     compile: bool = False
+    placement: str = "dynamic"
+    chunk_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.eviction, EvictionPolicy) and self.eviction not in EVICTION_POLICIES:
@@ -108,6 +117,21 @@ class OffloadOptions:
             raise TypeError(f"host must be an offload_moe.EmulatedHost or None, got {type(self.host).__name__}")
         if self.host_threads is not None and self.host_threads < 1:
             raise ValueError(f"host_threads must be >= 1, got {self.host_threads}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; choose one of {list(PLACEMENTS)}")
+        if self.placement != "dynamic":
+            if self.fallback not in (None, "host"):
+                raise ValueError(f"placement={self.placement!r} computes every miss on the host; fallback must be "
+                                 f"'host' or None, not {self.fallback!r}")  # fmt: skip
+            if self.prefetch is not None:
+                raise ValueError(f"placement={self.placement!r} never changes what is resident: pass prefetch=None")
+            if self.standin is not None:
+                raise ValueError(f"placement={self.placement!r} serves misses exactly on the host: pass standin=None")
+        if self.placement == "static-frequency" and self.calibration is None:
+            raise ValueError("placement='static-frequency' keeps the experts the calibration saw used most: pass "
+                             "calibration=<a file from offload_moe.calibrate>")  # fmt: skip
+        if self.chunk_bytes is not None and self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
         needs = KINDS[self.standin].calibration_for if self.standin is not None else None
         if needs is not None and self.calibration is None:
             raise ValueError(f"standin={self.standin!r} needs {needs}: pass calibration=<a file from "
@@ -128,4 +152,6 @@ class OffloadOptions:
         """The exact-miss path in effect: `fallback`, or its default for this device."""
         if self.fallback is not None:
             return self.fallback
+        if self.placement != "dynamic":
+            return "host"
         return "auto" if device_type == "cuda" or self.link is not None else "fetch"

@@ -25,7 +25,7 @@ from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.miss_router import MissRouter, measure_host
 from offload_moe.runtime.prefetch import LookaheadPrefetcher
 from offload_moe.runtime.store import HostStore
-from offload_moe.runtime.transfer import TransferEngine
+from offload_moe.runtime.transfer import CHUNK_BYTES, TransferEngine
 from offload_moe.standins.kinds import KINDS, BuildContext
 from offload_moe.standins.policies import StandinPolicy
 
@@ -73,11 +73,12 @@ def offload(
             store = _host_store(blocks, names, dev, options, undo)
         else:
             undo.callback(_materialize, blocks, store, dtype)  # unpatch: experts from the checkpoint, as loaded
-        engine = TransferEngine(dev, options.link)
+        engine = TransferEngine(dev, options.link, options.chunk_bytes or CHUNK_BYTES)
         undo.callback(engine.shutdown)
         workers = [engine.shutdown]
         counters = Counters(len(blocks))
-        cache = ExpertCache(store, plan.slots, dev, dtype, engine, make_eviction(options.eviction), counters)
+        frozen = options.placement != "dynamic" and not plan.all_resident  # static: what warm() puts there stays
+        cache = ExpertCache(store, plan.slots, dev, dtype, engine, make_eviction(options.eviction), counters, frozen)
         home = _non_expert_device(model, blocks)
         if home is not None and home != dev:
             undo.callback(model.to, home)  # runs after the experts are restored: they go home too
@@ -94,7 +95,7 @@ def offload(
             workers.append(host.shutdown)
         fit = measure_host(host) if host is not None and miss_path == "auto" else None
         counters.reset()  # the micro-benchmark's jobs are not the model's
-        cache.warm(_warm_order(blocks, calib, plan.all_resident))  # measures the link as it copies
+        cache.warm(_warm_order(blocks, calib, plan.all_resident, options.placement))  # measures the link
         router = MissRouter(miss_path, engine, host, fit, counters) if host is not None else None
         for b in blocks:
             attach(b.experts, ExpertsHook(b.index, cache, names, router, standin, prefetcher, host, counters))
@@ -200,12 +201,16 @@ def _standin(options: OffloadOptions, calib: Calibration | None, blocks: list[Mo
     return KINDS[options.standin].build(BuildContext(options, calib, blocks, store, plan.sizing, cache, dev, dtype))
 
 
-def _warm_order(blocks: list[MoEBlock], calib: Calibration | None, layer_major: bool) -> list[tuple[int, int]]:
-    """Which experts fill the pool first: the calibration's most frequent; else spread evenly over layers (layer by
+def _warm_order(blocks: list[MoEBlock], calib: Calibration | None, layer_major: bool,
+                placement: str) -> list[tuple[int, int]]:  # fmt: skip
+    """Which experts fill the pool first: "static-layers", whole layers from the last one back (llama.cpp keeps the
+    first layers' experts on the host); else the calibration's most frequent; else spread evenly over layers (layer by
     layer when everything fits, so each layer's experts sit in consecutive slots)."""
     n_exp = blocks[0].num_experts
     if layer_major:
         return [(b.index, e) for b in blocks for e in range(n_exp)]
+    if placement == "static-layers":
+        return [(b.index, e) for b in reversed(blocks) for e in range(n_exp)]
     if calib is not None:
         order = calib.frequencies.flatten().argsort(descending=True).tolist()
         return [(i // n_exp, i % n_exp) for i in order]

@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.cache import ExpertCache, Payoff
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.eviction import LRU
 from offload_moe.runtime.store import HostStore
-from offload_moe.runtime.transfer import EmulatedLink, TransferEngine
+from offload_moe.runtime.transfer import PREFETCH, EmulatedLink, TransferEngine, _chunks
 from tests.helpers import DEVICES
 
 
@@ -51,6 +51,54 @@ def test_a_failed_copy_raises_on_wait():
     engine.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         engine.submit([torch.ones(1)], [torch.zeros(1)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_demand_copy_preempts_a_speculative_one_at_a_chunk_boundary(device):
+    """A 1 MB speculative copy in 16 chunks over a 20 MB/s emulated link (50 ms); a demand copy submitted 5 ms in
+    lands long before it, the speculative copy is resumed where it stopped and lands whole."""
+    link = EmulatedLink(gbps=0.02)
+    engine = TransferEngine(torch.device(device), link, chunk_bytes=64 * 1024)
+    pin = device == "cuda"
+    big = torch.randn(256, 1024)
+    big = big.pin_memory() if pin else big
+    big_dst = torch.zeros(256, 1024, device=device)
+    speculative = engine.submit([big], [big_dst], priority=PREFETCH)
+    time.sleep(0.005)
+    small, small_dst = torch.randn(16, 64), torch.zeros(16, 64, device=device)
+    demand = engine.submit([small.pin_memory() if pin else small], [small_dst])
+    demand.wait()
+    assert not speculative.done()  # the demand copy did not wait for the whole speculative one
+    speculative.wait()
+    assert torch.equal(small_dst.cpu(), small) and torch.equal(big_dst.cpu(), big.cpu())
+    use = engine.link_use()
+    assert use["preemptions"] >= 1 and 0 < use["speculative_link_seconds"]  # the rest ran promoted, as demand
+    assert use["link_seconds"] >= 0.9 * (link.seconds(big.numel() * 4) + link.seconds(small.numel() * 4))
+    engine.shutdown()
+
+
+def test_chunks_are_whole_rows_in_order():
+    src, dst = [torch.arange(40.0).view(10, 4), torch.ones(3)], [torch.zeros(10, 4), torch.zeros(3)]
+    chunks = _chunks(src, dst, chunk_bytes=3 * 16)  # three rows of 16 bytes a chunk
+    assert [c[1][0].shape[0] for c in chunks] == [3, 3, 3, 1, 3]
+    for s, d in chunks:
+        d[0].copy_(s[0])
+    assert torch.equal(dst[0], src[0]) and torch.equal(dst[1], src[1])
+    with pytest.raises(ValueError, match="chunk_bytes must be >= 1"):
+        TransferEngine(torch.device("cpu"), chunk_bytes=0)
+
+
+def test_speculation_that_does_not_pay_backs_off_and_probes_again():
+    payoff = Payoff()
+    assert payoff.allows()
+    for _ in range(8):  # eight copies evicted unused: precision 0.9^8 = 0.43 < 0.5
+        payoff.outcome(False)
+    allowed = [payoff.allows() for _ in range(40)]
+    assert allowed[0] and not allowed[1] and allowed[2]  # a probe, then skips growing 1, 2, 4, 8, ...
+    assert sum(allowed) == 6 and allowed[:16].count(True) == 4  # probes at 0, 2, 5, 10, 19, 36
+    for _ in range(10):
+        payoff.outcome(True)
+    assert all(payoff.allows() for _ in range(5))  # it pays again: no more skips
 
 
 def test_emulated_link_rejects_nonsense():

@@ -40,11 +40,38 @@ class Residency(NamedTuple):
 
 
 SPECULATION_SOURCES = ("lookahead", "standin", "host")
+PAY_PRECISION = 0.5  # a source keeps speculating at a layer while at least half its copies there are used in time
+MAX_BACKOFF = 256  # layer calls between two probes of a source that does not pay
+
+
+class Payoff:
+    """Whether one source's speculative copies pay at one layer: an exponential average of how many were used before
+    eviction (optimistic at the start), and a back-off that skips the source while it does not pay, probing again
+    after 1, 2, 4, ... MAX_BACKOFF calls."""
+
+    def __init__(self) -> None:
+        self.precision, self.skip, self.backoff = 1.0, 0, 1
+
+    def outcome(self, used: bool) -> None:
+        self.precision = 0.9 * self.precision + 0.1 * float(used)
+        if self.precision >= PAY_PRECISION:
+            self.skip, self.backoff = 0, 1
+
+    def allows(self) -> bool:
+        """True when the source should speculate now (it pays, or it is time for a probe)."""
+        if self.precision >= PAY_PRECISION:
+            return True
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
+        return True
 
 
 class ExpertCache:
     """`num_slots` device slots for the experts of every layer of `store`, evicted by `eviction`; it counts into
-    `counters` (its own fields: hits, misses, copies, stalls, evictions, prefetches, warm-up)."""
+    `counters` (its own fields: hits, misses, copies, stalls, evictions, speculation, warm-up).
+    frozen: what `warm` puts in the slots stays there (static placements); nothing is copied afterwards."""
 
     def __init__(
         self,
@@ -55,9 +82,10 @@ class ExpertCache:
         engine: TransferEngine,
         eviction: EvictionPolicy,
         counters: Counters,
+        frozen: bool = False,
     ):
         self.store, self.num_slots, self.device = store, num_slots, torch.device(device)
-        self._engine, self._eviction = engine, eviction
+        self._engine, self._eviction, self.frozen = engine, eviction, frozen
         self.pool = {
             n: torch.empty((num_slots, *shape), dtype=dtype, device=self.device)
             for n, shape in store.expert_shapes.items()
@@ -71,7 +99,8 @@ class ExpertCache:
         self._counters = counters
         self._static: list[SlotWindow] = []
         self._uncounted: list[tuple[int, torch.Tensor]] = []
-        self._prefetched: set[Key] = set()  # prefetched, not yet needed
+        self._speculative: dict[Key, str] = {}  # copied speculatively, not yet needed: key -> source
+        self._payoff: dict[tuple[str, int], Payoff] = {}  # (source, layer) -> whether its copies pay there
         self._uses: dict[Key, int] = {}  # layer calls that needed each expert
 
     # --- queries --------------------------------------------------------------------------------------------------
@@ -89,6 +118,10 @@ class ExpertCache:
             self._settle(key)
             return True
         return transfer is None
+
+    def link_use(self) -> dict[str, float]:
+        """The link's busy seconds, those on speculative copies, and preemptions so far."""
+        return self._engine.link_use()
 
     def link_totals(self) -> tuple[int, float]:
         """(bytes, seconds) the link spent on every copy so far."""
@@ -122,9 +155,13 @@ class ExpertCache:
         for e in experts:
             key = (layer, e)
             self._uses[key] = self._uses.get(key, 0) + 1
-            if key in self._prefetched:
-                self._prefetched.discard(key)
-                st.prefetches_used += 1
+            source = self._speculative.pop(key, None)
+            if source is not None:
+                self._payoff_of(source, layer).outcome(True)
+                if source == "lookahead":
+                    st.prefetches_used += 1
+                else:
+                    st.background_used += 1
             if key in self._slot_of:
                 st.hits += 1
                 st.layer_hits[layer] += 1
@@ -166,25 +203,29 @@ class ExpertCache:
         for e in experts:
             self._last_use[self._slot_of[(layer, e)]] = event
 
-    def _load(
-        self, key: Key, protected: set[Key], prefetch: bool = False, speculative: bool = False
-    ) -> Transfer | None:
+    def _load(self, key: Key, protected: set[Key], source: str | None = None) -> Transfer | None:
         """Start copying `key` into a slot unless it is resident or in flight; never evicts `protected` keys.
 
-        prefetch: started by the lookahead prefetcher (counted as such); prefetch or speculative: no one waits for it
-        yet, so demand copies go first. Returns the transfer, or None when `key` is already there or no slot can be
-        freed without waiting.
+        source: None for a demand copy (someone waits for it); else the speculation source that asked (no one waits
+        yet, so demand copies go first and preempt it). Returns the transfer, or None when `key` is already there or
+        no slot can be freed without waiting.
         """
         if key in self._slot_of:
             return None
+        if self.frozen:
+            raise RuntimeError(f"expert {key} is not resident and this cache is frozen (a static placement): misses "
+                               "must be computed on the host; this is a bug in the caller")  # fmt: skip
         if not self._free and self._evict(protected) is None:
             return None
-        transfer = self._start_copy(key, PREFETCH if prefetch or speculative else DEMAND)
+        transfer = self._start_copy(key, PREFETCH if source is not None else DEMAND)
         self._counters.copies += 1
         self._counters.bytes_copied += transfer.nbytes
-        if prefetch:
-            self._counters.prefetches += 1
-            self._prefetched.add(key)
+        if source is not None:
+            self._speculative[key] = source
+            if source == "lookahead":
+                self._counters.prefetches += 1
+            else:
+                self._counters.background_copies += 1
         return transfer
 
     def speculate(self, keys: list[Key], protected: set[Key], source: str, max_queued: int = 0) -> bool:
@@ -193,22 +234,37 @@ class ExpertCache:
 
         source: "lookahead" (the prefetcher's predictions, counted as prefetches), "standin" (experts a stand-in
         served: for the next tokens) or "host" (experts computed on the host: copied only when used more often than
-        the expert they would evict, so the cache follows the workload). False when it stopped before the end (the
-        link's queue was full, or no slot could be freed).
+        the expert they would evict, so the cache follows the workload). The last two copy only while the link is
+        otherwise idle. A source whose copies at a layer are not used in time stops there (`Payoff`), so speculation
+        that does not pay costs nothing. False when it stopped before the end (the link's queue was full, or no slot
+        could be freed); a source backing off is skipped and returns True.
         """
         if source not in SPECULATION_SOURCES:
             raise ValueError(f"unknown speculation source {source!r}; one of {SPECULATION_SOURCES}")
+        if self.frozen or not keys:
+            return True
+        if not self._payoff_of(source, keys[0][0]).allows():
+            self._counters.speculation_skipped += 1
+            return True
         protected = set(protected)
         for key in keys:
             protected.add(key)
             if key in self._slot_of:
                 self._eviction.touch(key)
                 continue
-            if self._engine.queued() > max_queued or (source == "host" and not self._worth_caching(key)):
+            if self._engine.queued() > max_queued or (source != "lookahead" and not self._engine.idle()):
                 return False
-            if self._load(key, protected, prefetch=source == "lookahead", speculative=True) is None:
+            if source == "host" and not self._worth_caching(key):
+                return False
+            if self._load(key, protected, source) is None:
                 return False  # every slot is protected or in flight
         return True
+
+    def _payoff_of(self, source: str, layer: int) -> Payoff:
+        payoff = self._payoff.get((source, layer))
+        if payoff is None:
+            payoff = self._payoff[(source, layer)] = Payoff()
+        return payoff
 
     def _worth_caching(self, key: Key) -> bool:
         """`key` (not resident) has been needed more often than the expert it would evict (or a slot is free)."""
@@ -267,7 +323,9 @@ class ExpertCache:
         if victim is None:
             return None
         slot = self._slot_of.pop(victim)
-        self._prefetched.discard(victim)
+        source = self._speculative.pop(victim, None)
+        if source is not None:  # copied speculatively and evicted unused: it did not pay
+            self._payoff_of(source, victim[0]).outcome(False)
         self._eviction.forget(victim)
         self._free.append(slot)
         self._counters.evictions += 1

@@ -1,10 +1,12 @@
 """Asynchronous host-to-device copies of experts, on one background worker that models one PCIe link.
 
-On CUDA the worker issues copies on a dedicated copy stream and records an event per transfer; the compute stream
-only waits when an expert it needs is really still in flight. On CPU the worker thread does the copy itself.
-Copies have priorities: a demand copy (something is waiting for it) goes before speculative ones (prefetch), and a
-queued prefetch that someone starts waiting for is promoted. One copy is on the link at a time, so a demand copy
-never queues behind more than the copy in progress.
+A copy moves in chunks of about `chunk_bytes` (whole rows of each weight). On CUDA the worker issues each chunk on a
+dedicated copy stream and records an event per chunk; the compute stream only waits when an expert it needs is really
+still in flight. On CPU the worker thread does the copy itself. Copies have priorities: a demand copy (something is
+waiting for it) goes before speculative ones (prefetches, background copies), a speculative copy in progress is
+preempted at its next chunk boundary when a demand copy arrives (and resumed later, where it stopped), and a
+speculative copy that someone starts waiting for is promoted. So a demand copy waits for at most one chunk of
+speculation, never for a whole expert.
 An `EmulatedLink` makes every copy take `latency + bytes / bandwidth` of wall time, so a CPU-only machine can
 reproduce the behaviour of a PCIe link; results measured with it are emulated and must be reported as such.
 """
@@ -37,17 +39,22 @@ class EmulatedLink:
 
 
 DEMAND, PREFETCH = 0, 1  # copy priorities: lower goes first
+CHUNK_BYTES = 2 << 20  # a copy's preemption granularity: 2 MiB chunks keep PCIe near its peak bandwidth
 
 
 class Transfer:
-    """One queued copy of a list of source tensors into destination tensors."""
+    """One queued copy of a list of source tensors into destination tensors, in chunks."""
 
-    __slots__ = ("src", "dst", "after", "nbytes", "priority", "seq", "_engine", "_issued", "_event", "_error")
+    __slots__ = ("src", "dst", "after", "nbytes", "priority", "seq", "chunks", "next_chunk", "link_s", "_engine",
+                 "_issued", "_event", "_error")  # fmt: skip
 
-    def __init__(self, src, dst, after, priority: int, seq: int, engine: TransferEngine):
+    def __init__(self, src, dst, after, priority: int, seq: int, engine: TransferEngine, chunk_bytes: int):
         self.src, self.dst, self.after = src, dst, after
         self.nbytes = sum(t.numel() * t.element_size() for t in dst)
         self.priority, self.seq, self._engine = priority, seq, engine
+        self.chunks = _chunks(src, dst, chunk_bytes)  # [(src rows, dst rows)], in copy order
+        self.next_chunk = 0  # chunks before it are on the device (or queued on the copy stream)
+        self.link_s = 0.0  # link time spent on it so far
         self._issued = threading.Event()
         self._event: torch.cuda.Event | None = None
         self._error: BaseException | None = None
@@ -76,21 +83,40 @@ class Transfer:
             raise RuntimeError("expert transfer failed") from self._error
 
 
-class TransferEngine:
-    """Copy worker for one device. `submit` never blocks; `Transfer.wait` blocks only if the copy is not done."""
+def _chunks(src: list[torch.Tensor], dst: list[torch.Tensor], chunk_bytes: int) -> list[tuple[list, list]]:
+    """Split the copy into pieces of about `chunk_bytes`: whole rows (dim 0) of each tensor, tensors in order."""
+    out: list[tuple[list, list]] = []
+    for s, d in zip(src, dst, strict=True):
+        rows = d.shape[0] if d.dim() else 1
+        row_bytes = max(1, d.numel() * d.element_size() // max(rows, 1))
+        step = max(1, chunk_bytes // row_bytes)
+        if d.dim() == 0 or step >= rows:
+            out.append(([s], [d]))
+            continue
+        out += [([s[r : r + step]], [d[r : r + step]]) for r in range(0, rows, step)]
+    return out
 
-    def __init__(self, device: torch.device, link: EmulatedLink | None = None):
+
+class TransferEngine:
+    """Copy worker for one device. `submit` never blocks; `Transfer.wait` blocks only if the copy is not done.
+    chunk_bytes: the size of the pieces a copy moves in (where a speculative copy can be preempted)."""
+
+    def __init__(self, device: torch.device, link: EmulatedLink | None = None, chunk_bytes: int = CHUNK_BYTES):
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self.device = torch.device(device)
-        self.link = link
+        self.link, self.chunk_bytes = link, chunk_bytes
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._queued: list[Transfer] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._closing = False
         self._link_free_at = 0.0
-        self._copy_s: float | None = None  # measured seconds per copy (EMA over copies, warm-up included)
-        self._link_seconds, self._link_bytes = 0.0, 0  # totals of every copy
-        self._current: float | None = None  # start time of the copy on the link
+        self._copy_s: float | None = None  # measured link seconds per whole copy (EMA over copies, warm-up included)
+        self._link_seconds, self._link_bytes = 0.0, 0  # totals of every chunk
+        self._speculative_seconds = 0.0  # ... of which for speculative copies
+        self._preemptions = 0  # speculative copies set aside at a chunk boundary for a demand copy
+        self._current: Transfer | None = None  # the copy on the link
         self._worker = threading.Thread(target=self._run, name="offload-moe-copy", daemon=True)
         self._worker.start()
 
@@ -105,7 +131,7 @@ class TransferEngine:
         with self._cond:
             if self._closing or not self._worker.is_alive():
                 raise RuntimeError("the transfer engine is shut down")
-            transfer = Transfer(src, dst, after, priority, next(self._seq), self)
+            transfer = Transfer(src, dst, after, priority, next(self._seq), self, self.chunk_bytes)
             self._queued.append(transfer)
             self._cond.notify()
         return transfer
@@ -113,6 +139,11 @@ class TransferEngine:
     def queued(self) -> int:
         """Copies waiting for the link (not counting the one in progress)."""
         return len(self._queued)
+
+    def idle(self) -> bool:
+        """Nothing on the link and nothing waiting for it."""
+        with self._cond:
+            return self._current is None and not self._queued
 
     def copy_seconds(self) -> float | None:
         """Measured link time of one copy (an exponential average over every copy so far), None before any."""
@@ -122,18 +153,26 @@ class TransferEngine:
         """(bytes, seconds) of every copy so far: their ratio is the bandwidth the link achieved."""
         return self._link_bytes, self._link_seconds
 
+    def link_use(self) -> dict[str, float]:
+        """Link seconds in all and on speculative copies, and how many speculative copies demand preempted."""
+        return {"link_seconds": self._link_seconds, "speculative_link_seconds": self._speculative_seconds,
+                "preemptions": float(self._preemptions)}  # fmt: skip
+
     def demand_wait_seconds(self) -> float:
-        """Estimated wait before a new demand copy would start: the rest of the copy on the link and every demand
-        copy queued before it (prefetches queue behind demand copies)."""
+        """Estimated wait before a new demand copy would start: the rest of the chunk on the link (the whole copy,
+        when it is a demand copy) and every demand copy queued before it."""
         copy_s = self._copy_s or 0.0
         with self._cond:
             current = self._current
             demand = sum(t.priority == DEMAND for t in self._queued)
-        rest = max(0.0, current + copy_s - time.perf_counter()) if current is not None else 0.0
+        rest = 0.0
+        if current is not None:
+            left = (len(current.chunks) - current.next_chunk) / len(current.chunks)
+            rest = copy_s * (left if current.priority == DEMAND else 1 / len(current.chunks))
         return rest + demand * copy_s
 
     def promote(self, transfer: Transfer) -> None:
-        """Make a queued copy a demand copy (no-op once it started)."""
+        """Make a copy a demand copy (it is not preempted any more)."""
         with self._cond:
             transfer.priority = DEMAND
 
@@ -152,44 +191,70 @@ class TransferEngine:
                 return None
             transfer = min(self._queued, key=lambda t: (t.priority, t.seq))
             self._queued.remove(transfer)
-            self._current = max(time.perf_counter(), self._link_free_at)
+            self._current = transfer
             return transfer
+
+    def _preempted(self, transfer: Transfer) -> bool:
+        """At a chunk boundary: a speculative copy yields to a queued demand copy, and goes back in the queue."""
+        with self._cond:
+            if transfer.priority == DEMAND or not any(t.priority == DEMAND for t in self._queued):
+                return False
+            self._queued.append(transfer)  # its seq keeps its place among speculative copies
+            self._current = None
+            self._preemptions += 1
+            return True
 
     def _run(self) -> None:
         # One intra-op thread here: a second OpenMP team in this thread makes every small op of the compute
         # thread ~10x slower on CPU (measured: index_add_ 3.8 us -> 40 us); the compute thread keeps its threads.
         torch.set_num_threads(1)
         while (transfer := self._next()) is not None:
-            start = max(time.perf_counter(), self._link_free_at)
             try:
-                self._copy(transfer)
-                if transfer._event is not None:
-                    transfer._event.synchronize()  # one copy on the link at a time: priorities stay meaningful
+                while transfer.next_chunk < len(transfer.chunks):
+                    self._move_chunk(transfer)
+                    if transfer.next_chunk < len(transfer.chunks) and self._preempted(transfer):
+                        break
             except BaseException as e:  # surfaced to the waiter by Transfer.wait
                 transfer._error = e
-            if self.link is not None:
-                self._link_free_at = start + self.link.seconds(transfer.nbytes)
-                delay = self._link_free_at - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            took = time.perf_counter() - start
-            self._copy_s = took if self._copy_s is None else 0.8 * self._copy_s + 0.2 * took
-            self._link_seconds += took
-            self._link_bytes += transfer.nbytes
+                transfer.next_chunk = len(transfer.chunks)
+            if transfer.next_chunk < len(transfer.chunks):
+                continue  # preempted: resumed later where it stopped
+            self._copy_s = transfer.link_s if self._copy_s is None else 0.8 * self._copy_s + 0.2 * transfer.link_s
             with self._cond:
                 self._current = None
             transfer._issued.set()
 
-    def _copy(self, transfer: Transfer) -> None:
+    def _move_chunk(self, transfer: Transfer) -> None:
+        """Copy the transfer's next chunk, and hold the link for as long as the (emulated) link takes."""
+        start = max(time.perf_counter(), self._link_free_at)
+        src, dst = transfer.chunks[transfer.next_chunk]
+        self._copy(transfer, src, dst)
+        nbytes = sum(t.numel() * t.element_size() for t in dst)
+        if self.link is not None:
+            first = transfer.next_chunk == 0
+            self._link_free_at = start + self.link.seconds(nbytes) - (0.0 if first else self.link.latency_us * 1e-6)
+            delay = self._link_free_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        took = time.perf_counter() - start
+        transfer.next_chunk += 1
+        transfer.link_s += took
+        self._link_seconds += took
+        self._link_bytes += nbytes
+        if transfer.priority != DEMAND:
+            self._speculative_seconds += took
+
+    def _copy(self, transfer: Transfer, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
         if self.stream is None:
-            for s, d in zip(transfer.src, transfer.dst, strict=True):
+            for s, d in zip(src, dst, strict=True):
                 d.copy_(s)
             return
         with torch.cuda.stream(self.stream):
-            if transfer.after is not None:
+            if transfer.after is not None and transfer.next_chunk == 0:
                 self.stream.wait_event(transfer.after)  # the slot's previous expert is no longer read
-            for s, d in zip(transfer.src, transfer.dst, strict=True):
+            for s, d in zip(src, dst, strict=True):
                 d.copy_(s, non_blocking=s.is_pinned())
             event = torch.cuda.Event()
             event.record(self.stream)
             transfer._event = event
+        event.synchronize()  # one chunk on the link at a time: priorities and preemption stay meaningful
