@@ -46,11 +46,16 @@ class Config:
 LRU = {"fallback": "fetch", "prefetch": None}
 LOOKAHEAD = {"fallback": "fetch", "prefetch": "lookahead"}
 AUTO = {"fallback": "auto", "prefetch": None}
+AUTO_LOOKAHEAD = {"fallback": "auto", "prefetch": "lookahead"}
+STANDINS = {"drop": {"standin": "drop"}, "buddy": {"standin": "buddy"}, "lowrank": {"standin": "lowrank"},
+            "quant2": {"standin": "quant", "bits": 2}, "lowbit4": {"standin": "lowbit", "bits": 4},
+            "mixed": {"standin": "mixed", "standin_fraction": 0.15}}  # fmt: skip
+CALIBRATED = ("buddy", "lowrank", "mixed")  # stand-in kinds and placements that read the calibration file
+CHUNKS_PER_EXPERT = 8  # emulated copies move in eighths of an expert: demand waits at most 1/8 copy behind speculation
 
-
-SHORT = {"resident", "patched-1.0", "lru", "auto", "lookahead+buddy", "auto+lowbit4", "auto+mixed", "auto+mixed-fast"}
-LEAN = {"resident", "patched-1.0", "lru", "host", "auto", "auto+quant2", "auto+lowbit4", "auto+mixed",
-        "auto+mixed-fast"}  # fmt: skip
+SHORT = {"resident", "patched-1.0", "default", "lru", "lookahead", "auto", "auto+lookahead", "static-frequency",
+         "static-frequency+buddy", "lru+buddy", "auto+buddy", "auto+mixed"}  # fmt: skip
+LEAN = SHORT | {"static-layers", "host", "lru+drop", "auto+quant2", "auto+lowbit4"}
 
 
 def configs(mode: str, model: str) -> list[Config]:
@@ -67,13 +72,17 @@ def configs(mode: str, model: str) -> list[Config]:
         return out
     out = [Config("resident", None), Config("patched-1.0", 1.0)]
     for b in (0.25, 0.5) if mode == "full" else (0.25,):
+        out += [Config("default", b)]  # patch(model, budget) with no options: what a user gets
         out += [Config("lru", b, LRU), Config("lookahead", b, LOOKAHEAD)]
-        out += [Config("host", b, {"fallback": "host", "prefetch": None}), Config("auto", b, AUTO)]
-        out += [Config(f"lookahead+{s}", b, {**LOOKAHEAD, "standin": s}) for s in ("drop", "buddy", "lowrank")]
-        out += [Config("auto+quant2", b, {**AUTO, "standin": "quant", "bits": 2})]
-        out += [Config(f"{f}+lowbit4", b, {**o, "standin": "lowbit", "bits": 4}) for f, o in (("lru", LRU),
-                                                                                          ("auto", AUTO))]  # fmt: skip
-        out += [Config("auto+mixed", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.15})]
+        out += [Config("host", b, {"fallback": "host", "prefetch": None}), Config("auto", b, AUTO),
+                Config("auto+lookahead", b, AUTO_LOOKAHEAD)]  # fmt: skip
+        out += [Config(p, b, {"placement": p, "prefetch": None}) for p in ("static-layers", "static-frequency")]
+        out += [
+            Config("static-frequency+buddy", b, {"placement": "static-frequency", "prefetch": None, "standin": "buddy"})
+        ]  # BuddyMoE's setting: a static cache
+        for kind, o in STANDINS.items():
+            out += [Config(f"lru+{kind}", b, {**LRU, **o}), Config(f"auto+{kind}", b, {**AUTO, **o})]
+        out += [Config(f"lookahead+{kind}", b, {**LOOKAHEAD, **STANDINS[kind]}) for kind in ("buddy", "lowrank")]
         out += [Config("auto+mixed-fast", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
                                               "critical_weight": 0.9})]  # fmt: skip
     if mode == "full" and model != "fine":
@@ -135,7 +144,8 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
         host = emulated_host(link, expert_bytes, expert_params)
     runs = []
     for cfg in tqdm(configs(args.mode, name), desc=f"offload configs ({name})", unit="cfg"):
-        runs.append(run_config(model, tokenizer, cfg, device, link, host, calibration, prompts, eval_text, all_bytes))
+        runs.append(run_config(model, tokenizer, cfg, device, link, host, calibration, prompts, eval_text, all_bytes,
+                               expert_bytes))  # fmt: skip
     return {
         "model": name, "path": str(path), "dtype": str(DTYPE).removeprefix("torch."), "device": str(device),
         "layers": len(blocks), "experts": blocks[0].num_experts, "top_k": blocks[0].top_k,
@@ -150,17 +160,21 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, prompts, eval_text, all_bytes) -> dict:
+def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, prompts, eval_text, all_bytes,
+               expert_bytes) -> dict:  # fmt: skip
     handle = None
     if cfg.budget is not None:
-        needs_calibration = cfg.options.get("standin") in ("buddy", "lowrank", "mixed")
-        handle = patch(model, budget=cfg.budget, device=device, link=link, host=host,
+        uses = (cfg.options.get("standin"), cfg.options.get("placement"))
+        needs_calibration = any(u in (*CALIBRATED, "static-frequency") for u in uses)
+        chunk = None if link is None else max(1, expert_bytes // CHUNKS_PER_EXPERT)
+        handle = patch(model, budget=cfg.budget, device=device, link=link, host=host, chunk_bytes=chunk,
                        calibration=calibration if needs_calibration else None, **cfg.options)  # fmt: skip
     try:
         prefill = prefill_speed(model, prompts)
         if handle:
             handle.reset_stats()
         decode, bpb, tokens = decode_speed_and_bpb(model, tokenizer, eval_text)
+        decode_seconds = tokens / decode
         s = handle.stats() if handle else None
     finally:
         if handle:
@@ -175,7 +189,11 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
         "lowbit_copies_per_token": per_token(s.lowbit_copies if s else 0),
         "bytes_per_token": per_token(s.bytes_copied if s else 0), "stall_seconds": s.stall_seconds if s else 0.0,
         "host_wait_seconds": s.host_wait_seconds if s else 0.0, "slots": s.slots if s else None,
-        "standin_bytes": s.standin_bytes if s else 0,
+        "standin_bytes": s.standin_bytes if s else 0, "prefetches_per_token": per_token(s.prefetches if s else 0),
+        "prefetch_precision": s.prefetch_precision if s else 0.0,
+        "background_copies_per_token": per_token(s.background_copies if s else 0),
+        "speculative_link_share": s.speculative_link_seconds / s.link_seconds if s and s.link_seconds else 0.0,
+        "link_busy_share": s.link_seconds / decode_seconds if s else 0.0, "preemptions": s.preemptions if s else 0,
         "device_expert_bytes": s.resident_bytes if s else all_bytes,  # slot pool plus stand-ins, real sizes
     }  # fmt: skip
 

@@ -91,7 +91,7 @@ class OffloadStats:
 
     @property
     def prefetch_precision(self) -> float:
-        """Share of prefetched experts that were needed before being evicted."""
+        """Share of prefetched experts that were needed and had landed by then."""
         return self.prefetches_used / self.prefetches if self.prefetches else 0.0
 
     def as_dict(self) -> dict[str, Any]:

@@ -19,7 +19,10 @@ from offload_moe.standins.quant import BITS
 FALLBACKS = ("fetch", "host", "auto")
 STANDINS = (None, *KINDS)
 PREFETCHERS = ("lookahead", None)
-PREFETCH_DEFAULT = "lookahead"
+# Off by default, from measurement (docs/results.md, make bench): where one copy takes ~15 layers of compute (PCIe and
+# Mixtral-sized experts), a prefetch issued one layer ahead lands too late, and even when it only backs off it costs
+# its probes; pass prefetch="lookahead" where copies are faster than a layer's compute.
+PREFETCH_DEFAULT = None
 PLACEMENTS = ("dynamic", "static-layers", "static-frequency")
 
 
@@ -43,7 +46,9 @@ class OffloadOptions:
     critical_weight: a missed pair with at least this routing weight is served exactly (by `fallback`) whatever the
         stand-in (1.01: never).
     prefetch: "lookahead" applies the routers of the next `lookahead_depth` layers to the current residual stream
-        and copies their `prefetch_candidates` most likely experts early; None turns prefetching off.
+        and copies their `prefetch_candidates` most likely experts early (behind demand copies, which preempt them;
+        it backs off at layers where its copies do not land in time); None (default, measured faster where a copy
+        takes longer than a few layers' compute) turns prefetching off.
     standin_fraction: "lowrank" stand-ins take this fraction of all experts' bytes, and at most 40% of the budget;
         "mixed" ones, this fraction at most.
     bits, group_size, quant_optimize: "quant" and "lowbit" stand-ins: bits per weight (2, 3, 4 or 8), weights per
@@ -57,7 +62,8 @@ class OffloadOptions:
         when that applies (experts in RAM, device CUDA); `load()` keeps experts memory-mapped and never pins.
     compile: torch.compile the attention modules; the residency logic and the experts kernels stay eager.
     placement: which experts are on the device. "dynamic" (default): the residency cache follows the routing. The
-        static baselines people run today compute every miss on the host and never change what is resident:
+        static baselines people run today compute every miss on the host (a stand-in may serve the non-critical ones)
+        and never change what is resident:
         "static-layers" (llama.cpp's --n-cpu-moe: whole layers' experts resident, the last layers first; the rest on
         the host) and "static-frequency" (kTransformers: the experts the calibration saw used most; needs one).
     chunk_bytes: copies move in pieces of this size; a speculative copy yields to a demand copy at the next piece
@@ -125,8 +131,6 @@ class OffloadOptions:
                                  f"'host' or None, not {self.fallback!r}")  # fmt: skip
             if self.prefetch is not None:
                 raise ValueError(f"placement={self.placement!r} never changes what is resident: pass prefetch=None")
-            if self.standin is not None:
-                raise ValueError(f"placement={self.placement!r} serves misses exactly on the host: pass standin=None")
         if self.placement == "static-frequency" and self.calibration is None:
             raise ValueError("placement='static-frequency' keeps the experts the calibration saw used most: pass "
                              "calibration=<a file from offload_moe.calibrate>")  # fmt: skip

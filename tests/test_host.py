@@ -119,7 +119,7 @@ def test_stress_host_pool_copy_worker_and_compute_together(patched):
         for ids in steps:
             ref.append(model(input_ids=ids, cache=cache, use_cache=True).logits)
     host = offload_moe.EmulatedHost(gbps=0.05)
-    handle = patched(model, budget=0.25, device="cpu", fallback="auto", link=SLOW_LINK, host=host)
+    handle = patched(model, budget=0.25, device="cpu", fallback="auto", link=SLOW_LINK, host=host, prefetch="lookahead")
     errors, worst = [], [0.0]
 
     def drive():

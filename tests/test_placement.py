@@ -28,7 +28,7 @@ def test_static_layers_keeps_whole_last_layers_and_computes_misses_on_the_host(p
     model = tiny_model("mixtral")  # 3 layers of 8 experts
     ids = torch.randint(0, 128, (1, 16))
     ref_logits, ref_tokens = logits(model, ids), generate(model, ids, 8)
-    handle = patched(model, budget=1 / 3, device="cpu", placement="static-layers", prefetch=None)
+    handle = patched(model, budget=1 / 3, device="cpu", placement="static-layers")
     resident = sorted(handle.cache.slots())
     assert resident == [(2, e) for e in range(8)]  # llama.cpp's --n-cpu-moe 2: the first two layers on the host
     torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
@@ -47,14 +47,14 @@ def test_static_frequency_keeps_the_calibrations_most_used_experts(tmp_path, pat
         return {"input_ids": [ord(c) % 128 for c in t]}
 
     calib = offload_moe.calibrate(model, [text], tokenizer, seq_len=64, path=path)
-    handle = patched(model, budget=0.25, device="cpu", placement="static-frequency", prefetch=None, calibration=path)
+    handle = patched(model, budget=0.25, device="cpu", placement="static-frequency", calibration=path)
     slots = handle.stats().slots
     top = calib.frequencies.flatten().argsort(descending=True)[:slots].tolist()
     assert sorted(handle.cache.slots()) == sorted((i // 8, i % 8) for i in top)
     ids = torch.randint(0, 128, (1, 12))
     handle.unpatch()
     ref = logits(model, ids)
-    patched(model, budget=0.25, device="cpu", placement="static-frequency", prefetch=None, calibration=path)
+    patched(model, budget=0.25, device="cpu", placement="static-frequency", calibration=path)
     torch.testing.assert_close(logits(model, ids), ref, rtol=0, atol=1e-5)
 
 
@@ -62,10 +62,9 @@ def test_static_frequency_keeps_the_calibrations_most_used_experts(tmp_path, pat
     ("options", "match"),
     [
         ({"placement": "pinned"}, "unknown placement 'pinned'"),
-        ({"placement": "static-layers", "fallback": "fetch", "prefetch": None}, "fallback must be 'host' or None"),
-        ({"placement": "static-layers"}, "pass prefetch=None"),
-        ({"placement": "static-layers", "prefetch": None, "standin": "drop"}, "pass standin=None"),
-        ({"placement": "static-frequency", "prefetch": None}, "calibration saw used most"),
+        ({"placement": "static-layers", "fallback": "fetch"}, "fallback must be 'host' or None"),
+        ({"placement": "static-layers", "prefetch": "lookahead"}, "pass prefetch=None"),
+        ({"placement": "static-frequency"}, "calibration saw used most"),
         ({"chunk_bytes": 0}, "chunk_bytes must be >= 1"),
     ],
 )

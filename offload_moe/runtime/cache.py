@@ -40,17 +40,18 @@ class Residency(NamedTuple):
 
 
 SPECULATION_SOURCES = ("lookahead", "standin", "host")
-PAY_PRECISION = 0.5  # a source keeps speculating at a layer while at least half its copies there are used in time
+PAY_PRECISION = 0.5  # a source keeps speculating at a layer while at least half its copies there land in time
 MAX_BACKOFF = 256  # layer calls between two probes of a source that does not pay
 
 
 class Payoff:
-    """Whether one source's speculative copies pay at one layer: an exponential average of how many were used before
-    eviction (optimistic at the start), and a back-off that skips the source while it does not pay, probing again
-    after 1, 2, 4, ... MAX_BACKOFF calls."""
+    """Whether one source's speculative copies pay at one layer: an exponential average of how many had landed when
+    their expert was first needed (a copy evicted unused, or still in flight when needed, did not pay; it starts at
+    the threshold, so a source must pay from its first copies on), and a back-off that skips the source while it
+    does not pay, probing again after 1, 2, 4, ... MAX_BACKOFF calls."""
 
     def __init__(self) -> None:
-        self.precision, self.skip, self.backoff = 1.0, 0, 1
+        self.precision, self.skip, self.backoff = PAY_PRECISION, 0, 1
 
     def outcome(self, used: bool) -> None:
         self.precision = 0.9 * self.precision + 0.1 * float(used)
@@ -156,11 +157,12 @@ class ExpertCache:
             key = (layer, e)
             self._uses[key] = self._uses.get(key, 0) + 1
             source = self._speculative.pop(key, None)
-            if source is not None:
-                self._payoff_of(source, layer).outcome(True)
-                if source == "lookahead":
+            if source is not None:  # paid only if it landed in time: one still in flight still stalls or goes to host
+                in_time = key not in self._pending or self._pending[key].done()
+                self._payoff_of(source, layer).outcome(in_time)
+                if in_time and source == "lookahead":
                     st.prefetches_used += 1
-                else:
+                elif in_time:
                     st.background_used += 1
             if key in self._slot_of:
                 st.hits += 1

@@ -21,9 +21,9 @@ class Counters:
     stall_seconds: float = 0.0  # compute thread blocked waiting for copies
     evictions: int = 0
     prefetches: int = 0  # copies started by the lookahead prefetcher
-    prefetches_used: int = 0  # ... whose expert was then needed before being evicted
+    prefetches_used: int = 0  # ... whose expert was then needed, and had landed (in time)
     background_copies: int = 0  # speculative copies of experts a stand-in or the host served, in idle link time
-    background_used: int = 0  # ... whose expert was then needed before being evicted
+    background_used: int = 0  # ... whose expert was then needed, and had landed
     speculation_skipped: int = 0  # speculation rounds skipped because the source did not pay at that layer
     lowbit_copies: int = 0  # standin="lowbit": low-bit copies of missed experts fetched for one use
     warmup_copies: int = 0
