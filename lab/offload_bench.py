@@ -22,6 +22,7 @@ from lab.evaluate import bits_per_byte
 from lab.offload_plots import plot_offload
 from lab.offload_report import print_quality, print_table
 from lab.reference import REPO, corpus_text, model_dir
+from lab.routing_stats import hit_rate_vs_budget, lookahead_recall
 from lab.standin_quality import standin_quality
 from offload_moe.blocks import moe_blocks
 from offload_moe.calibration import calibrate
@@ -51,6 +52,7 @@ STANDINS = {"drop": {"standin": "drop"}, "buddy": {"standin": "buddy"}, "lowrank
             "quant2": {"standin": "quant", "bits": 2}, "lowbit4": {"standin": "lowbit", "bits": 4},
             "mixed": {"standin": "mixed", "standin_fraction": 0.15}}  # fmt: skip
 CALIBRATED = ("buddy", "lowrank", "mixed")  # stand-in kinds and placements that read the calibration file
+HIT_RATE_BUDGETS = (0.125, 0.25, 0.5, 0.75)
 CHUNKS_PER_EXPERT = 8  # emulated copies move in eighths of an expert: demand waits at most 1/8 copy behind speculation
 
 SHORT = {"resident", "patched-1.0", "default", "lru", "lookahead", "auto", "auto+lookahead", "static-frequency",
@@ -142,6 +144,8 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
         gbps, layer_s = calibrate_link(model, tokenizer, eval_text[: len(eval_text) // 4], expert_bytes)
         link = EmulatedLink(gbps=args.link_gbps or gbps)
         host = emulated_host(link, expert_bytes, expert_params)
+    hit_rates = hit_rate_vs_budget(model, tokenizer, eval_text, HIT_RATE_BUDGETS)
+    recall = lookahead_recall(model, tokenizer, eval_text)
     runs = []
     for cfg in tqdm(configs(args.mode, name), desc=f"offload configs ({name})", unit="cfg"):
         runs.append(run_config(model, tokenizer, cfg, device, link, host, calibration, prompts, eval_text, all_bytes,
@@ -156,7 +160,8 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
                  if host is not None else {"emulated": False, "cpu": platform.processor()}),
         "expert_bytes": expert_bytes, "expert_bytes_bf16": all_bytes * 2 // experts[0].element_size(),
         "eval_bytes": len(eval_text.encode()), "eval_tokens": len(tokenizer(eval_text)["input_ids"]),
-        "prompts": args.prompts, "prompt_tokens": args.prompt_len, "standin_quality": quality, "runs": runs,
+        "prompts": args.prompts, "prompt_tokens": args.prompt_len, "standin_quality": quality,
+        "hit_rate_vs_budget": hit_rates, "lookahead_recall": recall, "runs": runs,
     }  # fmt: skip
 
 

@@ -54,6 +54,18 @@ def offload_section(doc: dict) -> list[str]:
             out += ["", "Each stand-in kind's own quality, with **every** expert replaced by its stand-in:", ""]
             rows = [[k, _fmt(v["bits_per_byte"], 4), f"{100 * v['relative']:+.1f}%"] for k, v in quality.items()]
             out += _table(["kind", "bits/byte", "vs resident"], rows)
+        if m.get("hit_rate_vs_budget"):
+            out += ["", "LRU hit rate against the budget (no prefetch, no stand-in; timing-independent):", ""]
+            rows = [[_fmt(h["budget"], 3), str(h["slots"]), _fmt(h["slots_per_layer"], 1), _fmt(h["hit_rate"]),
+                     f"{h['layer_min']:.2f}-{h['layer_max']:.2f}"] for h in m["hit_rate_vs_budget"]]  # fmt: skip
+            out += _table(["budget", "slots", "slots per layer", "hit rate", "per layer"], rows)
+        if m.get("lookahead_recall"):
+            out += ["", "Router lookahead: share of the experts layer L+d routes to that its router picks from layer "
+                    "L's residual stream:", ""]  # fmt: skip
+            rows = [[str(d), _fmt(r["recall_candidates"]), _fmt(r["recall_top_k"])]
+                    for d, r in m["lookahead_recall"].items()]  # fmt: skip
+            out += _table(["depth d", "recall, 1 candidate (the prefetcher's default)", "recall, top-k per token"],
+                          rows)  # fmt: skip
         for plot in (f"offload-{m['model']}-speed-vs-budget.png", f"offload-{m['model']}-bits-vs-speed.png"):
             out += ["", f"![{plot}]({plot})"]
         out.append("")
