@@ -62,8 +62,7 @@ LEAN = SHORT | {"static-layers", "host", "lru+drop", "auto+quant2", "auto+lowbit
 
 def configs(mode: str, model: str) -> list[Config]:
     """The configurations of a mode for one model, in table order: "full" runs every configuration at budgets 1/4
-    and 1/2 on the Mixtral-shaped model; "default" the LEAN list at 1/4 (the slow lossless and lookahead rows are
-    left to full); the fine-grained model and "quick" the SHORT list at 1/4; "cw-sweep" the critical_weight sweep of
+    and 1/2; "default" the LEAN list at 1/4; "quick" the SHORT list at 1/4; "cw-sweep" the critical_weight sweep of
     the quantised stand-ins at 1/4."""
     if mode == "cw-sweep":
         out = [Config("resident", None), Config("auto", 0.25, AUTO)]
@@ -87,9 +86,9 @@ def configs(mode: str, model: str) -> list[Config]:
         out += [Config(f"lookahead+{kind}", b, {**LOOKAHEAD, **STANDINS[kind]}) for kind in ("buddy", "lowrank")]
         out += [Config("auto+mixed-fast", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
                                               "critical_weight": 0.9})]  # fmt: skip
-    if mode == "full" and model != "fine":
+    if mode == "full":
         return out
-    keep = LEAN if mode == "default" and model != "fine" else SHORT
+    keep = LEAN if mode == "default" else SHORT
     return [c for c in out if c.name in keep and c.budget in (None, 1.0, 0.25)]
 
 

@@ -49,6 +49,9 @@ def offload_section(doc: dict) -> list[str]:
             ])  # fmt: skip
         out += _table(["config", "budget", "decode tok/s", "x lru", "prefill tok/s", "bits/byte", "vs resident",
                        "hit rate", "misses/token", "substituted/token", "KB copied/token"], rows)  # fmt: skip
+        out += ["", "Each mechanism against its twin without it (same budget, same run):", ""]
+        out += _table(["config", "twin", "speed x twin", "bits/byte vs twin", "substituted pairs/token",
+                       "bits/byte cost per substituted pair/token"], twin_rows(runs, resident))  # fmt: skip
         quality = m.get("standin_quality")
         if quality:
             out += ["", "Each stand-in kind's own quality, with **every** expert replaced by its stand-in:", ""]
@@ -70,6 +73,28 @@ def offload_section(doc: dict) -> list[str]:
             out += ["", f"![{plot}]({plot})"]
         out.append("")
     return out
+
+
+def twin(name: str) -> str | None:
+    """The configuration without the row's last mechanism: "auto+buddy" -> "auto", "lookahead" -> "lru"."""
+    if name == "lookahead":
+        return "lru"
+    return name.split("+", 1)[0] if "+" in name else None
+
+
+def twin_rows(runs: list[dict], resident: dict | None) -> list[list[str]]:
+    by = {(r["name"], r["budget"]): r for r in runs}
+    rows = []
+    for r in runs:
+        t = by.get((twin(r["name"]), r["budget"]))
+        if t is None:
+            continue
+        d_bpb = (r["bits_per_byte"] / t["bits_per_byte"] - 1) * 100
+        subs = r["substituted_per_token"]
+        rows.append([f"`{r['name']}` @{r['budget']:g}", f"`{t['name']}`",
+                     _fmt(r["decode_tokens_per_s"] / t["decode_tokens_per_s"]), f"{d_bpb:+.2f}%", _fmt(subs),
+                     f"{d_bpb / subs:+.2f}%" if subs > 0.01 else "-"])  # fmt: skip
+    return rows
 
 
 FAIRNESS_MEASURES = [("max_service_diff", "max service diff", 0), ("jain", "Jain", 3),
