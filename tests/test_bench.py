@@ -21,13 +21,17 @@ def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
               "bytes_per_token", "bits_per_byte", "substituted_per_token", "device_expert_bytes"}  # fmt: skip
     runs = {(r["name"], r["budget"]): r for r in model["runs"]}
     assert all(fields <= set(r) for r in model["runs"])
-    assert {name for name, _ in runs} >= {"resident", "lru", "auto", "lookahead+buddy", "auto+mixed"}
+    names = {name for name, _ in runs}
+    assert names >= {"resident", "default", "lru", "lookahead", "auto", "static-frequency", "lru+buddy", "auto+mixed"}
     resident, lru = runs[("resident", 1.0)], runs[("lru", 0.25)]
-    for name in ("patched-1.0", "lru", "auto"):  # lossless configs decode the text to the same bits per byte
+    for name in ("patched-1.0", "lru", "lookahead"):  # lossless, and on the device's own kernel: the same bits/byte
         r = next(r for (n, _), r in runs.items() if n == name)
         assert r["bits_per_byte"] == pytest.approx(resident["bits_per_byte"], abs=1e-6)
         assert r["substituted_per_token"] == 0
-    assert runs[("lookahead+buddy", 0.25)]["substituted_per_token"] > 0  # lossy: some pairs served by a buddy
+    assert runs[("lru+buddy", 0.25)]["substituted_per_token"] > 0  # lossy: some pairs served by a buddy
+    assert runs[("static-frequency", 0.25)]["bytes_per_token"] == 0  # a static placement never copies
+    assert model["hit_rate_vs_budget"][0]["hit_rate"] <= model["hit_rate_vs_budget"][-1]["hit_rate"]
+    assert sorted(model["lookahead_recall"]) == ["1", "2", "3"]  # depths, as JSON keys
     assert lru["bytes_per_token"] == pytest.approx(lru["misses_per_token"] * model["expert_bytes"])  # no prefetch
     total = model["layers"] * model["experts"] * model["expert_bytes"]
     assert all(r["device_expert_bytes"] <= r["budget"] * total + 1 for r in model["runs"])

@@ -10,6 +10,7 @@ bookkeeping runs on the caller's (compute) thread; the transfer engine only move
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import torch
@@ -41,32 +42,23 @@ class Residency(NamedTuple):
 
 SPECULATION_SOURCES = ("lookahead", "standin", "host")
 PAY_PRECISION = 0.5  # a source keeps speculating at a layer while at least half its copies there land in time
-MAX_BACKOFF = 256  # layer calls between two probes of a source that does not pay
 
 
 class Payoff:
     """Whether one source's speculative copies pay at one layer: an exponential average of how many had landed when
-    their expert was first needed (a copy evicted unused, or still in flight when needed, did not pay; it starts at
-    the threshold, so a source must pay from its first copies on), and a back-off that skips the source while it
-    does not pay, probing again after 1, 2, 4, ... MAX_BACKOFF calls."""
+    their expert was first needed (a copy evicted unused, or still in flight when needed, did not pay). It starts at
+    the threshold, so a source must pay from its first copies on. While it does not pay, the source's suggestions are
+    judged without copying anything (would the copy have landed in time?), so a source that starts to pay again, on a
+    faster link or at another phase of the workload, comes back at no cost."""
 
     def __init__(self) -> None:
-        self.precision, self.skip, self.backoff = PAY_PRECISION, 0, 1
+        self.precision = PAY_PRECISION
 
-    def outcome(self, used: bool) -> None:
-        self.precision = 0.9 * self.precision + 0.1 * float(used)
-        if self.precision >= PAY_PRECISION:
-            self.skip, self.backoff = 0, 1
+    def outcome(self, paid: bool) -> None:
+        self.precision = 0.9 * self.precision + 0.1 * float(paid)
 
     def allows(self) -> bool:
-        """True when the source should speculate now (it pays, or it is time for a probe)."""
-        if self.precision >= PAY_PRECISION:
-            return True
-        if self.skip > 0:
-            self.skip -= 1
-            return False
-        self.skip, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
-        return True
+        return self.precision >= PAY_PRECISION
 
 
 class ExpertCache:
@@ -102,6 +94,7 @@ class ExpertCache:
         self._uncounted: list[tuple[int, torch.Tensor]] = []
         self._speculative: dict[Key, str] = {}  # copied speculatively, not yet needed: key -> source
         self._payoff: dict[tuple[str, int], Payoff] = {}  # (source, layer) -> whether its copies pay there
+        self._judged: dict[Key, tuple[str, float]] = {}  # suggested while its source did not pay: -> (source, when)
         self._uses: dict[Key, int] = {}  # layer calls that needed each expert
 
     # --- queries --------------------------------------------------------------------------------------------------
@@ -153,6 +146,7 @@ class ExpertCache:
         are not ready on the device (never blocks)."""
         self._eviction.at_layer(layer, self.store.num_layers)
         st = self._counters
+        self._judge(layer, experts)
         for e in experts:
             key = (layer, e)
             self._uses[key] = self._uses.get(key, 0) + 1
@@ -238,8 +232,8 @@ class ExpertCache:
         served: for the next tokens) or "host" (experts computed on the host: copied only when used more often than
         the expert they would evict, so the cache follows the workload). The last two copy only while the link is
         otherwise idle. A source whose copies at a layer are not used in time stops there (`Payoff`), so speculation
-        that does not pay costs nothing. False when it stopped before the end (the link's queue was full, or no slot
-        could be freed); a source backing off is skipped and returns True.
+        that does not pay costs nothing: its suggestions are only judged (`Payoff`). False when it stopped before the
+        end (the link's queue was full, or no slot could be freed); a source that does not pay returns True.
         """
         if source not in SPECULATION_SOURCES:
             raise ValueError(f"unknown speculation source {source!r}; one of {SPECULATION_SOURCES}")
@@ -247,6 +241,10 @@ class ExpertCache:
             return True
         if not self._payoff_of(source, keys[0][0]).allows():
             self._counters.speculation_skipped += 1
+            now = time.perf_counter()
+            for key in keys:
+                if key not in self._slot_of:
+                    self._judged.setdefault(key, (source, now))
             return True
         protected = set(protected)
         for key in keys:
@@ -261,6 +259,15 @@ class ExpertCache:
             if self._load(key, protected, source) is None:
                 return False  # every slot is protected or in flight
         return True
+
+    def _judge(self, layer: int, experts: list[int]) -> None:
+        """Settle the suggestions for `layer` that were only recorded: one whose expert is needed now would have paid
+        if a copy started then had landed by now; one that is not needed did not pay."""
+        copy_s = self._engine.copy_seconds() or 0.0
+        now, needed = time.perf_counter(), set(experts)
+        for key in [k for k in self._judged if k[0] == layer]:
+            source, when = self._judged.pop(key)
+            self._payoff_of(source, layer).outcome(key[1] in needed and now - when >= copy_s)
 
     def _payoff_of(self, source: str, layer: int) -> Payoff:
         payoff = self._payoff.get((source, layer))
