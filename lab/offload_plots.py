@@ -48,7 +48,7 @@ def _speed_vs_budget(m: dict, out: Path) -> Path:
     ax.set_title(f"{m['model']}: decode speed ({_tag(m)})")
     fig.tight_layout()
     path = out / f"offload-{m['model']}-speed-vs-budget.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits outside the axes
     return path
 
 
