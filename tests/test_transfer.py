@@ -93,8 +93,9 @@ def test_a_source_stops_when_its_copies_do_not_land_in_time_and_comes_back_when_
     assert payoff.allows()  # a new source may try
     payoff.outcome(False)  # its first copy did not pay: 0.45 < 0.5
     assert not payoff.allows()
+    assert [payoff.wants() for _ in range(16)].count(True) == 2  # its suggestions are computed 1 call in 8, to judge
     payoff.outcome(True)  # a judged suggestion would have paid: 0.505
-    assert payoff.allows()
+    assert payoff.allows() and all(payoff.wants() for _ in range(8))
 
 
 def test_suggestions_of_a_source_that_does_not_pay_are_judged_without_copying():

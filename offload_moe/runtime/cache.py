@@ -42,6 +42,7 @@ class Residency(NamedTuple):
 
 SPECULATION_SOURCES = ("lookahead", "standin", "host")
 PAY_PRECISION = 0.5  # a source keeps speculating at a layer while at least half its copies there land in time
+JUDGE_EVERY = 8  # a source that does not pay at a layer has its suggestions computed and judged at one call in 8
 
 
 class Payoff:
@@ -52,13 +53,21 @@ class Payoff:
     faster link or at another phase of the workload, comes back at no cost."""
 
     def __init__(self) -> None:
-        self.precision = PAY_PRECISION
+        self.precision, self.calls = PAY_PRECISION, 0
 
     def outcome(self, paid: bool) -> None:
         self.precision = 0.9 * self.precision + 0.1 * float(paid)
 
     def allows(self) -> bool:
         return self.precision >= PAY_PRECISION
+
+    def wants(self) -> bool:
+        """Whether a suggestion is worth computing now: always while the source pays, else one call in JUDGE_EVERY
+        (enough to notice when it would pay again, without paying for a prediction at every call)."""
+        if self.allows():
+            return True
+        self.calls += 1
+        return self.calls % JUDGE_EVERY == 0
 
 
 class ExpertCache:
@@ -268,6 +277,10 @@ class ExpertCache:
         for key in [k for k in self._judged if k[0] == layer]:
             source, when = self._judged.pop(key)
             self._payoff_of(source, layer).outcome(key[1] in needed and now - when >= copy_s)
+
+    def wants_suggestions(self, source: str, layer: int) -> bool:
+        """Whether `source` should compute its suggestions for `layer` now (predictions cost compute too)."""
+        return not self.frozen and self._payoff_of(source, layer).wants()
 
     def _payoff_of(self, source: str, layer: int) -> Payoff:
         payoff = self._payoff.get((source, layer))

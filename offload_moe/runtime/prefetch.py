@@ -98,6 +98,8 @@ class LookaheadPrefetcher:
         for j in range(layer + 1, min(layer + 1 + self.depth, len(self.blocks))):
             if j not in self._extra or j not in self._rank:  # the rank is learned at the router's first real call
                 continue
+            if not self.cache.wants_suggestions("lookahead", j):  # it does not pay at j: predict only to judge
+                continue
             b = self.blocks[j]
             logits = self._logits(j, x)
             if logits is None:
