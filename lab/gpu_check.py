@@ -86,7 +86,8 @@ def run_benchmark(config, device: str, dtype: torch.dtype, decode_tokens: int, p
         row.update(measure(model, device, decode_tokens, prompt_tokens))
         if handle is not None:
             s = handle.stats()
-            moved, link_s = handle.cache.link_totals()
+            use = handle.cache.link_use()  # since patch, warm-up copies included
+            moved, link_s = use["link_bytes"], use["link_seconds"]
             row.update({"slots": s.slots, "hit_rate": s.hit_rate, "copies": s.copies, "host_jobs": s.host_jobs,
                         "auto_host": s.auto_host, "auto_copy": s.auto_copy, "stall_seconds": s.stall_seconds,
                         "copy_gbps": moved / link_s / 1e9 if link_s else None, "link_busy_seconds": link_s,

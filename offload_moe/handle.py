@@ -136,7 +136,7 @@ class OffloadHandle:
     def stats(self) -> OffloadStats:
         self.cache.flush_counts()
         s = self._counters.snapshot()
-        link_use = self.cache.link_use()
+        on_link = {k: v - self._link_base[k] for k, v in self.cache.link_use().items()}  # since patch / reset_stats
         opt, link, emulated_host = self.options, self.options.link, self.options.host
         link_info = ({"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us} if link is not None else
                      {"emulated": False, "kind": "pcie" if self.cache.device.type == "cuda" else "memcpy"})  # fmt: skip
@@ -152,9 +152,8 @@ class OffloadHandle:
             warmup_copies=s.warmup_copies, prefetches=s.prefetches, prefetches_used=s.prefetches_used,
             background_copies=s.background_copies, background_used=s.background_used,
             speculation_skipped=s.speculation_skipped, placement=opt.placement,
-            link_seconds=link_use["link_seconds"] - self._link_base["link_seconds"],
-            speculative_link_seconds=link_use["speculative_link_seconds"] - self._link_base["speculative_link_seconds"],
-            preemptions=int(link_use["preemptions"] - self._link_base["preemptions"]),
+            link_seconds=on_link["link_seconds"], speculative_link_seconds=on_link["speculative_link_seconds"],
+            preemptions=int(on_link["preemptions"]),
             substituted=s.substituted, critical_misses=s.critical_misses, lowbit_copies=s.lowbit_copies,
             host_jobs=s.host_jobs, host_tokens=s.host_tokens, host_seconds=s.host_seconds,
             host_wait_seconds=s.host_wait_seconds, auto_host=s.auto_host, auto_copy=s.auto_copy,

@@ -123,22 +123,14 @@ class ExpertCache:
         return transfer is None
 
     def link_use(self) -> dict[str, float]:
-        """The link's busy seconds, those on speculative copies, and preemptions so far."""
+        """The link's totals so far (`TransferEngine.link_use`)."""
         return self._engine.link_use()
-
-    def link_totals(self) -> tuple[int, float]:
-        """(bytes, seconds) the link spent on every copy so far."""
-        return self._engine.link_totals()
 
     def slots(self) -> dict[Key, int]:
         """A copy of the residency map, for inspection."""
         return dict(self._slot_of)
 
     # --- the hook's operations ------------------------------------------------------------------------------------
-
-    def flush_counts(self) -> None:
-        """Count the routing the all-resident fast path kept for later (before the counters are read)."""
-        self._flush_counts()
 
     def fetch_once(self, src: list[torch.Tensor]) -> list[torch.Tensor]:
         """Copy host tensors into fresh device buffers now, as a demand copy on the link, for one use (a missed
@@ -240,8 +232,8 @@ class ExpertCache:
         source: "lookahead" (the prefetcher's predictions, counted as prefetches), "standin" (experts a stand-in
         served: for the next tokens) or "host" (experts computed on the host: copied only when used more often than
         the expert they would evict, so the cache follows the workload). The last two copy only while the link is
-        otherwise idle. A source whose copies at a layer are not used in time stops there (`Payoff`), so speculation
-        that does not pay costs nothing: its suggestions are only judged (`Payoff`). False when it stopped before the
+        otherwise idle. A source whose copies at a layer do not land in time stops copying there and its suggestions
+        are only judged (`Payoff`), so speculation that does not pay costs nothing. False when it stopped before the
         end (the link's queue was full, or no slot could be freed); a source that does not pay returns True.
         """
         if source not in SPECULATION_SOURCES:
@@ -315,10 +307,11 @@ class ExpertCache:
         to count hits later, off the decode path (no host sync)."""
         self._uncounted.append((layer, top_k_index))
         if len(self._uncounted) >= 4096:
-            self._flush_counts()
+            self.flush_counts()
         return self._static[layer]
 
-    def _flush_counts(self) -> None:
+    def flush_counts(self) -> None:
+        """Count the routing the all-resident fast path kept for later (before the counters are read)."""
         for layer, idx in self._uncounted:
             n = int(idx.unique().numel())
             self._counters.hits += n

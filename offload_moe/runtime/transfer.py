@@ -149,13 +149,11 @@ class TransferEngine:
         """Measured link time of one copy (an exponential average over every copy so far), None before any."""
         return self._copy_s
 
-    def link_totals(self) -> tuple[int, float]:
-        """(bytes, seconds) of every copy so far: their ratio is the bandwidth the link achieved."""
-        return self._link_bytes, self._link_seconds
-
     def link_use(self) -> dict[str, float]:
-        """Link seconds in all and on speculative copies, and how many speculative copies demand preempted."""
-        return {"link_seconds": self._link_seconds, "speculative_link_seconds": self._speculative_seconds,
+        """Totals so far: bytes and seconds on the link (their ratio is the bandwidth it achieved), the seconds on
+        speculative copies, and how many speculative copies demand preempted."""
+        return {"link_bytes": float(self._link_bytes), "link_seconds": self._link_seconds,
+                "speculative_link_seconds": self._speculative_seconds,
                 "preemptions": float(self._preemptions)}  # fmt: skip
 
     def demand_wait_seconds(self) -> float:
