@@ -88,8 +88,7 @@ class FairScheduler(Scheduler):
 
     def reset(self) -> None:
         super().reset()
-        self.policy = self._make_policy()
-        self.driver = PolicyDriver(self.policy, self.observers)
+        self.driver = PolicyDriver(self._make_policy(), self.observers)
         self._ids = itertools.count()
         self._info: dict[str, RequestInfo] = {}  # request id -> what the policy knows of it
         self._rid: dict[int, str] = {}  # the policy's id -> request id
@@ -265,6 +264,11 @@ class FairScheduler(Scheduler):
         self.driver.configure(self.engine, self.telemetry)
 
 
+def policy_factory(policy: str | Callable[[], SchedulingPolicy]) -> Callable[[], SchedulingPolicy]:
+    """A maker of fresh policy instances from a registered name or a factory (the engine restarts with a new one)."""
+    return (lambda: make_policy(policy)) if isinstance(policy, str) else policy
+
+
 def register_scheduler(
     policy: str | Callable[[], SchedulingPolicy],
     clients: ClientDirectory,
@@ -275,7 +279,7 @@ def register_scheduler(
     """Add a `FairScheduler` for `policy` (a registered name or a factory of fresh instances) to transformers'
     SCHEDULER_MAPPING and return its `scheduler_type` name. steps: a list the scheduler appends its measured steps
     to (prefill tokens, decoding requests, context tokens, seconds)."""
-    factory = (lambda: make_policy(policy)) if isinstance(policy, str) else policy
+    factory = policy_factory(policy)
     label = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
     name = f"fairness-{label}-{id(clients):x}"
     compat.register_scheduler_class(name, functools.partial(FairScheduler, policy=factory, clients=clients,

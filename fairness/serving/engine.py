@@ -27,10 +27,16 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from fairness.core.driver import require_no_oracle
-from fairness.core.policy import SchedulingPolicy, make_policy
+from fairness.core.policy import SchedulingPolicy
 from fairness.core.telemetry import Telemetry
 from fairness.measure.records import W_P, W_Q
-from fairness.serving.cb_scheduler import Client, ClientDirectory, register_scheduler, unregister_scheduler
+from fairness.serving.cb_scheduler import (
+    Client,
+    ClientDirectory,
+    policy_factory,
+    register_scheduler,
+    unregister_scheduler,
+)
 
 
 @dataclass
@@ -110,7 +116,7 @@ class ServingEngine:
         offload=None,
         telemetry: Telemetry | None = None,
     ):
-        require_no_oracle(make_policy(policy) if isinstance(policy, str) else policy())  # before anything starts
+        require_no_oracle(policy_factory(policy)())  # before anything starts
         self.model, self.tokenizer, self.model_name, self.offload = model, tokenizer, model_name, offload
         text_config = model.config.get_text_config()
         self.context_length = int(text_config.max_position_embeddings)
