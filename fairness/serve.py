@@ -24,8 +24,9 @@ except ImportError as e:
 from fairness.core.equinox import Equinox
 from fairness.core.policy import SchedulingPolicy, policy_names
 from fairness.core.predictor import OnnxPredictor
+from fairness.serving.api import load_tenants
 from fairness.serving.engine import ServingEngine
-from fairness.serving.server import create_app, load_tenants
+from fairness.serving.server import create_app
 from offload_moe.options import PREFETCH_DEFAULT, PREFETCHERS, STANDINS
 
 

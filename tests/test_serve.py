@@ -14,8 +14,9 @@ from fairness.core.driver import OracleUnavailableError
 from fairness.measure.records import record_metrics
 from fairness.serve import BackgroundServer, build_engine
 from fairness.serve import main as serve_main
+from fairness.serving.api import load_tenants
 from fairness.serving.compat import is_registered
-from fairness.serving.server import create_app, load_tenants
+from fairness.serving.server import create_app
 from lab.loadgen import replay
 from lab.served_bench import OUTPUT, PROMPT, measure_capacity
 

@@ -125,7 +125,9 @@ class VTC(SchedulingPolicy):
             self.counter.accrue(rid, self.w_q * n / self._running[rid].weight)
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
-        self.counter.settle(req.id)  # refunds an unused prediction
+        """Settle at the request's actual service (refunds an unused prediction; `req.input_tokens` may be the
+        prompt's true length where the engine only estimated it at arrival)."""
+        self.counter.settle(req.id, (self.w_p * req.input_tokens + self.w_q * output_tokens) / req.weight)
         del self._running[req.id]
 
     def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo:

@@ -10,7 +10,7 @@ Engine-side protocol (the policy's own is in `fairness.core.policy`):
         driver.admit(info, now)                    # ... the engine took it
     driver.step(generated, step_s, now)
     victim = driver.victim(running); driver.preempt(victim, now)
-    driver.finish(info, output_tokens, now) / driver.cancel(info, generated, now)
+    driver.finish(info, output_tokens, now[, input_tokens]) / driver.cancel(info, generated, now)
 Observers (`SimObserver`) see the same events, each in a fixed place relative to the policy's call.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fairness.core.policy import SchedulingPolicy
@@ -137,7 +138,11 @@ class PolicyDriver:
             o.on_preempt(info, now)
         self._timed("on_preempt", self.policy.on_preempt, info, now)
 
-    def finish(self, info: RequestInfo, output_tokens: int, now: float) -> None:
+    def finish(self, info: RequestInfo, output_tokens: int, now: float, input_tokens: int | None = None) -> None:
+        """`info` finished with `output_tokens`. input_tokens: the prompt's true length where the engine only
+        estimated it at arrival (a gateway without the model's tokenizer): the policy settles with it."""
+        if input_tokens is not None and input_tokens != info.input_tokens:
+            info = replace(info, input_tokens=input_tokens)
         for o in self.observers:
             o.on_finish(info, output_tokens, now)
         self._timed("on_finish", self.policy.on_finish, info, output_tokens, now)

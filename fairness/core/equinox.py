@@ -212,7 +212,7 @@ class Equinox(SchedulingPolicy):
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
         self.kappa = min(self.max_kappa, self.kappa + self.kappa_growth)  # it fitted: admit a little more
-        self._footprint -= self._predicted_kv(req.id, req.input_tokens)
+        self._footprint -= self._predicted_kv(req.id, self._running[req.id].input_tokens)  # as admitted
         e2e = now - req.arrival_s
         tokens = (self.w_p * req.input_tokens + self.w_q * output_tokens) / req.weight
         self.ufc.settle(req.id, tokens * self._latency_factor(e2e, output_tokens))

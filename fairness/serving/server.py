@@ -13,8 +13,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
 
 from fairness.extras import missing
 
@@ -25,42 +23,9 @@ try:
 except ImportError as e:
     raise missing("serve", e) from e
 
+from fairness.serving.api import ApiError, Tenant, is_message, read_json, tenant_of_key, usage
 from fairness.serving.cb_scheduler import Client
 from fairness.serving.engine import ServingEngine, Stream
-
-MAX_BODY_BYTES = 1 << 20
-
-
-class ApiError(Exception):
-    """An OpenAI-style error: `status`, `message`, `type`, `code`, `param`."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type_: str = "invalid_request_error"):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-@dataclass(frozen=True)
-class Tenant:
-    name: str
-    weight: float = 1.0
-
-
-def load_tenants(path: str) -> dict[str, Tenant]:
-    """A JSON object mapping API keys to {"name": ..., "weight": ...} (weight optional, default 1)."""
-    try:
-        raw = json.loads(open(path, encoding="utf-8").read())
-        tenants = {key: Tenant(str(v["name"]), float(v.get("weight", 1.0))) for key, v in raw.items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{path}: not a tenants file ({type(e).__name__}: {e}); expected "
-                         '{"<api key>": {"name": "<tenant>", "weight": 1.0}, ...}') from e  # fmt: skip
-    if any(t.weight <= 0 for t in tenants.values()):
-        raise ValueError(f"{path}: tenant weights must be > 0")
-    return tenants
 
 
 def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, max_tokens_limit: int = 512,
@@ -95,7 +60,7 @@ def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, 
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        client, body = _client(request, tenants), await _json(request)
+        client, body = _client(request, tenants), await read_json(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -112,9 +77,9 @@ def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, 
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        client, body = _client(request, tenants), await _json(request)
+        client, body = _client(request, tenants), await read_json(request)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+        if not isinstance(messages, list) or not messages or not all(is_message(m) for m in messages):
             raise ApiError(400, "'messages' is required: a non-empty list of {role, content} objects with string "
                            "content", "missing_messages", "messages")  # fmt: skip
         return await _serve(engine, body, client, engine.encode_chat(messages), "chat.completion", max_tokens_limit)
@@ -122,39 +87,12 @@ def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, 
     return app
 
 
-def _is_message(m: Any) -> bool:
-    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-
-
 def _client(request: Request, tenants: dict[str, Tenant] | None) -> Client:
     """The tenant of the request's API key (tenants given), else None: the body's `user` decides (see _serve)."""
     if tenants is None:
         return Client(arrival=time.monotonic())
-    auth = request.headers.get("authorization", "")
-    key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-    tenant = tenants.get(key)
-    if tenant is None:
-        raise ApiError(401, "missing or unknown API key: pass one of the tenants' keys as 'Authorization: Bearer "
-                       "<key>'", "invalid_api_key")  # fmt: skip
+    tenant = tenant_of_key(request, tenants)
     return Client(tenant.name, tenant.weight, time.monotonic())
-
-
-async def _json(request: Request) -> dict:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", "body_too_large")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}", "invalid_json") from e
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object", "invalid_json")
-    return body
 
 
 def _check(engine: ServingEngine, body: dict, prompt_len: int, limit: int) -> int:
@@ -194,8 +132,8 @@ async def _serve(engine: ServingEngine, body: dict, client: Client, ids: list[in
     response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     stream = engine.submit(ids, client, max_tokens, ignore_eos)
     if body.get("stream"):
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_sse(engine, stream, stop, response_id, kind, len(ids), usage),
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_sse(engine, stream, stop, response_id, kind, len(ids), include_usage),
                                  media_type="text/event-stream")  # fmt: skip
     try:
         parts = [part async for part in _text(engine, stream, stop)]
@@ -211,7 +149,7 @@ async def _serve(engine: ServingEngine, body: dict, client: Client, ids: list[in
         else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
     )
     return JSONResponse({"id": response_id, "object": kind, "created": int(time.time()), "model": engine.model_name,
-                         "choices": [choice], "usage": _usage(len(ids), generated)})  # fmt: skip
+                         "choices": [choice], "usage": usage(len(ids), generated)})  # fmt: skip
 
 
 async def _text(engine: ServingEngine, stream: Stream, stop: list[str]):
@@ -233,7 +171,7 @@ async def _text(engine: ServingEngine, stream: Stream, stop: list[str]):
 
 
 async def _sse(engine: ServingEngine, stream: Stream, stop: list[str], response_id: str, kind: str, prompt_len: int,
-               usage: bool) -> AsyncIterator[str]:  # fmt: skip
+               include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     created, total, first = int(time.time()), 0, True
     model = engine.model_name
@@ -253,12 +191,8 @@ async def _sse(engine: ServingEngine, stream: Stream, stop: list[str], response_
             first = False
     finally:
         stream.close()  # synchronous: also runs when the client went away and this task is cancelled
-    if usage:
+    if include_usage:
         data = {"id": response_id, "object": chunk_kind, "created": created, "model": model, "choices": [],
-                "usage": _usage(prompt_len, total)}  # fmt: skip
+                "usage": usage(prompt_len, total)}  # fmt: skip
         yield f"data: {json.dumps(data)}\n\n"
     yield "data: [DONE]\n\n"
-
-
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
