@@ -45,6 +45,8 @@ class SimObserver:
 
     def on_preempt(self, req: RequestInfo, now: float) -> None: ...
 
+    def on_cancel(self, req: RequestInfo, generated: int | None, now: float) -> None: ...
+
 
 class OracleUnavailableError(ValueError):
     """An oracle policy (it reads true output lengths) was asked to run where they are not known: a live engine."""
@@ -149,6 +151,8 @@ class PolicyDriver:
 
     def cancel(self, info: RequestInfo, generated: int | None, now: float) -> None:
         """The client left: `generated` tokens while running, or None if it was still waiting."""
+        for o in self.observers:
+            o.on_cancel(info, generated, now)
         self._timed("on_cancel", self.policy.on_cancel, info, generated, now)
 
     # --- measures ---------------------------------------------------------------------------------------------------

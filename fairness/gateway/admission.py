@@ -1,0 +1,171 @@
+"""The gateway's scheduler: requests wait here, one `PolicyDriver` decides whom to admit next, and an admitted
+request goes to the least-loaded upstream with room. The policy is charged with what comes back: the prompt at
+admission (estimated, or exact for token ids), output tokens as they stream, settled at the end from `usage`.
+
+One `Admission` owns the queue and the running set; the HTTP layer reaches them only through its methods. It runs
+on the event loop, so no locks: policy calls are short and never await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from fairness.core.driver import PolicyDriver, SimObserver, require_no_oracle
+from fairness.core.engine import EngineModel
+from fairness.core.policy import SchedulingPolicy, make_policy
+from fairness.core.request import RequestInfo
+from fairness.core.telemetry import Telemetry
+from fairness.gateway.upstreams import Upstream, UpstreamPool
+
+
+class NoUpstream(Exception):
+    """A request waited `queue_timeout_s` without an upstream able to take it."""
+
+
+@dataclass
+class Ticket:
+    """One request's place at the gateway: waiting (`upstream` None), then running on `upstream`."""
+
+    info: RequestInfo
+    model: str
+    admitted: asyncio.Future = field(repr=False)  # resolves to the Upstream it is admitted to
+    upstream: Upstream | None = None
+    generated: int = 0  # output tokens received
+    reported: int = 0  # ... of which the policy has been told (on_step)
+    requeues: int = 0
+    ended: bool = False
+
+
+class Admission:
+    """Per-tenant queues behind one policy, admitting into `pool` while an upstream has room."""
+
+    def __init__(self, policy: str | SchedulingPolicy | Callable[[], SchedulingPolicy], pool: UpstreamPool,
+                 observers: Sequence[SimObserver] = (), tick_s: float = 0.05):  # fmt: skip
+        policy = policy() if callable(policy) and not isinstance(policy, SchedulingPolicy) else make_policy(policy)
+        require_no_oracle(policy)
+        self.pool, self.tick_s = pool, tick_s
+        self.driver = PolicyDriver(policy, observers)
+        self.driver.start(EngineModel(max_running=max(1, len(pool.upstreams) * 256)), Telemetry(nvml=False), None)
+        self._ids = itertools.count()
+        self.waiting: dict[int, Ticket] = {}
+        self.running: dict[int, Ticket] = {}
+        self.wake = asyncio.Event()  # set by whatever may let a waiting request in (a finish, a probe round)
+        self._last_step = time.monotonic()
+
+    @property
+    def policy(self) -> SchedulingPolicy:
+        return self.driver.policy
+
+    # --- the HTTP layer reports -------------------------------------------------------------------------------------
+
+    def arrive(self, client: str, weight: float, input_tokens: int, max_output: int | None, model: str) -> Ticket:
+        now = time.monotonic()
+        info = RequestInfo(next(self._ids), client, now, max(1, input_tokens), max_output, weight)
+        ticket = Ticket(info, model, asyncio.get_running_loop().create_future())
+        self.waiting[info.id] = ticket
+        self.driver.arrive(info, now)
+        self.pump()
+        return ticket
+
+    async def admitted(self, ticket: Ticket, timeout_s: float) -> Upstream:
+        """Wait until the policy admits `ticket`; NoUpstream after timeout_s (it leaves the queue)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(ticket.admitted), timeout_s)
+        except asyncio.TimeoutError as e:
+            if not ticket.admitted.done():
+                self.cancel(ticket)
+                raise NoUpstream(f"no upstream serving {ticket.model!r} had room within {timeout_s:g} s") from e
+            return ticket.admitted.result()
+
+    def tokens(self, ticket: Ticket, n: int) -> None:
+        """`n` more output tokens reached the client (reported to the policy at the next tick)."""
+        ticket.generated += n
+
+    def finish(self, ticket: Ticket, output_tokens: int, input_tokens: int) -> None:
+        """The upstream finished `ticket` with these counts (its `usage`); the policy settles with them."""
+        if self._end(ticket):
+            self.driver.finish(ticket.info, output_tokens, time.monotonic(), input_tokens)
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The client left, or the request failed: charged only what reached the client, the rest refunded."""
+        waiting = ticket.upstream is None
+        if self._end(ticket):
+            self.driver.cancel(ticket.info, None if waiting else ticket.generated, time.monotonic())
+
+    def requeue(self, ticket: Ticket) -> None:
+        """Its upstream could not take it before any token: back to the front of its tenant's queue (the policy sees
+        a preemption, so it is not charged twice)."""
+        self._release(ticket)
+        del self.running[ticket.info.id]
+        ticket.requeues += 1
+        ticket.admitted = asyncio.get_running_loop().create_future()
+        self.waiting[ticket.info.id] = ticket
+        self.driver.preempt(ticket.info, time.monotonic())
+        self.pump()
+
+    # --- scheduling -------------------------------------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Admit waiting requests in the policy's order while an upstream has room."""
+        now = time.monotonic()
+        _, cap = self.driver.limits(now, 1 << 30, max(1, self.pool.capacity()))
+        room = lambda: len(self.running) < cap and self.pool.has_room()  # noqa: E731
+        for info in self.driver.candidates(now, room):
+            ticket = self.waiting[info.id]
+            up = self.pool.pick(ticket.model)
+            if up is None:
+                break  # its model's upstreams are full or down: it stays first in line
+            self.driver.admit(info, now)
+            del self.waiting[info.id]
+            self.running[info.id] = ticket
+            ticket.upstream = up
+            up.in_flight += 1
+            ticket.admitted.set_result(up)
+
+    def step(self) -> None:
+        """Report the output tokens that streamed since the last step to the policy, as one engine step."""
+        now = time.monotonic()
+        generated = {}
+        for rid, t in self.running.items():
+            if t.generated > t.reported:
+                generated[rid] = t.generated - t.reported
+                t.reported = t.generated
+        if generated:
+            self.driver.step(generated, now - self._last_step, now)
+        self._last_step = now
+
+    async def run(self) -> None:
+        """Step and admit every tick_s, and at once when something may have made room."""
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.tick_s)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+            self.step()
+            self.pump()
+
+    # --- internals --------------------------------------------------------------------------------------------------
+
+    def _end(self, ticket: Ticket) -> bool:
+        """Take `ticket` out of the queue or the running set (once); True the first time."""
+        if ticket.ended:
+            return False
+        ticket.ended = True
+        if ticket.upstream is None:
+            del self.waiting[ticket.info.id]
+            return True
+        self.step()  # its last tokens reach the policy as a step before it settles
+        del self.running[ticket.info.id]
+        self._release(ticket)
+        self.wake.set()
+        return True
+
+    def _release(self, ticket: Ticket) -> None:
+        up, ticket.upstream = ticket.upstream, None
+        if up is not None:
+            up.in_flight -= 1

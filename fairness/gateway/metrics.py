@@ -1,0 +1,79 @@
+"""The gateway's Prometheus metrics: per-tenant tokens, queues and outcomes (it watches the policy driver's events),
+time to first token, and each upstream's health, load and limit."""
+
+from __future__ import annotations
+
+from fairness.core.driver import SimObserver
+from fairness.core.request import RequestInfo
+from fairness.extras import missing
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+except ImportError as e:
+    raise missing("serve", e) from e
+
+from fairness.gateway.upstreams import UpstreamPool
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class GatewayMetrics(SimObserver):
+    """One registry per gateway. Tenant labels are the tenants' names (bounded by the tenants file when one is set)."""
+
+    def __init__(self, pool: UpstreamPool):
+        self.pool = pool
+        self._streamed: dict[int, tuple[str, int]] = {}  # running request id -> (tenant, completion tokens counted)
+        self.registry = r = CollectorRegistry()
+        self.tokens = Counter("fairness_gateway_tokens", "tokens served, by tenant and kind (prompt: settled from "
+                              "the upstream's usage; completion: as they stream)", ["tenant", "kind"],
+                              registry=r)  # fmt: skip
+        self.requests = Counter("fairness_gateway_requests", "requests ended, by tenant and outcome",
+                                ["tenant", "outcome"], registry=r)  # fmt: skip
+        self.waiting = Gauge("fairness_gateway_waiting", "requests queued at the gateway", ["tenant"], registry=r)
+        self.running = Gauge("fairness_gateway_running", "requests in flight upstream", ["tenant"], registry=r)
+        self.ttft = Histogram("fairness_gateway_ttft_seconds", "arrival at the gateway to the first token sent",
+                              buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
+        self.healthy = Gauge("fairness_gateway_upstream_healthy", "1 when the upstream passes its probes", ["upstream"],
+                             registry=r)  # fmt: skip
+        self.in_flight = Gauge("fairness_gateway_upstream_in_flight", "requests in flight", ["upstream"], registry=r)
+        self.limit = Gauge("fairness_gateway_upstream_limit", "requests it may have in flight", ["upstream"],
+                           registry=r)  # fmt: skip
+        self.failures = Counter("fairness_gateway_upstream_failures", "requests it refused or broke off", ["upstream"],
+                                registry=r)  # fmt: skip
+
+    def refresh(self) -> None:
+        """Upstream gauges, read at scrape time."""
+        for u in self.pool.upstreams:
+            self.healthy.labels(u.url).set(float(u.healthy))
+            self.in_flight.labels(u.url).set(u.in_flight)
+            self.limit.labels(u.url).set(u.limit.value)
+
+    # --- the driver's events ----------------------------------------------------------------------------------------
+
+    def on_arrival(self, req: RequestInfo, now: float) -> None:
+        self.waiting.labels(req.client).inc()
+
+    def on_admit(self, req: RequestInfo, now: float) -> None:
+        self.waiting.labels(req.client).dec()
+        self.running.labels(req.client).inc()
+        self._streamed.setdefault(req.id, (req.client, 0))
+
+    def on_preempt(self, req: RequestInfo, now: float) -> None:
+        self.running.labels(req.client).dec()
+        self.waiting.labels(req.client).inc()
+
+    def on_step(self, generated: dict[int, int], step_s: float, now: float) -> None:
+        for rid, n in generated.items():
+            tenant, counted = self._streamed[rid]
+            self._streamed[rid] = (tenant, counted + n)
+            self.tokens.labels(tenant, "completion").inc(n)
+
+    def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
+        self.running.labels(req.client).dec()
+        _, counted = self._streamed.pop(req.id)
+        self.tokens.labels(req.client, "prompt").inc(req.input_tokens)
+        self.tokens.labels(req.client, "completion").inc(max(0, output_tokens - counted))  # settled from usage
+
+    def on_cancel(self, req: RequestInfo, generated: int | None, now: float) -> None:
+        (self.waiting if generated is None else self.running).labels(req.client).dec()
+        self._streamed.pop(req.id, None)

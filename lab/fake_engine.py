@@ -1,0 +1,110 @@
+"""An OpenAI-compatible stand-in for an LLM engine with known speed, for the gateway's tests and benches: up to
+`max_running` requests decode at once, one token per `step_s` each (the rest queue inside it, first come first
+served, as in an engine without fairness); a prompt takes `prefill_s_per_token` per token. Tokens are "t0 t1 ...".
+
+    python -m lab.fake_engine --port 8101 --max-running 8 --step-s 0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from fairness.serving.api import ApiError, read_json, usage
+
+MODEL = "fake"
+
+
+def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per_token: float = 0.0,
+                       model: str = MODEL) -> FastAPI:  # fmt: skip
+    app = FastAPI()
+    slots = asyncio.Semaphore(max_running)
+    app.state.served = 0  # requests that reached generation
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "fake"}]}
+
+    async def serve(request: Request, chat: bool) -> object:
+        body = await read_json(request)
+        if body.get("model") != model:
+            raise ApiError(404, f"the model {body.get('model')!r} does not exist", "model_not_found", "model")
+        n = body.get("max_tokens") or 16
+        if not isinstance(n, int) or n < 1:
+            raise ApiError(400, "max_tokens must be a positive integer", "invalid_value", "max_tokens")
+        text = json.dumps(body.get("messages") if chat else body.get("prompt"))
+        prompt = max(1, len(text) // 4)
+        rid, kind = f"fake-{uuid.uuid4().hex[:12]}", "chat.completion.chunk" if chat else "text_completion"
+
+        def event(i: int, piece: str, reason: str | None) -> dict:
+            delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+            choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": piece}
+            choice["finish_reason"] = reason
+            return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+
+        async def tokens():
+            async with slots:
+                app.state.served += 1
+                await asyncio.sleep(step_s + prefill_s_per_token * prompt)
+                for i in range(n):
+                    if i:
+                        await asyncio.sleep(step_s)
+                    yield event(i, f"t{i} ", "length" if i == n - 1 else None)
+
+        if not body.get("stream"):
+            pieces = [e async for e in tokens()]
+            text = "".join((e["choices"][0].get("delta") or {}).get("content") or e["choices"][0].get("text") or ""
+                           for e in pieces)  # fmt: skip
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                      if chat else {"index": 0, "text": text, "finish_reason": "length"})  # fmt: skip
+            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                    "model": model, "choices": [choice], "usage": usage(prompt, n)}  # fmt: skip
+
+        async def sse():
+            async for e in tokens():
+                yield f"data: {json.dumps(e)}\n\n"
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield f"data: {json.dumps({'id': rid, 'object': kind, 'choices': [], 'usage': usage(prompt, n)})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await serve(request, chat=True)
+
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="A fake OpenAI-compatible engine of known speed.")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--max-running", type=int, default=8)
+    ap.add_argument("--step-s", type=float, default=0.02)
+    ap.add_argument("--prefill-s-per-token", type=float, default=0.0)
+    args = ap.parse_args()
+    app = create_fake_engine(args.max_running, args.step_s, args.prefill_s_per_token)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""fairness.gateway: its limit learner and admission (no HTTP), then over real HTTP on loopback with the official
+OpenAI client: in front of fake engines of known speed, `fairness.serve` replicas (unpatched and offloaded) and
+`transformers serve --continuous-batching`; faults (client disconnects, an upstream killed and restarted)."""
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fairness.gateway import ConcurrencyLimit, GatewayConfig, create_gateway
+from fairness.gateway.admission import Admission
+from fairness.gateway.upstreams import UpstreamPool
+from fairness.serve import BackgroundServer
+from lab.fake_engine import MODEL, create_fake_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- no HTTP ------------------------------------------------------------------------------------------------------
+
+
+def test_a_learned_limit_grows_while_requests_start_at_once_and_shrinks_when_they_queue_inside():
+    limit = ConcurrencyLimit(initial=4)
+    for _ in range(40):
+        limit.observe(0.05, in_flight=limit.value)  # saturated, TTFT flat: more would start at once
+    grown = limit.value
+    assert grown > 8
+    for _ in range(40):
+        limit.observe(0.05, in_flight=1)  # not all in use: no evidence for more
+    assert limit.value == grown
+    for _ in range(40):
+        limit.observe(0.5, in_flight=limit.value)  # 10x the best TTFT: queueing inside the engine
+    assert limit.value < grown / 2
+    fixed = ConcurrencyLimit(initial=3, fixed=True)
+    fixed.observe(10.0, 3)
+    assert fixed.value == 3
+    with pytest.raises(ValueError, match="minimum <= initial"):
+        ConcurrencyLimit(initial=0)
+
+
+def _pool(n: int, limit: int) -> UpstreamPool:
+    pool = UpstreamPool([f"http://127.0.0.1:{9000 + i}" for i in range(n)], limit)
+    for u in pool.upstreams:
+        u.healthy, u.models = True, frozenset({"m"})
+    return pool
+
+
+def test_admission_follows_the_policy_across_upstreams_and_a_requeued_request_is_not_charged_twice():
+    async def run():
+        pool = _pool(2, limit=1)
+        adm = Admission("vtc", pool)
+        heavy = [adm.arrive("heavy", 1.0, 100, 10, "m") for _ in range(4)]
+        assert [t.upstream is not None for t in heavy] == [True, True, False, False]
+        assert {t.upstream.url for t in heavy[:2]} == {u.url for u in pool.upstreams}  # least loaded: one each
+        light = adm.arrive("light", 1.0, 100, 10, "m")
+        adm.tokens(heavy[0], 5)
+        adm.finish(heavy[0], 5, 100)
+        adm.pump()
+        assert light.upstream is not None and heavy[2].upstream is None  # VTC: the light tenant goes first
+        counter = adm.policy.counter
+        before = counter["light"]
+        adm.requeue(light)  # its upstream refused it before any token
+        assert light.upstream is None and counter["light"] == before
+        adm.finish(heavy[1], 0, 100)
+        adm.pump()
+        assert light.upstream is not None and counter["light"] == before  # re-admitted, not charged again
+        adm.tokens(light, 3)
+        adm.cancel(light)  # the client left after 3 tokens: charged the prompt and what it received
+        assert counter["light"] == pytest.approx(before + 2 * 3)
+        assert not adm.running or all(t.upstream for t in adm.running.values())
+        await pool.aclose()
+
+    asyncio.run(run())
+
+
+# --- over HTTP, in front of fake engines ----------------------------------------------------------------------------
+
+
+def _client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _sum(metrics: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in metrics.items() if n == name and all((k, x) in ls for k, x in labels.items()))
+
+
+class Stack:
+    """Fake engines and a gateway in front of them, each a uvicorn server in a thread."""
+
+    def __init__(self, engines: int = 2, max_running: int = 2, step_s: float = 0.01, **gateway):
+        self.engines = [create_fake_engine(max_running, step_s) for _ in range(engines)]
+        self.servers = [BackgroundServer(app) for app in self.engines]
+        self.urls = [s.start() for s in self.servers]
+        gateway.setdefault("limit", max_running)
+        self.app = create_gateway(self.urls, **gateway)
+        self.gw = BackgroundServer(self.app)
+        self.url = self.gw.start()
+
+    def close(self) -> None:
+        self.gw.stop()
+        for s in self.servers:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    s = Stack(engines=2, max_running=2, probe_s=0.2, policy="vtc-pred")  # charges a predicted output at admission
+    yield s
+    s.close()
+
+
+@pytest.mark.served
+def test_completions_and_chat_through_the_gateway_with_the_openai_client(stack):
+    client = _client(stack.url)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    done = client.completions.create(model=MODEL, prompt="hello there", max_tokens=5, user="bob")
+    assert done.choices[0].text == "t0 t1 t2 t3 t4 " and done.usage.completion_tokens == 5
+    assert done.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "t0 t1 t2 t3 "
+    assert chunks[0].choices[0].delta.role == "assistant" and all(c.usage is None for c in chunks)
+    with_usage = list(client.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True,
+                                                stream_options={"include_usage": True}))  # fmt: skip
+    assert with_usage[-1].usage.completion_tokens == 3
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert whole.choices[0].message.content == "t0 t1 t2 t3 " and whole.usage.total_tokens > 4
+    m = _metrics(stack.url)
+    assert _sum(m, "fairness_gateway_tokens_total", tenant="bob", kind="completion") == 5
+    assert _sum(m, "fairness_gateway_requests_total", outcome="ok") >= 4
+
+
+@pytest.mark.served
+def test_bad_input_is_refused_before_any_upstream_is_touched(stack):
+    served = sum(e.state.served for e in stack.engines)
+    cases = [
+        (b"{not json", 400, "invalid_json"),
+        (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model_not_found"),
+        (json.dumps({"model": MODEL}).encode(), 400, "missing_prompt"),
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 0}).encode(), 400, "invalid_value"),
+        (json.dumps({"model": MODEL, "prompt": "x", "stream": "yes"}).encode(), 400, "invalid_value"),
+        (json.dumps({"model": MODEL, "prompt": [1, "a"]}).encode(), 400, "missing_prompt"),
+    ]
+    for body, status, code in cases:
+        r = httpx.post(stack.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    r = httpx.post(stack.url + "/v1/chat/completions", json={"model": MODEL, "messages": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert sum(e.state.served for e in stack.engines) == served
+    with pytest.raises(openai.NotFoundError):
+        _client(stack.url).completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+@pytest.mark.served
+def test_tenants_come_from_api_keys_then_the_fairness_header_then_user(tmp_path):
+    keys = tmp_path / "tenants.json"
+    keys.write_text(json.dumps({"k-a": {"name": "acme", "weight": 2}}))
+    from fairness.serving.api import load_tenants
+
+    s = Stack(engines=1, tenants=load_tenants(str(keys)))
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            _client(s.url, "wrong").completions.create(model=MODEL, prompt="x", max_tokens=2)
+        _client(s.url, "k-a").completions.create(model=MODEL, prompt="x", max_tokens=2, user="ignored")
+        assert _sum(_metrics(s.url), "fairness_gateway_requests_total", tenant="acme", outcome="ok") == 1
+    finally:
+        s.close()
+    s = Stack(engines=1)
+    try:
+        httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, "user": "u1"},
+                   headers={"x-gateway-fairness-id": "team-7"})  # fmt: skip
+        httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, "user": "u1"})
+        httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        m = _metrics(s.url)
+        assert [_sum(m, "fairness_gateway_requests_total", tenant=t) for t in ("team-7", "u1", "anonymous")] == [
+            1,
+            1,
+            1,
+        ]
+    finally:
+        s.close()
+
+
+def _flood(url: str, tenant: str, n: int, max_tokens: int, ttft: list[float], threads: list[threading.Thread]):
+    def one():
+        t0 = time.monotonic()
+        with httpx.stream("POST", url + "/v1/completions", timeout=120,
+                          json={"model": MODEL, "prompt": "x", "max_tokens": max_tokens, "stream": True,
+                                "user": tenant}) as r:  # fmt: skip
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data:"):
+                    ttft.append(time.monotonic() - t0)
+                    break
+            for _ in lines:
+                pass
+
+    for _ in range(n):
+        th = threading.Thread(target=one)
+        th.start()
+        threads.append(th)
+
+
+@pytest.mark.served
+@pytest.mark.parametrize("policy", ["vtc", "fcfs"])
+def test_a_light_tenant_is_not_starved_by_a_heavy_one_under_vtc(policy, request):
+    s = Stack(engines=2, max_running=2, step_s=0.01, policy=policy)
+    try:
+        heavy, light, threads = [], [], []
+        _flood(s.url, "heavy", 40, 20, heavy, threads)  # 40 x 20 tokens on 4 slots: about 2 s of backlog
+        time.sleep(0.3)
+        _flood(s.url, "light", 4, 20, light, threads)
+        for th in threads:
+            th.join(60)
+        if policy == "vtc":
+            assert max(light) < 1.0  # served next, alternating with the heavy tenant (measured: 0.5 s)
+        else:
+            assert min(light) > 1.2  # first come, first served: behind the whole backlog (about 1.7 s)
+    finally:
+        s.close()
+
+
+@pytest.mark.served
+def test_a_client_that_disconnects_is_closed_upstream_refunded_and_leaves_nothing_behind(stack):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "stream": True, "user": "quitter"}
+    with httpx.stream("POST", stack.url + "/v1/completions", timeout=60, json=body) as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                got += 1
+                if got == 3:
+                    break
+        gw = stack.app.state.gateway
+        while_running = gw.admission.policy.counter["quitter"]  # the prompt and 200 predicted tokens, charged
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (gw.admission.running or any(u.in_flight for u in gw.pool.upstreams)):
+        time.sleep(0.05)
+    assert not gw.admission.running and not gw.admission.waiting
+    assert all(u.in_flight == 0 for u in gw.pool.upstreams)
+    m = _metrics(stack.url)
+    assert _sum(m, "fairness_gateway_requests_total", tenant="quitter", outcome="cancelled") == 1
+    assert _sum(m, "fairness_gateway_running", tenant="quitter") == 0
+    refunded = while_running - gw.admission.policy.counter["quitter"]
+    assert 2 * 200 - 2 * 20 < refunded <= 2 * 200  # charged the prompt and what it received (a few tokens) only
+    # the upstream's slot was freed: a request needing both of one engine's slots gets through at once
+    assert _client(stack.url).completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_fake(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "lab.fake_engine", "--port", str(port), "--max-running", "4",
+                             "--step-s", "0.01"], cwd=ROOT)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the fake engine did not start")
+
+
+@pytest.mark.served
+def test_an_upstream_killed_mid_run_loses_no_request_and_rejoins_when_restarted():
+    ports = [_free_port() for _ in range(3)]
+    procs = [_spawn_fake(p) for p in ports]
+    app = create_gateway([f"http://127.0.0.1:{p}" for p in ports], "vtc", limit=4, probe_s=0.2,
+                         config=GatewayConfig(queue_timeout_s=30))  # fmt: skip
+    gw_server = BackgroundServer(app)
+    url = gw_server.start()
+    outcomes: list[str] = []
+    try:
+
+        def one(i: int) -> None:
+            try:
+                r = httpx.post(url + "/v1/completions", timeout=60,
+                               json={"model": MODEL, "prompt": "x", "max_tokens": 30, "user": f"t{i % 3}"})  # fmt: skip
+                outcomes.append("ok" if r.status_code == 200 else f"error {r.status_code} {r.json()['error']['code']}")
+            except httpx.HTTPError as e:
+                outcomes.append(f"lost: {e!r}")
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(60)]
+        for i, th in enumerate(threads):
+            th.start()
+            if i == 20:
+                procs[0].send_signal(signal.SIGKILL)  # mid-run: it has requests in flight
+            time.sleep(0.01)
+        for th in threads:
+            th.join(60)
+        assert len(outcomes) == 60 and not [o for o in outcomes if o.startswith("lost")]
+        errors = [o for o in outcomes if o != "ok"]
+        assert all(o.startswith("error 502 upstream_error") for o in errors), errors  # only those in flight on it
+        assert len(errors) <= 4  # at most its limit
+        gw = app.state.gateway
+        assert not gw.pool.upstreams[0].healthy
+        procs[0] = _spawn_fake(ports[0])  # restarted on the same port
+        deadline = time.monotonic() + 10
+        while not gw.pool.upstreams[0].healthy and time.monotonic() < deadline:
+            time.sleep(0.1)
+        before = gw.pool.upstreams[0].served
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert gw.pool.upstreams[0].served > before  # it rejoined and takes work
+        assert not gw.admission.running and not gw.admission.waiting
+    finally:
+        gw_server.stop()
+        for p in procs:
+            p.kill()
+            p.wait()
