@@ -334,3 +334,79 @@ def test_an_upstream_killed_mid_run_loses_no_request_and_rejoins_when_restarted(
         for p in procs:
             p.kill()
             p.wait()
+
+
+# --- real engines -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.served
+@pytest.mark.slow
+def test_in_front_of_fairness_serve_replicas_unpatched_and_offloaded(reference_dir):
+    from fairness.serve import build_engine
+    from fairness.serving.server import create_app
+
+    engines = [build_engine(reference_dir, "vtc", device="cpu", max_running=4),
+               build_engine(reference_dir, "vtc", device="cpu", max_running=4, offload_budget=0.5,
+                            offload_options={"fallback": "fetch", "prefetch": None})]  # fmt: skip
+    servers = [BackgroundServer(create_app(e, max_tokens_limit=64)) for e in engines]
+    urls = [s.start() for s in servers]
+    gw = BackgroundServer(create_gateway(urls, "vtc", limit=2))
+    url = gw.start()
+    try:
+        direct, through = _client(urls[0]), _client(url)
+        prompts = ["import os\n", "def f(x):", "class A:", "for i in range(", "return self."]
+        for p in prompts:  # greedy, and fetching experts is exact: every replica answers as the unpatched one
+            want = direct.completions.create(model="reference-moe", prompt=p, max_tokens=12)
+            got = through.completions.create(model="reference-moe", prompt=p, max_tokens=12, user="alice")
+            assert got.choices[0].text == want.choices[0].text and got.usage == want.usage
+        stream = list(through.completions.create(model="reference-moe", prompt=prompts[1], max_tokens=12, stream=True))
+        assert "".join(c.choices[0].text for c in stream if c.choices) == direct.completions.create(
+            model="reference-moe", prompt=prompts[1], max_tokens=12).choices[0].text  # fmt: skip
+        assert engines[1].offload.stats().misses > 0  # some requests ran on the offloaded replica
+        m = _metrics(url)
+        assert _sum(m, "fairness_gateway_tokens_total", tenant="alice", kind="prompt") == sum(
+            len(engines[0].encode_prompt(p)) for p in prompts
+        )  # settled from usage, not the gateway's estimate
+    finally:
+        gw.stop()
+        for s in servers:
+            s.stop()
+
+
+@pytest.mark.served
+@pytest.mark.slow
+def test_in_front_of_transformers_serve_with_continuous_batching(reference_dir):
+    """A server this project did not write (transformers' own `transformers serve`)."""
+    port = _free_port()
+    exe = Path(sys.executable).with_name("transformers")
+    proc = subprocess.Popen([str(exe), "serve", "--continuous-batching", "--device", "cpu", "--port", str(port),
+                             str(reference_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    upstream = f"http://127.0.0.1:{port}"
+    model = str(reference_dir)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(upstream + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("transformers serve did not start")
+        gw = BackgroundServer(create_gateway([upstream], "vtc", limit=4))
+        url = gw.start()
+        try:
+            through, direct = _client(url), _client(upstream)
+            assert model in [m.id for m in through.models.list().data]
+            want = direct.completions.create(model=model, prompt="import os\n", max_tokens=8)
+            got = through.completions.create(model=model, prompt="import os\n", max_tokens=8, user="t1")
+            assert got.choices[0].text == want.choices[0].text and got.usage.completion_tokens == 8
+            chunks = list(through.completions.create(model=model, prompt="import os\n", max_tokens=8, stream=True))
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == want.choices[0].text
+            m = _metrics(url)
+            assert _sum(m, "fairness_gateway_tokens_total", tenant="t1", kind="prompt") == want.usage.prompt_tokens
+        finally:
+            gw.stop()
+    finally:
+        proc.terminate()
+        proc.wait(30)

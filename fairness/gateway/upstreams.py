@@ -77,9 +77,10 @@ class UpstreamPool:
     # --- placement --------------------------------------------------------------------------------------------------
 
     def pick(self, model: str) -> Upstream | None:
-        """The healthy upstream serving `model` with room and the least load (in flight / limit)."""
+        """The healthy upstream serving `model` with room and the least load (in flight / limit; ties: the one that
+        has served least, so idle replicas share the work)."""
         ok = [u for u in self.upstreams if model in u.models and u.room() > 0]
-        return min(ok, key=lambda u: (u.in_flight / u.limit.value, u.in_flight), default=None)
+        return min(ok, key=lambda u: (u.in_flight / u.limit.value, u.served + u.in_flight), default=None)
 
     def has_room(self) -> bool:
         return any(u.room() > 0 for u in self.upstreams)
