@@ -63,7 +63,8 @@ class UpstreamPool:
         if limit is not None and limit < 1:
             raise ValueError(f"the per-upstream limit must be >= 1, got {limit}")
         self.upstreams = [
-            Upstream(base_url(u), ConcurrencyLimit(limit, fixed=True) if limit else ConcurrencyLimit()) for u in urls
+            Upstream(base_url(u), ConcurrencyLimit(limit, fixed=True, maximum=limit) if limit else ConcurrencyLimit())
+            for u in urls
         ]
         if len({u.url for u in self.upstreams}) < len(self.upstreams):
             raise ValueError("an upstream URL is given twice")

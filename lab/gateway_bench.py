@@ -1,0 +1,225 @@
+"""The gateway on the real stack here: three `fairness.serve` replicas of the reference model, a heavy tenant and two
+light ones in overload, arriving in a pattern that round-robin spreads unevenly (H, H, A, H, H, B, ...: the light
+tenants' requests all land on one replica). Compared on the same requests and window:
+  (a) `fairness.gateway` with one VTC counter for the three replicas (the replicas run FCFS; the gateway's limit per
+      replica keeps them from queueing internally),
+  (b) round-robin to replicas each running their own VTC,
+  (c) round-robin to FCFS replicas.
+Then the gateway's own cost: TTFT through it minus TTFT direct at low load, and the requests/s it sustains in front
+of fast (fake) upstreams. Writes gateway.json.
+
+    python -m lab.gateway_bench [--mode quick|default] [--out bench-results]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from fairness.core.request import Request
+from fairness.gateway import create_gateway
+from fairness.measure.metrics import percentile
+from fairness.measure.records import record_metrics
+from fairness.serve import BackgroundServer, build_engine
+from fairness.serving.server import create_app
+from lab.fake_engine import MODEL as FAKE
+from lab.loadgen import replay
+from lab.reference import REFERENCE_MODEL
+from lab.served_bench import OUTPUT, PROMPT, measure_capacity
+
+REPLICAS, MAX_RUNNING = 3, 4
+PATTERN = ("heavy", "heavy", "light-a", "heavy", "heavy", "light-b")  # round-robin puts every light one on replica 2
+SETUPS = ("gateway-vtc", "rr-vtc", "rr-fcfs")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def workload(capacity_tok_s: float, load: float, duration_s: float) -> list[Request]:
+    """Arrivals at `load` x the three replicas' capacity, in PATTERN's order (each light tenant: 1/6 of them)."""
+    rate = load * capacity_tok_s / OUTPUT
+    n = int(duration_s * rate)
+    return [Request(PATTERN[i % len(PATTERN)], i / rate, PROMPT, OUTPUT) for i in range(n)]
+
+
+def _replicas(model_dir: Path, policy: str, n: int = REPLICAS) -> tuple[list[BackgroundServer], list[str]]:
+    servers = [BackgroundServer(create_app(build_engine(model_dir, policy, device="cpu", max_running=MAX_RUNNING),
+                                           max_tokens_limit=OUTPUT, drain_s=0.0)) for _ in range(n)]  # fmt: skip
+    return servers, [s.start() for s in servers]
+
+
+async def _round_robin(urls: list[str], model: str, requests: list[Request], stop_at: float):
+    """What a plain load balancer does: request i to replica i mod N."""
+    parts = [requests[k :: len(urls)] for k in range(len(urls))]
+    runs = await asyncio.gather(*(replay(u, model, p, stop_at_s=stop_at) for u, p in zip(urls, parts, strict=True)))
+    return [r for run in runs for r in run]
+
+
+def serve_setup(model_dir: Path, setup: str, requests: list[Request], duration: float) -> dict:
+    servers, urls = _replicas(model_dir, "fcfs" if setup != "rr-vtc" else "vtc")
+    gw = None
+    try:
+        if setup == "gateway-vtc":
+            gw = BackgroundServer(create_gateway(urls, "vtc", limit=MAX_RUNNING))
+            records = asyncio.run(replay(gw.start(), REFERENCE_MODEL.name, requests, stop_at_s=duration))
+        else:
+            records = asyncio.run(_round_robin(urls, REFERENCE_MODEL.name, requests, duration))
+    finally:
+        if gw is not None:
+            gw.stop()
+        for s in servers:
+            s.stop()
+    m = record_metrics(records, end_s=duration)
+    total = sum(c["service"] for c in m.per_client.values())
+    return {"max_service_diff": m.metrics["max_service_diff"], "throughput_tok_s": m.metrics["throughput_tok_s"],
+            "share": {c: v["service"] / total for c, v in m.per_client.items()},
+            "ttft_p50_s": {c: v["ttft_p50_s"] for c, v in m.per_client.items()},
+            "ttft_p99_s": {c: percentile(v, 99) for c, v in m.ttft.items()}}  # fmt: skip
+
+
+def gateway_overhead(model_dir: Path, n: int = 30) -> dict:
+    """Median TTFT of `n` sequential streamed requests direct to a replica and through the gateway (low load)."""
+    servers, urls = _replicas(model_dir, "fcfs", n=1)
+    gw = BackgroundServer(create_gateway(urls, "vtc", limit=MAX_RUNNING))
+    through = gw.start()
+
+    def ttft(url: str) -> float:
+        t0 = time.perf_counter()
+        body = {"model": REFERENCE_MODEL.name, "prompt": [5] * PROMPT, "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            took = time.perf_counter() - t0
+            for _ in lines:
+                pass
+        assert first
+        return took
+
+    try:
+        direct, via = [], []
+        for _ in range(n):  # interleaved, so drift hits both alike
+            direct.append(ttft(urls[0]))
+            via.append(ttft(through))
+    finally:
+        gw.stop()
+        for s in servers:
+            s.stop()
+    return {"requests": n, "direct_ttft_p50_ms": 1e3 * statistics.median(direct),
+            "gateway_ttft_p50_ms": 1e3 * statistics.median(via),
+            "added_ttft_p50_ms": 1e3 * (statistics.median(via) - statistics.median(direct))}  # fmt: skip
+
+
+def _spawn(args: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", *args, "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"python -m {args[0]} did not start")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gateway_throughput(seconds: float = 5.0, concurrency: int = 64) -> dict:
+    """Requests/s through `python -m fairness.gateway` (its own process) in front of a fake engine that answers at
+    once (8 tokens), driven by `concurrency` clients in this process: the three share this machine's 2 cores."""
+    fake_port, gw_port = _free_port(), _free_port()
+    procs = [_spawn(["lab.fake_engine", "--max-running", "4096", "--step-s", "0"], fake_port)]
+    procs.append(_spawn(["fairness.gateway", "--upstream", f"http://127.0.0.1:{fake_port}", "--limit", "4096"],
+                        gw_port))  # fmt: skip
+    url = f"http://127.0.0.1:{gw_port}"
+
+    async def load() -> tuple[int, int]:
+        done = errors = 0
+        deadline = time.monotonic() + seconds
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+            async def worker(i: int) -> None:
+                nonlocal done, errors
+                body = {"model": FAKE, "prompt": "x", "max_tokens": 8, "user": f"t{i % 16}"}
+                while time.monotonic() < deadline:
+                    r = await client.post(url + "/v1/completions", json=body)
+                    done, errors = done + (r.status_code == 200), errors + (r.status_code != 200)
+
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        return done, errors
+
+    try:
+        t0 = time.perf_counter()
+        done, errors = asyncio.run(load())
+        took = time.perf_counter() - t0
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+    return {"requests": done, "errors": errors, "seconds": took, "requests_per_s": done / took,
+            "concurrency": concurrency}  # fmt: skip
+
+
+def run_gateway_bench(out: Path, model_dir: Path, mode: str = "default") -> dict:
+    if mode not in ("quick", "default"):
+        raise ValueError(f"unknown gateway bench mode {mode!r}; choose quick or default")
+    duration, load = (8.0, 2.4) if mode == "quick" else (20.0, 2.4)
+    out.mkdir(parents=True, exist_ok=True)
+    capacity = REPLICAS * measure_capacity(model_dir, None, MAX_RUNNING)  # one replica alone, times three
+    requests = workload(capacity, load, duration)
+    summary: dict = {"served": True, "device": "cpu", "replicas": REPLICAS, "max_running": MAX_RUNNING,
+                     "window_s": duration, "load": load, "pattern": PATTERN, "capacity_tok_s": capacity,
+                     "requests": len(requests), "setups": {}}  # fmt: skip
+    summary["overhead"] = gateway_overhead(model_dir, 10 if mode == "quick" else 30)  # also warms the process up
+    for setup in SETUPS:
+        summary["setups"][setup] = serve_setup(model_dir, setup, requests, duration)
+    summary["throughput"] = gateway_throughput(2.0 if mode == "quick" else 5.0)
+    (out / "gateway.json").write_text(json.dumps(summary, indent=1, default=float))
+    print(table(summary))
+    print(f"wrote {out / 'gateway.json'} (REAL engines on this CPU: three replicas share its 2 cores)")
+    return summary
+
+
+def table(s: dict) -> str:
+    lines = [f"\ngateway: {s['replicas']} fairness.serve replicas (REAL, CPU), {s['load']}x overload, "
+             f"{s['window_s']:g} s; fair share of each backlogged tenant: 1/3"]  # fmt: skip
+    head = f"{'setup':<12}{'max diff':>10}{'tok/s':>8}" + "".join(f"{c + ' share':>15}" for c in sorted(set(PATTERN)))
+    head += "".join(f"{c + ' TTFT p50/p99':>24}" for c in sorted(set(PATTERN)))
+    lines += [head, "-" * len(head)]
+    for name, r in s["setups"].items():
+        cells = "".join(f"{r['share'].get(c, 0):>15.2f}" for c in sorted(set(PATTERN)))
+        cells += "".join(
+            f"{r['ttft_p50_s'].get(c, 0):>16.2f}/{r['ttft_p99_s'].get(c, 0):<7.2f}" for c in sorted(set(PATTERN))
+        )
+        lines.append(f"{name:<12}{r['max_service_diff']:>10.0f}{r['throughput_tok_s']:>8.0f}{cells}")
+    o, t = s["overhead"], s["throughput"]
+    lines.append(f"gateway cost: TTFT p50 {o['direct_ttft_p50_ms']:.1f} ms direct, {o['gateway_ttft_p50_ms']:.1f} ms "
+                 f"through it (+{o['added_ttft_p50_ms']:.1f} ms); {t['requests_per_s']:.0f} requests/s in front of "
+                 f"fake upstreams ({t['errors']} errors)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The gateway on three real replicas.")
+    ap.add_argument("--model", type=Path, default=REFERENCE_MODEL)
+    ap.add_argument("--mode", choices=["quick", "default"], default="default")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = ap.parse_args(argv)
+    run_gateway_bench(args.out, args.model, args.mode)
+
+
+if __name__ == "__main__":
+    main()
