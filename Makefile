@@ -34,17 +34,23 @@ bench: install
 	$(PY) -m lab.offload_bench --mode default
 	$(PY) -m lab.fairness_bench
 	$(PY) -m lab.served_bench
+	$(PY) -m lab.gateway_bench
+	$(PY) -m lab.cluster_bench
 	$(PY) -m lab.results_doc bench-results docs/results.md
 
 bench-full: install
 	$(PY) -m lab.offload_bench --mode full
 	$(PY) -m lab.fairness_bench --mode full
 	$(PY) -m lab.served_bench --mode full
+	$(PY) -m lab.gateway_bench
+	$(PY) -m lab.cluster_bench
 
 bench-quick: install
 	$(PY) -m lab.offload_bench --mode quick
 	$(PY) -m lab.fairness_bench --mode quick
 	$(PY) -m lab.served_bench --mode quick
+	$(PY) -m lab.gateway_bench --mode quick
+	$(PY) -m lab.cluster_bench --seconds 20
 
 # On a CUDA machine: the CUDA tests, then a real-link benchmark (bench-results/gpu-check.json); elsewhere it says so.
 gpu-check: install
