@@ -115,7 +115,8 @@ def gateway_overhead(model_dir: Path, n: int = 30) -> dict:
             "added_ttft_p50_ms": 1e3 * (statistics.median(via) - statistics.median(direct))}  # fmt: skip
 
 
-def _spawn(args: list[str], port: int) -> subprocess.Popen:
+def spawn(args: list[str], port: int) -> subprocess.Popen:
+    """`python -m ARGS --port PORT` in the checkout, once its /health answers 200."""
     proc = subprocess.Popen([sys.executable, "-m", *args, "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 60
@@ -129,7 +130,7 @@ def _spawn(args: list[str], port: int) -> subprocess.Popen:
     raise RuntimeError(f"python -m {args[0]} did not start")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -138,9 +139,9 @@ def _free_port() -> int:
 def gateway_throughput(seconds: float = 5.0, concurrency: int = 64) -> dict:
     """Requests/s through `python -m fairness.gateway` (its own process) in front of a fake engine that answers at
     once (8 tokens), driven by `concurrency` clients in this process: the three share this machine's 2 cores."""
-    fake_port, gw_port = _free_port(), _free_port()
-    procs = [_spawn(["lab.fake_engine", "--max-running", "4096", "--step-s", "0"], fake_port)]
-    procs.append(_spawn(["fairness.gateway", "--upstream", f"http://127.0.0.1:{fake_port}", "--limit", "4096"],
+    fake_port, gw_port = free_port(), free_port()
+    procs = [spawn(["lab.fake_engine", "--max-running", "4096", "--step-s", "0"], fake_port)]
+    procs.append(spawn(["fairness.gateway", "--upstream", f"http://127.0.0.1:{fake_port}", "--limit", "4096"],
                         gw_port))  # fmt: skip
     url = f"http://127.0.0.1:{gw_port}"
 

@@ -5,7 +5,6 @@ OpenAI client: in front of fake engines of known speed, `fairness.serve` replica
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,9 +21,7 @@ from fairness.gateway.admission import Admission
 from fairness.gateway.upstreams import UpstreamPool
 from fairness.serve import BackgroundServer
 from lab.fake_engine import MODEL, create_fake_engine
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from lab.gateway_bench import free_port, spawn
 
 # --- no HTTP ------------------------------------------------------------------------------------------------------
 
@@ -264,29 +261,13 @@ def test_a_client_that_disconnects_is_closed_upstream_refunded_and_leaves_nothin
     assert _client(stack.url).completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn_fake(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "lab.fake_engine", "--port", str(port), "--max-running", "4",
-                             "--step-s", "0.01"], cwd=ROOT)  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the fake engine did not start")
+    return spawn(["lab.fake_engine", "--max-running", "4", "--step-s", "0.01"], port)
 
 
 @pytest.mark.served
 def test_an_upstream_killed_mid_run_loses_no_request_and_rejoins_when_restarted():
-    ports = [_free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     procs = [_spawn_fake(p) for p in ports]
     app = create_gateway([f"http://127.0.0.1:{p}" for p in ports], "vtc", limit=4, probe_s=0.2,
                          config=GatewayConfig(queue_timeout_s=30))  # fmt: skip
@@ -377,7 +358,7 @@ def test_in_front_of_fairness_serve_replicas_unpatched_and_offloaded(reference_d
 @pytest.mark.slow
 def test_in_front_of_transformers_serve_with_continuous_batching(reference_dir):
     """A server this project did not write (transformers' own `transformers serve`)."""
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("transformers")
     proc = subprocess.Popen([str(exe), "serve", "--continuous-batching", "--device", "cpu", "--port", str(port),
                              str(reference_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
