@@ -124,6 +124,11 @@ def test_register_a_custom_policy():
     assert "lifo" not in fairness.policy_names()
     with pytest.raises(ValueError, match="unknown scheduling policy 'nope'"):
         fairness.make_policy("nope")
+    assert fairness.make_policy(lambda: fairness.make_policy("fcfs")).name == "fcfs"  # a factory is called
+    with pytest.raises(TypeError, match="factory must return a SchedulingPolicy, not dict"):
+        fairness.make_policy(dict)
+    with pytest.raises(TypeError, match="registered name, a factory or a SchedulingPolicy, not int"):
+        fairness.make_policy(3)
 
 
 def test_bad_requests_and_engines_are_refused():

@@ -92,12 +92,18 @@ def unregister_policy(name: str) -> None:
     del _REGISTRY[name]
 
 
-def make_policy(name: str | SchedulingPolicy, **kwargs) -> SchedulingPolicy:
-    """A policy instance by registered name (a ready instance passes through)."""
+def make_policy(name: str | SchedulingPolicy | Callable[..., SchedulingPolicy], **kwargs) -> SchedulingPolicy:
+    """A policy instance: by registered name, from a factory of fresh instances (called with kwargs), or a ready
+    instance (passes through)."""
     if isinstance(name, SchedulingPolicy):
         return name
+    if callable(name):
+        policy = name(**kwargs)
+        if not isinstance(policy, SchedulingPolicy):
+            raise TypeError(f"a policy factory must return a SchedulingPolicy, not {type(policy).__name__}")
+        return policy
     if not isinstance(name, str):
-        raise TypeError(f"a policy is a registered name or a SchedulingPolicy, not {type(name).__name__}")
+        raise TypeError(f"a policy is a registered name, a factory or a SchedulingPolicy, not {type(name).__name__}")
     if name not in _REGISTRY:
         raise ValueError(f"unknown scheduling policy {name!r}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name](**kwargs)

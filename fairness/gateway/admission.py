@@ -45,7 +45,7 @@ class Admission:
 
     def __init__(self, policy: str | SchedulingPolicy | Callable[[], SchedulingPolicy], pool: UpstreamPool,
                  observers: Sequence[SimObserver] = (), tick_s: float = 0.05):  # fmt: skip
-        policy = policy() if callable(policy) and not isinstance(policy, SchedulingPolicy) else make_policy(policy)
+        policy = make_policy(policy)
         require_no_oracle(policy)
         self.pool, self.tick_s = pool, tick_s
         self.driver = PolicyDriver(policy, observers)

@@ -31,10 +31,10 @@ from fairness.core.policy import SchedulingPolicy
 from fairness.gateway.admission import Admission, NoUpstream, Ticket
 from fairness.gateway.metrics import GatewayMetrics
 from fairness.gateway.upstreams import UpstreamDown, UpstreamFailed, UpstreamPool
-from fairness.serving.api import ApiError, Tenant, read_json, tenant_of_key, usage
+from fairness.serving.api import ApiError, Tenant, is_int, read_json, tenant_of_key, usage
+from fairness.sim.workloads import estimate_tokens
 
 FAIRNESS_ID_HEADER = "x-gateway-fairness-id"
-BYTES_PER_TOKEN = 4  # the prompt's estimated length until the upstream's usage settles it (English BPE: ~4 bytes)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Gateway:
                            "model_not_found", "model")  # fmt: skip
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         limit = self.config.max_tokens_limit
-        if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1 or (limit and max_tokens > limit)):
+        if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1 or (limit and max_tokens > limit)):
             raise ApiError(400, f"max_tokens must be an integer in [1, {limit or 'the model context'}], got "
                            f"{max_tokens!r}", "invalid_value", "max_tokens")  # fmt: skip
         if not isinstance(body.get("stream", False), bool):
@@ -233,24 +233,17 @@ def create_gateway(upstreams: list[str], policy: str | SchedulingPolicy | Callab
 # --- helpers ----------------------------------------------------------------------------------------------------------
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _text_tokens(text: str) -> int:
-    return max(1, len(text.encode()) // BYTES_PER_TOKEN)
-
-
 def _prompt_tokens(prompt: object) -> int:
-    """The prompt's length in tokens: exact for token ids, estimated for text (settled from the upstream's usage)."""
+    """The prompt's length in tokens: exact for token ids, estimated for text (1 per 4 characters, as the trace
+    loaders do; settled from the upstream's usage)."""
     if isinstance(prompt, str) and prompt:
-        return _text_tokens(prompt)
+        return estimate_tokens(prompt)
     if isinstance(prompt, list) and prompt:
-        if all(_is_int(t) for t in prompt):
+        if all(is_int(t) for t in prompt):
             return len(prompt)
         if all(isinstance(p, str) and p for p in prompt):
-            return sum(_text_tokens(p) for p in prompt)
-        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return sum(estimate_tokens(p) for p in prompt)
+        if all(isinstance(p, list) and p and all(is_int(t) for t in p) for p in prompt):
             return sum(len(p) for p in prompt)
     raise ApiError(400, "'prompt' is required: a non-empty string, list of strings or list of token ids",
                    "missing_prompt", "prompt")  # fmt: skip
@@ -269,7 +262,7 @@ def _chat_tokens(messages: object) -> int:
     for m in messages:
         content = m.get("content")
         parts = [content] if isinstance(content, str) else [p.get("text") for p in content or [] if isinstance(p, dict)]
-        total += 4 + sum(len(p.encode()) // BYTES_PER_TOKEN for p in parts if isinstance(p, str))
+        total += 4 + sum(estimate_tokens(p) for p in parts if isinstance(p, str) and p)
     return total
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 
@@ -37,8 +36,6 @@ class Upstream:
     models: frozenset[str] = frozenset()
     in_flight: int = 0
     served: int = 0
-    failures: int = 0
-    down_since: float | None = field(default=None, repr=False)
 
     def room(self) -> int:
         return self.limit.value - self.in_flight if self.healthy else 0
@@ -101,9 +98,8 @@ class UpstreamPool:
     # --- health -----------------------------------------------------------------------------------------------------
 
     def down(self, up: Upstream) -> None:
-        if up.healthy:
-            up.healthy, up.down_since = False, time.monotonic()
-        up.failures += 1
+        """No new work for `up` until its probes pass."""
+        up.healthy = False
 
     async def probe(self, up: Upstream) -> None:
         """`GET /health`, then `GET /v1/models`: healthy when both answer 200."""
@@ -114,11 +110,7 @@ class UpstreamPool:
             models = frozenset(d["id"] for d in m.json()["data"]) if ok else up.models
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             ok, models = False, up.models
-        up.models = models
-        if ok and not up.healthy:
-            up.healthy, up.down_since = True, None
-        elif not ok:
-            self.down(up)
+        up.models, up.healthy = models, ok
 
     async def probe_forever(self, wake: asyncio.Event) -> None:
         """Probe upstreams that are down every probe_s, healthy ones every 5 x probe_s; sets `wake` after each round

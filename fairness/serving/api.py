@@ -86,5 +86,10 @@ def is_message(m: object) -> bool:
     return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
 
 
+def is_int(x: object) -> bool:
+    """An integer in JSON's sense (not a boolean)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -266,7 +266,7 @@ class FairScheduler(Scheduler):
 
 def policy_factory(policy: str | Callable[[], SchedulingPolicy]) -> Callable[[], SchedulingPolicy]:
     """A maker of fresh policy instances from a registered name or a factory (the engine restarts with a new one)."""
-    return (lambda: make_policy(policy)) if isinstance(policy, str) else policy
+    return lambda: make_policy(policy)
 
 
 def register_scheduler(

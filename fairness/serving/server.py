@@ -23,7 +23,7 @@ try:
 except ImportError as e:
     raise missing("serve", e) from e
 
-from fairness.serving.api import ApiError, Tenant, is_message, read_json, tenant_of_key, usage
+from fairness.serving.api import ApiError, Tenant, is_int, is_message, read_json, tenant_of_key, usage
 from fairness.serving.cb_scheduler import Client
 from fairness.serving.engine import ServingEngine, Stream
 
@@ -64,7 +64,7 @@ def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, 
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
             if not all(0 <= t < engine.vocab_size for t in prompt):
                 raise ApiError(400, f"token ids must be in [0, {engine.vocab_size})", "invalid_value", "prompt")
             ids = list(prompt)  # token ids, as the OpenAI API allows
@@ -104,7 +104,7 @@ def _check(engine: ServingEngine, body: dict, prompt_len: int, limit: int) -> in
     if not engine.accepting:
         raise ApiError(503, "the server is shutting down", "unavailable", type_="server_error")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 < max_tokens <= limit:
+    if not is_int(max_tokens) or not 0 < max_tokens <= limit:
         raise ApiError(400, f"max_tokens must be an integer in [1, {limit}], got {max_tokens!r}", "invalid_value",
                        "max_tokens")  # fmt: skip
     if prompt_len + max_tokens > engine.context_length:

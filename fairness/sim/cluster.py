@@ -68,9 +68,9 @@ class ClusterSimulator:
         self.tenant = {c: i for i, c in enumerate(names)}
         self.infos = [RequestInfo(i, r.client, r.arrival_s, r.input_tokens, r.max_output_tokens, r.weight)
                       for i, r in enumerate(self.requests)]  # fmt: skip
-        shared = PolicyDriver(make_policy(policy)) if mode == "global" else None
-        self.replicas = [_Replica(shared or PolicyDriver(make_policy(policy)), []) for _ in range(replicas)]
-        for d in {id(r.driver): r.driver for r in self.replicas}.values():
+        self.drivers = [PolicyDriver(make_policy(policy)) for _ in range(1 if mode == "global" else replicas)]
+        self.replicas = [_Replica(self.drivers[k % len(self.drivers)], []) for k in range(replicas)]
+        for d in self.drivers:
             d.start(self.engine, Telemetry(nvml=False), oracle=None)
         self.service = np.zeros(len(names))  # [C] weighted tokens served
         self.waiting = np.zeros(len(names), dtype=np.int64)  # [C] arrived, not admitted
@@ -118,8 +118,8 @@ class ClusterSimulator:
                 heapq.heappush(heap, (r.t, k))
             else:
                 r.busy = False
-        decisions = sum(d.calls["next_request"] for d in self._drivers())
-        policy_s = sum(sum(d.seconds.values()) for d in self._drivers())
+        decisions = sum(d.calls["next_request"] for d in self.drivers)
+        policy_s = sum(sum(d.seconds.values()) for d in self.drivers)
         w = self.windows  # fairness measures: NaN when no window had two tenants backlogged throughout
         col = lambda k: np.array([x[k] for x in w]) if w else np.array([np.nan])  # noqa: E731
         return {
@@ -128,15 +128,12 @@ class ClusterSimulator:
             "throughput_tok_s": self.tokens / until_s,
             "within_10pct": float(col("within_10pct").mean()), "spread": float(col("spread").max()),
             "jain": float(col("jain").mean()), "backlogged": float(col("backlogged").mean()),
-            "decision_us": 1e6 * sum(d.seconds["next_request"] for d in self._drivers()) / max(decisions, 1),
+            "decision_us": 1e6 * sum(d.seconds["next_request"] for d in self.drivers) / max(decisions, 1),
             "policy_us_per_request": 1e6 * policy_s / max(nxt, 1),
             "wall_s": time.perf_counter() - wall,
         }  # fmt: skip
 
     # --- internals --------------------------------------------------------------------------------------------------
-
-    def _drivers(self) -> list[PolicyDriver]:
-        return list({id(r.driver): r.driver for r in self.replicas}.values())
 
     def _route(self, info: RequestInfo, rr: int) -> int:
         if self.mode == "least-loaded":
