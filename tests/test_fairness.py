@@ -6,10 +6,12 @@ import math
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fairness
 from fairness import EngineModel, Request, TraceFormatError, simulate
 from fairness.core.baselines import FCFS, VTC
+from fairness.core.request import RequestInfo
 from fairness.measure.bound import vtc_bound
 from fairness.measure.metrics import jain_index
 from tests.helpers import SMALL, backlogged_workloads
@@ -261,3 +263,67 @@ def test_vtc_preempts_the_most_served_client():
     vtc.on_step({1: 5}, 0.1, 0.1)  # b has received more service
     assert vtc.preemption_victim(infos).id == 2  # b's newest, not the newest overall (a's)
     assert fairness.make_policy("fcfs").preemption_victim(infos).id == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["arrive", "admit", "step", "finish", "preempt", "cancel"]),
+                          st.integers(0, 5), st.integers(1, 400)), min_size=1, max_size=120),  # fmt: skip
+       st.sampled_from(["vtc", "vtc-pred", "lcf"]))  # fmt: skip
+def test_the_indexed_pick_is_the_scan_under_any_sequence_of_events(ops, name):
+    """VTC's O(log n) pick returns exactly the request a scan of every backlogged client would, whatever happened:
+    arrivals, admissions, tokens, finishes that refund a prediction, preemptions, cancellations."""
+    policy = fairness.make_policy(name)
+    ids = iter(range(10_000))
+    running: list = []
+    now = 0.0
+    for op, client, n in ops:
+        now += 0.01
+        scan = policy.backlog.pick(lambda c: policy.counter[c])
+        assert policy.backlog.pick_least(policy.counter) is scan
+        if op == "arrive":
+            policy.add_request(RequestInfo(next(ids), f"c{client}", now, n, 2 * n, 1.0 + client % 2), now)
+        elif op == "admit" and scan is not None:
+            policy.on_admit(scan, now)
+            running.append(scan)
+        elif op == "step" and running:
+            policy.on_step({r.id: 1 + n % 7 for r in running}, 0.01, now)
+        elif op in ("finish", "preempt", "cancel") and running:
+            r = running.pop(n % len(running))
+            if op == "finish":
+                policy.on_finish(r, n % 50, now)
+            elif op == "preempt":
+                policy.on_preempt(r, now)
+            else:
+                policy.on_cancel(r, n % 50, now)
+        elif op == "cancel" and scan is not None:
+            policy.on_cancel(scan, None, now)
+    assert policy.backlog.pick_least(policy.counter) is policy.backlog.pick(lambda c: policy.counter[c])
+
+
+def test_the_indexed_pick_sees_a_refund_that_lowers_a_counter():
+    """A finish that refunds VTC-pred's unused prediction lowers the client's counter below the key the index holds
+    for it: the next pick must be that client, as a scan finds."""
+    policy = fairness.make_policy("vtc-pred", default_tokens=100)
+    reqs = [RequestInfo(0, "c0", 0.0, 10, 100, 1.0), RequestInfo(1, "c1", 1.0, 1, 10, 1.0),
+            RequestInfo(2, "c0", 2.0, 10, 100, 1.0), RequestInfo(3, "c1", 3.0, 1, 10, 1.0)]  # fmt: skip
+    for r in reqs:
+        policy.add_request(r, r.arrival_s)
+    for want in (0, 1):
+        assert policy.next_request(4.0).id == want
+        policy.on_admit(reqs[want], 4.0)
+    assert policy.next_request(4.0).id == 3  # c1 (1 + 2 x 10 = 21) below c0 (10 + 2 x 100 = 210)
+    policy.on_finish(reqs[0], 1, 5.0)  # c0 settles at 10 + 2 x 1 = 12 < 21
+    assert policy.counter["c0"] == 12 and policy.next_request(5.0).id == 2
+
+
+def test_the_indexed_pick_sees_a_preempted_request_back_at_the_front():
+    policy = fairness.make_policy("vtc")
+    reqs = [RequestInfo(i, c, float(i), 10, None, 1.0) for i, c in enumerate(["c0", "c1", "c0", "c1"])]
+    for r in reqs:
+        policy.add_request(r, r.arrival_s)
+    for want in (0, 1):
+        assert policy.next_request(4.0).id == want
+        policy.on_admit(reqs[want], 4.0)
+    assert policy.next_request(4.0).id == 2  # equal counters: the older head (c0's, at 2.0)
+    policy.on_preempt(reqs[1], 4.0)  # c1's first request, older than c0's head, is back at the front of its queue
+    assert policy.next_request(4.0).id == 1

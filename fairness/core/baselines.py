@@ -110,7 +110,7 @@ class VTC(SchedulingPolicy):
         self.backlog.push(req, [self.counter])
 
     def next_request(self, now: float) -> RequestInfo | None:
-        return self.backlog.pick(lambda c: self.counter[c])
+        return self.backlog.pick_least(self.counter)
 
     def on_admit(self, req: RequestInfo, now: float) -> None:
         self.backlog.remove(req)

@@ -4,6 +4,7 @@ with VTC's lift, shared by every counter-based policy."""
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 
@@ -21,6 +22,7 @@ class Ledger:
         self._client: dict[int, str] = {}
         self._predicted: dict[int, float] = {}
         self._actual: dict[int, float] = {}
+        self._lowered: set[str] = set()  # clients whose counter went down since `lowered()` was last called
 
     def __getitem__(self, client: str) -> float:
         return self._value[client]
@@ -49,6 +51,8 @@ class Ledger:
     def settle(self, rid: int, actual: float | None = None) -> float:
         """The request is done: replace what was charged by `actual` (default: the accrued use). Returns it."""
         final = self._actual[rid] if actual is None else actual
+        if final < self.charged(rid):
+            self._lowered.add(self._client[rid])
         self._value[self._client[rid]] += final - self.charged(rid)
         for d in (self._client, self._predicted, self._actual):
             del d[rid]
@@ -60,7 +64,13 @@ class Ledger:
 
     def set(self, client: str, value: float) -> None:
         """Overwrite a counter (for tests and hand-computed examples)."""
+        self._lowered.add(client)
         self._value[client] = value
+
+    def lowered(self) -> set[str]:
+        """The clients whose counter went down since the last call (an index over the counters re-keys them)."""
+        out, self._lowered = self._lowered, set()
+        return out
 
 
 class Backlog:
@@ -75,6 +85,11 @@ class Backlog:
         self._queues: dict[str, deque[RequestInfo]] = defaultdict(deque)
         self._last_left: str | None = None
         self._lift = lift
+        # pick_least's index: a heap of (counter, head arrival, client), each key a lower bound of the client's
+        # current one; _key holds the one live entry per client (older entries are dropped when they surface)
+        self._heap: list[tuple[float, float, str]] = []
+        self._key: dict[str, tuple[float, float, str]] = {}
+        self._touched: set[str] = set()  # joined, or got an older head: their key may have gone down
 
     def clients(self) -> list[str]:
         """Every client seen so far."""
@@ -92,6 +107,8 @@ class Backlog:
                     counter.lift(req.client, min(counter[c] for c in backlog))
                 elif self._last_left is not None:
                     counter.lift(req.client, counter[self._last_left])
+        if front or not self._queues[req.client]:
+            self._touched.add(req.client)
         (self._queues[req.client].appendleft if front else self._queues[req.client].append)(req)
 
     def pick(self, key: Callable[[str], float]) -> RequestInfo | None:
@@ -101,6 +118,33 @@ class Backlog:
             return None
         client = min(backlog, key=lambda c: (key(c), self._queues[c][0].arrival_s, c))
         return self._queues[client][0]
+
+    def pick_least(self, counter: Ledger) -> RequestInfo | None:
+        """`pick(lambda c: counter[c])` in O(log n) per change instead of a scan of every backlogged client: the same
+        request, ties broken the same way (counter, head arrival, client)."""
+        for c in self._touched | counter.lowered():
+            self._index(c, counter)
+        self._touched.clear()
+        while self._heap:
+            top = self._heap[0]
+            c = top[2]
+            q = self._queues[c]
+            if not q or self._key.get(c) != top:  # left the backlog, or an older entry of a re-keyed client
+                heapq.heappop(self._heap)
+                if not q and self._key.get(c) == top:
+                    del self._key[c]
+                continue
+            if (counter[c], q[0].arrival_s, c) == top:
+                return q[0]
+            heapq.heappop(self._heap)
+            self._index(c, counter)  # its key went up since: re-key it
+        return None
+
+    def _index(self, client: str, counter: Ledger) -> None:
+        q = self._queues[client]
+        if q:
+            self._key[client] = key = (counter[client], q[0].arrival_s, client)
+            heapq.heappush(self._heap, key)
 
     def remove(self, req: RequestInfo) -> None:
         """`req` leaves the queue (admitted)."""
