@@ -121,12 +121,12 @@ def test_compile_leaves_dynamos_process_wide_limit_as_it_was(patched):
     handle.unpatch()
 
 
-OPTIONAL = ("matplotlib", "fastapi", "uvicorn", "prometheus_client", "onnx", "onnxruntime", "openai")  # extras only
+OPTIONAL = ("matplotlib", "fastapi", "uvicorn", "prometheus_client", "onnx", "onnxruntime", "openai", "ray")  # extras
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
-    """`code` in a fresh interpreter where the optional dependencies cannot be imported (as if not installed)."""
-    block = f"import sys\nfor m in {OPTIONAL!r}: sys.modules[m] = None\n"
+def _run(code: str, blocked: tuple[str, ...] = OPTIONAL) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter where the `blocked` dependencies cannot be imported (as if not installed)."""
+    block = f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
     return subprocess.run([sys.executable, "-c", block + code], capture_output=True, text=True)
 
 
@@ -136,9 +136,10 @@ def test_the_core_packages_import_without_any_extra():
 
 
 @pytest.mark.parametrize(("module", "extra"), [("fairness.serve", "serve"), ("fairness.serving.server", "serve"),
-                                               ("fairness.mope.onnx_export", "mope")])  # fmt: skip
+                                               ("fairness.mope.onnx_export", "mope"), ("fairness.gateway", "serve"),
+                                               ("fairness.gateway.ray_app", "ray")])  # fmt: skip
 def test_a_missing_extra_is_named(module, extra):
-    failed = _run(f"import {module}")
+    failed = _run(f"import {module}", ("ray",) if extra == "ray" else OPTIONAL)  # ray's extra includes serve
     assert failed.returncode != 0 and f"pip install 'offload-moe[{extra}]'" in failed.stderr, failed.stderr
 
 

@@ -200,7 +200,8 @@ def create_gateway(upstreams: list[str], policy: str | SchedulingPolicy | Callab
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ups = [{"url": u.url, "healthy": u.healthy, "in_flight": u.in_flight, "limit": u.limit.value,
+        ups = [{"url": u.url, "healthy": u.healthy, "in_flight": u.in_flight, "served": u.served,
+                "limit": u.limit.value,
                 "models": sorted(u.models)} for u in gw.pool.upstreams]  # fmt: skip
         ok = any(u.healthy for u in gw.pool.upstreams)
         return JSONResponse({"status": "ok" if ok else "unavailable", "upstreams": ups}, status_code=200 if ok else 503)
