@@ -1,8 +1,8 @@
 """The gateway on the real stack here: three `fairness.serve` replicas of the reference model, a heavy tenant and two
 light ones in overload, arriving in a pattern that round-robin spreads unevenly (H, H, A, H, H, B, ...: the light
 tenants' requests all land on one replica). Compared on the same requests and window:
-  (a) `fairness.gateway` with one VTC counter for the three replicas (the replicas run FCFS; the gateway's limit per
-      replica keeps them from queueing internally),
+  (a) `python -m fairness.gateway` (its own process) with one VTC counter for the three replicas (the replicas run
+      FCFS; the gateway's limit per replica keeps them from queueing internally),
   (b) round-robin to replicas each running their own VTC,
   (c) round-robin to FCFS replicas.
 Then the gateway's own cost: TTFT through it minus TTFT direct at low load, and the requests/s it sustains in front
@@ -25,7 +25,6 @@ from pathlib import Path
 import httpx
 
 from fairness.core.request import Request
-from fairness.gateway import create_gateway
 from fairness.measure.metrics import percentile
 from fairness.measure.records import record_metrics
 from fairness.serve import BackgroundServer, build_engine
@@ -66,13 +65,13 @@ def serve_setup(model_dir: Path, setup: str, requests: list[Request], duration: 
     gw = None
     try:
         if setup == "gateway-vtc":
-            gw = BackgroundServer(create_gateway(urls, "vtc", limit=MAX_RUNNING))
-            records = asyncio.run(replay(gw.start(), REFERENCE_MODEL.name, requests, stop_at_s=duration))
+            gw, url = gateway_process(urls)
+            records = asyncio.run(replay(url, REFERENCE_MODEL.name, requests, stop_at_s=duration))
         else:
             records = asyncio.run(_round_robin(urls, REFERENCE_MODEL.name, requests, duration))
     finally:
         if gw is not None:
-            gw.stop()
+            stop(gw)
         for s in servers:
             s.stop()
     m = record_metrics(records, end_s=duration)
@@ -86,8 +85,7 @@ def serve_setup(model_dir: Path, setup: str, requests: list[Request], duration: 
 def gateway_overhead(model_dir: Path, n: int = 30) -> dict:
     """Median TTFT of `n` sequential streamed requests direct to a replica and through the gateway (low load)."""
     servers, urls = _replicas(model_dir, "fcfs", n=1)
-    gw = BackgroundServer(create_gateway(urls, "vtc", limit=MAX_RUNNING))
-    through = gw.start()
+    gw, through = gateway_process(urls)
 
     def ttft(url: str) -> float:
         t0 = time.perf_counter()
@@ -107,7 +105,7 @@ def gateway_overhead(model_dir: Path, n: int = 30) -> dict:
             direct.append(ttft(urls[0]))
             via.append(ttft(through))
     finally:
-        gw.stop()
+        stop(gw)
         for s in servers:
             s.stop()
     return {"requests": n, "direct_ttft_p50_ms": 1e3 * statistics.median(direct),
@@ -136,14 +134,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def gateway_process(upstreams: list[str], limit: int = MAX_RUNNING) -> tuple[subprocess.Popen, str]:
+    """`python -m fairness.gateway` in its own process, as users run it; (process, base URL)."""
+    port = free_port()
+    args = ["fairness.gateway", "--policy", "vtc", "--limit", str(limit)]
+    for u in upstreams:
+        args += ["--upstream", u]
+    return spawn(args, port), f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(30)
+
+
 def gateway_throughput(seconds: float = 5.0, concurrency: int = 64) -> dict:
     """Requests/s through `python -m fairness.gateway` (its own process) in front of a fake engine that answers at
     once (8 tokens), driven by `concurrency` clients in this process: the three share this machine's 2 cores."""
-    fake_port, gw_port = free_port(), free_port()
-    procs = [spawn(["lab.fake_engine", "--max-running", "4096", "--step-s", "0"], fake_port)]
-    procs.append(spawn(["fairness.gateway", "--upstream", f"http://127.0.0.1:{fake_port}", "--limit", "4096"],
-                        gw_port))  # fmt: skip
-    url = f"http://127.0.0.1:{gw_port}"
+    fake_port = free_port()
+    fake = spawn(["lab.fake_engine", "--max-running", "4096", "--step-s", "0"], fake_port)
+    gw, url = gateway_process([f"http://127.0.0.1:{fake_port}"], limit=4096)
 
     async def load() -> tuple[int, int]:
         done = errors = 0
@@ -165,9 +175,8 @@ def gateway_throughput(seconds: float = 5.0, concurrency: int = 64) -> dict:
         done, errors = asyncio.run(load())
         took = time.perf_counter() - t0
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
+        stop(gw)
+        stop(fake)
     return {"requests": done, "errors": errors, "seconds": took, "requests_per_s": done / took,
             "concurrency": concurrency}  # fmt: skip
 
@@ -183,8 +192,13 @@ def run_gateway_bench(out: Path, model_dir: Path, mode: str = "default") -> dict
                      "window_s": duration, "load": load, "pattern": PATTERN, "capacity_tok_s": capacity,
                      "requests": len(requests), "setups": {}}  # fmt: skip
     summary["overhead"] = gateway_overhead(model_dir, 10 if mode == "quick" else 30)  # also warms the process up
-    for setup in SETUPS:
-        summary["setups"][setup] = serve_setup(model_dir, setup, requests, duration)
+    repeats = 1 if mode == "quick" else 2
+    runs: dict[str, list[dict]] = {setup: [] for setup in SETUPS}
+    for k in range(repeats):  # each repeat in the reverse order of the last: drift hits every setup alike
+        for setup in SETUPS if k % 2 == 0 else SETUPS[::-1]:
+            runs[setup].append(serve_setup(model_dir, setup, requests, duration))
+    summary["repeats"] = repeats
+    summary["setups"] = {setup: _mean(r) for setup, r in runs.items()}
     summary["throughput"] = gateway_throughput(2.0 if mode == "quick" else 5.0)
     (out / "gateway.json").write_text(json.dumps(summary, indent=1, default=float))
     print(table(summary))
@@ -192,9 +206,17 @@ def run_gateway_bench(out: Path, model_dir: Path, mode: str = "default") -> dict
     return summary
 
 
+def _mean(runs: list[dict]) -> dict:
+    """Each measure averaged over the runs (per tenant where it is per tenant); each run's throughput kept."""
+    out = {k: (sum(r[k] for r in runs) / len(runs) if not isinstance(v, dict)
+               else {c: sum(r[k][c] for r in runs) / len(runs) for c in v}) for k, v in runs[0].items()}  # fmt: skip
+    out["throughput_runs"] = [r["throughput_tok_s"] for r in runs]
+    return out
+
+
 def table(s: dict) -> str:
     lines = [f"\ngateway: {s['replicas']} fairness.serve replicas (REAL, CPU), {s['load']}x overload, "
-             f"{s['window_s']:g} s; fair share of each backlogged tenant: 1/3"]  # fmt: skip
+             f"{s['window_s']:g} s, mean of {s['repeats']} runs; fair share: 1/3 each"]  # fmt: skip
     head = f"{'setup':<12}{'max diff':>10}{'tok/s':>8}" + "".join(f"{c + ' share':>15}" for c in sorted(set(PATTERN)))
     head += "".join(f"{c + ' TTFT p50/p99':>24}" for c in sorted(set(PATTERN)))
     lines += [head, "-" * len(head)]
@@ -203,7 +225,10 @@ def table(s: dict) -> str:
         cells += "".join(
             f"{r['ttft_p50_s'].get(c, 0):>16.2f}/{r['ttft_p99_s'].get(c, 0):<7.2f}" for c in sorted(set(PATTERN))
         )
-        lines.append(f"{name:<12}{r['max_service_diff']:>10.0f}{r['throughput_tok_s']:>8.0f}{cells}")
+        runs = ", ".join(f"{x:.0f}" for x in r["throughput_runs"])
+        lines.append(
+            f"{name:<12}{r['max_service_diff']:>10.0f}{r['throughput_tok_s']:>8.0f}{cells}   tok/s runs: {runs}"
+        )
     o, t = s["overhead"], s["throughput"]
     lines.append(f"gateway cost: TTFT p50 {o['direct_ttft_p50_ms']:.1f} ms direct, {o['gateway_ttft_p50_ms']:.1f} ms "
                  f"through it (+{o['added_ttft_p50_ms']:.1f} ms); {t['requests_per_s']:.0f} requests/s in front of "

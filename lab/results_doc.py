@@ -157,13 +157,15 @@ def gateway_section(doc: dict) -> list[str]:
     out = [f"## The gateway on {doc['replicas']} REAL `fairness.serve` replicas ({doc['device']}, sharing its cores)",
            "",
            f"{doc['load']}x overload, arrivals in the pattern {list(doc['pattern'])} (round-robin puts every light "
-           f"request on one replica), {doc['window_s']:g} s window; fair share of each backlogged tenant: 1/3.",
+           f"request on one replica), {doc['window_s']:g} s window, mean of {doc['repeats']} runs (each repeat in the "
+           "reverse order); fair share of each backlogged tenant: 1/3.",
            ""]  # fmt: skip
     rows = [[f"`{name}`", _fmt(r["max_service_diff"], 0), _fmt(r["throughput_tok_s"], 0),
+             ", ".join(_fmt(x, 0) for x in r["throughput_runs"]),
              *[_fmt(r["share"].get(t)) for t in tenants],
              *[f"{_fmt(r['ttft_p50_s'].get(t))} / {_fmt(r['ttft_p99_s'].get(t))}" for t in tenants]]
             for name, r in doc["setups"].items()]  # fmt: skip
-    out += _table(["setup", "max service diff", "out tok/s", *[f"{t} share" for t in tenants],
+    out += _table(["setup", "max service diff", "out tok/s", "each run", *[f"{t} share" for t in tenants],
                    *[f"{t} TTFT p50 / p99 s" for t in tenants]], rows) + [""]  # fmt: skip
     o, t = doc["overhead"], doc["throughput"]
     out += [f"The gateway's own cost: TTFT p50 {o['direct_ttft_p50_ms']:.1f} ms direct, {o['gateway_ttft_p50_ms']:.1f} "

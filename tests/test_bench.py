@@ -112,3 +112,19 @@ def test_unknown_bench_modes_are_refused(tmp_path):
         run_fairness_bench(tmp_path, "fulll")
     with pytest.raises(ValueError, match="unknown served bench mode 'fast'"):
         run_served_bench(tmp_path, tmp_path, "fast")
+    from lab.gateway_bench import run_gateway_bench
+
+    with pytest.raises(ValueError, match="unknown gateway bench mode 'full'"):
+        run_gateway_bench(tmp_path, tmp_path, "full")
+
+
+def test_the_cluster_bench_writes_its_table_and_json(tmp_path, capsys):
+    from lab.cluster_bench import run_cluster_bench
+    from lab.results_doc import main as results_doc
+
+    summary = run_cluster_bench(tmp_path, seconds=4.0)
+    assert set(summary["modes"]) == {"global", "round-robin", "least-loaded"}
+    assert json.loads((tmp_path / "cluster.json").read_text())["tenants"] == 10_000
+    assert "cluster (SIMULATED): 64 replicas" in capsys.readouterr().out
+    results_doc([str(tmp_path), str(tmp_path / "results.md")])
+    assert "## A cluster, SIMULATED" in (tmp_path / "results.md").read_text()
