@@ -391,3 +391,15 @@ def test_in_front_of_transformers_serve_with_continuous_batching(reference_dir):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.served
+@pytest.mark.slow
+def test_a_soak_with_clients_leaving_early_leaves_nothing_behind():
+    """20 s here (`python -m lab.gateway_soak --seconds 180` for the long one): two replicas, one offloaded."""
+    from lab.gateway_soak import left_behind, soak
+
+    report = soak(seconds=20, concurrency=8, leave=0.3)
+    assert report["requests"]["left"] > 10 and report["requests"]["ok"] > 50 and report["requests"]["error"] == 0
+    assert left_behind(report) == []
+    assert all(e["kv_free"] == 1.0 for e in report["engines"])

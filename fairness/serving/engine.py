@@ -198,6 +198,17 @@ class ServingEngine:
         self.metrics.requests.labels(stream.client.name, stream.outcome).inc()
         self._update_gauges()
 
+    def occupancy(self) -> dict[str, float]:
+        """What the engine holds now: streams open, requests in the scheduler (running, waiting) and the share of
+        the KV cache that is free (1.0 when nothing holds a block)."""
+        processor = self.manager.batch_processor
+        if processor is None:
+            return {"streams": float(len(self._live)), "running": 0.0, "waiting": 0.0, "kv_free": 1.0}
+        scheduler = processor.scheduler
+        return {"streams": float(len(self._live)), "running": float(len(scheduler.active_requests)),
+                "waiting": float(len(scheduler.waiting_requests)),
+                "kv_free": float(processor.cache.compute_free_capacity())}  # fmt: skip
+
     def _update_gauges(self) -> None:
         processor = self.manager.batch_processor
         scheduler = processor.scheduler if processor is not None else None
