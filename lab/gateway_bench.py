@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from fairness.core.request import Request
+from fairness.measure.bound import vtc_bound
 from fairness.measure.metrics import percentile
 from fairness.measure.records import record_metrics
 from fairness.serve import BackgroundServer, build_engine
@@ -190,7 +191,9 @@ def run_gateway_bench(out: Path, model_dir: Path, mode: str = "default") -> dict
     requests = workload(capacity, load, duration)
     summary: dict = {"served": True, "device": "cpu", "replicas": REPLICAS, "max_running": MAX_RUNNING,
                      "window_s": duration, "load": load, "pattern": PATTERN, "capacity_tok_s": capacity,
-                     "requests": len(requests), "setups": {}}  # fmt: skip
+                     "requests": len(requests), "setups": {},
+                     # VTC's 2U with M = the most tokens the gateway lets run at once (its limits x a request's tokens)
+                     "vtc_bound": vtc_bound(requests, REPLICAS * MAX_RUNNING * (PROMPT + OUTPUT))}  # fmt: skip
     summary["overhead"] = gateway_overhead(model_dir, 10 if mode == "quick" else 30)  # also warms the process up
     repeats = 1 if mode == "quick" else 2
     runs: dict[str, list[dict]] = {setup: [] for setup in SETUPS}
@@ -216,7 +219,8 @@ def _mean(runs: list[dict]) -> dict:
 
 def table(s: dict) -> str:
     lines = [f"\ngateway: {s['replicas']} fairness.serve replicas (REAL, CPU), {s['load']}x overload, "
-             f"{s['window_s']:g} s, mean of {s['repeats']} runs; fair share: 1/3 each"]  # fmt: skip
+             f"{s['window_s']:g} s, mean of {s['repeats']} runs; fair share: 1/3 each; "
+             f"VTC's 2U: {s['vtc_bound']:.0f}"]  # fmt: skip
     head = f"{'setup':<12}{'max diff':>10}{'tok/s':>8}" + "".join(f"{c + ' share':>15}" for c in sorted(set(PATTERN)))
     head += "".join(f"{c + ' TTFT p50/p99':>24}" for c in sorted(set(PATTERN)))
     lines += [head, "-" * len(head)]
