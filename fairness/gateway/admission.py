@@ -49,7 +49,10 @@ class Admission:
         require_no_oracle(policy)
         self.pool, self.tick_s = pool, tick_s
         self.driver = PolicyDriver(policy, observers)
-        self.driver.start(EngineModel(max_running=max(1, len(pool.upstreams) * 256)), Telemetry(nvml=False), None)
+        # policies that read an engine model (Equinox) get the default step costs and a running cap that never binds
+        # before the upstreams' own limits
+        cap = sum(u.limit.maximum for u in pool.upstreams)
+        self.driver.start(EngineModel(max_running=cap), Telemetry(nvml=False), None)
         self._ids = itertools.count()
         self.waiting: dict[int, Ticket] = {}
         self.running: dict[int, Ticket] = {}

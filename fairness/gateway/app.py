@@ -124,7 +124,7 @@ class Gateway:
             await events.aclose()
             return Response(status_code=499)
         except StopAsyncIteration:  # the upstream ended without an event
-            return ApiError(502, "the upstream sent no event", "upstream_error", type_="server_error").response()
+            return _no_event().response()
         except ApiError:
             await events.aclose()
             raise
@@ -278,6 +278,10 @@ def _tokens(event: dict) -> int:
     return n
 
 
+def _no_event() -> ApiError:
+    return ApiError(502, "the upstream sent no event", "upstream_error", type_="server_error")
+
+
 def _passthrough(e: UpstreamFailed) -> ApiError:
     """The upstream's own error, as it sent it (a 5xx becomes 502: the gateway's upstream failed)."""
     err = (e.body or {}).get("error") if isinstance(e.body, dict) else None
@@ -332,7 +336,7 @@ async def _sse(first: dict, events: AsyncIterator[dict], wants_usage: bool) -> A
 def _assemble(events: list[dict], chat: bool, ticket: Ticket) -> dict:
     """The non-streamed response an OpenAI client expects, from the upstream's streamed events."""
     if not events:
-        raise ApiError(502, "the upstream sent no event", "upstream_error", type_="server_error")
+        raise _no_event()
     head, choices, final = events[0], {}, None
     for event in events:
         final = event.get("usage") or final

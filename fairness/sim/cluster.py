@@ -50,7 +50,6 @@ class _Replica:
     running: list[list]  # [request id, tokens left, context]
     t: float = 0.0
     outstanding: int = 0  # routed to it, not finished (per-replica modes)
-    busy: bool = False  # a step is scheduled
 
 
 class ClusterSimulator:
@@ -83,7 +82,8 @@ class ClusterSimulator:
         """Simulate until `until_s`; fairness per window of the tenants backlogged throughout it, throughput, and the
         policy's decision cost per request."""
         wall = time.perf_counter()
-        heap: list[tuple[float, int]] = []
+        heap: list[tuple[float, int]] = []  # (time of its next step, replica) of the replicas with work
+        idle = set(range(len(self.replicas)))
         nxt, rr = 0, 0
         window_start, window_service = 0.0, self.service.copy()
         while True:
@@ -96,28 +96,30 @@ class ClusterSimulator:
                 window_service = self.service.copy()
             if t >= until_s:
                 break
-            if t_arr <= t_step:  # an arrival
+            if t_arr <= t_step:  # an arrival: to the global queue or a replica's, waking one idle replica
                 info = self.infos[nxt]
                 nxt += 1
-                k = self._route(info, rr)
-                rr += 1
                 c = self.tenant[info.client]
                 if self.waiting[c] == 0:
                     self.backlogged_since[c] = info.arrival_s
                 self.waiting[c] += 1
-                targets = self.replicas if self.mode == "global" else [self.replicas[k]]
-                targets[0].driver.arrive(info, t_arr)
-                for j, r in enumerate(targets):
-                    if not r.busy:
-                        r.busy, r.t = True, t_arr
-                        heapq.heappush(heap, (t_arr, j if self.mode == "global" else k))
+                if self.mode == "global":
+                    self.drivers[0].arrive(info, t_arr)
+                    k = min(idle) if idle else None
+                else:
+                    k = self._route(rr)
+                    rr += 1
+                    self.replicas[k].driver.arrive(info, t_arr)
+                if k in idle:
+                    idle.discard(k)
+                    self.replicas[k].t = t_arr
+                    heapq.heappush(heap, (t_arr, k))
                 continue
             _, k = heapq.heappop(heap)
-            r = self.replicas[k]
-            if self._step(r):
-                heapq.heappush(heap, (r.t, k))
+            if self._step(self.replicas[k]):
+                heapq.heappush(heap, (self.replicas[k].t, k))
             else:
-                r.busy = False
+                idle.add(k)
         decisions = sum(d.calls["next_request"] for d in self.drivers)
         policy_s = sum(sum(d.seconds.values()) for d in self.drivers)
         w = self.windows  # fairness measures: NaN when no window had two tenants backlogged throughout
@@ -135,7 +137,8 @@ class ClusterSimulator:
 
     # --- internals --------------------------------------------------------------------------------------------------
 
-    def _route(self, info: RequestInfo, rr: int) -> int:
+    def _route(self, rr: int) -> int:
+        """Per-replica modes: the load balancer's replica for the next request."""
         if self.mode == "least-loaded":
             k = min(range(len(self.replicas)), key=lambda j: self.replicas[j].outstanding)
         else:
@@ -174,7 +177,8 @@ class ClusterSimulator:
         r.driver.step(generated, step_s, r.t)
         for s in done:
             r.running.remove(s)
-            r.outstanding -= 1
+            if self.mode != "global":
+                r.outstanding -= 1  # the balancer's count of what it routed there
             self.finished += 1
             r.driver.finish(self.infos[s[0]], self.requests[s[0]].output_tokens, r.t)
         return True
