@@ -88,8 +88,10 @@ class BackgroundServer:
         return f"http://{host}:{port}"
 
     def stop(self) -> None:
+        """Drain and join; nothing to do when it was never started."""
         self.server.should_exit = True
-        self.thread.join()
+        if self.thread.ident is not None:
+            self.thread.join()
 
 
 def _name(prefetch: str | None) -> str:

@@ -14,12 +14,14 @@ of fast (fake) upstreams. Writes gateway.json.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -48,10 +50,21 @@ def workload(capacity_tok_s: float, load: float, duration_s: float) -> list[Requ
     return [Request(PATTERN[i % len(PATTERN)], i / rate, PROMPT, OUTPUT) for i in range(n)]
 
 
-def _replicas(model_dir: Path, policy: str, n: int = REPLICAS) -> tuple[list[BackgroundServer], list[str]]:
-    servers = [BackgroundServer(create_app(build_engine(model_dir, policy, device="cpu", max_running=MAX_RUNNING),
-                                           max_tokens_limit=OUTPUT, drain_s=0.0)) for _ in range(n)]  # fmt: skip
-    return servers, [s.start() for s in servers]
+@contextlib.contextmanager
+def _replicas(model_dir: Path, policy: str, n: int = REPLICAS) -> Iterator[list[str]]:
+    """`n` `fairness.serve` replicas in this process, stopped on exit; yields their URLs."""
+    servers: list[BackgroundServer] = []  # the started ones
+    urls = []
+    try:
+        for _ in range(n):
+            engine = build_engine(model_dir, policy, device="cpu", max_running=MAX_RUNNING)
+            server = BackgroundServer(create_app(engine, max_tokens_limit=OUTPUT, drain_s=0.0))
+            urls.append(server.start())
+            servers.append(server)
+        yield urls
+    finally:
+        for s in servers:
+            s.stop()
 
 
 async def _round_robin(urls: list[str], model: str, requests: list[Request], stop_at: float):
@@ -62,19 +75,12 @@ async def _round_robin(urls: list[str], model: str, requests: list[Request], sto
 
 
 def serve_setup(model_dir: Path, setup: str, requests: list[Request], duration: float) -> dict:
-    servers, urls = _replicas(model_dir, "fcfs" if setup != "rr-vtc" else "vtc")
-    gw = None
-    try:
+    with _replicas(model_dir, "fcfs" if setup != "rr-vtc" else "vtc") as urls:
         if setup == "gateway-vtc":
-            gw, url = gateway_process(urls)
-            records = asyncio.run(replay(url, REFERENCE_MODEL.name, requests, stop_at_s=duration))
+            with gateway_process(urls) as url:
+                records = asyncio.run(replay(url, REFERENCE_MODEL.name, requests, stop_at_s=duration))
         else:
             records = asyncio.run(_round_robin(urls, REFERENCE_MODEL.name, requests, duration))
-    finally:
-        if gw is not None:
-            stop(gw)
-        for s in servers:
-            s.stop()
     m = record_metrics(records, end_s=duration)
     total = sum(c["service"] for c in m.per_client.values())
     return {"max_service_diff": m.metrics["max_service_diff"], "throughput_tok_s": m.metrics["throughput_tok_s"],
@@ -85,8 +91,6 @@ def serve_setup(model_dir: Path, setup: str, requests: list[Request], duration: 
 
 def gateway_overhead(model_dir: Path, n: int = 30) -> dict:
     """Median TTFT of `n` sequential streamed requests direct to a replica and through the gateway (low load)."""
-    servers, urls = _replicas(model_dir, "fcfs", n=1)
-    gw, through = gateway_process(urls)
 
     def ttft(url: str) -> float:
         t0 = time.perf_counter()
@@ -100,18 +104,24 @@ def gateway_overhead(model_dir: Path, n: int = 30) -> dict:
         assert first
         return took
 
-    try:
+    with _replicas(model_dir, "fcfs", n=1) as urls, gateway_process(urls) as through:
         direct, via = [], []
         for _ in range(n):  # interleaved, so drift hits both alike
             direct.append(ttft(urls[0]))
             via.append(ttft(through))
-    finally:
-        stop(gw)
-        for s in servers:
-            s.stop()
     return {"requests": n, "direct_ttft_p50_ms": 1e3 * statistics.median(direct),
             "gateway_ttft_p50_ms": 1e3 * statistics.median(via),
             "added_ttft_p50_ms": 1e3 * (statistics.median(via) - statistics.median(direct))}  # fmt: skip
+
+
+@contextlib.contextmanager
+def process(args: list[str], port: int) -> Iterator[subprocess.Popen]:
+    """`spawn`, and stop it on exit."""
+    proc = spawn(args, port)
+    try:
+        yield proc
+    finally:
+        stop(proc)
 
 
 def spawn(args: list[str], port: int) -> subprocess.Popen:
@@ -135,13 +145,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gateway_process(upstreams: list[str], limit: int = MAX_RUNNING) -> tuple[subprocess.Popen, str]:
-    """`python -m fairness.gateway` in its own process, as users run it; (process, base URL)."""
+@contextlib.contextmanager
+def gateway_process(upstreams: list[str], limit: int = MAX_RUNNING) -> Iterator[str]:
+    """`python -m fairness.gateway` in its own process, as users run it, stopped on exit; yields its base URL."""
     port = free_port()
     args = ["fairness.gateway", "--policy", "vtc", "--limit", str(limit)]
     for u in upstreams:
         args += ["--upstream", u]
-    return spawn(args, port), f"http://127.0.0.1:{port}"
+    with process(args, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -153,10 +165,8 @@ def gateway_throughput(seconds: float = 5.0, concurrency: int = 64) -> dict:
     """Requests/s through `python -m fairness.gateway` (its own process) in front of a fake engine that answers at
     once (8 tokens), driven by `concurrency` clients in this process: the three share this machine's 2 cores."""
     fake_port = free_port()
-    fake = spawn(["lab.fake_engine", "--max-running", "4096", "--step-s", "0"], fake_port)
-    gw, url = gateway_process([f"http://127.0.0.1:{fake_port}"], limit=4096)
 
-    async def load() -> tuple[int, int]:
+    async def load(url: str) -> tuple[int, int]:
         done = errors = 0
         deadline = time.monotonic() + seconds
         async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
@@ -171,13 +181,11 @@ def gateway_throughput(seconds: float = 5.0, concurrency: int = 64) -> dict:
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return done, errors
 
-    try:
+    fake = ["lab.fake_engine", "--max-running", "4096", "--step-s", "0"]
+    with process(fake, fake_port), gateway_process([f"http://127.0.0.1:{fake_port}"], limit=4096) as url:
         t0 = time.perf_counter()
-        done, errors = asyncio.run(load())
+        done, errors = asyncio.run(load(url))
         took = time.perf_counter() - t0
-    finally:
-        stop(gw)
-        stop(fake)
     return {"requests": done, "errors": errors, "seconds": took, "requests_per_s": done / took,
             "concurrency": concurrency}  # fmt: skip
 

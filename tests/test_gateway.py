@@ -268,13 +268,14 @@ def _spawn_fake(port: int) -> subprocess.Popen:
 @pytest.mark.served
 def test_an_upstream_killed_mid_run_loses_no_request_and_rejoins_when_restarted():
     ports = [free_port() for _ in range(3)]
-    procs = [_spawn_fake(p) for p in ports]
+    procs: list[subprocess.Popen] = []  # every process started, killed at the end (restarts included)
     app = create_gateway([f"http://127.0.0.1:{p}" for p in ports], "vtc", limit=4, probe_s=0.2,
                          config=GatewayConfig(queue_timeout_s=30))  # fmt: skip
     gw_server = BackgroundServer(app)
-    url = gw_server.start()
     outcomes: list[str] = []
     try:
+        procs += [_spawn_fake(p) for p in ports]
+        url = gw_server.start()
 
         def one(i: int) -> None:
             try:
@@ -298,7 +299,7 @@ def test_an_upstream_killed_mid_run_loses_no_request_and_rejoins_when_restarted(
         assert len(errors) <= 4  # at most its limit
         gw = app.state.gateway
         assert not gw.pool.upstreams[0].healthy
-        procs[0] = _spawn_fake(ports[0])  # restarted on the same port
+        procs.append(_spawn_fake(ports[0]))  # restarted on the same port
         deadline = time.monotonic() + 10
         while not gw.pool.upstreams[0].healthy and time.monotonic() < deadline:
             time.sleep(0.1)
