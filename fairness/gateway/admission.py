@@ -75,14 +75,13 @@ class Admission:
         return ticket
 
     async def admitted(self, ticket: Ticket, timeout_s: float) -> Upstream:
-        """Wait until the policy admits `ticket`; NoUpstream after timeout_s (it leaves the queue)."""
-        try:
-            return await asyncio.wait_for(asyncio.shield(ticket.admitted), timeout_s)
-        except asyncio.TimeoutError as e:
-            if not ticket.admitted.done():
-                self.cancel(ticket)
-                raise NoUpstream(f"no upstream serving {ticket.model!r} had room within {timeout_s:g} s") from e
-            return ticket.admitted.result()
+        """Wait until the policy admits `ticket`; NoUpstream after timeout_s (it leaves the queue). asyncio.wait, not
+        wait_for: on Python < 3.12 wait_for can swallow a cancellation that meets the result."""
+        done, _ = await asyncio.wait({ticket.admitted}, timeout=timeout_s)
+        if not done:
+            self.cancel(ticket)
+            raise NoUpstream(f"no upstream serving {ticket.model!r} had room within {timeout_s:g} s")
+        return ticket.admitted.result()
 
     def tokens(self, ticket: Ticket, n: int) -> None:
         """`n` more output tokens reached the client (reported to the policy at the next tick)."""
@@ -142,12 +141,14 @@ class Admission:
         self._last_step = now
 
     async def run(self) -> None:
-        """Step and admit every tick_s, and at once when something may have made room."""
+        """Step and admit every tick_s, and at once when something may have made room. Cancelling it ends it (no
+        wait_for: on Python < 3.12 it can swallow the cancellation, and this loop would never end)."""
         while True:
+            woken = asyncio.ensure_future(self.wake.wait())
             try:
-                await asyncio.wait_for(self.wake.wait(), self.tick_s)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({woken}, timeout=self.tick_s)
+            finally:
+                woken.cancel()
             self.wake.clear()
             self.step()
             self.pump()
