@@ -3,8 +3,8 @@ when the installed version no longer has it. Tested against torch 2.13 and trans
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import types
+from collections.abc import Callable
 
 import torch
 
@@ -59,19 +59,25 @@ def init_weights(model: torch.nn.Module, module: torch.nn.Module) -> None:
     model._init_weights(module)
 
 
+# --- transformers' continuous batching ---------------------------------------------------------------------------
+
+
+def is_paged_cache(cache: object) -> bool:
+    """Whether a forward's `cache` is continuous batching's paged KV cache (its attention never enters a graph)."""
+    try:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    except ImportError as e:
+        _require(False, f"transformers.generation.continuous_batching.cache.PagedAttentionCache ({e})")
+    return isinstance(cache, PagedAttentionCache)
+
+
 # --- torch.compile ----------------------------------------------------------------------------------------------------
 
 
-def uncompile(module: torch.nn.Module) -> None:
-    """Undo `nn.Module.compile()` (it stores the compiled call in `_compiled_call_impl`)."""
-    _require(hasattr(module, "_compiled_call_impl"), "nn.Module._compiled_call_impl")
-    module._compiled_call_impl = None
-
-
-@contextlib.contextmanager
-def recompile_limit(limit: int) -> Iterator[None]:
-    """Raise dynamo's recompile limit (never lower it) for the duration of the block only."""
-    config = torch._dynamo.config
-    _require(hasattr(config, "recompile_limit"), "torch._dynamo.config.recompile_limit")
-    with config.patch(recompile_limit=max(limit, config.recompile_limit)):
-        yield
+def own_code(fn: Callable) -> Callable:
+    """A copy of `fn` with a code object of its own. Dynamo keeps compiled graphs per code object and falls back to
+    eager after `recompile_limit` (8) of them: compiling `model.forward` itself would share that budget with every
+    other compile of the same class in the process (a bench patching one model 9 times silently runs eager)."""
+    code = fn.__code__.replace()
+    _require(code is not fn.__code__, "code.replace() returning a new code object")
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)

@@ -60,7 +60,11 @@ class OffloadOptions:
     host_threads: torch threads per host worker (default: 1 when the device is this CPU, else all cores but one).
     pin_memory: on CUDA, move in-RAM host copies of the experts to pinned memory (asynchronous copies). None: pin
         when that applies (experts in RAM, device CUDA); `load()` keeps experts memory-mapped and never pins.
-    compile: torch.compile the attention modules; the residency logic and the experts kernels stay eager.
+    compile: torch.compile the model's forward as one graph: attention, norms, routers and the experts of layers that
+        never miss (budget 1.0; whole layers of a static placement) are compiled; a layer that may miss is one opaque
+        op whose residency decisions, copies and kernel run eager. Decode with a static KV cache
+        (`generate(..., cache_implementation="static")`) to avoid recompiling as the cache grows. Under continuous
+        batching the forward runs eager (paged attention breaks every layer's graph).
     placement: which experts are on the device. "dynamic" (default): the residency cache follows the routing. The
         static baselines people run today compute every miss on the host (a stand-in may serve the non-critical ones)
         and never change what is resident:

@@ -4,13 +4,14 @@ failure midway and `unpatch()` both restore the model exactly."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 import torch
 
-from hooks import ModuleHook, MoEBlock, attach, detach
+from hooks import MoEBlock, attach, detach
 from offload_moe import compat
 from offload_moe.blocks import expert_geometry, moe_blocks
 from offload_moe.calibration import Calibration, load_calibration
@@ -96,12 +97,13 @@ def offload(
         fit = measure_host(host) if host is not None and miss_path == "auto" else None
         counters.reset()  # the micro-benchmark's jobs are not the model's
         cache.warm(_warm_order(blocks, calib, plan.all_resident, options.placement))  # measures the link
+        _hold_fixed_windows(blocks, names, cache)
         router = MissRouter(miss_path, engine, host, fit, counters) if host is not None else None
         for b in blocks:
             attach(b.experts, ExpertsHook(b.index, cache, names, router, standin, prefetcher, host, counters))
             undo.callback(detach, b.experts)
         if options.compile:
-            _compile_attention(model, undo)
+            _compile(model, undo)
     except BaseException:
         undo.close()
         raise
@@ -168,6 +170,18 @@ def _swap_in_pool(blocks: list[MoEBlock], names: list[str], cache: ExpertCache, 
         b.experts.num_experts = cache.num_slots
 
 
+def _hold_fixed_windows(blocks: list[MoEBlock], names: list[str], cache: ExpertCache) -> None:
+    """A layer that never misses holds its own window of the pool as its parameters, as unpatched: its experts run
+    through the stock forward with no swap and no remap (one compiled graph can cover it). `_swap_in_pool`'s undo
+    restores the originals."""
+    for b in blocks:
+        window = cache.fixed_window(b.index)
+        if window is not None:
+            views = {n: torch.nn.Parameter(cache.pool[n][window.lo : window.hi], requires_grad=False) for n in names}
+            compat.swap_parameters(b.experts, views)
+            b.experts.num_experts = window.hi - window.lo
+
+
 def _restore_experts(module: torch.nn.Module, params: dict[str, torch.nn.Parameter], num_experts: int) -> None:
     compat.swap_parameters(module, params)
     module.num_experts = num_experts
@@ -217,24 +231,28 @@ def _warm_order(blocks: list[MoEBlock], calib: Calibration | None, layer_major: 
     return [(b.index, e) for e in range(n_exp) for b in blocks]
 
 
-class _RecompileLimit(ModuleHook):
-    """While the model runs, dynamo may keep one compiled attention per layer: every layer's attention shares one
-    code object and specialises on its layer index, so the default limit of 8 would send deep models back to eager.
-    The process-wide setting is changed only for the duration of each forward."""
+def _compile(model: torch.nn.Module, undo: ExitStack) -> None:
+    """torch.compile the model's forward as one graph: a layer that never misses is traced whole (attention, norms,
+    router, experts kernel); a layer that may miss enters it as one opaque op (`offloaded_experts`), so the graph
+    does not break there. Calls under continuous batching run eager: transformers keeps paged attention out of
+    graphs, so every layer would break the graph (measured 0.79x eager). No process-wide dynamo setting changes."""
+    had = model.__dict__.get("forward")
+    eager = model.forward
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        return eager(*args, **kwargs)
 
-    def run(self, module: torch.nn.Module, forward: Callable, *args: Any, **kwargs: Any) -> Any:
-        with compat.recompile_limit(self.limit):
-            return forward(*args, **kwargs)
+    compiled = torch.compile(compat.own_code(entry))  # its own dynamo cache: other compiles do not count against it
+
+    @functools.wraps(eager)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return (eager if compat.is_paged_cache(kwargs.get("cache")) else compiled)(*args, **kwargs)
+
+    model.forward = forward
+    undo.callback(_restore_forward, model, had)
 
 
-def _compile_attention(model: torch.nn.Module, undo: ExitStack) -> None:
-    """torch.compile every attention module (dynamic shapes); residency logic and experts kernels stay eager."""
-    compiled = [m for n, m in model.named_modules() if n.endswith("self_attn")]
-    for m in compiled:
-        m.compile(dynamic=True)
-        undo.callback(compat.uncompile, m)
-    attach(model, _RecompileLimit(4 * len(compiled)))
-    undo.callback(detach, model)
+def _restore_forward(model: torch.nn.Module, had: Callable | None) -> None:
+    del model.forward
+    if had is not None:
+        model.forward = had

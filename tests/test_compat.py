@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+from transformers import DynamicCache
 from transformers.generation.continuous_batching.scheduler import Scheduler
 
 import offload_moe
@@ -54,22 +55,12 @@ def test_stock_kernels_skip_sentinel_ids_in_expert_parallel_mode(impl):
     torch.testing.assert_close(masked, first_only, rtol=1e-5, atol=1e-6)
 
 
-def test_recompile_limit_is_raised_only_inside_the_block():
-    before = torch._dynamo.config.recompile_limit
-    with compat.recompile_limit(before + 100):
-        assert torch._dynamo.config.recompile_limit == before + 100
-    assert torch._dynamo.config.recompile_limit == before
-    with compat.recompile_limit(1):  # never lowered
-        assert torch._dynamo.config.recompile_limit == before
+def test_paged_cache_check_and_init_weights_exist():
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
 
-
-def test_uncompile_and_init_weights_exist():
     model = tiny_model("mixtral")
-    attn = model.model.layers[0].self_attn
-    attn.compile()
-    assert attn._compiled_call_impl is not None
-    compat.uncompile(attn)
-    assert attn._compiled_call_impl is None
+    assert not compat.is_paged_cache(None) and not compat.is_paged_cache(DynamicCache())
+    assert compat.is_paged_cache(PagedAttentionCache.__new__(PagedAttentionCache))
     compat.init_weights(model, model.model.rotary_emb)
 
 

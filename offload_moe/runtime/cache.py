@@ -99,8 +99,9 @@ class ExpertCache:
         self._last_use: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last kernel reading the slot
         self._free = list(range(num_slots - 1, -1, -1))
         self._counters = counters
-        self._static: list[SlotWindow] = []
-        self._uncounted: list[tuple[int, torch.Tensor]] = []
+        self._fixed: dict[int, SlotWindow] = {}  # layer -> its window, for layers that never miss (set by warm)
+        self._uncounted: list[tuple[int, torch.Tensor]] = []  # eager fixed-layer routing, counted later
+        self._traced_hits = torch.zeros(store.num_layers, dtype=torch.long, device=self.device)  # compiled ones
         self._speculative: dict[Key, str] = {}  # copied speculatively, not yet needed: key -> source
         self._payoff: dict[tuple[str, int], Payoff] = {}  # (source, layer) -> whether its copies pay there
         self._judged: dict[Key, tuple[str, float]] = {}  # suggested while its source did not pay: -> (source, when)
@@ -288,35 +289,58 @@ class ExpertCache:
         victim = self._eviction.victim(candidates)
         return victim is not None and self._uses.get(key, 0) > self._uses.get(victim, 0)
 
-    # --- warm start and the all-resident fast path ----------------------------------------------------------------
+    # --- warm start and the fixed layers ---------------------------------------------------------------------------
 
     def warm(self, keys: list[Key]) -> None:
-        """Fill free slots with `keys` before the first forward (not counted as misses)."""
+        """Fill free slots with `keys` before the first forward (not counted as misses); then find the fixed layers."""
         for key in keys:
             if not self._free:
                 break
             self._start_copy(key).wait()
             self._pending.pop(key, None)
             self._counters.warmup_copies += 1
-        if self.all_resident:
-            self._static = [self.acquire(layer, list(range(self.store.num_experts)))
-                            for layer in range(self.store.num_layers)]  # fmt: skip
+        if self.all_resident or self.frozen:
+            self._fixed = self._fixed_windows()
 
-    def fixed_window(self, layer: int, top_k_index: torch.Tensor) -> SlotWindow:
-        """All-resident mode: the fixed window of a layer whose experts sit in consecutive slots. The routing is kept
-        to count hits later, off the decode path (no host sync)."""
+    def _fixed_windows(self) -> dict[int, SlotWindow]:
+        """Layers whose experts all stay resident with expert e in slot lo + e (every layer when everything fits;
+        whole layers of a static placement): their experts module can hold its window for good."""
+        n_exp, out = self.store.num_experts, {}
+        for layer in range(self.store.num_layers):
+            slots = [self._slot_of.get((layer, e)) for e in range(n_exp)]
+            if slots[0] is not None and slots == list(range(slots[0], slots[0] + n_exp)):
+                table = torch.arange(n_exp, dtype=torch.long, device=self.device)
+                out[layer] = SlotWindow(table, slots[0], slots[0] + n_exp)
+        return out
+
+    def fixed_window(self, layer: int) -> SlotWindow | None:
+        """The window of a layer that never misses (expert ids are slot ids within it), or None."""
+        return self._fixed.get(layer)
+
+    def count_fixed(self, layer: int, top_k_index: torch.Tensor) -> None:
+        """Count a fixed layer's hits off the decode path, with no host sync: eager, the routing is kept and counted
+        later; compiled, it is counted on the device inside the graph (no Python side effect to trace)."""
+        if torch.compiler.is_compiling():
+            seen = torch.zeros(self.store.num_experts, dtype=torch.long, device=top_k_index.device)
+            self._traced_hits[layer] += seen.index_fill_(0, top_k_index.flatten(), 1).sum()
+            return
         self._uncounted.append((layer, top_k_index))
         if len(self._uncounted) >= 4096:
             self.flush_counts()
-        return self._static[layer]
 
     def flush_counts(self) -> None:
-        """Count the routing the all-resident fast path kept for later (before the counters are read)."""
+        """Count the fixed layers' routing kept for later (before the counters are read)."""
         for layer, idx in self._uncounted:
             n = int(idx.unique().numel())
             self._counters.hits += n
             self._counters.layer_hits[layer] += n
         self._uncounted.clear()
+        traced = self._traced_hits.tolist()
+        if any(traced):
+            self._counters.hits += sum(traced)
+            for layer, n in enumerate(traced):
+                self._counters.layer_hits[layer] += n
+            self._traced_hits.zero_()
 
     # --- slots and copies -----------------------------------------------------------------------------------------
 

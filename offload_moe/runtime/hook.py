@@ -3,6 +3,8 @@ to slot ids and runs the stock transformers kernel on the slot pool, with the mi
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,17 @@ class ExpertsHook(ModuleHook):
         self.layer, self.cache, self.names, self.counters = layer, cache, names, counters
         self.router, self.standin, self.prefetcher, self.host = router, standin, prefetcher, host
         self._views: dict[tuple[int, int], list[torch.nn.Parameter]] = {}  # (lo, hi) -> pool views per weight
+        self.fixed = cache.fixed_window(layer) is not None  # never misses: the module holds its window (patch)
+        self.key = next(_KEYS)  # how a compiled graph's `offloaded_experts` op finds this hook
+        self._module: torch.nn.Module | None = None
+        self._forward: Callable | None = None
+
+    def init_hook(self, module: torch.nn.Module) -> None:
+        self._module, self._forward = module, module.forward  # the forward before attach wraps it
+        _LIVE[self.key] = self
+
+    def detach_hook(self, module: torch.nn.Module) -> None:
+        _LIVE.pop(self.key, None)
 
     def run(
         self,
@@ -46,11 +59,28 @@ class ExpertsHook(ModuleHook):
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
+        if self.fixed:  # the stock forward on the module's own window: traceable, no host sync
+            self.cache.count_fixed(self.layer, top_k_index)
+            return forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        if torch.compiler.is_compiling() and not args and not kwargs:  # one opaque op in the graph, no graph break
+            residual = self.prefetcher.residual(self.layer) if self.prefetcher is not None else None
+            return offloaded_experts(hidden_states, top_k_index, top_k_weights, residual, self.key)
+        return self.offloaded(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+
+    @torch.compiler.disable
+    def offloaded(
+        self,
+        hidden_states: torch.Tensor,  # [T, H]
+        top_k_index: torch.Tensor,  # [T, K] expert ids
+        top_k_weights: torch.Tensor,  # [T, K]
+        *args: Any,
+        residual: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """A layer whose experts may miss: residency decisions on the host, outside any compiled graph. residual:
+        the layer's residual stream for the prefetcher, when a compiled graph passes it (eager, its hook keeps it)."""
         cache, layer = self.cache, self.layer
-        kernel = _Kernel(module, forward, self.names, hidden_states, args, kwargs)
-        if cache.all_resident:  # budget 1.0: a fixed window, no residency work, no host sync
-            window = cache.fixed_window(layer, top_k_index)
-            return kernel.run(self._params(window), window, window.table[top_k_index], top_k_weights, masked=False)
+        kernel = _Kernel(self._module, self._forward, self.names, hidden_states, args, kwargs)
         needed = top_k_index.unique().tolist()
         missing, ready = cache.prepare(layer, needed)
         plan = MissPlan(top_k_index, top_k_weights, missing)
@@ -70,7 +100,7 @@ class ExpertsHook(ModuleHook):
                 jobs.append(self.host.submit(layer, e, hidden_states[tok], plan.weights[tok, pos], tok))
         pool = [e for e in routed if e not in missing or e in copy]
         later = sorted(missing.difference(plan.exact))  # substituted: copied in the background, for the next tokens
-        out = self._on_pool(kernel, pool, plan, len(routed), later)
+        out = self._on_pool(kernel, pool, plan, len(routed), later, residual)
         for job in jobs:
             y, seconds = self.host.result(job)
             self.router.observe(len(job.tokens), seconds)
@@ -79,7 +109,8 @@ class ExpertsHook(ModuleHook):
         cache.speculate([(layer, job.expert) for job in jobs], set(), "host")
         return out if plan.extra is None else out + plan.extra
 
-    def _on_pool(self, kernel: _Kernel, pool: list[int], plan: MissPlan, routed: int, later: list[int]):
+    def _on_pool(self, kernel: _Kernel, pool: list[int], plan: MissPlan, routed: int, later: list[int],
+                 residual: torch.Tensor | None):  # fmt: skip
         """Run the pool's experts in waves of at most `slots` experts; [T, H] (zeros when the pool is empty)."""
         cache = self.cache
         if len(pool) > cache.num_slots:
@@ -89,13 +120,13 @@ class ExpertsHook(ModuleHook):
             wave = pool[i : i + cache.num_slots]
             window = cache.acquire(self.layer, wave)
             if i == 0:
-                self._look_ahead(pool, later)
+                self._look_ahead(pool, later, residual)
             masked = len(wave) < routed  # routed pairs outside the wave: sentinel id, weight 0
             part = kernel.run(self._params(window), window, window.table[plan.index], plan.weights, masked)
             cache.release(self.layer, wave)
             out = part if out is None else out + part
         if out is None:  # every routed pair was served by a stand-in or the host: nothing ran on the pool
-            self._look_ahead(pool, later)
+            self._look_ahead(pool, later, residual)
             out = torch.zeros_like(kernel.hidden)
         return out
 
@@ -109,11 +140,11 @@ class ExpertsHook(ModuleHook):
             ]
         return views
 
-    def _look_ahead(self, pool: list[int], later: list[int]) -> None:
+    def _look_ahead(self, pool: list[int], later: list[int], residual: torch.Tensor | None) -> None:
         """After the demand copies: queue the next layers' predicted experts, then this layer's substituted ones."""
         protected = {(self.layer, e) for e in pool}
         if self.prefetcher is not None:
-            self.prefetcher.run(self.layer, protected)
+            self.prefetcher.run(self.layer, protected, residual)
         # only into idle link time: when the link is the bottleneck, these copies would cost speed
         self.cache.speculate([(self.layer, e) for e in later], protected, "standin")
 
@@ -146,3 +177,25 @@ class _Kernel:
             compat.swap_parameters(module, saved)
             module.num_experts = num_experts
             compat.set_expert_parallel(module, was_parallel)
+
+
+_KEYS = itertools.count()
+_LIVE: weakref.WeakValueDictionary[int, ExpertsHook] = weakref.WeakValueDictionary()  # attached hooks by key
+
+
+@torch.library.custom_op("offload_moe::offloaded_experts", mutates_args=())
+def offloaded_experts(
+    hidden_states: torch.Tensor,  # [T, H]
+    top_k_index: torch.Tensor,  # [T, K]
+    top_k_weights: torch.Tensor,  # [T, K]
+    residual: torch.Tensor | None,  # the layer's residual stream, for the prefetcher
+    hook: int,
+) -> torch.Tensor:
+    """A compiled graph's call into a layer whose experts may miss: opaque to the compiler (the residency decisions
+    need the host), so the graph around it stays whole. Runs `ExpertsHook.offloaded` of the attached hook `hook`."""
+    return _LIVE[hook].offloaded(hidden_states, top_k_index, top_k_weights, residual=residual)
+
+
+@offloaded_experts.register_fake
+def _(hidden_states, top_k_index, top_k_weights, residual, hook):
+    return torch.empty_like(hidden_states)  # [T, H]: the stock experts kernels' output

@@ -87,10 +87,16 @@ class LookaheadPrefetcher:
         logits = out[0] if isinstance(out, tuple) else out
         return logits.reshape(-1, logits.shape[-1])
 
+    def residual(self, layer: int) -> torch.Tensor | None:
+        """The residual stream captured for `layer` in this forward (a compiled graph passes it on explicitly: the
+        capture's store is only applied after the graph)."""
+        return self._residual[layer]
+
     @torch.no_grad()
-    def run(self, layer: int, protected: set[Key]) -> None:
-        """Queue copies for layers after `layer`; never evicts `protected` keys or keys chosen in this round."""
-        x = self._residual[layer]
+    def run(self, layer: int, protected: set[Key], residual: torch.Tensor | None = None) -> None:
+        """Queue copies for layers after `layer`; never evicts `protected` keys or keys chosen in this round.
+        residual: layer's residual stream [B, T, H] (default: the one captured in this forward)."""
+        x = self._residual[layer] if residual is None else residual
         self._residual[layer] = None
         if x is None:
             return
