@@ -8,19 +8,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
-from lab.evaluate import bits_per_byte
+from lab.evaluate import bits_per_byte, decode_logits
 from lab.offload_plots import plot_offload
-from lab.offload_report import print_quality, print_table
+from lab.offload_report import print_compiled, print_quality, print_table
 from lab.reference import REPO, corpus_text, model_dir
 from lab.routing_stats import hit_rate_vs_budget, lookahead_recall
 from lab.standin_quality import standin_quality
@@ -42,6 +45,7 @@ class Config:
     name: str
     budget: float | None  # None: the unpatched model, every expert resident
     options: dict = field(default_factory=dict)  # patch() keywords besides link, host and calibration
+    compiled: bool = False  # compile=True (resident: torch.compile(model.forward)), static KV cache
 
 
 LRU = {"fallback": "fetch", "prefetch": None}
@@ -58,12 +62,17 @@ CHUNKS_PER_EXPERT = 8  # emulated copies move in eighths of an expert: demand wa
 SHORT = {"resident", "patched-1.0", "default", "lru", "lookahead", "auto", "auto+lookahead", "static-frequency",
          "static-frequency+buddy", "lru+buddy", "auto+buddy", "auto+mixed"}  # fmt: skip
 LEAN = SHORT | {"static-layers", "host", "lru+drop", "auto+quant2", "auto+lowbit4"}
+COMPILED = {
+    "quick": {"resident", "patched-1.0", "default"},
+    "default": {"resident", "patched-1.0", "default", "lru", "auto", "auto+mixed"},
+}  # full: every row
+STATIC_LEN = 256  # compiled rows decode through a static KV cache of this many positions (the eval window)
 
 
 def configs(mode: str, model: str) -> list[Config]:
     """The configurations of a mode for one model, in table order: "full" runs every configuration at budgets 1/4
     and 1/2; "default" the LEAN list at 1/4; "quick" the SHORT list at 1/4; "cw-sweep" the critical_weight sweep of
-    the quantised stand-ins at 1/4."""
+    the quantised stand-ins at 1/4. Then the compiled twins: of every row in "full", of COMPILED's rows otherwise."""
     if mode == "cw-sweep":
         out = [Config("resident", None), Config("auto", 0.25, AUTO)]
         for cw in (0.5, 0.7, 0.9, 1.01):
@@ -86,31 +95,49 @@ def configs(mode: str, model: str) -> list[Config]:
         out += [Config(f"lookahead+{kind}", b, {**LOOKAHEAD, **STANDINS[kind]}) for kind in ("buddy", "lowrank")]
         out += [Config("auto+mixed-fast", b, {**AUTO, "standin": "mixed", "standin_fraction": 0.2,
                                               "critical_weight": 0.9})]  # fmt: skip
-    if mode == "full":
-        return out
-    keep = LEAN if mode == "default" else SHORT
-    return [c for c in out if c.name in keep and c.budget in (None, 1.0, 0.25)]
+    if mode != "full":
+        keep = LEAN if mode == "default" else SHORT
+        out = [c for c in out if c.name in keep and c.budget in (None, 1.0, 0.25)]
+    return out + [replace(c, compiled=True) for c in out if mode == "full" or c.name in COMPILED[mode]]
 
 
 @torch.no_grad()
-def prefill_speed(model, prompts: list[torch.Tensor]) -> float:
+def prefill_speed(model, prompts: list[torch.Tensor], static: bool = False) -> float:
     t0 = time.perf_counter()
     for ids in prompts:
-        model(input_ids=ids, cache=DynamicCache(), use_cache=True)
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1]) if static else DynamicCache()
+        model(input_ids=ids, cache=cache, use_cache=True, position_ids=torch.arange(ids.shape[1])[None])
     return sum(p.numel() for p in prompts) / (time.perf_counter() - t0)
 
 
-def decode_speed_and_bpb(model, tokenizer, text: str) -> tuple[float, float, int]:
+def decode_speed_and_bpb(model, tokenizer, text: str, static: bool = False) -> tuple[float, float, int]:
     """Teacher-forced decoding of `text`, one token at a time: (tokens/s, bits per byte, tokens decoded)."""
     n = len(tokenizer(text)["input_ids"])
     t0 = time.perf_counter()
-    bpb = bits_per_byte(model, tokenizer, text, decode=True)
+    bpb = bits_per_byte(model, tokenizer, text, seq_len=STATIC_LEN, decode=True, static_cache=static)
     return n / (time.perf_counter() - t0), bpb, n
 
 
-def calibrate_link(model, tokenizer, text: str, expert_bytes: int) -> tuple[float, float]:
+@torch.no_grad()
+def warm_up(model, prompts: list[torch.Tensor]) -> None:
+    """Compile a compiled row's graphs before it is timed: one prefill and a few decode steps, as measured."""
+    prefill_speed(model, prompts[:1], static=True)
+    decode_logits(model, prompts[0][:, :4], STATIC_LEN)
+
+
+@contextmanager
+def compiled_forward(model) -> Iterator[None]:
+    """The resident model as users compile it: torch.compile(model.forward), for the duration of the block."""
+    model.forward = torch.compile(model.forward)
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+def calibrate_link(model, tokenizer, text: str, expert_bytes: int, static: bool = False) -> tuple[float, float]:
     """Link speed at which copying one expert takes COPY_TO_LAYER_RATIO x one layer's decode compute."""
-    speed, _, _ = decode_speed_and_bpb(model, tokenizer, text)
+    speed, _, _ = decode_speed_and_bpb(model, tokenizer, text, static)
     layer_s = 1.0 / speed / len(moe_blocks(model))
     return expert_bytes / (COPY_TO_LAYER_RATIO * layer_s) / 1e9, layer_s
 
@@ -139,16 +166,27 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
     calibrate(model, [corpus_text("train", max_bytes=120_000)], tokenizer, path=calibration)  # train split only
     quality = standin_quality(model, tokenizer, calibration, corpus_text("val", max_bytes=args.quality_bytes))
     link, host, layer_s = None, None, None
+    quarter = eval_text[: len(eval_text) // 4]
     if device.type == "cpu":  # emulated: calibrated to this machine's own compute
-        gbps, layer_s = calibrate_link(model, tokenizer, eval_text[: len(eval_text) // 4], expert_bytes)
+        gbps, layer_s = calibrate_link(model, tokenizer, quarter, expert_bytes)
         link = EmulatedLink(gbps=args.link_gbps or gbps)
         host = emulated_host(link, expert_bytes, expert_params)
     hit_rates = hit_rate_vs_budget(model, tokenizer, eval_text, HIT_RATE_BUDGETS)
     recall = lookahead_recall(model, tokenizer, eval_text)
-    runs = []
-    for cfg in tqdm(configs(args.mode, name), desc=f"offload configs ({name})", unit="cfg"):
-        runs.append(run_config(model, tokenizer, cfg, device, link, host, calibration, prompts, eval_text, all_bytes,
-                               expert_bytes))  # fmt: skip
+    cfgs = configs(args.mode, name)
+    runs, compiled_runs, compiled_link, c_link, c_host = [], [], None, link, host
+    for cfg in tqdm(cfgs, desc=f"offload configs ({name})", unit="cfg"):
+        if cfg.compiled and compiled_link is None and link is not None:
+            # compiled rows meet a link as much faster as their compute: calibrated on the compiled resident model
+            with compiled_forward(model):
+                warm_up(model, prompts)
+                gbps_c, layer_s_c = calibrate_link(model, tokenizer, quarter, expert_bytes, static=True)
+            compiled_link = {"gbps": args.link_gbps or gbps_c, "layer_decode_seconds": layer_s_c}
+            c_link = EmulatedLink(gbps=compiled_link["gbps"])
+            c_host = emulated_host(c_link, expert_bytes, expert_params)
+        out, lk, hs = (compiled_runs, c_link, c_host) if cfg.compiled else (runs, link, host)
+        out.append(run_config(model, tokenizer, cfg, device, lk, hs, calibration, prompts, eval_text, all_bytes,
+                              expert_bytes))  # fmt: skip
     return {
         "model": name, "path": str(path), "dtype": str(DTYPE).removeprefix("torch."), "device": str(device),
         "layers": len(blocks), "experts": blocks[0].num_experts, "top_k": blocks[0].top_k,
@@ -161,6 +199,7 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
         "eval_bytes": len(eval_text.encode()), "eval_tokens": len(tokenizer(eval_text)["input_ids"]),
         "prompts": args.prompts, "prompt_tokens": args.prompt_len, "standin_quality": quality,
         "hit_rate_vs_budget": hit_rates, "lookahead_recall": recall, "runs": runs,
+        "compiled_link": compiled_link, "compiled_runs": compiled_runs,
     }  # fmt: skip
 
 
@@ -172,12 +211,16 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
         needs_calibration = any(u in (*CALIBRATED, "static-frequency") for u in uses)
         chunk = None if link is None else max(1, expert_bytes // CHUNKS_PER_EXPERT)
         handle = patch(model, budget=cfg.budget, device=device, link=link, host=host, chunk_bytes=chunk,
-                       calibration=calibration if needs_calibration else None, **cfg.options)  # fmt: skip
+                       calibration=calibration if needs_calibration else None, compile=cfg.compiled,
+                       **cfg.options)  # fmt: skip
     try:
-        prefill = prefill_speed(model, prompts)
-        if handle:
-            handle.reset_stats()
-        decode, bpb, tokens = decode_speed_and_bpb(model, tokenizer, eval_text)
+        with compiled_forward(model) if cfg.compiled and handle is None else contextlib.nullcontext():
+            if cfg.compiled:
+                warm_up(model, prompts)
+            prefill = prefill_speed(model, prompts, static=cfg.compiled)
+            if handle:
+                handle.reset_stats()
+            decode, bpb, tokens = decode_speed_and_bpb(model, tokenizer, eval_text, static=cfg.compiled)
         decode_seconds = tokens / decode
         s = handle.stats() if handle else None
     finally:
@@ -186,6 +229,7 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
     per_token = lambda v: v / tokens if s else 0.0  # noqa: E731
     return {
         "name": cfg.name, "budget": cfg.budget if cfg.budget is not None else 1.0, **cfg.options,
+        "compiled": cfg.compiled,
         "decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill, "bits_per_byte": bpb,
         "hit_rate": s.hit_rate if s else 1.0, "misses_per_token": per_token(s.misses if s else 0),
         "substituted_per_token": per_token(s.substituted if s else 0),
@@ -243,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "offload.json").write_text(json.dumps(result, indent=1, default=str))
     for m in result["models"]:
         print_table(m)
+        print_compiled(m)
         print_quality(m)
     pngs = plot_offload(result, args.out)
     print(f"wrote {args.out / 'offload.json'}, " + ", ".join(str(p) for p in pngs))

@@ -41,3 +41,57 @@ def print_quality(m: dict) -> None:
     q = m["standin_quality"]
     print(f"\nstand-in quality, model {m['model']}: held-out bits per byte with EVERY expert replaced by its stand-in")
     print("  ".join(f"{kind} {v['bits_per_byte']:.4f} ({v['relative'] * 100:+.1f}%)" for kind, v in q.items()))
+
+
+def compile_summary(m: dict) -> tuple[list[dict], dict[str, tuple[float, float, bool]]]:
+    """Each compiled row beside its eager twin of the same run, and the issue's goals: name -> (measured, target,
+    met). Rows: name, budget, eager and compiled decode tok/s, x eager, x compiled resident, bits/byte of both."""
+    eager = {(r["name"], r["budget"]): r for r in m["runs"]}
+    compiled = m.get("compiled_runs") or []
+    res_c = next((r for r in compiled if r["name"] == "resident"), None)
+    rows = []
+    for r in compiled:
+        e, speed = eager[(r["name"], r["budget"])], r["decode_tokens_per_s"]
+        rows.append({"name": r["name"], "budget": r["budget"], "eager": e["decode_tokens_per_s"],
+                     "compiled": speed, "x_eager": speed / e["decode_tokens_per_s"],
+                     "x_resident_compiled": speed / res_c["decode_tokens_per_s"] if res_c else None,
+                     "bits_eager": e["bits_per_byte"], "bits_compiled": r["bits_per_byte"],
+                     "lossless": "standin" not in r or r["standin"] is None})  # fmt: skip
+    by = {(r["name"], r["budget"]): r for r in rows}
+    goals = {}
+    if ("resident", 1.0) in by:
+        goals["compiled resident x eager resident"] = (by["resident", 1.0]["x_eager"], 1.5)
+    if ("patched-1.0", 1.0) in by:
+        goals["patched-1.0 compiled x resident compiled"] = (by["patched-1.0", 1.0]["x_resident_compiled"], 0.95)
+    if rows:
+        goals["slowest compiled row x its eager twin"] = (min(r["x_eager"] for r in rows), 1.0)
+    quarter = [
+        r for r in rows if r["budget"] == 0.25 and r["lossless"] and r["name"] not in ("resident", "patched-1.0")
+    ]
+    if quarter:
+        best = max(quarter, key=lambda r: r["eager"])  # the best lossless row eager, and the same row compiled
+        goals[f"best lossless @0.25 ({best['name']}) compiled x eager"] = (best["x_eager"], 1.2)
+    return rows, {k: (v, t, v >= t) for k, (v, t) in goals.items()}
+
+
+def print_compiled(m: dict) -> None:
+    rows, goals = compile_summary(m)
+    if not rows:
+        return
+    link = m.get("compiled_link") or {}
+    print(
+        f"\ncompile=True (static KV cache), model {m['model']}; compiled rows meet an EMULATED link of "
+        f"{link.get('gbps', float('nan')):.4f} GB/s, calibrated on the compiled resident model as the eager one is"
+    )
+    head = (
+        f"{'config':<20}{'budget':>7}{'eager/s':>9}{'compiled/s':>11}{'x eager':>8}{'x res c':>8}"
+        f"{'bits/B e':>9}{'bits/B c':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        x_res = f"{r['x_resident_compiled']:.2f}" if r["x_resident_compiled"] is not None else "-"
+        print(f"{r['name']:<20}{r['budget']:>7.3f}{r['eager']:>9.1f}{r['compiled']:>11.1f}{r['x_eager']:>8.2f}"
+              f"{x_res:>8}{r['bits_eager']:>9.4f}{r['bits_compiled']:>9.4f}")  # fmt: skip
+    for name, (v, target, met) in goals.items():
+        print(f"goal {name}: {v:.2f} (target >= {target}) {'met' if met else 'NOT met'}")

@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from lab.offload_report import compile_summary
+
 
 def _fmt(x: float | None, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -49,6 +51,7 @@ def offload_section(doc: dict) -> list[str]:
             ])  # fmt: skip
         out += _table(["config", "budget", "decode tok/s", "x lru", "prefill tok/s", "bits/byte", "vs resident",
                        "hit rate", "misses/token", "substituted/token", "KB copied/token"], rows)  # fmt: skip
+        out += compiled_rows(m)
         out += ["", "Each mechanism against its twin without it (same budget, same run):", ""]
         out += _table(["config", "twin", "speed x twin", "bits/byte vs twin", "substituted pairs/token",
                        "bits/byte cost per substituted pair/token"], twin_rows(runs, resident))  # fmt: skip
@@ -72,6 +75,25 @@ def offload_section(doc: dict) -> list[str]:
         for plot in (f"offload-{m['model']}-speed-vs-budget.png", f"offload-{m['model']}-bits-vs-speed.png"):
             out += ["", f"![{plot}]({plot})"]
         out.append("")
+    return out
+
+
+def compiled_rows(m: dict) -> list[str]:
+    """compile=True rows beside their eager twins, and the goals of issue 25."""
+    rows, goals = compile_summary(m)
+    if not rows:
+        return []
+    link = m.get("compiled_link") or {}
+    out = ["", f"`compile=True` (static KV cache) beside the same row eager, same run. Compiled rows meet an "
+           f"EMULATED link of {_fmt(link.get('gbps'), 4)} GB/s, calibrated on the compiled resident model as the "
+           "eager rows' link is on the eager one (faster compute, proportionally faster link):", ""]  # fmt: skip
+    out += _table(["config", "budget", "eager tok/s", "compiled tok/s", "x eager", "x compiled resident",
+                   "bits/byte eager", "bits/byte compiled"],
+                  [[f"`{r['name']}`", _fmt(r["budget"]), _fmt(r["eager"], 1), _fmt(r["compiled"], 1),
+                    _fmt(r["x_eager"]), _fmt(r["x_resident_compiled"]), _fmt(r["bits_eager"], 4),
+                    _fmt(r["bits_compiled"], 4)] for r in rows])  # fmt: skip
+    out += ["", *(f"- {name}: **{v:.2f}** (goal >= {t}: {'met' if met else 'not met'})"
+                  for name, (v, t, met) in goals.items())]  # fmt: skip
     return out
 
 

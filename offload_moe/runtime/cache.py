@@ -321,8 +321,11 @@ class ExpertCache:
         """Count a fixed layer's hits off the decode path, with no host sync: eager, the routing is kept and counted
         later; compiled, it is counted on the device inside the graph (no Python side effect to trace)."""
         if torch.compiler.is_compiling():
-            seen = torch.zeros(self.store.num_experts, dtype=torch.long, device=top_k_index.device)
-            self._traced_hits[layer] += seen.index_fill_(0, top_k_index.flatten(), 1).sum()
+            if top_k_index.shape[0] == 1:  # one token: its top-k experts are distinct (a constant in the graph)
+                self._traced_hits[layer] += top_k_index.numel()
+            else:
+                seen = torch.zeros(self.store.num_experts, dtype=torch.long, device=top_k_index.device)
+                self._traced_hits[layer] += seen.index_fill_(0, top_k_index.flatten(), 1).sum()
             return
         self._uncounted.append((layer, top_k_index))
         if len(self._uncounted) >= 4096:
