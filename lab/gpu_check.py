@@ -1,7 +1,8 @@
 """`make gpu-check`: on a CUDA machine, the CUDA tests, then a real-link benchmark on a Mixtral-geometry model with
 random weights (hidden 4096, expert intermediate 14336, 8 experts, top-2, bf16, a few layers): decode and prefill
-tokens/s per configuration, the copy bandwidth the link achieved, how much of the copying overlapped compute, and the
-hook's overhead at budget 1.0 against the unpatched model. Writes bench-results/gpu-check.json.
+tokens/s per configuration, the copy bandwidth the link achieved, how much of the copying overlapped compute, the
+hook's overhead at budget 1.0 against the unpatched model, and decode through a static KV cache eager, compiled and
+under CUDA graphs (resident, patched-1.0, auto at 1/4). Writes bench-results/gpu-check.json.
 
     python -m lab.gpu_check [--layers 4] [--out bench-results] [--skip-tests]
 
@@ -37,6 +38,14 @@ CONFIGS = [  # (name, budget, options); budget None: the unpatched model
 ]
 
 
+COMPILED = [  # (name, budget, options): decode through a static KV cache, eager, compiled and under CUDA graphs
+    ("resident", None, {}),
+    ("patched-1.0", 1.0, {}),
+    ("auto", 0.25, {"fallback": "auto", "prefetch": None}),
+]
+MODES = {"eager": False, "compiled": True, "cuda-graphs": "reduce-overhead"}
+
+
 def mixtral_geometry(layers: int, hidden: int = 4096, intermediate: int = 14336, vocab: int = 32000):
     """A Mixtral config of `layers` layers at Mixtral-8x7B's width (random weights: speed, not accuracy)."""
     from transformers import MixtralConfig
@@ -70,6 +79,48 @@ def measure(model, device: str, decode_tokens: int, prompt_tokens: int) -> dict:
             "decode_tokens_per_s": decode_tokens / (time.perf_counter() - t0)}  # fmt: skip
 
 
+@torch.no_grad()
+def measure_static(model, device: str, decode_tokens: int, prompt_tokens: int) -> float:
+    """Decode tokens/s of batch-1 greedy decoding through a static KV cache, after a warm-up pass that compiles."""
+    from transformers import StaticCache
+
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    ids, sync = ids.to(device), (torch.cuda.synchronize if device == "cuda" else (lambda: None))
+    speed = 0.0
+    for _ in range(2):  # the first pass compiles (and records CUDA graphs)
+        cache = StaticCache(config=model.config, max_cache_len=prompt_tokens + decode_tokens + 1)
+        pos = torch.arange(prompt_tokens, device=device)[None]
+        token = model(input_ids=ids, cache=cache, use_cache=True, position_ids=pos).logits[:, -1:].argmax(-1)
+        sync()
+        t0 = time.perf_counter()
+        for t in range(decode_tokens):
+            pos = torch.full((1, 1), prompt_tokens + t, device=device)
+            token = model(input_ids=token, cache=cache, use_cache=True, position_ids=pos).logits[:, -1:].argmax(-1)
+        sync()
+        speed = decode_tokens / (time.perf_counter() - t0)
+    return speed
+
+
+def run_compiled(model, device: str, decode_tokens: int, prompt_tokens: int) -> list[dict]:
+    """Each COMPILED configuration eager, compiled and under CUDA graphs (compile="reduce-overhead")."""
+    rows = []
+    for name, budget, options in COMPILED:
+        for mode, compile_as in MODES.items():
+            eager_forward = model.forward
+            if budget is None and compile_as:
+                model.forward = torch.compile(eager_forward, mode=None if compile_as is True else compile_as)
+            handle = patch(model, budget=budget, device=device, compile=compile_as, **options) if budget else None
+            try:
+                speed = measure_static(model, device, decode_tokens, prompt_tokens)
+            finally:
+                if handle is not None:
+                    handle.unpatch()
+                model.__dict__.pop("forward", None)
+            rows.append({"name": name, "budget": budget or 1.0, "mode": mode, "decode_tokens_per_s": speed})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def run_benchmark(config, device: str, dtype: torch.dtype, decode_tokens: int, prompt_tokens: int) -> dict:
     """Every configuration of CONFIGS on one model: speed, copies, achieved bandwidth, overlap."""
     from transformers import AutoModelForCausalLM
@@ -97,7 +148,8 @@ def run_benchmark(config, device: str, dtype: torch.dtype, decode_tokens: int, p
         print(json.dumps(row, default=str), flush=True)
     resident = runs[0]["decode_tokens_per_s"]
     overhead = 1 - runs[1]["decode_tokens_per_s"] / resident
-    return {"build_seconds": build_s, "runs": runs, "hook_overhead_at_budget_1": overhead}
+    compiled = run_compiled(model, device, decode_tokens, prompt_tokens)
+    return {"build_seconds": build_s, "runs": runs, "hook_overhead_at_budget_1": overhead, "compiled": compiled}
 
 
 def main(argv: list[str] | None = None) -> None:

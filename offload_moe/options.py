@@ -24,6 +24,7 @@ PREFETCHERS = ("lookahead", None)
 # its probes; pass prefetch="lookahead" where copies are faster than a layer's compute.
 PREFETCH_DEFAULT = None
 PLACEMENTS = ("dynamic", "static-layers", "static-frequency")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,9 @@ class OffloadOptions:
         never miss (budget 1.0; whole layers of a static placement) are compiled; a layer that may miss is one opaque
         op whose residency decisions, copies and kernel run eager. Decode with a static KV cache
         (`generate(..., cache_implementation="static")`) to avoid recompiling as the cache grows. Under continuous
-        batching the forward runs eager (paged attention breaks every layer's graph).
+        batching the forward runs eager (paged attention breaks every layer's graph). A string is torch.compile's
+        mode: "reduce-overhead" runs the graph under CUDA graphs on a GPU (useful at budget 1.0, where nothing
+        leaves the graph).
     placement: which experts are on the device. "dynamic" (default): the residency cache follows the routing. The
         static baselines people run today compute every miss on the host (a stand-in may serve the non-critical ones)
         and never change what is resident:
@@ -90,7 +93,7 @@ class OffloadOptions:
     host: EmulatedHost | None = None
     host_threads: int | None = None
     pin_memory: bool | None = None
-    compile: bool = False
+    compile: bool | str = False
     placement: str = "dynamic"
     chunk_bytes: int | None = None
 
@@ -138,6 +141,10 @@ class OffloadOptions:
         if self.placement == "static-frequency" and self.calibration is None:
             raise ValueError("placement='static-frequency' keeps the experts the calibration saw used most: pass "
                              "calibration=<a file from offload_moe.calibrate>")  # fmt: skip
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ValueError(
+                f"compile={self.compile!r}: pass True, False or a torch.compile mode {list(COMPILE_MODES)}"
+            )
         if self.chunk_bytes is not None and self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
         needs = KINDS[self.standin].calibration_for if self.standin is not None else None

@@ -103,7 +103,7 @@ def offload(
             attach(b.experts, ExpertsHook(b.index, cache, names, router, standin, prefetcher, host, counters))
             undo.callback(detach, b.experts)
         if options.compile:
-            _compile(model, undo)
+            _compile(model, None if options.compile is True else options.compile, undo)
     except BaseException:
         undo.close()
         raise
@@ -231,7 +231,7 @@ def _warm_order(blocks: list[MoEBlock], calib: Calibration | None, layer_major: 
     return [(b.index, e) for e in range(n_exp) for b in blocks]
 
 
-def _compile(model: torch.nn.Module, undo: ExitStack) -> None:
+def _compile(model: torch.nn.Module, mode: str | None, undo: ExitStack) -> None:
     """torch.compile the model's forward as one graph: a layer that never misses is traced whole (attention, norms,
     router, experts kernel); a layer that may miss enters it as one opaque op (`offloaded_experts`), so the graph
     does not break there. Calls under continuous batching run eager: transformers keeps paged attention out of
@@ -242,7 +242,9 @@ def _compile(model: torch.nn.Module, undo: ExitStack) -> None:
     def entry(*args: Any, **kwargs: Any) -> Any:
         return eager(*args, **kwargs)
 
-    compiled = torch.compile(compat.own_code(entry))  # its own dynamo cache: other compiles do not count against it
+    compiled = torch.compile(
+        compat.own_code(entry), mode=mode
+    )  # its own dynamo cache: other compiles do not count against it
 
     @functools.wraps(eager)
     def forward(*args: Any, **kwargs: Any) -> Any:

@@ -11,7 +11,7 @@ from transformers import GenerationConfig, StaticCache
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from hooks import find_moe_blocks, is_attached
-from tests.helpers import tiny_model
+from tests.helpers import requires_cuda, tiny_model
 
 pytestmark = pytest.mark.slow  # every test compiles a model (seconds each)
 
@@ -21,15 +21,19 @@ IDS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
 @torch.no_grad()
 def static_decode(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill `ids` [1, P], then `steps` greedy tokens one at a time through a static KV cache:
-    (logits [steps + 1, V] of every step, tokens [steps])."""
+    (logits [steps + 1, V] of every step, tokens [steps]). Logits are cloned: CUDA graphs reuse their outputs."""
     cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
-    pos = torch.arange(ids.shape[1])[None]
-    out = [model(input_ids=ids, cache=cache, use_cache=True, position_ids=pos).logits[0, -1]]
+    pos = torch.arange(ids.shape[1], device=ids.device)[None]
+    out = [model(input_ids=ids, cache=cache, use_cache=True, position_ids=pos).logits[0, -1].clone()]
     tokens = []
     for t in range(steps):
         tokens.append(out[-1].argmax())
-        step = {"cache": cache, "use_cache": True, "position_ids": torch.tensor([[ids.shape[1] + t]])}
-        out.append(model(input_ids=tokens[-1].view(1, 1), **step).logits[0, -1])
+        step = {
+            "cache": cache,
+            "use_cache": True,
+            "position_ids": torch.full((1, 1), ids.shape[1] + t, device=ids.device),
+        }
+        out.append(model(input_ids=tokens[-1].view(1, 1), **step).logits[0, -1].clone())
     return torch.stack(out), torch.stack(tokens)
 
 
@@ -159,3 +163,21 @@ def test_continuous_batching_runs_eager_with_compile(patched):
     graphs = compiles()
     assert run() == eager
     assert compiles() == graphs  # paged attention would break every layer's graph: the forward ran eager
+
+
+def test_the_miss_op_is_never_captured_in_a_cuda_graph():
+    """A CUDA graph replays kernels without the Python that decides residency: graphs holding the op stay uncaptured."""
+    assert torch._C.Tag.cudagraph_unsafe in torch.ops.offload_moe.offloaded_experts.default.tags
+
+
+@requires_cuda
+@pytest.mark.parametrize("budget", [1.0, 0.5])
+def test_cuda_graphs_decode_equals_resident(patched, budget):
+    model = tiny_model("mixtral").to("cuda")
+    ids = IDS.to("cuda")
+    ref_logits, ref_tokens = static_decode(model, ids, 8)
+    patched(model, budget=budget, device="cuda", compile="reduce-overhead")
+    for _ in range(2):  # the second pass replays the recorded graphs
+        got_logits, got_tokens = static_decode(model, ids, 8)
+        assert torch.equal(got_tokens, ref_tokens)
+        torch.testing.assert_close(got_logits, ref_logits, rtol=0, atol=1e-4)

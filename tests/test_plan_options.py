@@ -81,6 +81,7 @@ def test_budget_errors_say_how_much_is_needed():
         ({"standin": "buddy"}, ValueError, "needs buddy lists"),
         ({"fallback": "drop"}, ValueError, "pass standin='drop'"),
         ({"standin": "magic"}, ValueError, "unknown standin 'magic'"),
+        ({"compile": "fast"}, ValueError, "a torch.compile mode"),
         ({"link": 3}, TypeError, "EmulatedLink"),
         ({"budgte": 0.5}, TypeError, r"unknown option\(s\) \['budgte'\]"),
     ],

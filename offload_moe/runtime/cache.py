@@ -102,6 +102,7 @@ class ExpertCache:
         self._fixed: dict[int, SlotWindow] = {}  # layer -> its window, for layers that never miss (set by warm)
         self._uncounted: list[tuple[int, torch.Tensor]] = []  # eager fixed-layer routing, counted later
         self._traced_hits = torch.zeros(store.num_layers, dtype=torch.long, device=self.device)  # compiled ones
+        torch._dynamo.mark_static_address(self._traced_hits)  # a graph may update it in place under CUDA graphs
         self._speculative: dict[Key, str] = {}  # copied speculatively, not yet needed: key -> source
         self._payoff: dict[tuple[str, int], Payoff] = {}  # (source, layer) -> whether its copies pay there
         self._judged: dict[Key, tuple[str, float]] = {}  # suggested while its source did not pay: -> (source, when)

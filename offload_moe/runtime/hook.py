@@ -183,7 +183,8 @@ _KEYS = itertools.count()
 _LIVE: weakref.WeakValueDictionary[int, ExpertsHook] = weakref.WeakValueDictionary()  # attached hooks by key
 
 
-@torch.library.custom_op("offload_moe::offloaded_experts", mutates_args=())
+# cudagraph_unsafe: a CUDA graph would replay its kernels without the decisions (inductor leaves such graphs uncaptured)
+@torch.library.custom_op("offload_moe::offloaded_experts", mutates_args=(), tags=(torch._C.Tag.cudagraph_unsafe,))
 def offloaded_experts(
     hidden_states: torch.Tensor,  # [T, H]
     top_k_index: torch.Tensor,  # [T, K]
