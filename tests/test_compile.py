@@ -93,12 +93,14 @@ def _routing(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> list[torc
     return seen
 
 
-def test_a_lossy_standin_compiled_equals_it_eager(patched):
+@pytest.mark.parametrize("standin", ["drop", "lowrank", "quant", "lowbit"])
+def test_a_lossy_standin_compiled_equals_it_eager(patched, standin):
     model = tiny_model("mixtral")
-    handle = patched(model, budget=0.5, device="cpu", standin="drop", prefetch=None)
+    handle = patched(model, budget=0.5, device="cpu", standin=standin, prefetch=None)
     eager = static_decode(model, IDS, 12)
+    assert handle.stats().substituted > 0  # the stand-in really served misses
     handle.unpatch()
-    patched(model, budget=0.5, device="cpu", standin="drop", prefetch=None, compile=True)
+    patched(model, budget=0.5, device="cpu", standin=standin, prefetch=None, compile=True)
     compiled = static_decode(model, IDS, 12)
     assert torch.equal(compiled[1], eager[1])
     torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=1e-5)
