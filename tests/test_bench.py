@@ -128,3 +128,17 @@ def test_the_cluster_bench_writes_its_table_and_json(tmp_path, capsys):
     assert "cluster (SIMULATED): 64 replicas" in capsys.readouterr().out
     results_doc([str(tmp_path), str(tmp_path / "results.md")])
     assert "## A cluster, SIMULATED" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.bench
+def test_disk_read_paths_read_the_same_bytes_and_release_the_cache_as_they_say(tmp_path):
+    from lab.disk_read import main as disk_read
+
+    disk_read(["--gib", "0.03", "--chunk-mib", "1", "--dir", str(tmp_path), "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "disk-read.json").read_text())  # measure() raises if the paths' bytes differ
+    runs = result["runs"]
+    assert all(r["cached_before"] == 0 for name, r in runs.items() if name != "page-cache")  # each from a cold file
+    assert runs["o_direct"]["cached_after"] == 0 and runs["pread+dontneed"]["cached_after"] == 0
+    assert runs["mmap-copy"]["cached_after"] > 0.9 and runs["page-cache"]["cached_after"] == 1
+    assert result["disk_read_gbps"] == max(runs["o_direct"]["gbps"], runs["pread+dontneed"]["gbps"])
+    assert not list(tmp_path.glob("*/disk-read.bin"))  # the file is removed
