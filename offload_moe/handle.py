@@ -15,6 +15,7 @@ from offload_moe.options import OffloadOptions
 from offload_moe.plan import Plan
 from offload_moe.runtime.cache import ExpertCache
 from offload_moe.runtime.counters import Counters
+from offload_moe.runtime.process import resident_memory, storage_read_bytes
 from offload_moe.runtime.store import HostStore
 
 _ATTR = "_offload_moe_handle"  # the handle lives on its model: both go together when a user drops the model
@@ -84,6 +85,11 @@ class OffloadStats:
     auto_host: int  # fallback="auto": missed experts sent to the host ...
     auto_copy: int  # ... and to the link
     per_layer: tuple[LayerStats, ...]
+    # the process (Linux; None elsewhere): bytes it read from storage since patch, `load` or reset_stats (reads of a
+    # memory-mapped checkpoint count; page-cache hits do not), and its anonymous / file-backed resident memory now
+    storage_read_bytes: int | None = None
+    rss_anon_bytes: int | None = None
+    rss_file_bytes: int | None = None
 
     @property
     def hit_rate(self) -> float:
@@ -115,10 +121,13 @@ class OffloadHandle:
         miss_path: str,
         counters: Counters,
         workers: list[Callable[[], None]],
+        read_base: int | None = None,
     ):
+        """read_base: `storage_read_bytes()` when patching (or `load`) began."""
         self.model, self.blocks, self.cache, self.plan, self.options = model, blocks, cache, plan, options
         self.miss_path, self._counters = miss_path, counters
         self._link_base = cache.link_use()  # the link's totals at patch time (warm-up copies included there)
+        self._read_base = read_base
         self._undo = undo
         model.__dict__[_ATTR] = self
         # a patched model dropped without unpatch(): its worker threads stop when it is collected
@@ -137,6 +146,7 @@ class OffloadHandle:
         self.cache.flush_counts()
         s = self._counters.snapshot()
         on_link = {k: v - self._link_base[k] for k, v in self.cache.link_use().items()}  # since patch / reset_stats
+        read, rss = storage_read_bytes(), resident_memory()
         opt, link, emulated_host = self.options, self.options.link, self.options.host
         link_info = ({"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us} if link is not None else
                      {"emulated": False, "kind": "pcie" if self.cache.device.type == "cuda" else "memcpy"})  # fmt: skip
@@ -159,6 +169,8 @@ class OffloadHandle:
             host_wait_seconds=s.host_wait_seconds, auto_host=s.auto_host, auto_copy=s.auto_copy,
             per_layer=tuple(LayerStats(i, b.name, s.layer_hits[i], s.layer_misses[i])
                             for i, b in enumerate(self.blocks)),
+            storage_read_bytes=read - self._read_base if read is not None and self._read_base is not None else None,
+            rss_anon_bytes=rss[0] if rss else None, rss_file_bytes=rss[1] if rss else None,
         )  # fmt: skip
 
     def reset_stats(self) -> None:
@@ -166,6 +178,7 @@ class OffloadHandle:
         self.cache.flush_counts()
         self._counters.reset()
         self._link_base = self.cache.link_use()
+        self._read_base = storage_read_bytes()
 
     def unpatch(self) -> None:
         """Detach every hook and put the original expert parameters back: the model is as before `patch`."""

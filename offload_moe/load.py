@@ -21,6 +21,7 @@ from offload_moe.blocks import moe_blocks
 from offload_moe.handle import OffloadHandle
 from offload_moe.options import OffloadOptions
 from offload_moe.patch import offload
+from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.store import HostStore, Piece, mmap_safetensors
 
 # Checkpoint key renames that transformers applies when loading (only Mixtral's block name changed).
@@ -52,6 +53,7 @@ def load(
             "leave pin_memory unset, or use patch() on a model loaded with from_pretrained to pin"
         )
     path = Path(path)
+    read_base = storage_read_bytes()  # handle.stats() counts the checkpoint's reads from here
     tensors = _open_checkpoint(path)
     config = AutoConfig.from_pretrained(path)
     if dtype is None:
@@ -92,7 +94,7 @@ def load(
         experts.append(layer)
     store = HostStore(experts, shapes)
     _load_dense(model, dense, path)
-    handle = offload(model, budget, device, opt, store=store)
+    handle = offload(model, budget, device, opt, store=store, read_base=read_base)
     return model, handle
 
 

@@ -25,6 +25,7 @@ from offload_moe.runtime.hook import ExpertsHook
 from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.miss_router import MissRouter, measure_host
 from offload_moe.runtime.prefetch import LookaheadPrefetcher
+from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import CHUNK_BYTES, TransferEngine
 from offload_moe.standins.kinds import KINDS, BuildContext
@@ -55,10 +56,13 @@ def offload(
     device: str | torch.device | None,
     options: OffloadOptions,
     store: HostStore | None = None,
+    read_base: int | None = None,
 ) -> OffloadHandle:
-    """`patch` with validated options; `store`: the experts' host copies when they are not in the model (`load`)."""
+    """`patch` with validated options; `store`: the experts' host copies when they are not in the model (`load`);
+    read_base: `storage_read_bytes()` when the work began (`load`: before opening the checkpoint; default: now)."""
     if handle_of(model) is not None:
         raise RuntimeError("this model is already patched; call handle.unpatch() before patching it again")
+    read_base = storage_read_bytes() if read_base is None else read_base
     dev = resolve_device(device)
     blocks = moe_blocks(model)
     names = blocks[0].expert_param_names()
@@ -107,7 +111,7 @@ def offload(
     except BaseException:
         undo.close()
         raise
-    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, counters, workers)
+    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, counters, workers, read_base)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

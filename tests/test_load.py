@@ -77,3 +77,23 @@ def test_load_errors_are_clear(tmp_path):
     save_file({"unrelated": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="no weights found for expert 0"):
         offload_moe.load(tmp_path)
+
+
+def test_stats_report_storage_reads_and_resident_memory(loaded, tmp_path):
+    import os
+
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    for shard in tmp_path.glob("*.safetensors"):  # written back, then out of the page cache: loading reads storage
+        fd = os.open(shard, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    _, handle = loaded(tmp_path, budget=0.5, device="cpu")
+    s = handle.stats()
+    if s.storage_read_bytes is None or s.rss_anon_bytes is None:
+        pytest.skip("this system has no /proc/self/io or /proc/self/status")
+    assert s.warmup_copies > 0 and s.storage_read_bytes >= s.warmup_copies * s.expert_bytes  # from the cold map
+    ballast = torch.ones(50 << 20)  # 200 MiB of anonymous memory
+    grown = handle.stats().rss_anon_bytes - s.rss_anon_bytes
+    assert grown >= 190 << 20, grown
+    del ballast
