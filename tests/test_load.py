@@ -97,3 +97,30 @@ def test_stats_report_storage_reads_and_resident_memory(loaded, tmp_path):
     grown = handle.stats().rss_anon_bytes - s.rss_anon_bytes
     assert grown >= 190 << 20, grown
     del ballast
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("truncate", r"tensor model\.\S+ ends at byte \d+, but the file has \d+ bytes: the shard is truncated"),
+        ("header", r"is not a readable safetensors file"),
+        ("length", r"its header claims \d+ bytes, the file has \d+"),
+    ],
+)
+def test_a_damaged_shard_is_refused_naming_the_file_and_tensor(tmp_path, damage, match):
+    import os
+
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    shard = next(tmp_path.glob("*.safetensors"))
+    if damage == "truncate":
+        os.truncate(shard, shard.stat().st_size - 5000)  # the last tensors lose their tail
+    else:
+        data = bytearray(shard.read_bytes())
+        if damage == "header":
+            data[8:12] = b"\xff\xfe{["  # not JSON any more
+        else:
+            data[0:8] = (len(data) * 2).to_bytes(8, "little")  # a header longer than the file
+        shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=match) as err:
+        offload_moe.load(tmp_path, budget=0.5, device="cpu")
+    assert shard.name in str(err.value)

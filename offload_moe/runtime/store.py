@@ -109,14 +109,19 @@ def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     the experts actually copied to the device ever enter RAM (as evictable page cache).
     """
     path = Path(path)
+    size = path.stat().st_size
     try:
         with path.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > size:
+                raise ValueError(f"its header claims {header_len} bytes, the file has {size}")
             header = json.loads(f.read(header_len))
-    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+            if not isinstance(header, dict):
+                raise ValueError("its header is not a JSON object")
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-save or re-download it") from e
     data_start = 8 + header_len
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -130,6 +135,9 @@ def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         shape = torch.Size(info["shape"])
         if offset % itemsize or end - begin != shape.numel() * itemsize:
             raise ValueError(f"{path}: tensor {name} is misaligned or truncated; re-save the checkpoint")
+        if data_start + end > size:
+            raise ValueError(f"{path}: tensor {name} ends at byte {data_start + end}, but the file has {size} bytes: "
+                             "the shard is truncated; re-download or re-save it")  # fmt: skip
         t = torch.empty(0, dtype=dtype)
         t.set_(storage, offset // itemsize, shape, _contiguous_strides(shape))
         out[name] = t
