@@ -81,30 +81,24 @@ def write_file(path: Path, nbytes: int, block_mib: int = 64) -> None:
 
 def read_o_direct(path: Path, chunk: int) -> tuple[int, str]:
     """(bytes read, fingerprint) with O_DIRECT into a page-aligned buffer."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    buf, digest, total = mmap.mmap(-1, chunk), hashlib.sha256(), 0
+    buf = mmap.mmap(-1, chunk)  # anonymous maps are page-aligned, as O_DIRECT needs
     try:
-        while True:
-            n = os.preadv(fd, [buf], total)
-            if n <= 0:
-                break
-            _fingerprint(digest, buf, n)
-            total += n
+        return _read_all(path, os.O_RDONLY | os.O_DIRECT, buf, dontneed=False)
     finally:
-        os.close(fd)
         buf.close()
-    return total, digest.hexdigest()
 
 
 def read_buffered(path: Path, chunk: int, dontneed: bool) -> tuple[int, str]:
     """(bytes read, fingerprint) with buffered reads; dontneed: release each chunk's page cache behind it."""
-    fd = os.open(path, os.O_RDONLY)
-    buf, digest, total = bytearray(chunk), hashlib.sha256(), 0
+    return _read_all(path, os.O_RDONLY, bytearray(chunk), dontneed)
+
+
+def _read_all(path: Path, flags: int, buf, dontneed: bool) -> tuple[int, str]:
+    """Read `path` front to back into `buf`, one `len(buf)` chunk at a time: (bytes read, fingerprint)."""
+    fd = os.open(path, flags)
+    digest, total = hashlib.sha256(), 0
     try:
-        while True:
-            n = os.preadv(fd, [buf], total)
-            if n <= 0:
-                break
+        while (n := os.preadv(fd, [buf], total)) > 0:
             _fingerprint(digest, buf, n)
             if dontneed:
                 os.posix_fadvise(fd, total, n, os.POSIX_FADV_DONTNEED)

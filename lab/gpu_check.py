@@ -12,6 +12,7 @@ Without CUDA it says so and exits 0 with nothing measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lab.offload_bench import compiled_forward
 from offload_moe.patch import patch
 
 CONFIGS = [  # (name, budget, options); budget None: the unpatched model
@@ -106,16 +108,15 @@ def run_compiled(model, device: str, decode_tokens: int, prompt_tokens: int) -> 
     rows = []
     for name, budget, options in COMPILED:
         for mode, compile_as in MODES.items():
-            eager_forward = model.forward
-            if budget is None and compile_as:
-                model.forward = torch.compile(eager_forward, mode=None if compile_as is True else compile_as)
+            as_users = budget is None and compile_as  # the unpatched model, compiled as users compile it
+            mode_arg = None if compile_as is True else compile_as
             handle = patch(model, budget=budget, device=device, compile=compile_as, **options) if budget else None
             try:
-                speed = measure_static(model, device, decode_tokens, prompt_tokens)
+                with compiled_forward(model, mode_arg) if as_users else contextlib.nullcontext():
+                    speed = measure_static(model, device, decode_tokens, prompt_tokens)
             finally:
                 if handle is not None:
                     handle.unpatch()
-                model.__dict__.pop("forward", None)
             rows.append({"name": name, "budget": budget or 1.0, "mode": mode, "decode_tokens_per_s": speed})
             print(json.dumps(rows[-1]), flush=True)
     return rows

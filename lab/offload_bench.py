@@ -126,9 +126,10 @@ def warm_up(model, prompts: list[torch.Tensor]) -> None:
 
 
 @contextmanager
-def compiled_forward(model) -> Iterator[None]:
-    """The resident model as users compile it: torch.compile(model.forward), for the duration of the block."""
-    model.forward = torch.compile(model.forward)
+def compiled_forward(model, mode: str | None = None) -> Iterator[None]:
+    """The resident model as users compile it: torch.compile(model.forward, mode=mode), for the duration of the
+    block."""
+    model.forward = torch.compile(model.forward, mode=mode)
     try:
         yield
     finally:

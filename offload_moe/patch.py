@@ -101,7 +101,7 @@ def offload(
         fit = measure_host(host) if host is not None and miss_path == "auto" else None
         counters.reset()  # the micro-benchmark's jobs are not the model's
         cache.warm(_warm_order(blocks, calib, plan.all_resident, options.placement))  # measures the link
-        _hold_fixed_windows(blocks, names, cache)
+        _hold_fixed_slots(blocks, names, cache)
         router = MissRouter(miss_path, engine, host, fit, counters) if host is not None else None
         for b in blocks:
             attach(b.experts, ExpertsHook(b.index, cache, names, router, standin, prefetcher, host, counters))
@@ -174,16 +174,16 @@ def _swap_in_pool(blocks: list[MoEBlock], names: list[str], cache: ExpertCache, 
         b.experts.num_experts = cache.num_slots
 
 
-def _hold_fixed_windows(blocks: list[MoEBlock], names: list[str], cache: ExpertCache) -> None:
-    """A layer that never misses holds its own window of the pool as its parameters, as unpatched: its experts run
+def _hold_fixed_slots(blocks: list[MoEBlock], names: list[str], cache: ExpertCache) -> None:
+    """A layer that never misses holds its own slots of the pool as its parameters, as unpatched: its experts run
     through the stock forward with no swap and no remap (one compiled graph can cover it). `_swap_in_pool`'s undo
     restores the originals."""
     for b in blocks:
-        window = cache.fixed_window(b.index)
-        if window is not None:
-            views = {n: torch.nn.Parameter(cache.pool[n][window.lo : window.hi], requires_grad=False) for n in names}
+        slots = cache.fixed_slots(b.index)
+        if slots is not None:
+            views = {n: torch.nn.Parameter(cache.pool[n][slots], requires_grad=False) for n in names}
             compat.swap_parameters(b.experts, views)
-            b.experts.num_experts = window.hi - window.lo
+            b.experts.num_experts = slots.stop - slots.start
 
 
 def _restore_experts(module: torch.nn.Module, params: dict[str, torch.nn.Parameter], num_experts: int) -> None:
@@ -246,9 +246,8 @@ def _compile(model: torch.nn.Module, mode: str | None, undo: ExitStack) -> None:
     def entry(*args: Any, **kwargs: Any) -> Any:
         return eager(*args, **kwargs)
 
-    compiled = torch.compile(
-        compat.own_code(entry), mode=mode
-    )  # its own dynamo cache: other compiles do not count against it
+    # its own code object, so its own dynamo cache: other compiles of this class do not count against its limit
+    compiled = torch.compile(compat.own_code(entry), mode=mode)
 
     @functools.wraps(eager)
     def forward(*args: Any, **kwargs: Any) -> Any:

@@ -99,7 +99,7 @@ class ExpertCache:
         self._last_use: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last kernel reading the slot
         self._free = list(range(num_slots - 1, -1, -1))
         self._counters = counters
-        self._fixed: dict[int, SlotWindow] = {}  # layer -> its window, for layers that never miss (set by warm)
+        self._fixed: dict[int, slice] = {}  # layer -> its slots, for layers that never miss (set by warm)
         self._uncounted: list[tuple[int, torch.Tensor]] = []  # eager fixed-layer routing, counted later
         self._traced_hits = torch.zeros(store.num_layers, dtype=torch.long, device=self.device)  # compiled ones
         torch._dynamo.mark_static_address(self._traced_hits)  # a graph may update it in place under CUDA graphs
@@ -301,21 +301,20 @@ class ExpertCache:
             self._pending.pop(key, None)
             self._counters.warmup_copies += 1
         if self.all_resident or self.frozen:
-            self._fixed = self._fixed_windows()
+            self._fixed = self._fixed_layers()
 
-    def _fixed_windows(self) -> dict[int, SlotWindow]:
+    def _fixed_layers(self) -> dict[int, slice]:
         """Layers whose experts all stay resident with expert e in slot lo + e (every layer when everything fits;
-        whole layers of a static placement): their experts module can hold its window for good."""
+        whole layers of a static placement): their experts module can hold its slots for good."""
         n_exp, out = self.store.num_experts, {}
         for layer in range(self.store.num_layers):
             slots = [self._slot_of.get((layer, e)) for e in range(n_exp)]
             if slots[0] is not None and slots == list(range(slots[0], slots[0] + n_exp)):
-                table = torch.arange(n_exp, dtype=torch.long, device=self.device)
-                out[layer] = SlotWindow(table, slots[0], slots[0] + n_exp)
+                out[layer] = slice(slots[0], slots[0] + n_exp)
         return out
 
-    def fixed_window(self, layer: int) -> SlotWindow | None:
-        """The window of a layer that never misses (expert ids are slot ids within it), or None."""
+    def fixed_slots(self, layer: int) -> slice | None:
+        """The pool slots of a layer that never misses (expert e in its e-th slot), or None."""
         return self._fixed.get(layer)
 
     def count_fixed(self, layer: int, top_k_index: torch.Tensor) -> None:

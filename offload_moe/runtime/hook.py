@@ -37,7 +37,7 @@ class ExpertsHook(ModuleHook):
         self.layer, self.cache, self.names, self.counters = layer, cache, names, counters
         self.router, self.standin, self.prefetcher, self.host = router, standin, prefetcher, host
         self._views: dict[tuple[int, int], list[torch.nn.Parameter]] = {}  # (lo, hi) -> pool views per weight
-        self.fixed = cache.fixed_window(layer) is not None  # never misses: the module holds its window (patch)
+        self.fixed = cache.fixed_slots(layer) is not None  # never misses: the module holds its slots (patch)
         self.key = next(_KEYS)  # how a compiled graph's `offloaded_experts` op finds this hook
         self._module: torch.nn.Module | None = None
         self._forward: Callable | None = None
