@@ -52,7 +52,7 @@ bench-quick: install
 	$(PY) -m lab.gateway_bench --mode quick
 	$(PY) -m lab.cluster_bench --seconds 20
 
-# On a CUDA machine: the CUDA tests, then a real-link benchmark (bench-results/gpu-check.json); elsewhere it says so.
+# On a CUDA machine: a real-link benchmark (bench-results/gpu-check.json), then the CUDA tests; elsewhere it says so.
 gpu-check: install
 	$(PY) -m lab.gpu_check
 
