@@ -8,7 +8,9 @@ and are copied one expert at a time when the cache needs them. Both checkpoint l
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,11 @@ from offload_moe.blocks import moe_blocks
 from offload_moe.handle import OffloadHandle
 from offload_moe.options import OffloadOptions
 from offload_moe.patch import offload
+from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.store import HostStore, Piece, mmap_safetensors
+
+READS = ("pread", "mmap")  # how load() reads an expert for a copy
 
 # Checkpoint key renames that transformers applies when loading (only Mixtral's block name changed).
 _RENAMES = [(re.compile(r"\.block_sparse_moe\."), ".mlp.")]
@@ -38,14 +43,20 @@ def load(
     device: str | torch.device | None = None,
     *,
     dtype: torch.dtype | None = None,
+    read: str = "pread",
     options: OffloadOptions | None = None,
     **kwargs: Any,
 ) -> tuple[torch.nn.Module, OffloadHandle]:
     """Open the checkpoint directory `path` and patch it; returns `(model, handle)`.
 
     Expert weights are never all read into RAM: they are memory-mapped and copied to the device expert by expert.
-    dtype: the compute dtype (default: the checkpoint's). options / kwargs: as for `offload_moe.patch`.
+    dtype: the compute dtype (default: the checkpoint's). read: how a copy reads an expert, `"pread"` (large reads
+    whose page cache is released behind them, so the budget is the memory used) or `"mmap"` (copied out of the
+    memory map; the page cache keeps what fits). options / kwargs: as for `offload_moe.patch`.
     """
+    if read not in READS:
+        raise ValueError(f"read={read!r} is not one of {READS}: 'pread' reads experts from the files and releases "
+                         "their page cache, 'mmap' copies them out of the memory map")  # fmt: skip
     opt = OffloadOptions.of(options, **kwargs)
     if opt.pin_memory:
         raise ValueError(
@@ -54,7 +65,12 @@ def load(
         )
     path = Path(path)
     read_base = storage_read_bytes()  # handle.stats() counts the checkpoint's reads from here
-    tensors = _open_checkpoint(path)
+    tensors, files = _open_checkpoint(path)
+
+    def piece(name: str, row: int, t: torch.Tensor) -> Piece:
+        span = FileSpan.of(files[t.untyped_storage().data_ptr()].fileno(), t) if read == "pread" else None
+        return Piece(name, row, t, span)
+
     config = AutoConfig.from_pretrained(path)
     if dtype is None:
         dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
@@ -72,14 +88,16 @@ def load(
         if m and m["block"] in block_index:
             b = block_index[m["block"]]
             target, half = _PART[m["w"]]
-            pieces.setdefault((b.index, int(m["e"])), []).append(Piece(target, half * t.shape[0], t))
+            pieces.setdefault((b.index, int(m["e"])), []).append(piece(target, half * t.shape[0], t))
             continue
         m = _FUSED.match(name)
         if m and m["block"] in block_index and m["name"] in block_index[m["block"]].expert_param_names():
             b = block_index[m["block"]]
             for e in range(b.num_experts):
-                pieces.setdefault((b.index, e), []).append(Piece(m["name"], 0, t[e]))
+                pieces.setdefault((b.index, e), []).append(piece(m["name"], 0, t[e]))
             continue
+        if read == "pread":  # into RAM now, past the memory map: a fault on it would read around it (8 MB here)
+            t = _read(t, files[t.untyped_storage().data_ptr()].fileno())
         dense[name] = t.to(dtype) if t.is_floating_point() else t
 
     shapes = {n: tuple(getattr(blocks[0].experts, n).shape[1:]) for n in blocks[0].expert_param_names()}
@@ -92,10 +110,17 @@ def load(
                 raise ValueError(f"{path}: no weights found for expert {e} of {b.name}; is this the right checkpoint?")
             layer.append(sorted(got, key=lambda p: (p.name, p.row)))
         experts.append(layer)
-    store = HostStore(experts, shapes)
+    store = HostStore(experts, shapes, files=list(files.values()) if read == "pread" else [])
     _load_dense(model, dense, path)
     handle = offload(model, budget, device, opt, store=store, read_base=read_base)
     return model, handle
+
+
+def _read(t: torch.Tensor, fd: int) -> torch.Tensor:
+    """A memory-mapped tensor's bytes read from its file into a fresh tensor (page cache released)."""
+    out = torch.empty(t.shape, dtype=t.dtype)
+    FileSpan.of(fd, t).read_into(out.view(-1).view(torch.uint8))
+    return out
 
 
 def _rename(key: str) -> str:
@@ -104,8 +129,9 @@ def _rename(key: str) -> str:
     return key
 
 
-def _open_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's safetensors shards, memory-mapped."""
+def _open_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, io.FileIO]]:
+    """Every tensor of the checkpoint's safetensors shards, memory-mapped, and each shard open for reading, by the
+    data pointer of its memory map."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a checkpoint directory")
     index = path / "model.safetensors.index.json"
@@ -119,9 +145,15 @@ def _open_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             "checkpoints only (re-save others with save_pretrained(safe_serialization=True))"
         )
     tensors: dict[str, torch.Tensor] = {}
+    files: dict[int, io.FileIO] = {}
     for shard in shards:
-        tensors.update(mmap_safetensors(path / shard))
-    return tensors
+        mapped = mmap_safetensors(path / shard)
+        if mapped:
+            f = io.FileIO(path / shard, "r")
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: reads are whole expert pieces
+            files[next(iter(mapped.values())).untyped_storage().data_ptr()] = f
+        tensors.update(mapped)
+    return tensors, files
 
 
 def _load_dense(model: torch.nn.Module, dense: dict[str, torch.Tensor], path: Path) -> None:

@@ -1,6 +1,7 @@
 """load() opens a checkpoint with experts memory-mapped: same logits as from_pretrained, expert bytes left on disk."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -8,15 +9,17 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import offload_moe
-from tests.helpers import logits, tiny_model
+from lab.disk_read import cached_fraction, drop_cache
+from tests.helpers import generate, logits, tiny_model
 
 
+@pytest.mark.parametrize("read", ["pread", "mmap"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
-def test_load_matches_from_pretrained(tmp_path, family, loaded):
+def test_load_matches_from_pretrained(tmp_path, family, read, loaded):
     tiny_model(family).save_pretrained(tmp_path)  # transformers writes the per-expert layout (w1/w3/w2, ...)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
-    model, handle = loaded(tmp_path, budget=0.25, device="cpu")
+    model, handle = loaded(tmp_path, budget=0.25, device="cpu", read=read)
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=0, atol=1e-5)
     assert handle.stats().misses > 0
     handle.unpatch()  # experts are materialised from the checkpoint: the model equals from_pretrained's
@@ -58,6 +61,43 @@ def test_load_keeps_experts_on_disk(tmp_path, loaded):
     assert handle.stats().resident_bytes <= expert_bytes / 8
     assert grown < 0.4 * expert_bytes, f"RSS grew by {grown / 1e6:.0f} MB for {expert_bytes / 1e6:.0f} MB of experts"
     handle.unpatch()
+
+
+@pytest.mark.parametrize("read", ["pread", "mmap"])
+def test_pread_releases_the_page_cache_the_memory_map_keeps(tmp_path, loaded, read):
+    """Decoding at budget 1/4 with the file's page cache dropped first: `read="pread"` leaves only the non-expert
+    weights cached (the experts' pages are released behind each read), `read="mmap"` leaves the experts it copied."""
+    cfg = MixtralConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path)  # experts: 2 x 8 x 3 x 128 x 1024 x 4 B = 25 MB of 26
+    shard = next(tmp_path.glob("*.safetensors"))
+    with open(shard, "rb") as f:  # written back first: only clean pages leave the page cache
+        os.fsync(f.fileno())
+    drop_cache(shard)
+    model, handle = loaded(tmp_path, budget=0.25, device="cpu", read=read)
+    generate(model, torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0)), n=16)
+    s = handle.stats()
+    assert s.copies > 2 * s.slots  # the slots were refilled: many more experts read than they hold
+    cached = cached_fraction(shard)
+    if read == "pread":
+        assert cached < 0.1, f"{cached:.0%} of the checkpoint is still in the page cache"
+    else:
+        assert cached > 0.5, f"only {cached:.0%} of the checkpoint is in the page cache"
+
+
+def test_an_unknown_read_mode_is_refused(tmp_path):
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="read='direct' is not one of"):
+        offload_moe.load(tmp_path, budget=0.5, device="cpu", read="direct")
 
 
 def _rss_bytes() -> int:

@@ -1,5 +1,6 @@
 """The transfer engine and the cache under concurrency: no lost or duplicated experts, no deadlock."""
 
+import os
 import random
 import threading
 import time
@@ -9,6 +10,7 @@ import torch
 
 from offload_moe.runtime.cache import ExpertCache, Payoff
 from offload_moe.runtime.counters import Counters
+from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.eviction import LRU
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import PREFETCH, EmulatedLink, TransferEngine, _chunks
@@ -53,20 +55,39 @@ def test_a_failed_copy_raises_on_wait():
         engine.submit([torch.ones(1)], [torch.zeros(1)])
 
 
+@pytest.fixture
+def file_span(tmp_path):
+    """Writes a tensor's bytes to a file and returns a span of it; the files are closed at teardown."""
+    fds = []
+
+    def make(t: torch.Tensor, name: str) -> FileSpan:
+        (tmp_path / name).write_bytes(t.contiguous().view(torch.uint8).numpy().tobytes())
+        fds.append(os.open(tmp_path / name, os.O_RDONLY))
+        return FileSpan(fds[-1], 0, t.dtype, tuple(t.shape))
+
+    yield make
+    for fd in fds:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("source", ["tensor", "file"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_demand_copy_preempts_a_speculative_one_at_a_chunk_boundary(device):
+def test_a_demand_copy_preempts_a_speculative_one_at_a_chunk_boundary(device, source, file_span):
     """A 1 MB speculative copy in 16 chunks over a 20 MB/s emulated link (50 ms); a demand copy submitted 5 ms in
-    lands long before it, the speculative copy is resumed where it stopped and lands whole."""
+    lands long before it, the speculative copy is resumed where it stopped and lands whole. The same with both
+    copies read from files (pread, each chunk's page cache released)."""
     link = EmulatedLink(gbps=0.02)
     engine = TransferEngine(torch.device(device), link, chunk_bytes=64 * 1024)
-    pin = device == "cuda"
+    pin = device == "cuda" and source == "tensor"
     big = torch.randn(256, 1024)
     big = big.pin_memory() if pin else big
     big_dst = torch.zeros(256, 1024, device=device)
-    speculative = engine.submit([big], [big_dst], priority=PREFETCH)
+    big_src = file_span(big, "big") if source == "file" else big
+    speculative = engine.submit([big_src], [big_dst], priority=PREFETCH)
     time.sleep(0.005)
     small, small_dst = torch.randn(16, 64), torch.zeros(16, 64, device=device)
-    demand = engine.submit([small.pin_memory() if pin else small], [small_dst])
+    small_src = file_span(small, "small") if source == "file" else small
+    demand = engine.submit([small_src.pin_memory() if pin else small_src], [small_dst])
     demand.wait()
     assert not speculative.done()  # the demand copy did not wait for the whole speculative one
     speculative.wait()
@@ -74,6 +95,22 @@ def test_a_demand_copy_preempts_a_speculative_one_at_a_chunk_boundary(device):
     use = engine.link_use()
     assert use["preemptions"] >= 1 and 0 < use["speculative_link_seconds"]  # the rest ran promoted, as demand
     assert use["link_seconds"] >= 0.9 * (link.seconds(big.numel() * 4) + link.seconds(small.numel() * 4))
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_file_spans_convert_dtype_and_refuse_a_short_file(device, file_span, tmp_path):
+    """A bf16 span into a float32 destination goes through the staging buffer; a span past the end of its file fails
+    the copy with a message that says the shard is truncated, and nothing is served from it."""
+    engine = TransferEngine(torch.device(device), chunk_bytes=1024)
+    w = torch.randn(64, 32).to(torch.bfloat16)
+    dst = torch.zeros(64, 32, device=device)
+    engine.submit([file_span(w, "w")], [dst]).wait()
+    assert torch.equal(dst.cpu(), w.float())
+    span = file_span(w, "short")
+    os.truncate(tmp_path / "short", 1000)
+    with pytest.raises(RuntimeError, match="expert transfer failed: .*the checkpoint shard is truncated"):
+        engine.submit([span], [torch.zeros(64, 32, dtype=torch.bfloat16, device=device)]).wait()
     engine.shutdown()
 
 

@@ -352,7 +352,8 @@ class ExpertCache:
         self._slot_of[key] = slot
         pieces = self.store.expert(*key)
         dst = [self.pool[p.name][slot, p.row : p.row + p.src.shape[0]] for p in pieces]
-        transfer = self._engine.submit([p.src for p in pieces], dst, after=self._last_use[slot], priority=priority)
+        src = self.store.copy_sources(*key)
+        transfer = self._engine.submit(src, dst, after=self._last_use[slot], priority=priority)
         self._pending[key] = transfer
         self._eviction.touch(key)
         return transfer

@@ -6,12 +6,15 @@ safetensors files (`mmap_safetensors`), so opening a checkpoint reads no expert 
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from offload_moe.runtime.disk import FileSpan
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -28,11 +31,13 @@ _SAFETENSORS_DTYPES = {
 
 
 class Piece(NamedTuple):
-    """Part of one expert on the host: `src` goes to rows `row:row + len(src)` of pool weight `name`."""
+    """Part of one expert on the host: `src` goes to rows `row:row + len(src)` of pool weight `name`. `span`, where
+    set, is where `src` lies in its checkpoint file: copies to the device read it from there (`load(read="pread")`)."""
 
     name: str
     row: int
     src: torch.Tensor
+    span: FileSpan | None = None
 
 
 class HostStore:
@@ -40,12 +45,19 @@ class HostStore:
 
     `experts[layer][e]` lists the pieces of expert e; a fused checkpoint has one piece per weight (a view of
     `gate_up_proj[e]`), a per-expert checkpoint (Mixtral's w1/w3/w2) has gate and up as two pieces of `gate_up_proj`.
+    `files`: the open checkpoint files that the pieces' spans read from.
     """
 
-    def __init__(self, experts: list[list[list[Piece]]], expert_shapes: dict[str, tuple[int, ...]]):
+    def __init__(
+        self,
+        experts: list[list[list[Piece]]],
+        expert_shapes: dict[str, tuple[int, ...]],
+        files: list[io.FileIO] | None = None,
+    ):
         if not experts or not experts[0]:
             raise ValueError("HostStore needs at least one layer with one expert")
         self.experts = experts
+        self._files = files or []  # kept open for the pieces' file spans (closed with the store)
         self.expert_shapes = expert_shapes
         self.names = list(expert_shapes)
         self.num_layers = len(experts)
@@ -71,6 +83,11 @@ class HostStore:
 
     def expert(self, layer: int, expert: int) -> list[Piece]:
         return self.experts[layer][expert]
+
+    def copy_sources(self, layer: int, expert: int) -> list[torch.Tensor | FileSpan]:
+        """What a copy of one expert to the device reads, piece by piece: the file span where a piece has one (read
+        with pread, its page cache released), else the host tensor."""
+        return [p.src if p.span is None else p.span for p in self.experts[layer][expert]]
 
     def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """One expert's weights as whole tensors on the host: views of a fused store (no copy), or assembled from a

@@ -7,6 +7,8 @@ waiting for it) goes before speculative ones (prefetches, background copies), a 
 preempted at its next chunk boundary when a demand copy arrives (and resumed later, where it stopped), and a
 speculative copy that someone starts waiting for is promoted. So a demand copy waits for at most one chunk of
 speculation, never for a whole expert.
+A source is a host tensor or a `FileSpan` (bytes of a checkpoint file, read with pread: the link is then the disk,
+and on CUDA the disk and the bus in turn through one pinned staging buffer).
 An `EmulatedLink` makes every copy take `latency + bytes / bandwidth` of wall time, so a CPU-only machine can
 reproduce the behaviour of a PCIe link; results measured with it are emulated and must be reported as such.
 """
@@ -19,6 +21,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from offload_moe.runtime.disk import FileSpan, read_span
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,10 @@ class Transfer:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError("expert transfer failed") from self._error
+            raise RuntimeError(f"expert transfer failed: {self._error}") from self._error
 
 
-def _chunks(src: list[torch.Tensor], dst: list[torch.Tensor], chunk_bytes: int) -> list[tuple[list, list]]:
+def _chunks(src: list[torch.Tensor | FileSpan], dst: list[torch.Tensor], chunk_bytes: int) -> list[tuple[list, list]]:
     """Split the copy into pieces of about `chunk_bytes`: whole rows (dim 0) of each tensor, tensors in order."""
     out: list[tuple[list, list]] = []
     for s, d in zip(src, dst, strict=True):
@@ -117,12 +121,13 @@ class TransferEngine:
         self._speculative_seconds = 0.0  # ... of which for speculative copies
         self._preemptions = 0  # speculative copies set aside at a chunk boundary for a demand copy
         self._current: Transfer | None = None  # the copy on the link
+        self._staging = torch.empty(0, dtype=torch.uint8)  # the worker's buffer for file reads that cannot go direct
         self._worker = threading.Thread(target=self._run, name="offload-moe-copy", daemon=True)
         self._worker.start()
 
     def submit(
         self,
-        src: list[torch.Tensor],
+        src: list[torch.Tensor | FileSpan],
         dst: list[torch.Tensor],
         after: torch.cuda.Event | None = None,
         priority: int = DEMAND,
@@ -242,17 +247,25 @@ class TransferEngine:
         if transfer.priority != DEMAND:
             self._speculative_seconds += took
 
-    def _copy(self, transfer: Transfer, src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+    def _copy(self, transfer: Transfer, src: list[torch.Tensor | FileSpan], dst: list[torch.Tensor]) -> None:
         if self.stream is None:
             for s, d in zip(src, dst, strict=True):
-                d.copy_(s)
+                self._copy_one(s, d)
             return
         with torch.cuda.stream(self.stream):
             if transfer.after is not None and transfer.next_chunk == 0:
                 self.stream.wait_event(transfer.after)  # the slot's previous expert is no longer read
             for s, d in zip(src, dst, strict=True):
-                d.copy_(s, non_blocking=s.is_pinned())
+                self._copy_one(s, d)
             event = torch.cuda.Event()
             event.record(self.stream)
             transfer._event = event
         event.synchronize()  # one chunk on the link at a time: priorities and preemption stay meaningful
+
+    def _copy_one(self, src: torch.Tensor | FileSpan, dst: torch.Tensor) -> None:
+        if isinstance(src, torch.Tensor):
+            dst.copy_(src, non_blocking=src.is_pinned())
+            return
+        if self._staging.numel() < src.nbytes:  # grown once to the largest chunk; reused after each chunk's sync
+            self._staging = torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)
+        read_span(src, dst, self._staging)
