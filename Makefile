@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install test test-quick lint bench bench-full bench-quick gpu-check reference-model clean
+.PHONY: install test test-quick lint bench bench-full bench-quick bench-disk gpu-check reference-model clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,10 @@ bench-quick: install
 	$(PY) -m lab.served_bench --mode quick
 	$(PY) -m lab.gateway_bench --mode quick
 	$(PY) -m lab.cluster_bench --seconds 20
+
+# A checkpoint larger than RAM streamed from disk under a memory limit (bench-results/disk.json); not in make bench.
+bench-disk: install
+	$(PY) -m lab.disk_bench
 
 # On a CUDA machine: a real-link benchmark (bench-results/gpu-check.json), then the CUDA tests; elsewhere it says so.
 gpu-check: install

@@ -47,7 +47,7 @@ class OffloadStats:
     """
 
     device: str
-    link: dict[str, Any]  # {"emulated": bool, "gbps", ...}
+    link: dict[str, Any]  # {"emulated": bool, "gbps", ...} or {"emulated": False, "kind": "memcpy", "pcie", "disk+..."}
     host: dict[str, Any]  # {"emulated": bool, "gbps", "gflops"} of host compute
     fallback: str  # the exact-miss path in effect: "fetch", "host" or "auto"
     standin: str | None
@@ -72,7 +72,7 @@ class OffloadStats:
     background_used: int  # ... used before being evicted
     speculation_skipped: int  # speculation rounds skipped at layers where the source did not pay
     placement: str  # "dynamic", "static-layers" or "static-frequency"
-    link_seconds: float  # the link's busy time ...
+    link_seconds: float  # the link's busy time (with load(read="pread"), the disk reads included) ...
     speculative_link_seconds: float  # ... of which on speculative copies (demand preempts them between chunks)
     preemptions: int  # speculative copies set aside at a chunk boundary for a demand copy
     substituted: int
@@ -149,7 +149,7 @@ class OffloadHandle:
         read, rss = storage_read_bytes(), resident_memory()
         opt, link, emulated_host = self.options, self.options.link, self.options.host
         link_info = ({"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us} if link is not None else
-                     {"emulated": False, "kind": "pcie" if self.cache.device.type == "cuda" else "memcpy"})  # fmt: skip
+                     {"emulated": False, "kind": _link_kind(self.cache)})  # fmt: skip
         host_info = ({"emulated": True, "gbps": emulated_host.gbps, "gflops": emulated_host.gflops}
                      if emulated_host is not None else {"emulated": False})  # fmt: skip
         return OffloadStats(
@@ -187,6 +187,12 @@ class OffloadHandle:
         del self.model.__dict__[_ATTR]
         self._stop_workers.detach()
         self._undo.close()
+
+
+def _link_kind(cache: ExpertCache) -> str:
+    """What a copy crosses: the disk (the checkpoint's files, `load(read="pread")`), then PCIe on CUDA."""
+    bus = "pcie" if cache.device.type == "cuda" else "memcpy"
+    return f"disk+{bus}" if cache.store.reads_files() else bus
 
 
 def _call_all(calls: list[Callable[[], None]]) -> None:

@@ -142,3 +142,25 @@ def test_disk_read_paths_read_the_same_bytes_and_release_the_cache_as_they_say(t
     assert runs["mmap-copy"]["cached_after"] > 0.9 and runs["page-cache"]["cached_after"] == 1
     assert result["disk_read_gbps"] == max(runs["o_direct"]["gbps"], runs["pread+dontneed"]["gbps"])
     assert not list(tmp_path.glob("*/disk-read.bin"))  # the file is removed
+
+
+@pytest.mark.bench
+def test_disk_bench_runs_every_configuration_under_a_memory_limit(tmp_path):
+    """The disk bench on a 50 MB checkpoint: every configuration runs in its own process, the lossless ones decode
+    accelerate's greedy tokens, and the checkpoint is removed afterwards."""
+    from lab.disk_bench import main as disk_bench
+
+    configs = "lru,default,page-cache,accelerate-disk"
+    disk_bench(["--geometry", "small", "--gib", "0.05", "--budgets", "0.25", "--tokens", "3", "--prompt", "8",
+                "--configs", configs, "--dir", str(tmp_path), "--out", str(tmp_path)])  # fmt: skip
+    result = json.loads((tmp_path / "disk.json").read_text())
+    runs = {r["name"]: r for r in result["runs"]}
+    assert set(runs) == {"lru", "default", "page-cache", "accelerate-disk"}
+    assert all("error" not in r for r in runs.values()), [r.get("error") for r in runs.values()]
+    assert runs["lru"]["tokens"] == runs["default"]["tokens"] == runs["accelerate-disk"]["tokens"]
+    assert runs["lru"]["tokens_equal_accelerate"] and runs["lru"]["x_accelerate-disk"] > 0
+    assert 0 <= runs["lru"]["hit_rate"] <= 1 and runs["accelerate-disk"]["hit_rate"] is None
+    assert all(r["memory_limit_bytes"] > 0 and len(r["tokens"]) == 4 for r in runs.values())
+    if result["memory_limit"] == "cgroup":
+        assert all(0 < r["peak_memory_bytes"] <= r["memory_limit_bytes"] for r in runs.values())
+    assert (tmp_path / "disk-speed.png").exists() and not list(tmp_path.glob("offload-moe-disk-bench-*/*"))

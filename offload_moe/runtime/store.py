@@ -84,6 +84,10 @@ class HostStore:
     def expert(self, layer: int, expert: int) -> list[Piece]:
         return self.experts[layer][expert]
 
+    def reads_files(self) -> bool:
+        """True when copies read the checkpoint files (pread) rather than host tensors."""
+        return bool(self._files)
+
     def copy_sources(self, layer: int, expert: int) -> list[torch.Tensor | FileSpan]:
         """What a copy of one expert to the device reads, piece by piece: the file span where a piece has one (read
         with pread, its page cache released), else the host tensor."""
