@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -149,9 +148,7 @@ def _open_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, io.
     for shard in shards:
         mapped = mmap_safetensors(path / shard)
         if mapped:
-            f = io.FileIO(path / shard, "r")
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: reads are whole expert pieces
-            files[next(iter(mapped.values())).untyped_storage().data_ptr()] = f
+            files[next(iter(mapped.values())).untyped_storage().data_ptr()] = io.FileIO(path / shard, "r")
         tensors.update(mapped)
     return tensors, files
 

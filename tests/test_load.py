@@ -65,33 +65,34 @@ def test_load_keeps_experts_on_disk(tmp_path, loaded):
 
 @pytest.mark.parametrize("read", ["pread", "mmap"])
 def test_pread_releases_the_page_cache_the_memory_map_keeps(tmp_path, loaded, read):
-    """Decoding at budget 1/4 with the file's page cache dropped first: `read="pread"` leaves only the non-expert
-    weights cached (the experts' pages are released behind each read), `read="mmap"` leaves the experts it copied."""
+    """Decoding at budget 1/4 with the file's page cache dropped first: `read="mmap"` leaves every expert it copied
+    cached (the whole file here); `read="pread"` releases what it read, leaving only the kernel's readahead past each
+    read (up to this disk's read_ahead_kb, 8 MB here; reading without readahead ran at a third of the speed)."""
     cfg = MixtralConfig(
         vocab_size=64,
-        hidden_size=128,
+        hidden_size=256,
         intermediate_size=1024,
-        num_hidden_layers=2,
+        num_hidden_layers=4,
         num_local_experts=8,
         num_experts_per_tok=2,
         num_attention_heads=4,
         num_key_value_heads=2,
     )
     torch.manual_seed(0)
-    MixtralForCausalLM(cfg).save_pretrained(tmp_path)  # experts: 2 x 8 x 3 x 128 x 1024 x 4 B = 25 MB of 26
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path)  # experts: 4 x 8 x 3 x 256 x 1024 x 4 B = 101 MB of 102
     shard = next(tmp_path.glob("*.safetensors"))
     with open(shard, "rb") as f:  # written back first: only clean pages leave the page cache
         os.fsync(f.fileno())
     drop_cache(shard)
     model, handle = loaded(tmp_path, budget=0.25, device="cpu", read=read)
-    generate(model, torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0)), n=16)
+    generate(model, torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0)), n=8)
     s = handle.stats()
     assert s.copies > 2 * s.slots  # the slots were refilled: many more experts read than they hold
     cached = cached_fraction(shard)
     if read == "pread":
-        assert cached < 0.1, f"{cached:.0%} of the checkpoint is still in the page cache"
+        assert cached < 0.5, f"{cached:.0%} of the checkpoint is still in the page cache"
     else:
-        assert cached > 0.5, f"only {cached:.0%} of the checkpoint is in the page cache"
+        assert cached > 0.9, f"only {cached:.0%} of the checkpoint is in the page cache"
 
 
 def test_an_unknown_read_mode_is_refused(tmp_path):
