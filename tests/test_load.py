@@ -42,18 +42,7 @@ def test_load_fused_layout_and_dtype(tmp_path, loaded):
 
 def test_load_keeps_experts_on_disk(tmp_path, loaded):
     """A checkpoint whose experts are ~100 MB: opening it at budget 1/8 reads only about that eighth into RAM."""
-    cfg = MixtralConfig(
-        vocab_size=64,
-        hidden_size=256,
-        intermediate_size=2048,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    MixtralForCausalLM(cfg).save_pretrained(tmp_path)
+    _save_mixtral(tmp_path, intermediate=2048)
     expert_bytes = 4 * 8 * 3 * 256 * 2048 * 4
     rss_before = _rss_bytes()
     model, handle = loaded(tmp_path, budget=0.125, device="cpu")
@@ -68,18 +57,7 @@ def test_pread_releases_the_page_cache_the_memory_map_keeps(tmp_path, loaded, re
     """Decoding at budget 1/4 with the file's page cache dropped first: `read="mmap"` leaves every expert it copied
     cached (the whole file here); `read="pread"` releases what it read, leaving only the kernel's readahead past each
     read (up to this disk's read_ahead_kb, 8 MB here; reading without readahead ran at a third of the speed)."""
-    cfg = MixtralConfig(
-        vocab_size=64,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    MixtralForCausalLM(cfg).save_pretrained(tmp_path)  # experts: 4 x 8 x 3 x 256 x 1024 x 4 B = 101 MB of 102
+    _save_mixtral(tmp_path, intermediate=1024)  # experts: 4 x 8 x 3 x 256 x 1024 x 4 B = 101 MB of 102
     shard = next(tmp_path.glob("*.safetensors"))
     with open(shard, "rb") as f:  # written back first: only clean pages leave the page cache
         os.fsync(f.fileno())
@@ -99,6 +77,15 @@ def test_an_unknown_read_mode_is_refused(tmp_path):
     tiny_model("mixtral").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="read='direct' is not one of"):
         offload_moe.load(tmp_path, budget=0.5, device="cpu", read="direct")
+
+
+def _save_mixtral(path, intermediate: int) -> None:
+    """A float32 Mixtral of 4 layers, hidden 256, 8 experts of `intermediate`, saved as transformers saves it."""
+    sizes = {"vocab_size": 64, "hidden_size": 256, "intermediate_size": intermediate, "num_hidden_layers": 4}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2}
+    cfg = MixtralConfig(**sizes, **heads)
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).save_pretrained(path)
 
 
 def _rss_bytes() -> int:
