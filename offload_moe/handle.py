@@ -90,6 +90,10 @@ class OffloadStats:
     storage_read_bytes: int | None = None
     rss_anon_bytes: int | None = None
     rss_file_bytes: int | None = None
+    # `load(..., ram_budget=)`: copies to the device served by the RAM tier / read from disk into it, and its size
+    ram_hits: int = 0
+    ram_misses: int = 0
+    ram_bytes: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -128,6 +132,7 @@ class OffloadHandle:
         self.miss_path, self._counters = miss_path, counters
         self._link_base = cache.link_use()  # the link's totals at patch time (warm-up copies included there)
         self._read_base = read_base
+        self._ram_base = _ram_counts(cache)  # copies the RAM tier served / missed before the first forward
         self._undo = undo
         model.__dict__[_ATTR] = self
         # a patched model dropped without unpatch(): its worker threads stop when it is collected
@@ -147,6 +152,7 @@ class OffloadHandle:
         s = self._counters.snapshot()
         on_link = {k: v - self._link_base[k] for k, v in self.cache.link_use().items()}  # since patch / reset_stats
         read, rss = storage_read_bytes(), resident_memory()
+        ram_hits, ram_misses = _ram_counts(self.cache)
         opt, link, emulated_host = self.options, self.options.link, self.options.host
         link_info = ({"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us} if link is not None else
                      {"emulated": False, "kind": _link_kind(self.cache)})  # fmt: skip
@@ -171,6 +177,8 @@ class OffloadHandle:
                             for i, b in enumerate(self.blocks)),
             storage_read_bytes=read - self._read_base if read is not None and self._read_base is not None else None,
             rss_anon_bytes=rss[0] if rss else None, rss_file_bytes=rss[1] if rss else None,
+            ram_hits=ram_hits - self._ram_base[0], ram_misses=ram_misses - self._ram_base[1],
+            ram_bytes=self.store.ram.nbytes if self.store.ram is not None else 0,
         )  # fmt: skip
 
     def reset_stats(self) -> None:
@@ -179,6 +187,7 @@ class OffloadHandle:
         self._counters.reset()
         self._link_base = self.cache.link_use()
         self._read_base = storage_read_bytes()
+        self._ram_base = _ram_counts(self.cache)
 
     def unpatch(self) -> None:
         """Detach every hook and put the original expert parameters back: the model is as before `patch`."""
@@ -187,6 +196,11 @@ class OffloadHandle:
         del self.model.__dict__[_ATTR]
         self._stop_workers.detach()
         self._undo.close()
+
+
+def _ram_counts(cache: ExpertCache) -> tuple[int, int]:
+    ram = cache.store.ram
+    return (ram.hits, ram.misses) if ram is not None else (0, 0)
 
 
 def _link_kind(cache: ExpertCache) -> str:

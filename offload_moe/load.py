@@ -19,11 +19,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from offload_moe import compat
 from offload_moe.blocks import moe_blocks
+from offload_moe.budget import budget_bytes
 from offload_moe.handle import OffloadHandle
 from offload_moe.options import OffloadOptions
-from offload_moe.patch import offload
+from offload_moe.patch import offload, resolve_device
 from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.process import storage_read_bytes
+from offload_moe.runtime.ram_tier import RamTier
 from offload_moe.runtime.store import HostStore, Piece, mmap_safetensors
 
 READS = ("pread", "mmap")  # how load() reads an expert for a copy
@@ -43,6 +45,7 @@ def load(
     *,
     dtype: torch.dtype | None = None,
     read: str = "pread",
+    ram_budget: float | str | None = None,
     options: OffloadOptions | None = None,
     **kwargs: Any,
 ) -> tuple[torch.nn.Module, OffloadHandle]:
@@ -51,11 +54,16 @@ def load(
     Expert weights are never all read into RAM: they are memory-mapped and copied to the device expert by expert.
     dtype: the compute dtype (default: the checkpoint's). read: how a copy reads an expert, `"pread"` (large reads
     whose page cache is released behind them, so the budget is the memory used) or `"mmap"` (copied out of the
-    memory map; the page cache keeps what fits). options / kwargs: as for `offload_moe.patch`.
+    memory map; the page cache keeps what fits). ram_budget: experts to keep in RAM between the disk and a GPU (a
+    fraction of the experts' bytes or a size such as "32GiB"; pinned on CUDA), so an expert the device evicted comes
+    back from RAM, not from disk; needs read="pread". options / kwargs: as for `offload_moe.patch`.
     """
     if read not in READS:
         raise ValueError(f"read={read!r} is not one of {READS}: 'pread' reads experts from the files and releases "
                          "their page cache, 'mmap' copies them out of the memory map")  # fmt: skip
+    if ram_budget is not None and read != "pread":
+        raise ValueError("ram_budget keeps experts read from the files in RAM, and needs read='pread'; with "
+                         "read='mmap' the page cache is the RAM tier")  # fmt: skip
     opt = OffloadOptions.of(options, **kwargs)
     if opt.pin_memory:
         raise ValueError(
@@ -109,10 +117,22 @@ def load(
                 raise ValueError(f"{path}: no weights found for expert {e} of {b.name}; is this the right checkpoint?")
             layer.append(sorted(got, key=lambda p: (p.name, p.row)))
         experts.append(layer)
-    store = HostStore(experts, shapes, files=list(files.values()) if read == "pread" else [])
+    ram = _ram_tier(experts, shapes, ram_budget, resolve_device(device)) if ram_budget is not None else None
+    store = HostStore(experts, shapes, files=list(files.values()) if read == "pread" else [], ram=ram)
     _load_dense(model, dense, path)
     handle = offload(model, budget, device, opt, store=store, read_base=read_base)
     return model, handle
+
+
+def _ram_tier(experts: list, shapes: dict, ram_budget: float | str, device: torch.device) -> RamTier:
+    """A RAM tier of `ram_budget` (of every expert's bytes in the checkpoint's dtype), pinned for a CUDA device."""
+    file_dtype = experts[0][0][0].src.dtype
+    one = sum(torch.Size(s).numel() for s in shapes.values()) * torch.empty((), dtype=file_dtype).element_size()
+    slots = budget_bytes(ram_budget, one * len(experts) * len(experts[0])) // one
+    if slots < 1:
+        raise ValueError(f"ram_budget={ram_budget!r} holds no expert (one is {one / 2**20:.1f} MiB); give at least "
+                         "that, or leave ram_budget unset")  # fmt: skip
+    return RamTier(shapes, file_dtype, slots, pin=device.type == "cuda")
 
 
 def _read(t: torch.Tensor, fd: int) -> torch.Tensor:

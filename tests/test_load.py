@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import offload_moe
 from lab.disk_read import cached_fraction, drop_cache
-from tests.helpers import generate, logits, tiny_model
+from tests.helpers import DEVICES, generate, logits, tiny_model
 
 
 @pytest.mark.parametrize("read", ["pread", "mmap"])
@@ -152,3 +152,29 @@ def test_a_damaged_shard_is_refused_naming_the_file_and_tensor(tmp_path, damage,
     with pytest.raises(ValueError, match=match) as err:
         offload_moe.load(tmp_path, budget=0.5, device="cpu")
     assert shard.name in str(err.value)
+
+
+@pytest.mark.parametrize("ram_budget", [1.0, 0.1])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_ram_tier_is_lossless_and_serves_evicted_experts(tmp_path, loaded, device, ram_budget):
+    """Device slots for a quarter of the experts, a RAM tier for all of them (each expert read from disk once, every
+    later miss served from RAM) or for a tenth (its own evictions): the same tokens as from_pretrained."""
+    tiny_model("mixtral").save_pretrained(tmp_path)  # 3 layers x 8 experts
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    model, handle = loaded(tmp_path, budget=0.25, device=device, ram_budget=ram_budget)
+    assert torch.equal(generate(model, ids.to(device), n=24).cpu(), generate(ref, ids, n=24))
+    s = handle.stats()
+    assert s.ram_bytes == handle.store.ram.nbytes > 0 and s.ram_hits + s.ram_misses >= s.copies > 0
+    if ram_budget == 1.0:
+        assert s.ram_hits > 0 and s.ram_misses + s.warmup_copies <= 3 * 8  # read from disk at most once each
+    else:
+        assert s.ram_misses > 3 * 8 - 2  # two slots: experts leave the RAM tier and are read again
+
+
+def test_ram_budget_errors_are_clear(tmp_path):
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs read='pread'"):
+        offload_moe.load(tmp_path, budget=0.5, device="cpu", read="mmap", ram_budget=0.5)
+    with pytest.raises(ValueError, match="holds no expert"):
+        offload_moe.load(tmp_path, budget=0.5, device="cpu", ram_budget="1KiB")

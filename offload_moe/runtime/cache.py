@@ -354,6 +354,7 @@ class ExpertCache:
         dst = [self.pool[p.name][slot, p.row : p.row + p.src.shape[0]] for p in pieces]
         src = self.store.copy_sources(*key)
         transfer = self._engine.submit(src, dst, after=self._last_use[slot], priority=priority)
+        self.store.copied(*key, transfer)
         self._pending[key] = transfer
         self._eviction.touch(key)
         return transfer

@@ -19,13 +19,22 @@ import torch
 class FileSpan:
     """A contiguous tensor stored at byte `offset` of the open file `fd`: one piece of one expert.
 
-    Sliced by rows like the tensor it stands for (`span[r0:r1]`), so a copy can move it in chunks.
+    Sliced by rows like the tensor it stands for (`span[r0:r1]`), so a copy can move it in chunks. `into`, where set,
+    is a RAM tensor of the same shape and dtype the bytes land in on their way (the RAM tier's slot).
     """
 
-    __slots__ = ("fd", "offset", "dtype", "shape")
+    __slots__ = ("fd", "offset", "dtype", "shape", "into")
 
-    def __init__(self, fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]):
-        self.fd, self.offset, self.dtype, self.shape = fd, offset, dtype, tuple(shape)
+    def __init__(self, fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+                 into: torch.Tensor | None = None):  # fmt: skip
+        self.fd, self.offset, self.dtype, self.shape, self.into = fd, offset, dtype, tuple(shape), into
+
+    def landing_in(self, into: torch.Tensor) -> FileSpan:
+        """This span, its bytes kept in `into` (a contiguous CPU tensor of its shape and dtype) on their way."""
+        if tuple(into.shape) != self.shape or into.dtype != self.dtype or into.device.type != "cpu":
+            raise ValueError(f"a span of {self.dtype} {self.shape} cannot land in {into.dtype} {tuple(into.shape)} "
+                             f"on {into.device}")  # fmt: skip
+        return FileSpan(self.fd, self.offset, self.dtype, self.shape, into)
 
     @classmethod
     def of(cls, fd: int, t: torch.Tensor) -> FileSpan:
@@ -43,7 +52,8 @@ class FileSpan:
         if step != 1:
             raise ValueError("a file span is sliced by contiguous rows only")
         row_bytes = self.nbytes // self.shape[0]
-        return FileSpan(self.fd, self.offset + start * row_bytes, self.dtype, (stop - start, *self.shape[1:]))
+        into = None if self.into is None else self.into[start:stop]
+        return FileSpan(self.fd, self.offset + start * row_bytes, self.dtype, (stop - start, *self.shape[1:]), into)
 
     def read_into(self, buf: torch.Tensor) -> None:
         """Read the span's bytes into `buf` (a contiguous CPU uint8 tensor of `nbytes`), then release their page
@@ -60,10 +70,15 @@ class FileSpan:
 
 
 def read_span(span: FileSpan, dst: torch.Tensor, staging: torch.Tensor) -> None:
-    """Copy `span` into `dst`: directly when `dst` is a contiguous CPU tensor of the span's dtype, else through
-    `staging` (a CPU uint8 buffer of at least `span.nbytes`, pinned for a CUDA `dst`)."""
+    """Copy `span` into `dst`: through its `into` tensor where it has one, directly when `dst` is a contiguous CPU
+    tensor of the span's dtype, else through `staging` (a CPU uint8 buffer of at least `span.nbytes`, pinned for a
+    CUDA `dst`)."""
     if tuple(dst.shape) != span.shape:
         raise ValueError(f"file span of shape {span.shape} cannot fill a tensor of shape {tuple(dst.shape)}")
+    if span.into is not None:
+        span.read_into(span.into.view(-1).view(torch.uint8))
+        dst.copy_(span.into, non_blocking=span.into.is_pinned())
+        return
     if dst.device.type == "cpu" and dst.dtype == span.dtype and dst.is_contiguous():
         span.read_into(dst.view(-1).view(torch.uint8))
         return

@@ -10,11 +10,15 @@ import io
 import json
 import struct
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from offload_moe.runtime.disk import FileSpan
+
+if TYPE_CHECKING:
+    from offload_moe.runtime.ram_tier import RamTier
+    from offload_moe.runtime.transfer import Transfer
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -53,11 +57,13 @@ class HostStore:
         experts: list[list[list[Piece]]],
         expert_shapes: dict[str, tuple[int, ...]],
         files: list[io.FileIO] | None = None,
+        ram: RamTier | None = None,
     ):
         if not experts or not experts[0]:
             raise ValueError("HostStore needs at least one layer with one expert")
         self.experts = experts
         self._files = files or []  # kept open for the pieces' file spans (closed with the store)
+        self.ram = ram  # between the files and the device: experts kept in RAM (`load(..., ram_budget=)`)
         self.expert_shapes = expert_shapes
         self.names = list(expert_shapes)
         self.num_layers = len(experts)
@@ -89,9 +95,18 @@ class HostStore:
         return bool(self._files)
 
     def copy_sources(self, layer: int, expert: int) -> list[torch.Tensor | FileSpan]:
-        """What a copy of one expert to the device reads, piece by piece: the file span where a piece has one (read
-        with pread, its page cache released), else the host tensor."""
-        return [p.src if p.span is None else p.span for p in self.experts[layer][expert]]
+        """What a copy of one expert to the device reads, piece by piece: its RAM tier slot where it holds the expert,
+        else the file span where a piece has one (read with pread, its page cache released), else the host tensor.
+        Tell `copied` which transfer reads them."""
+        pieces = self.experts[layer][expert]
+        if self.ram is not None:
+            return self.ram.sources((layer, expert), pieces)
+        return [p.src if p.span is None else p.span for p in pieces]
+
+    def copied(self, layer: int, expert: int, transfer: Transfer) -> None:
+        """`transfer` reads what `copy_sources` returned for this expert."""
+        if self.ram is not None:
+            self.ram.used_by((layer, expert), transfer)
 
     def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """One expert's weights as whole tensors on the host: views of a fused store (no copy), or assembled from a

@@ -69,6 +69,10 @@ class Transfer:
             return False
         return self._event is None or self._event.query()
 
+    def failed(self) -> bool:
+        """True once the copy has ended in an error (never blocks)."""
+        return self._issued.is_set() and self._error is not None
+
     def wait(self) -> float:
         """Block until the data is in place; returns the seconds spent blocked (the stall)."""
         if self.done():
