@@ -12,7 +12,8 @@ from offload_moe.runtime.cache import ExpertCache, Payoff
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.eviction import LRU
-from offload_moe.runtime.store import HostStore
+from offload_moe.runtime.ram_tier import RamTier
+from offload_moe.runtime.store import HostStore, Piece
 from offload_moe.runtime.transfer import PREFETCH, EmulatedLink, TransferEngine, _chunks
 from tests.helpers import DEVICES
 
@@ -215,3 +216,29 @@ def test_cache_stress_prefetch_racing_eviction(device):
     s = counters.snapshot()
     assert s.copies > s.misses > 0 and s.hits > 0 and s.inflight_hits > 0
     assert s.bytes_copied == s.copies * cache.slot_bytes
+
+
+def test_a_ram_tier_reads_again_what_a_failed_copy_never_brought(file_span):
+    """A one-slot RAM tier: a copy that fails (its span runs past the end of the file) leaves the expert a miss, the
+    next copy reads the file again, and the one after is served from RAM."""
+    w = torch.randn(8, 4)
+    good = file_span(w, "w")
+    bad = FileSpan(good.fd, 10_000, w.dtype, tuple(w.shape))  # past the end of its 128-byte file
+    tier = RamTier({"w": (8, 4)}, torch.float32, slots=1, pin=False)
+    engine, dst = TransferEngine(torch.device("cpu")), torch.zeros(8, 4)
+
+    def copy(span: FileSpan):
+        src = tier.sources((0, 0), [Piece("w", 0, w, span)])
+        transfer = engine.submit(src, [dst])
+        tier.used_by((0, 0), transfer)
+        return src, transfer
+
+    with pytest.raises(RuntimeError, match="the checkpoint shard is truncated"):
+        copy(bad)[1].wait()
+    src, transfer = copy(good)
+    transfer.wait()
+    assert isinstance(src[0], FileSpan) and torch.equal(dst, w) and (tier.hits, tier.misses) == (0, 2)
+    src, transfer = copy(good)
+    transfer.wait()
+    assert isinstance(src[0], torch.Tensor) and torch.equal(src[0], w) and (tier.hits, tier.misses) == (1, 2)
+    engine.shutdown()

@@ -41,7 +41,7 @@ class RamTier:
         slot = self._slot_of.get(key)
         last = self._filled_by.get(slot) if slot is not None else None
         if slot is not None and last is not None and last.failed():  # its bytes never arrived: read them again
-            del self._slot_of[key]
+            del self._slot_of[key], self._filled_by[slot]
             self._free.append(slot)
             slot = None
         if slot is not None:
