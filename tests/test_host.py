@@ -182,3 +182,13 @@ def test_default_miss_path_is_auto_only_when_the_device_is_not_the_host(patched)
     emulated = patched(model, budget=0.5, device="cpu", link=SLOW_LINK)
     assert emulated.stats().fallback == "auto"
     emulated.unpatch()
+
+
+def test_auto_sends_to_the_host_a_copy_the_cache_should_not_admit_unless_the_host_is_much_slower():
+    """The same costs: the third decode miss would take 17.25 ms on the host against 14 ms on the link, within
+    ADMIT_SLACK, so when its copy would evict an expert needed more often it is computed on the host; a 64-token
+    prefill (27.8 ms on the host) is copied whatever it evicts."""
+    router = MissRouter("auto", _Link(14e-3), host=None, fit=HostFit(a=5.4e-3, b=0.35e-3), counters=Counters(1))
+    assert router.split({1: 1, 2: 1, 3: 1}, admit=lambda e: False) == (set(), {1, 2, 3})
+    assert router.split({1: 1, 2: 1, 3: 1}, admit=lambda e: True)[0] == {3}
+    assert router.split({3: 64}, admit=lambda e: False) == ({3}, set())

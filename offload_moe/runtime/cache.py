@@ -282,6 +282,10 @@ class ExpertCache:
             payoff = self._payoff[(source, layer)] = Payoff()
         return payoff
 
+    def admits(self, key: Key) -> bool:
+        """A copy of `key` (missed now) would not evict an expert needed more often than it (or a slot is free)."""
+        return self._worth_caching(key)
+
     def _worth_caching(self, key: Key) -> bool:
         """`key` (not resident) has been needed more often than the expert it would evict (or a slot is free)."""
         if self._free:

@@ -94,7 +94,9 @@ class ExpertsHook(ModuleHook):
         if plan.exact and self.router is not None:  # host or auto: some exact misses are computed on the host
             # (k positions, tokens) of each expert's pairs, in the order the stock kernels gather them
             pairs = {e: torch.nonzero((plan.index == e).T, as_tuple=True) for e in plan.exact}
-            copy, on_host = self.router.split({e: len(tok) for e, (_, tok) in pairs.items()})
+            copy, on_host = self.router.split(
+                {e: len(tok) for e, (_, tok) in pairs.items()}, admit=lambda e: cache.admits((layer, e))
+            )
             for e in sorted(on_host):  # submitted first: the host computes while the device does
                 pos, tok = pairs[e]
                 jobs.append(self.host.submit(layer, e, hidden_states[tok], plan.weights[tok, pos], tok))
