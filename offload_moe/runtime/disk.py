@@ -77,11 +77,11 @@ def read_span(span: FileSpan, dst: torch.Tensor, staging: torch.Tensor) -> None:
         raise ValueError(f"file span of shape {span.shape} cannot fill a tensor of shape {tuple(dst.shape)}")
     if span.into is not None:
         span.read_into(span.into.view(-1).view(torch.uint8))
-        dst.copy_(span.into, non_blocking=span.into.is_pinned())
+        dst.copy_(span.into, non_blocking=dst.is_cuda)  # the RAM tier is pinned on CUDA
         return
     if dst.device.type == "cpu" and dst.dtype == span.dtype and dst.is_contiguous():
         span.read_into(dst.view(-1).view(torch.uint8))
         return
     staged = staging[: span.nbytes]
     span.read_into(staged)
-    dst.copy_(staged.view(span.dtype).view(span.shape), non_blocking=staged.is_pinned())
+    dst.copy_(staged.view(span.dtype).view(span.shape), non_blocking=dst.is_cuda)  # staging is pinned on CUDA

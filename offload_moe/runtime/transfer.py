@@ -268,7 +268,7 @@ class TransferEngine:
 
     def _copy_one(self, src: torch.Tensor | FileSpan, dst: torch.Tensor) -> None:
         if isinstance(src, torch.Tensor):
-            dst.copy_(src, non_blocking=src.is_pinned())
+            dst.copy_(src, non_blocking=self.stream is not None and src.is_pinned())
             return
         if self._staging.numel() < src.nbytes:  # grown once to the largest chunk; reused after each chunk's sync
             self._staging = torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)
