@@ -11,8 +11,10 @@ import pytest
 import offload_moe
 from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR
 
-# measured host costs are cached per machine; the tests keep theirs to themselves
-os.environ.setdefault("OFFLOAD_MOE_CACHE_DIR", tempfile.mkdtemp(prefix="offload-moe-test-cache-"))
+# measured host costs are cached per machine; the tests keep theirs to themselves, removed when the run ends
+if "OFFLOAD_MOE_CACHE_DIR" not in os.environ:
+    _HOST_COSTS = tempfile.TemporaryDirectory(prefix="offload-moe-test-cache-")
+    os.environ["OFFLOAD_MOE_CACHE_DIR"] = _HOST_COSTS.name
 
 
 def _model_dir(path: Path) -> Path:
