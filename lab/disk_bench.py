@@ -147,8 +147,6 @@ def run_child(spec: dict) -> dict:
                                                      offload_folder=spec["offload_folder"]).eval()  # fmt: skip
         for f in Path(spec["offload_folder"]).rglob("*"):  # what it wrote there: cold, as in a later session
             if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
                 drop_cache(f)
     else:
         options = dict(CONFIGS[name])

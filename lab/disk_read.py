@@ -51,9 +51,10 @@ def cached_fraction(path: Path) -> float:
 
 
 def drop_cache(path: Path) -> None:
-    """Release `path`'s clean pages from the page cache (no root needed)."""
+    """Write `path`'s dirty pages back, then release its pages from the page cache (no root needed)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)  # only clean pages can be released
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

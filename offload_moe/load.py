@@ -26,7 +26,7 @@ from offload_moe.patch import offload, resolve_device
 from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.ram_tier import RamTier
-from offload_moe.runtime.store import HostStore, Piece, mmap_safetensors
+from offload_moe.runtime.store import HostStore, Piece, expert_nbytes, mmap_safetensors
 
 READS = ("pread", "mmap")  # how load() reads an expert for a copy
 
@@ -72,7 +72,7 @@ def load(
         )
     path = Path(path)
     read_base = storage_read_bytes()  # handle.stats() counts the checkpoint's reads from here
-    tensors, files = _open_checkpoint(path)
+    tensors, files = _open_checkpoint(path, open_files=read == "pread")
 
     def piece(name: str, row: int, t: torch.Tensor) -> Piece:
         span = FileSpan.of(files[t.untyped_storage().data_ptr()].fileno(), t) if read == "pread" else None
@@ -118,7 +118,7 @@ def load(
             layer.append(sorted(got, key=lambda p: (p.name, p.row)))
         experts.append(layer)
     ram = _ram_tier(experts, shapes, ram_budget, resolve_device(device)) if ram_budget is not None else None
-    store = HostStore(experts, shapes, files=list(files.values()) if read == "pread" else [], ram=ram)
+    store = HostStore(experts, shapes, files=list(files.values()), ram=ram)
     _load_dense(model, dense, path)
     handle = offload(model, budget, device, opt, store=store, read_base=read_base)
     return model, handle
@@ -127,7 +127,7 @@ def load(
 def _ram_tier(experts: list, shapes: dict, ram_budget: float | str, device: torch.device) -> RamTier:
     """A RAM tier of `ram_budget` (of every expert's bytes in the checkpoint's dtype), pinned for a CUDA device."""
     file_dtype = experts[0][0][0].src.dtype
-    one = sum(torch.Size(s).numel() for s in shapes.values()) * torch.empty((), dtype=file_dtype).element_size()
+    one = expert_nbytes(shapes, file_dtype)
     slots = budget_bytes(ram_budget, one * len(experts) * len(experts[0])) // one
     if slots < 1:
         raise ValueError(f"ram_budget={ram_budget!r} holds no expert (one is {one / 2**20:.1f} MiB); give at least "
@@ -148,9 +148,9 @@ def _rename(key: str) -> str:
     return key
 
 
-def _open_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, io.FileIO]]:
-    """Every tensor of the checkpoint's safetensors shards, memory-mapped, and each shard open for reading, by the
-    data pointer of its memory map."""
+def _open_checkpoint(path: Path, open_files: bool) -> tuple[dict[str, torch.Tensor], dict[int, io.FileIO]]:
+    """Every tensor of the checkpoint's safetensors shards, memory-mapped, and (open_files) each shard open for
+    reading, by the data pointer of its memory map."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a checkpoint directory")
     index = path / "model.safetensors.index.json"
@@ -167,7 +167,7 @@ def _open_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[int, io.
     files: dict[int, io.FileIO] = {}
     for shard in shards:
         mapped = mmap_safetensors(path / shard)
-        if mapped:
+        if mapped and open_files:
             files[next(iter(mapped.values())).untyped_storage().data_ptr()] = io.FileIO(path / shard, "r")
         tensors.update(mapped)
     return tensors, files

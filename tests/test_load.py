@@ -59,8 +59,6 @@ def test_pread_releases_the_page_cache_the_memory_map_keeps(tmp_path, loaded, re
     read (up to this disk's read_ahead_kb, 8 MB here; reading without readahead ran at a third of the speed)."""
     _save_mixtral(tmp_path, intermediate=1024)  # experts: 4 x 8 x 3 x 256 x 1024 x 4 B = 101 MB of 102
     shard = next(tmp_path.glob("*.safetensors"))
-    with open(shard, "rb") as f:  # written back first: only clean pages leave the page cache
-        os.fsync(f.fileno())
     drop_cache(shard)
     model, handle = loaded(tmp_path, budget=0.25, device="cpu", read=read)
     generate(model, torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0)), n=8)
@@ -108,14 +106,9 @@ def test_load_errors_are_clear(tmp_path):
 
 
 def test_stats_report_storage_reads_and_resident_memory(loaded, tmp_path):
-    import os
-
     tiny_model("mixtral").save_pretrained(tmp_path)
     for shard in tmp_path.glob("*.safetensors"):  # written back, then out of the page cache: loading reads storage
-        fd = os.open(shard, os.O_RDONLY)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
+        drop_cache(shard)
     _, handle = loaded(tmp_path, budget=0.5, device="cpu")
     s = handle.stats()
     if s.storage_read_bytes is None or s.rss_anon_bytes is None:
@@ -136,8 +129,6 @@ def test_stats_report_storage_reads_and_resident_memory(loaded, tmp_path):
     ],
 )
 def test_a_damaged_shard_is_refused_naming_the_file_and_tensor(tmp_path, damage, match):
-    import os
-
     tiny_model("mixtral").save_pretrained(tmp_path)
     shard = next(tmp_path.glob("*.safetensors"))
     if damage == "truncate":

@@ -257,7 +257,7 @@ class ExpertCache:
                 continue
             if self._engine.queued() > max_queued or (source != "lookahead" and not self._engine.idle()):
                 return False
-            if source == "host" and not self._worth_caching(key):
+            if source == "host" and not self.admits(key):
                 return False
             if self._load(key, protected, source) is None:
                 return False  # every slot is protected or in flight
@@ -283,11 +283,8 @@ class ExpertCache:
         return payoff
 
     def admits(self, key: Key) -> bool:
-        """A copy of `key` (missed now) would not evict an expert needed more often than it (or a slot is free)."""
-        return self._worth_caching(key)
-
-    def _worth_caching(self, key: Key) -> bool:
-        """`key` (not resident) has been needed more often than the expert it would evict (or a slot is free)."""
+        """A copy of `key` (not resident) is worth it: `key` has been needed more often than the expert it would
+        evict (or a slot is free)."""
         if self._free:
             return True
         candidates = [k for k in self._slot_of if k not in self._pending]

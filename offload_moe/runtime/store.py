@@ -124,10 +124,7 @@ class HostStore:
 
     def expert_bytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of one expert once stored in `dtype` (default: as the host stores it)."""
-        numel = sum(torch.Size(s).numel() for s in self.expert_shapes.values())
-        if dtype is None:
-            dtype = self.experts[0][0][0].src.dtype
-        return numel * torch.empty((), dtype=dtype).element_size()
+        return expert_nbytes(self.expert_shapes, self.experts[0][0][0].src.dtype if dtype is None else dtype)
 
     def materialize(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A layer's experts as fresh fused CPU tensors [E, ...] (reads every byte of the layer)."""
@@ -136,6 +133,11 @@ class HostStore:
             for p in pieces:
                 out[p.name][e, p.row : p.row + p.src.shape[0]].copy_(p.src)
         return out
+
+
+def expert_nbytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+    """Bytes of one expert of these weight shapes in `dtype`."""
+    return sum(torch.Size(s).numel() for s in shapes.values()) * torch.empty((), dtype=dtype).element_size()
 
 
 def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
