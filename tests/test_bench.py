@@ -164,3 +164,11 @@ def test_disk_bench_runs_every_configuration_under_a_memory_limit(tmp_path):
     if result["memory_limit"] == "cgroup":
         assert all(0 < r["peak_memory_bytes"] <= r["memory_limit_bytes"] for r in runs.values())
     assert (tmp_path / "disk-speed.png").exists() and not list(tmp_path.glob("offload-moe-disk-bench-*/*"))
+
+
+def test_disk_bench_refuses_an_unknown_configuration(tmp_path):
+    from lab.disk_bench import main as disk_bench
+
+    with pytest.raises(SystemExit, match=r"unknown configurations \['fast'\]; choose from lru, lookahead"):
+        disk_bench(["--configs", "lru,fast", "--dir", str(tmp_path), "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # refused before writing anything
