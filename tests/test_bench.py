@@ -31,6 +31,8 @@ def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
     assert runs[("lru+buddy", 0.25)]["substituted_per_token"] > 0  # lossy: some pairs served by a buddy
     assert runs[("static-frequency", 0.25)]["bytes_per_token"] == 0  # a static placement never copies
     assert model["hit_rate_vs_budget"][0]["hit_rate"] <= model["hit_rate_vs_budget"][-1]["hit_rate"]
+    for h in model["hit_rate_vs_budget"]:  # no eviction policy beats the offline optimum (both warm-started)
+        assert h["hit_rate"] <= h["optimal_hit_rate"] + 1e-9 <= h["optimal_bypass_hit_rate"] + 2e-9
     assert sorted(model["lookahead_recall"]) == ["1", "2", "3"]  # depths, as JSON keys
     assert lru["bytes_per_token"] == pytest.approx(lru["misses_per_token"] * model["expert_bytes"])  # no prefetch
     total = model["layers"] * model["experts"] * model["expert_bytes"]
@@ -172,3 +174,16 @@ def test_disk_bench_refuses_an_unknown_configuration(tmp_path):
     with pytest.raises(SystemExit, match=r"unknown configurations \['fast'\]; choose from lru, lookahead"):
         disk_bench(["--configs", "lru,fast", "--dir", str(tmp_path), "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_routing_ceilings_on_a_hand_worked_trace():
+    """Two slots, one layer, experts needed 1 2 3 1 2 4 1 2 (worked by hand): Belady misses 3, 2 (after evicting it
+    for 3), 4 and 2 again; with bypass, 3 and 4 are computed where they are and never admitted."""
+    from lab.routing_stats import optimal_hit_rate, static_hit_rate
+
+    trace = [(0, [e]) for e in (1, 2, 3, 1, 2, 4, 1, 2)]
+    assert optimal_hit_rate(trace, 2) == 4 / 8
+    assert optimal_hit_rate(trace, 2, bypass=True) == 6 / 8
+    assert static_hit_rate(trace, 2) == 6 / 8  # experts 1 and 2, used three times each
+    assert optimal_hit_rate(trace, 4) == 1.0  # everything fits: the free warm start holds it all
+    assert optimal_hit_rate([(0, [1, 2]), (0, [3, 1])], 2) == 3 / 4  # a call's own experts are never evicted for it

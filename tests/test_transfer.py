@@ -156,6 +156,27 @@ def test_suggestions_of_a_source_that_does_not_pay_are_judged_without_copying():
     assert counters.prefetches_used == 0 and not any(p.allows() for p in cache._payoff.values())
 
 
+def test_copies_of_host_computed_experts_are_judged_by_admission_not_by_payoff():
+    """A "host" copy is made when its expert was needed more often than its victim, whatever its pay-off; a stand-in
+    source whose copies did not pay copies nothing."""
+    store, _ = _store(pinned=False)
+    engine = TransferEngine(torch.device("cpu"))
+    cache = ExpertCache(store, 2, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4))
+    for e in (0, 1):  # resident, each needed once
+        cache.prepare(0, [e])
+        cache.acquire(0, [e])
+    for source in ("host", "standin"):
+        for _ in range(8):
+            cache._payoff_of(source, 0).outcome(False)
+    for _ in range(2):
+        cache.prepare(0, [2])  # missed twice: computed on the host
+    cache.prepare(0, [3])  # missed once
+    assert cache.speculate([(0, 3)], set(), "host") is False  # needed once, like its victim: not admitted
+    assert cache.speculate([(0, 4)], set(), "standin") and (0, 4) not in cache.slots()  # judged only
+    assert cache.speculate([(0, 2)], set(), "host") and (0, 2) in cache.slots()
+    engine.shutdown()
+
+
 def test_emulated_link_rejects_nonsense():
     with pytest.raises(ValueError, match="gbps > 0"):
         EmulatedLink(gbps=0)
