@@ -156,6 +156,26 @@ def test_suggestions_of_a_source_that_does_not_pay_are_judged_without_copying():
     assert counters.prefetches_used == 0 and not any(p.allows() for p in cache._payoff.values())
 
 
+@pytest.mark.parametrize("first", ["victim", "copy"])
+def test_a_prefetch_whose_victim_is_needed_first_did_not_pay(first):
+    """A prefetch that evicts an expert needed before the prefetched one cost a miss: it did not pay, even if its own
+    expert is needed later; one needed first paid."""
+    store, _ = _store(pinned=False)
+    engine = TransferEngine(torch.device("cpu"))
+    cache = ExpertCache(store, 2, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4))
+    for e in (0, 1):
+        cache.prepare(0, [e])
+        cache.acquire(0, [e])
+    assert cache.speculate([(1, 5)], set(), "lookahead") and (0, 0) not in cache.slots()  # evicted the oldest
+    while not engine.idle():  # landed: in time for whichever use comes first
+        time.sleep(0.001)
+    order = [(0, 0), (1, 5)] if first == "victim" else [(1, 5), (0, 0)]
+    for layer, e in order:
+        cache.prepare(layer, [e])
+    engine.shutdown()
+    assert cache._payoff_of("lookahead", 1).allows() == (first == "copy")
+
+
 def test_copies_of_host_computed_experts_are_judged_by_admission_not_by_payoff():
     """A "host" copy is made when its expert was needed more often than its victim, whatever its pay-off; a stand-in
     source whose copies did not pay copies nothing."""

@@ -51,7 +51,8 @@ JUDGE_EVERY = 8  # a source that does not pay at a layer has its suggestions com
 
 class Payoff:
     """Whether one source's speculative copies pay at one layer: an exponential average of how many had landed when
-    their expert was first needed (a copy evicted unused, or still in flight when needed, did not pay). It starts at
+    their expert was first needed, before the expert they evicted was (a copy evicted unused, still in flight when
+    needed, or whose victim was needed first, did not pay: it cost a miss for nothing). It starts at
     the threshold, so a source must pay from its first copies on. While it does not pay, the source's suggestions are
     judged without copying anything (would the copy have landed in time?), so a source that starts to pay again, on a
     faster link or at another phase of the workload, comes back at no cost."""
@@ -108,6 +109,7 @@ class ExpertCache:
         self._traced_hits = torch.zeros(store.num_layers, dtype=torch.long, device=self.device)  # compiled ones
         torch._dynamo.mark_static_address(self._traced_hits)  # a graph may update it in place under CUDA graphs
         self._speculative: dict[Key, str] = {}  # copied speculatively, not yet needed: key -> source
+        self._displaced: dict[Key, Key] = {}  # such a copy -> the expert it evicted (if it evicted one)
         self._payoff: dict[tuple[str, int], Payoff] = {}  # (source, layer) -> whether its copies pay there
         self._judged: dict[Key, tuple[str, float]] = {}  # suggested while its source did not pay: -> (source, when)
         self._uses: dict[Key, int] = {}  # layer calls that needed each expert
@@ -158,6 +160,7 @@ class ExpertCache:
             key = (layer, e)
             self._uses[key] = self._uses.get(key, 0) + 1
             source = self._speculative.pop(key, None)
+            self._displaced.pop(key, None)
             if source is not None:  # paid only if it landed in time: one still in flight still stalls or goes to host
                 in_time = key not in self._pending or self._pending[key].done()
                 self._payoff_of(source, layer).outcome(in_time)
@@ -165,6 +168,12 @@ class ExpertCache:
                     st.prefetches_used += 1
                 elif in_time:
                     st.background_used += 1
+        needed = {(layer, e) for e in experts}
+        for copy in [c for c, victim in self._displaced.items() if victim in needed]:  # its victim was needed first
+            del self._displaced[copy]
+            self._payoff_of(self._speculative.pop(copy), copy[0]).outcome(False)
+        for e in experts:
+            key = (layer, e)
             if key in self._slot_of:
                 st.hits += 1
                 st.layer_hits[layer] += 1
@@ -218,13 +227,18 @@ class ExpertCache:
         if self.frozen:
             raise RuntimeError(f"expert {key} is not resident and this cache is frozen (a static placement): misses "
                                "must be computed on the host; this is a bug in the caller")  # fmt: skip
-        if not self._free and self._evict(protected) is None:
-            return None
+        victim = None
+        if not self._free:
+            victim = self._evict(protected)
+            if victim is None:
+                return None
         transfer = self._start_copy(key, PREFETCH if source is not None else DEMAND)
         self._counters.copies += 1
         self._counters.bytes_copied += transfer.nbytes
         if source is not None:
             self._speculative[key] = source
+            if victim is not None and source not in ADMISSION_JUDGED:
+                self._displaced[key] = victim
             if source == "lookahead":
                 self._counters.prefetches += 1
             else:
@@ -238,10 +252,11 @@ class ExpertCache:
         source: "lookahead" (the prefetcher's predictions, counted as prefetches), "standin" (experts a stand-in
         served: for the next tokens) or "host" (experts computed on the host: copied only when used more often than
         the expert they would evict, so the cache follows the workload). The last two copy only while the link is
-        otherwise idle. A lookahead or stand-in source whose copies at a layer do not land in time stops copying
-        there and its suggestions are only judged (`Payoff`), so speculation that does not pay costs nothing; "host"
-        copies are judged by admission (`ADMISSION_JUDGED`). False when it stopped before the
-        end (the link's queue was full, or no slot could be freed); a source that does not pay returns True.
+        otherwise idle. A lookahead or stand-in source whose copies at a layer do not pay (land in time, and before
+        the expert they evicted is needed) stops copying there and its suggestions are only judged (`Payoff`), so
+        speculation that does not pay costs nothing; "host" copies are judged by admission (`ADMISSION_JUDGED`).
+        False when it stopped before the end (the link's queue was full, or no slot could be freed); a source that
+        does not pay returns True.
         """
         if source not in SPECULATION_SOURCES:
             raise ValueError(f"unknown speculation source {source!r}; one of {SPECULATION_SOURCES}")
@@ -365,21 +380,22 @@ class ExpertCache:
         self._eviction.touch(key)
         return transfer
 
-    def _evict(self, protected: set[Key]) -> int | None:
+    def _evict(self, protected: set[Key]) -> Key | None:
+        """Free the slot of the eviction policy's victim among unprotected, landed keys; returns the victim."""
         for key in [k for k, t in self._pending.items() if t.done()]:  # landed copies are evictable again
             self._settle(key)
         candidates = [k for k in self._slot_of if k not in protected and k not in self._pending]
         victim = self._eviction.victim(candidates)
         if victim is None:
             return None
-        slot = self._slot_of.pop(victim)
+        self._free.append(self._slot_of.pop(victim))
         source = self._speculative.pop(victim, None)
+        self._displaced.pop(victim, None)
         if source is not None:  # copied speculatively and evicted unused: it did not pay
             self._payoff_of(source, victim[0]).outcome(False)
         self._eviction.forget(victim)
-        self._free.append(slot)
         self._counters.evictions += 1
-        return slot
+        return victim
 
     def _settle(self, key: Key) -> None:
         """Wait for `key`'s copy (no time if it landed; raises if it failed), count the stall, forget the transfer."""
