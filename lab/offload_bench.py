@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from lab.evaluate import bits_per_byte, decode_logits
 from lab.offload_plots import plot_offload
-from lab.offload_report import print_compiled, print_quality, print_table
+from lab.offload_report import print_compiled, print_goals, print_quality, print_table
 from lab.reference import REPO, corpus_text, model_dir
 from lab.routing_stats import hit_rate_vs_budget, lookahead_recall
 from lab.standin_quality import standin_quality
@@ -71,10 +71,11 @@ RESIDENT_REPEATS = 5  # rows with every expert resident decode in well under a s
 STATIC_LEN = 256  # compiled rows decode through a static KV cache of this many positions (the eval window)
 
 
-def configs(mode: str, model: str) -> list[Config]:
+def configs(mode: str, model: str, compiled: bool = True) -> list[Config]:
     """The configurations of a mode for one model, in table order: "full" runs every configuration at budgets 1/4
     and 1/2; "default" the LEAN list at 1/4; "quick" the SHORT list at 1/4; "cw-sweep" the critical_weight sweep of
-    the quantised stand-ins at 1/4. Then the compiled twins: of every row in "full", of COMPILED's rows otherwise."""
+    the quantised stand-ins at 1/4. Then (unless `compiled` is False) the compiled twins: of every row in "full", of
+    COMPILED's rows otherwise."""
     if mode == "cw-sweep":
         out = [Config("resident", None), Config("auto", 0.25, AUTO)]
         for cw in (0.5, 0.7, 0.9, 1.01):
@@ -100,7 +101,7 @@ def configs(mode: str, model: str) -> list[Config]:
     if mode != "full":
         keep = LEAN if mode == "default" else SHORT
         out = [c for c in out if c.name in keep and c.budget in (None, 1.0, 0.25)]
-    return out + [replace(c, compiled=True) for c in out if mode == "full" or c.name in COMPILED]
+    return out + [replace(c, compiled=True) for c in out if compiled and (mode == "full" or c.name in COMPILED)]
 
 
 @torch.no_grad()
@@ -174,7 +175,7 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
         host = emulated_host(link, expert_bytes, expert_params)
     hit_rates = hit_rate_vs_budget(model, tokenizer, eval_text, HIT_RATE_BUDGETS)
     recall = lookahead_recall(model, tokenizer, eval_text)
-    cfgs = configs(args.mode, name)
+    cfgs = configs(args.mode, name, compiled=not args.eager_only)
     runs, compiled_runs, compiled_link, c_link, c_host = [], [], None, link, host
     for cfg in tqdm(cfgs, desc=f"offload configs ({name})", unit="cfg"):
         if cfg.compiled and compiled_link is None and link is not None:
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-bytes", type=int, default=None, help="held-out text decoded per config (mode's)")
     ap.add_argument("--quality-bytes", type=int, default=None, help="held-out text of the stand-in quality table")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--eager-only", action="store_true", help="no compile=True twins (full mode: half the time)")
     args = ap.parse_args(argv)
     args.prompts = args.prompts or {"quick": 1, "default": 2, "full": 2, "cw-sweep": 1}[args.mode]
     args.quality_bytes = args.quality_bytes or {"quick": 4000, "default": 4000}.get(args.mode, 16_000)
@@ -287,12 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "mode": args.mode, "decode": "teacher-forced, one token at a time through the KV cache, over held-out "
-              "text", "models": [run_model(name, path, args) for name, path in chosen.items()]}  # fmt: skip
+              "mode": args.mode, "eager_only": args.eager_only, "decode": "teacher-forced, one token at a time "
+              "through the KV cache, over held-out text",
+              "models": [run_model(name, path, args) for name, path in chosen.items()]}  # fmt: skip
     result["seconds"] = time.time() - t0
     (args.out / "offload.json").write_text(json.dumps(result, indent=1, default=str))
     for m in result["models"]:
         print_table(m)
+        print_goals(m)
         print_compiled(m)
         print_quality(m)
     pngs = plot_offload(result, args.out)

@@ -74,6 +74,51 @@ def compile_summary(m: dict) -> tuple[list[dict], dict[str, tuple[float, float, 
     return rows, {k: (v, t, v >= t) for k, (v, t) in goals.items()}
 
 
+BUDDY_BITS = 0.5  # issue 21: a buddy row's speed-up counts at most this bits/byte cost over its twin (%)
+
+
+def mechanism_goals(m: dict) -> dict[str, tuple[float, float, bool]]:
+    """The goals of issue 21 that one run's eager rows decide: name -> (measured ratio, target, met). A goal whose
+    rows the mode did not run is left out."""
+    by = {(r["name"], r["budget"]): r for r in m["runs"]}
+    speed = lambda name, b: by[name, b]["decode_tokens_per_s"] if (name, b) in by else None  # noqa: E731
+    goals = {}
+
+    def ratio(label: str, name: str, base: str, b: float, target: float) -> None:
+        if speed(name, b) and speed(base, b):
+            x = speed(name, b) / speed(base, b)
+            goals[f"{label} @{b:g}"] = (x, target, x >= target)
+
+    for b in sorted({r["budget"] for r in m["runs"]} - {1.0}):
+        lossless = [r for r in m["runs"] if r["budget"] == b and r.get("standin") is None]
+        if speed("default", b) and lossless:
+            best = max(lossless, key=lambda r: r["decode_tokens_per_s"])
+            ratio(f"default x fastest lossless row ({best['name']})", "default", best["name"], b, 0.95)
+        ratio("lookahead x lru", "lookahead", "lru", b, 1.0)
+        ratio("auto+lookahead x auto", "auto+lookahead", "auto", b, 1.15 if b == 0.25 else 1.0)
+        ratio("lookahead+lowrank x lru", "lookahead+lowrank", "lru", b, 1.0)
+        ratio("lookahead+buddy x lru", "lookahead+buddy", "lru", b, 1.0)
+        if b == 0.25:
+            ratio("auto x static-frequency", "auto", "static-frequency", b, 1.3)
+        buddies = []  # (within the bits/byte bound, speed x twin, cost %, name)
+        for r in m["runs"]:
+            base = by.get((r["name"].split("+", 1)[0], b))
+            if r["budget"] == b and r.get("standin") == "buddy" and base is not None:
+                cost = (r["bits_per_byte"] / base["bits_per_byte"] - 1) * 100
+                buddies.append((cost <= BUDDY_BITS, r["decode_tokens_per_s"] / base["decode_tokens_per_s"], cost,
+                                r["name"]))  # fmt: skip
+        if buddies:
+            within, x, cost, name = max(buddies)
+            goals[f"best buddy row ({name}, {cost:+.2f}% bits/byte, goal <= +{BUDDY_BITS}%) x its twin @{b:g}"] = (
+                x, 1.1, within and x >= 1.1)  # fmt: skip
+    return goals
+
+
+def print_goals(m: dict) -> None:
+    for name, (v, t, met) in mechanism_goals(m).items():
+        print(f"  {name}: {v:.2f} (goal >= {t}: {'met' if met else 'NOT met'})")
+
+
 def print_compiled(m: dict) -> None:
     rows, goals = compile_summary(m)
     if not rows:

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lab.offload_report import compile_summary
+from lab.offload_report import compile_summary, mechanism_goals
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -55,6 +55,11 @@ def offload_section(doc: dict) -> list[str]:
         out += ["", "Each mechanism against its twin without it (same budget, same run):", ""]
         out += _table(["config", "twin", "speed x twin", "bits/byte vs twin", "substituted pairs/token",
                        "bits/byte cost per substituted pair/token"], twin_rows(runs, resident))  # fmt: skip
+        goals = mechanism_goals(m)
+        if goals:
+            out += ["", "Issue 21's goals decided by this run (ratios of rows of this one run):", ""]
+            out += [f"- {name}: **{v:.2f}** (goal >= {t}: {'met' if met else 'not met'})"
+                    for name, (v, t, met) in goals.items()]  # fmt: skip
         quality = m.get("standin_quality")
         if quality:
             out += ["", "Each stand-in kind's own quality, with **every** expert replaced by its stand-in:", ""]

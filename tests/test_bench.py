@@ -43,6 +43,15 @@ def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
     assert quality["quant8"]["bits_per_byte"] < quality["quant2"]["bits_per_byte"]  # more bits, closer to exact
     for png in ("offload-custom-speed-vs-budget.png", "offload-custom-bits-vs-speed.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+    from lab.offload_report import mechanism_goals
+
+    goals = mechanism_goals(model)  # issue 21's goals, from the rows of this run
+    speed = {name: r["decode_tokens_per_s"] for (name, _), r in runs.items()}
+    assert goals["auto+lookahead x auto @0.25"] == pytest.approx(
+        (speed["auto+lookahead"] / speed["auto"], 1.15, speed["auto+lookahead"] / speed["auto"] >= 1.15))  # fmt: skip
+    (default,) = [v for k, v in goals.items() if k.startswith("default x fastest lossless row")]
+    assert default[0] <= 1.0 and default[2] == (default[0] >= 0.95)
+    assert any(k.startswith("best buddy row") for k in goals)
 
 
 def test_fairness_cli_writes_table_plots_and_json(tmp_path, capsys):
