@@ -23,7 +23,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def offload_section(doc: dict) -> list[str]:
-    out = [f"## Offloading (`{doc['mode']}` mode; {doc['machine']}; {doc['decode']})", ""]
+    mode = f"`{doc['mode']}` mode" + (", eager rows only" if doc.get("eager_only") else "")
+    out = [f"## Offloading ({mode}; {doc['machine']}; {doc['decode']})", ""]
     for m in doc["models"]:
         link, host = m["link"], m["host"]
         out += [
@@ -66,14 +67,16 @@ def offload_section(doc: dict) -> list[str]:
             rows = [[k, _fmt(v["bits_per_byte"], 4), f"{100 * v['relative']:+.1f}%"] for k, v in quality.items()]
             out += _table(["kind", "bits/byte", "vs resident"], rows)
         if m.get("hit_rate_vs_budget"):
-            out += ["", "LRU hit rate against the budget (no prefetch, no stand-in; timing-independent), beside two "
+            out += ["", "LRU hit rate against the budget (no prefetch, no stand-in; timing-independent), beside "
                     "ceilings from the same routing: Belady's offline optimum (no eviction policy does better without "
-                    "prefetching) and the best static placement, chosen in hindsight:", ""]  # fmt: skip
+                    "prefetching), the same when a miss may be computed on the host instead of admitted (the ceiling "
+                    "of `host` and `auto`), and the best static placement, chosen in hindsight:", ""]  # fmt: skip
             rows = [[_fmt(h["budget"], 3), str(h["slots"]), _fmt(h["slots_per_layer"], 1), _fmt(h["hit_rate"]),
                      f"{h['layer_min']:.2f}-{h['layer_max']:.2f}", _fmt(h.get("optimal_hit_rate")),
-                     _fmt(h.get("static_hit_rate"))] for h in m["hit_rate_vs_budget"]]  # fmt: skip
+                     _fmt(h.get("optimal_bypass_hit_rate")), _fmt(h.get("static_hit_rate"))]
+                    for h in m["hit_rate_vs_budget"]]  # fmt: skip
             out += _table(["budget", "slots", "slots per layer", "LRU hit rate", "LRU per layer",
-                           "optimum (Belady)", "best static"], rows)  # fmt: skip
+                           "optimum (Belady)", "optimum, host bypass", "best static"], rows)  # fmt: skip
         if m.get("lookahead_recall"):
             out += ["", "Router lookahead: share of the experts layer L+d routes to that its router picks from layer "
                     "L's residual stream:", ""]  # fmt: skip
