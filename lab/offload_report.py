@@ -74,6 +74,13 @@ def compile_summary(m: dict) -> tuple[list[dict], dict[str, tuple[float, float, 
     return rows, {k: (v, t, v >= t) for k, (v, t) in goals.items()}
 
 
+def twin(name: str) -> str | None:
+    """The configuration without the row's last mechanism: "auto+buddy" -> "auto", "lookahead" -> "lru"."""
+    if name == "lookahead":
+        return "lru"
+    return name.split("+", 1)[0] if "+" in name else None
+
+
 BUDDY_BITS = 0.5  # issue 21: a buddy row's speed-up counts at most this bits/byte cost over its twin (%)
 
 
@@ -102,7 +109,7 @@ def mechanism_goals(m: dict) -> dict[str, tuple[float, float, bool]]:
             ratio("auto x static-frequency", "auto", "static-frequency", b, 1.3)
         buddies = []  # (within the bits/byte bound, speed x twin, cost %, name)
         for r in m["runs"]:
-            base = by.get((r["name"].split("+", 1)[0], b))
+            base = by.get((twin(r["name"]), b))
             if r["budget"] == b and r.get("standin") == "buddy" and base is not None:
                 cost = (r["bits_per_byte"] / base["bits_per_byte"] - 1) * 100
                 buddies.append((cost <= BUDDY_BITS, r["decode_tokens_per_s"] / base["decode_tokens_per_s"], cost,

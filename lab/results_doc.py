@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lab.offload_report import compile_summary, mechanism_goals
+from lab.offload_report import compile_summary, mechanism_goals, twin
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -107,13 +107,6 @@ def compiled_rows(m: dict) -> list[str]:
     out += ["", *(f"- {name}: **{v:.2f}** (goal >= {t}: {'met' if met else 'not met'})"
                   for name, (v, t, met) in goals.items())]  # fmt: skip
     return out
-
-
-def twin(name: str) -> str | None:
-    """The configuration without the row's last mechanism: "auto+buddy" -> "auto", "lookahead" -> "lru"."""
-    if name == "lookahead":
-        return "lru"
-    return name.split("+", 1)[0] if "+" in name else None
 
 
 def twin_rows(runs: list[dict], resident: dict | None) -> list[list[str]]:
