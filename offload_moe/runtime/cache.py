@@ -156,6 +156,10 @@ class ExpertCache:
         self._eviction.at_layer(layer, self.store.num_layers)
         st = self._counters
         self._judge(layer, experts)
+        needed = {(layer, e) for e in experts}
+        for copy in [c for c, victim in self._displaced.items() if victim in needed and c not in needed]:
+            del self._displaced[copy]  # its victim is needed before it: it cost a miss for nothing
+            self._payoff_of(self._speculative.pop(copy), copy[0]).outcome(False)
         for e in experts:
             key = (layer, e)
             self._uses[key] = self._uses.get(key, 0) + 1
@@ -168,12 +172,6 @@ class ExpertCache:
                     st.prefetches_used += 1
                 elif in_time:
                     st.background_used += 1
-        needed = {(layer, e) for e in experts}
-        for copy in [c for c, victim in self._displaced.items() if victim in needed]:  # its victim was needed first
-            del self._displaced[copy]
-            self._payoff_of(self._speculative.pop(copy), copy[0]).outcome(False)
-        for e in experts:
-            key = (layer, e)
             if key in self._slot_of:
                 st.hits += 1
                 st.layer_hits[layer] += 1
@@ -277,7 +275,7 @@ class ExpertCache:
                 continue
             if self._engine.queued() > max_queued or (source != "lookahead" and not self._engine.idle()):
                 return False
-            if source == "host" and not self.admits(key):
+            if source in ADMISSION_JUDGED and not self.admits(key):
                 return False
             if self._load(key, protected, source) is None:
                 return False  # every slot is protected or in flight
