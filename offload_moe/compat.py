@@ -42,6 +42,26 @@ def swap_parameters(module: torch.nn.Module, params: dict[str, torch.nn.Paramete
     return saved
 
 
+def point_experts(
+    module: torch.nn.Module, params: dict[str, torch.nn.Parameter], num_experts: int, expert_parallel: bool
+) -> tuple:
+    """Point a stock experts module at `params` (a window of the slot pool) holding `num_experts` experts, the
+    kernels skipping sentinel ids when `expert_parallel`; returns what `restore_experts` puts back. Plain attributes
+    are written to the instance dict (what nn.Module.__setattr__ does for them, without its checks: this runs per
+    kernel call)."""
+    table, attrs = parameters(module), module.__dict__
+    saved = ({n: table[n] for n in params}, attrs["num_experts"], attrs.get("_is_expert_parallel", False))
+    table.update(params)
+    attrs["num_experts"], attrs["_is_expert_parallel"] = num_experts, expert_parallel
+    return saved
+
+
+def restore_experts(module: torch.nn.Module, saved: tuple) -> None:
+    params, num_experts, expert_parallel = saved
+    parameters(module).update(params)
+    module.__dict__["num_experts"], module.__dict__["_is_expert_parallel"] = num_experts, expert_parallel
+
+
 # --- transformers' experts kernels ----------------------------------------------------------------------------------
 
 
@@ -51,6 +71,20 @@ def set_expert_parallel(module: torch.nn.Module, on: bool) -> bool:
     was = bool(getattr(module, "_is_expert_parallel", False))
     module._is_expert_parallel = on
     return was
+
+
+# A kernel pass that skips some pairs (sentinel ids) runs over at least this many slots: with one, grouped_mm's histc
+# gets min == max == 0 and bins over the ids' own range, sentinels included, so their rows join expert 0's group
+# (masked afterwards, but the group's GEMM then has other rows than the unpatched call's, and rounds differently).
+MASKED_WINDOW = 2
+
+
+def casts_input(module: torch.nn.Module) -> bool:
+    """Whether the module's experts kernel casts the hidden states to the weights' dtype before multiplying
+    (transformers' grouped_mm does), so it accepts them in a wider dtype and then returns its sum of weighted
+    products in that dtype, unrounded. tests/test_compat.py checks the kernel still does."""
+    config = getattr(module, "config", None)
+    return getattr(config, "_experts_implementation", None) == "grouped_mm"
 
 
 def init_weights(model: torch.nn.Module, module: torch.nn.Module) -> None:
@@ -72,6 +106,19 @@ def is_paged_cache(cache: object) -> bool:
 
 
 # --- torch.compile ----------------------------------------------------------------------------------------------------
+
+
+def mark_static_address(t: torch.Tensor) -> None:
+    """Tell dynamo `t` keeps its address (a compiled graph, under CUDA graphs too, may update it in place)."""
+    _require(callable(getattr(torch._dynamo, "mark_static_address", None)), "torch._dynamo.mark_static_address")
+    torch._dynamo.mark_static_address(t)
+
+
+def cudagraph_unsafe_tags() -> tuple:
+    """The custom-op tags that keep an op out of CUDA graphs (its decisions need the host at every call)."""
+    tag = getattr(getattr(torch._C, "Tag", None), "cudagraph_unsafe", None)
+    _require(tag is not None, "torch._C.Tag.cudagraph_unsafe")
+    return (tag,)
 
 
 def own_code(fn: Callable) -> Callable:

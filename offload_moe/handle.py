@@ -14,7 +14,7 @@ from hooks import MoEBlock
 from offload_moe.options import OffloadOptions
 from offload_moe.plan import Plan
 from offload_moe.runtime.cache import ExpertCache
-from offload_moe.runtime.counters import Counters
+from offload_moe.runtime.counters import Counters, FixedHits
 from offload_moe.runtime.process import resident_memory, storage_read_bytes
 from offload_moe.runtime.store import HostStore
 
@@ -84,6 +84,12 @@ class OffloadStats:
     host_wait_seconds: float  # compute thread blocked on host results
     auto_host: int  # fallback="auto": missed experts sent to the host ...
     auto_copy: int  # ... and to the link
+    layer_calls: int  # calls of layers that may miss (layers that never miss run the stock forward, untimed)
+    missing_calls: int  # ... of which some routed expert was not ready
+    kernel_passes: int  # stock-kernel calls on the pool: one per layer call, more while copies land
+    kernel_seconds: float  # their time (CPU: the compute; CUDA: the launches)
+    runtime_seconds: float  # the hook's own time in those calls: bookkeeping, remap, copies issued (no kernels, waits)
+    missing_runtime_seconds: float  # ... of which in calls with a missing expert
     per_layer: tuple[LayerStats, ...]
     # the process (Linux; None elsewhere): bytes it read from storage since patch, `load` or reset_stats (reads of a
     # memory-mapped checkpoint count; page-cache hits do not), and its anonymous / file-backed resident memory now
@@ -100,6 +106,19 @@ class OffloadStats:
         return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
 
     @property
+    def runtime_us_per_call(self) -> float:
+        """The hook's own microseconds per layer call that may miss."""
+        return 1e6 * self.runtime_seconds / self.layer_calls if self.layer_calls else 0.0
+
+    @property
+    def runtime_us_per_miss(self) -> float:
+        """The hook's own microseconds a missed expert adds to its call (over a call with none)."""
+        quiet = self.layer_calls - self.missing_calls
+        base = (self.runtime_seconds - self.missing_runtime_seconds) / quiet if quiet else 0.0
+        extra = self.missing_runtime_seconds - base * self.missing_calls
+        return 1e6 * extra / self.misses if self.misses else 0.0
+
+    @property
     def prefetch_precision(self) -> float:
         """Share of prefetched experts that were needed and had landed by then."""
         return self.prefetches_used / self.prefetches if self.prefetches else 0.0
@@ -108,7 +127,13 @@ class OffloadStats:
         """Every field and derived rate, JSON-ready."""
         out = asdict(self)
         out["per_layer"] = [{**asdict(p), "hit_rate": p.hit_rate} for p in self.per_layer]
-        return {**out, "hit_rate": self.hit_rate, "prefetch_precision": self.prefetch_precision}
+        return {
+            **out,
+            "hit_rate": self.hit_rate,
+            "prefetch_precision": self.prefetch_precision,
+            "runtime_us_per_call": self.runtime_us_per_call,
+            "runtime_us_per_miss": self.runtime_us_per_miss,
+        }
 
 
 class OffloadHandle:
@@ -124,12 +149,13 @@ class OffloadHandle:
         undo: ExitStack,
         miss_path: str,
         counters: Counters,
+        fixed_hits: FixedHits,
         workers: list[Callable[[], None]],
         read_base: int | None = None,
     ):
         """read_base: `storage_read_bytes()` when patching (or `load`) began."""
         self.model, self.blocks, self.cache, self.plan, self.options = model, blocks, cache, plan, options
-        self.miss_path, self._counters = miss_path, counters
+        self.miss_path, self._counters, self._fixed_hits = miss_path, counters, fixed_hits
         self._link_base = cache.link_use()  # the link's totals at patch time (warm-up copies included there)
         self._read_base = read_base
         self._ram_base = _ram_counts(cache)  # copies the RAM tier served / missed before the first forward
@@ -148,7 +174,7 @@ class OffloadHandle:
         return self.cache.store
 
     def stats(self) -> OffloadStats:
-        self.cache.flush_counts()
+        self._fixed_hits.flush()
         s = self._counters.snapshot()
         on_link = {k: v - self._link_base[k] for k, v in self.cache.link_use().items()}  # since patch / reset_stats
         read, rss = storage_read_bytes(), resident_memory()
@@ -173,6 +199,9 @@ class OffloadHandle:
             substituted=s.substituted, critical_misses=s.critical_misses, lowbit_copies=s.lowbit_copies,
             host_jobs=s.host_jobs, host_tokens=s.host_tokens, host_seconds=s.host_seconds,
             host_wait_seconds=s.host_wait_seconds, auto_host=s.auto_host, auto_copy=s.auto_copy,
+            layer_calls=s.layer_calls, missing_calls=s.missing_calls, kernel_passes=s.kernel_passes,
+            kernel_seconds=s.kernel_seconds, runtime_seconds=s.runtime_seconds(),
+            missing_runtime_seconds=s.runtime_seconds(missing=True),
             per_layer=tuple(LayerStats(i, b.name, s.layer_hits[i], s.layer_misses[i])
                             for i, b in enumerate(self.blocks)),
             storage_read_bytes=read - self._read_base if read is not None and self._read_base is not None else None,
@@ -183,7 +212,7 @@ class OffloadHandle:
 
     def reset_stats(self) -> None:
         """Zero the counters (the cache's contents stay)."""
-        self.cache.flush_counts()
+        self._fixed_hits.flush()
         self._counters.reset()
         self._link_base = self.cache.link_use()
         self._read_base = storage_read_bytes()

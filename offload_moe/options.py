@@ -77,7 +77,7 @@ class OffloadOptions:
         (default 2 MiB).
     """
 
-    eviction: str | EvictionPolicy = "lru"
+    eviction: str | EvictionPolicy | type[EvictionPolicy] = "lru"
     fallback: str | None = None
     standin: str | None = None
     critical_weight: float = 0.5
@@ -98,8 +98,14 @@ class OffloadOptions:
     chunk_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.eviction, EvictionPolicy) and self.eviction not in EVICTION_POLICIES:
-            raise ValueError(f"unknown eviction policy {self.eviction!r}; choose one of {sorted(EVICTION_POLICIES)}")
+        policy_class = isinstance(self.eviction, type) and issubclass(self.eviction, EvictionPolicy)
+        if (
+            not isinstance(self.eviction, EvictionPolicy)
+            and not policy_class
+            and self.eviction not in EVICTION_POLICIES
+        ):
+            raise ValueError(f"unknown eviction policy {self.eviction!r}; choose one of {sorted(EVICTION_POLICIES)}, "
+                             "or pass an EvictionPolicy subclass")  # fmt: skip
         if self.fallback in STANDINS[1:]:
             raise ValueError(
                 f"fallback={self.fallback!r} is a lossy stand-in: pass standin={self.fallback!r} (fallback chooses how "

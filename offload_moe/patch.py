@@ -19,17 +19,16 @@ from offload_moe.handle import OffloadHandle, handle_of
 from offload_moe.options import OffloadOptions
 from offload_moe.plan import Plan, make_plan
 from offload_moe.runtime.cache import ExpertCache
-from offload_moe.runtime.counters import Counters
-from offload_moe.runtime.eviction import make_eviction
+from offload_moe.runtime.counters import Counters, FixedHits
 from offload_moe.runtime.hook import ExpertsHook
 from offload_moe.runtime.host import HostCompute
+from offload_moe.runtime.miss import StandinPolicy
 from offload_moe.runtime.miss_router import MissRouter, measure_host
 from offload_moe.runtime.prefetch import LookaheadPrefetcher
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import CHUNK_BYTES, TransferEngine
 from offload_moe.standins.kinds import KINDS, BuildContext
-from offload_moe.standins.policies import StandinPolicy
 
 
 def patch(
@@ -83,14 +82,15 @@ def offload(
         workers = [engine.shutdown]
         counters = Counters(len(blocks))
         frozen = options.placement != "dynamic" and not plan.all_resident  # static: what warm() puts there stays
-        cache = ExpertCache(store, plan.slots, dev, dtype, engine, make_eviction(options.eviction), counters, frozen)
+        cache = ExpertCache(store, plan.slots, dev, dtype, engine, options.eviction, counters, geometry.top_k, frozen)
+        fixed_hits = FixedHits(counters, store.num_experts, dev)
         home = _non_expert_device(model, blocks)
         if home is not None and home != dev:
             undo.callback(model.to, home)  # runs after the experts are restored: they go home too
         _swap_in_pool(blocks, names, cache, undo)
         model.to(dev)  # non-expert weights; the experts modules now hold only the pool
         prefetcher = _prefetcher(blocks, cache, options, undo) if not plan.all_resident else None
-        standin = _standin(options, calib, blocks, store, cache, plan, dev, dtype)
+        standin = _standin(options, calib, blocks, store, engine, counters, plan, dev, dtype)
         miss_path = options.miss_path(dev.type)
         host = None
         if miss_path != "fetch" and not plan.all_resident:
@@ -104,14 +104,16 @@ def offload(
         _hold_fixed_slots(blocks, names, cache)
         router = MissRouter(miss_path, engine, host, fit, counters) if host is not None else None
         for b in blocks:
-            attach(b.experts, ExpertsHook(b.index, cache, names, router, standin, prefetcher, host, counters))
+            hook = ExpertsHook(b.index, cache, names, router, standin, prefetcher, host, counters, fixed_hits)
+            attach(b.experts, hook)
             undo.callback(detach, b.experts)
         if options.compile:
             _compile(model, None if options.compile is True else options.compile, undo)
     except BaseException:
         undo.close()
         raise
-    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, counters, workers, read_base)
+    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, counters, fixed_hits, workers,
+                         read_base)  # fmt: skip
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -212,11 +214,12 @@ def _hidden_size(model: torch.nn.Module) -> int:
 
 
 def _standin(options: OffloadOptions, calib: Calibration | None, blocks: list[MoEBlock], store: HostStore,
-             cache: ExpertCache, plan: Plan, dev: torch.device, dtype: torch.dtype
+             engine: TransferEngine, counters: Counters, plan: Plan, dev: torch.device, dtype: torch.dtype
              ) -> StandinPolicy | None:  # fmt: skip
     if options.standin is None:
         return None
-    return KINDS[options.standin].build(BuildContext(options, calib, blocks, store, plan.sizing, cache, dev, dtype))
+    ctx = BuildContext(options, calib, blocks, store, plan.sizing, engine, counters, dev, dtype)
+    return KINDS[options.standin].build(ctx)
 
 
 def _warm_order(blocks: list[MoEBlock], calib: Calibration | None, layer_major: bool,

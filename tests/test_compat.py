@@ -55,6 +55,25 @@ def test_stock_kernels_skip_sentinel_ids_in_expert_parallel_mode(impl):
     torch.testing.assert_close(masked, first_only, rtol=1e-5, atol=1e-6)
 
 
+def test_grouped_mm_casts_its_input_and_bins_one_slot_windows_over_the_ids_range():
+    """What the passes rely on: grouped_mm takes hidden states wider than its weights and returns its weighted sums
+    unrounded in that dtype; with a window of one slot it counts sentinel rows into expert 0's group (so a masked
+    pass runs over at least `MASKED_WINDOW` slots, where they stay out)."""
+    experts = _experts()
+    experts.config._experts_implementation = "grouped_mm"
+    assert compat.casts_input(experts)
+    experts = experts.to(torch.bfloat16)
+    x = torch.randn(3, experts.config.hidden_size).to(torch.bfloat16)
+    ids, w = torch.tensor([[0, 1], [2, 3], [1, 4]]), torch.rand(3, 2)
+    with torch.no_grad():
+        wide = experts(x.float(), ids, w)
+        assert wide.dtype == torch.float32 and torch.equal(wide.to(torch.bfloat16), experts(x, ids, w))
+    for window, counted in ((1, 2), (2, 1)):  # grouped_mm's histc over ids [0, sentinel]: expert 0's rows
+        ids = torch.tensor([0.0, window])
+        assert int(torch.histc(ids, bins=window, min=0, max=window - 1)[0]) == counted
+    assert compat.MASKED_WINDOW == 2
+
+
 def test_paged_cache_check_and_init_weights_exist():
     from transformers.generation.continuous_batching.cache import PagedAttentionCache
 

@@ -104,7 +104,7 @@ def test_hit_rate_matches_an_independent_recount(patched):
         layer = next(b.index for b in handle.blocks if b.experts is module)
         want = {(layer, e) for e in args[1].unique().tolist()}
         needed.append(len(want))
-        present.append(len(want & set(handle.cache.slots())))
+        present.append(len(want & set(handle.cache.resident())))
 
     hooks = [b.experts.register_forward_pre_hook(snapshot) for b in handle.blocks]
     with RoutingRecorder(model):

@@ -103,7 +103,7 @@ def test_cost_model_computes_decode_on_the_host_and_copies_long_prefills():
     busy = MissRouter("auto", _Link(14e-3, wait_s=0.2), host=None, fit=fit, counters=counters)
     assert busy.split({3: 64}) == (set(), {3})  # the link is busy for 200 ms: the host is faster after all
     assert counters.auto_host == 1 + 2 + len(host) + 1 and counters.auto_copy == 1 + 1 + len(copy)  # both routers
-    fit.observe(1, 2 * fit.seconds(1))  # the host turned out slower: the estimate follows
+    fit.observe([1], 2 * fit.seconds(1))  # the host turned out slower: the estimate follows
     assert fit.scale > 1
 
 

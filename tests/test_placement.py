@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.runtime.cache import Payoff
+from offload_moe.runtime.speculation import Payoff
 from tests.helpers import DEVICES, generate, logits, tiny_model
 
 SLOW = offload_moe.EmulatedLink(gbps=0.005)  # a tiny expert (18 kB) takes ~3.7 ms: copies overlap compute
@@ -33,13 +33,13 @@ def test_static_layers_keeps_whole_last_layers_and_computes_misses_on_the_host(p
     ids = torch.randint(0, 128, (1, 16))
     ref_logits, ref_tokens = logits(model, ids), generate(model, ids, 8)
     handle = patched(model, budget=1 / 3, device="cpu", placement="static-layers")
-    resident = sorted(handle.cache.slots())
+    resident = sorted(handle.cache.resident())
     assert resident == [(2, e) for e in range(8)]  # llama.cpp's --n-cpu-moe 2: the first two layers on the host
     torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
     assert torch.equal(generate(model, ids, 8), ref_tokens)
     stats = handle.stats()
     assert stats.copies == 0 and stats.host_jobs > 0 and stats.fallback == "host" and stats.placement == "static-layers"
-    assert sorted(handle.cache.slots()) == resident  # nothing ever moved
+    assert sorted(handle.cache.resident()) == resident  # nothing ever moved
 
 
 def test_static_frequency_keeps_the_calibrations_most_used_experts(tmp_path, patched):
@@ -54,7 +54,7 @@ def test_static_frequency_keeps_the_calibrations_most_used_experts(tmp_path, pat
     handle = patched(model, budget=0.25, device="cpu", placement="static-frequency", calibration=path)
     slots = handle.stats().slots
     top = calib.frequencies.flatten().argsort(descending=True)[:slots].tolist()
-    assert sorted(handle.cache.slots()) == sorted((i // 8, i % 8) for i in top)
+    assert sorted(handle.cache.resident()) == sorted((i // 8, i % 8) for i in top)
     ids = torch.randint(0, 128, (1, 12))
     handle.unpatch()
     ref = logits(model, ids)

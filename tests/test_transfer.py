@@ -5,14 +5,16 @@ import random
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from offload_moe.runtime.cache import ExpertCache, Payoff
+from offload_moe.runtime.cache import ExpertCache
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.eviction import LRU
 from offload_moe.runtime.ram_tier import RamTier
+from offload_moe.runtime.speculation import Payoff, Source
 from offload_moe.runtime.store import HostStore, Piece
 from offload_moe.runtime.transfer import PREFETCH, EmulatedLink, TransferEngine, _chunks
 from tests.helpers import DEVICES
@@ -143,17 +145,16 @@ def test_suggestions_of_a_source_that_does_not_pay_are_judged_without_copying():
     store, _ = _store(pinned=False)
     engine = TransferEngine(torch.device("cpu"), EmulatedLink(gbps=0.0005))
     counters = Counters(num_layers=4)
-    cache = ExpertCache(store, 5, torch.device("cpu"), torch.float32, engine, LRU(), counters)
+    cache = ExpertCache(store, 5, torch.device("cpu"), torch.float32, engine, LRU(), counters, top_k=1)
     for token in range(3):
         for layer in range(4):
-            cache.prepare(layer, [token])
-            cache.acquire(layer, [token])
-            cache.release(layer, [token])
-            if layer < 3:
-                cache.speculate([(layer + 1, token)], {(layer, token)}, "lookahead")  # right, but one layer ahead
+            _acquire(cache, layer, [token])
+            if layer < 3:  # right, but one layer ahead
+                cache.speculate([(layer + 1, token)], {(layer, token)}, Source.LOOKAHEAD)
     engine.shutdown()
     assert counters.prefetches == 3 and counters.speculation_skipped == 6  # each layer's first copy, then nothing
-    assert counters.prefetches_used == 0 and not any(p.allows() for p in cache._payoff.values())
+    assert counters.prefetches_used == 0
+    assert not any(cache.speculation.payoff(Source.LOOKAHEAD, layer).allows() for layer in (1, 2, 3))
 
 
 @pytest.mark.parametrize("first", ["victim", "copy"])
@@ -162,18 +163,17 @@ def test_a_prefetch_whose_victim_is_needed_first_did_not_pay(first):
     expert is needed later; one needed first paid."""
     store, _ = _store(pinned=False)
     engine = TransferEngine(torch.device("cpu"))
-    cache = ExpertCache(store, 2, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4))
+    cache = ExpertCache(store, 2, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4), top_k=1)
     for e in (0, 1):
-        cache.prepare(0, [e])
-        cache.acquire(0, [e])
-    assert cache.speculate([(1, 5)], set(), "lookahead") and (0, 0) not in cache.slots()  # evicted the oldest
+        _acquire(cache, 0, [e])
+    assert cache.speculate([(1, 5)], set(), Source.LOOKAHEAD) and (0, 0) not in cache.resident()  # the oldest
     while not engine.idle():  # landed: in time for whichever use comes first
         time.sleep(0.001)
     order = [(0, 0), (1, 5)] if first == "victim" else [(1, 5), (0, 0)]
     for layer, e in order:
         cache.prepare(layer, [e])
     engine.shutdown()
-    assert cache._payoff_of("lookahead", 1).allows() == (first == "copy")
+    assert cache.speculation.payoff(Source.LOOKAHEAD, 1).allows() == (first == "copy")
 
 
 def test_copies_of_host_computed_experts_are_judged_by_admission_not_by_payoff():
@@ -181,19 +181,18 @@ def test_copies_of_host_computed_experts_are_judged_by_admission_not_by_payoff()
     source whose copies did not pay copies nothing."""
     store, _ = _store(pinned=False)
     engine = TransferEngine(torch.device("cpu"))
-    cache = ExpertCache(store, 2, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4))
+    cache = ExpertCache(store, 2, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4), top_k=1)
     for e in (0, 1):  # resident, each needed once
-        cache.prepare(0, [e])
-        cache.acquire(0, [e])
-    for source in ("host", "standin"):
+        _acquire(cache, 0, [e])
+    for source in (Source.HOST, Source.STANDIN):
         for _ in range(8):
-            cache._payoff_of(source, 0).outcome(False)
+            cache.speculation.payoff(source, 0).outcome(False)
     for _ in range(2):
         cache.prepare(0, [2])  # missed twice: computed on the host
     cache.prepare(0, [3])  # missed once
-    assert cache.speculate([(0, 3)], set(), "host") is False  # needed once, like its victim: not admitted
-    assert cache.speculate([(0, 4)], set(), "standin") and (0, 4) not in cache.slots()  # judged only
-    assert cache.speculate([(0, 2)], set(), "host") and (0, 2) in cache.slots()
+    assert cache.speculate([(0, 3)], set(), Source.HOST) is False  # needed once, like its victim: not admitted
+    assert cache.speculate([(0, 4)], set(), Source.STANDIN) and (0, 4) not in cache.resident()  # judged only
+    assert cache.speculate([(0, 2)], set(), Source.HOST) and (0, 2) in cache.resident()
     engine.shutdown()
 
 
@@ -202,6 +201,25 @@ def test_emulated_link_rejects_nonsense():
         EmulatedLink(gbps=0)
     with pytest.raises(ValueError, match="latency_us >= 0"):
         EmulatedLink(gbps=1, latency_us=-1)
+
+
+def _acquire(cache: ExpertCache, layer: int, need: list[int]):
+    """What the hook does for a layer call that needs `need` (ascending): count it, copy the missing experts in
+    (waiting for in-flight copies to free a slot where none can be evicted) and wait for them; then the kernel's
+    slot ids for them, and the end of the kernel."""
+    missing, inflight, _ = cache.prepare(layer, need)
+    protected, todo, waiting = {(layer, e) for e in need}, list(missing), list(inflight)
+    while todo:
+        started = cache.fetch(layer, todo, protected)
+        todo, waiting = todo[len(started) :], waiting + started
+        if todo and not started:
+            cache.make_room(layer, protected)
+    for e in waiting:
+        cache.wait(layer, e)
+    ids = np.array([need])
+    kidx = cache.kernel_index(layer, ids, torch.from_numpy(ids).to(cache.device), need)
+    cache.release(layer, need)
+    return kidx
 
 
 def _store(layers=4, experts=8, pinned=False):
@@ -222,7 +240,7 @@ def test_cache_stress_prefetch_racing_eviction(device):
     store, weights = _store(pinned=device == "cuda")
     engine = TransferEngine(torch.device(device), EmulatedLink(gbps=0.05))
     counters = Counters(num_layers=4)
-    cache = ExpertCache(store, 5, torch.device(device), torch.float32, engine, LRU(), counters)
+    cache = ExpertCache(store, 5, torch.device(device), torch.float32, engine, LRU(), counters, top_k=3)
     rng = random.Random(0)
     errors = []
 
@@ -233,17 +251,17 @@ def test_cache_stress_prefetch_racing_eviction(device):
                 need = rng.sample(range(8), rng.randint(1, 3))
                 for _ in range(rng.randint(0, 3)):  # speculative copies, possibly of other layers
                     # the copy mechanism itself, under the speculation policy (which would stop random guesses)
-                    cache._load((rng.randrange(4), rng.randrange(8)), set(), "lookahead")
-                cache.prepare(layer, need)
-                table, lo, hi = cache.acquire(layer, need)
-                for e in need:  # the slot holds exactly that expert, fully copied
-                    slot = lo + int(table[e])
+                    key = (rng.randrange(4), rng.randrange(8))
+                    if key not in cache.resident():
+                        cache._load(key, set(), Source.LOOKAHEAD)
+                kidx = _acquire(cache, layer, sorted(need))
+                for e, local in zip(sorted(need), kidx.index[0].tolist(), strict=True):  # exactly that expert, landed
+                    slot = kidx.lo + local
                     assert torch.equal(cache.pool["w"][slot].cpu(), weights[layer]["w"][e])
                     assert torch.equal(cache.pool["v"][slot].cpu(), weights[layer]["v"][e])
-                assert int((table < hi - lo).sum()) == len(need)
-                cache.release(layer, need)
+                assert int((kidx.index < kidx.hi - kidx.lo).sum()) == len(need)
                 # invariants: one slot per key
-                slots = cache.slots()
+                slots = cache.resident()
                 assert len(set(slots.values())) == len(slots) <= 5
         except BaseException as e:  # reported below
             errors.append(e)

@@ -1,84 +1,56 @@
 """The expert residency cache: one device slot pool shared by all MoE layers, filled from the host store.
 
-A slot holds one (layer, expert) at a time. The pool is one tensor `[slots, ...]` per expert weight, so the stock
-transformers experts kernels run on it unchanged once expert ids are remapped to slot ids. The cache is the only
-owner of its slots and its transfers. What the experts hook asks of it, once per layer call: `prepare` (count the
-routed experts, say which are not ready), `acquire` / `release` around each kernel call on the pool, `speculate` (copy
-experts someone may need soon into link time no one waits for), and `fetch_once` (a low-bit copy for one use). All
-bookkeeping runs on the caller's (compute) thread; the transfer engine only moves bytes, so no lock is needed.
+The pool is one tensor `[slots, ...]` per expert weight, so the stock transformers experts kernels run on a window
+of it unchanged once expert ids are remapped to slot ids. The cache owns the slots (`runtime.slots`: which expert
+is where, which to evict), the copies in flight and their victims; it asks `runtime.speculation` whether speculative
+copies pay and `runtime.admission` whether a copy is worth its victim. What the experts hook asks of it, per layer
+call: `prepare` (count the routed experts, say which are not ready), `fetch` (start the demand copies), `landed` /
+`wait` (which copies are in), `kernel_index` (the slot ids of a kernel pass), `release` (a pass read these slots) and
+`speculate` (copies into link time no one waits for). All bookkeeping runs on the compute thread; the transfer engine
+only moves bytes, so no lock is needed.
 """
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from offload_moe import compat
+from offload_moe.runtime.admission import Admission
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.eviction import EvictionPolicy
+from offload_moe.runtime.slots import SlotTable
+from offload_moe.runtime.speculation import Source, Speculation
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import DEMAND, PREFETCH, Transfer, TransferEngine
+from offload_moe.runtime.types import ExpertKey
 
-Key = tuple[int, int]  # (layer, expert)
 
+class KernelIndex(NamedTuple):
+    """One kernel pass over slots [lo, hi): `index` [T, K] the routed pairs' slot ids relative to lo, hi - lo (the
+    kernels' "skip" id) for pairs outside the pass; `masked`: some pairs are skipped."""
 
-class SlotWindow(NamedTuple):
-    """Where a layer's experts sit: slots [lo, hi); `table` [E] maps expert id -> slot - lo, or hi - lo (the kernels'
-    "skip" id) for experts outside the window."""
-
-    table: torch.Tensor
+    index: torch.Tensor
     lo: int
     hi: int
+    masked: bool
 
 
 class Residency(NamedTuple):
-    """What `prepare` found for a layer call: the routed experts not ready on the device, and (when some are missing)
-    every expert of the layer that is."""
+    """What `prepare` found for a layer call: routed experts not resident, resident ones whose copy is still in
+    flight (both ascending), and the slot of every routed expert (-1: not resident)."""
 
-    missing: set[int]
-    ready: set[int]
-
-
-SPECULATION_SOURCES = ("lookahead", "standin", "host")
-# Copies of experts computed on the host are judged by admission alone (needed more often than what they evict): by
-# landing-before-use they back off at layers with little reuse and leave the cache as a long prefill left it
-# (measured, Mixtral-shaped model at 1/2 after a prefill: decode hit rate 0.87 judged, 0.90 admission alone).
-ADMISSION_JUDGED = ("host",)
-PAY_PRECISION = 0.5  # a source keeps speculating at a layer while at least half its copies there land in time
-JUDGE_EVERY = 8  # a source that does not pay at a layer has its suggestions computed and judged at one call in 8
-
-
-class Payoff:
-    """Whether one source's speculative copies pay at one layer: an exponential average of how many had landed when
-    their expert was first needed, before the expert they evicted was (a copy evicted unused, still in flight when
-    needed, or whose victim was needed first, did not pay: it cost a miss for nothing). It starts at
-    the threshold, so a source must pay from its first copies on. While it does not pay, the source's suggestions are
-    judged without copying anything (would the copy have landed in time?), so a source that starts to pay again, on a
-    faster link or at another phase of the workload, comes back at no cost."""
-
-    def __init__(self) -> None:
-        self.precision, self.calls = PAY_PRECISION, 0
-
-    def outcome(self, paid: bool) -> None:
-        self.precision = 0.9 * self.precision + 0.1 * float(paid)
-
-    def allows(self) -> bool:
-        return self.precision >= PAY_PRECISION
-
-    def wants(self) -> bool:
-        """Whether a suggestion is worth computing now: always while the source pays, else one call in JUDGE_EVERY
-        (enough to notice when it would pay again, without paying for a prediction at every call)."""
-        if self.allows():
-            return True
-        self.calls += 1
-        return self.calls % JUDGE_EVERY == 0
+    missing: list[int]
+    inflight: list[int]
+    slots: list[int]
 
 
 class ExpertCache:
-    """`num_slots` device slots for the experts of every layer of `store`, evicted by `eviction`; it counts into
-    `counters` (its own fields: hits, misses, copies, stalls, evictions, speculation, warm-up).
-    frozen: what `warm` puts in the slots stays there (static placements); nothing is copied afterwards."""
+    """`num_slots` device slots for the experts of every layer of `store`, evicted by `eviction` within each slot set;
+    it counts into `counters` (hits, misses, copies, stalls, evictions, speculation, warm-up). top_k: experts per
+    token. frozen: what `warm` puts in the slots stays there (static placements); nothing is copied afterwards."""
 
     def __init__(
         self,
@@ -87,32 +59,26 @@ class ExpertCache:
         device: torch.device,
         dtype: torch.dtype,
         engine: TransferEngine,
-        eviction: EvictionPolicy,
+        eviction: str | EvictionPolicy | type[EvictionPolicy],
         counters: Counters,
+        top_k: int,
         frozen: bool = False,
     ):
         self.store, self.num_slots, self.device = store, num_slots, torch.device(device)
-        self._engine, self._eviction, self.frozen = engine, eviction, frozen
+        self._on_host = self.device.type == "cpu"
+        self._engine, self.frozen, self._counters = engine, frozen, counters
         self.pool = {
             n: torch.empty((num_slots, *shape), dtype=dtype, device=self.device)
             for n, shape in store.expert_shapes.items()
         }  # name -> [S, ...]
         self.slot_bytes = store.expert_bytes(dtype)
         self.all_resident = num_slots == store.num_layers * store.num_experts
-        self._slot_of: dict[Key, int] = {}
-        self._pending: dict[Key, Transfer] = {}
+        self.slots = SlotTable(store.num_layers, store.num_experts, num_slots, top_k, eviction, self.device, frozen)
+        self.speculation = Speculation(store.num_layers, counters, engine.copy_seconds)
+        self.admission = Admission(store.num_layers, store.num_experts)
+        self._pending: dict[ExpertKey, Transfer] = {}  # copies in flight, by the expert they bring
         self._last_use: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last kernel reading the slot
-        self._free = list(range(num_slots - 1, -1, -1))
-        self._counters = counters
         self._fixed: dict[int, slice] = {}  # layer -> its slots, for layers that never miss (set by warm)
-        self._uncounted: list[tuple[int, torch.Tensor]] = []  # eager fixed-layer routing, counted later
-        self._traced_hits = torch.zeros(store.num_layers, dtype=torch.long, device=self.device)  # compiled ones
-        torch._dynamo.mark_static_address(self._traced_hits)  # a graph may update it in place under CUDA graphs
-        self._speculative: dict[Key, str] = {}  # copied speculatively, not yet needed: key -> source
-        self._displaced: dict[Key, Key] = {}  # such a copy -> the expert it evicted (if it evicted one)
-        self._payoff: dict[tuple[str, int], Payoff] = {}  # (source, layer) -> whether its copies pay there
-        self._judged: dict[Key, tuple[str, float]] = {}  # suggested while its source did not pay: -> (source, when)
-        self._uses: dict[Key, int] = {}  # layer calls that needed each expert
 
     # --- queries --------------------------------------------------------------------------------------------------
 
@@ -120,204 +86,198 @@ class ExpertCache:
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.pool.values())
 
-    def _is_ready(self, key: Key) -> bool:
-        """Resident and completely copied (never blocks)."""
-        if key not in self._slot_of:
-            return False
-        transfer = self._pending.get(key)
-        if transfer is not None and transfer.done():
-            self._settle(key)
-            return True
-        return transfer is None
-
     def link_use(self) -> dict[str, float]:
         """The link's totals so far (`TransferEngine.link_use`)."""
         return self._engine.link_use()
 
-    def slots(self) -> dict[Key, int]:
-        """A copy of the residency map, for inspection."""
-        return dict(self._slot_of)
+    def resident(self) -> dict[ExpertKey, int]:
+        """A copy of the residency map (resident and in-flight experts and their slots), for inspection."""
+        return self.slots.keys()
 
-    # --- the hook's operations ------------------------------------------------------------------------------------
+    def ready_experts(self, layer: int) -> set[int]:
+        """Every expert of `layer` on the device and completely copied."""
+        resident = [(layer, e) for e in np.flatnonzero(self.slots.row(layer) >= 0).tolist()]
+        return {k[1] for k in resident if not self._in_flight(k) and self.slots.slot(k) >= 0}
 
-    def fetch_once(self, src: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Copy host tensors into fresh device buffers now, as a demand copy on the link, for one use (a missed
-        expert's low-bit copy); counts the copy, its bytes and the wait."""
-        dst = [torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in src]
-        transfer = self._engine.submit(src, dst)
-        self._counters.stall_seconds += transfer.wait()
-        self._counters.lowbit_copies += 1
-        self._counters.bytes_copied += transfer.nbytes
-        return dst
+    def fixed_slots(self, layer: int) -> slice | None:
+        """The pool slots of a layer that never misses (expert e in its e-th slot), or None."""
+        return self._fixed.get(layer)
+
+    def _in_flight(self, key: ExpertKey) -> bool:
+        """A copy of `key` is still on its way. One that landed is settled now; a speculative one that failed (no one
+        waits for it) gives its slot back, leaving `key` absent."""
+        transfer = self._pending.get(key)
+        if transfer is None:
+            return False
+        if not transfer.done():
+            return True
+        if transfer.failed():
+            del self._pending[key]
+            self.slots.free(key[0], self.slots.remove(key))
+            return False
+        self._settle(key)
+        return False
+
+    def _busy(self, key: ExpertKey) -> bool:
+        """A copy into `key`'s slot is running (its slot cannot be reused yet); never changes anything."""
+        transfer = self._pending.get(key)
+        return transfer is not None and not transfer.done()
+
+    # --- the hook's operations, once per layer call ---------------------------------------------------------------
 
     def prepare(self, layer: int, experts: list[int]) -> Residency:
-        """Layer `layer` now runs and needs `experts`: tell the eviction policy, count hits and misses, and say which
-        are not ready on the device (never blocks)."""
-        self._eviction.at_layer(layer, self.store.num_layers)
+        """Layer `layer` now runs and needs `experts` (distinct, ascending): count hits and misses, settle what
+        speculation and admission learn from it, and say which experts are not ready (never blocks)."""
+        table = self.slots
+        table.at_layer(layer)
+        keys = [(layer, e) for e in experts]
+        inflight = [k[1] for k in keys if k in self._pending and self._in_flight(k)] if self._pending else []
+        slots = table.row(layer)[experts].tolist()
+        missing = [e for e, s in zip(experts, slots, strict=True) if s < 0]
+        self.speculation.needed(layer, keys, lambda k: k not in self._pending and table.slot(k) >= 0)
+        self.admission.used(layer, experts)
         st = self._counters
-        self._judge(layer, experts)
-        needed = {(layer, e) for e in experts}
-        for copy in [c for c, victim in self._displaced.items() if victim in needed and c not in needed]:
-            del self._displaced[copy]  # its victim is needed before it: it cost a miss for nothing
-            self._payoff_of(self._speculative.pop(copy), copy[0]).outcome(False)
+        hits = len(keys) - len(missing)
+        st.hits += hits
+        st.layer_hits[layer] += hits
+        st.misses += len(missing)
+        st.layer_misses[layer] += len(missing)
+        st.inflight_hits += len(inflight)
+        table.touch_all([k for k, s in zip(keys, slots, strict=True) if s >= 0])
+        return Residency(missing, inflight, slots)
+
+    def fetch(self, layer: int, experts: list[int], protected: set[ExpertKey]) -> list[int]:
+        """Queue demand copies of `experts` of `layer`, in order, while a slot of its set can be freed without
+        waiting (never evicting `protected`); returns the experts whose copies are queued. The link starts on them
+        when the caller `wait`s for one (moving it on its own thread) or calls `start`."""
+        queued = []
         for e in experts:
             key = (layer, e)
-            self._uses[key] = self._uses.get(key, 0) + 1
-            source = self._speculative.pop(key, None)
-            self._displaced.pop(key, None)
-            if source is not None:  # paid only if it landed in time: one still in flight still stalls or goes to host
-                in_time = key not in self._pending or self._pending[key].done()
-                self._payoff_of(source, layer).outcome(in_time)
-                if in_time and source == "lookahead":
-                    st.prefetches_used += 1
-                elif in_time:
-                    st.background_used += 1
-            if key in self._slot_of:
-                st.hits += 1
-                st.layer_hits[layer] += 1
-                if key in self._pending and not self._pending[key].done():
-                    st.inflight_hits += 1
-            else:
-                st.misses += 1
-                st.layer_misses[layer] += 1
-        missing = {e for e in experts if not self._is_ready((layer, e))}
-        if not missing:
-            return Residency(missing, set())
-        return Residency(missing, {e for (lay, e) in list(self._slot_of) if lay == layer and self._is_ready((lay, e))})
+            if self._load(key, protected, wake=False) is None:
+                break
+            queued.append(e)
+        return queued
 
-    def acquire(self, layer: int, experts: list[int]) -> SlotWindow:
-        """Make `experts` of `layer` resident (fetching misses, waiting for copies). Needs len(experts) <= slots."""
-        keys = [(layer, e) for e in experts]
-        protected = set(keys)
-        for key in keys:
-            if key not in self._slot_of:
-                while self._load(key, protected) is None:
-                    self._wait_for_any_pending(exclude=protected)
-            self._eviction.touch(key)
-        for key in keys:
-            if key in self._pending:
+    def start(self) -> None:
+        """Start the link on the queued copies (the caller computes meanwhile)."""
+        self._engine.wake()
+
+    def landed(self, layer: int, experts: list[int]) -> list[int]:
+        """Which of these experts (resident) are completely copied now (never blocks; raises if a copy failed)."""
+        out = []
+        for e in experts:
+            transfer = self._pending.get((layer, e))
+            if transfer is not None and transfer.done():
+                self._settle((layer, e))
+            if transfer is None or (layer, e) not in self._pending:
+                out.append(e)
+        return out
+
+    def make_room(self, layer: int, protected: set[ExpertKey]) -> None:
+        """Block until a copy into `layer`'s set lands (not one of `protected`), so its slot becomes evictable."""
+        lo, hi = self.slots.set_range(layer)
+        for key in list(self._pending):
+            if key not in protected and lo <= self.slots.slot(key) < hi:
                 self._settle(key)
-        slots = [self._slot_of[k] for k in keys]
+                return
+        raise RuntimeError(
+            f"MoE layer {layer}: its slot set holds {hi - lo} experts, all needed by this call at once; this is a bug "
+            "(a call computes what it can and frees those slots first)"
+        )
+
+    def landing_seconds(self) -> float:
+        """Estimated time until every demand copy started so far has landed (the link's own measurements)."""
+        return self._engine.demand_wait_seconds() + (self._engine.copy_seconds() or 0.0)
+
+    def wait(self, layer: int, expert: int) -> None:
+        """Block until `expert`'s copy has landed (counts the stall; raises if the copy failed)."""
+        if (layer, expert) in self._pending:
+            self._settle((layer, expert))
+
+    def kernel_index(
+        self, layer: int, ids: np.ndarray, top_k_index: torch.Tensor, experts: list[int], every: bool = False
+    ) -> KernelIndex:
+        """The slot ids of one kernel pass over `experts` (resident, landed) of `layer`; ids: the call's [T, K]
+        routing on the host, top_k_index the same on the device. every: `experts` are all the routed experts (no
+        pair is skipped; the device remaps without a host round trip)."""
+        row = self.slots.row(layer)
+        slots = row[experts].tolist()
         lo, hi = min(slots), max(slots) + 1
-        table = [hi - lo] * self.store.num_experts
-        for e, s in zip(experts, slots, strict=True):
-            table[e] = s - lo
-        return SlotWindow(torch.tensor(table, dtype=torch.long).to(self.device, non_blocking=True), lo, hi)
+        if every:
+            if self._on_host:  # the table is the device's own memory: remap in place of a gather
+                return KernelIndex(torch.from_numpy(row[ids] - lo), lo, hi, False)
+            return KernelIndex(self.slots.device_row(layer)[top_k_index] - lo, lo, hi, False)
+        if hi - lo < compat.MASKED_WINDOW and self.num_slots >= compat.MASKED_WINDOW:
+            hi, lo = (hi + 1, lo) if hi < self.num_slots else (hi, lo - 1)
+        local = np.where(np.isin(ids, experts), row[ids] - lo, hi - lo)  # [T, K]
+        return KernelIndex(torch.from_numpy(local).to(self.device, non_blocking=True), lo, hi, True)
 
     def release(self, layer: int, experts: list[int]) -> None:
-        """Mark the end of a kernel that read these slots (CUDA: later copies into them wait for it)."""
-        if self.device.type != "cuda":
+        """Mark the end of a kernel pass that read these slots (CUDA: later copies into them wait for it)."""
+        if self._on_host:
             return
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         for e in experts:
-            self._last_use[self._slot_of[(layer, e)]] = event
+            self._last_use[self.slots.slot((layer, e))] = event
 
-    def _load(self, key: Key, protected: set[Key], source: str | None = None) -> Transfer | None:
-        """Start copying `key` into a slot unless it is resident or in flight; never evicts `protected` keys.
-
-        source: None for a demand copy (someone waits for it); else the speculation source that asked (no one waits
-        yet, so demand copies go first and preempt it). Returns the transfer, or None when `key` is already there or
-        no slot can be freed without waiting.
-        """
-        if key in self._slot_of:
-            return None
-        if self.frozen:
-            raise RuntimeError(f"expert {key} is not resident and this cache is frozen (a static placement): misses "
-                               "must be computed on the host; this is a bug in the caller")  # fmt: skip
-        victim = None
-        if not self._free:
-            victim = self._evict(protected)
-            if victim is None:
-                return None
-        transfer = self._start_copy(key, PREFETCH if source is not None else DEMAND)
-        self._counters.copies += 1
-        self._counters.bytes_copied += transfer.nbytes
-        if source is not None:
-            self._speculative[key] = source
-            if victim is not None and source not in ADMISSION_JUDGED:
-                self._displaced[key] = victim
-            if source == "lookahead":
-                self._counters.prefetches += 1
-            else:
-                self._counters.background_copies += 1
-        return transfer
-
-    def speculate(self, keys: list[Key], protected: set[Key], source: str, max_queued: int = 0) -> bool:
-        """Copy `keys` in, in order, behind every demand copy, while at most `max_queued` copies wait for the link;
-        resident ones are kept (touched); never evicts `protected` (nor an earlier key of the list).
-
-        source: "lookahead" (the prefetcher's predictions, counted as prefetches), "standin" (experts a stand-in
-        served: for the next tokens) or "host" (experts computed on the host: copied only when used more often than
-        the expert they would evict, so the cache follows the workload). The last two copy only while the link is
-        otherwise idle. A lookahead or stand-in source whose copies at a layer do not pay (land in time, and before
-        the expert they evicted is needed) stops copying there and its suggestions are only judged (`Payoff`), so
-        speculation that does not pay costs nothing; "host" copies are judged by admission (`ADMISSION_JUDGED`).
-        False when it stopped before the end (the link's queue was full, or no slot could be freed); a source that
-        does not pay returns True.
-        """
-        if source not in SPECULATION_SOURCES:
-            raise ValueError(f"unknown speculation source {source!r}; one of {SPECULATION_SOURCES}")
+    def speculate(self, keys: list[ExpertKey], protected: set[ExpertKey], source: Source, max_queued: int = 0) -> bool:
+        """Copy `keys` in, in order, behind every demand copy, while at most `max_queued` other speculative copies wait
+        for the link;
+        resident ones are kept (touched); never evicts `protected` (nor an earlier key of the list). STANDIN and
+        HOST copies go only into idle link time; HOST copies only when admitted. A source that does not pay at the
+        keys' layer copies nothing and has its suggestions judged (`Speculation`). False when it stopped before the
+        end (the link's queue was full, no slot could be freed, or a key was not admitted)."""
         if self.frozen or not keys:
             return True
-        if source not in ADMISSION_JUDGED and not self._payoff_of(source, keys[0][0]).allows():
-            self._counters.speculation_skipped += 1
-            now = time.perf_counter()
-            for key in keys:
-                if key not in self._slot_of:
-                    self._judged.setdefault(key, (source, now))
+        if not self.speculation.allows(source, keys[0][0]):
+            self.speculation.judge_later(source, [k for k in keys if self.slots.slot(k) < 0])
             return True
         protected = set(protected)
         for key in keys:
             protected.add(key)
-            if key in self._slot_of:
-                self._eviction.touch(key)
+            if self.slots.slot(key) >= 0:
+                self.slots.touch(key)
                 continue
-            if self._engine.queued() > max_queued or (source != "lookahead" and not self._engine.idle()):
+            if self._engine.queued(PREFETCH) > max_queued or (
+                source is not Source.LOOKAHEAD and not self._engine.idle()
+            ):
                 return False
-            if source in ADMISSION_JUDGED and not self.admits(key):
+            if source is Source.HOST and not self.admits(key):
                 return False
             if self._load(key, protected, source) is None:
-                return False  # every slot is protected or in flight
+                return False  # every slot of the set is protected or in flight
         return True
 
-    def _judge(self, layer: int, experts: list[int]) -> None:
-        """Settle the suggestions for `layer` that were only recorded: one whose expert is needed now would have paid
-        if a copy started then had landed by now; one that is not needed did not pay."""
-        copy_s = self._engine.copy_seconds() or 0.0
-        now, needed = time.perf_counter(), set(experts)
-        for key in [k for k in self._judged if k[0] == layer]:
-            source, when = self._judged.pop(key)
-            self._payoff_of(source, layer).outcome(key[1] in needed and now - when >= copy_s)
-
-    def wants_suggestions(self, source: str, layer: int) -> bool:
+    def wants_suggestions(self, source: Source, layer: int) -> bool:
         """Whether `source` should compute its suggestions for `layer` now (predictions cost compute too)."""
-        return not self.frozen and self._payoff_of(source, layer).wants()
+        return not self.frozen and self.speculation.wants(source, layer)
 
-    def _payoff_of(self, source: str, layer: int) -> Payoff:
-        payoff = self._payoff.get((source, layer))
-        if payoff is None:
-            payoff = self._payoff[(source, layer)] = Payoff()
-        return payoff
-
-    def admits(self, key: Key) -> bool:
-        """A copy of `key` (not resident) is worth it: `key` has been needed more often than the expert it would
-        evict (or a slot is free)."""
-        if self._free:
+    def admits(self, key: ExpertKey) -> bool:
+        """A copy of `key` (absent) is worth it: a slot of its set is free, or `key` has been needed more often than
+        the expert it would evict."""
+        layer = key[0]
+        if self.slots.sets[self.slots.set_of[layer]].free:
             return True
-        candidates = [k for k in self._slot_of if k not in self._pending]
-        victim = self._eviction.victim(candidates)
-        return victim is not None and self._uses.get(key, 0) > self._uses.get(victim, 0)
+        victim = self.slots.victim(layer, self._busy)
+        return victim is not None and self.admission.admits(key, victim)
 
     # --- warm start and the fixed layers ---------------------------------------------------------------------------
 
-    def warm(self, keys: list[Key]) -> None:
-        """Fill free slots with `keys` before the first forward (not counted as misses); then find the fixed layers."""
+    def warm(self, keys: list[ExpertKey]) -> None:
+        """Fill free slots with `keys` before the first forward (not counted as misses); then find the fixed layers.
+        A frozen cache lays the keys that fit out layer by layer, so a layer's experts sit in consecutive slots."""
+        if self.frozen:
+            keys = sorted(keys[: self.num_slots])
+        free = self.num_slots
         for key in keys:
-            if not self._free:
+            if free == 0:
                 break
-            self._start_copy(key).wait()
-            self._pending.pop(key, None)
+            slot = self.slots.take_free(key[0])
+            if slot is None:  # its set is full
+                continue
+            free -= 1
+            self._copy(key, slot, DEMAND).wait()
             self._counters.warmup_copies += 1
         if self.all_resident or self.frozen:
             self._fixed = self._fixed_layers()
@@ -325,87 +285,65 @@ class ExpertCache:
     def _fixed_layers(self) -> dict[int, slice]:
         """Layers whose experts all stay resident with expert e in slot lo + e (every layer when everything fits;
         whole layers of a static placement): their experts module can hold its slots for good."""
-        n_exp, out = self.store.num_experts, {}
+        out = {}
         for layer in range(self.store.num_layers):
-            slots = [self._slot_of.get((layer, e)) for e in range(n_exp)]
-            if slots[0] is not None and slots == list(range(slots[0], slots[0] + n_exp)):
-                out[layer] = slice(slots[0], slots[0] + n_exp)
+            row = self.slots.row(layer)
+            if row[0] >= 0 and np.array_equal(row, np.arange(row[0], row[0] + len(row))):
+                out[layer] = slice(int(row[0]), int(row[0]) + len(row))
         return out
-
-    def fixed_slots(self, layer: int) -> slice | None:
-        """The pool slots of a layer that never misses (expert e in its e-th slot), or None."""
-        return self._fixed.get(layer)
-
-    def count_fixed(self, layer: int, top_k_index: torch.Tensor) -> None:
-        """Count a fixed layer's hits off the decode path, with no host sync: eager, the routing is kept and counted
-        later; compiled, it is counted on the device inside the graph (no Python side effect to trace)."""
-        if torch.compiler.is_compiling():
-            if top_k_index.shape[0] == 1:  # one token: its top-k experts are distinct (a constant in the graph)
-                self._traced_hits[layer] += top_k_index.numel()
-            else:
-                seen = torch.zeros(self.store.num_experts, dtype=torch.long, device=top_k_index.device)
-                self._traced_hits[layer] += seen.index_fill_(0, top_k_index.flatten(), 1).sum()
-            return
-        self._uncounted.append((layer, top_k_index))
-        if len(self._uncounted) >= 4096:
-            self.flush_counts()
-
-    def flush_counts(self) -> None:
-        """Count the fixed layers' routing kept for later (before the counters are read)."""
-        for layer, idx in self._uncounted:
-            n = int(idx.unique().numel())
-            self._counters.hits += n
-            self._counters.layer_hits[layer] += n
-        self._uncounted.clear()
-        traced = self._traced_hits.tolist()
-        if any(traced):
-            self._counters.hits += sum(traced)
-            for layer, n in enumerate(traced):
-                self._counters.layer_hits[layer] += n
-            self._traced_hits.zero_()
 
     # --- slots and copies -----------------------------------------------------------------------------------------
 
-    def _start_copy(self, key: Key, priority: int = DEMAND) -> Transfer:
-        slot = self._free.pop()
-        self._slot_of[key] = slot
-        pieces = self.store.expert(*key)
-        dst = [self.pool[p.name][slot, p.row : p.row + p.src.shape[0]] for p in pieces]
-        src = self.store.copy_sources(*key)
-        transfer = self._engine.submit(src, dst, after=self._last_use[slot], priority=priority)
-        self.store.copied(*key, transfer)
-        self._pending[key] = transfer
-        self._eviction.touch(key)
+    def _load(
+        self, key: ExpertKey, protected: set[ExpertKey], source: Source | None = None, wake: bool = True
+    ) -> Transfer | None:
+        """Start copying `key` (absent) into a slot of its set, evicting the policy's victim (never a `protected` key
+        or one being copied) when none is free. source: None for a demand copy; else the speculation source (no one
+        waits yet, so demand copies go first and preempt it). None when no slot can be freed without waiting."""
+        if self.frozen:
+            raise RuntimeError(
+                f"expert {key} is not resident and this cache is frozen (a static placement): misses "
+                "must be computed on the host; this is a bug in the caller"
+            )
+        layer, victim = key[0], None
+        slot = self.slots.take_free(layer)
+        if slot is None:
+            victim = self.slots.victim(layer, lambda k: k in protected or self._busy(k))
+            if victim is None:
+                return None
+            landed = self._pending.pop(victim, None)  # a copy that landed (or failed) and was never settled
+            if landed is not None and not landed.failed():
+                self._counters.stall_seconds += landed.wait()
+            slot = self.slots.remove(victim)
+            self.speculation.evicted(victim)
+            self._counters.evictions += 1
+        transfer = self._copy(key, slot, DEMAND if source is None else PREFETCH, wake)
+        self._counters.copies += 1
+        self._counters.bytes_copied += transfer.nbytes
+        if source is not None:
+            self.speculation.copied(key, source, victim)
         return transfer
 
-    def _evict(self, protected: set[Key]) -> Key | None:
-        """Free the slot of the eviction policy's victim among unprotected, landed keys; returns the victim."""
-        for key in [k for k, t in self._pending.items() if t.done()]:  # landed copies are evictable again
-            self._settle(key)
-        candidates = [k for k in self._slot_of if k not in protected and k not in self._pending]
-        victim = self._eviction.victim(candidates)
-        if victim is None:
-            return None
-        self._free.append(self._slot_of.pop(victim))
-        source = self._speculative.pop(victim, None)
-        self._displaced.pop(victim, None)
-        if source is not None:  # copied speculatively and evicted unused: it did not pay
-            self._payoff_of(source, victim[0]).outcome(False)
-        self._eviction.forget(victim)
-        self._counters.evictions += 1
-        return victim
-
-    def _settle(self, key: Key) -> None:
-        """Wait for `key`'s copy (no time if it landed; raises if it failed), count the stall, forget the transfer."""
-        self._counters.stall_seconds += self._pending.pop(key).wait()
-
-    def _wait_for_any_pending(self, exclude: set[Key]) -> None:
-        """Block until one in-flight copy (not of `exclude`) lands, so its slot becomes evictable."""
-        for key in list(self._pending):
-            if key not in exclude:
-                self._settle(key)
-                return
-        raise RuntimeError(
-            f"the expert pool has {self.num_slots} slots, all needed at once; this is a bug in the caller "
-            "(acquire needs at most num_slots experts)"
+    def _copy(self, key: ExpertKey, slot: int, priority: int, wake: bool = True) -> Transfer:
+        """Put `key` in `slot` and queue its copy there."""
+        self.slots.put(key, slot)
+        dst = [self.pool[p.name][slot, p.row : p.row + p.src.shape[0]] for p in self.store.expert(*key)]
+        transfer = self._engine.submit(
+            self.store.copy_sources(*key), dst, after=self._last_use[slot], priority=priority, wake=wake
         )
+        self.store.copied(*key, transfer)
+        self._pending[key] = transfer
+        return transfer
+
+    def _settle(self, key: ExpertKey) -> None:
+        """Wait for `key`'s copy (no time if it landed) and count the stall. A failed copy gives its slot back, so
+        nothing is ever computed from it, and raises."""
+        transfer = self._pending.pop(key)
+        try:
+            self._counters.stall_seconds += transfer.wait()
+        except RuntimeError as e:
+            self.slots.free(key[0], self.slots.remove(key))
+            raise RuntimeError(
+                f"copying expert {key[1]} of MoE layer {key[0]} to {self.device} failed ({e.__cause__ or e}); "
+                "its slot is free again and nothing was computed from it"
+            ) from e

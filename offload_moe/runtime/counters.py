@@ -1,10 +1,15 @@
 """One statistics collector for the whole runtime. `patch` makes one and hands it to each component that counts; each
-writes only its own fields, all on the compute thread, and `OffloadHandle.stats()` reads them in one place."""
+writes only its own fields, all on the compute thread, and `OffloadHandle.stats()` reads them in one place.
+`FixedHits` counts the layers that never miss off the decode path and adds them in when the counters are read."""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, fields
+
+import torch
+
+from offload_moe import compat
 
 
 @dataclass
@@ -30,7 +35,14 @@ class Counters:
     layer_hits: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
     # the experts hook
-    waves: int = 0  # layer calls that needed more distinct experts than the pool has slots
+    layer_calls: int = 0  # calls of layers that may miss (layers that never miss are not timed)
+    missing_calls: int = 0  # ... of which some routed expert was not ready
+    hook_seconds: float = 0.0  # their wall time in the hook, kernels and waits included
+    kernel_seconds: float = 0.0  # ... of which in the stock experts kernel (CPU: compute; CUDA: launches)
+    missing_hook_seconds: float = 0.0  # hook time of the calls with a missing expert (their share of the above) ...
+    missing_kernel_seconds: float = 0.0  # ... and their kernel time
+    kernel_passes: int = 0  # kernel calls on the pool: one per call, plus one per batch of copies landing later
+    waves: int = 0  # layer calls that needed more distinct experts than their slot set holds at once
     substituted: int = 0  # (token, expert) pairs served by a stand-in instead of the real expert
     critical_misses: int = 0  # missed experts kept exact although a stand-in was configured (critical pairs)
     # host compute
@@ -54,3 +66,52 @@ class Counters:
 
     def snapshot(self) -> Counters:
         return copy.deepcopy(self)
+
+    def runtime_seconds(self, missing: bool = False) -> float:
+        """The hook's own time (bookkeeping, remap, copies issued): hook time less kernels and waits; of all timed
+        calls, or of those with a missing expert."""
+        if missing:
+            hook, kernel = self.missing_hook_seconds, self.missing_kernel_seconds
+            waits = self.stall_seconds + self.host_wait_seconds  # waits happen only in calls with misses
+        else:
+            hook, kernel, waits = self.hook_seconds, self.kernel_seconds, self.stall_seconds + self.host_wait_seconds
+        return max(0.0, hook - kernel - waits)
+
+
+class FixedHits:
+    """Hits of the layers that never miss (every expert resident in its own slot), counted off the decode path with
+    no host sync: eager, their routing is kept and counted when the counters are read; compiled, it is counted on
+    the device inside the graph (no Python side effect to trace)."""
+
+    def __init__(self, counters: Counters, num_experts: int, device: torch.device):
+        self._counters, self._num_experts = counters, num_experts
+        self._uncounted: list[tuple[int, torch.Tensor]] = []
+        self._traced = torch.zeros(counters.num_layers, dtype=torch.long, device=device)
+        compat.mark_static_address(self._traced)  # a graph may update it in place under CUDA graphs
+
+    def count(self, layer: int, top_k_index: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            if top_k_index.shape[0] == 1:  # one token: its top-k experts are distinct (a constant in the graph)
+                self._traced[layer] += top_k_index.numel()
+            else:
+                seen = torch.zeros(self._num_experts, dtype=torch.long, device=top_k_index.device)
+                self._traced[layer] += seen.index_fill_(0, top_k_index.flatten(), 1).sum()
+            return
+        self._uncounted.append((layer, top_k_index))
+        if len(self._uncounted) >= 4096:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the kept routing and the device counts to the counters."""
+        c = self._counters
+        for layer, idx in self._uncounted:
+            n = int(idx.unique().numel())
+            c.hits += n
+            c.layer_hits[layer] += n
+        self._uncounted.clear()
+        traced = self._traced.tolist()
+        if any(traced):
+            c.hits += sum(traced)
+            for layer, n in enumerate(traced):
+                c.layer_hits[layer] += n
+            self._traced.zero_()

@@ -1,74 +1,97 @@
-"""Eviction policies for the expert residency cache. Keys are (layer, expert) pairs."""
+"""Eviction policies for the expert residency cache: the order in which one set of slots gives up its experts.
+
+A policy sees the keys resident in one slot set (`runtime.slots`) and yields them best victim first, lazily, so the
+cache takes the first one it may evict (not protected, not being copied) in a step or two. Every policy is O(1)
+Python steps per use (`touch`), per eviction (`forget`) and per victim yielded; `LayerAware` visits the layers that
+share the set (a handful) before its first victim.
+"""
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from collections.abc import Hashable, Iterable
+import bisect
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from offload_moe.runtime.types import ExpertKey
 
 
 class EvictionPolicy:
-    """Tracks uses of resident keys and picks which one to evict among allowed candidates."""
-
-    name = "base"
+    """Tracks uses of the keys resident in one slot set and yields them in eviction order. The cache makes one per
+    set (a copy of a policy instance given as an option)."""
 
     def at_layer(self, layer: int, num_layers: int) -> None:
         """The model is now running MoE layer `layer` (policies that use the layer order override this)."""
 
-    def touch(self, key: Hashable) -> None:
+    def touch(self, key: ExpertKey) -> None:
+        """`key` is used now (resident, or just admitted)."""
         raise NotImplementedError
 
-    def forget(self, key: Hashable) -> None:
+    def forget(self, key: ExpertKey) -> None:
+        """`key` left the set."""
         raise NotImplementedError
 
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
+    def victims(self) -> Iterator[ExpertKey]:
+        """The resident keys, best victim first, lazily: the cache stops at the first it may evict, before it changes
+        anything."""
         raise NotImplementedError
 
 
 class LRU(EvictionPolicy):
     """Evict the least recently used key."""
 
-    name = "lru"
-
     def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
+        self._order: OrderedDict[ExpertKey, None] = OrderedDict()  # least recently used first
 
-    def touch(self, key: Hashable) -> None:
+    def touch(self, key: ExpertKey) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
 
-    def forget(self, key: Hashable) -> None:
+    def forget(self, key: ExpertKey) -> None:
         self._order.pop(key, None)
 
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
-        return next(iter(self.oldest_first(candidates)), None)
-
-    def oldest_first(self, candidates: Iterable[Hashable]) -> list[Hashable]:
-        allowed = set(candidates)
-        return [k for k in self._order if k in allowed]
+    def victims(self) -> Iterator[ExpertKey]:
+        return iter(self._order)
 
 
 class LFU(EvictionPolicy):
-    """Evict the least frequently used key (counts survive eviction); ties go to the least recently used."""
-
-    name = "lfu"
+    """Evict the least frequently used key (counts survive eviction); ties go to the least recently used. Keys sit in
+    one recency-ordered bucket per use count; the distinct counts are kept sorted (bisect), so a use moves a key
+    between two buckets in O(1) steps."""
 
     def __init__(self) -> None:
-        self._count: Counter[Hashable] = Counter()
-        self._lru = LRU()
+        self._count: dict[ExpertKey, int] = {}
+        self._buckets: dict[int, OrderedDict[ExpertKey, None]] = {}  # count -> resident keys, least recent first
+        self._counts: list[int] = []  # the counts that have a non-empty bucket, ascending
 
-    def touch(self, key: Hashable) -> None:
-        self._count[key] += 1
-        self._lru.touch(key)
+    def touch(self, key: ExpertKey) -> None:
+        old = self._count.get(key, 0)
+        if old and key in self._buckets.get(old, ()):
+            self._leave(key, old)
+        self._count[key] = old + 1
+        bucket = self._buckets.get(old + 1)
+        if bucket is None:
+            bucket = self._buckets[old + 1] = OrderedDict()
+            bisect.insort(self._counts, old + 1)
+        bucket[key] = None
 
-    def forget(self, key: Hashable) -> None:
-        self._lru.forget(key)
+    def forget(self, key: ExpertKey) -> None:
+        count = self._count.get(key, 0)
+        if key in self._buckets.get(count, ()):
+            self._leave(key, count)
 
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
-        ranked = self._lru.oldest_first(candidates)  # min() keeps the first of equals: ties go to the oldest
-        return min(ranked, key=lambda k: self._count[k], default=None)
+    def _leave(self, key: ExpertKey, count: int) -> None:
+        bucket = self._buckets[count]
+        del bucket[key]
+        if not bucket:
+            del self._buckets[count]
+            del self._counts[bisect.bisect_left(self._counts, count)]
+
+    def victims(self) -> Iterator[ExpertKey]:
+        for count in self._counts:  # the cache stops at its victim before it changes anything
+            yield from self._buckets[count]
 
 
-class LayerAware(LRU):
+class LayerAware(EvictionPolicy):
     """Evict the expert whose layer runs furthest in the future, least recently used first among those.
 
     Layers run in a fixed cycle, so while layer L runs, layer L's experts are next needed one whole forward pass
@@ -76,27 +99,31 @@ class LayerAware(LRU):
     (LRU evicts layer L+1's experts, the oldest, just before they are needed).
     """
 
-    name = "layer"
-
     def __init__(self) -> None:
-        super().__init__()
+        self._by_layer: dict[int, OrderedDict[ExpertKey, None]] = {}  # layer -> its resident keys, least recent first
         self._layer, self._num_layers = 0, 1
 
     def at_layer(self, layer: int, num_layers: int) -> None:
         self._layer, self._num_layers = layer, num_layers
 
-    def victim(self, candidates: Iterable[Hashable]) -> Hashable | None:
-        ranked = self.oldest_first(candidates)
-        distance = lambda key: (key[0] - self._layer - 1) % self._num_layers  # noqa: E731  0: needed next
-        return max(ranked, key=distance, default=None)  # max() keeps the first of equals: the oldest
+    def touch(self, key: ExpertKey) -> None:
+        keys = self._by_layer.setdefault(key[0], OrderedDict())
+        keys[key] = None
+        keys.move_to_end(key)
+
+    def forget(self, key: ExpertKey) -> None:
+        keys = self._by_layer.get(key[0])
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self._by_layer[key[0]]
+
+    def victims(self) -> Iterator[ExpertKey]:
+        def distance(layer: int) -> int:  # 0: runs next
+            return (layer - self._layer - 1) % self._num_layers
+
+        for layer in sorted(self._by_layer, key=distance, reverse=True):
+            yield from self._by_layer[layer]
 
 
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "layer": LayerAware}
-
-
-def make_eviction(name: str | EvictionPolicy) -> EvictionPolicy:
-    if isinstance(name, EvictionPolicy):
-        return name
-    if name not in EVICTION_POLICIES:
-        raise ValueError(f"unknown eviction policy {name!r}; choose one of {sorted(EVICTION_POLICIES)}")
-    return EVICTION_POLICIES[name]()

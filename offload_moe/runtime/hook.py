@@ -1,23 +1,43 @@
 """The per-call hot path: a hook on each layer's experts module makes the routed experts resident, remaps expert ids
-to slot ids and runs the stock transformers kernel on the slot pool, with the miss fallback and the prefetcher."""
+to slot ids and runs the stock transformers kernel on the slot pool, with the exact miss path, the stand-ins and the
+prefetcher.
+
+A layer call that may miss takes its routing to the host once (its one synchronisation), then computes in passes of
+the stock kernel over windows of the pool: first every routed expert that is ready, then each batch of missing
+experts as their copies land, while the host computes the experts sent there. The passes return their sums of
+weighted products unrounded where the kernel allows it (grouped_mm, the default, casts its input to the weights'
+dtype and sums in float32 or wider): each pass computes its (token, expert) pairs as rows of their own, and the
+call sums each token's rows in routing order and rounds once, as the stock kernel does, so outputs are bit-identical
+to the unpatched model's (for calls of up to `PAIR_ELEMENTS` pair-row elements; larger ones add per-pass float32
+sums, which agree to float32 rounding before the final rounding). With another kernel the passes' outputs are
+added: bit-identical with top-2 routing (each token's two products rounded once), within rounding above it.
+"""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from hooks import ModuleHook
 from offload_moe import compat
-from offload_moe.runtime.cache import ExpertCache, SlotWindow
-from offload_moe.runtime.counters import Counters
+from offload_moe.runtime.cache import ExpertCache, KernelIndex
+from offload_moe.runtime.counters import Counters, FixedHits
 from offload_moe.runtime.host import HostCompute
+from offload_moe.runtime.miss import LayerCall, MissPlan, StandinPolicy
 from offload_moe.runtime.miss_router import MissRouter
 from offload_moe.runtime.prefetch import LookaheadPrefetcher
-from offload_moe.standins.policies import LayerCall, MissPlan, StandinPolicy
+from offload_moe.runtime.speculation import Source
+
+VIEW_CACHE = 4096  # pool windows kept as Parameter views per layer (a window is reused across calls)
+PASS_DECAY = 0.9  # weight of the past in the exponential average of a kernel pass's time
+PAIR_ELEMENTS = 1 << 22  # a call of up to this many (T x K x H) elements computes its pairs as rows (16 MiB float32)
 
 
 class ExpertsHook(ModuleHook):
@@ -33,10 +53,13 @@ class ExpertsHook(ModuleHook):
         prefetcher: LookaheadPrefetcher | None,
         host: HostCompute | None,
         counters: Counters,
+        fixed_hits: FixedHits,
     ):
         self.layer, self.cache, self.names, self.counters = layer, cache, names, counters
         self.router, self.standin, self.prefetcher, self.host = router, standin, prefetcher, host
+        self.fixed_hits = fixed_hits
         self._views: dict[tuple[int, int], list[torch.nn.Parameter]] = {}  # (lo, hi) -> pool views per weight
+        self.pass_seconds = 0.0  # a kernel pass's time (exponential average): copies landing sooner are waited for
         self.fixed = cache.fixed_slots(layer) is not None  # never misses: the module holds its slots (patch)
         self.key = next(_KEYS)  # how a compiled graph's `offloaded_experts` op finds this hook
         self._module: torch.nn.Module | None = None
@@ -60,14 +83,19 @@ class ExpertsHook(ModuleHook):
         **kwargs: Any,
     ) -> torch.Tensor:
         if self.fixed:  # the stock forward on the module's own window: traceable, no host sync
-            self.cache.count_fixed(self.layer, top_k_index)
+            self.fixed_hits.count(self.layer, top_k_index)
             return forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        if torch.compiler.is_compiling() and not args and not kwargs:  # one opaque op in the graph, no graph break
-            residual = self.prefetcher.residual(self.layer) if self.prefetcher is not None else None
-            return offloaded_experts(hidden_states, top_k_index, top_k_weights, residual, self.key)
+        if torch.compiler.is_compiling():
+            if not args and not kwargs:  # one opaque op in the graph, no graph break
+                residual = self.prefetcher.residual(self.layer) if self.prefetcher is not None else None
+                return offloaded_experts(hidden_states, top_k_index, top_k_weights, residual, self.key)
+            return self._outside_graph(hidden_states, top_k_index, top_k_weights, *args, **kwargs)  # a graph break
         return self.offloaded(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
 
     @torch.compiler.disable
+    def _outside_graph(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.offloaded(*args, **kwargs)
+
     def offloaded(
         self,
         hidden_states: torch.Tensor,  # [T, H]
@@ -79,106 +107,250 @@ class ExpertsHook(ModuleHook):
     ) -> torch.Tensor:
         """A layer whose experts may miss: residency decisions on the host, outside any compiled graph. residual:
         the layer's residual stream for the prefetcher, when a compiled graph passes it (eager, its hook keeps it)."""
-        cache, layer = self.cache, self.layer
-        kernel = _Kernel(self._module, self._forward, self.names, hidden_states, args, kwargs)
-        needed = top_k_index.unique().tolist()
-        missing, ready = cache.prepare(layer, needed)
-        plan = MissPlan(top_k_index, top_k_weights, missing)
-        if missing and self.standin is not None:
-            call = LayerCall(layer, hidden_states, top_k_index, top_k_weights, needed, missing, ready)
-            plan = self.standin.plan(call)
-            self.counters.substituted += plan.substituted
-            self.counters.critical_misses += len(plan.exact)
-        routed = plan.index.unique().tolist() if plan.index is not top_k_index else needed
-        copy, jobs = plan.exact, []
-        if plan.exact and self.router is not None:  # host or auto: some exact misses are computed on the host
-            # (k positions, tokens) of each expert's pairs, in the order the stock kernels gather them
-            pairs = {e: torch.nonzero((plan.index == e).T, as_tuple=True) for e in plan.exact}
-            copy, on_host = self.router.split(
-                {e: len(tok) for e, (_, tok) in pairs.items()}, admit=lambda e: cache.admits((layer, e))
-            )
-            for e in sorted(on_host):  # submitted first: the host computes while the device does
-                pos, tok = pairs[e]
-                jobs.append(self.host.submit(layer, e, hidden_states[tok], plan.weights[tok, pos], tok))
-        pool = [e for e in routed if e not in missing or e in copy]
-        later = sorted(missing.difference(plan.exact))  # substituted: copied in the background, for the next tokens
-        out = self._on_pool(kernel, pool, plan, len(routed), later, residual)
-        for job in jobs:
-            y, seconds = self.host.result(job)
-            self.router.observe(len(job.tokens), seconds)
-            out.index_add_(0, job.tokens, y)
-        # experts computed on the host and used more than what they would evict: copied in, in idle link time
-        cache.speculate([(layer, job.expert) for job in jobs], set(), "host")
-        return out if plan.extra is None else out + plan.extra
-
-    def _on_pool(self, kernel: _Kernel, pool: list[int], plan: MissPlan, routed: int, later: list[int],
-                 residual: torch.Tensor | None):  # fmt: skip
-        """Run the pool's experts in waves of at most `slots` experts; [T, H] (zeros when the pool is empty)."""
-        cache = self.cache
-        if len(pool) > cache.num_slots:
-            self.counters.waves += 1  # more distinct experts than slots (long prefill, big batch): stream in waves
-        out = None
-        for i in range(0, len(pool), cache.num_slots):
-            wave = pool[i : i + cache.num_slots]
-            window = cache.acquire(self.layer, wave)
-            if i == 0:
-                self._look_ahead(pool, later, residual)
-            masked = len(wave) < routed  # routed pairs outside the wave: sentinel id, weight 0
-            part = kernel.run(self._params(window), window, window.table[plan.index], plan.weights, masked)
-            cache.release(self.layer, wave)
-            out = part if out is None else out + part
-        if out is None:  # every routed pair was served by a stand-in or the host: nothing ran on the pool
-            self._look_ahead(pool, later, residual)
-            out = torch.zeros_like(kernel.hidden)
+        start = time.perf_counter()
+        kernel_before = self.counters.kernel_seconds
+        call = _Call(self, _Kernel(self._module, self._forward, self.names, hidden_states, args, kwargs))
+        out = call.run(hidden_states, top_k_index, top_k_weights, residual)
+        c, took = self.counters, time.perf_counter() - start
+        c.layer_calls += 1
+        c.hook_seconds += took
+        if call.missed:
+            c.missing_calls += 1
+            c.missing_hook_seconds += took
+            c.missing_kernel_seconds += c.kernel_seconds - kernel_before
         return out
 
-    def _params(self, window: SlotWindow) -> list[torch.nn.Parameter]:
+    def params(self, lo: int, hi: int) -> list[torch.nn.Parameter]:
         """The pool's slots [lo, hi) as Parameters (views, cached): the kernel sees hi - lo experts."""
-        key = (window.lo, window.hi)
-        views = self._views.get(key)
+        views = self._views.get((lo, hi))
         if views is None:
-            views = self._views[key] = [
-                torch.nn.Parameter(self.cache.pool[n][window.lo : window.hi], requires_grad=False) for n in self.names
+            if len(self._views) >= VIEW_CACHE:
+                self._views.clear()
+            pool = self.cache.pool
+            views = self._views[(lo, hi)] = [
+                torch.nn.Parameter(pool[n][lo:hi], requires_grad=False) for n in self.names
             ]
         return views
 
-    def _look_ahead(self, pool: list[int], later: list[int], residual: torch.Tensor | None) -> None:
+
+class _Call:
+    """One call of a layer that may miss, from its routing to its output."""
+
+    def __init__(self, hook: ExpertsHook, kernel: _Kernel):
+        self.hook, self.kernel, self.cache, self.layer = hook, kernel, hook.cache, hook.layer
+        self.missed = False
+        self.stock = False  # the output is the stock kernel's own call (final as it is)
+
+    def run(
+        self,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> torch.Tensor:
+        hook, cache, layer = self.hook, self.cache, self.layer
+        self.sum = _Sum(self.kernel.module, hidden, top_k_weights)
+        ids = top_k_index.cpu().numpy()  # [T, K]: the call's one host synchronisation
+        needed = sorted(set(ids[0].tolist())) if len(ids) == 1 else np.unique(ids).tolist()
+        missing, inflight, _ = cache.prepare(layer, needed)
+        plan = MissPlan(top_k_index, top_k_weights, set(missing))
+        if not missing and not inflight:  # every routed expert ready: the stock call, as unpatched
+            if hook.prefetcher is not None:
+                self._look_ahead({(layer, e) for e in needed}, [], residual)
+            self.stock = True
+            return self._pass(ids, plan, needed, stock=True)
+        self.missed = True
+        if missing and hook.standin is not None:
+            info = LayerCall(
+                layer, hidden, top_k_index, top_k_weights, needed, set(missing), cache.ready_experts(layer)
+            )
+            plan = hook.standin.plan(info)
+            hook.counters.substituted += plan.substituted
+            hook.counters.critical_misses += len(plan.exact)
+            if plan.index is not top_k_index:  # buddies remapped some pairs
+                ids = plan.index.cpu().numpy()
+        routed = needed if plan.index is top_k_index else np.unique(ids).tolist()
+        copy, on_host = sorted(plan.exact), []
+        if plan.exact and hook.router is not None:  # host or auto: some exact misses are computed on the host
+            counts = {e: int(np.count_nonzero(ids == e)) for e in plan.exact}
+            to_link, to_host = hook.router.split(counts, admit=lambda e: cache.admits((layer, e)))
+            copy, on_host = sorted(to_link), sorted(to_host)
+        job = hook.host.submit(layer, on_host, self.sum.hidden, plan.weights, ids, self.sum.pairs) if on_host else None
+        absent = set(missing).difference(copy)  # served by a stand-in or the host: not on the pool
+        pool = [e for e in routed if e not in absent]
+        out = self._on_pool(
+            ids,
+            plan,
+            pool,
+            len(pool) == len(routed),
+            copy,
+            set(missing) | set(inflight),
+            residual,
+            later=sorted(set(missing).difference(plan.exact)),
+        )
+        if job is not None:
+            y, seconds = hook.host.result(job)
+            hook.router.observe([counts[e] for e in on_host], seconds)
+            out = y if out is None else out + y
+            # experts computed on the host and used more than what they would evict: copied in, in idle link time
+            cache.speculate([(layer, e) for e in on_host], set(), Source.HOST)
+        if out is None:  # stand-ins served every pair
+            out = torch.zeros_like(hidden)
+        elif not self.stock:
+            out = self.sum.finish(out)
+        return out if plan.extra is None else out + plan.extra
+
+    def _on_pool(
+        self,
+        ids: np.ndarray,
+        plan: MissPlan,
+        pool: list[int],
+        whole: bool,
+        copy: list[int],
+        not_ready: set[int],
+        residual: torch.Tensor | None,
+        later: list[int],
+    ) -> torch.Tensor | None:
+        """Compute the pool's experts in passes: what is ready first, then each batch of copies as it lands (a slot
+        set too small for the call's experts at once is streamed: computed experts make room for the rest). Copies
+        expected to land before another pass would take are waited for instead: one pass then does it all. whole:
+        the pool has every routed expert; not_ready: the call's experts absent or in flight. None: nothing to do."""
+        cache, layer = self.cache, self.layer
+        protected = {(layer, e) for e in pool}
+        started = cache.fetch(layer, copy, protected)
+        queued = copy[len(started) :]  # no slot free yet: copied once computed experts make room
+        if queued:
+            self.hook.counters.waves += 1
+        self._look_ahead(protected, later, residual)  # behind the demand copies
+        if not pool:
+            return None
+        waiting = [e for e in pool if e in not_ready and e not in queued]  # copies in flight
+        if waiting and not queued and self.hook.pass_seconds > cache.landing_seconds():
+            for e in waiting:  # sooner than a pass: moved on this thread, then one pass
+                cache.wait(layer, e)
+            waiting = []
+        if waiting or queued:
+            cache.start()  # the link moves the rest while the ready experts compute
+        if not waiting and not queued and whole:  # every routed expert ready now: the stock call
+            self.stock = True
+            return self._pass(ids, plan, pool, stock=True)
+        batch = [e for e in pool if e not in waiting and e not in queued] + cache.landed(layer, waiting)
+        out = None
+        while True:
+            if batch:
+                part = self._pass(ids, plan, batch)
+                out = part if out is None else out + part
+                protected.difference_update((layer, e) for e in batch)
+                waiting = [e for e in waiting if e not in batch]
+                batch = []
+            if queued:
+                more = cache.fetch(layer, queued, protected)
+                queued = queued[len(more) :]
+                waiting += more
+            if not waiting:
+                if not queued:
+                    return out
+                cache.make_room(layer, protected)  # every other slot of the set is being filled: wait for one
+                continue
+            batch = cache.landed(layer, waiting)
+            if not batch:
+                cache.wait(layer, waiting[0])
+                batch = [waiting[0], *cache.landed(layer, waiting[1:])]
+
+    def _pass(self, ids: np.ndarray, plan: MissPlan, experts: list[int], stock: bool = False) -> torch.Tensor:
+        """One kernel pass over `experts` (ready). stock: they are all the routed experts and this is the call's
+        only pass (exactly the stock call); else the pass comes back as `_Sum` lays it out."""
+        t0 = time.perf_counter()
+        cache = self.cache
+        kidx = cache.kernel_index(self.layer, ids, plan.index, experts, every=stock)
+        hidden, weights = self.kernel.hidden, plan.weights
+        if not stock:
+            hidden, kidx, weights = self.sum.pass_args(kidx, weights)
+        out = self.kernel.run(self.hook.params(kidx.lo, kidx.hi), kidx, hidden, weights)
+        cache.release(self.layer, experts)
+        took, c = time.perf_counter() - t0, self.hook.counters
+        c.kernel_passes += 1
+        c.kernel_seconds += took
+        self.hook.pass_seconds = PASS_DECAY * self.hook.pass_seconds + (1 - PASS_DECAY) * took
+        return out
+
+    def _look_ahead(self, protected: set, later: list[int], residual: torch.Tensor | None) -> None:
         """After the demand copies: queue the next layers' predicted experts, then this layer's substituted ones."""
-        protected = {(self.layer, e) for e in pool}
-        if self.prefetcher is not None:
-            self.prefetcher.run(self.layer, protected, residual)
-        # only into idle link time: when the link is the bottleneck, these copies would cost speed
-        self.cache.speculate([(self.layer, e) for e in later], protected, "standin")
+        hook = self.hook
+        if hook.prefetcher is not None:
+            hook.prefetcher.run(self.layer, protected, residual)
+        if later:  # only into idle link time: when the link is the bottleneck, these copies would cost speed
+            self.cache.speculate([(self.layer, e) for e in later], protected, Source.STANDIN)
+
+
+class _Sum:
+    """How a call's passes add up without rounding in between (see the module docstring): `hidden`, what the passes
+    compute on ([T x K, H] one row per pair when `pairs`), and `finish`, the one rounding at the end."""
+
+    def __init__(self, module: torch.nn.Module, hidden: torch.Tensor, weights: torch.Tensor):
+        self._module, self._hidden, self._weights = module, hidden, weights
+        self.dtype, (self.tokens, self.top_k) = hidden.dtype, weights.shape
+
+    @functools.cached_property
+    def _acc(self) -> torch.dtype | None:
+        """The kernel's accumulation dtype where it takes wider input (float32 at least: torch's reductions of half
+        types sum in float32); None where it takes only the weights' dtype."""
+        if not compat.casts_input(self._module):
+            return None
+        return torch.promote_types(torch.promote_types(self.dtype, self._weights.dtype), torch.float32)
+
+    @functools.cached_property
+    def pairs(self) -> bool:
+        return self._acc is not None and self._hidden.numel() * self.top_k <= PAIR_ELEMENTS
+
+    @functools.cached_property
+    def hidden(self) -> torch.Tensor:
+        if self._acc is None:
+            return self._hidden  # [T, H]
+        wide = self._hidden.to(self._acc)
+        return wide.repeat_interleave(self.top_k, dim=0) if self.pairs else wide  # [T x K, H] or [T, H]
+
+    def pass_args(self, kidx: KernelIndex, weights: torch.Tensor) -> tuple[torch.Tensor, KernelIndex, torch.Tensor]:
+        """A pass's hidden states, slot ids and routing weights: pairs as rows of top-1 routing when `pairs`."""
+        if not self.pairs:
+            return self.hidden, kidx, weights
+        return self.hidden, kidx._replace(index=kidx.index.reshape(-1, 1)), weights.reshape(-1, 1)
+
+    def finish(self, total: torch.Tensor) -> torch.Tensor:
+        """[T, H] in the hidden states' dtype: each token's rows summed in routing order, rounded once."""
+        if self.pairs:
+            total = total.view(self.tokens, self.top_k, -1).sum(dim=1)
+        return total.to(self.dtype)
 
 
 class _Kernel:
     """One call of the stock experts kernel, run on pool views instead of the module's own parameters."""
 
-    def __init__(self, module: torch.nn.Module, forward: Callable, names: list[str], hidden: torch.Tensor,
-                 args: tuple, kwargs: dict):  # fmt: skip
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        forward: Callable,
+        names: list[str],
+        hidden: torch.Tensor,
+        args: tuple,
+        kwargs: dict,
+    ):
         self.module, self.forward, self.names = module, forward, names
         self.hidden, self.args, self.kwargs = hidden, args, kwargs
 
     def run(
-        self,
-        params: list[torch.nn.Parameter],
-        window: SlotWindow,
-        slot_index: torch.Tensor,  # [T, K] slot ids relative to window.lo
-        weights: torch.Tensor,  # [T, K]
-        masked: bool,
+        self, params: list[torch.nn.Parameter], kidx: KernelIndex, hidden: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        module = self.module
-        saved = compat.swap_parameters(module, dict(zip(self.names, params, strict=True)))
-        num_experts, was_parallel = module.num_experts, compat.set_expert_parallel(module, masked)
-        module.num_experts = window.hi - window.lo
-        if masked:  # the stock kernels skip sentinel ids (>= num_experts) in expert-parallel mode
-            weights = weights.masked_fill(slot_index == window.hi - window.lo, 0)
+        """[T, H]: the pass's pairs (`kidx`) on `hidden` [T, H], weighted by `weights` [T, K]; skipped pairs weigh
+        0."""
+        module, skip = self.module, kidx.hi - kidx.lo
+        if kidx.masked:  # the stock kernels skip sentinel ids (>= num_experts) in expert-parallel mode
+            weights = weights.masked_fill(kidx.index == skip, 0)
+        saved = compat.point_experts(module, dict(zip(self.names, params, strict=True)), skip, kidx.masked)
         try:
-            return self.forward(self.hidden, slot_index, weights, *self.args, **self.kwargs)
+            return self.forward(hidden, kidx.index, weights, *self.args, **self.kwargs)
         finally:
-            compat.swap_parameters(module, saved)
-            module.num_experts = num_experts
-            compat.set_expert_parallel(module, was_parallel)
+            compat.restore_experts(module, saved)
 
 
 _KEYS = itertools.count()
@@ -186,7 +358,7 @@ _LIVE: weakref.WeakValueDictionary[int, ExpertsHook] = weakref.WeakValueDictiona
 
 
 # cudagraph_unsafe: a CUDA graph would replay its kernels without the decisions (inductor leaves such graphs uncaptured)
-@torch.library.custom_op("offload_moe::offloaded_experts", mutates_args=(), tags=(torch._C.Tag.cudagraph_unsafe,))
+@torch.library.custom_op("offload_moe::offloaded_experts", mutates_args=(), tags=compat.cudagraph_unsafe_tags())
 def offloaded_experts(
     hidden_states: torch.Tensor,  # [T, H]
     top_k_index: torch.Tensor,  # [T, K]

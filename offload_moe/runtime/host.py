@@ -18,6 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from offload_moe.runtime.counters import Counters
@@ -46,17 +47,16 @@ class EmulatedHost:
 
 @dataclass
 class HostJob:
-    """One expert computed on the host for some of a call's tokens; `future` resolves to ([n, H] weighted outputs,
-    seconds the job took on its worker)."""
+    """The experts of one layer call computed on the host; `future` resolves to ([T, H] their weighted outputs
+    summed per token, seconds the job took on its worker)."""
 
     layer: int
-    expert: int
-    tokens: torch.Tensor  # [n] token rows of the call (on the device)
+    experts: list[int]
     future: Future
 
 
 class HostCompute:
-    """Worker threads computing experts from the host store.
+    """Worker threads computing experts from the host store, one job per layer call.
 
     threads: torch intra-op threads per worker (1 when the device is this CPU, whose cores the compute thread uses).
     """
@@ -86,39 +86,51 @@ class HostCompute:
     def _init(self) -> None:
         torch.set_num_threads(self.threads)
 
-    def submit(self, layer: int, expert: int, x: torch.Tensor, w: torch.Tensor, tokens: torch.Tensor) -> HostJob:
-        """Compute expert `expert` of `layer` on rows x [n, H] with routing weights w [n] (both on the device)."""
-        if self.device.type == "cuda":  # only activations cross the link: [n, H] down, [n, H] up
-            x, w = x.to("cpu", non_blocking=False), w.to("cpu", non_blocking=False)
-        return HostJob(layer, expert, tokens, self._pool.submit(self._run, layer, expert, x, w))
+    def submit(
+        self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, pairs: bool
+    ) -> HostJob:
+        """Compute `experts` of `layer` for the tokens routed to them. ids [T, K]: the routing, on the host; weights
+        [T, K] on the device; hidden: the device passes' input, [T, H], or [T x K, H] one row per (token, k) pair
+        when `pairs` (then each pair's product comes back in its own row, unsummed)."""
+        if self.device.type == "cuda":  # only activations cross the link: [T, H] down, [T, H] up
+            hidden, weights = hidden.to("cpu", non_blocking=False), weights.to("cpu", non_blocking=False)
+        future = self._pool.submit(self._run, layer, experts, hidden, weights, ids, pairs)
+        return HostJob(layer, experts, future)
 
     def result(self, job: HostJob) -> tuple[torch.Tensor, float]:
-        """The job's [n, H] output on the device and the seconds it took (blocks until it is done)."""
+        """The job's [T, H] output on the device and the seconds it took (blocks until it is done)."""
         t0 = time.perf_counter()
-        y, seconds = job.future.result()
+        y, seconds, pairs = job.future.result()
         c = self.counters
         c.host_wait_seconds += time.perf_counter() - t0
-        c.host_jobs, c.host_tokens, c.host_seconds = (
-            c.host_jobs + 1,
-            c.host_tokens + y.shape[0],
-            c.host_seconds + seconds,
-        )
+        c.host_jobs += len(job.experts)
+        c.host_tokens += pairs
+        c.host_seconds += seconds
         return (y.to(self.device, non_blocking=True) if self.device.type == "cuda" else y), seconds
 
-    def _run(self, layer: int, expert: int, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _run(
+        self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, pairs: bool
+    ) -> tuple[torch.Tensor, float, int]:
         start = time.perf_counter()
         if self.emulated is not None:  # reserve the emulated memory system before the real work starts
             with self._lock:
                 begin = max(start, self._memory_free_at)
-                flops = 2.0 * self.expert_params * x.shape[0]
-                self._memory_free_at = begin + self.emulated.seconds(self.store.expert_bytes(), flops)
+                flops = 2.0 * self.expert_params * int(np.isin(ids, experts).sum())
+                self._memory_free_at = begin + self.emulated.seconds(self.store.expert_bytes() * len(experts), flops)
                 done_at = self._memory_free_at
-        y = expert_forward(self._twins[layer], self.names, self.store.expert_tensors(layer, expert), x, w)
+        out, n_pairs, top_k = torch.zeros_like(hidden), 0, ids.shape[1]  # [T, H] or [T x K, H]
+        for e in experts:
+            pos, tok = np.nonzero((ids == e).T)  # in the order the stock kernels gather an expert's rows
+            rows = torch.from_numpy(tok * top_k + pos if pairs else tok)
+            x, w = hidden[rows], weights[torch.from_numpy(tok), torch.from_numpy(pos)]
+            y = expert_forward(self._twins[layer], self.names, self.store.expert_tensors(layer, e), x, w)
+            out.index_add_(0, rows, y.to(out.dtype))
+            n_pairs += len(tok)
         if self.emulated is not None:
             delay = done_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        return y, time.perf_counter() - start
+        return out, time.perf_counter() - start, n_pairs
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

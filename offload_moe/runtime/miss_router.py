@@ -48,8 +48,9 @@ class HostFit:
     def seconds(self, tokens: int) -> float:
         return (self.a + self.b * tokens) * self.scale
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        predicted = self.a + self.b * tokens
+    def observe(self, tokens: list[int], seconds: float) -> None:
+        """A host job computed experts for these token counts in `seconds`: refine the scale."""
+        predicted = sum(self.a + self.b * n for n in tokens)
         if predicted > 0:
             self.scale = 0.9 * self.scale + 0.1 * seconds / predicted
 
@@ -91,7 +92,7 @@ def measure_host(host: HostCompute, layer: int = 0, expert: int = 0) -> HostFit:
         best = float("inf")
         for _ in range(BENCH_REPEATS):
             t0 = time.perf_counter()
-            host.result(host.submit(layer, expert, x, w, torch.arange(n)))
+            host.result(host.submit(layer, [expert], x, w[:, None], np.full((n, 1), expert), pairs=False))
             best = min(best, time.perf_counter() - t0)
         times.append(best)
     b, a = np.polyfit(np.array(BENCH_TOKENS, dtype=float), np.array(times), 1)
@@ -136,7 +137,7 @@ class MissRouter:
         self.counters.auto_copy += len(copy)
         return copy, host
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        """A host job for `tokens` tokens took `seconds`: refine the host estimate."""
+    def observe(self, tokens: list[int], seconds: float) -> None:
+        """A host job for experts of these token counts took `seconds`: refine the host estimate."""
         if self.fit is not None:
             self.fit.observe(tokens, seconds)

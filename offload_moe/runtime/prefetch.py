@@ -9,7 +9,9 @@ import logging
 import torch
 
 from hooks import MoEBlock
-from offload_moe.runtime.cache import ExpertCache, Key
+from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.speculation import Source
+from offload_moe.runtime.types import ExpertKey
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class LookaheadPrefetcher:
         return self._residual[layer]
 
     @torch.no_grad()
-    def run(self, layer: int, protected: set[Key], residual: torch.Tensor | None = None) -> None:
+    def run(self, layer: int, protected: set[ExpertKey], residual: torch.Tensor | None = None) -> None:
         """Queue copies for layers after `layer`; never evicts `protected` keys or keys chosen in this round.
         residual: layer's residual stream [B, T, H] (default: the one captured in this forward)."""
         x = self._residual[layer] if residual is None else residual
@@ -104,7 +106,7 @@ class LookaheadPrefetcher:
         for j in range(layer + 1, min(layer + 1 + self.depth, len(self.blocks))):
             if j not in self._extra or j not in self._rank:  # the rank is learned at the router's first real call
                 continue
-            if not self.cache.wants_suggestions("lookahead", j):  # it does not pay at j: predict only to judge
+            if not self.cache.wants_suggestions(Source.LOOKAHEAD, j):  # it does not pay at j: predict only to judge
                 continue
             b = self.blocks[j]
             logits = self._logits(j, x)
@@ -112,6 +114,6 @@ class LookaheadPrefetcher:
                 continue
             probs = logits.float().softmax(-1).mean(0)  # [E]
             keys = [(j, e) for e in probs.topk(min(self.candidates, b.num_experts)).indices.tolist()]
-            if not self.cache.speculate(keys, protected, "lookahead", self.max_queued):
+            if not self.cache.speculate(keys, protected, Source.LOOKAHEAD, self.max_queued):
                 return  # the link's queue is full, or every slot is protected or in flight: stop for this round
             protected.update(keys)

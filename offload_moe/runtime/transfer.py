@@ -6,7 +6,8 @@ still in flight. On CPU the worker thread does the copy itself. Copies have prio
 waiting for it) goes before speculative ones (prefetches, background copies), a speculative copy in progress is
 preempted at its next chunk boundary when a demand copy arrives (and resumed later, where it stopped), and a
 speculative copy that someone starts waiting for is promoted. So a demand copy waits for at most one chunk of
-speculation, never for a whole expert.
+speculation, never for a whole expert. A thread that waits for a copy the worker has not started moves it itself
+(one chunk on the link at a time still): waking the worker and being woken by it costs more than a small copy.
 A source is a host tensor or a `FileSpan` (bytes of a checkpoint file, read with pread: the link is then the disk,
 and on CUDA the disk and the bus in turn through one pinned staging buffer).
 An `EmulatedLink` makes every copy take `latency + bytes / bandwidth` of wall time, so a CPU-only machine can
@@ -79,8 +80,8 @@ class Transfer:
             self._raise_if_failed()
             return 0.0
         t0 = time.perf_counter()
-        self._engine.promote(self)  # someone needs it now
-        self._issued.wait()
+        if not self._engine.move_here(self):  # already on the link: wait for the worker
+            self._issued.wait()
         self._raise_if_failed()
         if self._event is not None:
             self._event.synchronize()  # a real wait: the compute that needs this expert cannot start before
@@ -125,6 +126,8 @@ class TransferEngine:
         self._speculative_seconds = 0.0  # ... of which for speculative copies
         self._preemptions = 0  # speculative copies set aside at a chunk boundary for a demand copy
         self._current: Transfer | None = None  # the copy on the link
+        self._helpers = 0  # threads moving a copy they wait for themselves (speculation yields to them)
+        self._link = threading.Lock()  # held while a chunk moves: one chunk on the link at a time
         self._staging = torch.empty(0, dtype=torch.uint8)  # the worker's buffer for file reads that cannot go direct
         self._worker = threading.Thread(target=self._run, name="offload-moe-copy", daemon=True)
         self._worker.start()
@@ -135,24 +138,35 @@ class TransferEngine:
         dst: list[torch.Tensor],
         after: torch.cuda.Event | None = None,
         priority: int = DEMAND,
+        wake: bool = True,
     ) -> Transfer:
-        """Queue a copy of `src` into `dst` (same shapes); on CUDA it starts only after event `after` (if given)."""
+        """Queue a copy of `src` into `dst` (same shapes); on CUDA it starts only after event `after` (if given).
+        wake: False leaves the worker asleep (the caller will wait for the copy, moving it itself, or call `wake`)."""
         with self._cond:
             if self._closing or not self._worker.is_alive():
                 raise RuntimeError("the transfer engine is shut down")
             transfer = Transfer(src, dst, after, priority, next(self._seq), self, self.chunk_bytes)
             self._queued.append(transfer)
-            self._cond.notify()
+            if wake:
+                self._cond.notify()
         return transfer
 
-    def queued(self) -> int:
-        """Copies waiting for the link (not counting the one in progress)."""
-        return len(self._queued)
+    def wake(self) -> None:
+        """Start the worker on the queued copies."""
+        with self._cond:
+            self._cond.notify()
+
+    def queued(self, priority: int | None = None) -> int:
+        """Copies waiting for the link (not counting the one in progress), of `priority` if given."""
+        if priority is None:
+            return len(self._queued)
+        with self._cond:
+            return sum(t.priority == priority for t in self._queued)
 
     def idle(self) -> bool:
         """Nothing on the link and nothing waiting for it."""
         with self._cond:
-            return self._current is None and not self._queued
+            return self._current is None and not self._queued and not self._helpers
 
     def copy_seconds(self) -> float | None:
         """Measured link time of one copy (an exponential average over every copy so far), None before any."""
@@ -178,10 +192,21 @@ class TransferEngine:
             rest = copy_s * (left if current.priority == DEMAND else 1 / len(current.chunks))
         return rest + demand * copy_s
 
-    def promote(self, transfer: Transfer) -> None:
-        """Make a copy a demand copy (it is not preempted any more)."""
+    def move_here(self, transfer: Transfer) -> bool:
+        """Someone waits for `transfer`: it becomes a demand copy, and if the worker has not started it, the calling
+        thread moves it now (False: it is on the link already)."""
         with self._cond:
             transfer.priority = DEMAND
+            if transfer not in self._queued:
+                return False
+            self._queued.remove(transfer)
+            self._helpers += 1
+        try:
+            self._move_all(transfer)
+        finally:
+            with self._cond:
+                self._helpers -= 1
+        return True
 
     def shutdown(self) -> None:
         """Finish the queued copies, then stop the worker."""
@@ -202,9 +227,11 @@ class TransferEngine:
             return transfer
 
     def _preempted(self, transfer: Transfer) -> bool:
-        """At a chunk boundary: a speculative copy yields to a queued demand copy, and goes back in the queue."""
+        """At a chunk boundary: a speculative copy yields to a demand copy (queued, or moved by a waiting thread),
+        and goes back in the queue."""
         with self._cond:
-            if transfer.priority == DEMAND or not any(t.priority == DEMAND for t in self._queued):
+            demand = self._helpers or any(t.priority == DEMAND for t in self._queued)
+            if transfer.priority == DEMAND or not demand:
                 return False
             self._queued.append(transfer)  # its seq keeps its place among speculative copies
             self._current = None
@@ -213,7 +240,7 @@ class TransferEngine:
 
     def _run(self) -> None:
         # One intra-op thread here: a second OpenMP team in this thread makes every small op of the compute
-        # thread ~10x slower on CPU (measured: index_add_ 3.8 us -> 40 us); the compute thread keeps its threads.
+        # thread ~10x slower on CPU; the compute thread keeps its threads.
         torch.set_num_threads(1)
         while (transfer := self._next()) is not None:
             try:
@@ -226,13 +253,30 @@ class TransferEngine:
                 transfer.next_chunk = len(transfer.chunks)
             if transfer.next_chunk < len(transfer.chunks):
                 continue  # preempted: resumed later where it stopped
-            self._copy_s = transfer.link_s if self._copy_s is None else 0.8 * self._copy_s + 0.2 * transfer.link_s
             with self._cond:
                 self._current = None
-            transfer._issued.set()
+            self._finish(transfer)
+
+    def _move_all(self, transfer: Transfer) -> None:
+        """Move every chunk of `transfer` left on the calling thread, then complete it."""
+        try:
+            while transfer.next_chunk < len(transfer.chunks):
+                self._move_chunk(transfer)
+        except BaseException as e:  # surfaced by Transfer.wait
+            transfer._error = e
+            transfer.next_chunk = len(transfer.chunks)
+        self._finish(transfer)
+
+    def _finish(self, transfer: Transfer) -> None:
+        self._copy_s = transfer.link_s if self._copy_s is None else 0.8 * self._copy_s + 0.2 * transfer.link_s
+        transfer._issued.set()
 
     def _move_chunk(self, transfer: Transfer) -> None:
         """Copy the transfer's next chunk, and hold the link for as long as the (emulated) link takes."""
+        with self._link:
+            self._move_chunk_on_link(transfer)
+
+    def _move_chunk_on_link(self, transfer: Transfer) -> None:
         start = max(time.perf_counter(), self._link_free_at)
         src, dst = transfer.chunks[transfer.next_chunk]
         self._copy(transfer, src, dst)

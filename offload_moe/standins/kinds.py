@@ -14,12 +14,14 @@ from hooks import MoEBlock
 from offload_moe.budget import format_bytes
 from offload_moe.errors import BudgetError
 from offload_moe.geometry import ExpertGeometry
-from offload_moe.runtime.cache import ExpertCache
+from offload_moe.runtime.counters import Counters
+from offload_moe.runtime.miss import StandinPolicy
 from offload_moe.runtime.store import HostStore
+from offload_moe.runtime.transfer import TransferEngine
 from offload_moe.standins import bank
 from offload_moe.standins.catalog import GATED, StandinCatalog, assign_mixed, quant_expert_bytes
 from offload_moe.standins.lowrank import rank_for_fraction
-from offload_moe.standins.policies import Buddy, Drop, StandinPolicy, Substitute
+from offload_moe.standins.policies import Buddy, Drop, Substitute
 
 if TYPE_CHECKING:
     from offload_moe.calibration import Calibration
@@ -40,14 +42,15 @@ class Sizing:
 @dataclass(frozen=True)
 class BuildContext:
     """What building a kind's stand-ins may read: the options, the calibration, the model's blocks, where the experts
-    live, the plan's sizing and the cache (for one-use copies)."""
+    live, the plan's sizing, and the link and counters (for one-use copies)."""
 
     options: OffloadOptions
     calib: Calibration | None
     blocks: list[MoEBlock]
     store: HostStore
     sizing: Sizing
-    cache: ExpertCache
+    engine: TransferEngine
+    counters: Counters
     device: torch.device
     dtype: torch.dtype
 
@@ -118,7 +121,22 @@ def _lowbit(ctx: BuildContext) -> StandinPolicy:
     b = bank.quant_bank(ctx.blocks, ctx.store, o.bits, o.group_size, o.quant_optimize, torch.device("cpu"), ctx.dtype)
     if ctx.device.type == "cuda":
         b.pin()
-    return Substitute(o.critical_weight, b, ctx.cache.fetch_once)
+    return Substitute(o.critical_weight, b, _one_use_copies(ctx))
+
+
+def _one_use_copies(ctx: BuildContext) -> bank.Fetch:
+    """Copies of host tensors into fresh device buffers, now, as demand copies on the link, for one use (a missed
+    expert's low-bit copy); counted as low-bit copies with their bytes and the wait."""
+
+    def fetch(src: list[torch.Tensor]) -> list[torch.Tensor]:
+        dst = [torch.empty(t.shape, dtype=t.dtype, device=ctx.device) for t in src]
+        transfer = ctx.engine.submit(src, dst)
+        ctx.counters.stall_seconds += transfer.wait()
+        ctx.counters.lowbit_copies += 1
+        ctx.counters.bytes_copied += transfer.nbytes
+        return dst
+
+    return fetch
 
 
 KINDS: dict[str, StandinKind] = {

@@ -17,49 +17,11 @@ The class names say what serves the pair; `standins.kinds` maps each `standin=` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from offload_moe.runtime.miss import LayerCall, MissPlan, StandinPolicy
 from offload_moe.standins.bank import Fetch, StandinBank
-
-
-@dataclass
-class LayerCall:
-    """One call of a layer's experts whose routed experts are not all ready on the device."""
-
-    layer: int
-    hidden: torch.Tensor  # [T, H]
-    index: torch.Tensor  # [T, K] expert ids
-    weights: torch.Tensor  # [T, K] routing weights
-    needed: list[int]  # distinct experts routed to
-    missing: set[int]  # ... of which not ready on the device
-    resident: set[int]  # every ready expert of the layer
-
-
-@dataclass
-class MissPlan:
-    index: torch.Tensor  # [T, K] expert ids to run (buddy may remap some)
-    weights: torch.Tensor  # [T, K] their weights; 0 for pairs a stand-in serves
-    exact: set[int]  # missing experts some pair still needs exactly (copied or computed on the host)
-    extra: torch.Tensor | None = None  # [T, H] contribution of the stand-ins
-    substituted: int = 0  # pairs not served by their real expert
-
-
-class StandinPolicy:
-    """Decides, for a layer call with misses, which pairs a stand-in serves and which missed experts stay exact."""
-
-    name = "base"
-
-    def __init__(self, critical_weight: float):
-        self.critical_weight = critical_weight  # validated by OffloadOptions
-
-    def plan(self, call: LayerCall) -> MissPlan:
-        raise NotImplementedError
-
-    def _critical(self, index: torch.Tensor, weights: torch.Tensor, miss: torch.Tensor) -> set[int]:
-        """Missing experts that some token needs with a weight >= critical_weight."""
-        return set(index[miss & (weights >= self.critical_weight)].tolist())
 
 
 def _isin(index: torch.Tensor, experts: set[int]) -> torch.Tensor:
@@ -67,7 +29,7 @@ def _isin(index: torch.Tensor, experts: set[int]) -> torch.Tensor:
 
 
 class Drop(StandinPolicy):
-    name = "drop"
+    """Each non-critical missed pair is skipped and the token's other routing weights renormalised."""
 
     def plan(self, call: LayerCall) -> MissPlan:
         index, weights = call.index, call.weights
@@ -86,8 +48,6 @@ class Drop(StandinPolicy):
 class Substitute(StandinPolicy):
     """Each non-critical missed pair runs on its expert's stand-in: resident, or (`fetch` given: HOBBIT's low-bit
     copies, kept on the host) copied in for this call."""
-
-    name = "standin"
 
     def __init__(self, critical_weight: float, bank: StandinBank, fetch: Fetch | None = None):
         super().__init__(critical_weight)
@@ -108,8 +68,6 @@ class Substitute(StandinPolicy):
 
 class Buddy(StandinPolicy):
     """BuddyMoE. buddies: [L, E, Kmax] expert ids (-1 padded), best first; tau: [L] entropy thresholds."""
-
-    name = "buddy"
 
     def __init__(
         self,

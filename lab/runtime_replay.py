@@ -1,0 +1,113 @@
+"""The offload runtime alone: a routing trace recorded from the DeepSeek-V3-shaped model (`lab.scale_models`)
+replayed through the real hooks of a model that has nothing but MoE layers of tiny experts (256 per layer, a
+quarter of them resident), from 16 to 234 layers: pools of 1,024 to 14,976 slots that all see the same routing per
+layer, so the same hit rate. What a layer call costs the runtime itself, and whether that grows with the pool:
+nothing else runs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from hooks import RoutingRecorder
+from lab.scale_models import VOCAB, scale_model
+from offload_moe.patch import patch
+
+LAYERS = (16, 32, 64, 128, 234)  # x 256 experts x 1/4: 1,024 to 14,976 slots
+BUDGET = 0.25
+TRACE_TOKENS = 32  # decoded to record the trace
+REPLAY_CALLS = 3000  # layer calls replayed per pool size (the trace, repeated)
+
+
+class TinyExperts(torch.nn.Module):
+    """A stacked experts module of `num_experts` experts of a few weights each, whose forward does nothing: the
+    hook around it is all that runs."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = torch.nn.Parameter(torch.zeros(num_experts, 4, 2))
+        self.down_proj = torch.nn.Parameter(torch.zeros(num_experts, 2, 2))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        return hidden_states
+
+
+class TinyBlock(torch.nn.Module):
+    def __init__(self, num_experts: int, top_k: int):
+        super().__init__()
+        self.experts = TinyExperts(num_experts)
+        self.gate = torch.nn.Linear(2, num_experts, bias=False)
+        self.gate.top_k = top_k
+
+
+class ExpertsOnly(torch.nn.Module):
+    """`num_layers` MoE blocks and nothing else."""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(TinyBlock(num_experts, top_k) for _ in range(num_layers))
+
+
+@torch.no_grad()
+def record_trace(tokens: int = TRACE_TOKENS) -> tuple[list[tuple[int, torch.Tensor]], int, int, int]:
+    """The decode-time routing of the DeepSeek-V3-shaped model: [(layer, top_k_index [1, K])], layers, experts, k."""
+    model = scale_model("deepseek-v3")
+    prompt = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    with RoutingRecorder(model) as trace:
+        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    calls = [
+        (layer, idx)
+        for step in range(1, tokens)
+        for layer, idx in ((layer, trace.index[layer][step]) for layer in range(len(trace.index)))
+    ]
+    return calls, len(trace.index), model.config.n_routed_experts, model.config.num_experts_per_tok
+
+
+def replay_rows(quick: bool = False) -> list[dict]:
+    """Per pool size: microseconds per replayed layer call (all of it, and the runtime's own share), the hit rate,
+    and the keys the eviction policy examined per eviction."""
+    trace, trace_layers, experts, top_k = record_trace(8 if quick else TRACE_TOKENS)
+    hidden, weights = torch.zeros(1, 2), torch.full((1, top_k), 1.0 / top_k)
+    out = []
+    for layers in LAYERS[::2] if quick else LAYERS:
+        model = ExpertsOnly(layers, experts, top_k)
+        steps = len(trace) // trace_layers  # decode steps in the trace: each replays over every layer
+        calls = [
+            (layer, trace[step * trace_layers + layer % trace_layers][1])
+            for step in range(steps)
+            for layer in range(layers)
+        ]
+        handle = patch(model, budget=BUDGET, device="cpu", fallback="fetch", prefetch=None)
+        try:
+            mods = [b.experts for b in model.layers]
+            for layer, idx in calls:  # warm: the cache follows the trace
+                mods[layer](hidden, idx, weights)
+            handle.reset_stats()
+            steps0 = handle.cache.slots.victim_steps
+            n = 0
+            t0 = time.perf_counter()
+            while n < REPLAY_CALLS:
+                for layer, idx in calls:
+                    mods[layer](hidden, idx, weights)
+                n += len(calls)
+            took = time.perf_counter() - t0
+            s = handle.stats()
+            steps = handle.cache.slots.victim_steps - steps0
+            out.append(
+                {
+                    "layers": layers,
+                    "slots": s.slots,
+                    "sets": len(handle.cache.slots.sets),
+                    "calls": n,
+                    "us_per_call": 1e6 * took / n,
+                    "runtime_us_per_call": s.runtime_us_per_call,
+                    "hit_rate": s.hit_rate,
+                    "evictions": s.evictions,
+                    "victim_steps_per_eviction": steps / s.evictions if s.evictions else 0.0,
+                }
+            )
+        finally:
+            handle.unpatch()
+    return out

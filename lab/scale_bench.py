@@ -1,0 +1,191 @@
+"""The offload runtime at the routing scale of the models people run (`lab.scale_models`): resident and patched
+greedy decoding side by side, and the runtime alone replaying a recorded routing trace.
+
+    python -m lab.scale_bench [--mode quick|default] [--shapes qwen3-30b-a3b,...] [--out bench-results]
+
+Each shape's resident model and a copy of it (patched, one configuration at a time) decode the same prompt in
+alternating rounds, so machine drift hits both alike; a ratio is the median patched decode speed over the median
+resident one of the same rounds. On the CPU device a copy is a plain memcpy (nothing emulated) unless the row says
+EMULATED: those meet an emulated link calibrated as `lab.offload_bench` calibrates it (one expert copy = 15x a
+layer's decode compute) and an emulated host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from hooks import find_moe_blocks
+from lab import offload_bench as ob
+from lab.runtime_replay import replay_rows
+from lab.scale_models import SHAPES, VOCAB, scale_model
+from offload_moe.patch import patch
+from offload_moe.runtime.transfer import EmulatedLink
+
+ROWS = [  # name, budget, patch options, emulated link and host
+    ("patched-1.0", 1.0, {"fallback": "fetch"}, False),
+    ("fetch", 0.5, {"fallback": "fetch"}, False),
+    ("fetch", 0.25, {"fallback": "fetch"}, False),
+    ("host", 0.25, {"fallback": "host"}, False),
+    ("fetch (EMULATED link)", 0.25, {"fallback": "fetch"}, True),
+    ("default (EMULATED link, host)", 0.25, {}, True),
+]
+GOALS = {("patched-1.0", 1.0): 0.97, ("fetch", 0.5): 0.90, ("fetch", 0.25): 0.85, ("host", 0.25): 0.80}
+PROMPT, DECODE = 16, 24  # tokens
+
+
+@torch.no_grad()
+def greedy(model, prompt: torch.Tensor, tokens: int, handle=None) -> tuple[list[int], float, float]:
+    """Greedy decoding of `tokens` new tokens: (tokens, prefill seconds, decode tokens/s). The handle's counters
+    are reset after the prefill, so its stats are the decode's."""
+    cache = DynamicCache()
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    prefill = time.perf_counter() - t0
+    if handle is not None:
+        handle.reset_stats()
+    nxt = out.logits[:, -1:].argmax(-1)
+    got = [int(nxt)]
+    t0 = time.perf_counter()
+    for _ in range(tokens - 1):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        got.append(int(nxt))
+    return got, prefill, (tokens - 1) / (time.perf_counter() - t0)
+
+
+def run_shape(shape: str, rounds: int, tokens: int) -> dict:
+    """Every row on one routing shape, side by side with the resident model."""
+    resident = scale_model(shape)
+    patched = copy.deepcopy(resident)
+    blocks = find_moe_blocks(resident)
+    prompt = torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    ref, _, _ = greedy(resident, prompt, tokens)
+    speeds = [greedy(resident, prompt, tokens)[2] for _ in range(2)]
+    layer_s = 1.0 / statistics.median(speeds) / len(blocks)
+    experts = [getattr(b.experts, n) for b in blocks for n in b.expert_param_names()]
+    n_experts = len(blocks) * blocks[0].num_experts
+    expert_bytes = sum(p.numel() * p.element_size() for p in experts) // n_experts
+    expert_params = sum(p.numel() for p in experts) // n_experts
+    link = EmulatedLink(gbps=expert_bytes / (ob.COPY_TO_LAYER_RATIO * layer_s) / 1e9)
+    host = ob.emulated_host(link, expert_bytes, expert_params)
+    rows = []
+    for name, budget, options, emulated in ROWS:
+        extra = {"link": link, "host": host, "chunk_bytes": max(1, expert_bytes // ob.CHUNKS_PER_EXPERT)}
+        handle = patch(patched, budget, "cpu", **options, **(extra if emulated else {}))
+        try:
+            greedy(patched, prompt, 4)  # warm-up
+            res, pat, same = [], [], True
+            for i in range(rounds):
+                pair = [(resident, None, res), (patched, handle, pat)]
+                for model, h, out in pair if i % 2 == 0 else pair[::-1]:  # alternating: drift hits both alike
+                    got, prefill, speed = greedy(model, prompt, tokens, h)
+                    out.append((speed, prefill))
+                    same &= h is None or got == ref
+            s = handle.stats()
+        finally:
+            handle.unpatch()
+        ratio = statistics.median(p for p, _ in pat) / statistics.median(r for r, _ in res)
+        rows.append(
+            {
+                "name": name,
+                "budget": budget,
+                "emulated": emulated,
+                "options": {k: str(v) for k, v in options.items()},
+                "decode_tokens_per_s": statistics.median(p for p, _ in pat),
+                "resident_tokens_per_s": statistics.median(r for r, _ in res),
+                "x_resident": ratio,
+                "prefill_x_resident": statistics.median(r for _, r in res) / statistics.median(p for _, p in pat),
+                "greedy_identical": same,
+                "hit_rate": s.hit_rate,
+                "slots": s.slots,
+                "misses_per_token": s.misses / (tokens - 1),
+                "host_per_token": s.host_jobs / (tokens - 1),
+                "kernel_passes_per_call": s.kernel_passes / s.layer_calls if s.layer_calls else 1.0,
+                "runtime_us_per_call": s.runtime_us_per_call,
+                "runtime_us_per_miss": s.runtime_us_per_miss,
+                "goal": GOALS.get((name, budget)),
+            }
+        )
+    b = blocks[0]
+    return {
+        "shape": shape,
+        "moe_layers": len(blocks),
+        "experts": b.num_experts,
+        "top_k": b.top_k,
+        "hidden": resident.config.hidden_size,
+        "expert_bytes": expert_bytes,
+        "dtype": "bfloat16",
+        "decode_tokens": tokens,
+        "prompt_tokens": PROMPT,
+        "rounds": rounds,
+        "link": {"emulated_gbps": link.gbps, "copy_to_layer_ratio": ob.COPY_TO_LAYER_RATIO},
+        "rows": rows,
+    }
+
+
+def print_shape(m: dict) -> None:
+    print(
+        f"\n{m['shape']}: {m['moe_layers']} MoE layers x {m['experts']} experts, top-{m['top_k']}, hidden "
+        f"{m['hidden']}, bf16, CPU device; {m['decode_tokens']} greedy tokens after {m['prompt_tokens']}, "
+        f"{m['rounds']} alternating rounds (copies are memcpy unless EMULATED)"
+    )
+    head = (
+        f"{'config':<32}{'budget':>7}{'tok/s':>7}{'x res':>7}{'goal':>6}{'same':>6}{'hits':>6}{'miss/tok':>9}"
+        f"{'passes':>7}{'us/call':>8}{'us/miss':>8}{'prefill x':>10}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in m["rows"]:
+        goal = f"{r['goal']:.2f}" if r["goal"] else "-"
+        print(
+            f"{r['name']:<32}{r['budget']:>7.3f}{r['decode_tokens_per_s']:>7.1f}{r['x_resident']:>7.2f}{goal:>6}"
+            f"{'yes' if r['greedy_identical'] else 'NO':>6}{r['hit_rate']:>6.2f}{r['misses_per_token']:>9.1f}"
+            f"{r['kernel_passes_per_call']:>7.2f}{r['runtime_us_per_call']:>8.0f}{r['runtime_us_per_miss']:>8.0f}"
+            f"{r['prefill_x_resident']:>10.2f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=["quick", "default"], default="default")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {sorted(SHAPES)}")
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = ap.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        raise SystemExit(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
+    rounds, tokens = (1, 12) if args.mode == "quick" else (2, DECODE)
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "mode": args.mode,
+        "shapes": [run_shape(s, rounds, tokens) for s in shapes],
+        "replay": replay_rows(quick=args.mode == "quick"),
+    }
+    result["seconds"] = time.time() - t0
+    (args.out / "scale.json").write_text(json.dumps(result, indent=1))
+    for m in result["shapes"]:
+        print_shape(m)
+    print("\nthe runtime alone, a recorded DeepSeek-V3-shaped routing trace replayed through the hooks (no model):")
+    for r in result["replay"]:
+        print(
+            f"  {r['slots']:>6} slots ({r['sets']} sets): {r['us_per_call']:.0f} us per layer call, hit rate "
+            f"{r['hit_rate']:.2f}, {r['victim_steps_per_eviction']:.2f} keys examined per eviction"
+        )
+    print(f"wrote {args.out / 'scale.json'} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

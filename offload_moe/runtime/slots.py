@@ -1,0 +1,171 @@
+"""Which expert sits in which device slot: a host table [layers, experts] -> slot with its device mirror, the slot
+sets, and the choice of a victim.
+
+The pool's slots are split into sets of consecutive slots. Each set serves a run of consecutive MoE layers and has
+room for at least max(experts per layer, `SET_SLOTS`) experts; a layer's experts live only in its set (a
+set-associative cache). The stock experts kernel runs over a window of slots, and some kernels spend time on every
+slot of the window even when no token is routed to it (grouped_mm on a CPU loops over every group), so a window
+bounded by one set keeps a layer call's cost independent of the pool's size. Each set has its own eviction policy.
+A layer keeps at least one expert of its own against other layers, as far as its set can give every layer room for
+a token's top-k experts beside those floors: plain LRU over a pool smaller than one token's working set evicts
+every layer's experts just before that layer runs again.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from offload_moe.runtime.eviction import EVICTION_POLICIES, EvictionPolicy
+from offload_moe.runtime.types import ExpertKey
+
+SET_SLOTS = 16  # a set has at least this many slots (or all of them): small pools stay one fully associative set
+
+
+class SlotSet:
+    """Slots [lo, hi) serving MoE layers `layers`: their free slots and their eviction order."""
+
+    def __init__(self, lo: int, hi: int, layers: range, policy: EvictionPolicy):
+        self.lo, self.hi, self.layers, self.policy = lo, hi, layers, policy
+        self.free = list(range(hi - 1, lo - 1, -1))
+
+
+def make_policy(eviction: str | EvictionPolicy | type[EvictionPolicy]) -> Callable[[], EvictionPolicy]:
+    """A factory of per-set policies from an option value: a name, a policy class, or an instance (copied per set)."""
+    if isinstance(eviction, EvictionPolicy):
+        return lambda: copy.deepcopy(eviction)
+    if isinstance(eviction, type) and issubclass(eviction, EvictionPolicy):
+        return eviction
+    if eviction not in EVICTION_POLICIES:
+        raise ValueError(f"unknown eviction policy {eviction!r}; choose one of {sorted(EVICTION_POLICIES)}")
+    return EVICTION_POLICIES[eviction]
+
+
+class SlotTable:
+    """The residency map of `num_slots` slots for `num_layers` x `num_experts` experts.
+
+    top_k: experts per token (a call's misses need that much room beside the layers' own floor). one_set: a single
+    set over every slot (static placements, which never evict, lay each layer's experts out consecutively instead).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        num_slots: int,
+        top_k: int,
+        eviction: str | EvictionPolicy | type[EvictionPolicy],
+        device: torch.device,
+        one_set: bool = False,
+    ):
+        if num_slots < 1:
+            raise ValueError("a slot table needs at least one slot")
+        self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
+        policy = make_policy(eviction)
+        n_sets = 1 if one_set else max(1, min(num_layers, num_slots // max(num_experts, SET_SLOTS)))
+        self.set_of = [layer * n_sets // num_layers for layer in range(num_layers)]  # layer -> its set
+        self.sets: list[SlotSet] = []
+        lo = 0
+        for i in range(n_sets):
+            layers = range(self.set_of.index(i), num_layers - self.set_of[::-1].index(i))
+            hi = num_slots * layers.stop // num_layers  # slots in proportion to layers: no set starves
+            self.sets.append(SlotSet(lo, hi, layers, policy()))
+            lo = hi
+        self.floor = [0] * num_layers  # a layer keeps this many of its own experts against other layers
+        for s in self.sets:  # as many layers as leave every layer room for top_k experts
+            cap, n = s.hi - s.lo, len(s.layers)
+            for layer in list(s.layers)[: n if n <= cap - top_k + 1 else max(0, cap - top_k)]:
+                self.floor[layer] = 1
+        self.count = [0] * num_layers  # resident experts per layer
+        self.host = np.full((num_layers, num_experts), -1, dtype=np.int64)  # (layer, expert) -> slot, -1: absent
+        self.key_of: list[ExpertKey | None] = [None] * num_slots
+        self.device = torch.device(device)
+        # the device mirror: on a CPU device the same memory; on CUDA a copy, its rows refreshed before use
+        self._mirror = torch.from_numpy(self.host) if self.device.type == "cpu" else self._upload()
+        self._stale: set[int] = set()
+        self.victim_steps = 0  # keys examined by `victim`, for the record: O(1) per eviction
+
+    def _upload(self) -> torch.Tensor:
+        return torch.from_numpy(self.host).to(self.device)
+
+    # --- queries ------------------------------------------------------------------------------------------------
+
+    def slot(self, key: ExpertKey) -> int:
+        """The slot of `key`, or -1."""
+        return int(self.host[key])
+
+    def row(self, layer: int) -> np.ndarray:
+        """[E] slot of each expert of `layer` (-1: absent), on the host."""
+        return self.host[layer]
+
+    def device_row(self, layer: int) -> torch.Tensor:
+        """[E] the same on the device (the kernel's slot remap gathers from it without a host round trip)."""
+        if layer in self._stale:
+            self._mirror[layer].copy_(torch.from_numpy(self.host[layer]), non_blocking=True)
+            self._stale.discard(layer)
+        return self._mirror[layer]
+
+    def set_range(self, layer: int) -> tuple[int, int]:
+        s = self.sets[self.set_of[layer]]
+        return s.lo, s.hi
+
+    def keys(self) -> dict[ExpertKey, int]:
+        """Every resident key and its slot."""
+        return {k: s for s, k in enumerate(self.key_of) if k is not None}
+
+    # --- changes --------------------------------------------------------------------------------------------------
+
+    def at_layer(self, layer: int) -> None:
+        self.sets[self.set_of[layer]].policy.at_layer(layer, self.num_layers)
+
+    def touch(self, key: ExpertKey) -> None:
+        self.sets[self.set_of[key[0]]].policy.touch(key)
+
+    def touch_all(self, keys: Iterable[ExpertKey]) -> None:
+        for key in keys:
+            self.sets[self.set_of[key[0]]].policy.touch(key)
+
+    def take_free(self, layer: int) -> int | None:
+        """A free slot of `layer`'s set, or None."""
+        free = self.sets[self.set_of[layer]].free
+        return free.pop() if free else None
+
+    def put(self, key: ExpertKey, slot: int) -> None:
+        """`key` now occupies `slot` (free, taken from its set)."""
+        self.host[key] = slot
+        self.key_of[slot] = key
+        self.count[key[0]] += 1
+        self.touch(key)
+        self._changed(key[0])
+
+    def remove(self, key: ExpertKey) -> int:
+        """`key` leaves its slot; returns the slot (the caller reuses it or gives it back with `free`)."""
+        slot = int(self.host[key])
+        self.host[key] = -1
+        self.key_of[slot] = None
+        self.count[key[0]] -= 1
+        self.sets[self.set_of[key[0]]].policy.forget(key)
+        self._changed(key[0])
+        return slot
+
+    def free(self, layer: int, slot: int) -> None:
+        """Give `slot` (of `layer`'s set, emptied by `remove`) back to the set's free slots."""
+        self.sets[self.set_of[layer]].free.append(slot)
+
+    def victim(self, layer: int, skip: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """The expert `layer`'s set should give up for `layer`: the first of its policy's order that `skip` allows
+        and that is not another layer's last expert held by the floor. None: every key is skipped."""
+        for key in self.sets[self.set_of[layer]].policy.victims():
+            self.victim_steps += 1
+            if key[0] != layer and self.count[key[0]] <= self.floor[key[0]]:
+                continue
+            if not skip(key):
+                return key
+        return None
+
+    def _changed(self, layer: int) -> None:
+        if self.device.type != "cpu":
+            self._stale.add(layer)
