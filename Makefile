@@ -32,6 +32,7 @@ lint: install
 
 bench: install
 	$(PY) -m lab.offload_bench --mode default
+	$(PY) -m lab.scale_bench --mode default
 	$(PY) -m lab.fairness_bench
 	$(PY) -m lab.served_bench
 	$(PY) -m lab.gateway_bench
@@ -40,6 +41,7 @@ bench: install
 
 bench-full: install
 	$(PY) -m lab.offload_bench --mode full
+	$(PY) -m lab.scale_bench --mode full
 	$(PY) -m lab.fairness_bench --mode full
 	$(PY) -m lab.served_bench --mode full
 	$(PY) -m lab.gateway_bench
@@ -47,6 +49,7 @@ bench-full: install
 
 bench-quick: install
 	$(PY) -m lab.offload_bench --mode quick
+	$(PY) -m lab.scale_bench --mode quick
 	$(PY) -m lab.fairness_bench --mode quick
 	$(PY) -m lab.served_bench --mode quick
 	$(PY) -m lab.gateway_bench --mode quick

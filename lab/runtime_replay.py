@@ -16,8 +16,9 @@ from offload_moe.patch import patch
 
 LAYERS = (16, 32, 64, 128, 234)  # x 256 experts x 1/4: 1,024 to 14,976 slots
 BUDGET = 0.25
-TRACE_TOKENS = 32  # decoded to record the trace
-REPLAY_CALLS = 3000  # layer calls replayed per pool size (the trace, repeated)
+TRACE_TOKENS = 96  # prompt tokens whose routing is recorded
+WARM_STEPS = 16  # tokens replayed through every layer before the timed calls
+REPLAY_CALLS = 2000  # layer calls timed per pool size
 
 
 class TinyExperts(torch.nn.Module):
@@ -52,26 +53,25 @@ class ExpertsOnly(torch.nn.Module):
 
 @torch.no_grad()
 def record_trace(tokens: int = TRACE_TOKENS) -> tuple[list[tuple[int, torch.Tensor]], int, int, int]:
-    """The decode-time routing of the DeepSeek-V3-shaped model: [(layer, top_k_index [1, K])], layers, experts, k."""
+    """The routing of the DeepSeek-V3-shaped model over a prompt of `tokens` random tokens, replayed as decode calls
+    one token at a time (a random-weight model's own decode settles on a few experts; its tokens' routing over a
+    varied prompt does not): [(layer, top_k_index [1, K])] token by token, then layers, experts, k."""
     model = scale_model("deepseek-v3")
-    prompt = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(1))
     with RoutingRecorder(model) as trace:
-        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    calls = [
-        (layer, idx)
-        for step in range(1, tokens)
-        for layer, idx in ((layer, trace.index[layer][step]) for layer in range(len(trace.index)))
-    ]
+        model(prompt)
+    calls = [(layer, trace.index[layer][0][t : t + 1]) for t in range(tokens) for layer in range(len(trace.index))]
     return calls, len(trace.index), model.config.n_routed_experts, model.config.num_experts_per_tok
 
 
-def replay_rows(quick: bool = False) -> list[dict]:
-    """Per pool size: microseconds per replayed layer call (all of it, and the runtime's own share), the hit rate,
-    and the keys the eviction policy examined per eviction."""
-    trace, trace_layers, experts, top_k = record_trace(8 if quick else TRACE_TOKENS)
+def replay_rows(sizes: int = len(LAYERS)) -> list[dict]:
+    """Per pool size (the smallest, the largest and `sizes` in all): microseconds per replayed layer call (all of
+    it, and the runtime's own share), the hit rate, and the keys the eviction policy examined per eviction."""
+    trace, trace_layers, experts, top_k = record_trace()
     hidden, weights = torch.zeros(1, 2), torch.full((1, top_k), 1.0 / top_k)
     out = []
-    for layers in LAYERS[::2] if quick else LAYERS:
+    picks = sorted({round(i * (len(LAYERS) - 1) / max(sizes - 1, 1)) for i in range(sizes)})
+    for layers in [LAYERS[i] for i in picks]:
         model = ExpertsOnly(layers, experts, top_k)
         steps = len(trace) // trace_layers  # decode steps in the trace: each replays over every layer
         calls = [
@@ -82,17 +82,15 @@ def replay_rows(quick: bool = False) -> list[dict]:
         handle = patch(model, budget=BUDGET, device="cpu", fallback="fetch", prefetch=None)
         try:
             mods = [b.experts for b in model.layers]
-            for layer, idx in calls:  # warm: the cache follows the trace
+            warm, timed = calls[: WARM_STEPS * layers], calls[WARM_STEPS * layers :][:REPLAY_CALLS]
+            for layer, idx in warm:  # the cache follows the trace
                 mods[layer](hidden, idx, weights)
             handle.reset_stats()
             steps0 = handle.cache.slots.victim_steps
-            n = 0
             t0 = time.perf_counter()
-            while n < REPLAY_CALLS:
-                for layer, idx in calls:
-                    mods[layer](hidden, idx, weights)
-                n += len(calls)
-            took = time.perf_counter() - t0
+            for layer, idx in timed:
+                mods[layer](hidden, idx, weights)
+            took, n = time.perf_counter() - t0, len(timed)
             s = handle.stats()
             steps = handle.cache.slots.victim_steps - steps0
             out.append(

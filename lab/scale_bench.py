@@ -35,11 +35,16 @@ ROWS = [  # name, budget, patch options, emulated link and host
     ("fetch", 0.5, {"fallback": "fetch"}, False),
     ("fetch", 0.25, {"fallback": "fetch"}, False),
     ("host", 0.25, {"fallback": "host"}, False),
-    ("fetch (EMULATED link)", 0.25, {"fallback": "fetch"}, True),
     ("default (EMULATED link, host)", 0.25, {}, True),
+    ("fetch (EMULATED link)", 0.25, {"fallback": "fetch"}, True),
 ]
+MODES = {  # rounds, greedy tokens, emulated rows' tokens, emulated rows, replay pool sizes
+    "quick": (1, 8, 4, 1, 2),
+    "default": (2, 12, 6, 1, 3),
+    "full": (3, 24, 24, 2, 5),
+}
 GOALS = {("patched-1.0", 1.0): 0.97, ("fetch", 0.5): 0.90, ("fetch", 0.25): 0.85, ("host", 0.25): 0.80}
-PROMPT, DECODE = 16, 24  # tokens
+PROMPT = 16  # tokens
 
 
 @torch.no_grad()
@@ -48,7 +53,7 @@ def greedy(model, prompt: torch.Tensor, tokens: int, handle=None) -> tuple[list[
     are reset after the prefill, so its stats are the decode's."""
     cache = DynamicCache()
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    out = model(input_ids=prompt, cache=cache, use_cache=True)
     prefill = time.perf_counter() - t0
     if handle is not None:
         handle.reset_stats()
@@ -56,14 +61,15 @@ def greedy(model, prompt: torch.Tensor, tokens: int, handle=None) -> tuple[list[
     got = [int(nxt)]
     t0 = time.perf_counter()
     for _ in range(tokens - 1):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt, cache=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         got.append(int(nxt))
     return got, prefill, (tokens - 1) / (time.perf_counter() - t0)
 
 
-def run_shape(shape: str, rounds: int, tokens: int) -> dict:
-    """Every row on one routing shape, side by side with the resident model."""
+def run_shape(shape: str, mode: str) -> dict:
+    """Every row of `mode` on one routing shape, side by side with the resident model."""
+    rounds, tokens, emulated_tokens, emulated_rows, _ = MODES[mode]
     resident = scale_model(shape)
     patched = copy.deepcopy(resident)
     blocks = find_moe_blocks(resident)
@@ -78,7 +84,8 @@ def run_shape(shape: str, rounds: int, tokens: int) -> dict:
     link = EmulatedLink(gbps=expert_bytes / (ob.COPY_TO_LAYER_RATIO * layer_s) / 1e9)
     host = ob.emulated_host(link, expert_bytes, expert_params)
     rows = []
-    for name, budget, options, emulated in ROWS:
+    for name, budget, options, emulated in ROWS[: 4 + emulated_rows]:
+        n = emulated_tokens if emulated else tokens
         extra = {"link": link, "host": host, "chunk_bytes": max(1, expert_bytes // ob.CHUNKS_PER_EXPERT)}
         handle = patch(patched, budget, "cpu", **options, **(extra if emulated else {}))
         try:
@@ -86,10 +93,10 @@ def run_shape(shape: str, rounds: int, tokens: int) -> dict:
             res, pat, same = [], [], True
             for i in range(rounds):
                 pair = [(resident, None, res), (patched, handle, pat)]
-                for model, h, out in pair if i % 2 == 0 else pair[::-1]:  # alternating: drift hits both alike
-                    got, prefill, speed = greedy(model, prompt, tokens, h)
+                for model, h, out in pair if (i + len(rows)) % 2 == 0 else pair[::-1]:  # drift hits both alike
+                    got, prefill, speed = greedy(model, prompt, n, h)
                     out.append((speed, prefill))
-                    same &= h is None or got == ref
+                    same &= h is None or got == ref[:n]
             s = handle.stats()
         finally:
             handle.unpatch()
@@ -107,8 +114,9 @@ def run_shape(shape: str, rounds: int, tokens: int) -> dict:
                 "greedy_identical": same,
                 "hit_rate": s.hit_rate,
                 "slots": s.slots,
-                "misses_per_token": s.misses / (tokens - 1),
-                "host_per_token": s.host_jobs / (tokens - 1),
+                "decode_tokens": n,
+                "misses_per_token": s.misses / (n - 1),
+                "host_per_token": s.host_jobs / (n - 1),
                 "kernel_passes_per_call": s.kernel_passes / s.layer_calls if s.layer_calls else 1.0,
                 "runtime_us_per_call": s.runtime_us_per_call,
                 "runtime_us_per_miss": s.runtime_us_per_miss,
@@ -127,6 +135,7 @@ def run_shape(shape: str, rounds: int, tokens: int) -> dict:
         "decode_tokens": tokens,
         "prompt_tokens": PROMPT,
         "rounds": rounds,
+        "mode": mode,
         "link": {"emulated_gbps": link.gbps, "copy_to_layer_ratio": ob.COPY_TO_LAYER_RATIO},
         "rows": rows,
     }
@@ -135,8 +144,8 @@ def run_shape(shape: str, rounds: int, tokens: int) -> dict:
 def print_shape(m: dict) -> None:
     print(
         f"\n{m['shape']}: {m['moe_layers']} MoE layers x {m['experts']} experts, top-{m['top_k']}, hidden "
-        f"{m['hidden']}, bf16, CPU device; {m['decode_tokens']} greedy tokens after {m['prompt_tokens']}, "
-        f"{m['rounds']} alternating rounds (copies are memcpy unless EMULATED)"
+        f"{m['hidden']}, bf16, CPU device; {m['decode_tokens']} greedy tokens after {m['prompt_tokens']} "
+        f"(EMULATED rows fewer), {m['rounds']} alternating rounds; copies are memcpy unless EMULATED"
     )
     head = (
         f"{'config':<32}{'budget':>7}{'tok/s':>7}{'x res':>7}{'goal':>6}{'same':>6}{'hits':>6}{'miss/tok':>9}"
@@ -156,7 +165,7 @@ def print_shape(m: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=["quick", "default"], default="default")
+    ap.add_argument("--mode", choices=list(MODES), default="default")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {sorted(SHAPES)}")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
@@ -164,15 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
-    rounds, tokens = (1, 12) if args.mode == "quick" else (2, DECODE)
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "mode": args.mode,
-        "shapes": [run_shape(s, rounds, tokens) for s in shapes],
-        "replay": replay_rows(quick=args.mode == "quick"),
+        "shapes": [run_shape(s, args.mode) for s in shapes],
+        "replay": replay_rows(MODES[args.mode][4]),
     }
     result["seconds"] = time.time() - t0
     (args.out / "scale.json").write_text(json.dumps(result, indent=1))

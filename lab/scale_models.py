@@ -45,13 +45,14 @@ def _gpt_oss() -> torch.nn.Module:  # gpt-oss-120b: 36 layers x 128 experts, top
 
 def _deepseek_v3() -> torch.nn.Module:
     """DeepSeek-V3: 61 layers, the first 3 dense, then 58 MoE layers of 256 routed experts (top-8, grouped routing: 8
-    groups, 4 chosen) plus one shared expert; multi-head latent attention at tiny ranks."""
+    groups, 4 chosen) plus one shared expert; multi-head latent attention at tiny ranks, plain RoPE (the real
+    model's YaRN scaling is for contexts these models never see)."""
     cfg = DeepseekV3Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
                            moe_intermediate_size=EXPERT_INTERMEDIATE, num_hidden_layers=61, first_k_dense_replace=3,
                            n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
                            num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32,
-                           qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
-                           max_position_embeddings=1024)  # fmt: skip
+                           qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=1024,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})  # fmt: skip
     return DeepseekV3ForCausalLM(cfg)
 
 

@@ -82,7 +82,9 @@ def offload(
         workers = [engine.shutdown]
         counters = Counters(len(blocks))
         frozen = options.placement != "dynamic" and not plan.all_resident  # static: what warm() puts there stays
-        cache = ExpertCache(store, plan.slots, dev, dtype, engine, options.eviction, counters, geometry.top_k, frozen)
+        miss_path = options.miss_path(dev.type)
+        cache = ExpertCache(store, plan.slots, dev, dtype, engine, options.eviction, counters, geometry.top_k, frozen,
+                            admission=miss_path != "fetch")  # fmt: skip
         fixed_hits = FixedHits(counters, store.num_experts, dev)
         home = _non_expert_device(model, blocks)
         if home is not None and home != dev:
@@ -91,7 +93,6 @@ def offload(
         model.to(dev)  # non-expert weights; the experts modules now hold only the pool
         prefetcher = _prefetcher(blocks, cache, options, undo) if not plan.all_resident else None
         standin = _standin(options, calib, blocks, store, engine, counters, plan, dev, dtype)
-        miss_path = options.miss_path(dev.type)
         host = None
         if miss_path != "fetch" and not plan.all_resident:
             host = HostCompute(store, [b.experts for b in blocks], names, _hidden_size(model), dev, counters,

@@ -54,6 +54,27 @@ def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
     assert any(k.startswith("best buddy row") for k in goals)
 
 
+def test_scale_bench_json_is_complete_and_its_replay_examines_one_key_per_eviction(tmp_path):
+    from lab.results_doc import main as results_doc
+    from lab.scale_bench import GOALS, main
+
+    main(["--mode", "quick", "--shapes", "mixtral-8x7b", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "scale.json").read_text())
+    (shape,) = result["shapes"]
+    assert (shape["moe_layers"], shape["experts"], shape["top_k"]) == (32, 8, 2)
+    rows = {(r["name"], r["budget"]): r for r in shape["rows"]}
+    assert set(GOALS) <= set(rows)
+    for r in shape["rows"]:
+        assert r["greedy_identical"] and r["x_resident"] > 0 and 0 <= r["hit_rate"] <= 1
+    assert rows[("patched-1.0", 1.0)]["misses_per_token"] == 0
+    assert any(r["emulated"] for r in shape["rows"])
+    replay = result["replay"]
+    assert [r["slots"] for r in replay] == sorted(r["slots"] for r in replay) and replay[-1]["slots"] > 14_000
+    assert all(r["evictions"] > 0 and r["victim_steps_per_eviction"] <= 2 for r in replay)
+    results_doc([str(tmp_path), str(tmp_path / "results.md")])
+    assert "routing scale of real models" in (tmp_path / "results.md").read_text()
+
+
 def test_fairness_cli_writes_table_plots_and_json(tmp_path, capsys):
     from lab.simulate import main
 

@@ -50,7 +50,8 @@ class Residency(NamedTuple):
 class ExpertCache:
     """`num_slots` device slots for the experts of every layer of `store`, evicted by `eviction` within each slot set;
     it counts into `counters` (hits, misses, copies, stalls, evictions, speculation, warm-up). top_k: experts per
-    token. frozen: what `warm` puts in the slots stays there (static placements); nothing is copied afterwards."""
+    token. frozen: what `warm` puts in the slots stays there (static placements); nothing is copied afterwards.
+    admission: count uses for `admits` (the host paths weigh it; a cache that only fetches never asks)."""
 
     def __init__(
         self,
@@ -63,6 +64,7 @@ class ExpertCache:
         counters: Counters,
         top_k: int,
         frozen: bool = False,
+        admission: bool = True,
     ):
         self.store, self.num_slots, self.device = store, num_slots, torch.device(device)
         self._on_host = self.device.type == "cpu"
@@ -75,7 +77,7 @@ class ExpertCache:
         self.all_resident = num_slots == store.num_layers * store.num_experts
         self.slots = SlotTable(store.num_layers, store.num_experts, num_slots, top_k, eviction, self.device, frozen)
         self.speculation = Speculation(store.num_layers, counters, engine.copy_seconds)
-        self.admission = Admission(store.num_layers, store.num_experts)
+        self.admission = Admission(store.num_layers, store.num_experts) if admission else None
         self._pending: dict[ExpertKey, Transfer] = {}  # copies in flight, by the expert they bring
         self._last_use: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last kernel reading the slot
         self._fixed: dict[int, slice] = {}  # layer -> its slots, for layers that never miss (set by warm)
@@ -132,10 +134,11 @@ class ExpertCache:
         table.at_layer(layer)
         keys = [(layer, e) for e in experts]
         inflight = [k[1] for k in keys if k in self._pending and self._in_flight(k)] if self._pending else []
-        slots = table.row(layer)[experts].tolist()
+        slots = table.slots_of(layer, experts)
         missing = [e for e, s in zip(experts, slots, strict=True) if s < 0]
         self.speculation.needed(layer, keys, lambda k: k not in self._pending and table.slot(k) >= 0)
-        self.admission.used(layer, experts)
+        if self.admission is not None:
+            self.admission.used(layer, experts)
         st = self._counters
         hits = len(keys) - len(missing)
         st.hits += hits
@@ -143,7 +146,7 @@ class ExpertCache:
         st.misses += len(missing)
         st.layer_misses[layer] += len(missing)
         st.inflight_hits += len(inflight)
-        table.touch_all([k for k, s in zip(keys, slots, strict=True) if s >= 0])
+        table.touch_all(layer, [k for k, s in zip(keys, slots, strict=True) if s >= 0] if missing else keys)
         return Residency(missing, inflight, slots)
 
     def fetch(self, layer: int, experts: list[int], protected: set[ExpertKey]) -> list[int]:
@@ -201,7 +204,7 @@ class ExpertCache:
         routing on the host, top_k_index the same on the device. every: `experts` are all the routed experts (no
         pair is skipped; the device remaps without a host round trip)."""
         row = self.slots.row(layer)
-        slots = row[experts].tolist()
+        slots = self.slots.slots_of(layer, experts)
         lo, hi = min(slots), max(slots) + 1
         if every:
             if self._on_host:  # the table is the device's own memory: remap in place of a gather
@@ -260,24 +263,23 @@ class ExpertCache:
         if self.slots.sets[self.slots.set_of[layer]].free:
             return True
         victim = self.slots.victim(layer, self._busy)
-        return victim is not None and self.admission.admits(key, victim)
+        return victim is not None and (self.admission is None or self.admission.admits(key, victim))
 
     # --- warm start and the fixed layers ---------------------------------------------------------------------------
 
     def warm(self, keys: list[ExpertKey]) -> None:
-        """Fill free slots with `keys` before the first forward (not counted as misses); then find the fixed layers.
-        A frozen cache lays the keys that fit out layer by layer, so a layer's experts sit in consecutive slots."""
-        if self.frozen:
-            keys = sorted(keys[: self.num_slots])
-        free = self.num_slots
+        """Fill the slots with the first of `keys` that fit their sets before the first forward (not counted as
+        misses), laid out layer by layer so a layer's experts sit in consecutive slots; then find the fixed layers."""
+        room = [len(s.free) for s in self.slots.sets]
+        chosen = []
         for key in keys:
-            if free == 0:
-                break
-            slot = self.slots.take_free(key[0])
-            if slot is None:  # its set is full
-                continue
-            free -= 1
-            self._copy(key, slot, DEMAND).wait()
+            i = self.slots.set_of[key[0]]
+            if room[i]:
+                room[i] -= 1
+                chosen.append(key)
+        for key in sorted(chosen):
+            self._copy(key, self.slots.take_free(key[0]), DEMAND).wait()
+            self._pending.pop(key)
             self._counters.warmup_copies += 1
         if self.all_resident or self.frozen:
             self._fixed = self._fixed_layers()

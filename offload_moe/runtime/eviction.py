@@ -43,8 +43,10 @@ class LRU(EvictionPolicy):
         self._order: OrderedDict[ExpertKey, None] = OrderedDict()  # least recently used first
 
     def touch(self, key: ExpertKey) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
+        if key in self._order:
+            self._order.move_to_end(key)
+        else:
+            self._order[key] = None
 
     def forget(self, key: ExpertKey) -> None:
         self._order.pop(key, None)

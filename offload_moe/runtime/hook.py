@@ -27,7 +27,7 @@ import torch
 
 from hooks import ModuleHook
 from offload_moe import compat
-from offload_moe.runtime.cache import ExpertCache, KernelIndex
+from offload_moe.runtime.cache import ExpertCache, KernelIndex, Residency
 from offload_moe.runtime.counters import Counters, FixedHits
 from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.miss import LayerCall, MissPlan, StandinPolicy
@@ -108,17 +108,44 @@ class ExpertsHook(ModuleHook):
         """A layer whose experts may miss: residency decisions on the host, outside any compiled graph. residual:
         the layer's residual stream for the prefetcher, when a compiled graph passes it (eager, its hook keeps it)."""
         start = time.perf_counter()
-        kernel_before = self.counters.kernel_seconds
-        call = _Call(self, _Kernel(self._module, self._forward, self.names, hidden_states, args, kwargs))
-        out = call.run(hidden_states, top_k_index, top_k_weights, residual)
-        c, took = self.counters, time.perf_counter() - start
+        c, kernel_before = self.counters, self.counters.kernel_seconds
+        ids = top_k_index.cpu().numpy()  # [T, K]: the call's one host synchronisation
+        needed = sorted(set(ids[0].tolist())) if len(ids) == 1 else np.unique(ids).tolist()
+        residency = self.cache.prepare(self.layer, needed)
+        kernel = _Kernel(self._module, self._forward, self.names, hidden_states, args, kwargs)
+        if residency.missing or residency.inflight:
+            call = _Call(self, kernel, ids, needed, residency)
+            out = call.run(hidden_states, top_k_index, top_k_weights, residual)
+        else:  # every routed expert ready: the stock call on the pool, as unpatched
+            if self.prefetcher is not None:
+                self.prefetcher.run(self.layer, {(self.layer, e) for e in needed}, residual)
+            out = self.stock(kernel, ids, top_k_index, top_k_weights, needed)
+        took = time.perf_counter() - start
         c.layer_calls += 1
         c.hook_seconds += took
-        if call.missed:
+        if residency.missing or residency.inflight:
             c.missing_calls += 1
             c.missing_hook_seconds += took
             c.missing_kernel_seconds += c.kernel_seconds - kernel_before
         return out
+
+    def stock(
+        self, kernel: _Kernel, ids: np.ndarray, top_k_index: torch.Tensor, weights: torch.Tensor, experts: list[int]
+    ) -> torch.Tensor:
+        """The stock kernel on the pool over every routed expert (`experts`, all ready): exactly the unpatched call."""
+        t0 = time.perf_counter()
+        kidx = self.cache.kernel_index(self.layer, ids, top_k_index, experts, every=True)
+        out = kernel.run(self.params(kidx.lo, kidx.hi), kidx, kernel.hidden, weights)
+        self.cache.release(self.layer, experts)
+        self.timed_pass(time.perf_counter() - t0)
+        return out
+
+    def timed_pass(self, took: float) -> None:
+        """A kernel pass took `took` seconds."""
+        c = self.counters
+        c.kernel_passes += 1
+        c.kernel_seconds += took
+        self.pass_seconds = PASS_DECAY * self.pass_seconds + (1 - PASS_DECAY) * took
 
     def params(self, lo: int, hi: int) -> list[torch.nn.Parameter]:
         """The pool's slots [lo, hi) as Parameters (views, cached): the kernel sees hi - lo experts."""
@@ -136,9 +163,9 @@ class ExpertsHook(ModuleHook):
 class _Call:
     """One call of a layer that may miss, from its routing to its output."""
 
-    def __init__(self, hook: ExpertsHook, kernel: _Kernel):
+    def __init__(self, hook: ExpertsHook, kernel: _Kernel, ids: np.ndarray, needed: list[int], residency: Residency):
         self.hook, self.kernel, self.cache, self.layer = hook, kernel, hook.cache, hook.layer
-        self.missed = False
+        self.ids, self.needed, self.residency = ids, needed, residency
         self.stock = False  # the output is the stock kernel's own call (final as it is)
 
     def run(
@@ -148,18 +175,10 @@ class _Call:
         top_k_weights: torch.Tensor,
         residual: torch.Tensor | None,
     ) -> torch.Tensor:
-        hook, cache, layer = self.hook, self.cache, self.layer
+        hook, cache, layer, ids, needed = self.hook, self.cache, self.layer, self.ids, self.needed
+        missing, inflight = self.residency.missing, self.residency.inflight
         self.sum = _Sum(self.kernel.module, hidden, top_k_weights)
-        ids = top_k_index.cpu().numpy()  # [T, K]: the call's one host synchronisation
-        needed = sorted(set(ids[0].tolist())) if len(ids) == 1 else np.unique(ids).tolist()
-        missing, inflight, _ = cache.prepare(layer, needed)
         plan = MissPlan(top_k_index, top_k_weights, set(missing))
-        if not missing and not inflight:  # every routed expert ready: the stock call, as unpatched
-            if hook.prefetcher is not None:
-                self._look_ahead({(layer, e) for e in needed}, [], residual)
-            self.stock = True
-            return self._pass(ids, plan, needed, stock=True)
-        self.missed = True
         if missing and hook.standin is not None:
             info = LayerCall(
                 layer, hidden, top_k_index, top_k_weights, needed, set(missing), cache.ready_experts(layer)
@@ -233,7 +252,7 @@ class _Call:
             cache.start()  # the link moves the rest while the ready experts compute
         if not waiting and not queued and whole:  # every routed expert ready now: the stock call
             self.stock = True
-            return self._pass(ids, plan, pool, stock=True)
+            return self.hook.stock(self.kernel, ids, plan.index, plan.weights, pool)
         batch = [e for e in pool if e not in waiting and e not in queued] + cache.landed(layer, waiting)
         out = None
         while True:
@@ -257,21 +276,14 @@ class _Call:
                 cache.wait(layer, waiting[0])
                 batch = [waiting[0], *cache.landed(layer, waiting[1:])]
 
-    def _pass(self, ids: np.ndarray, plan: MissPlan, experts: list[int], stock: bool = False) -> torch.Tensor:
-        """One kernel pass over `experts` (ready). stock: they are all the routed experts and this is the call's
-        only pass (exactly the stock call); else the pass comes back as `_Sum` lays it out."""
+    def _pass(self, ids: np.ndarray, plan: MissPlan, experts: list[int]) -> torch.Tensor:
+        """One kernel pass over `experts` (ready), laid out as `_Sum` needs."""
         t0 = time.perf_counter()
-        cache = self.cache
-        kidx = cache.kernel_index(self.layer, ids, plan.index, experts, every=stock)
-        hidden, weights = self.kernel.hidden, plan.weights
-        if not stock:
-            hidden, kidx, weights = self.sum.pass_args(kidx, weights)
+        kidx = self.cache.kernel_index(self.layer, ids, plan.index, experts)
+        hidden, kidx, weights = self.sum.pass_args(kidx, plan.weights)
         out = self.kernel.run(self.hook.params(kidx.lo, kidx.hi), kidx, hidden, weights)
-        cache.release(self.layer, experts)
-        took, c = time.perf_counter() - t0, self.hook.counters
-        c.kernel_passes += 1
-        c.kernel_seconds += took
-        self.hook.pass_seconds = PASS_DECAY * self.hook.pass_seconds + (1 - PASS_DECAY) * took
+        self.cache.release(self.layer, experts)
+        self.hook.timed_pass(time.perf_counter() - t0)
         return out
 
     def _look_ahead(self, protected: set, later: list[int], residual: torch.Tensor | None) -> None:

@@ -6,9 +6,9 @@ room for at least max(experts per layer, `SET_SLOTS`) experts; a layer's experts
 set-associative cache). The stock experts kernel runs over a window of slots, and some kernels spend time on every
 slot of the window even when no token is routed to it (grouped_mm on a CPU loops over every group), so a window
 bounded by one set keeps a layer call's cost independent of the pool's size. Each set has its own eviction policy.
-A layer keeps at least one expert of its own against other layers, as far as its set can give every layer room for
-a token's top-k experts beside those floors: plain LRU over a pool smaller than one token's working set evicts
-every layer's experts just before that layer runs again.
+When a set holds less than one token's working set (its layers' top-k experts each), a layer keeps one expert of its
+own against the other layers, as far as the set can still give every layer room for its top-k: plain LRU there
+evicts every layer's experts just before that layer runs again, and hits nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from offload_moe.runtime.eviction import EVICTION_POLICIES, EvictionPolicy
 from offload_moe.runtime.types import ExpertKey
 
-SET_SLOTS = 16  # a set has at least this many slots (or all of them): small pools stay one fully associative set
+SET_SLOTS = 8  # a set has at least this many slots (or all of them): small pools stay one fully associative set
 
 
 class SlotSet:
@@ -75,12 +75,15 @@ class SlotTable:
             self.sets.append(SlotSet(lo, hi, layers, policy()))
             lo = hi
         self.floor = [0] * num_layers  # a layer keeps this many of its own experts against other layers
-        for s in self.sets:  # as many layers as leave every layer room for top_k experts
+        for s in self.sets:  # below one token's working set: as many layers as leave every layer room for top_k
             cap, n = s.hi - s.lo, len(s.layers)
+            if cap >= n * top_k:
+                continue
             for layer in list(s.layers)[: n if n <= cap - top_k + 1 else max(0, cap - top_k)]:
                 self.floor[layer] = 1
         self.count = [0] * num_layers  # resident experts per layer
         self.host = np.full((num_layers, num_experts), -1, dtype=np.int64)  # (layer, expert) -> slot, -1: absent
+        self._lists = [[-1] * num_experts for _ in range(num_layers)]  # the same as Python ints: a call reads a few
         self.key_of: list[ExpertKey | None] = [None] * num_slots
         self.device = torch.device(device)
         # the device mirror: on a CPU device the same memory; on CUDA a copy, its rows refreshed before use
@@ -95,7 +98,12 @@ class SlotTable:
 
     def slot(self, key: ExpertKey) -> int:
         """The slot of `key`, or -1."""
-        return int(self.host[key])
+        return self._lists[key[0]][key[1]]
+
+    def slots_of(self, layer: int, experts: list[int]) -> list[int]:
+        """The slot of each of `experts` of `layer` (-1: absent)."""
+        row = self._lists[layer]
+        return [row[e] for e in experts]
 
     def row(self, layer: int) -> np.ndarray:
         """[E] slot of each expert of `layer` (-1: absent), on the host."""
@@ -124,9 +132,11 @@ class SlotTable:
     def touch(self, key: ExpertKey) -> None:
         self.sets[self.set_of[key[0]]].policy.touch(key)
 
-    def touch_all(self, keys: Iterable[ExpertKey]) -> None:
+    def touch_all(self, layer: int, keys: Iterable[ExpertKey]) -> None:
+        """`keys` of `layer` are used now."""
+        touch = self.sets[self.set_of[layer]].policy.touch
         for key in keys:
-            self.sets[self.set_of[key[0]]].policy.touch(key)
+            touch(key)
 
     def take_free(self, layer: int) -> int | None:
         """A free slot of `layer`'s set, or None."""
@@ -135,7 +145,7 @@ class SlotTable:
 
     def put(self, key: ExpertKey, slot: int) -> None:
         """`key` now occupies `slot` (free, taken from its set)."""
-        self.host[key] = slot
+        self.host[key] = self._lists[key[0]][key[1]] = slot
         self.key_of[slot] = key
         self.count[key[0]] += 1
         self.touch(key)
@@ -143,8 +153,8 @@ class SlotTable:
 
     def remove(self, key: ExpertKey) -> int:
         """`key` leaves its slot; returns the slot (the caller reuses it or gives it back with `free`)."""
-        slot = int(self.host[key])
-        self.host[key] = -1
+        slot = self._lists[key[0]][key[1]]
+        self.host[key] = self._lists[key[0]][key[1]] = -1
         self.key_of[slot] = None
         self.count[key[0]] -= 1
         self.sets[self.set_of[key[0]]].policy.forget(key)
