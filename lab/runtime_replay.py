@@ -52,11 +52,13 @@ class ExpertsOnly(torch.nn.Module):
 
 
 @torch.no_grad()
-def record_trace(tokens: int = TRACE_TOKENS) -> tuple[list[tuple[int, torch.Tensor]], int, int, int]:
+def record_trace(model: torch.nn.Module | None = None, tokens: int = TRACE_TOKENS
+                 ) -> tuple[list[tuple[int, torch.Tensor]], int, int, int]:  # fmt: skip
     """The routing of the DeepSeek-V3-shaped model over a prompt of `tokens` random tokens, replayed as decode calls
     one token at a time (a random-weight model's own decode settles on a few experts; its tokens' routing over a
-    varied prompt does not): [(layer, top_k_index [1, K])] token by token, then layers, experts, k."""
-    model = scale_model("deepseek-v3")
+    varied prompt does not): [(layer, top_k_index [1, K])] token by token, then layers, experts, k. model: the
+    DeepSeek-V3-shaped model, when it is built already."""
+    model = scale_model("deepseek-v3") if model is None else model
     prompt = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(1))
     with RoutingRecorder(model) as trace:
         model(prompt)
@@ -64,10 +66,10 @@ def record_trace(tokens: int = TRACE_TOKENS) -> tuple[list[tuple[int, torch.Tens
     return calls, len(trace.index), model.config.n_routed_experts, model.config.num_experts_per_tok
 
 
-def replay_rows(sizes: int = len(LAYERS)) -> list[dict]:
+def replay_rows(sizes: int = len(LAYERS), model: torch.nn.Module | None = None) -> list[dict]:
     """Per pool size (the smallest, the largest and `sizes` in all): microseconds per replayed layer call (all of
     it, and the runtime's own share), the hit rate, and the keys the eviction policy examined per eviction."""
-    trace, trace_layers, experts, top_k = record_trace()
+    trace, trace_layers, experts, top_k = record_trace(model)
     hidden, weights = torch.zeros(1, 2), torch.full((1, top_k), 1.0 / top_k)
     out = []
     picks = sorted({round(i * (len(LAYERS) - 1) / max(sizes - 1, 1)) for i in range(sizes)})

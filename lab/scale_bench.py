@@ -7,7 +7,8 @@ Each shape's resident model and a copy of it (patched, one configuration at a ti
 alternating rounds, so machine drift hits both alike; a ratio is the median patched decode speed over the median
 resident one of the same rounds. On the CPU device a copy is a plain memcpy (nothing emulated) unless the row says
 EMULATED: those meet an emulated link calibrated as `lab.offload_bench` calibrates it (one expert copy = 15x a
-layer's decode compute) and an emulated host.
+layer's decode compute) and an emulated host. `--mode full` runs the EMULATED rows on every shape; the default mode
+on the Mixtral-8x7B shape only (at 128-256 experts a prefill on that link takes tens of seconds).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ ROWS = [  # name, budget, patch options, emulated link and host
     ("default (EMULATED link, host)", 0.25, {}, True),
     ("fetch (EMULATED link)", 0.25, {"fallback": "fetch"}, True),
 ]
-MODES = {  # rounds, greedy tokens, emulated rows' tokens, emulated rows, replay pool sizes
-    "quick": (1, 8, 4, 1, 2),
-    "default": (2, 12, 6, 1, 3),
-    "full": (3, 24, 24, 2, 5),
+MODES = {  # rounds, greedy tokens, emulated rows' tokens, the shapes with emulated rows, replay pool sizes
+    "quick": (1, 6, 3, ("mixtral-8x7b",), 2),
+    "default": (1, 10, 4, ("mixtral-8x7b",), 3),  # emulated at 256 experts: ~20 s a prefill (make bench's time)
+    "full": (3, 24, 12, tuple(SHAPES), 5),
 }
 GOALS = {("patched-1.0", 1.0): 0.97, ("fetch", 0.5): 0.90, ("fetch", 0.25): 0.85, ("host", 0.25): 0.80}
 PROMPT = 16  # tokens
@@ -67,10 +68,9 @@ def greedy(model, prompt: torch.Tensor, tokens: int, handle=None) -> tuple[list[
     return got, prefill, (tokens - 1) / (time.perf_counter() - t0)
 
 
-def run_shape(shape: str, mode: str) -> dict:
-    """Every row of `mode` on one routing shape, side by side with the resident model."""
-    rounds, tokens, emulated_tokens, emulated_rows, _ = MODES[mode]
-    resident = scale_model(shape)
+def run_shape(shape: str, mode: str, resident: torch.nn.Module) -> dict:
+    """Every row of `mode` on the routing shape `shape` (its `resident` model), side by side with the resident."""
+    rounds, tokens, emulated_tokens, emulated_shapes, _ = MODES[mode]
     patched = copy.deepcopy(resident)
     blocks = find_moe_blocks(resident)
     prompt = torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
@@ -84,7 +84,9 @@ def run_shape(shape: str, mode: str) -> dict:
     link = EmulatedLink(gbps=expert_bytes / (ob.COPY_TO_LAYER_RATIO * layer_s) / 1e9)
     host = ob.emulated_host(link, expert_bytes, expert_params)
     rows = []
-    for name, budget, options, emulated in ROWS[: 4 + emulated_rows]:
+    for name, budget, options, emulated in ROWS:
+        if emulated and shape not in emulated_shapes:
+            continue
         n = emulated_tokens if emulated else tokens
         extra = {"link": link, "host": host, "chunk_bytes": max(1, expert_bytes // ob.CHUNKS_PER_EXPERT)}
         handle = patch(patched, budget, "cpu", **options, **(extra if emulated else {}))
@@ -179,9 +181,15 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "mode": args.mode,
-        "shapes": [run_shape(s, args.mode) for s in shapes],
-        "replay": replay_rows(MODES[args.mode][4]),
+        "shapes": [],
     }
+    models = {}
+    for shape in shapes:
+        models[shape] = scale_model(shape)
+        result["shapes"].append(run_shape(shape, args.mode, models[shape]))
+        if shape != "deepseek-v3":
+            del models[shape]
+    result["replay"] = replay_rows(MODES[args.mode][4], models.get("deepseek-v3"))
     result["seconds"] = time.time() - t0
     (args.out / "scale.json").write_text(json.dumps(result, indent=1))
     for m in result["shapes"]:

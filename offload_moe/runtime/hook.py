@@ -37,6 +37,7 @@ from offload_moe.runtime.speculation import Source
 
 VIEW_CACHE = 4096  # pool windows kept as Parameter views per layer (a window is reused across calls)
 PASS_DECAY = 0.9  # weight of the past in the exponential average of a kernel pass's time
+FEW_TOKENS = 16  # passes of up to this many tokens measure what another pass costs (its compute is not repeated)
 PAIR_ELEMENTS = 1 << 22  # a call of up to this many (T x K x H) elements computes its pairs as rows (16 MiB float32)
 
 
@@ -59,7 +60,7 @@ class ExpertsHook(ModuleHook):
         self.router, self.standin, self.prefetcher, self.host = router, standin, prefetcher, host
         self.fixed_hits = fixed_hits
         self._views: dict[tuple[int, int], list[torch.nn.Parameter]] = {}  # (lo, hi) -> pool views per weight
-        self.pass_seconds = 0.0  # a kernel pass's time (exponential average): copies landing sooner are waited for
+        self.pass_seconds = 0.0  # what one more kernel pass costs (exponential average over calls of few tokens)
         self.fixed = cache.fixed_slots(layer) is not None  # never misses: the module holds its slots (patch)
         self.key = next(_KEYS)  # how a compiled graph's `offloaded_experts` op finds this hook
         self._module: torch.nn.Module | None = None
@@ -137,15 +138,17 @@ class ExpertsHook(ModuleHook):
         kidx = self.cache.kernel_index(self.layer, ids, top_k_index, experts, every=True)
         out = kernel.run(self.params(kidx.lo, kidx.hi), kidx, kernel.hidden, weights)
         self.cache.release(self.layer, experts)
-        self.timed_pass(time.perf_counter() - t0)
+        self.timed_pass(time.perf_counter() - t0, len(ids))
         return out
 
-    def timed_pass(self, took: float) -> None:
-        """A kernel pass took `took` seconds."""
+    def timed_pass(self, took: float, tokens: int) -> None:
+        """A kernel pass over `tokens` tokens took `took` seconds. Splitting a call into passes computes nothing
+        twice, so what another pass costs is a pass's fixed part: measured on passes of few tokens."""
         c = self.counters
         c.kernel_passes += 1
         c.kernel_seconds += took
-        self.pass_seconds = PASS_DECAY * self.pass_seconds + (1 - PASS_DECAY) * took
+        if tokens <= FEW_TOKENS:
+            self.pass_seconds = PASS_DECAY * self.pass_seconds + (1 - PASS_DECAY) * took
 
     def params(self, lo: int, hi: int) -> list[torch.nn.Parameter]:
         """The pool's slots [lo, hi) as Parameters (views, cached): the kernel sees hi - lo experts."""
@@ -283,7 +286,7 @@ class _Call:
         hidden, kidx, weights = self.sum.pass_args(kidx, plan.weights)
         out = self.kernel.run(self.hook.params(kidx.lo, kidx.hi), kidx, hidden, weights)
         self.cache.release(self.layer, experts)
-        self.hook.timed_pass(time.perf_counter() - t0)
+        self.hook.timed_pass(time.perf_counter() - t0, len(ids))
         return out
 
     def _look_ahead(self, protected: set, later: list[int], residual: torch.Tensor | None) -> None:
