@@ -33,6 +33,7 @@ lint: install
 bench: install
 	$(PY) -m lab.offload_bench --mode default
 	$(PY) -m lab.scale_bench --mode default
+	$(PY) -m lab.host_bench --mode quick
 	$(PY) -m lab.fairness_bench
 	$(PY) -m lab.served_bench
 	$(PY) -m lab.gateway_bench
@@ -42,6 +43,7 @@ bench: install
 bench-full: install
 	$(PY) -m lab.offload_bench --mode full
 	$(PY) -m lab.scale_bench --mode full
+	$(PY) -m lab.host_bench
 	$(PY) -m lab.fairness_bench --mode full
 	$(PY) -m lab.served_bench --mode full
 	$(PY) -m lab.gateway_bench

@@ -17,7 +17,7 @@ MODEL_DIR = "examples/reference-moe"
 
 def main() -> None:
     # A quarter of the experts' bytes on the device; misses computed where the weights live; VTC across clients.
-    engine = build_engine(MODEL_DIR, policy="vtc", offload_budget=0.25, offload_options={"fallback": "host"})
+    engine = build_engine(MODEL_DIR, policy="vtc", offload_budget=0.25, offload_options={"miss_path": "host"})
     server = BackgroundServer(create_app(engine), port=8000)
     url = server.start()
     print(f"serving {engine.model_name} on {url}/v1 (VTC, experts offloaded at budget 0.25)")

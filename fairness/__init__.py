@@ -4,8 +4,8 @@ and fairness metrics."""
 
 import fairness.core.baselines as _baselines  # noqa: F401  (registers fcfs, rpm, vtc, lcf, vtc-pred, vtc-oracle)
 import fairness.core.equinox as _equinox  # noqa: F401  (registers "equinox")
-from fairness.core.driver import PolicyDriver, SimObserver
-from fairness.core.engine import PRESETS, EngineModel
+from fairness.core.driver import EngineObserver, PolicyDriver
+from fairness.core.engine_model import PRESETS, EngineModel
 from fairness.core.equinox import Equinox
 from fairness.core.ledger import Backlog, Ledger
 from fairness.core.policy import SchedulingPolicy, make_policy, policy_names, register_policy, unregister_policy
@@ -36,7 +36,7 @@ __all__ = [
     "Request",
     "RequestInfo",
     "SchedulingPolicy",
-    "SimObserver",
+    "EngineObserver",
     "SimResult",
     "Simulator",
     "Telemetry",

@@ -56,8 +56,9 @@ def build_engine(
     if offload_budget is not None:
         import offload_moe
 
-        model, handle = offload_moe.load(path, budget=offload_budget, device=dev, dtype=dtype,
-                                         **(offload_options or {}))  # fmt: skip
+        model, handle = offload_moe.load(
+            path, budget=offload_budget, device=dev, dtype=dtype, **(offload_options or {})
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").to(dev)
     model.eval()
@@ -65,8 +66,9 @@ def build_engine(
     if policy == "equinox" and mope is not None:
         predictor = OnnxPredictor(mope)
         factory = lambda: Equinox(predictor=predictor)  # noqa: E731
-    return ServingEngine(model, tokenizer, model_name or path.name, factory, max_running, max_batch_tokens,
-                         offload=handle)  # fmt: skip
+    return ServingEngine(
+        model, tokenizer, model_name or path.name, factory, max_running, max_batch_tokens, offload=handle
+    )
 
 
 class BackgroundServer:
@@ -105,11 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mope", type=Path, help="a MoPE .onnx file for --policy equinox")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     ap.add_argument("--offload-budget", default=None, help="offload experts: a fraction (0.25) or a size (6GiB)")
-    ap.add_argument("--offload-fallback", default=None, choices=["fetch", "host", "auto"])
+    ap.add_argument("--offload-miss-path", default=None, choices=["fetch", "host", "auto"])
     ap.add_argument("--offload-standin", default=None, choices=[k for k in STANDINS if k is not None])
     ap.add_argument("--offload-bits", type=int, default=None, help="bits per weight of 'quant'/'lowbit' stand-ins")
-    ap.add_argument("--offload-prefetch", default=_name(PREFETCH_DEFAULT), choices=[_name(p) for p in PREFETCHERS],
-                    help="offload_moe's prefetcher (default: the library's, %(default)s)")  # fmt: skip
+    ap.add_argument(
+        "--offload-prefetch",
+        default=_name(PREFETCH_DEFAULT),
+        choices=[_name(p) for p in PREFETCHERS],
+        help="offload_moe's prefetcher (default: the library's, %(default)s)",
+    )
     ap.add_argument("--offload-calibration", type=Path, default=None)
     ap.add_argument("--max-running", type=int, default=16, help="requests running at once")
     ap.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step")
@@ -127,15 +133,27 @@ def main(argv: list[str] | None = None) -> None:
             budget = float(budget)
         except ValueError:
             pass  # a size such as "6GiB"
-    options = {"fallback": args.offload_fallback, "standin": args.offload_standin,
-               "prefetch": None if args.offload_prefetch == "none" else args.offload_prefetch,
-               "calibration": args.offload_calibration}  # fmt: skip
+    options = {
+        "miss_path": args.offload_miss_path,
+        "standin": args.offload_standin,
+        "prefetch": None if args.offload_prefetch == "none" else args.offload_prefetch,
+        "calibration": args.offload_calibration,
+    }
     if args.offload_bits is not None:
         options["bits"] = args.offload_bits
     try:
         tenants = load_tenants(str(args.tenants)) if args.tenants else None
-        engine = build_engine(args.model, args.policy, args.device, budget, options, args.max_running,
-                              args.max_batch_tokens, args.mope, args.model_name)  # fmt: skip
+        engine = build_engine(
+            args.model,
+            args.policy,
+            args.device,
+            budget,
+            options,
+            args.max_running,
+            args.max_batch_tokens,
+            args.mope,
+            args.model_name,
+        )
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise SystemExit(str(e)) from e
     app = create_app(engine, tenants, args.max_tokens_limit)

@@ -3,8 +3,10 @@
 from .module_hooks import ModuleHook, attach, attached_hook, detach, is_attached
 from .moe import MoEBlock, find_moe_blocks, is_stacked_experts
 from .routing import RoutingRecorder, RoutingTrace
+from .versions import IncompatibleVersionError
 
 __all__ = [
+    "IncompatibleVersionError",
     "MoEBlock",
     "ModuleHook",
     "RoutingRecorder",

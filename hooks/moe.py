@@ -60,6 +60,9 @@ def find_moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
         parent = modules.get(name.rsplit(".", 1)[0] if "." in name else "")
         norm = next((getattr(parent, n) for n in NORM_NAMES if parent is not None and hasattr(parent, n)), None)
         top_k = getattr(router, "top_k", None) or getattr(module, "top_k", None)
-        blocks.append(MoEBlock(len(blocks), name, module, router, experts, norm, experts.num_experts,
-                               int(top_k) if top_k else None))  # fmt: skip
+        blocks.append(
+            MoEBlock(
+                len(blocks), name, module, router, experts, norm, experts.num_experts, int(top_k) if top_k else None
+            )
+        )
     return blocks

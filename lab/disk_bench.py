@@ -35,11 +35,11 @@ GEOMETRIES = {  # "mixtral": Mixtral-8x7B's experts at a quarter of its width; "
 }  # fmt: skip
 SLACK = 2 << 30  # the memory limit above the RAM budget and the dense weights: the interpreter, torch, activations
 CONFIGS = {  # name: load() keywords; "page-cache" and "accelerate-disk" are the baselines
-    "lru": {"fallback": "fetch", "prefetch": None},
-    "lookahead": {"fallback": "fetch", "prefetch": "lookahead"},
+    "lru": {"miss_path": "fetch", "prefetch": None},
+    "lookahead": {"miss_path": "fetch", "prefetch": "lookahead"},
     "default": {},
-    "lru+drop": {"fallback": "fetch", "prefetch": None, "standin": "drop"},  # lossy: a missed expert is skipped
-    "page-cache": {"fallback": "host", "prefetch": None, "read": "mmap"},  # at a budget of two experts, see below
+    "lru+drop": {"miss_path": "fetch", "prefetch": None, "standin": "drop"},  # lossy: a missed expert is skipped
+    "page-cache": {"miss_path": "host", "prefetch": None, "read": "mmap"},  # at a budget of two experts, see below
     "accelerate-disk": None,
 }
 LOSSY = {"lru+drop"}

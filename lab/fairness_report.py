@@ -1,4 +1,4 @@
-"""Side-by-side runs and their tables, for the fairness command line and benchmark (plots: `fairness.plots`)."""
+"""Side-by-side runs and their tables, for the fairness command line and benchmark (plots: `lab.fairness_plots`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Callable
 
-from fairness.core.engine import EngineModel
+from fairness.core.engine_model import EngineModel
 from fairness.core.policy import SchedulingPolicy, make_policy
 from fairness.core.request import Request
 from fairness.sim.simulator import SimResult, simulate

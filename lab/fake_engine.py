@@ -15,22 +15,18 @@ import uuid
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from fairness.serving.api import ApiError, read_json, usage
+from fairness.serving.api import ApiError, common_params, model_list, openai_app, read_json, usage
 
 MODEL = "fake"
 
 
 def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per_token: float = 0.0,
                        model: str = MODEL) -> FastAPI:  # fmt: skip
-    app = FastAPI()
+    app = openai_app("fake-engine")
     slots = asyncio.Semaphore(max_running)
     app.state.served = 0  # requests that reached generation
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
 
     @app.get("/health")
     async def health() -> dict:
@@ -38,15 +34,14 @@ def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "fake"}]}
+        return model_list([model], "fake")
 
     async def serve(request: Request, chat: bool) -> object:
         body = await read_json(request)
-        if body.get("model") != model:
-            raise ApiError(404, f"the model {body.get('model')!r} does not exist", "model_not_found", "model")
-        n = body.get("max_tokens") or 16
-        if not isinstance(n, int) or n < 1:
-            raise ApiError(400, "max_tokens must be a positive integer", "invalid_value", "max_tokens")
+        common = common_params(body, None)
+        if common.model != model:
+            raise ApiError(404, f"the model {common.model!r} does not exist", "model_not_found", "model")
+        n = common.max_tokens or 16
         text = json.dumps(body.get("messages") if chat else body.get("prompt"))
         prompt = max(1, len(text) // 4)
         rid, kind = f"fake-{uuid.uuid4().hex[:12]}", "chat.completion.chunk" if chat else "text_completion"
@@ -66,7 +61,7 @@ def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per
                         await asyncio.sleep(step_s)
                     yield event(i, f"t{i} ", "length" if i == n - 1 else None)
 
-        if not body.get("stream"):
+        if not common.stream:
             async for _ in tokens():  # the same time as streaming
                 pass
             text = "".join(f"t{i} " for i in range(n))
@@ -78,7 +73,7 @@ def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per
         async def sse():
             async for e in tokens():
                 yield f"data: {json.dumps(e)}\n\n"
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if common.include_usage:
                 yield f"data: {json.dumps({'id': rid, 'object': kind, 'choices': [], 'usage': usage(prompt, n)})}\n\n"
             yield "data: [DONE]\n\n"
 

@@ -29,22 +29,22 @@ from offload_moe.patch import patch
 CONFIGS = [  # (name, budget, options); budget None: the unpatched model
     ("resident", None, {}),
     ("patched-1.0", 1.0, {}),
-    ("lru", 0.25, {"fallback": "fetch", "prefetch": None}),
-    ("lookahead", 0.25, {"fallback": "fetch"}),
-    ("lookahead+lowrank", 0.25, {"fallback": "fetch", "standin": "lowrank"}),
-    ("host", 0.25, {"fallback": "host", "prefetch": None}),
-    ("auto", 0.25, {"fallback": "auto", "prefetch": None}),
-    ("lru", 0.5, {"fallback": "fetch", "prefetch": None}),
-    ("lookahead", 0.5, {"fallback": "fetch"}),
-    ("host", 0.5, {"fallback": "host", "prefetch": None}),
-    ("auto", 0.5, {"fallback": "auto", "prefetch": None}),
+    ("lru", 0.25, {"miss_path": "fetch", "prefetch": None}),
+    ("lookahead", 0.25, {"miss_path": "fetch"}),
+    ("lookahead+lowrank", 0.25, {"miss_path": "fetch", "standin": "lowrank"}),
+    ("host", 0.25, {"miss_path": "host", "prefetch": None}),
+    ("auto", 0.25, {"miss_path": "auto", "prefetch": None}),
+    ("lru", 0.5, {"miss_path": "fetch", "prefetch": None}),
+    ("lookahead", 0.5, {"miss_path": "fetch"}),
+    ("host", 0.5, {"miss_path": "host", "prefetch": None}),
+    ("auto", 0.5, {"miss_path": "auto", "prefetch": None}),
 ]
 
 
 COMPILED = [  # (name, budget, options): decode through a static KV cache, eager, compiled and under CUDA graphs
     ("resident", None, {}),
     ("patched-1.0", 1.0, {}),
-    ("auto", 0.25, {"fallback": "auto", "prefetch": None}),
+    ("auto", 0.25, {"miss_path": "auto", "prefetch": None}),
 ]
 MODES = {"eager": False, "compiled": True, "cuda-graphs": "reduce-overhead"}
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +27,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from lab.evaluate import bits_per_byte, decode_logits
+from lab.freetoken_split import FreeTokenSplit
 from lab.offload_plots import plot_offload
 from lab.offload_report import print_compiled, print_goals, print_quality, print_table
 from lab.reference import REPO, corpus_text, model_dir
@@ -47,12 +52,13 @@ class Config:
     budget: float | None  # None: the unpatched model, every expert resident
     options: dict = field(default_factory=dict)  # patch() keywords besides link, host and calibration
     compiled: bool = False  # compile=True (resident: torch.compile(model.forward)), static KV cache
+    loaded: bool = False  # patch() (its host-cost measurement) runs while two busy processes load the CPU
 
 
-LRU = {"fallback": "fetch", "prefetch": None}
-LOOKAHEAD = {"fallback": "fetch", "prefetch": "lookahead"}
-AUTO = {"fallback": "auto", "prefetch": None}
-AUTO_LOOKAHEAD = {"fallback": "auto", "prefetch": "lookahead"}
+LRU = {"miss_path": "fetch", "prefetch": None}
+LOOKAHEAD = {"miss_path": "fetch", "prefetch": "lookahead"}
+AUTO = {"miss_path": "auto", "prefetch": None}
+AUTO_LOOKAHEAD = {"miss_path": "auto", "prefetch": "lookahead"}
 STANDINS = {"drop": {"standin": "drop"}, "buddy": {"standin": "buddy"}, "lowrank": {"standin": "lowrank"},
             "quant2": {"standin": "quant", "bits": 2}, "lowbit4": {"standin": "lowbit", "bits": 4},
             "mixed": {"standin": "mixed", "standin_fraction": 0.15}}  # fmt: skip
@@ -63,7 +69,16 @@ CHUNKS_PER_EXPERT = 8  # emulated copies move in eighths of an expert: demand wa
 SHORT = {"resident", "patched-1.0", "default", "lru", "lookahead", "auto", "auto+lookahead", "static-frequency",
          "static-frequency+buddy", "lru+buddy", "auto+buddy", "auto+mixed"}  # fmt: skip
 # make bench's rows; lru+buddy (13 s of a run at its 10-minute limit) is in quick and full mode, auto+buddy here
-LEAN = SHORT - {"lru+buddy"} | {"static-layers", "host", "lru+drop", "auto+quant2", "auto+lowbit4"}
+LEAN = SHORT - {"lru+buddy"} | {
+    "static-layers",
+    "host",
+    "lru+drop",
+    "auto+quant2",
+    "auto+lowbit4",
+    "freetoken",
+    "host+int8",
+    "auto (measured loaded)",
+}
 # compiled twins outside full mode (where every row has one): the goals' rows, the default being the best lossless
 # one; a lossy twin cost make bench ~15 s it does not have (10-minute limit)
 COMPILED = {"resident", "patched-1.0", "default"}
@@ -87,8 +102,12 @@ def configs(mode: str, model: str, compiled: bool = True) -> list[Config]:
     for b in (0.25, 0.5) if mode == "full" else (0.25,):
         out += [Config("default", b)]  # patch(model, budget) with no options: what a user gets
         out += [Config("lru", b, LRU), Config("lookahead", b, LOOKAHEAD)]
-        out += [Config("host", b, {"fallback": "host", "prefetch": None}), Config("auto", b, AUTO),
+        out += [Config("host", b, {"miss_path": "host", "prefetch": None}), Config("auto", b, AUTO),
                 Config("auto+lookahead", b, AUTO_LOOKAHEAD)]  # fmt: skip
+        out += [Config("auto (measured loaded)", b, AUTO, loaded=True),
+                Config("freetoken", b, {"miss_path": FreeTokenSplit, "prefetch": None}),
+                Config("host+int8", b, {"miss_path": "host", "prefetch": None, "host_precision": "int8"}),
+                Config("auto+int8", b, {**AUTO, "host_precision": "int8"})]  # fmt: skip
         out += [Config(p, b, {"placement": p, "prefetch": None}) for p in ("static-layers", "static-frequency")]
         out += [
             Config("static-frequency+buddy", b, {"placement": "static-frequency", "prefetch": None, "standin": "buddy"})
@@ -124,6 +143,27 @@ def decode_speed_and_bpb(model, tokenizer, text: str, static: bool = False) -> t
 def warm_up(model, prompts: list[torch.Tensor]) -> None:
     """Compile a compiled row's decode graphs before it is timed: a few decode steps, as measured."""
     decode_logits(model, prompts[0][:, :4], STATIC_LEN)
+
+
+@contextmanager
+def loaded_cpu(processes: int = 2) -> Iterator[None]:
+    """Two busy processes on the CPU, and an empty host-cost cache, for the duration of the block: what `patch`
+    measures of the host then is a loaded machine's speed (the decode that follows runs without them)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    old = os.environ.get("OFFLOAD_MOE_CACHE_DIR")
+    try:
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["OFFLOAD_MOE_CACHE_DIR"] = cache
+            time.sleep(0.2)  # let them spin up
+            yield
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        if old is None:
+            os.environ.pop("OFFLOAD_MOE_CACHE_DIR", None)
+        else:
+            os.environ["OFFLOAD_MOE_CACHE_DIR"] = old
 
 
 @contextmanager
@@ -176,6 +216,13 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
     hit_rates = hit_rate_vs_budget(model, tokenizer, eval_text, HIT_RATE_BUDGETS)
     recall = lookahead_recall(model, tokenizer, eval_text)
     cfgs = configs(args.mode, name, compiled=not args.eager_only)
+    if args.rows:
+        unknown = set(args.rows.split(",")) - {c.name for c in cfgs}
+        if unknown:
+            raise SystemExit(
+                f"unknown rows {sorted(unknown)} in mode {args.mode!r}; its rows: {[c.name for c in cfgs]}"
+            )
+        cfgs = [c for c in cfgs if c.name in args.rows.split(",")]
     runs, compiled_runs, compiled_link, c_link, c_host = [], [], None, link, host
     for cfg in tqdm(cfgs, desc=f"offload configs ({name})", unit="cfg"):
         if cfg.compiled and compiled_link is None and link is not None:
@@ -212,9 +259,10 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
         uses = (cfg.options.get("standin"), cfg.options.get("placement"))
         needs_calibration = any(u in (*CALIBRATED, "static-frequency") for u in uses)
         chunk = None if link is None else max(1, expert_bytes // CHUNKS_PER_EXPERT)
-        handle = patch(model, budget=cfg.budget, device=device, link=link, host=host, chunk_bytes=chunk,
-                       calibration=calibration if needs_calibration else None, compile=cfg.compiled,
-                       **cfg.options)  # fmt: skip
+        with loaded_cpu() if cfg.loaded else contextlib.nullcontext():
+            handle = patch(model, budget=cfg.budget, device=device, link=link, host=host, chunk_bytes=chunk,
+                           calibration=calibration if needs_calibration else None, compile=cfg.compiled,
+                           **cfg.options)  # fmt: skip
     try:
         with compiled_forward(model) if cfg.compiled and handle is None else contextlib.nullcontext():
             if cfg.compiled:
@@ -235,7 +283,8 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
             handle.unpatch()
     per_token = lambda v: v / tokens if s else 0.0  # noqa: E731
     return {
-        "name": cfg.name, "budget": cfg.budget if cfg.budget is not None else 1.0, **cfg.options,
+        "name": cfg.name, "budget": cfg.budget if cfg.budget is not None else 1.0,
+        **{k: v.__name__ if isinstance(v, type) else v for k, v in cfg.options.items()},
         "compiled": cfg.compiled,
         "decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill, "bits_per_byte": bpb,
         "hit_rate": s.hit_rate if s else 1.0, "misses_per_token": per_token(s.misses if s else 0),
@@ -244,6 +293,7 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
         "lowbit_copies_per_token": per_token(s.lowbit_copies if s else 0),
         "bytes_per_token": per_token(s.bytes_copied if s else 0), "stall_seconds": s.stall_seconds if s else 0.0,
         "host_wait_seconds": s.host_wait_seconds if s else 0.0, "slots": s.slots if s else None,
+        "explored_per_token": per_token(s.explored if s else 0),
         "standin_bytes": s.standin_bytes if s else 0, "prefetches_per_token": per_token(s.prefetches if s else 0),
         "prefetch_precision": s.prefetch_precision if s else 0.0,
         "background_copies_per_token": per_token(s.background_copies if s else 0),
@@ -262,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         help="how much to measure (see configs())",
     )
     ap.add_argument("--models", help=f"comma-separated, from {sorted(MODELS)} (default: mixtral; both with full)")
+    ap.add_argument("--rows", help="comma-separated row names: only these rows of the mode (default: all)")
     ap.add_argument("--model", type=Path, default=None, help="one model directory instead of the reference models")
     ap.add_argument("--device", default=None)
     ap.add_argument("--link-gbps", type=float, default=None, help="emulated link speed (default: calibrated)")

@@ -81,12 +81,13 @@ def twin(name: str) -> str | None:
     return name.split("+", 1)[0] if "+" in name else None
 
 
-BUDDY_BITS = 0.5  # issue 21: a buddy row's speed-up counts at most this bits/byte cost over its twin (%)
+BUDDY_BITS = 0.5  # a buddy row's speed-up counts at most this bits/byte cost over its twin (%)
+INT8_BITS = 0.5  # int8 host experts may cost at most this much bits/byte over exact host experts (%)
 
 
 def mechanism_goals(m: dict) -> dict[str, tuple[float, float, bool]]:
-    """The goals of issue 21 that one run's eager rows decide: name -> (measured ratio, target, met). A goal whose
-    rows the mode did not run is left out."""
+    """The mechanism goals (issues 21 and 32) that one run's eager rows decide: name -> (measured ratio, target,
+    met). A goal whose rows the mode did not run is left out."""
     by = {(r["name"], r["budget"]): r for r in m["runs"]}
     speed = lambda name, b: by[name, b]["decode_tokens_per_s"] if (name, b) in by else None  # noqa: E731
     goals = {}
@@ -107,6 +108,18 @@ def mechanism_goals(m: dict) -> dict[str, tuple[float, float, bool]]:
         ratio("lookahead+buddy x lru", "lookahead+buddy", "lru", b, 1.0)
         if b == 0.25:
             ratio("auto x static-frequency", "auto", "static-frequency", b, 1.3)
+        exact = [n for n in ("host", "lru") if speed(n, b)]
+        if speed("auto", b) and exact:
+            best = max(exact, key=lambda n: speed(n, b))
+            ratio(f"auto x the better of host and fetch ({best})", "auto", best, b, 0.95)
+            ratio(f"auto measured on a loaded CPU x the better of host and fetch ({best})", "auto (measured loaded)",
+                  best, b, 0.95)  # fmt: skip
+        ratio("auto x the FreeToken-style split", "auto", "freetoken", b, 1.1)
+        if ("host+int8", b) in by and ("host", b) in by:
+            cost = (by["host+int8", b]["bits_per_byte"] / by["host", b]["bits_per_byte"] - 1) * 100
+            x = speed("host+int8", b) / speed("host", b)
+            goals[f"host+int8 x host ({cost:+.2f}% bits/byte, goal <= +{INT8_BITS}%; EMULATED host: bytes) @{b:g}"] = (
+                x, 1.8, x >= 1.8 and cost <= INT8_BITS)  # fmt: skip
         buddies = []  # (within the bits/byte bound, speed x twin, cost %, name)
         for r in m["runs"]:
             base = by.get((twin(r["name"]), b))

@@ -58,7 +58,7 @@ def offload_section(doc: dict) -> list[str]:
                        "bits/byte cost per substituted pair/token"], twin_rows(runs, resident))  # fmt: skip
         goals = mechanism_goals(m)
         if goals:
-            out += ["", "Issue 21's goals decided by this run (ratios of rows of this one run):", ""]
+            out += ["", "The mechanisms' goals decided by this run (ratios of rows of this one run):", ""]
             out += [f"- {name}: **{v:.2f}** (goal >= {t}: {'met' if met else 'not met'})"
                     for name, (v, t, met) in goals.items()]  # fmt: skip
         quality = m.get("standin_quality")
@@ -245,6 +245,22 @@ def cluster_section(doc: dict) -> list[str]:
                          "policy us / request", "wall s"], rows) + [""]  # fmt: skip
 
 
+def host_section(doc: dict) -> list[str]:
+    """The host path's read bandwidth against the memory's (`lab.host_bench`)."""
+    out = [f"## Host compute against the memory's speed ({doc['machine']}; REAL CPU and memory)", "",
+           f"Memory read bandwidth with the host path's {doc['threads']} threads: {_fmt(doc['memory_gbps'], 1)} GB/s. "
+           "Each row computes one expert per job (distinct experts, none in a cache); GB/s is the bytes the job "
+           "reads (packed bytes for a low-bit call) over its time. LOSSY rows use low-bit copies up to the tokens "
+           "per expert at which they measured faster, the native weights above.", ""]  # fmt: skip
+    for m in doc["sizes"]:
+        rows = [[r["path"], str(r["tokens"]), _fmt(r["seconds"] * 1e3), _fmt(r["gbps"], 1),
+                 _fmt(r["gbps"] / doc["memory_gbps"])] for r in m["rows"]]  # fmt: skip
+        out += [f"### {m['experts']}-sized experts ({m['hidden']} x {m['intermediate']}, "
+                f"{_fmt(m['expert_bytes'] / 1e6, 1)} MB bf16)", ""]  # fmt: skip
+        out += _table(["path", "tokens", "ms per expert", "GB/s", "x memory"], rows) + [""]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     results = Path(args[0] if args else "bench-results")
@@ -256,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     sections = (
         ("offload.json", offload_section),
         ("scale.json", scale_section),
+        ("host.json", host_section),
         ("fairness.json", fairness_section),
         ("served.json", served_section),
         ("gateway.json", gateway_section),

@@ -19,12 +19,12 @@ def hit_rate_vs_budget(model, tokenizer, text: str, budgets: tuple[float, ...]) 
     hit rates do not depend on timing); the hit rate overall and its range over layers. Beside it, from the same
     routing: `optimal_hit_rate` (Belady's offline optimum, the ceiling of any eviction policy without prefetching),
     `optimal_bypass_hit_rate` (the same when a miss may be computed on the host instead of admitted: the ceiling of
-    `fallback="auto"` and "host") and `static_hit_rate` (the `slots` experts used most over the text, chosen in
+    `miss_path="auto"` and "host") and `static_hit_rate` (the `slots` experts used most over the text, chosen in
     hindsight: the ceiling of a static placement such as kTransformers')."""
     trace = routing_trace(model, tokenizer, text)
     out = []
     for budget in budgets:
-        handle = patch(model, budget=budget, device="cpu", fallback="fetch", prefetch=None)
+        handle = patch(model, budget=budget, device="cpu", miss_path="fetch", prefetch=None)
         try:
             bits_per_byte(model, tokenizer, text, decode=True)
             s = handle.stats()

@@ -81,7 +81,7 @@ def replay_rows(sizes: int = len(LAYERS), model: torch.nn.Module | None = None) 
             for step in range(steps)
             for layer in range(layers)
         ]
-        handle = patch(model, budget=BUDGET, device="cpu", fallback="fetch", prefetch=None)
+        handle = patch(model, budget=BUDGET, device="cpu", miss_path="fetch", prefetch=None)
         try:
             mods = [b.experts for b in model.layers]
             warm, timed = calls[: WARM_STEPS * layers], calls[WARM_STEPS * layers :][:REPLAY_CALLS]

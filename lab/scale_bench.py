@@ -32,12 +32,12 @@ from offload_moe.patch import patch
 from offload_moe.runtime.transfer import EmulatedLink
 
 ROWS = [  # name, budget, patch options, emulated link and host
-    ("patched-1.0", 1.0, {"fallback": "fetch"}, False),
-    ("fetch", 0.5, {"fallback": "fetch"}, False),
-    ("fetch", 0.25, {"fallback": "fetch"}, False),
-    ("host", 0.25, {"fallback": "host"}, False),
+    ("patched-1.0", 1.0, {"miss_path": "fetch"}, False),
+    ("fetch", 0.5, {"miss_path": "fetch"}, False),
+    ("fetch", 0.25, {"miss_path": "fetch"}, False),
+    ("host", 0.25, {"miss_path": "host"}, False),
     ("default (EMULATED link, host)", 0.25, {}, True),
-    ("fetch (EMULATED link)", 0.25, {"fallback": "fetch"}, True),
+    ("fetch (EMULATED link)", 0.25, {"miss_path": "fetch"}, True),
 ]
 MODES = {  # rounds, greedy tokens, emulated rows' tokens, the shapes with emulated rows, replay pool sizes
     "quick": (1, 6, 3, ("mixtral-8x7b",), 2),

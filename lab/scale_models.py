@@ -39,7 +39,7 @@ def _qwen3() -> torch.nn.Module:  # Qwen3-30B-A3B: 48 layers x 128 experts, top-
 def _gpt_oss() -> torch.nn.Module:  # gpt-oss-120b: 36 layers x 128 experts, top-4, alternating sliding attention
     cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=EXPERT_INTERMEDIATE,
                        num_hidden_layers=36, num_local_experts=128, num_experts_per_tok=4, sliding_window=128,
-                       **_ATTENTION)  # fmt: skip
+                       rope_parameters={"rope_type": "default", "rope_theta": 150000.0}, **_ATTENTION)  # fmt: skip
     return GptOssForCausalLM(cfg)
 
 

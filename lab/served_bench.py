@@ -1,6 +1,6 @@
 """The real-engine part of `make bench`: the reference model served in-process over HTTP (`fairness.serve`, unpatched
 and offloaded), an overload scaled to this machine's measured capacity replayed with the official `openai` client
-(`fairness.loadgen`) under FCFS, VTC and Equinox; then the simulator, its engine model fitted to the same engine's
+(`lab.loadgen`) under FCFS, VTC and Equinox; then the simulator, its engine model fitted to the same engine's
 measured step times, on the same requests: a sim-vs-real table with the error of each metric.
 
 Both sides are measured by one function (`records.record_metrics`) over the same window.
@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from fairness.core.engine import EngineModel
+from fairness.core.engine_model import EngineModel
 from fairness.core.request import Request
 from fairness.measure.records import record_metrics
 from fairness.serve import BackgroundServer, build_engine

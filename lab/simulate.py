@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fairness.core.engine import EngineModel
+from fairness.core.engine_model import EngineModel
 from fairness.core.equinox import Equinox
 from fairness.core.policy import policy_names
 from fairness.core.predictor import OnnxPredictor
@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--workload", choices=sorted(WORKLOADS), default="overload")
     src.add_argument("--trace", type=Path, help="a trace file: .csv (Azure), .jsonl (VTC/LMSYS), .json (ShareGPT)")
-    src.add_argument("--vtc-paper", choices=[*SUITE, "real"], help="a workload of the VTC paper (fairness.vtc_suite)")
+    src.add_argument(
+        "--vtc-paper", choices=[*SUITE, "real"], help="a workload of the VTC paper (fairness.sim.vtc_suite)"
+    )
     ap.add_argument("--policies", default="fcfs,rpm,vtc,vtc-pred", help=f"comma-separated, from {policy_names()}")
     ap.add_argument("--engine", help="engine preset (default a10g-llama2-7b; a10g-llama2-7b-slora with --vtc-paper)")
     ap.add_argument("--duration", type=float, default=600, help="seconds of synthetic arrivals")

@@ -2,8 +2,8 @@
 
 The artifact (github.com/Ying1123/VTC-artifact, Apache-2.0) ships every run behind the paper's figures as
 `fair_bench/<SCHEDULER>/all_results_<workload>.jsonl`: one record per request measured on the authors' A10G. This
-script turns them into `RequestRecord`s and applies `fairness.records.paper_metrics`, so the simulator's numbers
-(`fairness.vtc_paper`, run by `python -m lab.fairness_bench --mode full`) are compared with the paper's own runs by one
+script turns them into `RequestRecord`s and applies `fairness.measure.records.paper_metrics`, so the simulator's numbers
+(`lab.vtc_paper`, run by `python -m lab.fairness_bench --mode full`) are compared with the paper's own runs by one
 definition. It writes lab/data/vtc_artifact_metrics.json (numbers only; the records stay in the artifact).
 
     git clone https://github.com/Ying1123/VTC-artifact /tmp/VTC-artifact
@@ -76,7 +76,7 @@ def main() -> None:
         "source": "github.com/Ying1123/VTC-artifact fair_bench/*/all_results_*.jsonl (Apache-2.0), measured on "
         "an A10G with Llama-2-7B (S-LoRA)",
         "commit": commit,
-        "metrics": "fairness.records.paper_metrics (window 60 s, 100 ticks; resolution 0.1 s)",
+        "metrics": "fairness.measure.records.paper_metrics (window 60 s, 100 ticks; resolution 0.1 s)",
         "runs": runs,
     }
     args.out.write_text(json.dumps(doc, indent=1) + "\n")

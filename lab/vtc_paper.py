@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from fairness.core.engine import EngineModel
+from fairness.core.engine_model import EngineModel
 from fairness.measure.bound import vtc_bound
 from fairness.sim.vtc_suite import SUITE, workload
 from lab.fairness_report import PolicySpec, run

@@ -1,5 +1,5 @@
 """`calibrate(model, texts, tokenizer)`: run the model on calibration text, record routing and each expert's inputs,
-and compute what the miss fallbacks need: activation-aware low-rank stand-ins, buddy lists, entropy thresholds and
+and compute what the stand-ins need: activation-aware low-rank stand-ins, buddy lists, entropy thresholds and
 expert frequencies. Saved as one safetensors file with a JSON header; `patch(..., calibration=path)` loads it.
 
 Experts are read one at a time (from the model, or from the host store of a patched / `load`ed model), so calibrating
@@ -20,7 +20,7 @@ from hooks import MoEBlock
 from offload_moe.blocks import moe_blocks
 from offload_moe.handle import handle_of
 from offload_moe.standins.catalog import StandinCatalog
-from offload_moe.standins.lowrank import StandIns, lowrank, rank_for_fraction
+from offload_moe.standins.lowrank import LowRankFactors, lowrank, rank_for_fraction
 from offload_moe.standins.quant import BITS, quantize
 
 FORMAT = "offload-moe-calibration/2"
@@ -35,13 +35,18 @@ class Calibration:
     frequencies: torch.Tensor
     buddies: torch.Tensor
     tau: torch.Tensor
-    standins: StandIns
+    standins: LowRankFactors
     standin_errors: torch.Tensor  # [L, E, K] relative output error of each candidate stand-in (meta "standin_kinds")
 
     def catalog(self) -> StandinCatalog:
         """What `standin="mixed"` chooses from: each candidate's error per expert, and how often experts are used."""
-        return StandinCatalog(self.standins.rank, tuple(self.meta["standin_kinds"]), self.meta["group_size"],
-                              self.standin_errors, self.frequencies)  # fmt: skip
+        return StandinCatalog(
+            self.standins.rank,
+            tuple(self.meta["standin_kinds"]),
+            self.meta["group_size"],
+            self.standin_errors,
+            self.frequencies,
+        )
 
     def check_fits(self, blocks: list[MoEBlock]) -> None:
         """Refuse a calibration made for another model geometry."""
@@ -54,8 +59,12 @@ class Calibration:
             )
 
     def save(self, path: str | Path) -> None:
-        tensors = {"frequencies": self.frequencies, "buddies": self.buddies, "tau": self.tau,
-                   "standin_errors": self.standin_errors}  # fmt: skip
+        tensors = {
+            "frequencies": self.frequencies,
+            "buddies": self.buddies,
+            "tau": self.tau,
+            "standin_errors": self.standin_errors,
+        }
         for n in self.standins.u:
             tensors[f"standin.{n}.u"] = self.standins.u[n].contiguous()
             tensors[f"standin.{n}.v"] = self.standins.v[n].contiguous()
@@ -75,10 +84,12 @@ def load_calibration(path: str | Path) -> Calibration:
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not an offload-moe calibration file: {e}") from e
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a calibration file of this offload-moe (format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r}); run offload_moe.calibrate again")  # fmt: skip
+        raise ValueError(
+            f"{path} is not a calibration file of this offload-moe (format {meta.get('format')!r}, "
+            f"expected {FORMAT!r}); run offload_moe.calibrate again"
+        )
     names = meta["standin_names"]
-    standins = StandIns({n: t[f"standin.{n}.u"] for n in names}, {n: t[f"standin.{n}.v"] for n in names})
+    standins = LowRankFactors({n: t[f"standin.{n}.u"] for n in names}, {n: t[f"standin.{n}.v"] for n in names})
     return Calibration(meta, t["frequencies"], t["buddies"], t["tau"], standins, t["standin_errors"])
 
 
@@ -115,7 +126,7 @@ def calibrate(
     group_size: int = 64,
     path: str | Path | None = None,
 ) -> Calibration:
-    """Calibrate for the fallbacks on `texts` (at most `max_tokens` tokens, in windows of `seq_len`).
+    """Calibrate the stand-ins on `texts` (at most `max_tokens` tokens, in windows of `seq_len`).
 
     standin_fraction: stand-ins are fitted at the rank whose factors take this fraction of an expert's parameters
     (patch can use any lower rank). Buddy lists rank, for each expert i, the others by how well they reproduce i's
@@ -193,8 +204,9 @@ def calibrate(
                 fitted[name] = uu @ vv
             outs[e] = (x, h @ w["down_proj"].T if h is not None else None)
             if h is not None:  # each candidate stand-in, on the expert's own inputs
-                candidates = [{n: quantize(t, bits, group_size, True).dequantize() for n, t in w.items()}
-                              for bits in BITS] + [fitted]  # fmt: skip
+                candidates = [
+                    {n: quantize(t, bits, group_size, True).dequantize() for n, t in w.items()} for bits in BITS
+                ] + [fitted]
                 errors[b.index, e] = torch.tensor([_relative_error(c, x, outs[e][1], act) for c in candidates])
         for i in range(n_exp):  # rank substitutes for i by relative error on i's own inputs
             x, ref = outs[i]
@@ -207,7 +219,7 @@ def calibrate(
                     err[j] = _relative_error(wj, x, ref, act)
             ranked = sorted(err, key=err.get)[: buddies.shape[-1]]
             buddies[b.index, i, : len(ranked)] = torch.tensor(ranked)
-    standins = StandIns(
+    standins = LowRankFactors(
         {n: torch.stack(t).view(n_layers, n_exp, *t[0].shape) for n, t in u.items()},
         {n: torch.stack(t).view(n_layers, n_exp, *t[0].shape) for n, t in v.items()},
     )

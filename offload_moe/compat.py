@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
+from hooks.versions import IncompatibleVersionError
+
 TESTED = "torch 2.13, transformers 5.24"
-
-
-class IncompatibleVersionError(RuntimeError):
-    """An internal offload_moe relies on is missing from the installed torch or transformers."""
 
 
 def _require(ok: bool, what: str) -> None:
@@ -85,6 +84,56 @@ def casts_input(module: torch.nn.Module) -> bool:
     products in that dtype, unrounded. tests/test_compat.py checks the kernel still does."""
     config = getattr(module, "config", None)
     return getattr(config, "_experts_implementation", None) == "grouped_mm"
+
+
+class ExpertLayout(NamedTuple):
+    """What transformers' `use_experts_implementation` declares of an experts module's math."""
+
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+    has_post_expert_norm: bool
+
+
+def expert_layout(module: torch.nn.Module) -> ExpertLayout | None:
+    """The module's declared layout, or None where it declares none (a custom experts class: its own forward is
+    the only description of its math)."""
+    attrs = module.__dict__
+    names = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+    if not all(isinstance(attrs.get(n), bool) for n in names) or not callable(getattr(module, "_apply_gate", None)):
+        return None
+    return ExpertLayout(*(attrs[n] for n in names))
+
+
+# --- torch's CPU kernels for weight-only low-bit matrices (host_precision) ------------------------------------------
+
+
+INT8_IN_MULTIPLE = 16  # torch's int8 CPU kernel reads inputs in blocks of 16: other widths give garbage or crash
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [n, in] @ (q [out, in] int8 * scale [out]).T: torch's weight-only int8 kernel (in: a multiple of
+    INT8_IN_MULTIPLE; pad with zeros)."""
+    op = getattr(torch, "_weight_int8pack_mm", None)
+    _require(op is not None, "torch._weight_int8pack_mm")
+    if q.shape[1] % INT8_IN_MULTIPLE:
+        raise ValueError(f"int8_matmul needs an input width that is a multiple of {INT8_IN_MULTIPLE}, got {q.shape[1]}")
+    return op(x, q, scale)
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """int4 codes [out, in] (int32 in 0..15) packed as torch's CPU int4 kernel reads them."""
+    op = getattr(torch, "_convert_weight_to_int4pack_for_cpu", None)
+    _require(op is not None, "torch._convert_weight_to_int4pack_for_cpu")
+    return op(q, 2)
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x [n, in] @ dequantized(packed).T, each group of `group` inputs of a row dequantized as
+    (q - 8) * scale + zero (scales_and_zeros [in / group, out, 2]): torch's CPU int4 kernel."""
+    op = getattr(torch, "_weight_int4pack_mm_for_cpu", None)
+    _require(op is not None, "torch._weight_int4pack_mm_for_cpu")
+    return op(x, packed, group, scales_and_zeros)
 
 
 def init_weights(model: torch.nn.Module, module: torch.nn.Module) -> None:

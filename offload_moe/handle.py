@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from offload_moe.options import OffloadOptions
 from offload_moe.plan import Plan
 from offload_moe.runtime.cache import ExpertCache
 from offload_moe.runtime.counters import Counters, FixedHits
+from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.process import resident_memory, storage_read_bytes
 from offload_moe.runtime.store import HostStore
 
@@ -43,13 +45,13 @@ class OffloadStats:
     """Counters since `patch` (or the last `reset_stats`), and how the device memory is used.
 
     hits / misses: routed experts that were resident (or already being copied) / absent when their layer ran.
-    substituted: (token, expert) pairs a lossy fallback served instead of the real expert.
+    substituted: (token, expert) pairs a lossy stand-in served instead of the real expert.
     """
 
     device: str
     link: dict[str, Any]  # {"emulated": bool, "gbps", ...} or {"emulated": False, "kind": "memcpy", "pcie", "disk+..."}
     host: dict[str, Any]  # {"emulated": bool, "gbps", "gflops"} of host compute
-    fallback: str  # the exact-miss path in effect: "fetch", "host" or "auto"
+    miss_path: str  # the exact-miss path in effect: "fetch", "host" or "auto"
     standin: str | None
     prefetch: str | None
     slots: int
@@ -82,8 +84,9 @@ class OffloadStats:
     host_tokens: int  # (token, expert) pairs they served
     host_seconds: float  # host worker time
     host_wait_seconds: float  # compute thread blocked on host results
-    auto_host: int  # fallback="auto": missed experts sent to the host ...
+    auto_host: int  # miss_path="auto": missed experts sent to the host ...
     auto_copy: int  # ... and to the link
+    explored: int  # ... misses sent to the host although estimated slower (so its estimate stays measured)
     layer_calls: int  # calls of layers that may miss (layers that never miss run the stock forward, untimed)
     missing_calls: int  # ... of which some routed expert was not ready
     kernel_passes: int  # stock-kernel calls on the pool: one per layer call, more while copies land
@@ -123,6 +126,16 @@ class OffloadStats:
         """Share of prefetched experts that were needed and had landed by then."""
         return self.prefetches_used / self.prefetches if self.prefetches else 0.0
 
+    @property
+    def fallback(self) -> str:
+        """Deprecated: `miss_path` (removed in 0.2)."""
+        warnings.warn(
+            "OffloadStats.fallback is renamed miss_path; fallback will be removed in 0.2",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.miss_path
+
     def as_dict(self) -> dict[str, Any]:
         """Every field and derived rate, JSON-ready."""
         out = asdict(self)
@@ -134,6 +147,15 @@ class OffloadStats:
             "runtime_us_per_call": self.runtime_us_per_call,
             "runtime_us_per_miss": self.runtime_us_per_miss,
         }
+
+
+# The counters a snapshot reports as they are: every `Counters` field that `OffloadStats` declares under the same name
+# (the rest of Counters is internal: per-layer lists, which `per_layer` reports, and the hook's raw timings, which
+# `runtime_seconds` reports net of kernels and waits).
+COUNTED = tuple(f.name for f in fields(Counters) if f.name in {g.name for g in fields(OffloadStats)})
+INTERNAL_COUNTERS = frozenset(
+    {"num_layers", "layer_hits", "layer_misses", "hook_seconds", "missing_hook_seconds", "missing_kernel_seconds"}
+)
 
 
 class OffloadHandle:
@@ -152,14 +174,15 @@ class OffloadHandle:
         fixed_hits: FixedHits,
         workers: list[Callable[[], None]],
         read_base: int | None = None,
+        host: HostCompute | None = None,
     ):
-        """read_base: `storage_read_bytes()` when patching (or `load`) began."""
+        """read_base: `storage_read_bytes()` when patching (or `load`) began; host: the host path, if any."""
         self.model, self.blocks, self.cache, self.plan, self.options = model, blocks, cache, plan, options
         self.miss_path, self._counters, self._fixed_hits = miss_path, counters, fixed_hits
         self._link_base = cache.link_use()  # the link's totals at patch time (warm-up copies included there)
         self._read_base = read_base
         self._ram_base = _ram_counts(cache)  # copies the RAM tier served / missed before the first forward
-        self._undo = undo
+        self._undo, self._host = undo, host
         model.__dict__[_ATTR] = self
         # a patched model dropped without unpatch(): its worker threads stop when it is collected
         self._stop_workers = weakref.finalize(model, _call_all, workers)
@@ -180,35 +203,47 @@ class OffloadHandle:
         read, rss = storage_read_bytes(), resident_memory()
         ram_hits, ram_misses = _ram_counts(self.cache)
         opt, link, emulated_host = self.options, self.options.link, self.options.host
-        link_info = ({"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us} if link is not None else
-                     {"emulated": False, "kind": _link_kind(self.cache)})  # fmt: skip
-        host_info = ({"emulated": True, "gbps": emulated_host.gbps, "gflops": emulated_host.gflops}
-                     if emulated_host is not None else {"emulated": False})  # fmt: skip
+        link_info = (
+            {"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us}
+            if link is not None
+            else {"emulated": False, "kind": _link_kind(self.cache)}
+        )
+        host_info = (
+            {"emulated": True, "gbps": emulated_host.gbps, "gflops": emulated_host.gflops}
+            if emulated_host is not None
+            else {"emulated": False}
+        )
+        if self._host is not None and self._host.precision is not None:  # LOSSY: named wherever it is reported
+            host_info |= {"precision": self._host.precision, "lowbit_tokens": self._host.lowbit_tokens}
         return OffloadStats(
-            device=str(self.cache.device), link=link_info, host=host_info, fallback=self.miss_path,
-            standin=opt.standin, prefetch=opt.prefetch,
-            slots=self.cache.num_slots, expert_bytes=self.cache.slot_bytes, budget_bytes=self.plan.budget_bytes,
-            standin_bytes=self.plan.standin_bytes, resident_bytes=self.cache.resident_bytes + self.plan.standin_bytes,
-            hits=s.hits, inflight_hits=s.inflight_hits, misses=s.misses, copies=s.copies,
-            bytes_copied=s.bytes_copied, stall_seconds=s.stall_seconds, evictions=s.evictions, waves=s.waves,
-            warmup_copies=s.warmup_copies, prefetches=s.prefetches, prefetches_used=s.prefetches_used,
-            background_copies=s.background_copies, background_used=s.background_used,
-            speculation_skipped=s.speculation_skipped, placement=opt.placement,
-            link_seconds=on_link["link_seconds"], speculative_link_seconds=on_link["speculative_link_seconds"],
+            **{name: getattr(s, name) for name in COUNTED},
+            device=str(self.cache.device),
+            link=link_info,
+            host=host_info,
+            miss_path=self.miss_path,
+            standin=opt.standin,
+            prefetch=opt.prefetch,
+            slots=self.cache.num_slots,
+            expert_bytes=self.cache.slot_bytes,
+            budget_bytes=self.plan.budget_bytes,
+            standin_bytes=self.plan.standin_bytes,
+            resident_bytes=self.cache.resident_bytes + self.plan.standin_bytes,
+            placement=opt.placement,
+            link_seconds=on_link["link_seconds"],
+            speculative_link_seconds=on_link["speculative_link_seconds"],
             preemptions=int(on_link["preemptions"]),
-            substituted=s.substituted, critical_misses=s.critical_misses, lowbit_copies=s.lowbit_copies,
-            host_jobs=s.host_jobs, host_tokens=s.host_tokens, host_seconds=s.host_seconds,
-            host_wait_seconds=s.host_wait_seconds, auto_host=s.auto_host, auto_copy=s.auto_copy,
-            layer_calls=s.layer_calls, missing_calls=s.missing_calls, kernel_passes=s.kernel_passes,
-            kernel_seconds=s.kernel_seconds, runtime_seconds=s.runtime_seconds(),
+            runtime_seconds=s.runtime_seconds(),
             missing_runtime_seconds=s.runtime_seconds(missing=True),
-            per_layer=tuple(LayerStats(i, b.name, s.layer_hits[i], s.layer_misses[i])
-                            for i, b in enumerate(self.blocks)),
+            per_layer=tuple(
+                LayerStats(i, b.name, s.layer_hits[i], s.layer_misses[i]) for i, b in enumerate(self.blocks)
+            ),
             storage_read_bytes=read - self._read_base if read is not None and self._read_base is not None else None,
-            rss_anon_bytes=rss[0] if rss else None, rss_file_bytes=rss[1] if rss else None,
-            ram_hits=ram_hits - self._ram_base[0], ram_misses=ram_misses - self._ram_base[1],
+            rss_anon_bytes=rss[0] if rss else None,
+            rss_file_bytes=rss[1] if rss else None,
+            ram_hits=ram_hits - self._ram_base[0],
+            ram_misses=ram_misses - self._ram_base[1],
             ram_bytes=self.store.ram.nbytes if self.store.ram is not None else 0,
-        )  # fmt: skip
+        )
 
     def reset_stats(self) -> None:
         """Zero the counters (the cache's contents stay)."""

@@ -34,8 +34,14 @@ READS = ("pread", "mmap")  # how load() reads an expert for a copy
 _RENAMES = [(re.compile(r"\.block_sparse_moe\."), ".mlp.")]
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^(?P<block>.+)\.experts\.(?P<name>[A-Za-z_]+)$")
-_PART = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),
-         "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", 0), "down_proj": ("down_proj", 0)}  # fmt: skip
+_PART = {
+    "w1": ("gate_up_proj", 0),
+    "gate_proj": ("gate_up_proj", 0),
+    "w3": ("gate_up_proj", 1),
+    "up_proj": ("gate_up_proj", 1),
+    "w2": ("down_proj", 0),
+    "down_proj": ("down_proj", 0),
+}
 
 
 def load(
@@ -52,18 +58,25 @@ def load(
     """Open the checkpoint directory `path` and patch it; returns `(model, handle)`.
 
     Expert weights are never all read into RAM: they are memory-mapped and copied to the device expert by expert.
-    dtype: the compute dtype (default: the checkpoint's). read: how a copy reads an expert, `"pread"` (large reads
-    whose page cache is released behind them, so the budget is the memory used) or `"mmap"` (copied out of the
-    memory map; the page cache keeps what fits). ram_budget: experts to keep in RAM between the disk and a GPU (a
-    fraction of the experts' bytes or a size such as "32GiB"; pinned on CUDA), so an expert the device evicted comes
-    back from RAM, not from disk; needs read="pread". options / kwargs: as for `offload_moe.patch`.
+    budget, device, options / kwargs: as for `offload_moe.patch`.
+    dtype: the compute dtype. Default None: the checkpoint's, which is what the model was trained and saved in.
+    read: how a copy reads an expert: "pread" (default: large reads whose page cache is released behind them, so
+        the budget is the memory really used) or "mmap" (copied out of the memory map; the page cache keeps what
+        fits, and competes with everything else for RAM).
+    ram_budget: experts to keep in RAM between the disk and a GPU (a fraction of the experts' bytes or a size such
+        as "32GiB"; pinned on CUDA), so an expert the device evicted comes back from RAM, not from disk; needs
+        read="pread". Default None: no RAM tier, since how much RAM may be spent is the user's to say.
     """
     if read not in READS:
-        raise ValueError(f"read={read!r} is not one of {READS}: 'pread' reads experts from the files and releases "
-                         "their page cache, 'mmap' copies them out of the memory map")  # fmt: skip
+        raise ValueError(
+            f"read={read!r} is not one of {READS}: 'pread' reads experts from the files and releases "
+            "their page cache, 'mmap' copies them out of the memory map"
+        )
     if ram_budget is not None and read != "pread":
-        raise ValueError("ram_budget keeps experts read from the files in RAM, and needs read='pread'; with "
-                         "read='mmap' the page cache is the RAM tier")  # fmt: skip
+        raise ValueError(
+            "ram_budget keeps experts read from the files in RAM, and needs read='pread'; with "
+            "read='mmap' the page cache is the RAM tier"
+        )
     opt = OffloadOptions.of(options, **kwargs)
     if opt.pin_memory:
         raise ValueError(
@@ -130,8 +143,10 @@ def _ram_tier(experts: list, shapes: dict, ram_budget: float | str, device: torc
     one = expert_nbytes(shapes, file_dtype)
     slots = budget_bytes(ram_budget, one * len(experts) * len(experts[0])) // one
     if slots < 1:
-        raise ValueError(f"ram_budget={ram_budget!r} holds no expert (one is {one / 2**20:.1f} MiB); give at least "
-                         "that, or leave ram_budget unset")  # fmt: skip
+        raise ValueError(
+            f"ram_budget={ram_budget!r} holds no expert (one is {one / 2**20:.1f} MiB); give at least "
+            "that, or leave ram_budget unset"
+        )
     return RamTier(shapes, file_dtype, slots, pin=device.type == "cuda")
 
 

@@ -44,7 +44,8 @@ def patch(
     budget: a fraction of all experts' bytes in (0, 1], or a size such as "6GiB"; it must hold at least one layer's
         top-k experts. Everything expert-related on the device counts: the slot pool and any stand-ins.
     device: "cuda" (default when present), "cuda:N" or "cpu".
-    options / kwargs: an `OffloadOptions`, and/or its fields as keywords (eviction, fallback, prefetch, ...).
+    options / kwargs: an `OffloadOptions`, and/or its fields as keywords (eviction, miss_path, prefetch, ...;
+        docs/options.md lists them).
     """
     return offload(model, budget, device, OffloadOptions.of(options, **kwargs))
 
@@ -82,9 +83,19 @@ def offload(
         workers = [engine.shutdown]
         counters = Counters(len(blocks))
         frozen = options.placement != "dynamic" and not plan.all_resident  # static: what warm() puts there stays
-        miss_path = options.miss_path(dev.type)
-        cache = ExpertCache(store, plan.slots, dev, dtype, engine, options.eviction, counters, geometry.top_k, frozen,
-                            admission=miss_path != "fetch")  # fmt: skip
+        miss_path = options.resolved_miss_path(dev.type)
+        cache = ExpertCache(
+            store,
+            plan.slots,
+            dev,
+            dtype,
+            engine,
+            options.eviction,
+            counters,
+            geometry.top_k,
+            frozen,
+            admission=miss_path != "fetch",
+        )
         fixed_hits = FixedHits(counters, store.num_experts, dev)
         home = _non_expert_device(model, blocks)
         if home is not None and home != dev:
@@ -95,15 +106,26 @@ def offload(
         standin = _standin(options, calib, blocks, store, engine, counters, plan, dev, dtype)
         host = None
         if miss_path != "fetch" and not plan.all_resident:
-            host = HostCompute(store, [b.experts for b in blocks], names, _hidden_size(model), dev, counters,
-                               options.host, threads=options.host_threads)  # fmt: skip
+            experts = [b.experts for b in blocks]
+            host = HostCompute(
+                store,
+                experts,
+                names,
+                _hidden_size(model),
+                dev,
+                counters,
+                options.host,
+                threads=options.host_threads,
+                precision=options.host_precision,
+            )
             undo.callback(host.shutdown)
             workers.append(host.shutdown)
         fit = measure_host(host) if host is not None and miss_path == "auto" else None
         counters.reset()  # the micro-benchmark's jobs are not the model's
         cache.warm(_warm_order(blocks, calib, plan.all_resident, options.placement))  # measures the link
         _hold_fixed_slots(blocks, names, cache)
-        router = MissRouter(miss_path, engine, host, fit, counters) if host is not None else None
+        policy = options.miss_path if isinstance(options.miss_path, type) else MissRouter
+        router = policy(miss_path, engine, host, fit, counters) if host is not None else None
         for b in blocks:
             hook = ExpertsHook(b.index, cache, names, router, standin, prefetcher, host, counters, fixed_hits)
             attach(b.experts, hook)
@@ -113,8 +135,9 @@ def offload(
     except BaseException:
         undo.close()
         raise
-    return OffloadHandle(model, blocks, cache, plan, options, undo, miss_path, counters, fixed_hits, workers,
-                         read_base)  # fmt: skip
+    return OffloadHandle(
+        model, blocks, cache, plan, options, undo, miss_path, counters, fixed_hits, workers, read_base, host
+    )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -214,17 +237,26 @@ def _hidden_size(model: torch.nn.Module) -> int:
     return int(model.config.get_text_config().hidden_size)
 
 
-def _standin(options: OffloadOptions, calib: Calibration | None, blocks: list[MoEBlock], store: HostStore,
-             engine: TransferEngine, counters: Counters, plan: Plan, dev: torch.device, dtype: torch.dtype
-             ) -> StandinPolicy | None:  # fmt: skip
+def _standin(
+    options: OffloadOptions,
+    calib: Calibration | None,
+    blocks: list[MoEBlock],
+    store: HostStore,
+    engine: TransferEngine,
+    counters: Counters,
+    plan: Plan,
+    dev: torch.device,
+    dtype: torch.dtype,
+) -> StandinPolicy | None:
     if options.standin is None:
         return None
     ctx = BuildContext(options, calib, blocks, store, plan.sizing, engine, counters, dev, dtype)
     return KINDS[options.standin].build(ctx)
 
 
-def _warm_order(blocks: list[MoEBlock], calib: Calibration | None, layer_major: bool,
-                placement: str) -> list[tuple[int, int]]:  # fmt: skip
+def _warm_order(
+    blocks: list[MoEBlock], calib: Calibration | None, layer_major: bool, placement: str
+) -> list[tuple[int, int]]:
     """Which experts fill the pool first: "static-layers", whole layers from the last one back (llama.cpp keeps the
     first layers' experts on the host); else the calibration's most frequent; else spread evenly over layers (layer by
     layer when everything fits, so each layer's experts sit in consecutive slots)."""
@@ -243,7 +275,7 @@ def _compile(model: torch.nn.Module, mode: str | None, undo: ExitStack) -> None:
     """torch.compile the model's forward as one graph: a layer that never misses is traced whole (attention, norms,
     router, experts kernel); a layer that may miss enters it as one opaque op (`offloaded_experts`), so the graph
     does not break there. Calls under continuous batching run eager: transformers keeps paged attention out of
-    graphs, so every layer would break the graph (measured 0.79x eager). No process-wide dynamo setting changes."""
+    graphs, so every layer would break the graph (slower than eager). No process-wide dynamo setting changes."""
     had = model.__dict__.get("forward")
     eager = model.forward
 

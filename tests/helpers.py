@@ -76,7 +76,7 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 
 FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"]
 
-# every lossless, fallback and transfer test runs on each device present; CUDA ones skip cleanly without a GPU
+# every lossless, miss-path and transfer test runs on each device present; CUDA ones skip cleanly without a GPU
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 

@@ -75,6 +75,22 @@ def test_scale_bench_json_is_complete_and_its_replay_examines_one_key_per_evicti
     assert "routing scale of real models" in (tmp_path / "results.md").read_text()
 
 
+def test_host_bench_sets_each_path_beside_the_memory_probe(tmp_path):
+    from lab.host_bench import TOKENS, main
+    from lab.results_doc import main as results_doc
+
+    main(["--mode", "quick", "--sizes", "qwen3-30b-a3b", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "host.json").read_text())
+    assert result["memory_gbps"] > 0
+    (size,) = result["sizes"]
+    assert size["expert_bytes"] == 3 * 2048 * 768 * 2
+    paths = {r["path"].split(" (")[0] for r in size["rows"]}
+    assert paths == {"host", "host int8", "host int4", "stock kernel on a one-expert twin"}
+    assert all(r["gbps"] > 0 for r in size["rows"]) and {r["tokens"] for r in size["rows"]} == set(TOKENS)
+    results_doc([str(tmp_path), str(tmp_path / "results.md")])
+    assert "Host compute against the memory's speed" in (tmp_path / "results.md").read_text()
+
+
 def test_fairness_cli_writes_table_plots_and_json(tmp_path, capsys):
     from lab.simulate import main
 

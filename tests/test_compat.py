@@ -104,10 +104,16 @@ def test_served_scheduler_internals_exist():
 
 def test_a_patched_model_dropped_without_unpatch_is_freed_with_its_workers():
     model = tiny_model("mixtral")
-    offload_moe.patch(model, budget=0.5, device="cpu", fallback="host", prefetch=None)
+    offload_moe.patch(model, budget=0.5, device="cpu", miss_path="host", prefetch=None)
     ref = weakref.ref(model)
     workers_before = threading.active_count()
     del model
     gc.collect()
     assert ref() is None
     assert threading.active_count() < workers_before  # the transfer and host workers stopped
+
+
+def test_one_version_error_type_for_every_package():
+    from hooks import IncompatibleVersionError
+
+    assert compat.IncompatibleVersionError is cb_compat.IncompatibleVersionError is IncompatibleVersionError

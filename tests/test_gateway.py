@@ -331,7 +331,7 @@ def test_in_front_of_fairness_serve_replicas_unpatched_and_offloaded(reference_d
 
     engines = [build_engine(reference_dir, "vtc", device="cpu", max_running=4),
                build_engine(reference_dir, "vtc", device="cpu", max_running=4, offload_budget=0.5,
-                            offload_options={"fallback": "fetch", "prefetch": None})]  # fmt: skip
+                            offload_options={"miss_path": "fetch", "prefetch": None})]  # fmt: skip
     servers = [BackgroundServer(create_app(e, max_tokens_limit=64)) for e in engines]
     urls = [s.start() for s in servers]
     gw = BackgroundServer(create_gateway(urls, "vtc", limit=2))

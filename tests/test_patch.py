@@ -1,4 +1,4 @@
-"""patch() is lossless with fallback="fetch", accounts honestly, and unpatch() restores the model exactly."""
+"""patch() is lossless with miss_path="fetch", accounts honestly, and unpatch() restores the model exactly."""
 
 import pytest
 import torch
@@ -143,7 +143,7 @@ def _assert_untouched(model, before):
         ({"budget": "1KiB"}, ValueError, "raise the budget to at least"),
         ({"device": "tpu"}, ValueError, "device='tpu'"),
         ({"device": "mps"}, ValueError, "not supported"),
-        ({"fallback": "pray"}, ValueError, "unknown fallback 'pray'"),
+        ({"miss_path": "pray"}, ValueError, "unknown miss_path 'pray'"),
         ({"eviction": "fifo"}, ValueError, "unknown eviction policy 'fifo'"),
         ({"link": 12.0}, TypeError, "EmulatedLink"),
     ],

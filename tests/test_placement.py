@@ -19,7 +19,7 @@ def test_lossless_with_chunked_and_preempted_copies(device, patched, monkeypatch
     model = tiny_model("mixtral").to(device)
     ids = torch.randint(0, 128, (2, 24), device=device)
     ref_logits, ref_tokens = logits(model, ids), generate(model, ids, 12)
-    handle = patched(model, budget=0.25, device=device, fallback="fetch", prefetch="lookahead", link=SLOW,
+    handle = patched(model, budget=0.25, device=device, miss_path="fetch", prefetch="lookahead", link=SLOW,
                      chunk_bytes=1024)  # fmt: skip
     torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
     assert torch.equal(generate(model, ids, 12), ref_tokens)
@@ -38,7 +38,8 @@ def test_static_layers_keeps_whole_last_layers_and_computes_misses_on_the_host(p
     torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
     assert torch.equal(generate(model, ids, 8), ref_tokens)
     stats = handle.stats()
-    assert stats.copies == 0 and stats.host_jobs > 0 and stats.fallback == "host" and stats.placement == "static-layers"
+    assert stats.copies == 0 and stats.host_jobs > 0
+    assert stats.miss_path == "host" and stats.placement == "static-layers"
     assert sorted(handle.cache.resident()) == resident  # nothing ever moved
 
 
@@ -66,7 +67,7 @@ def test_static_frequency_keeps_the_calibrations_most_used_experts(tmp_path, pat
     ("options", "match"),
     [
         ({"placement": "pinned"}, "unknown placement 'pinned'"),
-        ({"placement": "static-layers", "fallback": "fetch"}, "fallback must be 'host' or None"),
+        ({"placement": "static-layers", "miss_path": "fetch"}, "miss_path must be 'host' or None"),
         ({"placement": "static-layers", "prefetch": "lookahead"}, "pass prefetch=None"),
         ({"placement": "static-frequency"}, "calibration saw used most"),
         ({"chunk_bytes": 0}, "chunk_bytes must be >= 1"),

@@ -73,13 +73,13 @@ def test_budget_errors_say_how_much_is_needed():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"fallback": "pray"}, ValueError, "unknown fallback 'pray'"),
+        ({"miss_path": "pray"}, ValueError, "unknown miss_path 'pray'"),
         ({"prefetch": "oracle"}, ValueError, "unknown prefetch 'oracle'"),
         ({"eviction": "fifo"}, ValueError, "unknown eviction policy 'fifo'"),
         ({"critical_weight": 0}, ValueError, "critical_weight"),
         ({"lookahead_depth": 0}, ValueError, "lookahead needs depth"),
         ({"standin": "buddy"}, ValueError, "needs buddy lists"),
-        ({"fallback": "drop"}, ValueError, "pass standin='drop'"),
+        ({"miss_path": "drop"}, ValueError, "pass standin='drop'"),
         ({"standin": "magic"}, ValueError, "unknown standin 'magic'"),
         ({"compile": "fast"}, ValueError, "a torch.compile mode"),
         ({"link": 3}, TypeError, "EmulatedLink"),
@@ -135,3 +135,43 @@ def test_importing_the_packages_draws_nothing():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # installed here, but the core never imports them
+
+
+def test_every_option_has_a_documented_default_and_reason_and_docs_options_md_is_current():
+    """One source per option: each OffloadOptions field carries its group, meaning and the reason for its default;
+    docs/options.md is generated from them (python -m lab.options_doc) and fails here when it drifts."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from lab.options_doc import render
+    from offload_moe.options import GROUPS, OffloadOptions
+
+    for f in fields(OffloadOptions):
+        assert f.metadata.get("group") in GROUPS, f.name
+        assert len(f.metadata.get("doc", "")) > 20 and len(f.metadata.get("why", "")) > 10, f.name
+    for arg in ("dtype", "read", "ram_budget"):
+        assert f"{arg}:" in offload_moe.load.__doc__ and "Default" in offload_moe.load.__doc__
+    doc = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+    assert doc.read_text() == render(), "docs/options.md is stale: run python -m lab.options_doc"
+    assert all(f"`{f.name}`" in OffloadOptions.__doc__ for f in fields(OffloadOptions))
+
+
+def test_fallback_still_works_as_miss_path_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="fallback= is renamed miss_path="):
+        opt = OffloadOptions.of(fallback="host")
+    assert opt.miss_path == "host"
+    with pytest.raises(TypeError, match="pass miss_path= only"), pytest.warns(DeprecationWarning):
+        OffloadOptions.of(fallback="host", miss_path="fetch")
+
+
+def test_offload_stats_reports_every_counter_by_its_own_name():
+    """One source per fact: a snapshot copies each counter under the counter's own field name; a counter added to
+    Counters without a place in OffloadStats (or a declared internal) fails here."""
+    from dataclasses import fields
+
+    from offload_moe.handle import COUNTED, INTERNAL_COUNTERS, OffloadStats
+    from offload_moe.runtime.counters import Counters
+
+    counters = {f.name for f in fields(Counters)}
+    assert counters == set(COUNTED) | INTERNAL_COUNTERS
+    assert set(COUNTED) <= {f.name for f in fields(OffloadStats)}

@@ -103,7 +103,7 @@ def test_lowbit_copies_cross_the_link_at_their_packed_size(reference, patched):
     text = corpus_text("val", max_bytes=1500)
     base = bits_per_byte(model, tokenizer, text, decode=True)
     handle = patched(model, budget=0.25, device="cpu", standin="lowbit", bits=4, critical_weight=1.01,
-                               prefetch=None, fallback="fetch")  # fmt: skip
+                               prefetch=None, miss_path="fetch")  # fmt: skip
     try:
         bpb = bits_per_byte(model, tokenizer, text, decode=True)
         s = handle.stats()

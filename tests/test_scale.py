@@ -27,20 +27,20 @@ def shapes():
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize(
-    ("budget", "fallback"),
+    ("budget", "miss_path"),
     [(1.0, "fetch"), (0.5, "fetch"), (0.5, "host"), (0.5, "auto"), (0.25, "fetch"), (0.25, "host"), (0.25, "auto")],
 )
-def test_routing_scale_shapes_are_bit_identical_through_every_exact_miss_path(shapes, shape, budget, fallback,
+def test_routing_scale_shapes_are_bit_identical_through_every_exact_miss_path(shapes, shape, budget, miss_path,
                                                                                 patched):  # fmt: skip
     """bf16, top-2 to top-8 routing, shared experts, grouped routing: with the default kernel a call's passes are
     summed per (token, expert) pair and rounded once, so logits equal the unpatched model's bit for bit."""
     model, ids, ref_logits, ref_tokens = shapes[shape]
-    handle = patched(model, budget=budget, device="cpu", fallback=fallback)
+    handle = patched(model, budget=budget, device="cpu", miss_path=miss_path)
     assert torch.equal(logits(model, ids), ref_logits)
     assert torch.equal(generate(model, ids, 3), ref_tokens)
     s = handle.stats()
     assert (s.misses > 0) == (budget < 1.0)
-    if fallback == "host" and budget < 1.0:
+    if miss_path == "host" and budget < 1.0:
         assert s.host_jobs > 0
 
 
@@ -54,7 +54,7 @@ def test_other_kernels_sum_their_passes_within_float32_rounding(impl, patched):
         model.set_experts_implementation(impl)
         ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(4))
         ref_logits, ref_tokens = logits(model, ids), generate(model, ids, 8)
-        handle = patched(model, budget=0.25, device="cpu", fallback="fetch", link=SLOW_LINK)
+        handle = patched(model, budget=0.25, device="cpu", miss_path="fetch", link=SLOW_LINK)
         torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=0 if family == "mixtral" else 1e-5)
         assert torch.equal(generate(model, ids, 8), ref_tokens)
         assert handle.stats().kernel_passes > handle.stats().layer_calls  # copies landed while experts computed
@@ -67,7 +67,7 @@ def test_resident_experts_compute_before_a_slow_copy_lands(patched):
     model = tiny_model("qwen3_moe")  # top-4, grouped_mm
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(5))
     ref = logits(model, ids)
-    handle = patched(model, budget=0.5, device="cpu", fallback="fetch", link=SLOW_LINK)
+    handle = patched(model, budget=0.5, device="cpu", miss_path="fetch", link=SLOW_LINK)
     assert torch.equal(logits(model, ids), ref)
     s = handle.stats()
     assert s.missing_calls > 0 and s.kernel_passes > s.layer_calls
@@ -79,7 +79,7 @@ def test_a_copy_that_fails_frees_its_slot_and_the_call_says_which_expert(patched
     model = tiny_model("mixtral")
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(6))
     ref = logits(model, ids)
-    handle = patched(model, budget=0.25, device="cpu", fallback="fetch")
+    handle = patched(model, budget=0.25, device="cpu", miss_path="fetch")
     good = HostStore.copy_sources
     broken: set = set()
 
@@ -105,7 +105,7 @@ def test_a_pool_smaller_than_one_token_still_hits(patched):
     model, tokenizer = load_reference(REFERENCE_MODEL_DIR)
     ids = torch.tensor([tokenizer("def main():\n    return os.path.join(root, name)\n")["input_ids"]])
     ref = generate(model, ids, 16)
-    handle = patched(model, budget=1 / 8, device="cpu", fallback="fetch")
+    handle = patched(model, budget=1 / 8, device="cpu", miss_path="fetch")
     handle.reset_stats()
     assert torch.equal(generate(model, ids, 16), ref)
     s = handle.stats()
@@ -125,7 +125,7 @@ def test_routing_takes_one_host_round_trip_per_call_that_may_miss(patched, monke
         return real(t, *args, **kwargs)
 
     for budget in (1.0, 0.5):
-        handle = patched(model, budget=budget, device="cpu", fallback="fetch")
+        handle = patched(model, budget=budget, device="cpu", miss_path="fetch")
         moves.clear()
         monkeypatch.setattr(torch.Tensor, "cpu", counted)
         logits(model, ids)

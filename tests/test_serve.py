@@ -28,7 +28,7 @@ MODEL = "reference-moe"
 @pytest.fixture(scope="module")
 def server(reference_dir):
     engine = build_engine(reference_dir, "vtc", device="cpu", offload_budget=0.5, max_running=4,
-                          offload_options={"fallback": "host", "prefetch": None})  # fmt: skip
+                          offload_options={"miss_path": "host", "prefetch": None})  # fmt: skip
     srv = BackgroundServer(create_app(engine, max_tokens_limit=64))
     url = srv.start()
     yield url, engine

@@ -71,7 +71,7 @@ def test_background_sampler_reads_nvml():
 
 def test_no_driver_says_so_once_and_serves_estimates(monkeypatch, caplog):
     monkeypatch.setattr(telemetry, "_warned_no_driver", False)
-    with caplog.at_level(logging.WARNING, logger="fairness.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="fairness.core.telemetry"):
         first, second = Telemetry(nvml=NoDriver()), Telemetry(nvml=NoDriver())
     warnings = [r for r in caplog.records if "falls back to the engine's own estimate" in r.getMessage()]
     assert len(warnings) == 1 and "NVML Shared Library Not Found" in warnings[0].getMessage()
@@ -88,7 +88,7 @@ def test_no_driver_says_so_once_and_serves_estimates(monkeypatch, caplog):
 
 def test_disabled_nvml_is_silent(caplog, monkeypatch):
     monkeypatch.setattr(telemetry, "_warned_no_driver", False)
-    with caplog.at_level(logging.WARNING, logger="fairness.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="fairness.core.telemetry"):
         tel = Telemetry(nvml=False)
     assert caplog.records == [] and not tel.available
 

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fairness import EngineModel, Request, simulate
-from fairness.core.driver import SimObserver
+from fairness.core.driver import EngineObserver
 from fairness.measure.bound import vtc_bound
 from fairness.sim.vtc_suite import SUITE, workload
 from lab.vtc_paper import artifact_reference
@@ -40,7 +40,7 @@ def test_unknown_workload_is_refused():
         workload("overlaod")
 
 
-class _KvWatch(SimObserver):
+class _KvWatch(EngineObserver):
     """The KV a request holds (input + generated tokens) summed over admitted requests, at its peak."""
 
     def __init__(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from fairness.core.ledger import Backlog, Ledger
 from fairness.core.policy import SchedulingPolicy, register_policy
 from fairness.core.request import RequestInfo
+from fairness.core.service import W_P, W_Q, service
 
 
 class FCFS(SchedulingPolicy):
@@ -96,7 +97,7 @@ class VTC(SchedulingPolicy):
 
     name = "vtc"
 
-    def __init__(self, w_p: float = 1.0, w_q: float = 2.0, lift: bool = True) -> None:
+    def __init__(self, w_p: float = W_P, w_q: float = W_Q, lift: bool = True) -> None:
         self.w_p, self.w_q = w_p, w_q
         self.counter = Ledger()
         self.backlog = Backlog(lift=lift)
@@ -116,18 +117,20 @@ class VTC(SchedulingPolicy):
         self.backlog.remove(req)
         self._running[req.id] = req
         if not self.counter.holds(req.id):  # a resumed request was charged at its first admission
-            prompt = self.w_p * req.input_tokens / req.weight
-            self.counter.admit(req.id, req.client, prompt + self.w_q * self.predicted_output(req) / req.weight)
+            prompt = service(req.input_tokens, 0, req.weight, self.w_p, self.w_q)
+            self.counter.admit(
+                req.id, req.client, prompt + service(0, self.predicted_output(req), req.weight, self.w_p, self.w_q)
+            )
             self.counter.accrue(req.id, prompt)
 
     def on_step(self, generated: dict[int, int], step_s: float, now: float) -> None:
         for rid, n in generated.items():
-            self.counter.accrue(rid, self.w_q * n / self._running[rid].weight)
+            self.counter.accrue(rid, service(0, n, self._running[rid].weight, self.w_p, self.w_q))
 
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
         """Settle at the request's actual service (refunds an unused prediction; `req.input_tokens` may be the
         prompt's true length where the engine only estimated it at arrival)."""
-        self.counter.settle(req.id, (self.w_p * req.input_tokens + self.w_q * output_tokens) / req.weight)
+        self.counter.settle(req.id, service(req.input_tokens, output_tokens, req.weight, self.w_p, self.w_q))
         del self._running[req.id]
 
     def preemption_victim(self, running: list[RequestInfo]) -> RequestInfo:
@@ -155,7 +158,7 @@ class LCF(VTC):
 
     name = "lcf"
 
-    def __init__(self, w_p: float = 1.0, w_q: float = 2.0) -> None:
+    def __init__(self, w_p: float = W_P, w_q: float = W_Q) -> None:
         super().__init__(w_p, w_q, lift=False)
 
 
@@ -168,8 +171,8 @@ class VTCPredicted(VTC):
 
     def __init__(
         self,
-        w_p: float = 1.0,
-        w_q: float = 2.0,
+        w_p: float = W_P,
+        w_q: float = W_Q,
         predict: Callable[[RequestInfo], float] | None = None,
         default_tokens: float = 256.0,
     ) -> None:
@@ -198,7 +201,7 @@ class VTCOracle(VTCPredicted):
     name = "vtc-oracle"
     needs_oracle = True
 
-    def __init__(self, w_p: float = 1.0, w_q: float = 2.0) -> None:
+    def __init__(self, w_p: float = W_P, w_q: float = W_Q) -> None:
         super().__init__(w_p, w_q, predict=lambda req: self._truth[req.id])
         self._truth: dict[int, int] = {}
 

@@ -11,7 +11,7 @@ Engine-side protocol (the policy's own is in `fairness.core.policy`):
     driver.step(generated, step_s, now)
     victim = driver.victim(running); driver.preempt(victim, now)
     driver.finish(info, output_tokens, now[, input_tokens]) / driver.cancel(info, generated, now)
-Observers (`SimObserver`) see the same events, each in a fixed place relative to the policy's call.
+Observers (`EngineObserver`) see the same events, each in a fixed place relative to the policy's call.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from fairness.core.policy import SchedulingPolicy
 from fairness.core.request import RequestInfo
 
 if TYPE_CHECKING:
-    from fairness.core.engine import EngineModel
+    from fairness.core.engine_model import EngineModel
     from fairness.core.telemetry import Telemetry
 
 
-class SimObserver:
+class EngineObserver:
     """Sees what the engine does, request by request (for logs and training data); every method is optional."""
 
     def on_start(self, engine: EngineModel, telemetry: Telemetry) -> None: ...
@@ -64,7 +64,7 @@ def require_no_oracle(policy: SchedulingPolicy) -> None:
 class PolicyDriver:
     """Calls `policy`'s hooks for an engine, times them (the scheduler's own overhead) and tells observers."""
 
-    def __init__(self, policy: SchedulingPolicy, observers: Sequence[SimObserver] = ()):
+    def __init__(self, policy: SchedulingPolicy, observers: Sequence[EngineObserver] = ()):
         self.policy = policy
         self.observers = list(observers)
         self.seconds: dict[str, float] = defaultdict(float)

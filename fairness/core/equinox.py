@@ -32,12 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fairness.core.engine import EngineModel
+from fairness.core.engine_model import EngineModel
 from fairness.core.features import TARGETS, LoadTracker
 from fairness.core.ledger import Backlog, Ledger
 from fairness.core.policy import SchedulingPolicy, register_policy
 from fairness.core.predictor import HistoryPredictor, OnnxPredictor, Predictor
 from fairness.core.request import RequestInfo
+from fairness.core.service import W_P, W_Q, service
 from fairness.core.telemetry import Telemetry
 
 _OUT, _E2E = TARGETS.index("output_tokens"), TARGETS.index("e2e_s")
@@ -66,8 +67,8 @@ class Equinox(SchedulingPolicy):
         self,
         predictor: Predictor | str | Path | None = None,
         alpha: float = 0.5,
-        w_p: float = 1.0,
-        w_q: float = 2.0,
+        w_p: float = W_P,
+        w_q: float = W_Q,
         gamma: float = 0.1,
         ttft_slo_s: float = 2.0,
         tpot_slo_s: float = 0.1,
@@ -175,9 +176,9 @@ class Equinox(SchedulingPolicy):
         waited = self._first_admit[req.id] - req.arrival_s
         e2e = pred[_E2E] if np.isfinite(pred[_E2E]) else 0.0
         e2e = max(e2e, waited + self.tpot_slo_s * out)  # at least what it already waited, then decoding at the SLO
-        tokens = (self.w_p * req.input_tokens + self.w_q * out) / req.weight
+        tokens = service(req.input_tokens, out, req.weight, self.w_p, self.w_q)
         self.ufc.admit(req.id, req.client, tokens * self._latency_factor(e2e, out))
-        self.ufc.accrue(req.id, self.w_p * req.input_tokens / req.weight)
+        self.ufc.accrue(req.id, service(req.input_tokens, 0, req.weight, self.w_p, self.w_q))
         prefill_gpu_s = req.input_tokens * (self.engine.prefill_s_per_token if self.engine else 0.0)
         self.rfc.admit(req.id, req.client, (prefill_gpu_s + out * self.gpu_s_per_token) / req.weight)
         self.rfc.accrue(req.id, prefill_gpu_s / req.weight)
@@ -193,7 +194,7 @@ class Equinox(SchedulingPolicy):
             before = self._generated[rid]
             self._generated[rid] = before + n
             self._footprint += max(before + n, self.predicted[rid][_OUT]) - max(before, self.predicted[rid][_OUT])
-            self.ufc.accrue(rid, self.w_q * n / req.weight)
+            self.ufc.accrue(rid, service(0, n, req.weight, self.w_p, self.w_q))
             self.rfc.accrue(rid, shares[rid] / req.weight)
 
     def _gpu_shares(self, generated: dict[int, int], step_s: float) -> dict[int, float]:
@@ -214,7 +215,7 @@ class Equinox(SchedulingPolicy):
         self.kappa = min(self.max_kappa, self.kappa + self.kappa_growth)  # it fitted: admit a little more
         self._footprint -= self._predicted_kv(req.id, self._running[req.id].input_tokens)  # as admitted
         e2e = now - req.arrival_s
-        tokens = (self.w_p * req.input_tokens + self.w_q * output_tokens) / req.weight
+        tokens = service(req.input_tokens, output_tokens, req.weight, self.w_p, self.w_q)
         self.ufc.settle(req.id, tokens * self._latency_factor(e2e, output_tokens))
         self.rfc.settle(req.id)
         self.load.finish(req, output_tokens)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from fairness.core.request import RequestInfo
 
 if TYPE_CHECKING:
-    from fairness.core.engine import EngineModel
+    from fairness.core.engine_model import EngineModel
     from fairness.core.telemetry import Telemetry
 
 

@@ -36,3 +36,9 @@ class RequestInfo:
     input_tokens: int
     max_output_tokens: int | None
     weight: float
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough token count of English text where only text is known (traces, a gateway's prompts): 1 token per 4
+    characters."""
+    return max(1, round(len(text) / 4))

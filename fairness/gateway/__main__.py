@@ -18,16 +18,26 @@ from fairness.serving.api import load_tenants
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m fairness.gateway",
-                                 description="A fair, OpenAI-compatible gateway in front of LLM engines.")  # fmt: skip
-    ap.add_argument("--upstream", action="append", required=True, metavar="URL",
-                    help="an OpenAI-compatible engine's base URL (repeat for each replica)")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m fairness.gateway", description="A fair, OpenAI-compatible gateway in front of LLM engines."
+    )
+    ap.add_argument(
+        "--upstream",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="an OpenAI-compatible engine's base URL (repeat for each replica)",
+    )
     ap.add_argument("--policy", default="vtc", help=f"scheduling policy, one of {policy_names()}")
     ap.add_argument(
         "--tenants", help='JSON: {"<api key>": {"name": "<tenant>", "weight": 1.0}}; keys are then required'
     )
-    ap.add_argument("--limit", type=int, default=None,
-                    help="requests in flight per upstream (default: learned from its time to first token)")  # fmt: skip
+    ap.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="requests in flight per upstream (default: learned from its time to first token)",
+    )
     ap.add_argument("--queue-timeout", type=float, default=300.0, help="seconds a request may wait before 503")
     ap.add_argument("--upstream-timeout", type=float, default=120.0, help="seconds an upstream may stay silent")
     ap.add_argument("--upstream-api-key", default=None, help="bearer token the gateway sends to its upstreams")
@@ -41,12 +51,22 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tenants = load_tenants(args.tenants) if args.tenants else None
         config = GatewayConfig(queue_timeout_s=args.queue_timeout, max_tokens_limit=args.max_tokens_limit)
-        app = create_gateway(args.upstream, args.policy, tenants, args.limit, config, args.probe_interval,
-                             args.upstream_timeout, args.upstream_api_key)  # fmt: skip
+        app = create_gateway(
+            args.upstream,
+            args.policy,
+            tenants,
+            args.limit,
+            config,
+            args.probe_interval,
+            args.upstream_timeout,
+            args.upstream_api_key,
+        )
     except (ValueError, OracleUnavailableError) as e:
         raise SystemExit(str(e)) from e
-    print(f"fairness.gateway under {args.policy} on http://{args.host}:{args.port}/v1 -> {', '.join(args.upstream)}",
-          flush=True)  # fmt: skip
+    print(
+        f"fairness.gateway under {args.policy} on http://{args.host}:{args.port}/v1 -> {', '.join(args.upstream)}",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from fairness.core.driver import PolicyDriver, SimObserver, require_no_oracle
-from fairness.core.engine import EngineModel
+from fairness.core.driver import EngineObserver, PolicyDriver, require_no_oracle
+from fairness.core.engine_model import EngineModel
 from fairness.core.policy import SchedulingPolicy, make_policy
 from fairness.core.request import RequestInfo
 from fairness.core.telemetry import Telemetry
@@ -43,8 +43,13 @@ class Ticket:
 class Admission:
     """Per-tenant queues behind one policy, admitting into `pool` while an upstream has room."""
 
-    def __init__(self, policy: str | SchedulingPolicy | Callable[[], SchedulingPolicy], pool: UpstreamPool,
-                 observers: Sequence[SimObserver] = (), tick_s: float = 0.05):  # fmt: skip
+    def __init__(
+        self,
+        policy: str | SchedulingPolicy | Callable[[], SchedulingPolicy],
+        pool: UpstreamPool,
+        observers: Sequence[EngineObserver] = (),
+        tick_s: float = 0.05,
+    ):
         policy = make_policy(policy)
         require_no_oracle(policy)
         self.pool, self.tick_s = pool, tick_s
@@ -115,7 +120,10 @@ class Admission:
         """Admit waiting requests in the policy's order while an upstream has room."""
         now = time.monotonic()
         _, cap = self.driver.limits(now, 1 << 30, max(1, self.pool.capacity()))
-        room = lambda: len(self.running) < cap and self.pool.has_room()  # noqa: E731
+
+        def room() -> bool:
+            return len(self.running) < cap and self.pool.has_room()
+
         for info in self.driver.candidates(now, room):
             ticket = self.waiting[info.id]
             up = self.pool.pick(ticket.model)

@@ -14,8 +14,15 @@ class ConcurrencyLimit:
     the limit shrinks in proportion. Fixed: `value` never changes.
     """
 
-    def __init__(self, initial: int = 4, fixed: bool = False, minimum: int = 1, maximum: int = 256,
-                 tolerance: float = 2.0, smoothing: float = 0.2):  # fmt: skip
+    def __init__(
+        self,
+        initial: int = 4,
+        fixed: bool = False,
+        minimum: int = 1,
+        maximum: int = 256,
+        tolerance: float = 2.0,
+        smoothing: float = 0.2,
+    ):
         if not 1 <= minimum <= initial <= maximum:
             raise ValueError(f"need 1 <= minimum <= initial <= maximum, got {minimum}, {initial}, {maximum}")
         if tolerance < 1 or not 0 < smoothing <= 1:

@@ -3,7 +3,7 @@ time to first token, and each upstream's health, load and limit."""
 
 from __future__ import annotations
 
-from fairness.core.driver import SimObserver
+from fairness.core.driver import EngineObserver
 from fairness.core.request import RequestInfo
 from fairness.extras import missing
 
@@ -17,29 +17,40 @@ from fairness.gateway.upstreams import UpstreamPool
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class GatewayMetrics(SimObserver):
+class GatewayMetrics(EngineObserver):
     """One registry per gateway. Tenant labels are the tenants' names (bounded by the tenants file when one is set)."""
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
         self._streamed: dict[int, tuple[str, int]] = {}  # running request id -> (tenant, completion tokens counted)
         self.registry = r = CollectorRegistry()
-        self.tokens = Counter("fairness_gateway_tokens", "tokens served, by tenant and kind (prompt: settled from "
-                              "the upstream's usage; completion: as they stream)", ["tenant", "kind"],
-                              registry=r)  # fmt: skip
-        self.requests = Counter("fairness_gateway_requests", "requests ended, by tenant and outcome",
-                                ["tenant", "outcome"], registry=r)  # fmt: skip
+        self.tokens = Counter(
+            "fairness_gateway_tokens",
+            "tokens served, by tenant and kind (prompt: settled from the upstream's usage; completion: as they stream)",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "fairness_gateway_requests", "requests ended, by tenant and outcome", ["tenant", "outcome"], registry=r
+        )
         self.waiting = Gauge("fairness_gateway_waiting", "requests queued at the gateway", ["tenant"], registry=r)
         self.running = Gauge("fairness_gateway_running", "requests in flight upstream", ["tenant"], registry=r)
-        self.ttft = Histogram("fairness_gateway_ttft_seconds", "arrival at the gateway to the first token sent",
-                              buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
-        self.healthy = Gauge("fairness_gateway_upstream_healthy", "1 when the upstream passes its probes", ["upstream"],
-                             registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "fairness_gateway_ttft_seconds",
+            "arrival at the gateway to the first token sent",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.healthy = Gauge(
+            "fairness_gateway_upstream_healthy", "1 when the upstream passes its probes", ["upstream"], registry=r
+        )
         self.in_flight = Gauge("fairness_gateway_upstream_in_flight", "requests in flight", ["upstream"], registry=r)
-        self.limit = Gauge("fairness_gateway_upstream_limit", "requests it may have in flight", ["upstream"],
-                           registry=r)  # fmt: skip
-        self.failures = Counter("fairness_gateway_upstream_failures", "requests it refused or broke off", ["upstream"],
-                                registry=r)  # fmt: skip
+        self.limit = Gauge(
+            "fairness_gateway_upstream_limit", "requests it may have in flight", ["upstream"], registry=r
+        )
+        self.failures = Counter(
+            "fairness_gateway_upstream_failures", "requests it refused or broke off", ["upstream"], registry=r
+        )
 
     def refresh(self) -> None:
         """Upstream gauges, read at scrape time."""

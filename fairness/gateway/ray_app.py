@@ -55,8 +55,15 @@ class GatewayIngress:
         return self.gateway
 
 
-def deploy(model: str | Path, budgets: list[float | None], policy: str = "vtc", max_running: int = 8,
-           max_tokens_limit: int = 512, port: int = 8000, cpus_per_engine: float = 1.0) -> str:  # fmt: skip
+def deploy(
+    model: str | Path,
+    budgets: list[float | None],
+    policy: str = "vtc",
+    max_running: int = 8,
+    max_tokens_limit: int = 512,
+    port: int = 8000,
+    cpus_per_engine: float = 1.0,
+) -> str:
     """Start Serve's proxy on `port` (Ray must be initialised), deploy one engine application per budget and the
     gateway at `/`; returns the gateway's base URL."""
     make_policy(policy)  # an unknown name fails here, before anything is deployed
@@ -66,8 +73,11 @@ def deploy(model: str | Path, budgets: list[float | None], policy: str = "vtc", 
     base = f"http://127.0.0.1:{port}"
     engine = serve.deployment(EngineReplica, ray_actor_options={"num_cpus": cpus_per_engine})
     for i, budget in enumerate(budgets):
-        serve.run(engine.bind(str(model), budget, max_running, max_tokens_limit), name=f"engine-{i}",
-                  route_prefix=f"/engine-{i}")  # fmt: skip
+        serve.run(
+            engine.bind(str(model), budget, max_running, max_tokens_limit),
+            name=f"engine-{i}",
+            route_prefix=f"/engine-{i}",
+        )
     gateway = serve.deployment(GatewayIngress, ray_actor_options={"num_cpus": 0})
     urls = [f"{base}/engine-{i}" for i in range(len(budgets))]
     serve.run(gateway.bind(urls, policy, max_running), name="gateway", route_prefix="/")
@@ -79,13 +89,20 @@ def _budget(text: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m fairness.gateway.ray_app",
-                                 description="fairness.gateway in front of engine replicas on Ray Serve.")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m fairness.gateway.ray_app",
+        description="fairness.gateway in front of engine replicas on Ray Serve.",
+    )
     ap.add_argument("model", type=Path, help="a model directory (safetensors checkpoint)")
     ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--offload-budget", type=_budget, action="append", default=None,
-                    help="each replica's expert budget, a fraction (repeat once per replica, or give one for all; "
-                         "'none': unpatched)")  # fmt: skip
+    ap.add_argument(
+        "--offload-budget",
+        type=_budget,
+        action="append",
+        default=None,
+        help="each replica's expert budget, a fraction (repeat once per replica, or give one for all; "
+        "'none': unpatched)",
+    )
     ap.add_argument("--policy", default="vtc")
     ap.add_argument(
         "--max-running", type=int, default=8, help="requests each engine runs at once (the gateway's limit)"

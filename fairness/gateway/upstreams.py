@@ -53,8 +53,15 @@ class UpstreamPool:
     """The upstreams and the one HTTP client that talks to them. `probe_forever` keeps their health current; a
     request that fails marks its upstream down at once, and probes bring it back."""
 
-    def __init__(self, urls: list[str], limit: int | None = None, probe_s: float = 1.0, connect_s: float = 2.0,
-                 read_s: float = 120.0, api_key: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        urls: list[str],
+        limit: int | None = None,
+        probe_s: float = 1.0,
+        connect_s: float = 2.0,
+        read_s: float = 120.0,
+        api_key: str | None = None,
+    ):
         if not urls:
             raise ValueError("the gateway needs at least one upstream (--upstream URL)")
         if limit is not None and limit < 1:
@@ -68,9 +75,10 @@ class UpstreamPool:
         self.probe_s = probe_s
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(read_s, connect=connect_s), headers=headers,
+            timeout=httpx.Timeout(read_s, connect=connect_s),
+            headers=headers,
             limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
-        )  # fmt: skip
+        )
 
     # --- placement --------------------------------------------------------------------------------------------------
 

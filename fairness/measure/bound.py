@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fairness.core.request import Request
-from fairness.measure.records import W_P, W_Q
+from fairness.core.service import W_P, W_Q
 
 
 def vtc_bound(requests: Sequence[Request], kv_tokens: int) -> float:

@@ -1,5 +1,5 @@
 """Per-request records and the fairness metrics computed from them alone, so that a simulated run and a served run
-(`fairness.loadgen`) are measured by the same code, line for line.
+(`lab.loadgen`) are measured by the same code, line for line.
 
 A request's service, (w_p x input + w_q x output) / weight, is spread evenly between its first token and its finish
 (as the VTC paper's plots spread it); a client is backlogged while it has a request that arrived and has not
@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from fairness.core.service import service
 from fairness.measure.metrics import FairnessTracker, percentile
-
-W_P, W_Q = 1.0, 2.0  # VTC's service weights of an input and an output token: how every measure counts service
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,12 @@ def latencies(records: Sequence[RequestRecord]) -> tuple[dict[str, list[float]],
 def latency_metrics(ttft: dict[str, list[float]], e2e: dict[str, list[float]]) -> dict[str, float]:
     """p50 and p99 of TTFT and end-to-end latency over every client's requests."""
     all_ttft, all_e2e = [x for v in ttft.values() for x in v], [x for v in e2e.values() for x in v]
-    return {"ttft_p50_s": percentile(all_ttft, 50), "ttft_p99_s": percentile(all_ttft, 99),
-            "e2e_p50_s": percentile(all_e2e, 50), "e2e_p99_s": percentile(all_e2e, 99)}  # fmt: skip
+    return {
+        "ttft_p50_s": percentile(all_ttft, 50),
+        "ttft_p99_s": percentile(all_ttft, 99),
+        "e2e_p50_s": percentile(all_e2e, 50),
+        "e2e_p99_s": percentile(all_e2e, 99),
+    }
 
 
 def paper_metrics(records: Sequence[RequestRecord], window_s: float = 60.0, resolution_s: float = 0.1) -> dict:
@@ -79,7 +82,7 @@ def paper_metrics(records: Sequence[RequestRecord], window_s: float = 60.0, reso
     for r in done:
         span = max(r.finish_s - r.first_token_s, 1e-9)
         part = np.clip((grid - r.first_token_s) / span, 0.0, 1.0)
-        accumulated[idx[r.client]] += (W_P * r.input_tokens + W_Q * r.output_tokens) * part
+        accumulated[idx[r.client]] += service(r.input_tokens, r.output_tokens) * part
     end = max([r.finish_s for r in done] + [horizon])
     makespan = max(end - start, 1e-9)
     diffs = paper_window_diffs(records, clients, horizon, window_s)
@@ -107,7 +110,10 @@ def record_metrics(
     end = end_s if end_s is not None else max(done + [r.arrival_s for r in records])
     steps = max(1, math.ceil((end - start) / resolution_s)) + 1
     times = start + resolution_s * np.arange(steps)
-    cell = lambda t: min(steps - 1, max(0, int(math.ceil((t - start) / resolution_s))))  # noqa: E731
+
+    def cell(t: float) -> int:
+        return min(steps - 1, max(0, int(math.ceil((t - start) / resolution_s))))
+
     gained = np.zeros((len(clients), steps))  # service (divided by weights) gained in each grid cell
     queued = np.zeros((len(clients), steps))  # +1 at arrival, -1 at first token
     for r in records:
@@ -119,7 +125,7 @@ def record_metrics(
         if r.finish_s is None:
             continue
         a, b = cell(r.first_token_s), cell(r.finish_s)
-        gained[c, a : b + 1] += (W_P * r.input_tokens + W_Q * r.output_tokens) / r.weight / (b - a + 1)
+        gained[c, a : b + 1] += service(r.input_tokens, r.output_tokens, r.weight) / (b - a + 1)
     cumulative = gained.cumsum(axis=1)
     waiting = queued.cumsum(axis=1)
     tracker = FairnessTracker(clients, sample_every_s=resolution_s, window_s=window_s)
@@ -142,31 +148,43 @@ def record_metrics(
         "requests": float(len(records)),
         "makespan_s": makespan,
     }
-    per_client = {c: {"service": float(cumulative[idx[c], -1]), "ttft_p50_s": percentile(ttft[c], 50),
-                      "requests": float(sum(r.client == c for r in records))} for c in clients}  # fmt: skip
+    per_client = {
+        c: {
+            "service": float(cumulative[idx[c], -1]),
+            "ttft_p50_s": percentile(ttft[c], 50),
+            "requests": float(sum(r.client == c for r in records)),
+        }
+        for c in clients
+    }
     return RecordMetrics(metrics, per_client, times, {c: cumulative[idx[c]] for c in clients}, ttft)
 
 
-def paper_window_diffs(records: Sequence[RequestRecord], clients: list[str], horizon: float, window_s: float = 60.0,
-                       ticks: int = 100) -> np.ndarray:  # fmt: skip
+def paper_window_diffs(
+    records: Sequence[RequestRecord], clients: list[str], horizon: float, window_s: float = 60.0, ticks: int = 100
+) -> np.ndarray:
     """The VTC artifact's per-tick service difference (its table's input): at ticks T/100 x k, in a window of
     `window_s` centred there, each client's service rate y_j (service spread over [first token, finish]) and request
     rate r_j (the cost of the requests arriving in the window); the tick's value is the sum over clients of how far
     each is behind the best-served client, capped by how far its service is from its demand."""
-    done = [r for r in records if r.finish_s is not None and r.first_token_s is not None
-            and r.finish_s >= 1 and r.finish_s - r.first_token_s >= 1e-5]  # as the artifact skips them  # fmt: skip
+    done = [
+        r
+        for r in records
+        if r.finish_s is not None
+        and r.first_token_s is not None
+        and r.finish_s >= 1
+        and r.finish_s - r.first_token_s >= 1e-5
+    ]  # as the artifact skips them
     x = horizon / ticks * np.arange(ticks)
     lo, hi = x - window_s / 2, x + window_s / 2  # [K]
     y = np.zeros((len(clients), ticks))
     demand = np.zeros((len(clients), ticks))
     idx = {c: i for i, c in enumerate(clients)}
     for r in done:
-        service = W_P * r.input_tokens + W_Q * r.output_tokens
+        served = service(r.input_tokens, r.output_tokens)
         overlap = np.clip(np.minimum(hi, r.finish_s) - np.maximum(lo, r.first_token_s), 0, None)
-        y[idx[r.client]] += service * overlap / (r.finish_s - r.first_token_s)
+        y[idx[r.client]] += served * overlap / (r.finish_s - r.first_token_s)
     for r in records:
-        demand[idx[r.client]] += (W_P * r.input_tokens + W_Q * r.output_tokens) * ((lo <= r.arrival_s)
-                                                                                  & (r.arrival_s <= hi))  # fmt: skip
+        demand[idx[r.client]] += service(r.input_tokens, r.output_tokens) * ((lo <= r.arrival_s) & (r.arrival_s <= hi))
     y, demand = y / window_s, demand / window_s
     best = y.max(axis=0)  # [K]
     return np.minimum(best - y, np.abs(demand - y)).sum(axis=0)

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fairness.core.driver import SimObserver
-from fairness.core.engine import EngineModel
+from fairness.core.driver import EngineObserver
+from fairness.core.engine_model import EngineModel
 from fairness.core.features import FEATURES, TARGETS, LoadTracker
 from fairness.core.policy import SchedulingPolicy
 from fairness.core.predictor import Predictor
@@ -70,7 +70,7 @@ class Dataset:
         return Dataset(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "y", "arrival_s", "source")))
 
 
-class _Recorder(SimObserver):
+class _Recorder(EngineObserver):
     """Logs, per request, the features at arrival and what happened to it."""
 
     def __init__(self) -> None:
@@ -193,8 +193,11 @@ class MoPE(torch.nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         params = {k: v.detach().numpy() for k, v in self.state_dict().items()}
-        meta = {"features": json.dumps(list(FEATURES)), "targets": json.dumps(list(TARGETS)),
-                "experts": str(self.experts)}  # fmt: skip
+        meta = {
+            "features": json.dumps(list(FEATURES)),
+            "targets": json.dumps(list(TARGETS)),
+            "experts": str(self.experts),
+        }
         path.write_bytes(to_onnx(params, meta).SerializeToString())
         return path
 
@@ -237,8 +240,12 @@ def train(
         edges = torch.quantile(y[:, 0], torch.linspace(0, 1, experts + 1, dtype=torch.float64)[1:-1])
         regime = torch.bucketize(y[:, 0].contiguous(), edges)  # [N]
         rows = torch.arange(len(z))
-        fit([m.w1, m.b1, m.w2, m.b2, m.w3, m.b3],
-            lambda: ((m.experts_out(z)[regime, rows] - y).abs() * w).mean(), steps, lr)  # fmt: skip
+        fit(
+            [m.w1, m.b1, m.w2, m.b2, m.w3, m.b3],
+            lambda: ((m.experts_out(z)[regime, rows] - y).abs() * w).mean(),
+            steps,
+            lr,
+        )
         fit([m.g1, m.gb1, m.g2, m.gb2], lambda: torch.nn.functional.cross_entropy(m.gate_logits(z), regime), steps, lr)
     # 2) end to end: L1 of the gated mixture in log space
     fit(list(m.parameters()), lambda: ((m.mix(z) - y).abs() * w).mean(), steps, lr if experts == 1 else lr / 3)

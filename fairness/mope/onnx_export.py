@@ -29,22 +29,32 @@ def to_onnx(params: dict[str, np.ndarray], metadata: dict[str, str]) -> onnx.Mod
     nodes = [
         n("Sub", ["features", "mean"], ["centred"]),
         n("Div", ["centred", "std"], ["scaled"]),
-        n("Max", ["scaled", "zmin"], ["floored"]), n("Min", ["floored", "zmax"], ["z"]),  # [N, F], training range
+        n("Max", ["scaled", "zmin"], ["floored"]),
+        n("Min", ["floored", "zmax"], ["z"]),  # [N, F], training range
         # experts: [N, F] @ [E, F, H] broadcasts to [E, N, H]
-        n("MatMul", ["z", "w1"], ["e1"]), n("Add", ["e1", "b1"], ["e1b"]), n("Relu", ["e1b"], ["h1"]),
-        n("MatMul", ["h1", "w2"], ["e2"]), n("Add", ["e2", "b2"], ["e2b"]), n("Relu", ["e2b"], ["h2"]),
-        n("MatMul", ["h2", "w3"], ["e3"]), n("Add", ["e3", "b3"], ["experts_out"]),  # [E, N, T]
+        n("MatMul", ["z", "w1"], ["e1"]),
+        n("Add", ["e1", "b1"], ["e1b"]),
+        n("Relu", ["e1b"], ["h1"]),
+        n("MatMul", ["h1", "w2"], ["e2"]),
+        n("Add", ["e2", "b2"], ["e2b"]),
+        n("Relu", ["e2b"], ["h2"]),
+        n("MatMul", ["h2", "w3"], ["e3"]),
+        n("Add", ["e3", "b3"], ["experts_out"]),  # [E, N, T]
         # gate: softmax weights [N, E]
-        n("MatMul", ["z", "g1"], ["q1"]), n("Add", ["q1", "gb1"], ["q1b"]), n("Relu", ["q1b"], ["gh"]),
-        n("MatMul", ["gh", "g2"], ["q2"]), n("Add", ["q2", "gb2"], ["logits"]),
+        n("MatMul", ["z", "g1"], ["q1"]),
+        n("Add", ["q1", "gb1"], ["q1b"]),
+        n("Relu", ["q1b"], ["gh"]),
+        n("MatMul", ["gh", "g2"], ["q2"]),
+        n("Add", ["q2", "gb2"], ["logits"]),
         n("Softmax", ["logits"], ["gate"], axis=1),
         n("Transpose", ["gate"], ["gate_t"], perm=[1, 0]),  # [E, N]
         n("Unsqueeze", ["gate_t", "axis2"], ["gate_w"]),  # [E, N, 1]
         n("Mul", ["experts_out", "gate_w"], ["weighted"]),
         n("ReduceSum", ["weighted", "axis0"], ["raw"], keepdims=0),  # [N, T], log1p space
-        n("Exp", ["raw"], ["exp"]), n("Sub", ["exp", "one"], ["expm1"]),
+        n("Exp", ["raw"], ["exp"]),
+        n("Sub", ["exp", "one"], ["expm1"]),
         n("Max", ["expm1", "zero"], ["predictions"]),
-    ]  # fmt: skip
+    ]
     graph = helper.make_graph(
         nodes,
         "mope",

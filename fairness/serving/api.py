@@ -1,5 +1,6 @@
-"""What every OpenAI-compatible front door of this package shares (`fairness.serve` and `fairness.gateway`):
-OpenAI-style errors, bounded JSON bodies, and tenants from an API-keys file."""
+"""What every OpenAI-compatible front door of this project shares (`fairness.serve`, `fairness.gateway` and the lab's
+fake engine): the app with its OpenAI-style errors, bounded JSON bodies, the parameters every request is checked for
+alike, the model list, and tenants from an API-keys file."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from fairness.extras import missing
 
 try:
-    from fastapi import Request
+    from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 except ImportError as e:
     raise missing("serve", e) from e
@@ -20,8 +21,14 @@ MAX_BODY_BYTES = 1 << 20
 class ApiError(Exception):
     """An OpenAI-style error: `status`, `message`, `type`, `code`, `param`."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type_: str = "invalid_request_error"):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        type_: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
 
@@ -44,8 +51,10 @@ def load_tenants(path: str) -> dict[str, Tenant]:
         raw = json.loads(open(path, encoding="utf-8").read())
         tenants = {key: Tenant(str(v["name"]), float(v.get("weight", 1.0))) for key, v in raw.items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{path}: not a tenants file ({type(e).__name__}: {e}); expected "
-                         '{"<api key>": {"name": "<tenant>", "weight": 1.0}, ...}') from e  # fmt: skip
+        raise ValueError(
+            f"{path}: not a tenants file ({type(e).__name__}: {e}); expected "
+            '{"<api key>": {"name": "<tenant>", "weight": 1.0}, ...}'
+        ) from e
     if any(t.weight <= 0 for t in tenants.values()):
         raise ValueError(f"{path}: tenant weights must be > 0")
     return tenants
@@ -57,8 +66,11 @@ def tenant_of_key(request: Request, tenants: dict[str, Tenant]) -> Tenant:
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
     tenant = tenants.get(key)
     if tenant is None:
-        raise ApiError(401, "missing or unknown API key: pass one of the tenants' keys as 'Authorization: Bearer "
-                       "<key>'", "invalid_api_key")  # fmt: skip
+        raise ApiError(
+            401,
+            "missing or unknown API key: pass one of the tenants' keys as 'Authorization: Bearer <key>'",
+            "invalid_api_key",
+        )
     return tenant
 
 
@@ -93,3 +105,56 @@ def is_int(x: object) -> bool:
 
 def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def openai_app(title: str, lifespan: object = None) -> FastAPI:
+    """A FastAPI app whose `ApiError`s answer in OpenAI's error shape."""
+    app = FastAPI(title=title, lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    return app
+
+
+def model_list(models: list[str], owned_by: str) -> dict:
+    """The body of GET /v1/models."""
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": 0, "owned_by": owned_by} for m in models],
+    }
+
+
+@dataclass(frozen=True)
+class Common:
+    """The parameters every front door checks alike."""
+
+    model: str
+    max_tokens: int | None  # None: not given
+    stream: bool
+    include_usage: bool  # stream_options.include_usage
+
+
+def common_params(body: dict, max_tokens_limit: int | None) -> Common:
+    """`body`'s model, max_tokens (max_completion_tokens wins; in [1, limit]), stream and stream_options, or an
+    ApiError 400 that names the parameter."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required: one of GET /v1/models", "missing_model", "model")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = max_tokens_limit
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1 or (limit and max_tokens > limit)):
+        raise ApiError(
+            400,
+            f"max_tokens must be an integer in [1, {limit or 'the model context'}], got {max_tokens!r}",
+            "invalid_value",
+            "max_tokens",
+        )
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "invalid_value", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "invalid_value", "stream_options")
+    return Common(model, max_tokens, stream, bool(options.get("include_usage")))

@@ -4,7 +4,7 @@
 transformers builds its scheduler from `ContinuousBatchingConfig.scheduler_type` through `SCHEDULER_MAPPING`;
 `register_scheduler(policy)` adds an entry there and returns its name:
 
-    scheduler_type = fairness.cb_scheduler.register_scheduler("vtc", clients)
+    scheduler_type = fairness.serving.cb_scheduler.register_scheduler("vtc", clients)
     model.init_continuous_batching(continuous_batching_config=ContinuousBatchingConfig(scheduler_type=...))
 
 Each step, running decodes and unfinished prefills go first (never stalled), then the policy admits waiting requests
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState, RequestStatus
 from transformers.generation.continuous_batching.scheduler import Scheduler
 
-from fairness.core.driver import PolicyDriver, SimObserver
-from fairness.core.engine import EngineModel
+from fairness.core.driver import EngineObserver, PolicyDriver
+from fairness.core.engine_model import EngineModel
 from fairness.core.policy import SchedulingPolicy, make_policy
 from fairness.core.request import RequestInfo
 from fairness.core.telemetry import Telemetry
@@ -78,7 +78,7 @@ class FairScheduler(Scheduler):
         telemetry: Telemetry | None = None,
         max_running: int | None = None,
         steps: list[tuple[int, int, int, float]] | None = None,
-        observers: tuple[SimObserver, ...] = (),
+        observers: tuple[EngineObserver, ...] = (),
     ):
         self._make_policy, self.clients, self.observers = policy, clients, observers
         self.telemetry = telemetry or Telemetry(nvml=False)
@@ -99,9 +99,11 @@ class FairScheduler(Scheduler):
         self._requeued: list[str] = []  # ... of which evicted and requeued: back in the policy's queue
         self._offer: tuple[RequestInfo, RequestState] | None = None
         self._last_step: tuple[float, int, int, int] | None = None  # (time, prefill, decodes, context) of the batch
-        self.engine = EngineModel(kv_tokens=max(1, self.cache.max_tokens_read),
-                                  max_step_tokens=max(1, self.cache.max_batch_tokens),
-                                  max_running=self.max_running or self.max_requests_per_batch)  # fmt: skip
+        self.engine = EngineModel(
+            kv_tokens=max(1, self.cache.max_tokens_read),
+            max_step_tokens=max(1, self.cache.max_batch_tokens),
+            max_running=self.max_running or self.max_requests_per_batch,
+        )
         self.driver.start(self.engine, self.telemetry, oracle=None)
 
     # --- the engine tells us what happened ------------------------------------------------------------------------
@@ -169,7 +171,10 @@ class FairScheduler(Scheduler):
 
     def _admissions(self, now: float, max_running: int) -> Iterator[RequestState]:
         """Waiting requests in the policy's order, one at a time, until one is not scheduled."""
-        room = lambda: not self.block_new_requests and len(self.active_requests) < max_running  # noqa: E731
+
+        def room() -> bool:
+            return not self.block_new_requests and len(self.active_requests) < max_running
+
         for info in self.driver.candidates(now, room):
             state = self.waiting_requests.get(self._rid.get(info.id, ""))
             if state is None:
@@ -201,8 +206,9 @@ class FairScheduler(Scheduler):
         victims = []
         while remaining:
             victim = self.driver.victim([self._info[s.request_id] for s, _ in remaining])
-            victims.append(remaining.pop(next(i for i, (s, _) in enumerate(remaining)
-                                              if self._info[s.request_id] is victim)))  # fmt: skip
+            victims.append(
+                remaining.pop(next(i for i, (s, _) in enumerate(remaining) if self._info[s.request_id] is victim))
+            )
         self.starved_requests = others + victims[::-1]
 
     # --- what happened since the last step, in the simulator's order ----------------------------------------------
@@ -233,8 +239,14 @@ class FairScheduler(Scheduler):
         for state in self._arrivals:
             client = self.clients.get(state.request_id)
             max_out = state.max_new_tokens if state.max_new_tokens is not None else None
-            info = RequestInfo(next(self._ids), client.name, client.arrival if client.arrival is not None else now,
-                               len(state.initial_tokens), max_out, client.weight)  # fmt: skip
+            info = RequestInfo(
+                next(self._ids),
+                client.name,
+                client.arrival if client.arrival is not None else now,
+                len(state.initial_tokens),
+                max_out,
+                client.weight,
+            )
             self._info[state.request_id], self._rid[info.id] = info, state.request_id
             self.driver.arrive(info, now)
         self._arrivals.clear()
@@ -255,9 +267,12 @@ class FairScheduler(Scheduler):
     def _refit(self) -> None:
         """Fit the engine's step time to the measured steps and hand the policy the refined model."""
         try:
-            fitted = EngineModel.fit(self.samples[-4 * REFIT_EVERY :], kv_tokens=self.engine.kv_tokens,
-                                     max_step_tokens=self.engine.max_step_tokens,
-                                     max_running=self.engine.max_running)  # fmt: skip
+            fitted = EngineModel.fit(
+                self.samples[-4 * REFIT_EVERY :],
+                kv_tokens=self.engine.kv_tokens,
+                max_step_tokens=self.engine.max_step_tokens,
+                max_running=self.engine.max_running,
+            )
         except ValueError:
             return
         self.engine = fitted
@@ -282,8 +297,12 @@ def register_scheduler(
     factory = policy_factory(policy)
     label = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
     name = f"fairness-{label}-{id(clients):x}"
-    compat.register_scheduler_class(name, functools.partial(FairScheduler, policy=factory, clients=clients,
-                                    telemetry=telemetry, max_running=max_running, steps=steps))  # fmt: skip
+    compat.register_scheduler_class(
+        name,
+        functools.partial(
+            FairScheduler, policy=factory, clients=clients, telemetry=telemetry, max_running=max_running, steps=steps
+        ),
+    )
     return name
 
 

@@ -9,11 +9,9 @@ import transformers
 from transformers.generation.continuous_batching.requests import RequestState
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, Scheduler
 
+from hooks.versions import IncompatibleVersionError
+
 TESTED = "transformers 5.24"
-
-
-class IncompatibleVersionError(RuntimeError):
-    """An internal of transformers' continuous batching that fairness.serving relies on is missing."""
 
 
 def require(ok: bool, what: str) -> None:
@@ -31,8 +29,9 @@ def total_generated(state: RequestState) -> int:
     return folded + len(state.generated_tokens)
 
 
-def process_candidates(scheduler: Scheduler, candidates: Iterable, token_budget: int, cache_budget: int,
-                       leaving: set[str]) -> tuple:  # fmt: skip
+def process_candidates(
+    scheduler: Scheduler, candidates: Iterable, token_budget: int, cache_budget: int, leaving: set[str]
+) -> tuple:
     """transformers' own loop that schedules candidates while the token and cache budgets allow:
     (scheduled, one_failed, fast_path, query tokens, max KV read)."""
     require(callable(getattr(scheduler, "_process_candidates", None)), "Scheduler._process_candidates")

@@ -2,7 +2,7 @@
 scheduled by a fairness policy, with per-request streaming and Prometheus metrics.
 
 One `ServingEngine` owns the model's continuous-batching manager, the client directory the scheduler reads, and the
-metrics; the HTTP layer (`fairness.server`) only translates requests and responses.
+metrics; the HTTP layer (`fairness.serving.server`) only translates requests and responses.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from fairness.core.driver import require_no_oracle
 from fairness.core.policy import SchedulingPolicy
+from fairness.core.service import service
 from fairness.core.telemetry import Telemetry
-from fairness.measure.records import W_P, W_Q
 from fairness.serving.cb_scheduler import (
     Client,
     ClientDirectory,
@@ -40,7 +40,7 @@ from fairness.serving.cb_scheduler import (
 
 
 @dataclass
-class Piece:
+class StreamUpdate:
     """What a request produced so far: its generated token ids and whether (and why) it finished."""
 
     tokens: list[int]
@@ -55,18 +55,21 @@ class _Metrics:
     def __init__(self, engine: ServingEngine):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.service = Counter("fairness_client_service", "weighted tokens served ((input + 2 output) / weight)",
-                               ["client"], registry=r)  # fmt: skip
+        self.service = Counter(
+            "fairness_client_service", "weighted tokens served ((input + 2 output) / weight)", ["client"], registry=r
+        )
         self.requests = Counter("fairness_requests", "finished requests by outcome", ["client", "outcome"], registry=r)
         self.tokens = Counter("fairness_generated_tokens", "tokens generated", registry=r)
         self.queued = Gauge("fairness_requests_queued", "requests waiting to be admitted", registry=r)
         self.running = Gauge("fairness_requests_running", "requests admitted and not finished", registry=r)
-        self.tokens_per_s = Gauge("fairness_tokens_per_second", "tokens generated per second over the last 10 s",
-                                  registry=r)  # fmt: skip
+        self.tokens_per_s = Gauge(
+            "fairness_tokens_per_second", "tokens generated per second over the last 10 s", registry=r
+        )
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
         self.ttft = Histogram("fairness_ttft_seconds", "time to first token", ["client"], buckets=buckets, registry=r)
-        self.itl = Histogram("fairness_inter_token_seconds", "time between streamed tokens", buckets=buckets,
-                             registry=r)  # fmt: skip
+        self.itl = Histogram(
+            "fairness_inter_token_seconds", "time between streamed tokens", buckets=buckets, registry=r
+        )
         r.register(_OffloadCollector(engine))
         self._recent: list[tuple[float, int]] = []
 
@@ -89,11 +92,13 @@ class _OffloadCollector:
         if handle is None:
             return
         s = handle.stats()
-        for name, value, doc in (("hits", s.hits, "routed experts already resident"),
-                                 ("misses", s.misses, "routed experts not resident"),
-                                 ("bytes_copied", s.bytes_copied, "expert bytes copied to the device"),
-                                 ("stall_seconds", s.stall_seconds, "compute blocked on expert copies"),
-                                 ("host_jobs", s.host_jobs, "missed experts computed on the host")):  # fmt: skip
+        for name, value, doc in (
+            ("hits", s.hits, "routed experts already resident"),
+            ("misses", s.misses, "routed experts not resident"),
+            ("bytes_copied", s.bytes_copied, "expert bytes copied to the device"),
+            ("stall_seconds", s.stall_seconds, "compute blocked on expert copies"),
+            ("host_jobs", s.host_jobs, "missed experts computed on the host"),
+        ):
             yield GaugeMetricFamily(f"offload_{name}", doc, value=float(value))
 
 
@@ -131,8 +136,12 @@ class ServingEngine:
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
         generation = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=eos, pad_token_id=eos)
         blocks = kv_blocks or max(8, (max_running * self.context_length) // 256 // 4)
-        cb = ContinuousBatchingConfig(scheduler_type=self.scheduler_type, max_requests_per_batch=max_running,
-                                      max_batch_tokens=max_batch_tokens, num_blocks=blocks)  # fmt: skip
+        cb = ContinuousBatchingConfig(
+            scheduler_type=self.scheduler_type,
+            max_requests_per_batch=max_running,
+            max_batch_tokens=max_batch_tokens,
+            num_blocks=blocks,
+        )
         self.manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=cb)
         self.max_running, self.max_batch_tokens = max_running, max_batch_tokens
         self._live: dict[str, Client] = {}
@@ -155,7 +164,7 @@ class ServingEngine:
     def engine_model(self):
         """The engine as the simulator models it: this cache's KV tokens, the step budget, the running cap, and step
         times fitted to the steps measured so far (call while it runs)."""
-        from fairness.core.engine import EngineModel
+        from fairness.core.engine_model import EngineModel
 
         kv = self.manager.batch_processor.cache.max_tokens_read
         capacity = {"kv_tokens": kv, "max_step_tokens": self.max_batch_tokens, "max_running": self.max_running}
@@ -185,8 +194,13 @@ class ServingEngine:
         stream = Stream(self, request_id, client, len(input_ids), max_tokens)
         self.clients.register(request_id, client)
         self.manager.register_result_handler(request_id, stream.queue.put_nowait)
-        self.manager.add_request(input_ids, request_id=request_id, max_new_tokens=max_tokens, streaming=True,
-                                 eos_token_id=-1 if ignore_eos else None)  # fmt: skip
+        self.manager.add_request(
+            input_ids,
+            request_id=request_id,
+            max_new_tokens=max_tokens,
+            streaming=True,
+            eos_token_id=-1 if ignore_eos else None,
+        )
         self._live[request_id] = client
         self._update_gauges()
         return stream
@@ -205,9 +219,12 @@ class ServingEngine:
         if processor is None:
             return {"streams": float(len(self._live)), "running": 0.0, "waiting": 0.0, "kv_free": 1.0}
         scheduler = processor.scheduler
-        return {"streams": float(len(self._live)), "running": float(len(scheduler.active_requests)),
-                "waiting": float(len(scheduler.waiting_requests)),
-                "kv_free": float(processor.cache.compute_free_capacity())}  # fmt: skip
+        return {
+            "streams": float(len(self._live)),
+            "running": float(len(scheduler.active_requests)),
+            "waiting": float(len(scheduler.waiting_requests)),
+            "kv_free": float(processor.cache.compute_free_capacity()),
+        }
 
     def _update_gauges(self) -> None:
         processor = self.manager.batch_processor
@@ -219,8 +236,8 @@ class ServingEngine:
 
 
 class Stream:
-    """One request's progress: `async for piece in stream` yields a `Piece` per token; `close()` (synchronous, safe
-    from a cancelled task) cancels the request if it is still running."""
+    """One request's progress: `async for update in stream` yields a `StreamUpdate` per token; `close()`
+    (synchronous, safe from a cancelled task) cancels the request if it is still running."""
 
     def __init__(self, engine: ServingEngine, request_id: str, client: Client, prompt_len: int, max_tokens: int):
         self.engine, self.request_id, self.client = engine, request_id, client
@@ -230,7 +247,7 @@ class Stream:
         self._start = self._last = time.monotonic()
         self._seen = 0
 
-    async def __aiter__(self) -> AsyncIterator[Piece]:
+    async def __aiter__(self) -> AsyncIterator[StreamUpdate]:
         m, client = self.engine.metrics, self.client
         while not self.finished:
             out = await self.queue.get()
@@ -240,21 +257,21 @@ class Stream:
                 now = time.monotonic()
                 if self._seen == 0:
                     m.ttft.labels(client.name).observe(now - self._start)
-                    m.service.labels(client.name).inc(W_P * self.prompt_len / client.weight)
+                    m.service.labels(client.name).inc(service(self.prompt_len, 0, client.weight))
                 else:
                     m.itl.observe(now - self._last)
                 self._last, self._seen = now, len(out.generated_tokens)
                 m.generated(new)
-                m.service.labels(client.name).inc(W_Q * new / client.weight)
+                m.service.labels(client.name).inc(service(0, new, client.weight))
             if out.error is not None:
                 self.outcome = "error"
-                yield Piece(list(out.generated_tokens), True, "error", out.error)
+                yield StreamUpdate(list(out.generated_tokens), True, "error", out.error)
                 return
             reason = None
             if self.finished:
                 self.outcome = "ok"
                 reason = "length" if len(out.generated_tokens) >= self.max_tokens else "stop"
-            yield Piece(list(out.generated_tokens), self.finished, reason)
+            yield StreamUpdate(list(out.generated_tokens), self.finished, reason)
 
     def close(self) -> None:
         if not self._closed:

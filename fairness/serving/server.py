@@ -23,13 +23,25 @@ try:
 except ImportError as e:
     raise missing("serve", e) from e
 
-from fairness.serving.api import ApiError, Tenant, is_int, is_message, read_json, tenant_of_key, usage
+from fairness.serving.api import (
+    ApiError,
+    Tenant,
+    common_params,
+    is_int,
+    is_message,
+    model_list,
+    openai_app,
+    read_json,
+    tenant_of_key,
+    usage,
+)
 from fairness.serving.cb_scheduler import Client
 from fairness.serving.engine import ServingEngine, Stream
 
 
-def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, max_tokens_limit: int = 512,
-               drain_s: float = 30.0) -> FastAPI:  # fmt: skip
+def create_app(
+    engine: ServingEngine, tenants: dict[str, Tenant] | None = None, max_tokens_limit: int = 512, drain_s: float = 30.0
+) -> FastAPI:
     """The FastAPI application serving `engine`; it starts the engine on startup and drains it on shutdown."""
 
     @asynccontextmanager
@@ -38,11 +50,7 @@ def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, 
         yield
         engine.stop(drain_s)
 
-    app = FastAPI(title="fairness.serve", lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+    app = openai_app("fairness.serve", lifespan)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -51,8 +59,7 @@ def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, 
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
-                                            "owned_by": "fairness.serve"}]}  # fmt: skip
+        return model_list([engine.model_name], "fairness.serve")
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -71,8 +78,9 @@ def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, 
         elif isinstance(prompt, str) and prompt:
             ids = engine.encode_prompt(prompt)
         else:
-            raise ApiError(400, "'prompt' is required: a non-empty string or list of token ids", "missing_prompt",
-                           "prompt")  # fmt: skip
+            raise ApiError(
+                400, "'prompt' is required: a non-empty string or list of token ids", "missing_prompt", "prompt"
+            )
         return await _serve(engine, body, client, ids, "text_completion", max_tokens_limit)
 
     @app.post("/v1/chat/completions")
@@ -80,8 +88,12 @@ def create_app(engine: ServingEngine, tenants: dict[str, Tenant] | None = None, 
         client, body = _client(request, tenants), await read_json(request)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(is_message(m) for m in messages):
-            raise ApiError(400, "'messages' is required: a non-empty list of {role, content} objects with string "
-                           "content", "missing_messages", "messages")  # fmt: skip
+            raise ApiError(
+                400,
+                "'messages' is required: a non-empty list of {role, content} objects with string content",
+                "missing_messages",
+                "messages",
+            )
         return await _serve(engine, body, client, engine.encode_chat(messages), "chat.completion", max_tokens_limit)
 
     return app
@@ -97,24 +109,34 @@ def _client(request: Request, tenants: dict[str, Tenant] | None) -> Client:
 
 def _check(engine: ServingEngine, body: dict, prompt_len: int, limit: int) -> int:
     """Validate the common parameters; returns max_tokens."""
-    model = body.get("model")
+    common = common_params(body, limit)
+    model = common.model
     if model != engine.model_name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {engine.model_name!r}",
-                       "model_not_found", "model")  # fmt: skip
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist; this server serves {engine.model_name!r}",
+            "model_not_found",
+            "model",
+        )
     if not engine.accepting:
         raise ApiError(503, "the server is shutting down", "unavailable", type_="server_error")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
-    if not is_int(max_tokens) or not 0 < max_tokens <= limit:
-        raise ApiError(400, f"max_tokens must be an integer in [1, {limit}], got {max_tokens!r}", "invalid_value",
-                       "max_tokens")  # fmt: skip
+    max_tokens = 16 if common.max_tokens is None else common.max_tokens
     if prompt_len + max_tokens > engine.context_length:
-        raise ApiError(400, f"this model's maximum context length is {engine.context_length} tokens; the request "
-                       f"needs {prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to complete)",
-                       "context_length_exceeded", "messages" if "messages" in body else "prompt")  # fmt: skip
+        raise ApiError(
+            400,
+            f"this model's maximum context length is {engine.context_length} tokens; the request "
+            f"needs {prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} to complete)",
+            "context_length_exceeded",
+            "messages" if "messages" in body else "prompt",
+        )
     temperature, top_p, n = body.get("temperature"), body.get("top_p"), body.get("n", 1)
     if temperature not in (None, 0, 0.0) or top_p not in (None, 1, 1.0) or n != 1:
-        raise ApiError(400, "this server decodes greedily, one choice per request: leave temperature and top_p "
-                       "unset (or 0 and 1) and n at 1", "unsupported_parameter")  # fmt: skip
+        raise ApiError(
+            400,
+            "this server decodes greedily, one choice per request: leave temperature and top_p "
+            "unset (or 0 and 1) and n at 1",
+            "unsupported_parameter",
+        )
     return max_tokens
 
 
@@ -131,10 +153,11 @@ async def _serve(engine: ServingEngine, body: dict, client: Client, ids: list[in
         raise ApiError(400, "'ignore_eos' must be true or false", "invalid_value", "ignore_eos")
     response_id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     stream = engine.submit(ids, client, max_tokens, ignore_eos)
-    if body.get("stream"):
+    if body.get("stream"):  # checked by common_params
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_sse(engine, stream, stop, response_id, kind, len(ids), include_usage),
-                                 media_type="text/event-stream")  # fmt: skip
+        return StreamingResponse(
+            _sse(engine, stream, stop, response_id, kind, len(ids), include_usage), media_type="text/event-stream"
+        )
     try:
         parts = [part async for part in _text(engine, stream, stop)]
     finally:
@@ -148,30 +171,45 @@ async def _serve(engine: ServingEngine, body: dict, client: Client, ids: list[in
         if kind == "chat.completion"
         else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
     )
-    return JSONResponse({"id": response_id, "object": kind, "created": int(time.time()), "model": engine.model_name,
-                         "choices": [choice], "usage": usage(len(ids), generated)})  # fmt: skip
+    return JSONResponse(
+        {
+            "id": response_id,
+            "object": kind,
+            "created": int(time.time()),
+            "model": engine.model_name,
+            "choices": [choice],
+            "usage": usage(len(ids), generated),
+        }
+    )
 
 
 async def _text(engine: ServingEngine, stream: Stream, stop: list[str]):
     """(new text, finish reason or None, tokens generated) as tokens arrive; cuts at a stop string (which ends the
     request) and holds back an incomplete UTF-8 character."""
     sent = ""
-    async for piece in stream:
-        text = engine.decode(piece.tokens)
+    async for update in stream:
+        text = engine.decode(update.tokens)
         hit = min((text.find(s) for s in stop if s in text), default=-1)
         if hit >= 0:
-            yield text[len(sent) : hit], "stop", len(piece.tokens)
+            yield text[len(sent) : hit], "stop", len(update.tokens)
             return
-        if not piece.finished:
+        if not update.finished:
             text = text.rstrip("\ufffd")
-        yield text[len(sent) :], piece.finish_reason, len(piece.tokens)
+        yield text[len(sent) :], update.finish_reason, len(update.tokens)
         sent = text
-        if piece.finished:
+        if update.finished:
             return
 
 
-async def _sse(engine: ServingEngine, stream: Stream, stop: list[str], response_id: str, kind: str, prompt_len: int,
-               include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+async def _sse(
+    engine: ServingEngine,
+    stream: Stream,
+    stop: list[str],
+    response_id: str,
+    kind: str,
+    prompt_len: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     created, total, first = int(time.time()), 0, True
     model = engine.model_name
@@ -192,7 +230,13 @@ async def _sse(engine: ServingEngine, stream: Stream, stop: list[str], response_
     finally:
         stream.close()  # synchronous: also runs when the client went away and this task is cancelled
     if include_usage:
-        data = {"id": response_id, "object": chunk_kind, "created": created, "model": model, "choices": [],
-                "usage": usage(prompt_len, total)}  # fmt: skip
+        data = {
+            "id": response_id,
+            "object": chunk_kind,
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage(prompt_len, total),
+        }
         yield f"data: {json.dumps(data)}\n\n"
     yield "data: [DONE]\n\n"

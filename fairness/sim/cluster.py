@@ -17,19 +17,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from fairness.core.driver import PolicyDriver
-from fairness.core.engine import EngineModel
+from fairness.core.engine_model import EngineModel
 from fairness.core.policy import make_policy
 from fairness.core.request import Request, RequestInfo
+from fairness.core.service import service
 from fairness.core.telemetry import Telemetry
 from fairness.measure.metrics import jain_index
-from fairness.measure.records import W_P, W_Q
 from fairness.sim.workloads import bundled_trace, load_azure_csv
 
 MODES = ("global", "round-robin", "least-loaded")  # one policy for all; per-replica policies behind a balancer
 
 
-def cluster_workload(tenants: int = 10_000, rate_per_s: float = 1000.0, duration_s: float = 30.0, seed: int = 0,
-                     zipf_s: float = 1.0) -> list[Request]:  # fmt: skip
+def cluster_workload(
+    tenants: int = 10_000, rate_per_s: float = 1000.0, duration_s: float = 30.0, seed: int = 0, zipf_s: float = 1.0
+) -> list[Request]:
     """Zipf(zipf_s) tenants with bursty arrivals: the Azure 2023 conversation trace's inter-arrival gaps and token
     counts, cycled and rescaled to `rate_per_s` on average."""
     trace = sorted(load_azure_csv(bundled_trace("azure-llm-2023-conv.csv"), clients=1), key=lambda r: r.arrival_s)
@@ -40,8 +41,15 @@ def cluster_workload(tenants: int = 10_000, rate_per_s: float = 1000.0, duration
     p = 1.0 / np.arange(1, tenants + 1) ** zipf_s
     who = rng.choice(tenants, size=n, p=p / p.sum())  # [n]
     arrivals = np.concatenate([[0.0], np.cumsum(np.resize(gaps, n - 1))])  # [n]
-    return [Request(f"tenant-{who[i]}", float(arrivals[i]), trace[i % len(trace)].input_tokens,
-                    trace[i % len(trace)].output_tokens) for i in range(n)]  # fmt: skip
+    return [
+        Request(
+            f"tenant-{who[i]}",
+            float(arrivals[i]),
+            trace[i % len(trace)].input_tokens,
+            trace[i % len(trace)].output_tokens,
+        )
+        for i in range(n)
+    ]
 
 
 @dataclass
@@ -55,8 +63,15 @@ class _Replica:
 class ClusterSimulator:
     """`replicas` engines serving `requests` under `policy`, in one of MODES."""
 
-    def __init__(self, requests: Sequence[Request], policy: str, replicas: int = 64, engine: EngineModel | None = None,
-                 mode: str = "global", window_s: float = 10.0):  # fmt: skip
+    def __init__(
+        self,
+        requests: Sequence[Request],
+        policy: str,
+        replicas: int = 64,
+        engine: EngineModel | None = None,
+        mode: str = "global",
+        window_s: float = 10.0,
+    ):
         if mode not in MODES:
             raise ValueError(f"unknown cluster mode {mode!r}; choose one of {MODES}")
         if replicas < 1 or not requests:
@@ -65,8 +80,10 @@ class ClusterSimulator:
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         names = sorted({r.client for r in self.requests})
         self.tenant = {c: i for i, c in enumerate(names)}
-        self.infos = [RequestInfo(i, r.client, r.arrival_s, r.input_tokens, r.max_output_tokens, r.weight)
-                      for i, r in enumerate(self.requests)]  # fmt: skip
+        self.infos = [
+            RequestInfo(i, r.client, r.arrival_s, r.input_tokens, r.max_output_tokens, r.weight)
+            for i, r in enumerate(self.requests)
+        ]
         self.drivers = [PolicyDriver(make_policy(policy)) for _ in range(1 if mode == "global" else replicas)]
         self.replicas = [_Replica(self.drivers[k % len(self.drivers)], []) for k in range(replicas)]
         for d in self.drivers:
@@ -123,17 +140,25 @@ class ClusterSimulator:
         decisions = sum(d.calls["next_request"] for d in self.drivers)
         policy_s = sum(sum(d.seconds.values()) for d in self.drivers)
         w = self.windows  # fairness measures: NaN when no window had two tenants backlogged throughout
-        col = lambda k: np.array([x[k] for x in w]) if w else np.array([np.nan])  # noqa: E731
+
+        def col(k: str) -> np.ndarray:
+            return np.array([x[k] for x in w]) if w else np.array([np.nan])
+
         return {
-            "replicas": float(len(self.replicas)), "tenants": float(len(self.tenant)),
-            "requests": float(nxt), "finished": float(self.finished), "until_s": until_s,
+            "replicas": float(len(self.replicas)),
+            "tenants": float(len(self.tenant)),
+            "requests": float(nxt),
+            "finished": float(self.finished),
+            "until_s": until_s,
             "throughput_tok_s": self.tokens / until_s,
-            "within_10pct": float(col("within_10pct").mean()), "spread": float(col("spread").max()),
-            "jain": float(col("jain").mean()), "backlogged": float(col("backlogged").mean()),
+            "within_10pct": float(col("within_10pct").mean()),
+            "spread": float(col("spread").max()),
+            "jain": float(col("jain").mean()),
+            "backlogged": float(col("backlogged").mean()),
             "decision_us": 1e6 * sum(d.seconds["next_request"] for d in self.drivers) / max(decisions, 1),
             "policy_us_per_request": 1e6 * policy_s / max(nxt, 1),
             "wall_s": time.perf_counter() - wall,
-        }  # fmt: skip
+        }
 
     # --- internals --------------------------------------------------------------------------------------------------
 
@@ -150,14 +175,17 @@ class ClusterSimulator:
         """One engine step of `r` from r.t: admit, prefill, decode, finish. False when it has nothing to run."""
         e, now = self.engine, r.t
         prefill, budget = 0, e.max_step_tokens - len(r.running)  # a step's tokens: decodes, then whole prompts
-        room = lambda: len(r.running) < e.max_running and prefill < budget  # noqa: E731, B023 (reads prefill)
+
+        def room() -> bool:  # reads prefill as admissions grow it
+            return len(r.running) < e.max_running and prefill < budget
+
         for info in r.driver.candidates(now, room):
             r.driver.admit(info, now)
             c = self.tenant[info.client]
             self.waiting[c] -= 1
             if self.waiting[c] == 0:
                 self.backlogged_since[c] = np.inf
-            self.service[c] += W_P * info.input_tokens / info.weight
+            self.service[c] += service(info.input_tokens, 0, info.weight)
             prefill += info.input_tokens
             r.running.append([info.id, self.requests[info.id].output_tokens, info.input_tokens])
         if not r.running:
@@ -170,7 +198,7 @@ class ClusterSimulator:
             s[1] -= 1
             s[2] += 1
             info = self.infos[s[0]]
-            self.service[self.tenant[info.client]] += W_Q / info.weight
+            self.service[self.tenant[info.client]] += service(0, 1, info.weight)
             if s[1] == 0:
                 done.append(s)
         self.tokens += len(generated)
@@ -190,14 +218,25 @@ class ClusterSimulator:
         if len(got) < 2 or got.mean() <= 0:
             return
         mean = got.mean()
-        self.windows.append({"within_10pct": float(np.mean(np.abs(got - mean) <= 0.1 * mean)),
-                             "spread": float((got.max() - got.min()) / mean), "jain": jain_index(got),
-                             "backlogged": float(len(got))})  # fmt: skip
+        self.windows.append(
+            {
+                "within_10pct": float(np.mean(np.abs(got - mean) <= 0.1 * mean)),
+                "spread": float((got.max() - got.min()) / mean),
+                "jain": jain_index(got),
+                "backlogged": float(len(got)),
+            }
+        )
 
 
-def simulate_cluster(requests: Sequence[Request], policy: str = "vtc", replicas: int = 64, mode: str = "global",
-                     until_s: float | None = None, engine: EngineModel | None = None,
-                     window_s: float = 10.0) -> dict[str, float]:  # fmt: skip
+def simulate_cluster(
+    requests: Sequence[Request],
+    policy: str = "vtc",
+    replicas: int = 64,
+    mode: str = "global",
+    until_s: float | None = None,
+    engine: EngineModel | None = None,
+    window_s: float = 10.0,
+) -> dict[str, float]:
     """Run `requests` on `replicas` engines in `mode` (see MODES) until `until_s` (default: the last arrival)."""
     until = until_s if until_s is not None else max(r.arrival_s for r in requests)
     return ClusterSimulator(requests, policy, replicas, engine, mode, window_s).run(until)

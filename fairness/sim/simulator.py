@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fairness.core.driver import PolicyDriver, SimObserver
-from fairness.core.engine import EngineModel
+from fairness.core.driver import EngineObserver, PolicyDriver
+from fairness.core.engine_model import EngineModel
 from fairness.core.policy import SchedulingPolicy, make_policy
 from fairness.core.request import Request, RequestInfo
+from fairness.core.service import service
 from fairness.core.telemetry import Telemetry
 from fairness.measure.metrics import FairnessTracker, percentile
-from fairness.measure.records import W_P, W_Q, RequestRecord, latencies, latency_metrics, paper_metrics
+from fairness.measure.records import RequestRecord, latencies, latency_metrics, paper_metrics
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Simulator:
         engine: EngineModel | None = None,
         sample_every_s: float = 1.0,
         window_s: float = 60.0,
-        observers: Sequence[SimObserver] = (),
+        observers: Sequence[EngineObserver] = (),
     ):
         if not requests:
             raise ValueError("simulate needs at least one request")
@@ -77,10 +78,13 @@ class Simulator:
                     f"has {self.engine.kv_tokens}; use a larger kv_tokens or drop such requests"
                 )
         self.seqs = [
-            _Seq(RequestInfo(i, r.client, r.arrival_s, r.input_tokens, r.max_output_tokens, r.weight),
-                 min(r.output_tokens, r.max_output_tokens or r.output_tokens), r.input_tokens)
+            _Seq(
+                RequestInfo(i, r.client, r.arrival_s, r.input_tokens, r.max_output_tokens, r.weight),
+                min(r.output_tokens, r.max_output_tokens or r.output_tokens),
+                r.input_tokens,
+            )
             for i, r in enumerate(reqs)
-        ]  # fmt: skip
+        ]
         self.clients = sorted({r.client for r in reqs})
         self.tracker = FairnessTracker(self.clients, sample_every_s, window_s)
         self.telemetry = Telemetry(nvml=False)
@@ -143,7 +147,10 @@ class Simulator:
                 n = min(s.prompt - s.prefilled, budget)
                 chunks.append((s, n))
                 budget -= n
-        room = lambda: budget > 0 and len(self.running) < max_running  # noqa: B023, E731  (reads budget as it shrinks)
+
+        def room() -> bool:  # reads the budget as admissions shrink it
+            return budget > 0 and len(self.running) < max_running
+
         for cand in self.driver.candidates(self.t, room):
             s = self.seqs[cand.id]
             if self.kv_used + s.prompt + 1 > self.engine.kv_tokens:
@@ -194,7 +201,7 @@ class Simulator:
             newly = min(s.prefilled, s.info.input_tokens) - s.input_served
             if newly > 0:
                 s.input_served += newly
-                self.tracker.serve(s.info.client, W_P * newly / s.info.weight)
+                self.tracker.serve(s.info.client, service(newly, 0, s.info.weight))
             if s.prefilled >= s.prompt:
                 generated[s.info.id] = 1  # the step that finishes a prefill samples the next token
                 if s.first_token_s is None:
@@ -205,7 +212,7 @@ class Simulator:
             s.generated += n
             s.kv += n
             self.kv_used += n
-            self.tracker.serve(s.info.client, W_Q * n / s.info.weight)
+            self.tracker.serve(s.info.client, service(0, n, s.info.weight))
             if s.generated >= s.output_tokens:
                 done.append(s)
         self.driver.step(generated, step_s, self.t)
@@ -226,8 +233,18 @@ class Simulator:
         seqs, clients, c = self.seqs, self.clients, self.counts
         makespan = max(self.t - self.start, 1e-9)
         recompute_s = c["recomputed_tokens"] * self.engine.prefill_s_per_token
-        records = [RequestRecord(s.info.client, s.info.arrival_s, s.info.input_tokens, s.generated, s.first_token_s,
-                                 s.finish_s, s.info.weight) for s in seqs]  # fmt: skip
+        records = [
+            RequestRecord(
+                s.info.client,
+                s.info.arrival_s,
+                s.info.input_tokens,
+                s.generated,
+                s.first_token_s,
+                s.finish_s,
+                s.info.weight,
+            )
+            for s in seqs
+        ]
         ttft, e2e = latencies(records)
         metrics = {
             "max_service_diff": self.tracker.max_diff,
@@ -260,8 +277,8 @@ class Simulator:
             }
             for cl in clients
         }
-        times, service = self.tracker.series()
-        return SimResult(self.policy.name, metrics, per_client, times, service, ttft, records)
+        times, served = self.tracker.series()
+        return SimResult(self.policy.name, metrics, per_client, times, served, ttft, records)
 
 
 def simulate(
@@ -271,12 +288,12 @@ def simulate(
     until_s: float | None = None,
     sample_every_s: float = 1.0,
     window_s: float = 60.0,
-    observers: Sequence[SimObserver] = (),
+    observers: Sequence[EngineObserver] = (),
 ) -> SimResult:
     """Run `requests` through `engine` scheduled by `policy` (a name or an instance).
 
     until_s: stop at this time (default: when every request has finished). Service is VTC's measure,
-    (1 x input tokens + 2 x output tokens) / client weight. observers: `SimObserver`s that see every event.
+    (1 x input tokens + 2 x output tokens) / client weight. observers: `EngineObserver`s that see every event.
     """
     from fairness.sim.slora import SloraSimulator  # a subclass: imported here to keep one direction of imports
 

@@ -41,7 +41,10 @@ class SloraSimulator(Simulator):
 
     def _fits(self, new: _Seq) -> bool:
         """S-LoRA's test: with every request decoding to its cap, the KV in use never exceeds the pool."""
-        cap = lambda s: s.info.max_output_tokens or s.output_tokens  # noqa: E731  the request's max_tokens
+
+        def cap(s: _Seq) -> int:  # the request's max_tokens
+            return s.info.max_output_tokens or s.output_tokens
+
         lens = [(s.kv, cap(s) - s.generated) for s in self.running] + [(new.prompt + 1, cap(new) - 1)]
         lens.sort(key=lambda x: -x[1])  # the longest remaining output first
         held = np.cumsum([n for n, _ in lens])

@@ -3,7 +3,7 @@
 the same parameters, arrival modes and draws from numpy's legacy generator seeded with 42, so the requests are the
 paper's. Clients are named client-0, client-1, ... in the artifact's adapter order.
 
-    requests = fairness.vtc_suite.workload("overload")
+    requests = fairness.sim.vtc_suite.workload("overload")
 """
 
 from __future__ import annotations
@@ -57,8 +57,17 @@ def workload(name: str) -> list[Request]:
     make = {"uniform": _uniform, "increase": _increase, "dist_shift": _dist_shift}.get(spec.mode, _mixed)
     reqs = make(spec, rng)
     weights = dict(enumerate(spec.weights))
-    reqs = [Request(r.client, r.arrival_s, r.input_tokens, r.output_tokens, r.output_tokens,
-                    float(weights.get(int(r.client.split("-")[1]), 1.0))) for r in reqs]  # fmt: skip
+    reqs = [
+        Request(
+            r.client,
+            r.arrival_s,
+            r.input_tokens,
+            r.output_tokens,
+            r.output_tokens,
+            float(weights.get(int(r.client.split("-")[1]), 1.0)),
+        )
+        for r in reqs
+    ]
     return sorted(reqs, key=lambda r: r.arrival_s)
 
 

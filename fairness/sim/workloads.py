@@ -14,7 +14,7 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
-from fairness.core.request import Request
+from fairness.core.request import Request, estimate_tokens
 
 
 class TraceFormatError(ValueError):
@@ -142,11 +142,6 @@ def _zipf_shares(n: int, s: float = 1.0) -> list[float]:
 # --- real trace formats ----------------------------------------------------------------------------------------------
 
 
-def estimate_tokens(text: str) -> int:
-    """Rough token count of English text for traces that carry text, not counts: 1 token per 4 characters."""
-    return max(1, round(len(text) / 4))
-
-
 def load_azure_csv(path: str | Path, clients: int = 16, seed: int = 0) -> list[Request]:
     """Azure LLM inference trace (`TIMESTAMP,ContextTokens,GeneratedTokens`). It has no tenants, so each request is
     given one of `clients` clients drawn with Zipf(1) shares by a `seed`ed generator: deterministic, and skewed the
@@ -195,8 +190,14 @@ def load_jsonl(path: str | Path, rate_per_s: float = 2.0, seed: int = 0) -> list
             try:
                 rec = json.loads(line)
                 if "input_tokens" in rec:
-                    reqs.append(Request(str(rec["client"]), float(rec["arrival_s"]), int(rec["input_tokens"]),
-                                        int(rec["output_tokens"])))  # fmt: skip
+                    reqs.append(
+                        Request(
+                            str(rec["client"]),
+                            float(rec["arrival_s"]),
+                            int(rec["input_tokens"]),
+                            int(rec["output_tokens"]),
+                        )
+                    )
                 elif "conversation" in rec:
                     turns = rec["conversation"]
                     user = next(x["content"] for x in turns if x["role"] == "user")

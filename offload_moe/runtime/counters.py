@@ -49,10 +49,11 @@ class Counters:
     host_jobs: int = 0  # experts computed on the host (one job per expert and layer call)
     host_tokens: int = 0  # (token, expert) pairs they served
     host_seconds: float = 0.0  # worker time of those jobs
-    host_wait_seconds: float = 0.0  # compute thread blocked on host results (not hidden by the device's own work)
-    # the miss router (fallback="auto")
+    host_wait_seconds: float = 0.0  # compute thread on host results: blocked (a worker's), or computing them (inline)
+    # the miss router (miss_path="auto")
     auto_host: int = 0  # missed experts the cost model sent to the host ...
     auto_copy: int = 0  # ... and to the link
+    explored: int = 0  # ... misses sent to the host although estimated slower, to keep its estimate measured
 
     def __post_init__(self) -> None:
         self.layer_hits = self.layer_hits or [0] * self.num_layers

@@ -2,11 +2,10 @@
 those bytes released (`posix_fadvise(DONTNEED)`), so the memory a budget names is the memory really used.
 
 Why not the memory map the checkpoint is opened with: a copy out of it leaves the bytes in the page cache, which
-competes with the slot pool for the same RAM and reads them slower. Measured on this machine's disk with
-`python -m lab.disk_read` (4 MiB reads, cold file): pread + DONTNEED 3.34 GB/s, O_DIRECT 1.29 GB/s, copying out of
-a memory map 0.48 GB/s. The kernel's readahead stays on: without it (`POSIX_FADV_RANDOM`) pread ran at 1.1-1.2 GB/s
-whatever the read size or the number of threads; the price is up to one readahead window (`read_ahead_kb`) read
-past each expert and left cached.
+competes with the slot pool for the same RAM, and reads them slower than pread (and O_DIRECT) do; `python -m
+lab.disk_read` times the read paths on a machine. The kernel's readahead stays on: without it (`POSIX_FADV_RANDOM`)
+pread reads slower whatever the read size or the number of threads; the price is up to one readahead window
+(`read_ahead_kb`) read past each expert and left cached.
 """
 
 from __future__ import annotations
@@ -25,15 +24,17 @@ class FileSpan:
 
     __slots__ = ("fd", "offset", "dtype", "shape", "into")
 
-    def __init__(self, fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
-                 into: torch.Tensor | None = None):  # fmt: skip
+    def __init__(
+        self, fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...], into: torch.Tensor | None = None
+    ):
         self.fd, self.offset, self.dtype, self.shape, self.into = fd, offset, dtype, tuple(shape), into
 
     def landing_in(self, into: torch.Tensor) -> FileSpan:
         """This span, its bytes kept in `into` (a contiguous CPU tensor of its shape and dtype) on their way."""
         if tuple(into.shape) != self.shape or into.dtype != self.dtype or into.device.type != "cpu":
-            raise ValueError(f"a span of {self.dtype} {self.shape} cannot land in {into.dtype} {tuple(into.shape)} "
-                             f"on {into.device}")  # fmt: skip
+            raise ValueError(
+                f"a span of {self.dtype} {self.shape} cannot land in {into.dtype} {tuple(into.shape)} on {into.device}"
+            )
         return FileSpan(self.fd, self.offset, self.dtype, self.shape, into)
 
     @classmethod
@@ -63,8 +64,10 @@ class FileSpan:
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], self.offset + done)
             if n == 0:
-                raise OSError(f"file descriptor {self.fd} ended {self.nbytes - done} bytes early at byte "
-                              f"{self.offset + done}: the checkpoint shard is truncated")  # fmt: skip
+                raise OSError(
+                    f"file descriptor {self.fd} ended {self.nbytes - done} bytes early at byte "
+                    f"{self.offset + done}: the checkpoint shard is truncated"
+                )
             done += n
         os.posix_fadvise(self.fd, self.offset, self.nbytes, os.POSIX_FADV_DONTNEED)
 

@@ -1,9 +1,10 @@
 """Computing a missed expert where its weights live: on the host, from the host store, so that only its output
 (tokens x hidden) crosses the link instead of the expert (Fiddler's and kTransformers' design).
 
-A host job runs the experts module's own kernel on a one-expert twin of the module whose weights are the host
-copies, so every expert layout the hook drives is computed exactly as the device would compute it. Jobs run on a
-pool of worker threads concurrently with the device computing the layer's resident experts.
+A host job computes every host-assigned expert of one layer call (`runtime.host_kernel`: the module's own math as
+plain matmuls on the host weights, checked bit for bit against its stock kernel at patch time), on a persistent
+worker pinned to the host's physical cores while the device computes the layer's resident experts, or on the
+calling thread where the device is this CPU.
 
 An `EmulatedHost` makes every job take at least `bytes / bandwidth` (and `flops / FLOP rate`) of wall time, one job
 at a time on the host's memory, so a CPU-only machine reproduces the host-versus-link trade-off; results measured
@@ -12,18 +13,23 @@ with it are emulated and must be reported as such.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from offload_moe.runtime.counters import Counters
-from offload_moe.runtime.kernels import expert_forward, one_expert_twin
+from offload_moe.runtime.host_kernel import HostKernel, LowBit
 from offload_moe.runtime.store import HostStore
+
+LOWBIT_PROBE_TOKENS = (2, 4, 8, 16, 32)  # tokens per expert at which the low-bit kernel is timed against the native
 
 
 @dataclass(frozen=True)
@@ -47,18 +53,54 @@ class EmulatedHost:
 
 @dataclass
 class HostJob:
-    """The experts of one layer call computed on the host; `future` resolves to ([T, H] their weighted outputs
-    summed per token, seconds the job took on its worker)."""
+    """The experts of one layer call computed on the host; `run` computes them, `future` (a worker's) resolves to
+    ([T, H] their weighted outputs summed per token, or [T x K, H] per pair, seconds, pairs computed)."""
 
     layer: int
     experts: list[int]
-    future: Future
+    run: Callable[[], tuple[torch.Tensor, float, int]]
+    future: Future | None = None
+
+
+def physical_cores() -> list[int]:
+    """One logical CPU per physical core this process may run on (Linux's topology; every allowed CPU elsewhere)."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+    seen, out = set(), []
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            core = (topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()
+        except OSError:
+            core = (cpu,)
+        if core not in seen:
+            seen.add(core)
+            out.append(cpu)
+    return out
+
+
+@torch.no_grad()
+def _median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median wall seconds of `fn()` over `repeats` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[repeats // 2]
 
 
 class HostCompute:
-    """Worker threads computing experts from the host store, one job per layer call.
+    """Computes the host's share of a layer call's experts, one job per call.
 
-    threads: torch intra-op threads per worker (1 when the device is this CPU, whose cores the compute thread uses).
+    On a CPU device with a real host the job runs on the calling thread with all its cores (the device is this
+    CPU: handing the job to another thread would cost a wake-up and split the same cores). Otherwise one persistent
+    worker, pinned to every physical core but the first (the thread that drives the device keeps that one), computes
+    while the device does. threads: torch threads for the worker (default: one per core it is pinned to).
+    precision: None (the weights' own dtype, exact) or "int8" / "int4" (weight-only copies built here; lossy).
     """
 
     def __init__(
@@ -70,21 +112,80 @@ class HostCompute:
         device: torch.device,
         counters: Counters,
         emulated: EmulatedHost | None = None,
-        workers: int = 1,
         threads: int | None = None,
+        precision: str | None = None,
     ):
         self.store, self.names, self.hidden_size, self.device = store, names, hidden_size, device
         self.counters = counters  # writes host_jobs, host_tokens, host_seconds, host_wait_seconds
-        self._twins = [one_expert_twin(m) for m in experts_modules]  # snapshots: the hook swaps the modules' weights
-        self.emulated = emulated
-        self.threads = threads or (1 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 1))
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="offload-moe-host", initializer=self._init)
+        self.emulated, self.precision = emulated, precision
+        self._kernels = [HostKernel(m, precision) for m in experts_modules]  # snapshots: the hook swaps weights
+        self.direct = self._kernels[0].check(self.pieces(0, 0), hidden_size, store.expert_dtype)
+        if not self.direct:  # one class for every layer: where plain matmuls miss its bits, every layer keeps its twin
+            for k in self._kernels:
+                k.layout = None
+        self._lowbit = self._build_lowbit() if precision is not None else {}
+        self.lowbit_tokens = self._lowbit_crossover() if precision is not None else 0
+        self.inline = device.type == "cpu" and emulated is None
+        cores = physical_cores()
+        self.cores = cores if device.type == "cpu" or len(cores) == 1 else cores[1:]
+        self.threads = threads or len(self.cores)
+        self._pool = None if self.inline else ThreadPoolExecutor(1, "offload-moe-host", initializer=self._init)
         self._lock = threading.Lock()
         self._memory_free_at = 0.0  # the emulated host's memory is busy until then
         self.expert_params = sum(torch.Size(s).numel() for s in store.expert_shapes.values())
 
     def _init(self) -> None:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, self.cores)  # this thread only; torch's threads it starts inherit the set
         torch.set_num_threads(self.threads)
+
+    def _build_lowbit(self) -> dict[tuple[int, int], dict[str, LowBit]]:
+        if not self._kernels[0].direct:
+            raise ValueError(
+                f"host_precision={self.precision!r} needs an experts module that declares its layout "
+                "(transformers' use_experts_implementation); this model's does not"
+            )
+        return {
+            (layer, e): self._kernels[layer].lowbit(self.store.expert_tensors(layer, e))
+            for layer in range(self.store.num_layers)
+            for e in range(self.store.num_experts)
+        }
+
+    def _lowbit_crossover(self) -> int:
+        """The most tokens per expert for which the low-bit kernel beats the native one, timed once on one expert:
+        torch's weight-only kernels win at decode but grow with tokens where a native matmul stays flat, so longer
+        calls (a prefill) take the native weights, which the store holds anyway."""
+        kernel, pieces, lowbit = self._kernels[0], self.pieces(0, 0), self._lowbit[(0, 0)]
+        best = 1
+        for n in LOWBIT_PROBE_TOKENS:
+            x, w = torch.randn(n, self.hidden_size).to(self.store.expert_dtype), torch.ones(n)
+            native, low = (
+                _median_seconds(functools.partial(kernel.forward, pieces, x, w, lb)) for lb in (None, lowbit)
+            )
+            if low >= native:
+                break
+            best = n
+        return best
+
+    def host_bytes(self, layer: int, expert: int) -> int:
+        """Bytes the host reads to compute one expert: its low-bit copy where there is one."""
+        parts = self._lowbit.get((layer, expert))
+        if parts is None:
+            return self.store.expert_bytes()
+        dense = sum(p.shape[0] * p.shape[1] for p in parts.values()) * self.store.expert_dtype.itemsize
+        return self.store.expert_bytes() - dense + sum(p.nbytes for p in parts.values())
+
+    @property
+    def lowbit_bytes(self) -> int:
+        """Host bytes of the low-bit copies (0 without host_precision)."""
+        return sum(m.nbytes for parts in self._lowbit.values() for m in parts.values())
+
+    def pieces(self, layer: int, expert: int) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """One expert's weights as the kernel reads them: each weight's pieces [(first row, tensor)] in row order."""
+        out: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for p in self.store.expert(layer, expert):
+            out.setdefault(p.name, []).append((p.row, p.src))
+        return {n: sorted(v, key=lambda rv: rv[0]) for n, v in out.items()}
 
     def submit(
         self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, pairs: bool
@@ -94,15 +195,17 @@ class HostCompute:
         when `pairs` (then each pair's product comes back in its own row, unsummed)."""
         if self.device.type == "cuda":  # only activations cross the link: [T, H] down, [T, H] up
             hidden, weights = hidden.to("cpu", non_blocking=False), weights.to("cpu", non_blocking=False)
-        future = self._pool.submit(self._run, layer, experts, hidden, weights, ids, pairs)
-        return HostJob(layer, experts, future)
+        job = HostJob(layer, experts, functools.partial(self._run, layer, experts, hidden, weights, ids, pairs))
+        if self._pool is not None:
+            job.future = self._pool.submit(job.run)
+        return job
 
     def result(self, job: HostJob) -> tuple[torch.Tensor, float]:
-        """The job's [T, H] output on the device and the seconds it took (blocks until it is done)."""
+        """The job's output on the device and the seconds it took (blocks until it is done)."""
         t0 = time.perf_counter()
-        y, seconds, pairs = job.future.result()
+        y, seconds, pairs = job.run() if job.future is None else job.future.result()
         c = self.counters
-        c.host_wait_seconds += time.perf_counter() - t0
+        c.host_wait_seconds += time.perf_counter() - t0  # the compute thread's wait (inline: the job itself)
         c.host_jobs += len(job.experts)
         c.host_tokens += pairs
         c.host_seconds += seconds
@@ -116,16 +219,19 @@ class HostCompute:
             with self._lock:
                 begin = max(start, self._memory_free_at)
                 flops = 2.0 * self.expert_params * int(np.isin(ids, experts).sum())
-                self._memory_free_at = begin + self.emulated.seconds(self.store.expert_bytes() * len(experts), flops)
+                nbytes = sum(self.host_bytes(layer, e) for e in experts)
+                self._memory_free_at = begin + self.emulated.seconds(nbytes, flops)
                 done_at = self._memory_free_at
-        out, n_pairs, top_k = torch.zeros_like(hidden), 0, ids.shape[1]  # [T, H] or [T x K, H]
-        for e in experts:
-            pos, tok = np.nonzero((ids == e).T)  # in the order the stock kernels gather an expert's rows
-            rows = torch.from_numpy(tok * top_k + pos if pairs else tok)
-            x, w = hidden[rows], weights[torch.from_numpy(tok), torch.from_numpy(pos)]
-            y = expert_forward(self._twins[layer], self.names, self.store.expert_tensors(layer, e), x, w)
-            out.index_add_(0, rows, y.to(out.dtype))
-            n_pairs += len(tok)
+        kernel, out, n_pairs, top_k = self._kernels[layer], torch.zeros_like(hidden), 0, ids.shape[1]
+        with torch.no_grad():
+            for e in experts:
+                pos, tok = np.nonzero((ids == e).T)  # in the order the stock kernels gather an expert's rows
+                rows = torch.from_numpy(tok * top_k + pos if pairs else tok)
+                x, w = hidden[rows], weights[torch.from_numpy(tok), torch.from_numpy(pos)]
+                lowbit = self._lowbit.get((layer, e)) if len(tok) <= self.lowbit_tokens else None
+                y = kernel.forward(self.pieces(layer, e), x, w, lowbit)
+                out.index_add_(0, rows, y.to(out.dtype))
+                n_pairs += len(tok)
         if self.emulated is not None:
             delay = done_at - time.perf_counter()
             if delay > 0:
@@ -133,4 +239,5 @@ class HostCompute:
         return out, time.perf_counter() - start, n_pairs
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

@@ -30,9 +30,10 @@ from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.transfer import TransferEngine
 
 # A copy that would evict an expert needed more often than the missed one goes to the host instead, unless the host
-# is more than this much slower (a long prefill). Measured (one run each, emulated link and host) on both reference
-# models at budgets 1/4 and 1/2: decode +1% to +4.5% over copying by time alone, prefill -4% to +4%.
+# is more than this much slower (a long prefill); the offload bench's auto rows measure what it buys (CHANGELOG).
 ADMIT_SLACK = 1.25
+FIT_DECAY = 0.7  # weight of the past in the host estimate's scale: a changed host is followed within a few jobs
+EXPLORE_EVERY = 16  # while auto sends nothing to the host, one miss in this many layer calls goes there to be timed
 BENCH_TOKENS = (1, 8, 32)  # token counts of the patch-time micro-benchmark
 BENCH_REPEATS = 3
 
@@ -52,7 +53,7 @@ class HostFit:
         """A host job computed experts for these token counts in `seconds`: refine the scale."""
         predicted = sum(self.a + self.b * n for n in tokens)
         if predicted > 0:
-            self.scale = 0.9 * self.scale + 0.1 * seconds / predicted
+            self.scale = FIT_DECAY * self.scale + (1 - FIT_DECAY) * seconds / predicted
 
 
 def cache_dir() -> Path:
@@ -62,8 +63,10 @@ def cache_dir() -> Path:
 
 def _cpu_name() -> str:
     try:
-        return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                    platform.processor())  # fmt: skip
+        return next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
     except OSError:
         return platform.processor()
 
@@ -106,20 +109,48 @@ def measure_host(host: HostCompute, layer: int = 0, expert: int = 0) -> HostFit:
     return fit
 
 
-class MissRouter:
+class MissPolicy:
     """Splits a layer call's missed experts that must be exact between the link (copy, then compute on the device)
-    and the host. mode: "host" (all on the host) or "auto" (the cost model, `fit` measured)."""
+    and the host. The runtime asks `split` once per layer call with misses and tells `observe` how long each host job
+    took; a policy is built by `patch` as cls(miss_path, engine, host, fit, counters) (`OffloadOptions.miss_path`
+    may name a subclass)."""
 
-    def __init__(self, mode: str, engine: TransferEngine, host: HostCompute, fit: HostFit | None, counters: Counters):
-        if mode not in ("host", "auto") or (mode == "auto" and fit is None):
-            raise ValueError(f"MissRouter needs mode 'host', or 'auto' with measured host costs; got {mode!r}")
-        self.mode, self.engine, self.host, self.fit = mode, engine, host, fit
-        self.counters = counters  # writes auto_host, auto_copy
+    def __init__(
+        self, miss_path: str, engine: TransferEngine, host: HostCompute, fit: HostFit | None, counters: Counters
+    ):
+        self.miss_path, self.engine, self.host, self.fit = miss_path, engine, host, fit
+        self.counters = counters  # writes auto_host, auto_copy, explored
 
     def split(self, tokens: dict[int, int], admit: Callable[[int], bool] = lambda e: True) -> tuple[set[int], set[int]]:
         """tokens: missed expert -> tokens routed to it; admit: whether the cache would keep a copy of it (it evicts
         no expert needed more often). Returns (copy, host)."""
-        if self.mode == "host":
+        raise NotImplementedError
+
+    def observe(self, tokens: list[int], seconds: float) -> None:
+        """A host job for experts of these token counts took `seconds`: refine the host estimate."""
+        if self.fit is not None:
+            self.fit.observe(tokens, seconds)
+
+
+class MissRouter(MissPolicy):
+    """miss_path "host": every miss on the host; "auto": the cost model (`fit` measured). The cost model cannot lock
+    itself in: the link is timed on every copy (speculative and background copies too), and while it sends nothing
+    to the host, one miss in `EXPLORE_EVERY` layer calls goes there anyway (the one with fewest tokens), so a host
+    estimate taken on a loaded machine, or a host that has become faster, is corrected within a few tokens. Regret:
+    at most one expert per `EXPLORE_EVERY` calls with misses computed where it was estimated slower."""
+
+    def __init__(
+        self, miss_path: str, engine: TransferEngine, host: HostCompute, fit: HostFit | None, counters: Counters
+    ):
+        if miss_path not in ("host", "auto") or (miss_path == "auto" and fit is None):
+            raise ValueError(
+                f"MissRouter needs miss_path 'host', or 'auto' with measured host costs; got {miss_path!r}"
+            )
+        super().__init__(miss_path, engine, host, fit, counters)
+        self._since_host = 0  # layer calls with misses since the host last computed one
+
+    def split(self, tokens: dict[int, int], admit: Callable[[int], bool] = lambda e: True) -> tuple[set[int], set[int]]:
+        if self.miss_path == "host":
             self.counters.auto_host += len(tokens)
             return set(), set(tokens)
         copy, host = set(), set()
@@ -133,11 +164,13 @@ class MissRouter:
             else:
                 copy.add(e)
                 link_t = on_link
+        self._since_host = 0 if host else self._since_host + 1
+        if self._since_host >= EXPLORE_EVERY:  # keep the host's estimate measured: its cheapest miss goes there
+            e = min(copy, key=lambda e: (tokens[e], e))
+            copy.discard(e)
+            host.add(e)
+            self._since_host = 0
+            self.counters.explored += 1
         self.counters.auto_host += len(host)
         self.counters.auto_copy += len(copy)
         return copy, host
-
-    def observe(self, tokens: list[int], seconds: float) -> None:
-        """A host job for experts of these token counts took `seconds`: refine the host estimate."""
-        if self.fit is not None:
-            self.fit.observe(tokens, seconds)

@@ -37,8 +37,11 @@ class LookaheadPrefetcher:
                 continue
             reasons[b.name] = reason
         if reasons:
-            log.warning("router lookahead is off for %d MoE block(s): %s", len(reasons),
-                        "; ".join(f"{n}: {r}" for n, r in reasons.items()))  # fmt: skip
+            log.warning(
+                "router lookahead is off for %d MoE block(s): %s",
+                len(reasons),
+                "; ".join(f"{n}: {r}" for n, r in reasons.items()),
+            )
         self._rank: dict[int, int] = {}  # layer -> rank of the input its router really receives
         self._residual: list[torch.Tensor | None] = [None] * len(blocks)
         self._handles = [b.norm.register_forward_pre_hook(self._capture(b.index)) for b in blocks if b.norm is not None]
@@ -48,8 +51,11 @@ class LookaheadPrefetcher:
         """Why block b's router cannot be applied ahead of time (None: it can; its extra arguments are recorded)."""
         if b.norm is None:
             return "no pre-MoE norm found"
-        params = [p for p in inspect.signature(b.router.forward).parameters.values()
-                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # fmt: skip
+        params = [
+            p
+            for p in inspect.signature(b.router.forward).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ][1:]
         missing = [p.name for p in params if not hasattr(b.block, p.name)]
         if missing:
             return f"its router needs {missing}, which the residual stream does not carry"
@@ -82,8 +88,12 @@ class LookaheadPrefetcher:
         try:
             out = b.router.forward(h, *(getattr(b.block, n) for n in self._extra[j]))
         except Exception as e:  # a router this lookahead does not understand: prediction only, never outputs
-            log.warning("router lookahead is off for %s: its router failed on a residual stream (%s: %s)", b.name,
-                        type(e).__name__, e)  # fmt: skip
+            log.warning(
+                "router lookahead is off for %s: its router failed on a residual stream (%s: %s)",
+                b.name,
+                type(e).__name__,
+                e,
+            )
             del self._extra[j]
             return None
         logits = out[0] if isinstance(out, tuple) else out

@@ -15,8 +15,7 @@ import torch
 from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.store import Piece
 from offload_moe.runtime.transfer import Transfer
-
-Key = tuple[int, int]  # (MoE layer, expert)
+from offload_moe.runtime.types import ExpertKey
 
 
 class RamTier:
@@ -26,7 +25,7 @@ class RamTier:
         if slots < 1:
             raise ValueError("a RAM tier needs at least one slot")
         self.pool = {n: torch.empty((slots, *s), dtype=dtype, pin_memory=pin) for n, s in shapes.items()}
-        self._slot_of: OrderedDict[Key, int] = OrderedDict()  # least recently used first
+        self._slot_of: OrderedDict[ExpertKey, int] = OrderedDict()  # least recently used first
         self._free = list(range(slots - 1, -1, -1))
         self._filled_by: dict[int, Transfer] = {}  # slot -> the last copy that filled or read it
         self.hits = self.misses = 0
@@ -35,7 +34,7 @@ class RamTier:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.pool.values())
 
-    def sources(self, key: Key, pieces: list[Piece]) -> list[torch.Tensor | FileSpan]:
+    def sources(self, key: ExpertKey, pieces: list[Piece]) -> list[torch.Tensor | FileSpan]:
         """What a copy of `key` to the device reads: the tier's slot when it holds the expert, else the file spans,
         landing in a slot claimed for it now."""
         slot = self._slot_of.get(key)
@@ -54,14 +53,14 @@ class RamTier:
         slot = self._claim(key)
         return [p.span.landing_in(self._rows(p, slot)) for p in pieces]
 
-    def used_by(self, key: Key, transfer: Transfer) -> None:
+    def used_by(self, key: ExpertKey, transfer: Transfer) -> None:
         """`transfer` fills or reads `key`'s slot: the slot is not reused before it is done."""
         self._filled_by[self._slot_of[key]] = transfer
 
     def _rows(self, piece: Piece, slot: int) -> torch.Tensor:
         return self.pool[piece.name][slot, piece.row : piece.row + piece.src.shape[0]]
 
-    def _claim(self, key: Key) -> int:
+    def _claim(self, key: ExpertKey) -> int:
         if not self._free:
             _, slot = self._slot_of.popitem(last=False)
             last = self._filled_by.pop(slot, None)

@@ -122,6 +122,11 @@ class HostStore:
             out[p.name][p.row : p.row + p.src.shape[0]].copy_(p.src)
         return out
 
+    @property
+    def expert_dtype(self) -> torch.dtype:
+        """The dtype the host holds the experts in."""
+        return self.experts[0][0][0].src.dtype
+
     def expert_bytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of one expert once stored in `dtype` (default: as the host stores it)."""
         return expert_nbytes(self.expert_shapes, self.experts[0][0][0].src.dtype if dtype is None else dtype)
@@ -174,8 +179,10 @@ def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         if offset % itemsize or end - begin != shape.numel() * itemsize:
             raise ValueError(f"{path}: tensor {name} is misaligned or truncated; re-save the checkpoint")
         if data_start + end > size:
-            raise ValueError(f"{path}: tensor {name} ends at byte {data_start + end}, but the file has {size} bytes: "
-                             "the shard is truncated; re-download or re-save it")  # fmt: skip
+            raise ValueError(
+                f"{path}: tensor {name} ends at byte {data_start + end}, but the file has {size} bytes: "
+                "the shard is truncated; re-download or re-save it"
+            )
         t = torch.empty(0, dtype=dtype)
         t.set_(storage, offset // itemsize, shape, _contiguous_strides(shape))
         out[name] = t

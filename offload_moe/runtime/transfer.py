@@ -50,8 +50,21 @@ CHUNK_BYTES = 2 << 20  # a copy's preemption granularity: 2 MiB chunks keep PCIe
 class Transfer:
     """One queued copy of a list of source tensors into destination tensors, in chunks."""
 
-    __slots__ = ("src", "dst", "after", "nbytes", "priority", "seq", "chunks", "next_chunk", "link_s", "_engine",
-                 "_issued", "_event", "_error")  # fmt: skip
+    __slots__ = (
+        "src",
+        "dst",
+        "after",
+        "nbytes",
+        "priority",
+        "seq",
+        "chunks",
+        "next_chunk",
+        "link_s",
+        "_engine",
+        "_issued",
+        "_event",
+        "_error",
+    )
 
     def __init__(self, src, dst, after, priority: int, seq: int, engine: TransferEngine, chunk_bytes: int):
         self.src, self.dst, self.after = src, dst, after
@@ -175,9 +188,12 @@ class TransferEngine:
     def link_use(self) -> dict[str, float]:
         """Totals so far: bytes and seconds on the link (their ratio is the bandwidth it achieved), the seconds on
         speculative copies, and how many speculative copies demand preempted."""
-        return {"link_bytes": float(self._link_bytes), "link_seconds": self._link_seconds,
-                "speculative_link_seconds": self._speculative_seconds,
-                "preemptions": float(self._preemptions)}  # fmt: skip
+        return {
+            "link_bytes": float(self._link_bytes),
+            "link_seconds": self._link_seconds,
+            "speculative_link_seconds": self._speculative_seconds,
+            "preemptions": float(self._preemptions),
+        }
 
     def demand_wait_seconds(self) -> float:
         """Estimated wait before a new demand copy would start: the rest of the chunk on the link (the whole copy,

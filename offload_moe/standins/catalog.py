@@ -29,14 +29,17 @@ class StandinCatalog:
 
     def kind_bytes(self, g: ExpertGeometry) -> list[int]:
         per_rank = sum(a + b for a, b in g.shapes.values()) * g.itemsize if set(g.shapes) == GATED else 0
-        return [quant_expert_bytes(g, int(k[5:]), self.group_size) if k.startswith("quant") else self.rank * per_rank
-                for k in self.kinds]  # fmt: skip
+        return [
+            quant_expert_bytes(g, int(k[5:]), self.group_size) if k.startswith("quant") else self.rank * per_rank
+            for k in self.kinds
+        ]
 
 
 def quant_expert_bytes(g: ExpertGeometry, bits: int, group: int) -> int:
     """One expert's quantized stand-in: its matrices at `bits`, anything else (biases) as stored."""
-    return sum(quant_bytes(s, bits, group) if len(s) == 2 else torch.Size(s).numel() * g.itemsize
-               for s in g.shapes.values())  # fmt: skip
+    return sum(
+        quant_bytes(s, bits, group) if len(s) == 2 else torch.Size(s).numel() * g.itemsize for s in g.shapes.values()
+    )
 
 
 def assign_mixed(catalog: StandinCatalog, kind_bytes: list[int], room: int, budget_b: int):

@@ -38,7 +38,7 @@ def rank_for_fraction(fraction: float, shapes: dict[str, tuple[int, ...]]) -> in
     return max(0, int(fraction * full // per_rank))
 
 
-class StandIns:
+class LowRankFactors:
     """Factors of every expert's matrices, stacked per layer: `u[name]` [L, E, out, r], `v[name]` [L, E, r, in].
 
     One rank for all experts keeps the stand-in compute batched; `apply` evaluates one expert's approximation.
@@ -52,13 +52,16 @@ class StandIns:
         """Bytes of one expert's factors."""
         return sum(t[layer, expert].numel() * t.element_size() for d in (self.u, self.v) for t in d.values())
 
-    def truncated(self, rank: int) -> StandIns:
+    def truncated(self, rank: int) -> LowRankFactors:
         """The best rank-`rank` stand-ins these factors hold: their leading columns (SVD order)."""
-        return StandIns({n: t[..., :rank] for n, t in self.u.items()}, {n: t[:, :, :rank] for n, t in self.v.items()})
+        return LowRankFactors(
+            {n: t[..., :rank] for n, t in self.u.items()}, {n: t[:, :, :rank] for n, t in self.v.items()}
+        )
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> StandIns:
-        return StandIns({n: t.to(device, dtype) for n, t in self.u.items()},
-                        {n: t.to(device, dtype) for n, t in self.v.items()})  # fmt: skip
+    def to(self, device: torch.device, dtype: torch.dtype) -> LowRankFactors:
+        return LowRankFactors(
+            {n: t.to(device, dtype) for n, t in self.u.items()}, {n: t.to(device, dtype) for n, t in self.v.items()}
+        )
 
     def apply(self, layer: int, expert: int, x: torch.Tensor, act_fn) -> torch.Tensor:
         """Approximate output of a gated expert (gate_up_proj, down_proj) on x [T, H] -> [T, H]."""

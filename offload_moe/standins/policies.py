@@ -2,7 +2,7 @@
 pairs instead of the real expert, so that nothing waits for it.
 
 Every stand-in shares one gate: a pair whose routing weight is at least `critical_weight` is critical, and its
-expert stays exact (computed by the `fallback` path: copied, or computed on the host). The other misses:
+expert stays exact (computed by the `miss_path`: copied, or computed on the host). The other misses:
 - "drop": skip the pair and renormalise the token's remaining routing weights;
 - "lowrank", "quant", "mixed": compute the pair with the expert's resident stand-in (low-rank factors or quantized
   weights, `bank.StandinBank`);
@@ -100,8 +100,18 @@ class Buddy(StandinPolicy):
                 if e not in missing:
                     continue
                 ok = tae[t] > self.tau[layer] and w[t][j] < self.critical_weight and n_sub < self.rho
-                buddy = next((b for b in self.buddies[layer][e][: self.horizon]
-                              if b >= 0 and b in call.resident and b not in used), None) if ok else None  # fmt: skip
+                buddy = (
+                    next(
+                        (
+                            b
+                            for b in self.buddies[layer][e][: self.horizon]
+                            if b >= 0 and b in call.resident and b not in used
+                        ),
+                        None,
+                    )
+                    if ok
+                    else None
+                )
                 if buddy is None:
                     fetch.add(e)
                 else:

@@ -47,8 +47,9 @@ class QuantTensor:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
 
     def to(self, device: torch.device | str) -> QuantTensor:
-        return QuantTensor(self.packed.to(device), self.scale.to(device), self.zero.to(device), self.shape,
-                           self.bits, self.group)  # fmt: skip
+        return QuantTensor(
+            self.packed.to(device), self.scale.to(device), self.zero.to(device), self.shape, self.bits, self.group
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out, cols = self.shape
@@ -79,8 +80,16 @@ def quantize(w: torch.Tensor, bits: int, group: int = 64, optimize: bool = False
     return QuantTensor(pack(codes.reshape(-1), bits), scale[..., 0], zero[..., 0], (out, cols), bits, group)
 
 
-def _hqq_zero(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, top: int, iters: int = 20,
-              p: float = 0.7, beta: float = 10.0, kappa: float = 1.01) -> torch.Tensor:  # fmt: skip
+def _hqq_zero(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    top: int,
+    iters: int = 20,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+) -> torch.Tensor:
     """HQQ's half-quadratic refinement of the zeros (scales fixed): alternate a sparse estimate of the error
     (l_p shrinkage, p < 1, so outliers do not pull the grid) with the zero that best explains the rest."""
     for _ in range(iters):

@@ -1,4 +1,4 @@
-"""Prefetch and miss fallbacks: they really run, their counts are right, stand-ins are exact where they can be."""
+"""Prefetch and stand-ins: they really run, their counts are right, stand-ins are exact where they can be."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import offload_moe
 from hooks import RoutingRecorder, attached_hook
 from lab.evaluate import bits_per_byte
 from lab.reference import corpus_text
-from offload_moe.standins.lowrank import StandIns, lowrank, rank_for_fraction
+from offload_moe.standins.lowrank import LowRankFactors, lowrank, rank_for_fraction
 from tests.helpers import DEVICES, generate, load_reference, tiny_model
 
 
@@ -36,7 +36,9 @@ def test_exactly_low_rank_expert_is_reproduced_exactly():
     gu = torch.randn(40, 3) @ torch.randn(3, 16)  # rank 3
     dn = torch.randn(16, 3) @ torch.randn(3, 20)
     factors = {"gate_up_proj": lowrank(gu, 3), "down_proj": lowrank(dn, 3)}
-    st = StandIns({n: f[0][None, None] for n, f in factors.items()}, {n: f[1][None, None] for n, f in factors.items()})
+    st = LowRankFactors(
+        {n: f[0][None, None] for n, f in factors.items()}, {n: f[1][None, None] for n, f in factors.items()}
+    )
     x = torch.randn(7, 16)
     g, u = (x @ gu.T).chunk(2, -1)
     ref = (torch.nn.functional.silu(g) * u) @ dn.T
@@ -72,9 +74,9 @@ def test_standins_are_never_used_for_ready_experts(monkeypatch, patched):
     """A stand-in serves only experts that were not ready when the layer planned its call (a copy may land later)."""
     model = tiny_model("mixtral")
     handle = patched(model, budget=0.5, device="cpu", standin="lowrank", critical_weight=1.01)
-    fallback = attached_hook(handle.blocks[0].experts).standin  # shared by every layer's hook
-    bank, calls, planned = fallback.bank, [], {}
-    real_plan, real_apply = fallback.plan, bank.apply
+    miss_path = attached_hook(handle.blocks[0].experts).standin  # shared by every layer's hook
+    bank, calls, planned = miss_path.bank, [], {}
+    real_plan, real_apply = miss_path.plan, bank.apply
 
     def plan_spy(call):
         assert not call.missing & call.resident
@@ -86,7 +88,7 @@ def test_standins_are_never_used_for_ready_experts(monkeypatch, patched):
         assert expert in planned["missing"], "stand-in used for an expert that was ready on the device"
         return real_apply(layer, expert, x, w, fetch)
 
-    monkeypatch.setattr(fallback, "plan", plan_spy)
+    monkeypatch.setattr(miss_path, "plan", plan_spy)
     monkeypatch.setattr(bank, "apply", apply_spy)
     generate(model, torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1)))
     assert calls
@@ -148,7 +150,7 @@ def test_accuracy_ordering_on_the_reference_model(reference_dir, calibration, pa
     assert bpb["lowrank"] < base * 1.03
 
 
-def test_bad_fallback_options(patched):
+def test_bad_standin_options(patched):
     model = tiny_model("mixtral")
     with pytest.raises(ValueError, match="unknown prefetch 'oracle'"):
         patched(model, device="cpu", prefetch="oracle")

@@ -1,0 +1,140 @@
+"""Host compute against the memory's speed: how fast the host path reads expert weights, beside what this machine's
+memory reads, for Mixtral-8x7B-sized (hidden 4096, intermediate 14336) and Qwen3-30B-A3B-sized (2048, 768) experts.
+
+    python -m lab.host_bench [--mode quick|default] [--sizes mixtral-8x7b qwen3-30b-a3b] [--out bench-results]
+
+The memory probe sums a 1 GiB tensor with the host path's own threads. The host path computes one expert per job
+for 1, 4 and 16 tokens through `HostCompute` (the path `miss_path="host"` takes), cycling over enough distinct
+experts (random bf16 weights) that none is in a cache when read; its bandwidth is the expert's bytes over the job's
+time. Beside it: the stock experts kernel on a one-expert twin (the host path before the direct kernel), and the
+low-bit host experts (`host_precision`, LOSSY up to the measured number of tokens per expert at which they beat the
+native weights), whose bandwidth counts their own (packed) bytes. REAL CPU and
+memory, nothing emulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+from offload_moe.runtime.counters import Counters
+from offload_moe.runtime.host import HostCompute, physical_cores
+from offload_moe.runtime.kernels import expert_forward, one_expert_twin
+from offload_moe.runtime.store import HostStore
+
+SIZES = {"mixtral-8x7b": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}  # hidden, expert intermediate
+TOKENS = (1, 4, 16)
+WORKING_SET = 1 << 30  # bytes of distinct experts cycled through: larger than any cache
+PRECISIONS = (None, "int8", "int4")
+
+
+def memory_gbps(threads: int, repeats: int = 5) -> float:
+    """Read bandwidth: the median of summing a 1 GiB float32 tensor with `threads` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a = torch.ones(1 << 28)
+    a.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    return a.numel() * 4 / statistics.median(times) / 1e9
+
+
+def experts_of(hidden: int, intermediate: int, count: int) -> tuple[torch.nn.Module, HostStore]:
+    """A Qwen3-MoE experts module of `count` random bf16 experts and its host store."""
+    cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=intermediate, num_experts=count,
+                         num_experts_per_tok=1)  # fmt: skip
+    cfg._experts_implementation = "grouped_mm"
+    with torch.device("meta"):
+        module = Qwen3MoeExperts(cfg)
+    gen = torch.Generator().manual_seed(0)
+    weights = {n: (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16) for n, p in
+               module.named_parameters()}  # fmt: skip
+    for n, t in weights.items():
+        setattr(module, n, torch.nn.Parameter(t, requires_grad=False))
+    return module, HostStore.from_fused([weights])
+
+
+def time_jobs(run, count: int, repeats: int) -> float:
+    """Median seconds of `run(expert)` over `repeats` passes through `count` distinct experts (first pass: warm)."""
+    run(0)
+    times = []
+    for i in range(repeats):
+        e = 1 + i % (count - 1)
+        t0 = time.perf_counter()
+        run(e)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(name: str, repeats: int) -> dict:
+    hidden, inter = SIZES[name]
+    one = 3 * hidden * inter * 2  # bf16 bytes of one expert
+    count = max(2, WORKING_SET // one + 1)
+    module, store = experts_of(hidden, inter, count)
+    rows = []
+    for precision in PRECISIONS:
+        host = HostCompute(store, [module], store.names, hidden, torch.device("cpu"), Counters(1), precision=precision)
+        for tokens in TOKENS:
+            x = torch.randn(tokens, hidden).to(torch.bfloat16)
+            w, ids = torch.ones(tokens, 1), np.zeros((tokens, 1), dtype=np.int64)
+
+            def run(e: int, host=host, x=x, w=w, ids=ids) -> None:
+                host.result(host.submit(0, [e], x.float(), w, ids + e, pairs=False))
+
+            seconds = time_jobs(run, count, repeats)
+            nbytes = host.host_bytes(0, 0) if tokens <= host.lowbit_tokens else one  # the bytes this call reads
+            path = "host" if precision is None else f"host {precision} (LOSSY to {host.lowbit_tokens} tokens)"
+            rows.append({"path": path, "tokens": tokens,
+                         "seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9})  # fmt: skip
+        host.shutdown()
+    twin = one_expert_twin(module)
+    for tokens in TOKENS:
+        x, w = torch.randn(tokens, hidden).to(torch.bfloat16), torch.ones(tokens)
+
+        def stock(e: int, x=x, w=w) -> None:
+            expert_forward(twin, store.names, store.expert_tensors(0, e), x.float(), w)
+
+        seconds = time_jobs(stock, count, repeats)
+        rows.append({"path": "stock kernel on a one-expert twin", "tokens": tokens, "seconds": seconds,
+                     "bytes": one, "gbps": one / seconds / 1e9})  # fmt: skip
+    return {"experts": name, "hidden": hidden, "intermediate": inter, "expert_bytes": one, "distinct": count,
+            "rows": rows}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=["quick", "default"], default="default")
+    ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = ap.parse_args(argv)
+    repeats = 3 if args.mode == "quick" else 9
+    threads = torch.get_num_threads()  # a CPU device's host path computes on the calling thread
+    result = {"machine": f"{platform.machine()}, {len(physical_cores())} physical cores, torch {torch.__version__}",
+              "threads": threads, "memory_gbps": memory_gbps(threads),
+              "sizes": [measure(name, repeats) for name in args.sizes]}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "host.json").write_text(json.dumps(result, indent=1))
+    print(f"memory read bandwidth ({threads} threads): {result['memory_gbps']:.1f} GB/s")
+    for m in result["sizes"]:
+        print(f"{m['experts']}-sized experts ({m['expert_bytes'] / 1e6:.1f} MB bf16, {m['distinct']} distinct):")
+        for r in m["rows"]:
+            print(f"  {r['path']:<40} {r['tokens']:>3} tokens: {r['seconds'] * 1e3:8.2f} ms  {r['gbps']:5.1f} GB/s "
+                  f"({r['gbps'] / result['memory_gbps']:.2f}x memory)")  # fmt: skip
+    print(f"wrote {args.out / 'host.json'}")
+
+
+if __name__ == "__main__":
+    main()
