@@ -32,12 +32,12 @@ lint: install
 
 bench: install
 	$(PY) -m lab.offload_bench --mode default
-	$(PY) -m lab.scale_bench --mode default
+	$(PY) -m lab.scale_bench --mode quick
 	$(PY) -m lab.host_bench --mode quick
 	$(PY) -m lab.fairness_bench
 	$(PY) -m lab.served_bench
-	$(PY) -m lab.gateway_bench
-	$(PY) -m lab.cluster_bench
+	$(PY) -m lab.gateway_bench --mode quick
+	$(PY) -m lab.cluster_bench --seconds 30
 	$(PY) -m lab.results_doc bench-results docs/results.md
 
 bench-full: install

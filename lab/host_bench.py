@@ -33,7 +33,7 @@ from offload_moe.runtime.store import HostStore
 
 SIZES = {"mixtral-8x7b": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}  # hidden, expert intermediate
 TOKENS = (1, 4, 16)
-WORKING_SET = 1 << 30  # bytes of distinct experts cycled through: larger than any cache
+WORKING_SET = {"quick": 1 << 28, "default": 1 << 30}  # bytes of distinct experts cycled through: past any cache
 PRECISIONS = (None, "int8", "int4")
 
 
@@ -79,10 +79,10 @@ def time_jobs(run, count: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, repeats: int) -> dict:
+def measure(name: str, repeats: int, working_set: int) -> dict:
     hidden, inter = SIZES[name]
     one = 3 * hidden * inter * 2  # bf16 bytes of one expert
-    count = max(2, WORKING_SET // one + 1)
+    count = max(2, working_set // one + 1)
     module, store = experts_of(hidden, inter, count)
     rows = []
     for precision in PRECISIONS:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = torch.get_num_threads()  # a CPU device's host path computes on the calling thread
     result = {"machine": f"{platform.machine()}, {len(physical_cores())} physical cores, torch {torch.__version__}",
               "threads": threads, "memory_gbps": memory_gbps(threads),
-              "sizes": [measure(name, repeats) for name in args.sizes]}  # fmt: skip
+              "sizes": [measure(name, repeats, WORKING_SET[args.mode]) for name in args.sizes]}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host.json").write_text(json.dumps(result, indent=1))
     print(f"memory read bandwidth ({threads} threads): {result['memory_gbps']:.1f} GB/s")

@@ -35,7 +35,8 @@ def test_offloading_the_fine_model_is_lossless_and_keeps_the_shared_expert(fine,
     """Float32 rounding only, and the same generated tokens: a token's six expert outputs are added in the order
     their slots come (with two experts, as in Mixtral, the order cannot change the sum; with six it can), below one
     layer's experts (1/8: 48 slots for 64) a layer runs in waves that each add a partial sum, and grouped_mm's CPU
-    kernel blocks rows by group offsets, which move with the slots."""
+    kernel blocks rows by group offsets, which move with the slots. Which experts share a pass also depends on when
+    their copies land (thread timing), so the bound is a few float32 ulps of the logits, not one."""
     model, tokenizer = fine
     model.set_experts_implementation(impl)
     ids = torch.tensor(tokenizer(corpus_text("val", max_bytes=4000))["input_ids"])
@@ -48,7 +49,7 @@ def test_offloading_the_fine_model_is_lossless_and_keeps_the_shared_expert(fine,
     try:
         with torch.no_grad():
             logits = model(prompt).logits
-            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=5e-5)
             assert torch.equal(model.generate(batch, max_new_tokens=10, do_sample=False), ref_tokens)
         stats = handle.stats()
         assert stats.resident_bytes <= stats.budget_bytes and stats.misses > 0

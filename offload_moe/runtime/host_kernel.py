@@ -76,8 +76,13 @@ class HostKernel:
         """Whether plain matmuls compute this module's experts (else its stock kernel on a one-expert twin)."""
         return self.layout is not None
 
-    def forward(self, weights: dict[str, list[tuple[int, torch.Tensor]]], x: torch.Tensor, w: torch.Tensor,
-                lowbit: dict[str, LowBit] | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        weights: dict[str, list[tuple[int, torch.Tensor]]],
+        x: torch.Tensor,
+        w: torch.Tensor,
+        lowbit: dict[str, LowBit] | None = None,
+    ) -> torch.Tensor:
         if not self.direct:
             return expert_forward(self._twin, list(weights), _whole(weights), x, w)
         layout = self.layout
@@ -122,8 +127,9 @@ class HostKernel:
             x = torch.randn(n, hidden, generator=gen).to(dtype).to(wide)
             w = torch.rand(n, generator=gen)
             with torch.no_grad():
-                if not torch.equal(self.forward(weights, x, w), expert_forward(self._twin, list(weights),
-                                                                               _whole(weights), x, w)):  # fmt: skip
+                if not torch.equal(
+                    self.forward(weights, x, w), expert_forward(self._twin, list(weights), _whole(weights), x, w)
+                ):
                     self.layout = None
                     return False
         return True
