@@ -1,6 +1,7 @@
 """An OpenAI-compatible stand-in for an LLM engine with known speed, for the gateway's tests and benches: up to
 `max_running` requests decode at once, one token per `step_s` each (the rest queue inside it, first come first
 served, as in an engine without fairness); a prompt takes `prefill_s_per_token` per token. Tokens are "t0 t1 ...".
+Its usage reports cached prompt tokens: the longest prefix a recent prompt shared (`PrefixCache`).
 
     python -m lab.fake_engine --port 8101 --max-running 8 --step-s 0.02
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 import uuid
 
@@ -22,9 +24,23 @@ from fairness.serving.api import ApiError, common_params, model_list, openai_app
 MODEL = "fake"
 
 
+class PrefixCache:
+    """The prompts served lately (`size`, newest last); `lookup(text)` is the longest prefix of `text`, in
+    characters, that one of them shares, and remembers `text`."""
+
+    def __init__(self, size: int = 64):
+        self.size, self._texts = size, []
+
+    def lookup(self, text: str) -> int:
+        best = max((len(os.path.commonprefix([text, t])) for t in self._texts), default=0)
+        self._texts = [*self._texts[-(self.size - 1) :], text]
+        return best
+
+
 def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per_token: float = 0.0,
                        model: str = MODEL) -> FastAPI:  # fmt: skip
     app = openai_app("fake-engine")
+    cache = PrefixCache()
     slots = asyncio.Semaphore(max_running)
     app.state.served = 0  # requests that reached generation
 
@@ -44,6 +60,7 @@ def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per
         n = common.max_tokens or 16
         text = json.dumps(body.get("messages") if chat else body.get("prompt"))
         prompt = max(1, len(text) // 4)
+        cached = cache.lookup(text) // 4  # a prefix cache: reported as vLLM and SGLang do
         rid, kind = f"fake-{uuid.uuid4().hex[:12]}", "chat.completion.chunk" if chat else "text_completion"
 
         def event(i: int, piece: str, reason: str | None) -> dict:
@@ -68,13 +85,14 @@ def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                       if chat else {"index": 0, "text": text, "finish_reason": "length"})  # fmt: skip
             return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                    "model": model, "choices": [choice], "usage": usage(prompt, n)}  # fmt: skip
+                    "model": model, "choices": [choice], "usage": usage(prompt, n, cached)}  # fmt: skip
 
         async def sse():
             async for e in tokens():
                 yield f"data: {json.dumps(e)}\n\n"
             if common.include_usage:
-                yield f"data: {json.dumps({'id': rid, 'object': kind, 'choices': [], 'usage': usage(prompt, n)})}\n\n"
+                last = {"id": rid, "object": kind, "choices": [], "usage": usage(prompt, n, cached)}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")

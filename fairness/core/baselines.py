@@ -16,6 +16,8 @@ from fairness.core.policy import SchedulingPolicy, register_policy
 from fairness.core.request import RequestInfo
 from fairness.core.service import W_P, W_Q, service
 
+HISTORY = 32  # finished requests per client whose mean output length vtc-pred predicts
+
 
 class FCFS(SchedulingPolicy):
     """First come, first served across all clients."""
@@ -86,6 +88,14 @@ class RPM(SchedulingPolicy):
             self._queues[req.client].remove(req)
             self._resumed.discard(req.id)
 
+    def forget(self, client: str, now: float) -> bool:
+        window = self._admitted.get(client)
+        if self._queues.get(client) or (window and window[-1] > now - 60.0):
+            return False  # still limited by its last minute of starts
+        self._queues.pop(client, None)
+        self._admitted.pop(client, None)
+        return True
+
 
 class VTC(SchedulingPolicy):
     """Virtual Token Counter (weighted). w_p, w_q: cost of an input and an output token.
@@ -151,6 +161,12 @@ class VTC(SchedulingPolicy):
         else:
             self.backlog.discard(req)
 
+    def forget(self, client: str, now: float) -> bool:
+        if not self.backlog.forget(client):
+            return False
+        self.counter.forget(client)
+        return True
+
 
 class LCF(VTC):
     """Least counter first: VTC without the lift (the VTC paper's baseline), so a client that was idle catches up
@@ -179,10 +195,10 @@ class VTCPredicted(VTC):
         super().__init__(w_p, w_q)
         self.default_tokens = default_tokens
         self._predict = predict or self._client_mean
-        self._history: dict[str, list[int]] = defaultdict(list)
+        self._history: dict[str, deque[int]] = defaultdict(lambda: deque(maxlen=HISTORY))
 
     def _client_mean(self, req: RequestInfo) -> float:
-        seen = self._history[req.client][-32:]
+        seen = self._history[req.client]
         guess = sum(seen) / len(seen) if seen else self.default_tokens
         return min(guess, req.max_output_tokens) if req.max_output_tokens else guess
 
@@ -192,6 +208,12 @@ class VTCPredicted(VTC):
     def on_finish(self, req: RequestInfo, output_tokens: int, now: float) -> None:
         self._history[req.client].append(output_tokens)
         super().on_finish(req, output_tokens, now)
+
+    def forget(self, client: str, now: float) -> bool:
+        if not super().forget(client, now):
+            return False
+        self._history.pop(client, None)
+        return True
 
 
 class VTCOracle(VTCPredicted):

@@ -47,6 +47,8 @@ class EngineObserver:
 
     def on_cancel(self, req: RequestInfo, generated: int | None, now: float) -> None: ...
 
+    def on_forget(self, client: str, now: float) -> None: ...
+
 
 class OracleUnavailableError(ValueError):
     """An oracle policy (it reads true output lengths) was asked to run where they are not known: a live engine."""
@@ -154,6 +156,15 @@ class PolicyDriver:
         for o in self.observers:
             o.on_cancel(info, generated, now)
         self._timed("on_cancel", self.policy.on_cancel, info, generated, now)
+
+    def forget(self, client: str, now: float) -> bool:
+        """`client` is idle (nothing waiting or running): the policy and the observers drop what they keep of it.
+        False where the policy must keep it for now (it is asked again later)."""
+        if not self._timed("forget", self.policy.forget, client, now):
+            return False
+        for o in self.observers:
+            o.on_forget(client, now)
+        return True
 
     # --- measures ---------------------------------------------------------------------------------------------------
 

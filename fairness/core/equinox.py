@@ -239,6 +239,14 @@ class Equinox(SchedulingPolicy):
         for d in (self.predicted, self._generated, self._first_admit):
             d.pop(req.id, None)
 
+    def forget(self, client: str, now: float) -> bool:
+        if not self.backlog.forget(client):
+            return False
+        self.ufc.forget(client)
+        self.rfc.forget(client)
+        self.load.forget(client)
+        return True
+
     def on_preempt(self, req: RequestInfo, now: float) -> None:
         self._footprint -= self._predicted_kv(req.id, req.input_tokens)
         self.load.preempt(req)

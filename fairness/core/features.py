@@ -84,6 +84,11 @@ class LoadTracker:
         self._global.append(output_tokens)
         self._finished[req.client] += 1
 
+    def forget(self, client: str) -> None:
+        """Drop `client`'s history (an idle client the scheduler forgets)."""
+        for d in (self._out, self._in, self._finished):
+            d.pop(client, None)
+
     def cancel(self, req: RequestInfo) -> None:
         """A waiting request left unserved."""
         self._waiting_input -= self._waiting.pop(req.id)

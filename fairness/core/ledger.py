@@ -67,6 +67,13 @@ class Ledger:
         self._lowered.add(client)
         self._value[client] = value
 
+    def forget(self, client: str) -> None:
+        """Drop `client`'s counter (it holds no request): if it comes back, VTC's lift gives it a fair start."""
+        if client in self._client.values():
+            raise ValueError(f"client {client!r} still holds a request; only an idle client can be forgotten")
+        self._value.pop(client, None)
+        self._lowered.discard(client)
+
     def lowered(self) -> set[str]:
         """The clients whose counter went down since the last call (an index over the counters re-keys them)."""
         out, self._lowered = self._lowered, set()
@@ -150,6 +157,16 @@ class Backlog:
         """`req` leaves the queue (admitted)."""
         self._queues[req.client].remove(req)
         self._last_left = req.client
+
+    def forget(self, client: str) -> bool:
+        """Drop `client`'s empty queue; False (kept) for the client whose request last left the queue, whose
+        counter lifts the next client to join an empty backlog, or for a client with requests waiting."""
+        if self._queues.get(client) or client == self._last_left:
+            return False
+        self._queues.pop(client, None)
+        self._key.pop(client, None)
+        self._touched.discard(client)
+        return True
 
     def discard(self, req: RequestInfo) -> None:
         """`req` leaves the queue unserved (its client went away)."""

@@ -72,6 +72,12 @@ class SchedulingPolicy(ABC):
             raise NotImplementedError(f"policy {self.name!r} cannot drop a waiting request: implement on_cancel")
         self.on_finish(req, generated, now)
 
+    def forget(self, client: str, now: float) -> bool:
+        """`client` has nothing waiting or running and has been idle a while: drop what the policy keeps of it, so a
+        stream of distinct client names does not grow it without bound (a long-running gateway). False: it must be
+        kept (state that still constrains it). Default: the policy keeps nothing per client."""
+        return True
+
     def set_oracle(self, true_output_tokens: dict[int, int]) -> None:
         """Oracles only (`needs_oracle = True`): every request's true output length, by request id."""
         raise TypeError(f"policy {self.name!r} is not an oracle; engines hand true lengths to oracles only")

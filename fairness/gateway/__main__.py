@@ -42,6 +42,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--upstream-timeout", type=float, default=120.0, help="seconds an upstream may stay silent")
     ap.add_argument("--upstream-api-key", default=None, help="bearer token the gateway sends to its upstreams")
     ap.add_argument("--max-tokens-limit", type=int, default=None, help="the largest max_tokens a request may ask for")
+    ap.add_argument(
+        "--tenant-idle-s", type=float, default=600.0, help="seconds after which an idle tenant's state is dropped"
+    )
+    ap.add_argument(
+        "--charge",
+        choices=["all", "uncached"],
+        default="all",
+        help="prompt tokens charged: all, or less those the upstream's prefix cache served",
+    )
+    ap.add_argument("--max-tenants", type=int, default=10_000, help="tenants known at once; past it, 429")
     ap.add_argument("--probe-interval", type=float, default=1.0, help="seconds between probes of a down upstream")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -50,7 +60,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown policy {args.policy!r}; registered: {policy_names()}")
     try:
         tenants = load_tenants(args.tenants) if args.tenants else None
-        config = GatewayConfig(queue_timeout_s=args.queue_timeout, max_tokens_limit=args.max_tokens_limit)
+        config = GatewayConfig(
+            queue_timeout_s=args.queue_timeout,
+            max_tokens_limit=args.max_tokens_limit,
+            tenant_idle_s=args.tenant_idle_s,
+            max_tenants=args.max_tenants,
+            charge=args.charge,
+        )
         app = create_gateway(
             args.upstream,
             args.policy,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,11 @@ from fairness.gateway.upstreams import Upstream, UpstreamPool
 
 class NoUpstream(Exception):
     """A request waited `queue_timeout_s` without an upstream able to take it."""
+
+
+class TooManyTenants(Exception):
+    """A request from a new tenant while `max_tenants` tenants are known (active, or idle for less than
+    `tenant_idle_s`)."""
 
 
 @dataclass
@@ -49,7 +55,14 @@ class Admission:
         pool: UpstreamPool,
         observers: Sequence[EngineObserver] = (),
         tick_s: float = 0.05,
+        tenant_idle_s: float = 600.0,
+        max_tenants: int = 10_000,
     ):
+        """tenant_idle_s: a tenant with nothing waiting or running for this long is forgotten (the policy's counters
+        and the metrics' series drop it; VTC's lift gives it a fair start if it returns). max_tenants: the most
+        tenants known at once; a new tenant past it is refused (`TooManyTenants`)."""
+        if tenant_idle_s < 0 or max_tenants < 1:
+            raise ValueError(f"need tenant_idle_s >= 0 and max_tenants >= 1, got {tenant_idle_s}, {max_tenants}")
         policy = make_policy(policy)
         require_no_oracle(policy)
         self.pool, self.tick_s = pool, tick_s
@@ -63,6 +76,9 @@ class Admission:
         self.running: dict[int, Ticket] = {}
         self.wake = asyncio.Event()  # set by whatever may let a waiting request in (a finish, a probe round)
         self._last_step = time.monotonic()
+        self.tenant_idle_s, self.max_tenants = tenant_idle_s, max_tenants
+        self._active: dict[str, int] = {}  # tenant -> requests waiting or running
+        self._idle: OrderedDict[str, float] = OrderedDict()  # tenant with none -> since when, oldest first
 
     @property
     def policy(self) -> SchedulingPolicy:
@@ -70,8 +86,21 @@ class Admission:
 
     # --- the HTTP layer reports -------------------------------------------------------------------------------------
 
+    @property
+    def tenants(self) -> int:
+        """Tenants known now: active, or idle for less than tenant_idle_s."""
+        return len(self._active) + len(self._idle)
+
     def arrive(self, client: str, weight: float, input_tokens: int, max_output: int | None, model: str) -> Ticket:
         now = time.monotonic()
+        self.expire(now)
+        if client not in self._active and client not in self._idle and self.tenants >= self.max_tenants:
+            raise TooManyTenants(
+                f"the gateway serves at most {self.max_tenants} tenants at once; retry later, or raise "
+                "--max-tenants (each tenant costs a counter, a queue and metric series)"
+            )
+        self._idle.pop(client, None)
+        self._active[client] = self._active.get(client, 0) + 1
         info = RequestInfo(next(self._ids), client, now, max(1, input_tokens), max_output, weight)
         ticket = Ticket(info, model, asyncio.get_running_loop().create_future())
         self.waiting[info.id] = ticket
@@ -160,14 +189,34 @@ class Admission:
             self.wake.clear()
             self.step()
             self.pump()
+            self.expire(time.monotonic())
 
     # --- internals --------------------------------------------------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """Forget the tenants idle for tenant_idle_s (oldest first: O(1) per tenant forgotten). One the policy must
+        still keep (an RPM window) is asked again after another tenant_idle_s."""
+        kept = []
+        while self._idle:
+            client, since = next(iter(self._idle.items()))
+            if now - since < self.tenant_idle_s:
+                break
+            del self._idle[client]
+            if not self.driver.forget(client, now):
+                kept.append(client)
+        for client in kept:
+            self._idle[client] = now
 
     def _end(self, ticket: Ticket) -> bool:
         """Take `ticket` out of the queue or the running set (once); True the first time."""
         if ticket.ended:
             return False
         ticket.ended = True
+        client = ticket.info.client
+        self._active[client] -= 1
+        if not self._active[client]:
+            del self._active[client]
+            self._idle[client] = time.monotonic()
         if ticket.upstream is None:
             del self.waiting[ticket.info.id]
             return True

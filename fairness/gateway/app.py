@@ -27,7 +27,7 @@ except ImportError as e:
     raise missing("serve", e) from e
 
 from fairness.core.policy import SchedulingPolicy
-from fairness.gateway.admission import Admission, NoUpstream, Ticket
+from fairness.gateway.admission import Admission, NoUpstream, Ticket, TooManyTenants
 from fairness.gateway.metrics import GatewayMetrics
 from fairness.gateway.openai_events import (
     assemble,
@@ -41,6 +41,7 @@ from fairness.gateway.openai_events import (
 from fairness.gateway.upstreams import UpstreamDown, UpstreamFailed, UpstreamPool
 from fairness.serving.api import ApiError, Tenant, common_params, openai_app, read_json, tenant_of_key
 
+CHARGES = ("all", "uncached")
 FAIRNESS_ID_HEADER = "x-gateway-fairness-id"
 
 
@@ -48,11 +49,24 @@ FAIRNESS_ID_HEADER = "x-gateway-fairness-id"
 class GatewayConfig:
     """queue_timeout_s: longest wait for an upstream before 503. max_requeues: times a request that an upstream
     refused before its first token goes back to the queue. max_tokens_limit: the largest max_tokens (None: the
-    upstreams decide)."""
+    upstreams decide). tenant_idle_s, max_tenants: the bound on per-tenant state (`Admission`): without a tenants
+    file any client names its own tenant, so a client rotating names must not grow counters, queues and metric
+    series without bound; 600 s outlives a pause between requests, and 10,000 tenants cost a few MB. charge: which
+    prompt tokens a tenant is charged, "all" (default: VTC's service, what the paper measures, and a cached token
+    still holds KV memory while its request runs) or "uncached" (less what the upstream's prefix cache served, as
+    its `usage.prompt_tokens_details.cached_tokens` reports: Dynamo's rule, which rewards tenants whose prompts
+    share prefixes)."""
 
     queue_timeout_s: float = 300.0
     max_requeues: int = 3
     max_tokens_limit: int | None = None
+    tenant_idle_s: float = 600.0
+    max_tenants: int = 10_000
+    charge: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.charge not in CHARGES:
+            raise ValueError(f"unknown charge {self.charge!r}; choose one of {list(CHARGES)}")
 
 
 class ClientGone(Exception):
@@ -71,7 +85,13 @@ class Gateway:
     ):
         self.pool, self.tenants, self.config = pool, tenants, config
         self.metrics = GatewayMetrics(pool)
-        self.admission = Admission(policy, pool, observers=[self.metrics])
+        self.admission = Admission(
+            policy,
+            pool,
+            observers=[self.metrics],
+            tenant_idle_s=self.config.tenant_idle_s,
+            max_tenants=self.config.max_tenants,
+        )
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -118,7 +138,10 @@ class Gateway:
     async def serve(self, request: Request, body: dict, tenant: Tenant, prompt_tokens: int, path: str) -> Response:
         model, max_tokens = self.check(body)
         chat = path.endswith("chat/completions")
-        ticket = self.admission.arrive(tenant.name, tenant.weight, prompt_tokens, max_tokens, model)
+        try:
+            ticket = self.admission.arrive(tenant.name, tenant.weight, prompt_tokens, max_tokens, model)
+        except TooManyTenants as e:
+            raise ApiError(429, str(e), "too_many_tenants", type_="rate_limit_error") from e
         upstream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         events = self._relay(ticket, path, upstream_body, {FAIRNESS_ID_HEADER: tenant.name})
         try:
@@ -136,6 +159,14 @@ class Gateway:
         except ApiError:
             await events.aclose()
             raise
+
+    def _charged_prompt(self, usage: dict, ticket: Ticket) -> int:
+        """The prompt tokens the tenant is charged, from the upstream's usage (`charge`)."""
+        prompt = int(usage.get("prompt_tokens", ticket.info.input_tokens))
+        if self.config.charge == "uncached":
+            details = usage.get("prompt_tokens_details") or {}
+            prompt -= min(prompt, int(details.get("cached_tokens") or 0))
+        return prompt
 
     async def _relay(self, ticket: Ticket, path: str, body: dict, headers: dict[str, str]) -> AsyncIterator[dict]:
         """The upstream's events for `ticket`, charging the policy as they come; ApiError when it cannot be served."""
@@ -178,9 +209,7 @@ class Gateway:
             up.served += 1
             final = final or {}
             self.admission.finish(
-                ticket,
-                int(final.get("completion_tokens", ticket.generated)),
-                int(final.get("prompt_tokens", ticket.info.input_tokens)),
+                ticket, int(final.get("completion_tokens", ticket.generated)), self._charged_prompt(final, ticket)
             )
             outcome = "ok"
         finally:

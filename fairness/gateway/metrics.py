@@ -3,6 +3,8 @@ time to first token, and each upstream's health, load and limit."""
 
 from __future__ import annotations
 
+import contextlib
+
 from fairness.core.driver import EngineObserver
 from fairness.core.request import RequestInfo
 from fairness.extras import missing
@@ -14,11 +16,14 @@ except ImportError as e:
 
 from fairness.gateway.upstreams import UpstreamPool
 
+TOKEN_KINDS = (("prompt",), ("completion",))
+OUTCOMES = (("ok",), ("cancelled",), ("no_upstream",), ("upstream_error",))  # of fairness_gateway_requests
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class GatewayMetrics(EngineObserver):
-    """One registry per gateway. Tenant labels are the tenants' names (bounded by the tenants file when one is set)."""
+    """One registry per gateway. Tenant labels are the tenants' names: bounded by the tenants file when one is set,
+    else by the gateway's cap on tenants, and an idle tenant's series leave (`on_forget`)."""
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
@@ -88,3 +93,16 @@ class GatewayMetrics(EngineObserver):
     def on_cancel(self, req: RequestInfo, generated: int | None, now: float) -> None:
         (self.waiting if generated is None else self.running).labels(req.client).dec()
         self._streamed.pop(req.id, None)
+
+    def on_forget(self, client: str, now: float) -> None:
+        """An idle tenant's series leave /metrics (its counters restart from zero if it returns, which Prometheus'
+        rate() reads as a reset)."""
+        for metric, labels in (
+            (self.waiting, [()]),
+            (self.running, [()]),
+            (self.tokens, TOKEN_KINDS),
+            (self.requests, OUTCOMES),
+        ):
+            for rest in labels:
+                with contextlib.suppress(KeyError):
+                    metric.remove(client, *rest)
