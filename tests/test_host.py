@@ -235,14 +235,14 @@ def test_low_bit_host_experts_stay_near_the_model_at_decode(precision, bound, pa
     with torch.no_grad():
         cache, ref = DynamicCache(), []
         for t in range(ids.shape[1]):
-            ref.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            ref.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     handle = patched(model, budget=0.25, device="cpu", miss_path="host", host_precision=precision)
     lowbit_tokens = handle.stats().host["lowbit_tokens"]
     assert lowbit_tokens >= 1
     with torch.no_grad():
         cache, got = DynamicCache(), []
         for t in range(ids.shape[1]):
-            got.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            got.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, ref, strict=True))
     assert 0 < err <= bound, err
     assert handle.stats().host_jobs > 0
