@@ -3,12 +3,12 @@ memory reads, for Mixtral-8x7B-sized (hidden 4096, intermediate 14336) and Qwen3
 
     python -m lab.host_bench [--mode quick|default] [--sizes mixtral-8x7b qwen3-30b-a3b] [--out bench-results]
 
-The memory probe sums a 1 GiB tensor with the host path's own threads (the fastest of 9 reads: the ceiling). The host path computes one expert per job
-for 1, 4 and 16 tokens through `HostCompute` (the path `miss_path="host"` takes), cycling over enough distinct
-experts (random bf16 weights) that none is in a cache when read; its bandwidth is the expert's bytes over the job's
-time. Beside it: the stock experts kernel on a one-expert twin (the host path before the direct kernel), and the
-low-bit host experts (`host_precision`, LOSSY up to the measured number of tokens per expert at which they beat the
-native weights), whose bandwidth counts their own (packed) bytes. REAL CPU and
+The memory probe sums a 1 GiB tensor with the host path's own threads (the fastest of 9 reads: the ceiling). The
+host path computes one expert per job for 1, 4 and 16 tokens through `HostCompute` (the path `miss_path="host"`
+takes), cycling over enough distinct experts (random bf16 weights) that none is in a cache when read; its bandwidth
+is the expert's bytes over the job's time. Beside it: the stock experts kernel on a one-expert twin (the host path
+before the direct kernel), and the low-bit host experts (`host_precision`, LOSSY up to the measured number of tokens
+per expert at which they beat the native weights), whose bandwidth counts their own (packed) bytes. REAL CPU and
 memory, nothing emulated.
 """
 
