@@ -96,7 +96,7 @@ def measure(name: str, repeats: int, working_set: int) -> dict:
                 host.result(host.submit(0, [e], x.float(), w, ids + e, pairs=False))
 
             seconds = time_jobs(run, count, repeats)
-            nbytes = host.host_bytes(0, 0) if tokens <= host.lowbit_tokens else one  # the bytes this call reads
+            nbytes = host.host_bytes(0, 0, tokens)  # the bytes this call reads
             path = "host" if precision is None else f"host {precision} (LOSSY to {host.lowbit_tokens} tokens)"
             rows.append({"path": path, "tokens": tokens,
                          "seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9})  # fmt: skip

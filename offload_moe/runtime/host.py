@@ -167,18 +167,18 @@ class HostCompute:
             best = n
         return best
 
-    def host_bytes(self, layer: int, expert: int) -> int:
-        """Bytes the host reads to compute one expert: its low-bit copy where there is one."""
-        parts = self._lowbit.get((layer, expert))
+    def lowbit_for(self, layer: int, expert: int, tokens: int) -> dict[str, LowBit] | None:
+        """The low-bit copy a call of `tokens` tokens for this expert computes with; None: the native weights."""
+        return self._lowbit.get((layer, expert)) if tokens <= self.lowbit_tokens else None
+
+    def host_bytes(self, layer: int, expert: int, tokens: int) -> int:
+        """Bytes the host reads to compute one expert for `tokens` tokens: its low-bit copy where a call that size
+        uses one."""
+        parts = self.lowbit_for(layer, expert, tokens)
         if parts is None:
             return self.store.expert_bytes()
         dense = sum(p.shape[0] * p.shape[1] for p in parts.values()) * self.store.expert_dtype.itemsize
         return self.store.expert_bytes() - dense + sum(p.nbytes for p in parts.values())
-
-    @property
-    def lowbit_bytes(self) -> int:
-        """Host bytes of the low-bit copies (0 without host_precision)."""
-        return sum(m.nbytes for parts in self._lowbit.values() for m in parts.values())
 
     def pieces(self, layer: int, expert: int) -> dict[str, list[tuple[int, torch.Tensor]]]:
         """One expert's weights as the kernel reads them: each weight's pieces [(first row, tensor)] in row order."""
@@ -219,7 +219,7 @@ class HostCompute:
             with self._lock:
                 begin = max(start, self._memory_free_at)
                 flops = 2.0 * self.expert_params * int(np.isin(ids, experts).sum())
-                nbytes = sum(self.host_bytes(layer, e) for e in experts)
+                nbytes = sum(self.host_bytes(layer, e, int((ids == e).sum())) for e in experts)
                 self._memory_free_at = begin + self.emulated.seconds(nbytes, flops)
                 done_at = self._memory_free_at
         kernel, out, n_pairs, top_k = self._kernels[layer], torch.zeros_like(hidden), 0, ids.shape[1]
@@ -228,8 +228,7 @@ class HostCompute:
                 pos, tok = np.nonzero((ids == e).T)  # in the order the stock kernels gather an expert's rows
                 rows = torch.from_numpy(tok * top_k + pos if pairs else tok)
                 x, w = hidden[rows], weights[torch.from_numpy(tok), torch.from_numpy(pos)]
-                lowbit = self._lowbit.get((layer, e)) if len(tok) <= self.lowbit_tokens else None
-                y = kernel.forward(self.pieces(layer, e), x, w, lowbit)
+                y = kernel.forward(self.pieces(layer, e), x, w, self.lowbit_for(layer, e, len(tok)))
                 out.index_add_(0, rows, y.to(out.dtype))
                 n_pairs += len(tok)
         if self.emulated is not None:
