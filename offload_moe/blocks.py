@@ -28,8 +28,9 @@ def moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
     return blocks
 
 
-def expert_geometry(blocks: list[MoEBlock]) -> ExpertGeometry:
-    """Shapes and sizes of the experts of `blocks`, which must all be alike (one pool serves them all)."""
+def expert_geometry(blocks: list[MoEBlock], packed_bytes: int | None = None) -> ExpertGeometry:
+    """Shapes and sizes of the experts of `blocks`, which must all be alike (one pool serves them all);
+    packed_bytes: one expert's bytes in its checkpoint's low-bit format, where the store keeps that."""
     names = blocks[0].expert_param_names()
     first = blocks[0].experts
     shapes = {n: tuple(getattr(first, n).shape[1:]) for n in names}
@@ -41,8 +42,15 @@ def expert_geometry(blocks: list[MoEBlock]) -> ExpertGeometry:
                 f"{blocks[0].num_experts} of {shapes}: offload-moe shares one slot pool across layers and needs "
                 "every layer's experts to have the same shapes"
             )
-    itemsize = getattr(first, names[0]).element_size()
-    return ExpertGeometry(len(blocks), blocks[0].num_experts, max(b.top_k for b in blocks), shapes, itemsize)
+    weight = getattr(first, names[0])
+    if not weight.is_floating_point() or weight.dtype.itemsize == 1:
+        raise UnsupportedModelError(
+            f"MoE block {blocks[0].name} holds its experts packed ({weight.dtype}), as transformers keeps a low-bit "
+            "checkpoint where it has kernels for it; patch() needs them in a float dtype. Use "
+            "offload_moe.load(path), which reads MXFP4, FP8 and int4/int8 checkpoints and keeps the experts packed"
+        )
+    top_k = max(b.top_k for b in blocks)
+    return ExpertGeometry(len(blocks), blocks[0].num_experts, top_k, shapes, weight.element_size(), packed_bytes)
 
 
 def _takes_routing(experts: torch.nn.Module) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +21,20 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from offload_moe import compat
 from offload_moe.blocks import moe_blocks
 from offload_moe.budget import budget_bytes
+from offload_moe.formats import matrix_format
 from offload_moe.handle import OffloadHandle
 from offload_moe.options import OffloadOptions
+from offload_moe.packed_checkpoint import FUSED, PART, PER_EXPERT, decode_dense, packed_experts, unreadable
 from offload_moe.patch import offload, resolve_device
 from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.ram_tier import RamTier
-from offload_moe.runtime.store import HostStore, Piece, expert_nbytes, mmap_safetensors
+from offload_moe.runtime.store import HostStore, Piece, mmap_safetensors
 
 READS = ("pread", "mmap")  # how load() reads an expert for a copy
 
 # Checkpoint key renames that transformers applies when loading (only Mixtral's block name changed).
 _RENAMES = [(re.compile(r"\.block_sparse_moe\."), ".mlp.")]
-_PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<w>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
-_FUSED = re.compile(r"^(?P<block>.+)\.experts\.(?P<name>[A-Za-z_]+)$")
-_PART = {
-    "w1": ("gate_up_proj", 0),
-    "gate_proj": ("gate_up_proj", 0),
-    "w3": ("gate_up_proj", 1),
-    "up_proj": ("gate_up_proj", 1),
-    "w2": ("down_proj", 0),
-    "down_proj": ("down_proj", 0),
-}
 
 
 def load(
@@ -58,6 +51,9 @@ def load(
     """Open the checkpoint directory `path` and patch it; returns `(model, handle)`.
 
     Expert weights are never all read into RAM: they are memory-mapped and copied to the device expert by expert.
+    A checkpoint in a low-bit format (config.json's quantization_config: MXFP4, FP8 with block scales, int4/int8
+    pack-quantized) keeps its experts in that format in the files, the RAM tier and the device pool, and the budget
+    counts those bytes; a kernel pass decodes the experts it reads. Its other low-bit weights are decoded at load.
     budget, device, options / kwargs: as for `offload_moe.patch`.
     dtype: the compute dtype. Default None: the checkpoint's, which is what the model was trained and saved in.
     read: how a copy reads an expert: "pread" (default: large reads whose page cache is released behind them, so
@@ -85,42 +81,88 @@ def load(
         )
     path = Path(path)
     read_base = storage_read_bytes()  # handle.stats() counts the checkpoint's reads from here
-    tensors, files = _open_checkpoint(path, open_files=read == "pread")
+    tensors, files, shards = _open_checkpoint(path, open_files=read == "pread")
 
     def piece(name: str, row: int, t: torch.Tensor) -> Piece:
         span = FileSpan.of(files[t.untyped_storage().data_ptr()].fileno(), t) if read == "pread" else None
         return Piece(name, row, t, span)
 
     config = AutoConfig.from_pretrained(path)
+    try:
+        fmt = matrix_format(json.loads((path / "config.json").read_text()).get("quantization_config"))
+    except ValueError as e:
+        raise unreadable([k for k in tensors if ".experts." in k], str(e)) from None
+    config.__dict__.pop("quantization_config", None)  # the model is built plain; its experts are ours to decode
     if dtype is None:
-        dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+        dtype = _saved_dtype(config, tensors)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     blocks = moe_blocks(model)
-    block_index = {b.name: b for b in blocks}
 
-    dense: dict[str, torch.Tensor] = {}
-    pieces: dict[tuple[int, int], list[Piece]] = {}
-    for key, t in tensors.items():
-        name = _rename(key)
-        m = _PER_EXPERT.match(name)
-        if m and m["block"] in block_index:
-            b = block_index[m["block"]]
-            target, half = _PART[m["w"]]
-            pieces.setdefault((b.index, int(m["e"])), []).append(piece(target, half * t.shape[0], t))
+    layout, dense = None, {}
+    found = packed_experts(tensors, shards, blocks, fmt, dtype, lambda n, t: piece(n, 0, t)) if fmt else None
+    if found is not None:
+        experts, layout, used = found
+    else:
+        experts, used = _plain_experts(tensors, blocks, piece, path)
+    if fmt is not None:  # the other low-bit weights (DeepSeek's FP8 attention), decoded now
+        decoded, decoded_keys = decode_dense({k: t for k, t in tensors.items() if k not in used}, shards, fmt, dtype)
+        dense.update(decoded)
+        used |= decoded_keys
+    for name, t in tensors.items():
+        if name in used:
             continue
-        m = _FUSED.match(name)
-        if m and m["block"] in block_index and m["name"] in block_index[m["block"]].expert_param_names():
-            b = block_index[m["block"]]
-            for e in range(b.num_experts):
-                pieces.setdefault((b.index, e), []).append(piece(m["name"], 0, t[e]))
-            continue
+        if ".experts." in name and any(name.startswith(f"{b.name}.experts.") for b in blocks):
+            raise unreadable([k for k in tensors if ".experts." in k and k not in used], "")
         if read == "pread":  # into RAM now, past the memory map: a fault on it would read around it (8 MB here)
             t = _read(t, files[t.untyped_storage().data_ptr()].fileno())
         dense[name] = t.to(dtype) if t.is_floating_point() else t
 
     shapes = {n: tuple(getattr(blocks[0].experts, n).shape[1:]) for n in blocks[0].expert_param_names()}
+    ram = None
+    if ram_budget is not None:
+        ram = _ram_tier(HostStore(experts, shapes, packed=layout), ram_budget, resolve_device(device))
+    store = HostStore(experts, shapes, files=list(files.values()), ram=ram, packed=layout)
+    _load_dense(model, dense, path)
+    handle = offload(model, budget, device, opt, store=store, read_base=read_base)
+    return model, handle
+
+
+def _saved_dtype(config: Any, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the model was saved in: its config's, else its float weights' (by bytes; a low-bit checkpoint's
+    float32 scales are a small share)."""
+    saved = getattr(config, "dtype", None)
+    if isinstance(saved, torch.dtype):
+        return saved
+    nbytes: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.is_floating_point() and t.dtype.itemsize > 1:
+            nbytes[t.dtype] = nbytes.get(t.dtype, 0) + t.nbytes
+    return max(nbytes, key=nbytes.__getitem__)
+
+
+def _plain_experts(
+    tensors: dict[str, torch.Tensor], blocks: list, piece: Callable[[str, int, torch.Tensor], Piece], path: Path
+) -> tuple[list[list[list[Piece]]], set[str]]:
+    """Every expert's pieces from a checkpoint of float experts, fused or per expert, and the keys they use."""
+    block_index = {b.name: b for b in blocks}
+    pieces: dict[tuple[int, int], list[Piece]] = {}
+    used = set()
+    for name, t in tensors.items():
+        m = PER_EXPERT.match(name)
+        if m and m["s"] == ".weight" and m["block"] in block_index:
+            b = block_index[m["block"]]
+            target, half = PART[m["w"]]
+            pieces.setdefault((b.index, int(m["e"])), []).append(piece(target, half * t.shape[0], t))
+            used.add(name)
+            continue
+        m = FUSED.match(name)
+        if m and m["block"] in block_index and m["name"] in block_index[m["block"]].expert_param_names():
+            b = block_index[m["block"]]
+            for e in range(b.num_experts):
+                pieces.setdefault((b.index, e), []).append(piece(m["name"], 0, t[e]))
+            used.add(name)
     experts = []
     for b in blocks:
         layer = []
@@ -130,24 +172,21 @@ def load(
                 raise ValueError(f"{path}: no weights found for expert {e} of {b.name}; is this the right checkpoint?")
             layer.append(sorted(got, key=lambda p: (p.name, p.row)))
         experts.append(layer)
-    ram = _ram_tier(experts, shapes, ram_budget, resolve_device(device)) if ram_budget is not None else None
-    store = HostStore(experts, shapes, files=list(files.values()), ram=ram)
-    _load_dense(model, dense, path)
-    handle = offload(model, budget, device, opt, store=store, read_base=read_base)
-    return model, handle
+    return experts, used
 
 
-def _ram_tier(experts: list, shapes: dict, ram_budget: float | str, device: torch.device) -> RamTier:
-    """A RAM tier of `ram_budget` (of every expert's bytes in the checkpoint's dtype), pinned for a CUDA device."""
-    file_dtype = experts[0][0][0].src.dtype
-    one = expert_nbytes(shapes, file_dtype)
-    slots = budget_bytes(ram_budget, one * len(experts) * len(experts[0])) // one
+def _ram_tier(store: HostStore, ram_budget: float | str, device: torch.device) -> RamTier:
+    """A RAM tier of `ram_budget` (of every expert's bytes as the checkpoint stores them), pinned for a CUDA
+    device."""
+    file_dtype = store.experts[0][0][0].src.dtype
+    one = store.expert_bytes(file_dtype)
+    slots = budget_bytes(ram_budget, one * store.num_layers * store.num_experts) // one
     if slots < 1:
         raise ValueError(
             f"ram_budget={ram_budget!r} holds no expert (one is {one / 2**20:.1f} MiB); give at least "
             "that, or leave ram_budget unset"
         )
-    return RamTier(shapes, file_dtype, slots, pin=device.type == "cuda")
+    return RamTier(store.pool_parts(file_dtype), slots, pin=device.type == "cuda")
 
 
 def _read(t: torch.Tensor, fd: int) -> torch.Tensor:
@@ -163,9 +202,11 @@ def _rename(key: str) -> str:
     return key
 
 
-def _open_checkpoint(path: Path, open_files: bool) -> tuple[dict[str, torch.Tensor], dict[int, io.FileIO]]:
-    """Every tensor of the checkpoint's safetensors shards, memory-mapped, and (open_files) each shard open for
-    reading, by the data pointer of its memory map."""
+def _open_checkpoint(
+    path: Path, open_files: bool
+) -> tuple[dict[str, torch.Tensor], dict[int, io.FileIO], dict[str, Path]]:
+    """Every tensor of the checkpoint's safetensors shards, memory-mapped, by its name as transformers loads it;
+    (open_files) each shard open for reading, by the data pointer of its memory map; and each tensor's shard."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a checkpoint directory")
     index = path / "model.safetensors.index.json"
@@ -180,12 +221,15 @@ def _open_checkpoint(path: Path, open_files: bool) -> tuple[dict[str, torch.Tens
         )
     tensors: dict[str, torch.Tensor] = {}
     files: dict[int, io.FileIO] = {}
+    shard_of: dict[str, Path] = {}
     for shard in shards:
         mapped = mmap_safetensors(path / shard)
         if mapped and open_files:
             files[next(iter(mapped.values())).untyped_storage().data_ptr()] = io.FileIO(path / shard, "r")
-        tensors.update(mapped)
-    return tensors, files
+        for key, t in mapped.items():
+            tensors[_rename(key)] = t
+            shard_of[_rename(key)] = path / shard
+    return tensors, files, shard_of
 
 
 def _load_dense(model: torch.nn.Module, dense: dict[str, torch.Tensor], path: Path) -> None:

@@ -69,7 +69,7 @@ def offload(
     calib = load_calibration(options.calibration) if options.calibration is not None else None
     if calib is not None:
         calib.check_fits(blocks)
-    geometry = expert_geometry(blocks)
+    geometry = expert_geometry(blocks, store.expert_bytes() if store is not None and store.packed else None)
     plan = make_plan(geometry, budget, options, calib.catalog() if calib is not None else None)
     dtype = getattr(blocks[0].experts, names[0]).dtype
     undo = ExitStack()
@@ -193,7 +193,7 @@ def _materialize(blocks: list[MoEBlock], store: HostStore, dtype: torch.dtype) -
 
 def _swap_in_pool(blocks: list[MoEBlock], names: list[str], cache: ExpertCache, undo: ExitStack) -> None:
     """Every layer's experts module points at the shared slot pool; the originals go back at unpatch."""
-    pool = {n: torch.nn.Parameter(t, requires_grad=False) for n, t in cache.pool.items()}
+    pool = {n: torch.nn.Parameter(t, requires_grad=False) for n, t in cache.kernel_weights().items()}
     for b in blocks:
         originals, num_experts = compat.swap_parameters(b.experts, pool), b.experts.num_experts
         undo.callback(_restore_experts, b.experts, originals, num_experts)

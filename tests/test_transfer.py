@@ -283,7 +283,7 @@ def test_a_ram_tier_reads_again_what_a_failed_copy_never_brought(file_span):
     w = torch.randn(8, 4)
     good = file_span(w, "w")
     bad = FileSpan(good.fd, 10_000, w.dtype, tuple(w.shape))  # past the end of its 128-byte file
-    tier = RamTier({"w": (8, 4)}, torch.float32, slots=1, pin=False)
+    tier = RamTier({"w": ((8, 4), torch.float32)}, slots=1, pin=False)
     engine, dst = TransferEngine(torch.device("cpu")), torch.zeros(8, 4)
 
     def copy(span: FileSpan):

@@ -21,6 +21,7 @@ from offload_moe import compat
 from offload_moe.runtime.admission import Admission
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.eviction import EvictionPolicy
+from offload_moe.runtime.packed import Unpacker
 from offload_moe.runtime.slots import SlotTable
 from offload_moe.runtime.speculation import Source, Speculation
 from offload_moe.runtime.store import HostStore
@@ -70,9 +71,11 @@ class ExpertCache:
         self._on_host = self.device.type == "cpu"
         self._engine, self.frozen, self._counters = engine, frozen, counters
         self.pool = {
-            n: torch.empty((num_slots, *shape), dtype=dtype, device=self.device)
-            for n, shape in store.expert_shapes.items()
-        }  # name -> [S, ...]
+            n: torch.empty((num_slots, *shape), dtype=dt, device=self.device)
+            for n, (shape, dt) in store.pool_parts(dtype).items()
+        }  # part name -> [S, ...]
+        # a packed store: kernel passes decode the slots they read into a scratch (`kernel_weights`)
+        self._unpacker = Unpacker(store.packed, self.device) if store.packed is not None else None
         self.slot_bytes = store.expert_bytes(dtype)
         self.all_resident = num_slots == store.num_layers * store.num_experts
         self.slots = SlotTable(store.num_layers, store.num_experts, num_slots, top_k, eviction, self.device, frozen)
@@ -202,9 +205,15 @@ class ExpertCache:
     ) -> KernelIndex:
         """The slot ids of one kernel pass over `experts` (resident, landed) of `layer`; ids: the call's [T, K]
         routing on the host, top_k_index the same on the device. every: `experts` are all the routed experts (no
-        pair is skipped; the device remaps without a host round trip)."""
+        pair is skipped; the device remaps without a host round trip). A packed store's pass reads its experts
+        decoded into rows 0..n-1 of the scratch (`kernel_weights`)."""
         row = self.slots.row(layer)
         slots = self.slots.slots_of(layer, experts)
+        if self._unpacker is not None:
+            self._unpacker.decode(self.pool, slots)
+            window = len(experts) if every else max(len(experts), compat.MASKED_WINDOW)
+            local = Unpacker.remap(ids, experts, self.store.num_experts, window)
+            return KernelIndex(torch.from_numpy(local).to(self.device, non_blocking=True), 0, window, not every)
         lo, hi = min(slots), max(slots) + 1
         if every:
             if self._on_host:  # the table is the device's own memory: remap in place of a gather
@@ -214,6 +223,10 @@ class ExpertCache:
             hi, lo = (hi + 1, lo) if hi < self.num_slots else (hi, lo - 1)
         local = np.where(np.isin(ids, experts), row[ids] - lo, hi - lo)  # [T, K]
         return KernelIndex(torch.from_numpy(local).to(self.device, non_blocking=True), lo, hi, True)
+
+    def kernel_weights(self) -> dict[str, torch.Tensor]:
+        """What a `KernelIndex`'s [lo, hi) indexes: the slot pool, or a packed store's decode scratch."""
+        return self.pool if self._unpacker is None else self._unpacker.scratch
 
     def release(self, layer: int, experts: list[int]) -> None:
         """Mark the end of a kernel pass that read these slots (CUDA: later copies into them wait for it)."""
@@ -286,8 +299,11 @@ class ExpertCache:
 
     def _fixed_layers(self) -> dict[int, slice]:
         """Layers whose experts all stay resident with expert e in slot lo + e (every layer when everything fits;
-        whole layers of a static placement): their experts module can hold its slots for good."""
-        out = {}
+        whole layers of a static placement): their experts module can hold its slots for good. None of a packed
+        store: its slots must be decoded before a kernel reads them."""
+        out: dict[int, slice] = {}
+        if self._unpacker is not None:
+            return out
         for layer in range(self.store.num_layers):
             row = self.slots.row(layer)
             if row[0] >= 0 and np.array_equal(row, np.arange(row[0], row[0] + len(row))):

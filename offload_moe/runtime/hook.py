@@ -59,7 +59,7 @@ class ExpertsHook(ModuleHook):
         self.layer, self.cache, self.names, self.counters = layer, cache, names, counters
         self.router, self.standin, self.prefetcher, self.host = router, standin, prefetcher, host
         self.fixed_hits = fixed_hits
-        self._views: dict[tuple[int, int], list[torch.nn.Parameter]] = {}  # (lo, hi) -> pool views per weight
+        self._views: dict[tuple[int, int, int], list[torch.nn.Parameter]] = {}  # (lo, hi, ptr) -> views
         self.pass_seconds = 0.0  # what one more kernel pass costs (exponential average over calls of few tokens)
         self.fixed = cache.fixed_slots(layer) is not None  # never misses: the module holds its slots (patch)
         self.key = next(_KEYS)  # how a compiled graph's `offloaded_experts` op finds this hook
@@ -151,15 +151,15 @@ class ExpertsHook(ModuleHook):
             self.pass_seconds = PASS_DECAY * self.pass_seconds + (1 - PASS_DECAY) * took
 
     def params(self, lo: int, hi: int) -> list[torch.nn.Parameter]:
-        """The pool's slots [lo, hi) as Parameters (views, cached): the kernel sees hi - lo experts."""
-        views = self._views.get((lo, hi))
+        """The kernel weights' rows [lo, hi) as Parameters (views, cached while the weights stay the same tensors):
+        the kernel sees hi - lo experts."""
+        weights = self.cache.kernel_weights()
+        key = (lo, hi, weights[self.names[0]].data_ptr())
+        views = self._views.get(key)
         if views is None:
             if len(self._views) >= VIEW_CACHE:
                 self._views.clear()
-            pool = self.cache.pool
-            views = self._views[(lo, hi)] = [
-                torch.nn.Parameter(pool[n][lo:hi], requires_grad=False) for n in self.names
-            ]
+            views = self._views[key] = [torch.nn.Parameter(weights[n][lo:hi], requires_grad=False) for n in self.names]
         return views
 
 

@@ -118,6 +118,12 @@ class HostCompute:
         self.store, self.names, self.hidden_size, self.device = store, names, hidden_size, device
         self.counters = counters  # writes host_jobs, host_tokens, host_seconds, host_wait_seconds
         self.emulated, self.precision = emulated, precision
+        if precision is not None and store.packed is not None:
+            raise ValueError(
+                f"host_precision={precision!r} re-quantizes the experts, but this checkpoint already stores them "
+                f"low-bit ({', '.join(store.packed.formats)}) and host compute reads that copy; leave host_precision "
+                "unset"
+            )
         self._kernels = [HostKernel(m, precision) for m in experts_modules]  # snapshots: the hook swaps weights
         self.direct = self._kernels[0].check(self.pieces(0, 0), hidden_size, store.expert_dtype)
         if not self.direct:  # one class for every layer: where plain matmuls miss its bits, every layer keeps its twin
@@ -181,11 +187,8 @@ class HostCompute:
         return self.store.expert_bytes() - dense + sum(p.nbytes for p in parts.values())
 
     def pieces(self, layer: int, expert: int) -> dict[str, list[tuple[int, torch.Tensor]]]:
-        """One expert's weights as the kernel reads them: each weight's pieces [(first row, tensor)] in row order."""
-        out: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        for p in self.store.expert(layer, expert):
-            out.setdefault(p.name, []).append((p.row, p.src))
-        return {n: sorted(v, key=lambda rv: rv[0]) for n, v in out.items()}
+        """One expert's weights as the kernel reads them (`HostStore.compute_pieces`)."""
+        return self.store.compute_pieces(layer, expert)
 
     def submit(
         self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, pairs: bool

@@ -19,12 +19,13 @@ from offload_moe.runtime.types import ExpertKey
 
 
 class RamTier:
-    """`slots` experts in RAM ([slots, ...] per weight, pinned for a CUDA device), least recently used evicted."""
+    """`slots` experts in RAM ([slots, ...] per part, pinned for a CUDA device), least recently used evicted.
+    parts: what one expert is stored as, part name -> (shape, dtype) (`HostStore.pool_parts`)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, slots: int, pin: bool):
+    def __init__(self, parts: dict[str, tuple[tuple[int, ...], torch.dtype]], slots: int, pin: bool):
         if slots < 1:
             raise ValueError("a RAM tier needs at least one slot")
-        self.pool = {n: torch.empty((slots, *s), dtype=dtype, pin_memory=pin) for n, s in shapes.items()}
+        self.pool = {n: torch.empty((slots, *s), dtype=dt, pin_memory=pin) for n, (s, dt) in parts.items()}
         self._slot_of: OrderedDict[ExpertKey, int] = OrderedDict()  # least recently used first
         self._free = list(range(slots - 1, -1, -1))
         self._filled_by: dict[int, Transfer] = {}  # slot -> the last copy that filled or read it

@@ -17,6 +17,7 @@ import torch
 from offload_moe.runtime.disk import FileSpan
 
 if TYPE_CHECKING:
+    from offload_moe.runtime.packed import PackedLayout
     from offload_moe.runtime.ram_tier import RamTier
     from offload_moe.runtime.transfer import Transfer
 
@@ -31,6 +32,11 @@ _SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 
 
@@ -49,7 +55,9 @@ class HostStore:
 
     `experts[layer][e]` lists the pieces of expert e; a fused checkpoint has one piece per weight (a view of
     `gate_up_proj[e]`), a per-expert checkpoint (Mixtral's w1/w3/w2) has gate and up as two pieces of `gate_up_proj`.
-    `files`: the open checkpoint files that the pieces' spans read from.
+    `files`: the open checkpoint files that the pieces' spans read from. `packed`: the experts are kept in their
+    checkpoint's low-bit format (`load` of such a checkpoint); the pieces are then its packed parts, and
+    `expert_shapes` the weights they decode into.
     """
 
     def __init__(
@@ -58,12 +66,14 @@ class HostStore:
         expert_shapes: dict[str, tuple[int, ...]],
         files: list[io.FileIO] | None = None,
         ram: RamTier | None = None,
+        packed: PackedLayout | None = None,
     ):
         if not experts or not experts[0]:
             raise ValueError("HostStore needs at least one layer with one expert")
         self.experts = experts
         self._files = files or []  # kept open for the pieces' file spans (closed with the store)
         self.ram = ram  # between the files and the device: experts kept in RAM (`load(..., ram_budget=)`)
+        self.packed = packed
         self.expert_shapes = expert_shapes
         self.names = list(expert_shapes)
         self.num_layers = len(experts)
@@ -108,9 +118,29 @@ class HostStore:
         if self.ram is not None:
             self.ram.used_by((layer, expert), transfer)
 
+    def pool_parts(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What a device slot or RAM tier slot holds of one expert: part name -> (shape, dtype); `dtype` for
+        weights the store does not keep packed."""
+        if self.packed is not None:
+            return self.packed.parts
+        return {n: (s, dtype) for n, s in self.expert_shapes.items()}
+
+    def compute_pieces(self, layer: int, expert: int) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """One expert's weights as a kernel reads them: each weight's pieces [(first row, tensor)] in row order
+        (a packed expert decoded whole)."""
+        if self.packed is not None:
+            return {n: [(0, t)] for n, t in self.expert_tensors(layer, expert).items()}
+        out: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for p in self.experts[layer][expert]:
+            out.setdefault(p.name, []).append((p.row, p.src))
+        return {n: sorted(v, key=lambda rv: rv[0]) for n, v in out.items()}
+
     def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """One expert's weights as whole tensors on the host: views of a fused store (no copy), or assembled from a
-        per-expert checkpoint's pieces (gate and up are two pieces of gate_up_proj)."""
+        """One expert's weights as whole tensors on the host: views of a fused store (no copy), assembled from a
+        per-expert checkpoint's pieces (gate and up are two pieces of gate_up_proj), or decoded from packed parts."""
+        if self.packed is not None:
+            parts = {p.name: p.src.unsqueeze(0) for p in self.experts[layer][expert]}
+            return {n: t[0] for n, t in self.packed.decode(parts).items()}
         out: dict[str, torch.Tensor] = {}
         for p in self.experts[layer][expert]:
             shape = self.expert_shapes[p.name]
@@ -124,15 +154,22 @@ class HostStore:
 
     @property
     def expert_dtype(self) -> torch.dtype:
-        """The dtype the host holds the experts in."""
-        return self.experts[0][0][0].src.dtype
+        """The dtype the host's experts compute in (a packed store's decoded dtype)."""
+        return self.packed.dtype if self.packed is not None else self.experts[0][0][0].src.dtype
 
     def expert_bytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of one expert once stored in `dtype` (default: as the host stores it)."""
+        """Bytes of one expert once stored in `dtype` (default: as the host stores it); a packed store's experts
+        are stored packed whatever the compute dtype."""
+        if self.packed is not None:
+            return self.packed.expert_bytes
         return expert_nbytes(self.expert_shapes, self.experts[0][0][0].src.dtype if dtype is None else dtype)
 
     def materialize(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A layer's experts as fresh fused CPU tensors [E, ...] (reads every byte of the layer)."""
+        if self.packed is not None:
+            names = [p.name for p in self.experts[layer][0]]
+            stacked = {n: torch.stack([x[i].src for x in self.experts[layer]]) for i, n in enumerate(names)}
+            return {n: t.to(dtype) for n, t in self.packed.decode(stacked).items()}
         out = {n: torch.empty((self.num_experts, *s), dtype=dtype) for n, s in self.expert_shapes.items()}
         for e, pieces in enumerate(self.experts[layer]):
             for p in pieces:

@@ -222,6 +222,7 @@ class TransferEngine:
         finally:
             with self._cond:
                 self._helpers -= 1
+                self._cond.notify()
         return True
 
     def shutdown(self) -> None:
@@ -232,8 +233,11 @@ class TransferEngine:
         self._worker.join()
 
     def _next(self) -> Transfer | None:
+        """The next copy for the worker. While a thread moves a copy it waits for, the worker takes only demand
+        copies: the link's lock is not fair, and a worker that took speculative chunks back to back could hold it
+        until the whole speculative copy is done."""
         with self._cond:
-            while not self._queued and not self._closing:
+            while not self._closing and not any(t.priority == DEMAND or not self._helpers for t in self._queued):
                 self._cond.wait()
             if not self._queued:
                 return None
