@@ -81,7 +81,7 @@ def run_case(shape: str, fmt: str, group: int, ratio: float, mode: str, root: Pa
             opened[name] = offload_moe.load(root / name, budget=budget, device="cpu", miss_path="fetch", link=link)
             decode(opened[name][0], 2, opened[name][1])  # warm-up
         for r in range(rounds):
-            for name in (("bf16", fmt) if r % 2 == 0 else (fmt, "bf16")):  # drift hits both alike
+            for name in ("bf16", fmt) if r % 2 == 0 else (fmt, "bf16"):  # drift hits both alike
                 got, speed = decode(*opened[name], tokens)
                 speeds[name].append(speed)
                 tokens_of[name] = got
