@@ -85,6 +85,90 @@ def write_checkpoint(path: Path, layers: int, geometry: dict) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+MXFP4_GEOMETRY = {"hidden_size": 1024, "intermediate_size": 1024, "num_local_experts": 128, "num_experts_per_tok": 4,
+                  "vocab_size": 32000, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
+                  "sliding_window": 128, "num_hidden_layers": 36}  # fmt: skip
+
+
+def write_mxfp4_checkpoint(path: Path) -> tuple[int, int]:
+    """gpt-oss-120b's routing shape (36 layers x 128 experts, top-4) at hidden = intermediate = 1024, in the hub's
+    MXFP4 layout (fused `experts.{w}_blocks` / `_scales`, bf16 biases), random values; one shard per layer. Returns
+    (the experts' bytes as stored, the same experts' bytes in bf16)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    cfg = GptOssConfig(max_position_embeddings=4096, **MXFP4_GEOMETRY)
+    cfg.quantization_config = {"quant_method": "mxfp4"}
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(path)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    weight_map: dict[str, str] = {}
+    rest = {}
+    for name, p in meta.state_dict().items():
+        if ".experts." in name:
+            continue
+        if name.endswith("norm.weight"):
+            rest[name] = torch.ones(p.shape, dtype=torch.bfloat16)
+        elif p.dim() == 1:
+            rest[name] = torch.zeros(p.shape, dtype=torch.bfloat16)
+        else:
+            rest[name] = (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16)
+    save_file(rest, path / "model-rest.safetensors", metadata={"format": "pt"})
+    weight_map |= dict.fromkeys(rest, "model-rest.safetensors")
+    stored = 0
+    for layer in range(cfg.num_hidden_layers):
+        q = f"model.layers.{layer}.mlp.experts."
+        tensors = {}
+        for w, (rows, cols) in {"gate_up_proj": (2 * i, h), "down_proj": (h, i)}.items():
+            tensors[q + w + "_blocks"] = torch.randint(
+                0, 256, (e, rows, cols // 32, 16), dtype=torch.uint8, generator=gen
+            )
+            tensors[q + w + "_scales"] = torch.randint(
+                118, 122, (e, rows, cols // 32), dtype=torch.uint8, generator=gen
+            )
+            tensors[q + w + "_bias"] = torch.zeros(e, rows, dtype=torch.bfloat16)
+        shard = f"model-{layer:05d}.safetensors"
+        save_file(tensors, path / shard, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, shard)
+        stored += sum(t.nbytes for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    bf16 = cfg.num_hidden_layers * e * (3 * h * i + 3 * h) * 2
+    return stored, bf16
+
+
+def run_mxfp4(args: argparse.Namespace, ram: int) -> None:
+    """The MXFP4 row: a checkpoint larger than RAM in bf16 but not in MXFP4, run from `load` with every expert
+    packed in a RAM tier, inside a memory limit below the bf16 experts' size."""
+    root = args.dir or Path(tempfile.gettempdir())
+    ckpt = root / "offload-moe-disk-bench-gpt-oss-mxfp4"
+    try:
+        t0 = time.perf_counter()
+        stored, bf16 = write_mxfp4_checkpoint(ckpt)
+        print(f"wrote the MXFP4 checkpoint in {time.perf_counter() - t0:.0f} s: {stored / 2**30:.1f} GiB of experts "
+              f"({bf16 / 2**30:.1f} GiB in bf16; RAM {ram / 2**30:.1f} GiB)", flush=True)  # fmt: skip
+        size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        limit = size + SLACK
+        spec = {"path": str(ckpt), "name": "mxfp4", "budget": args.mxfp4_budget, "prompt": args.prompt,
+                "tokens": args.tokens, "vocab": MXFP4_GEOMETRY["vocab_size"]}  # fmt: skip
+        t0 = time.perf_counter()
+        result = run_one(spec, limit)
+    finally:
+        for f in ckpt.glob("*"):
+            f.unlink()
+        if ckpt.exists():
+            ckpt.rmdir()
+    row = {"shape": "gpt-oss-120b routing, hidden = intermediate = 1024", "format": "mxfp4", "machine_ram_bytes": ram,
+           "checkpoint_bytes": size, "expert_bytes": stored, "bf16_expert_bytes": bf16, "memory_limit_bytes": limit,
+           "budget": args.mxfp4_budget, "ram_budget": 1.0, "seconds": time.perf_counter() - t0, **result}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "disk-mxfp4.json").write_text(json.dumps(row, indent=1))
+    print(json.dumps({k: v for k, v in row.items() if k != "tokens"}, indent=1))
+    print(f"wrote {args.out / 'disk-mxfp4.json'}")
+
+
 class MemoryLimit:
     """A memory cgroup that counts the page cache (v1 `memory.limit_in_bytes` or v2 `memory.max`), or None where
     this machine does not let us make one."""
@@ -148,6 +232,8 @@ def run_child(spec: dict) -> dict:
         for f in Path(spec["offload_folder"]).rglob("*"):  # what it wrote there: cold, as in a later session
             if f.is_file():
                 drop_cache(f)
+    elif name == "mxfp4":  # every expert packed in a RAM tier, a budget of them in the device pool
+        model, handle = load(path, budget=spec["budget"], device="cpu", ram_budget=1.0, miss_path="fetch")
     else:
         options = dict(CONFIGS[name])
         budget = spec["two_experts"] if name == "page-cache" else spec["budget"]  # fractions of the experts
@@ -269,10 +355,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint (default: the temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint (and reuse one found there)")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--mxfp4", action="store_true", help="run only the MXFP4 row (bench-results/disk-mxfp4.json)")
+    ap.add_argument("--mxfp4-budget", type=float, default=0.25, help="the MXFP4 row's device budget")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))), flush=True)
+        return
+    if args.mxfp4:
+        run_mxfp4(args, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         return
     names = args.configs.split(",")
     unknown = set(names) - set(CONFIGS)

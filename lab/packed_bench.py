@@ -8,7 +8,8 @@ Both are opened with `offload_moe.load` at the same budget fractions (the same n
 decode the same prompt with misses fetched over one EMULATED link: its speed is set so that one bf16 expert's copy
 takes `COPY_TO_LAYER_RATIO` x one layer's decode compute of the bf16 model, the ratio of the real model on PCIe
 (lab.offload_bench calibrates the Mixtral reference model the same way). Rows: bytes per copy, decode tokens/s and
-its ratio to bf16 measured in the same round, greedy tokens against the bf16 model's, and the experts' bytes in RAM.
+its ratio to bf16 measured in the same round, each step's argmax against the bf16 model's (steps feed a fixed random
+token stream), and the experts' bytes in RAM.
 """
 
 from __future__ import annotations
@@ -39,16 +40,16 @@ GOAL = 2.5  # 4-bit formats at 1/4: decode >= 2.5x bf16 (FP8 moves half of bf16'
 
 
 def decode(model, tokens: int, handle) -> tuple[list[int], float]:
-    """Greedy decoding from a one-token prompt: (tokens, decode tokens/s); the handle's counters start after it."""
+    """Decode steps over a fixed random token stream (a random model's greedy output repeats one token, which would
+    keep hitting the same experts): (each step's argmax, steps/s). The handle's counters start after the first."""
+    stream = torch.randint(0, VOCAB, (1, tokens + 1), generator=torch.Generator().manual_seed(3))
     cache = DynamicCache()
-    nxt = torch.tensor([[7]])
-    out = model(input_ids=nxt, cache=cache, use_cache=True)
+    out = model(input_ids=stream[:, :1], cache=cache, use_cache=True)
     handle.reset_stats()
     got, t0 = [], time.perf_counter()
-    for _ in range(tokens):
-        nxt = out.logits[:, -1:].argmax(-1)
-        got.append(int(nxt))
-        out = model(input_ids=nxt, cache=cache, use_cache=True)
+    for i in range(1, tokens + 1):
+        got.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=stream[:, i : i + 1], cache=cache, use_cache=True)
     return got, tokens / (time.perf_counter() - t0)
 
 
@@ -82,7 +83,7 @@ def run_case(shape: str, fmt: str, group: int, ratio: float, mode: str, root: Pa
             decode(opened[name][0], 2, opened[name][1])  # warm-up
         for r in range(rounds):
             for name in ("bf16", fmt) if r % 2 == 0 else (fmt, "bf16"):  # drift hits both alike
-                got, speed = decode(*opened[name], tokens)
+                got, speed = decode(opened[name][0], tokens, opened[name][1])
                 speeds[name].append(speed)
                 tokens_of[name] = got
                 stats[name] = opened[name][1].stats()

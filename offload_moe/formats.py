@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 Parts = dict[str, tuple[tuple[int, ...], torch.dtype]]  # suffix -> (shape, dtype) of one matrix's tensors
 
@@ -78,7 +79,7 @@ class Mxfp4(MatrixFormat):
     E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
     def __init__(self) -> None:
-        self._pairs: dict[torch.device, torch.Tensor] = {}  # byte -> its two values [256, 2], per device
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def matrix_shape(self, values: torch.Tensor, scales: torch.Tensor) -> tuple[int, int]:
         return values.shape[-3], values.shape[-2] * self.BLOCK
@@ -90,23 +91,27 @@ class Mxfp4(MatrixFormat):
         return {"_blocks": ((rows, g, self.BLOCK // 2), torch.uint8), "_scales": ((rows, g), torch.uint8)}
 
     def decode(self, parts: dict[str, torch.Tensor], rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        blocks, scales = parts["_blocks"], parts["_scales"]  # [n, R, G, 16], [n, R, G]
-        values = self._pair_table(blocks.device)[blocks.long()]  # [n, R, G, 16, 2]: low nibble first
-        scale = torch.exp2(scales.float() - 127).unsqueeze(-1)  # [n, R, G, 1]
-        return (values.flatten(-2) * scale).to(dtype).flatten(-2)  # [n, R, C]
+        # a value (<= 2 significant bits) times a power of two is exact in any float dtype: computed in `dtype`
+        pairs, powers = self._lookup(parts["_blocks"].device, dtype)
+        values = F.embedding(parts["_blocks"].int(), pairs).flatten(-2)  # [n, R, G, 32]: low nibble first
+        scale = F.embedding(parts["_scales"].int(), powers)  # [n, R, G, 1]
+        return (values * scale).flatten(-2)  # [n, R, C]
 
     def bad_values(self, suffix: str, t: torch.Tensor) -> str | None:
         if suffix == "_scales" and bool((t == 255).any()):
             return "holds 255, the MX scale that means NaN"
         return None
 
-    def _pair_table(self, device: torch.device) -> torch.Tensor:
-        table = self._pairs.get(device)
-        if table is None:
+    def _lookup(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """byte -> its two values [256, 2], and scale byte -> its power of two [256, 1], in `dtype` on `device`."""
+        key = (device, dtype)
+        if key not in self._tables:
             lut = torch.tensor(self.E2M1, dtype=torch.float32)
             byte = torch.arange(256)
-            table = self._pairs[device] = torch.stack((lut[byte & 15], lut[byte >> 4]), dim=-1).to(device)
-        return table
+            pairs = torch.stack((lut[byte & 15], lut[byte >> 4]), dim=-1)
+            powers = torch.exp2(byte.float() - 127).unsqueeze(-1)
+            self._tables[key] = (pairs.to(device, dtype), powers.to(device, dtype))
+        return self._tables[key]
 
 
 class Fp8Block(MatrixFormat):

@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> None:
         help="prompt tokens charged: all, or less those the upstream's prefix cache served",
     )
     ap.add_argument("--max-tenants", type=int, default=10_000, help="tenants known at once; past it, 429")
+    ap.add_argument(
+        "--state",
+        default=None,
+        metavar="redis://HOST:PORT",
+        help="a Redis or Valkey store shared by every gateway of a fleet (VTC's counters, the fleet's backlog and "
+        "in-flight counts); needs pip install 'offload-moe[fleet]'",
+    )
+    ap.add_argument("--gateway-id", default=None, help="this gateway's name in the shared store (default: random)")
     ap.add_argument("--probe-interval", type=float, default=1.0, help="seconds between probes of a down upstream")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
@@ -66,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             tenant_idle_s=args.tenant_idle_s,
             max_tenants=args.max_tenants,
             charge=args.charge,
+            state=args.state,
+            gateway_id=args.gateway_id,
         )
         app = create_gateway(
             args.upstream,
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             args.upstream_timeout,
             args.upstream_api_key,
         )
-    except (ValueError, OracleUnavailableError) as e:
+    except (ValueError, OracleUnavailableError, ImportError) as e:
         raise SystemExit(str(e)) from e
     print(
         f"fairness.gateway under {args.policy} on http://{args.host}:{args.port}/v1 -> {', '.join(args.upstream)}",

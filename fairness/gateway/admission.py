@@ -86,6 +86,10 @@ class Admission:
 
     # --- the HTTP layer reports -------------------------------------------------------------------------------------
 
+    def known_tenants(self) -> set[str]:
+        """Tenants known now: active, or idle for less than tenant_idle_s."""
+        return self._active.keys() | self._idle.keys()
+
     @property
     def tenants(self) -> int:
         """Tenants known now: active, or idle for less than tenant_idle_s."""
@@ -105,6 +109,7 @@ class Admission:
         ticket = Ticket(info, model, asyncio.get_running_loop().create_future())
         self.waiting[info.id] = ticket
         self.driver.arrive(info, now)
+        self.queued(ticket)
         self.pump()
         return ticket
 
@@ -141,7 +146,11 @@ class Admission:
         ticket.admitted = asyncio.get_running_loop().create_future()
         self.waiting[ticket.info.id] = ticket
         self.driver.preempt(ticket.info, time.monotonic())
+        self.queued(ticket)
         self.pump()
+
+    def queued(self, ticket: Ticket) -> None:
+        """`ticket` joined the queue (new, or requeued); a fleet's admission counts it in the shared state."""
 
     # --- scheduling -------------------------------------------------------------------------------------------------
 
@@ -177,6 +186,9 @@ class Admission:
             self.driver.step(generated, now - self._last_step, now)
         self._last_step = now
 
+    def sync(self) -> None:
+        """Once a tick, before stepping: a fleet's admission exchanges its state with the store."""
+
     async def run(self) -> None:
         """Step and admit every tick_s, and at once when something may have made room. Cancelling it ends it (no
         wait_for: on Python < 3.12 it can swallow the cancellation, and this loop would never end)."""
@@ -187,6 +199,7 @@ class Admission:
             finally:
                 woken.cancel()
             self.wake.clear()
+            self.sync()
             self.step()
             self.pump()
             self.expire(time.monotonic())

@@ -55,7 +55,9 @@ class GatewayConfig:
     prompt tokens a tenant is charged, "all" (default: VTC's service, what the paper measures, and a cached token
     still holds KV memory while its request runs) or "uncached" (less what the upstream's prefix cache served, as
     its `usage.prompt_tokens_details.cached_tokens` reports: Dynamo's rule, which rewards tenants whose prompts
-    share prefixes)."""
+    share prefixes). state: a Redis or Valkey URL whose store the gateways of one fleet share (`gateway.fleet`:
+    VTC's counters, what each gateway has waiting and each upstream has in flight); None: this gateway alone.
+    gateway_id: this gateway's name in the store (default: a random one)."""
 
     queue_timeout_s: float = 300.0
     max_requeues: int = 3
@@ -63,6 +65,8 @@ class GatewayConfig:
     tenant_idle_s: float = 600.0
     max_tenants: int = 10_000
     charge: str = "all"
+    state: str | None = None
+    gateway_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.charge not in CHARGES:
@@ -85,13 +89,15 @@ class Gateway:
     ):
         self.pool, self.tenants, self.config = pool, tenants, config
         self.metrics = GatewayMetrics(pool)
-        self.admission = Admission(
-            policy,
-            pool,
-            observers=[self.metrics],
-            tenant_idle_s=self.config.tenant_idle_s,
-            max_tenants=self.config.max_tenants,
-        )
+        bounds = {"tenant_idle_s": config.tenant_idle_s, "max_tenants": config.max_tenants}
+        if config.state is None:
+            self.admission = Admission(policy, pool, observers=[self.metrics], **bounds)
+        else:
+            from fairness.gateway.fleet import FleetAdmission, SharedState
+
+            state = SharedState(config.state, config.gateway_id)
+            self.admission = FleetAdmission(state, policy, pool, observers=[self.metrics], **bounds)
+            self.metrics.watch_state(self.admission)
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:

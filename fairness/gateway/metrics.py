@@ -27,6 +27,7 @@ class GatewayMetrics(EngineObserver):
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
+        self._fleet = None  # a fleet gateway's admission (`watch_state`)
         self._streamed: dict[int, tuple[str, int]] = {}  # running request id -> (tenant, completion tokens counted)
         self.registry = r = CollectorRegistry()
         self.tokens = Counter(
@@ -57,8 +58,19 @@ class GatewayMetrics(EngineObserver):
             "fairness_gateway_upstream_failures", "requests it refused or broke off", ["upstream"], registry=r
         )
 
+    def watch_state(self, admission) -> None:
+        """A fleet's gateway: export whether its shared state answers (`FleetAdmission.connected`)."""
+        self._fleet = admission
+        self.state_up = Gauge(
+            "fairness_gateway_shared_state_up",
+            "1 while the fleet's shared store answers; 0: admitting on this gateway's local counters",
+            registry=self.registry,
+        )
+
     def refresh(self) -> None:
         """Upstream gauges, read at scrape time."""
+        if self._fleet is not None:
+            self.state_up.set(float(self._fleet.connected))
         for u in self.pool.upstreams:
             self.healthy.labels(u.url).set(float(u.healthy))
             self.in_flight.labels(u.url).set(u.in_flight)
