@@ -145,13 +145,19 @@ for j = 1, tonumber(ARGV[i]) do
   if used < limit and (load == nil or used < load) then best, load = u, used end
 end
 if best == nil then return {{'full'}, counters()} end
-local next, least = nil, nil
+local next, least, last = nil, nil, redis.call('GET', p .. 'last')
+local function before(t, c)  -- ties (frequent: the lift makes them) go to a tenant other than the last admitted
+  if least == nil or c < least then return true end
+  if c > least then return false end
+  if (t == last) ~= (next == last) then return next == last end
+  return t < next
+end
 for _, g in ipairs(gws) do
   local w = redis.call('HGETALL', p .. 'waiting:' .. g)
   for j = 1, #w, 2 do
     if tonumber(w[j + 1]) > 0 then
       local c = counter(w[j])
-      if least == nil or c < least or (c == least and w[j] < next) then next, least = w[j], c end
+      if before(w[j], c) then next, least = w[j], c end
     end
   end
 end
@@ -187,8 +193,9 @@ class SharedState:
         args += [x for kv in in_flight.items() for x in kv]
         return bool(self._heartbeat(args=args))
 
-    def join(self, tenant: str) -> None:
-        self._join(args=[self.prefix, self.gateway, tenant])
+    def join(self, tenant: str) -> bool:
+        """One more request of `tenant` waits at this gateway (lifting its counter if it joins the backlog)."""
+        return bool(self._join(args=[self.prefix, self.gateway, tenant]))
 
     def admit(self, heads: dict[str, float], rooms: dict[str, int]) -> tuple[list[str], dict[str, float]]:
         """One admission round: heads, tenant -> the prompt charge of its first waiting request here; rooms,
@@ -199,7 +206,7 @@ class SharedState:
         kinds = [d.decode() if isinstance(d, bytes) else d for d in decision]
         return kinds, {t: float(c) for t, c in zip(heads, counters, strict=True)}
 
-    def apply(self, charges: dict[str, float], waiting: dict[str, int], in_flight: dict[str, int]) -> None:
+    def apply(self, charges: dict[str, float], waiting: dict[str, int], in_flight: dict[str, int]) -> bool:
         """Add to counters, this gateway's waiting counts and its in-flight counts in one pipelined round trip, and
         wake the fleet when something left an upstream."""
         pipe = self.client.pipeline(transaction=False)
@@ -212,14 +219,17 @@ class SharedState:
         if any(n < 0 for n in in_flight.values()):
             pipe.publish(self.prefix + "room", self.gateway)
         pipe.execute()
+        return True
 
     def listen(self, on_message: Callable[[], None]) -> threading.Thread:
         """A daemon thread calling `on_message()` on every finish in the fleet (resubscribing after an outage)."""
+        # its own connection, which waits for messages as long as it takes (the client's timeout is for calls)
+        listener = redis.Redis.from_url(self.url, socket_connect_timeout=TIMEOUT_S, health_check_interval=5)
 
         def run() -> None:
             while True:
                 try:
-                    sub = self.client.pubsub(ignore_subscribe_messages=True)
+                    sub = listener.pubsub(ignore_subscribe_messages=True)
                     sub.subscribe(self.prefix + "room")
                     for _ in sub.listen():
                         on_message()
@@ -257,7 +267,8 @@ class FleetAdmission(Admission):
     # --- the store, or local counters while it is away --------------------------------------------------------------
 
     def _store(self, call: Callable, *args):
-        """`call(*args)` on the store; None when it is unreachable (then local counters for RETRY_S)."""
+        """`call(*args)` on the store (every call returns something); None when it is unreachable (then local
+        counters for RETRY_S)."""
         if not self.connected and time.monotonic() < self._retry_at:
             return None
         try:
