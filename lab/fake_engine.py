@@ -1,6 +1,7 @@
 """An OpenAI-compatible stand-in for an LLM engine with known speed, for the gateway's tests and benches: up to
 `max_running` requests decode at once, one token per `step_s` each (the rest queue inside it, first come first
-served, as in an engine without fairness); a prompt takes `prefill_s_per_token` per token. Tokens are "t0 t1 ...".
+served, as in an engine without fairness); or, with `batch_knee`, every request at once with steps slowing down
+past the knee (continuous batching); a prompt takes `prefill_s_per_token` per token. Tokens are "t0 t1 ...".
 Its usage reports cached prompt tokens: the longest prefix a recent prompt shared (`PrefixCache`).
 
     python -m lab.fake_engine --port 8101 --max-running 8 --step-s 0.02
@@ -38,11 +39,15 @@ class PrefixCache:
 
 
 def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per_token: float = 0.0,
-                       model: str = MODEL) -> FastAPI:  # fmt: skip
+                       model: str = MODEL, batch_knee: int | None = None) -> FastAPI:  # fmt: skip
+    """batch_knee: batch every request at once, as continuous batching does (max_running then bounds nothing), with
+    each step taking step_s x max(1, running / batch_knee): throughput stops rising at the knee while every request
+    still starts at once."""
     app = openai_app("fake-engine")
     cache = PrefixCache()
-    slots = asyncio.Semaphore(max_running)
+    slots = asyncio.Semaphore(max_running if batch_knee is None else 1 << 30)
     app.state.served = 0  # requests that reached generation
+    app.state.running = 0
 
     @app.get("/health")
     async def health() -> dict:
@@ -69,14 +74,21 @@ def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per
             choice["finish_reason"] = reason
             return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
 
+        def step() -> float:
+            return step_s if batch_knee is None else step_s * max(1.0, app.state.running / batch_knee)
+
         async def tokens():
             async with slots:
                 app.state.served += 1
-                await asyncio.sleep(step_s + prefill_s_per_token * prompt)
-                for i in range(n):
-                    if i:
-                        await asyncio.sleep(step_s)
-                    yield event(i, f"t{i} ", "length" if i == n - 1 else None)
+                app.state.running += 1
+                try:
+                    await asyncio.sleep(step() + prefill_s_per_token * prompt)
+                    for i in range(n):
+                        if i:
+                            await asyncio.sleep(step())
+                        yield event(i, f"t{i} ", "length" if i == n - 1 else None)
+                finally:
+                    app.state.running -= 1
 
         if not common.stream:
             async for _ in tokens():  # the same time as streaming
@@ -114,8 +126,9 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=8)
     ap.add_argument("--step-s", type=float, default=0.02)
     ap.add_argument("--prefill-s-per-token", type=float, default=0.0)
+    ap.add_argument("--batch-knee", type=int, default=None, help="batch every request; steps slow down past this")
     args = ap.parse_args()
-    app = create_fake_engine(args.max_running, args.step_s, args.prefill_s_per_token)
+    app = create_fake_engine(args.max_running, args.step_s, args.prefill_s_per_token, batch_knee=args.batch_knee)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

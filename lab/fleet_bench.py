@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,25 +84,36 @@ def redis_server(port: int, persist: Path | None = None) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
+@dataclass(frozen=True)
+class Engines:
+    """The fake engines behind the gateways and the gateways' limit per engine (None: learned)."""
+
+    count: int = ENGINES
+    args: tuple[str, ...] = ("--max-running", str(MAX_RUNNING), "--step-s", str(STEP_S))
+    limit: int | None = MAX_RUNNING
+
+
 @contextlib.contextmanager
-def fleet(n_gateways: int, shared: bool, tenants_file: Path | None) -> Iterator[tuple[list[str], dict]]:
+def fleet(
+    n_gateways: int, shared: bool, tenants_file: Path | None, engines: Engines = Engines()
+) -> Iterator[tuple[list[str], dict]]:
     """Engines, a store when `shared`, and `n_gateways` gateways; yields (gateway URLs, handles to the processes)."""
     procs: dict[str, subprocess.Popen] = {}
     redis_port = free_port()
     try:
-        engines = []
-        for i in range(ENGINES):
+        upstreams = []
+        for i in range(engines.count):
             port = free_port()
-            procs[f"engine{i}"] = spawn(["lab.fake_engine", "--max-running", str(MAX_RUNNING), "--step-s",
-                                         str(STEP_S)], port)  # fmt: skip
-            engines.append(f"http://127.0.0.1:{port}")
+            procs[f"engine{i}"] = spawn(["lab.fake_engine", *engines.args], port)
+            upstreams.append(f"http://127.0.0.1:{port}")
         if shared:
             procs["redis"] = redis_server(redis_port)
         urls = []
         for g in range(n_gateways):
             port = free_port()
-            args = ["fairness.gateway", "--policy", "vtc", "--limit", str(MAX_RUNNING), "--probe-interval", "0.2"]
-            args += [x for e in engines for x in ("--upstream", e)]
+            args = ["fairness.gateway", "--policy", "vtc", "--probe-interval", "0.2"]
+            args += ["--limit", str(engines.limit)] if engines.limit else []
+            args += [x for e in upstreams for x in ("--upstream", e)]
             if shared:
                 args += ["--state", f"redis://127.0.0.1:{redis_port}", "--gateway-id", f"g{g}"]
             if tenants_file is not None:
@@ -126,77 +137,103 @@ def run(
     kill_gateway_at: float | None = None,
     restart_store: tuple[float, float] | None = None,
     measure_from: float | None = None,
+    engines: Engines = Engines(),
 ) -> Run:
     """One scenario: `tenants` backlogged through their gateways for `seconds`; service counted from `warmup_s` (or
-    `measure_from`) on. kill_gateway_at: SIGKILL the last gateway then. restart_store: (stop at, start at)."""
-    weights = {t.name: t.weight for t in tenants}
+    `measure_from`) on. kill_gateway_at: SIGKILL the last gateway then. restart_store: (stop at, start at).
+    engines: what the gateways front."""
     with tempfile.TemporaryDirectory() as tmp:
         keys = None
         if any(t.weight != 1.0 for t in tenants):
             keys = Path(tmp) / "tenants.json"
             keys.write_text(json.dumps({f"key-{t.name}": {"name": t.name, "weight": t.weight} for t in tenants}))
-        with fleet(n_gateways, shared, keys) as (urls, handles):
-            out = Run()
-            start = time.monotonic()
-            window = (start + (measure_from if measure_from is not None else warmup_s), start + seconds)
-            lock = threading.Lock()
-            killed: set[int] = set()
-
-            def stream(tenant: Tenant, g: int) -> None:
-                client = openai.OpenAI(base_url=urls[g] + "/v1", api_key=f"key-{tenant.name}" if keys else "none",
-                                       max_retries=0, timeout=30)  # fmt: skip
-                while time.monotonic() < start + seconds:
-                    t0 = time.monotonic()
-                    try:
-                        first, usage = None, None
-                        for chunk in client.completions.create(
-                            model=MODEL, prompt="x", max_tokens=MAX_TOKENS, stream=True, user=tenant.name,
-                            stream_options={"include_usage": True},
-                        ):  # fmt: skip
-                            first = first or time.monotonic()
-                            usage = chunk.usage or usage
-                    except (openai.APIError, httpx.HTTPError) as e:
-                        with lock:
-                            out.errors[g].append(f"{type(e).__name__}: {e}"[:200])
-                        if g in killed:  # its gateway is gone: the client stops (or fails over, elsewhere)
-                            return
-                        time.sleep(0.05)
-                        continue
-                    end = time.monotonic()
-                    with lock:
-                        out.ok[g] += 1
-                        if window[0] <= end <= window[1] and usage is not None:
-                            out.service[tenant.name] += usage.prompt_tokens + 2 * usage.completion_tokens
-                            out.requests += 1
-                            if first is not None:
-                                out.ttft.append(first - t0)
-
-            threads = [threading.Thread(target=stream, args=(t, g), daemon=True)
-                       for t in tenants for g in t.gateways for _ in range(t.streams)]  # fmt: skip
-            for th in threads:
-                th.start()
-            events = []
+        with fleet(n_gateways, shared, keys, engines) as (urls, handles):
+            procs, out = handles["procs"], Run()
+            events: list[tuple[float, Callable[[], None]]] = []
             if kill_gateway_at is not None:
-                events.append((kill_gateway_at, "kill"))
+                events.append((kill_gateway_at, lambda: procs[f"gateway{n_gateways - 1}"].send_signal(signal.SIGKILL)))
             if restart_store is not None:
-                events += [(restart_store[0], "store down"), (restart_store[1], "store up")]
-            for at, what in sorted(events):
-                time.sleep(max(0.0, start + at - time.monotonic()))
-                if what == "kill":
-                    killed.add(n_gateways - 1)
-                    handles["procs"][f"gateway{n_gateways - 1}"].send_signal(signal.SIGKILL)
-                elif what == "store down":
-                    handles["procs"]["redis"].send_signal(signal.SIGKILL)
-                    handles["procs"]["redis"].wait()
+
+                def store_down() -> None:
+                    procs["redis"].send_signal(signal.SIGKILL)
+                    procs["redis"].wait()
                     time.sleep(0.6)
                     out.state_down_seen = _metric(urls[0], "fairness_gateway_shared_state_up") == 0.0
-                else:
-                    handles["procs"]["redis"] = redis_server(handles["redis_port"])
-            for th in threads:
-                th.join(60)
-            out.seconds = window[1] - window[0]
-            out.weights = weights  # type: ignore[attr-defined]
-            return out
+
+                def store_up() -> None:
+                    procs["redis"] = redis_server(handles["redis_port"])
+
+                events += [(restart_store[0], store_down), (restart_store[1], store_up)]
+            killed = {n_gateways - 1} if kill_gateway_at is not None else set()
+            return drive(urls, tenants, seconds, measure_from if measure_from is not None else warmup_s, out,
+                         keyed=keys is not None, events=events, stop_after_error=killed)  # fmt: skip
+
+
+def drive(
+    urls: list[str],
+    tenants: list[Tenant],
+    seconds: float,
+    measure_from: float,
+    out: Run | None = None,
+    keyed: bool = False,
+    events: list[tuple[float, Callable[[], None]]] = (),
+    stop_after_error: set[int] = frozenset(),
+    model: str = MODEL,
+    prompt: str = "x",
+    max_tokens: int = MAX_TOKENS,
+) -> Run:
+    """Each tenant's streams, closed loop through its gateways (`urls`) for `seconds`, counting service from
+    `measure_from`; `events` run at their times. keyed: tenants authenticate as `key-<name>`, else name themselves
+    in `user`. stop_after_error: gateways whose clients stop at their first error (after a kill)."""
+    out = out or Run()
+    start = time.monotonic()
+    window = (start + measure_from, start + seconds)
+    lock = threading.Lock()
+
+    def stream(tenant: Tenant, g: int) -> None:
+        client = openai.OpenAI(base_url=urls[g] + "/v1", api_key=f"key-{tenant.name}" if keyed else "none",
+                               max_retries=0, timeout=60)  # fmt: skip
+        while time.monotonic() < start + seconds:
+            t0 = time.monotonic()
+            try:
+                first, usage = None, None
+                for chunk in client.completions.create(
+                    model=model,
+                    prompt=prompt,
+                    max_tokens=max_tokens,
+                    stream=True,
+                    user=tenant.name,
+                    stream_options={"include_usage": True},
+                ):
+                    first = first or time.monotonic()
+                    usage = chunk.usage or usage
+            except (openai.APIError, httpx.HTTPError) as e:
+                with lock:
+                    out.errors[g].append(f"{type(e).__name__}: {e}"[:200])
+                if g in stop_after_error:  # its gateway is gone: the client stops (or fails over, elsewhere)
+                    return
+                time.sleep(0.05)
+                continue
+            end = time.monotonic()
+            with lock:
+                out.ok[g] += 1
+                if window[0] <= end <= window[1] and usage is not None:
+                    out.service[tenant.name] += usage.prompt_tokens + 2 * usage.completion_tokens
+                    out.requests += 1
+                    if first is not None:
+                        out.ttft.append(first - t0)
+
+    threads = [threading.Thread(target=stream, args=(t, g), daemon=True)
+               for t in tenants for g in t.gateways for _ in range(t.streams)]  # fmt: skip
+    for th in threads:
+        th.start()
+    for at, event in sorted(events, key=lambda e: e[0]):
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        event()
+    for th in threads:
+        th.join(120)
+    out.seconds = window[1] - window[0]
+    return out
 
 
 def _metric(url: str, name: str) -> float | None:

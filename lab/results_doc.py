@@ -261,6 +261,44 @@ def host_section(doc: dict) -> list[str]:
     return out
 
 
+def packed_section(doc: dict) -> list[str]:
+    """Low-bit checkpoints against the same weights in bf16 (`lab.packed_bench`)."""
+    out = ["## Low-bit checkpoints: experts kept in their format, against the same weights in bf16 (EMULATED link)",
+           "",
+           f"`python -m lab.packed_bench --mode {doc['mode']}`. Both models opened with `load` at the same budget "
+           "fraction, misses fetched over one emulated link; each step's argmax compared with the bf16 model's. "
+           "Goal: 4-bit formats at 1/4 decode at >= 2.5x bf16 (FP8 moves half of bf16's bytes: its ceiling is 2x).",
+           ""]  # fmt: skip
+    rows = []
+    for c in doc["cases"]:
+        for r in c["rows"]:
+            rows.append([c["shape"], c["format"], _fmt(r["budget"]), _fmt(r["bytes_per_copy"] / 1e3, 1),
+                         _fmt(r["copy_bytes_x_bf16"], 3), _fmt(r["misses_per_token"], 1),
+                         _fmt(r["decode_tokens_per_s"]), _fmt(r["bf16_decode_tokens_per_s"]), _fmt(r["x_bf16"]),
+                         "-" if r["goal"] is None else ("met" if r["x_bf16"] >= r["goal"] else "NOT met"),
+                         str(r["greedy_identical"]), _fmt(c["ram_expert_bytes"] / 2**20, 1),
+                         _fmt(c["bf16_ram_expert_bytes"] / 2**20, 1)])  # fmt: skip
+    header = ["shape", "format", "budget", "kB / copy", "x bf16 bytes", "misses / token", "tok/s", "bf16 tok/s",
+              "x bf16", "goal", "same argmax", "experts MiB", "bf16 MiB"]  # fmt: skip
+    return out + _table(header, rows) + [""]
+
+
+def fleet_section(doc: dict) -> list[str]:
+    """Gateways with a shared store against independent ones (`lab.fleet_bench`)."""
+    out = [f"## Gateway fleet: shared counters against independent ones (REAL processes on loopback, "
+           f"{doc['cpus']} CPUs)", "",
+           f"{doc['engines']} fake engines of {doc['max_running']} slots ({doc['step_s'] * 1e3:g} ms a token, "
+           f"{doc['max_tokens']} tokens a request); every tenant backlogged; {doc['seconds']:g} s per run. Store: "
+           f"Redis {doc['store']['redis']}, one admission {_fmt(doc['store']['admit_p50_us'], 0)} us p50 / "
+           f"{_fmt(doc['store']['admit_p99_us'], 0)} us p99 on loopback.", ""]  # fmt: skip
+    rows = [[r["scenario"], r["state"], " / ".join(f"{t} {_fmt(v)}" for t, v in r["shares"].items()),
+             " / ".join(f"{_fmt(v)}" for v in r["fair_shares"].values()), _fmt(r["max_service_difference"], 0),
+             _fmt(r["jain"], 3), _fmt(r["requests_per_s"], 1), _fmt(r["ttft_p50_s"] * 1e3, 0),
+             _fmt(r["ttft_p99_s"] * 1e3, 0)] for r in doc["rows"]]  # fmt: skip
+    return out + _table(["scenario", "counters", "shares", "fair", "max weighted service diff", "Jain", "req/s",
+                         "TTFT p50 ms", "TTFT p99 ms"], rows) + [""]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     results = Path(args[0] if args else "bench-results")
@@ -273,9 +311,11 @@ def main(argv: list[str] | None = None) -> None:
         ("offload.json", offload_section),
         ("scale.json", scale_section),
         ("host.json", host_section),
+        ("packed.json", packed_section),
         ("fairness.json", fairness_section),
         ("served.json", served_section),
         ("gateway.json", gateway_section),
+        ("fleet.json", fleet_section),
         ("cluster.json", cluster_section),
     )
     for name, section in sections:

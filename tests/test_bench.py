@@ -91,6 +91,21 @@ def test_host_bench_sets_each_path_beside_the_memory_probe(tmp_path):
     assert "Host compute against the memory's speed" in (tmp_path / "results.md").read_text()
 
 
+def test_packed_bench_copies_packed_bytes_and_matches_bf16_step_for_step(tmp_path):
+    from lab.packed_bench import main
+    from lab.results_doc import main as results_doc
+
+    main(["--mode", "quick", "--cases", "mixtral-8x7b:int4", "--out", str(tmp_path)])
+    (case,) = json.loads((tmp_path / "packed.json").read_text())["cases"]
+    assert case["format"] == "int4" and case["link"]["emulated"]
+    for r in case["rows"]:
+        assert r["greedy_identical"] and r["misses_per_token"] > 0
+        assert r["bytes_per_copy"] == case["expert_bytes"]  # a copy moves exactly the packed expert
+        assert abs(r["copy_bytes_x_bf16"] - case["expert_bytes_x_bf16"]) < 1e-9 and r["copy_bytes_x_bf16"] < 0.3
+    results_doc([str(tmp_path), str(tmp_path / "results.md")])
+    assert "Low-bit checkpoints" in (tmp_path / "results.md").read_text()
+
+
 def test_fairness_cli_writes_table_plots_and_json(tmp_path, capsys):
     from lab.simulate import main
 

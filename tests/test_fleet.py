@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from lab.fleet_bench import DYNAMO, SKEWED, Tenant, run, summary
+from lab.fleet_bench import DYNAMO, SKEWED, Engines, Tenant, run, summary
 
 pytestmark = [pytest.mark.served, pytest.mark.slow]
 
@@ -56,3 +56,17 @@ def test_a_store_restart_mid_run_keeps_serving_and_the_shares_recover():
     assert r.state_down_seen  # /metrics said so
     share = r.shares({"heavy": 1.0, "light": 1.0})["light"]
     assert abs(share - 0.5) <= 0.05, share
+
+
+def test_the_learned_limit_keeps_the_queue_at_the_gateway_in_front_of_an_engine_that_batches_everything():
+    """One engine that batches every request (throughput flat past 4 at once, every request starting at once): the
+    heavy tenant keeps twice the light one's requests open. A limit learned from throughput stops near 4, so the
+    queue (and VTC's order) stays at the gateway; a limit of 48 lets it form inside the engine, first come first
+    served, where the light tenant gets a third."""
+    batching = ("--batch-knee", "4", "--step-s", "0.01")
+    tenants = [Tenant("heavy", [0], streams=48), Tenant("light", [0], streams=24)]
+    learned = _shares(tenants, n_gateways=1, shared=False, seconds=14.0, warmup_s=6.0,
+                      engines=Engines(count=1, args=batching, limit=None))  # fmt: skip
+    assert abs(learned["shares"]["light"] - 0.5) <= 0.05, learned
+    deep = _shares(tenants, n_gateways=1, shared=False, seconds=8.0, engines=Engines(1, batching, limit=48))
+    assert deep["shares"]["light"] < 0.4, deep

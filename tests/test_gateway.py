@@ -26,20 +26,28 @@ from lab.gateway_bench import free_port, spawn
 # --- no HTTP ------------------------------------------------------------------------------------------------------
 
 
-def test_a_learned_limit_grows_while_requests_start_at_once_and_shrinks_when_they_queue_inside():
-    limit = ConcurrencyLimit(initial=4)
+def _saturated_windows(limit: ConcurrencyLimit, rate_at, windows: int, t: float = 0.0) -> float:
+    """`windows` saturated one-second windows, the engine streaming rate_at(limit) tokens/s."""
+    for _ in range(windows):
+        for k in range(11):  # tokens every 0.1 s: the window closes at 1.0 s
+            limit.tokens(round(rate_at(limit.value) / 10), t + k * 0.1, saturated=True)
+        t += 1.1
+    return t
+
+
+def test_a_learned_limit_grows_while_throughput_rises_and_stops_where_it_stops():
+    """An engine that batches everything: its rate rises with the work it is given up to 8 requests, then stays
+    flat (and every request still starts at once, so TTFT says nothing)."""
+    limit = ConcurrencyLimit(initial=2, hold=3, window_tokens=1)
+    t = _saturated_windows(limit, lambda n: 100 * min(n, 8), 30)
+    assert 8 <= limit.value <= 10  # grew to the knee; probes past it went back
+    kept = limit.value
     for _ in range(40):
-        limit.observe(0.05, in_flight=limit.value)  # saturated, TTFT flat: more would start at once
-    grown = limit.value
-    assert grown > 8
-    for _ in range(40):
-        limit.observe(0.05, in_flight=1)  # not all in use: no evidence for more
-    assert limit.value == grown
-    for _ in range(40):
-        limit.observe(0.5, in_flight=limit.value)  # 10x the best TTFT: queueing inside the engine
-    assert limit.value < grown / 2
-    fixed = ConcurrencyLimit(initial=3, fixed=True)
-    fixed.observe(10.0, 3)
+        limit.tokens(100, t, saturated=False)  # not saturated: no evidence either way
+        t += 0.1
+    assert limit.value == kept
+    fixed = ConcurrencyLimit(initial=3, fixed=True, window_tokens=1)
+    _saturated_windows(fixed, lambda n: 100 * n, 5)
     assert fixed.value == 3
     with pytest.raises(ValueError, match="minimum <= initial"):
         ConcurrencyLimit(initial=0)

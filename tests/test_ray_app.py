@@ -13,12 +13,19 @@ from lab.gateway_bench import free_port  # noqa: E402
 pytestmark = [pytest.mark.served, pytest.mark.slow]
 
 
-def test_two_offloaded_replicas_behind_the_gateway_on_ray_serve(reference_dir):
+def test_two_offloaded_replicas_behind_two_gateway_replicas_on_ray_serve(reference_dir):
+    """Two gateway replicas (`--gateways 2`) sharing one redis-server, in front of two offloaded engines."""
+    import redis
     from ray import serve
 
+    from lab.fleet_bench import redis_server
+
+    store_port = free_port()
+    store = redis_server(store_port)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        url = deploy(reference_dir, [0.5, 0.25], "vtc", max_running=2, max_tokens_limit=32, port=free_port())
+        url = deploy(reference_dir, [0.5, 0.25], "vtc", max_running=2, max_tokens_limit=32, port=free_port(),
+                     gateways=2, state=f"redis://127.0.0.1:{store_port}")  # fmt: skip
         health = httpx.get(url + "/health", timeout=30).json()
         assert [u["healthy"] for u in health["upstreams"]] == [True, True]
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
@@ -26,10 +33,15 @@ def test_two_offloaded_replicas_behind_the_gateway_on_ray_serve(reference_dir):
         answers = [client.completions.create(model=reference_dir.name, prompt="def f(x):", max_tokens=6,
                                              user=f"t{i % 2}") for i in range(6)]  # fmt: skip
         assert all(a.usage.completion_tokens == 6 for a in answers)
-        served = [u["served"] for u in httpx.get(url + "/health", timeout=30).json()["upstreams"]]
-        assert all(n > 0 for n in served)  # the gateway used both replicas
+        store_client = redis.Redis(port=store_port)
+        assert store_client.scard("fairness:gws") == 2  # both gateway replicas in the fleet
+        assert float(store_client.hget("fairness:counters", "t0")) > 0  # charged in the shared counter
         with pytest.raises(ValueError, match="unknown scheduling policy"):
             deploy(reference_dir, [0.5], "nope")
+        with pytest.raises(ValueError, match="--state"):
+            deploy(reference_dir, [0.5], "vtc", gateways=2)
     finally:
         serve.shutdown()
         ray.shutdown()
+        store.kill()
+        store.wait()

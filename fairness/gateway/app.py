@@ -184,14 +184,16 @@ class Gateway:
                 except NoUpstream as e:
                     outcome = "no_upstream"
                     raise ApiError(503, str(e), "no_upstream", type_="server_error") from e
-                sent, in_flight, started, final = False, up.in_flight, time.monotonic(), None
+                sent, final = False, None
                 try:
                     async for event in self.pool.stream(up, path, body, headers):
                         if not sent:
-                            up.limit.observe(time.monotonic() - started, in_flight)
                             self.metrics.ttft.observe(time.monotonic() - ticket.info.arrival_s)
                             sent = True
-                        self.admission.tokens(ticket, event_tokens(event))
+                        n = event_tokens(event)
+                        self.admission.tokens(ticket, n)
+                        saturated = up.in_flight >= up.limit.value and bool(self.admission.waiting)
+                        up.limit.tokens(n, time.monotonic(), saturated)
                         final = event.get("usage") or final
                         yield event
                     break

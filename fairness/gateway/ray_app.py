@@ -7,7 +7,12 @@ for all of them. One command starts it on a local or existing Ray cluster:
 
 Why the gateway as ingress, not a Ray Serve custom request router: a router chooses a replica for each request as it
 arrives, in arrival order; fairness needs the order itself (whom to admit next from per-tenant queues while every
-replica is busy), so the queue must sit in front of the replicas, in one place.
+replica is busy), so the queue must sit in front of the replicas, in one place. With `--gateways N --state
+redis://HOST:PORT` the ingress has N replicas sharing one counter in a Redis or Valkey store (`gateway.fleet`), the
+same store a fleet of gateway processes shares outside Ray. Why a store and not a Ray actor: the store is what the
+fleet outside Ray already uses and tests (its scripts make each admission one atomic round trip), it survives the
+Ray cluster, and an actor would be a second implementation of the same state with the same single-owner failure
+mode.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ except ImportError as e:
     raise missing("ray", e) from e
 
 from fairness.core.policy import make_policy
-from fairness.gateway.app import create_gateway
+from fairness.gateway.app import GatewayConfig, create_gateway
 
 
 @serve.ingress()
@@ -48,8 +53,9 @@ class EngineReplica:
 class GatewayIngress:
     """`fairness.gateway` in front of the engines' routes on Serve's HTTP proxy."""
 
-    def __init__(self, upstreams: list[str], policy: str, limit: int):
-        self.gateway = create_gateway(upstreams, policy, limit=limit, probe_s=0.5)
+    def __init__(self, upstreams: list[str], policy: str, limit: int, state: str | None = None):
+        config = GatewayConfig(state=state)  # each replica its own name in the store
+        self.gateway = create_gateway(upstreams, policy, limit=limit, probe_s=0.5, config=config)
 
     def __serve_build_asgi_app__(self):
         return self.gateway
@@ -63,12 +69,19 @@ def deploy(
     max_tokens_limit: int = 512,
     port: int = 8000,
     cpus_per_engine: float = 1.0,
+    gateways: int = 1,
+    state: str | None = None,
 ) -> str:
     """Start Serve's proxy on `port` (Ray must be initialised), deploy one engine application per budget and the
-    gateway at `/`; returns the gateway's base URL."""
+    gateway at `/` (`gateways` replicas of it, sharing the store at `state`); returns the gateway's base URL."""
     make_policy(policy)  # an unknown name fails here, before anything is deployed
     if not budgets:
         raise ValueError("deploy needs at least one engine (one budget per replica)")
+    if gateways > 1 and state is None:
+        raise ValueError(
+            f"{gateways} gateway replicas need one shared store for their counters: --state redis://HOST:PORT "
+            "(with independent counters each replica would be fair only among the requests Serve sends it)"
+        )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     engine = serve.deployment(EngineReplica, ray_actor_options={"num_cpus": cpus_per_engine})
@@ -78,9 +91,9 @@ def deploy(
             name=f"engine-{i}",
             route_prefix=f"/engine-{i}",
         )
-    gateway = serve.deployment(GatewayIngress, ray_actor_options={"num_cpus": 0})
+    gateway = serve.deployment(GatewayIngress, num_replicas=gateways, ray_actor_options={"num_cpus": 0})
     urls = [f"{base}/engine-{i}" for i in range(len(budgets))]
-    serve.run(gateway.bind(urls, policy, max_running), name="gateway", route_prefix="/")
+    serve.run(gateway.bind(urls, policy, max_running, state), name="gateway", route_prefix="/")
     return base
 
 
@@ -107,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--max-running", type=int, default=8, help="requests each engine runs at once (the gateway's limit)"
     )
+    ap.add_argument("--gateways", type=int, default=1, help="gateway replicas (more than one needs --state)")
+    ap.add_argument("--state", default=None, help="the gateways' shared store, redis://HOST:PORT (Redis or Valkey)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     args = ap.parse_args(argv)
@@ -119,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.model} is not a model directory (no config.json)")
     ray.init(address=args.address)
     try:
-        url = deploy(args.model.resolve(), budgets, args.policy, args.max_running, port=args.port)
+        url = deploy(args.model.resolve(), budgets, args.policy, args.max_running, port=args.port,
+                     gateways=args.gateways, state=args.state)  # fmt: skip
     except ValueError as e:
         raise SystemExit(str(e)) from e
     print(f"fairness.gateway on Ray Serve: {url}/v1 -> {len(budgets)} engines, budgets {budgets}", flush=True)
