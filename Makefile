@@ -31,12 +31,14 @@ lint: install
 	$(PY) -m ruff format --check .
 
 bench: install
-	$(PY) -m lab.offload_bench --mode default
+	$(PY) -m lab.offload_bench --mode default --eager-only
 	$(PY) -m lab.scale_bench --mode quick
 	$(PY) -m lab.host_bench --mode quick
+	$(PY) -m lab.packed_bench --mode quick
 	$(PY) -m lab.fairness_bench
 	$(PY) -m lab.served_bench
 	$(PY) -m lab.gateway_bench --mode quick
+	$(PY) -m lab.fleet_bench --scenarios skewed-2,dynamo-4-1 --seconds 6
 	$(PY) -m lab.cluster_bench --seconds 30
 	$(PY) -m lab.results_doc bench-results docs/results.md
 
@@ -44,9 +46,11 @@ bench-full: install
 	$(PY) -m lab.offload_bench --mode full
 	$(PY) -m lab.scale_bench --mode full
 	$(PY) -m lab.host_bench
+	$(PY) -m lab.packed_bench
 	$(PY) -m lab.fairness_bench --mode full
 	$(PY) -m lab.served_bench --mode full
 	$(PY) -m lab.gateway_bench
+	$(PY) -m lab.fleet_bench
 	$(PY) -m lab.cluster_bench
 
 bench-quick: install
@@ -60,6 +64,7 @@ bench-quick: install
 # A checkpoint larger than RAM streamed from disk under a memory limit (bench-results/disk.json); not in make bench.
 bench-disk: install
 	$(PY) -m lab.disk_bench
+	$(PY) -m lab.disk_bench --mxfp4
 
 # On a CUDA machine: a real-link benchmark (bench-results/gpu-check.json), then the CUDA tests; elsewhere it says so.
 gpu-check: install

@@ -290,15 +290,25 @@ SKEWED = [Tenant("heavy", [0, 1]), Tenant("light", [0])]  # the light tenant rea
 DYNAMO = [Tenant("x", [0], weight=4.0), Tenant("y", [1], weight=1.0)]  # DEP #15187: 4:1, one router each
 
 
+SCENARIOS = {  # name: (tenants, gateways)
+    "skewed-2": (SKEWED, 2),
+    "skewed-3": ([Tenant("heavy", [0, 1, 2]), Tenant("light", [0])], 3),
+    "dynamo-4-1": (DYNAMO, 2),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"a subset of {','.join(SCENARIOS)}")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
+    names = args.scenarios.split(",")
+    if set(names) - set(SCENARIOS):
+        raise SystemExit(f"unknown scenarios {sorted(set(names) - set(SCENARIOS))}; choose from {', '.join(SCENARIOS)}")
     rows = []
-    for name, tenants, gateways in (("skewed, 2 gateways", SKEWED, 2), ("skewed, 3 gateways",
-                                    [Tenant("heavy", [0, 1, 2]), Tenant("light", [0])], 3),
-                                    ("Dynamo 4:1", DYNAMO, 2)):  # fmt: skip
+    for name in names:
+        tenants, gateways = SCENARIOS[name]
         weights = {t.name: t.weight for t in tenants}
         for shared in (True, False):
             r = run(tenants, gateways, shared, args.seconds)

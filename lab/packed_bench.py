@@ -152,8 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     for shape, fmt, group, ratio in CASES:
         if f"{shape}:{fmt}" not in args.cases.split(","):
             continue
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             r = run_case(shape, fmt, group, ratio, args.mode, Path(tmp))
+        r["seconds"] = time.perf_counter() - t0
         results.append(r)
         for row in r["rows"]:
             print(
