@@ -53,6 +53,15 @@ def test_a_learned_limit_grows_while_throughput_rises_and_stops_where_it_stops()
         ConcurrencyLimit(initial=0)
 
 
+def test_a_fleet_shares_vtcs_counters_only_and_needs_a_store_url():
+    from fairness.gateway.fleet import FleetAdmission, SharedState
+
+    with pytest.raises(ValueError, match="--policy vtc"):
+        FleetAdmission(SharedState("redis://127.0.0.1:1"), "fcfs", _pool(1, 1))
+    with pytest.raises(ValueError, match="redis://HOST:PORT"):
+        SharedState("http://127.0.0.1:6379")
+
+
 def _pool(n: int, limit: int) -> UpstreamPool:
     pool = UpstreamPool([f"http://127.0.0.1:{9000 + i}" for i in range(n)], limit)
     for u in pool.upstreams:

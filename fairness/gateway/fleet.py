@@ -28,7 +28,7 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable
 
-from fairness.core.policy import SchedulingPolicy
+from fairness.core.policy import SchedulingPolicy, make_policy
 from fairness.core.service import W_P, W_Q, service
 from fairness.extras import missing
 from fairness.gateway.admission import Admission, Ticket
@@ -246,10 +246,18 @@ class FleetAdmission(Admission):
     local policy still sees every event, for the metrics. Without the store it admits by its local copy of the
     counters (the last seen, plus its own charges since) into its own view of the upstreams' room."""
 
-    def __init__(self, state: SharedState, policy: str | SchedulingPolicy, pool: UpstreamPool, **kwargs):
-        name = policy if isinstance(policy, str) else policy.name
-        if name != "vtc":
-            raise ValueError(f"--state shares VTC's counters across gateways; use --policy vtc with it, not {name!r}")
+    def __init__(
+        self,
+        state: SharedState,
+        policy: str | SchedulingPolicy | Callable[[], SchedulingPolicy],
+        pool: UpstreamPool,
+        **kwargs,
+    ):
+        policy = make_policy(policy)
+        if policy.name != "vtc":
+            raise ValueError(
+                f"--state shares VTC's counters across gateways; use --policy vtc with it, not {policy.name!r}"
+            )
         super().__init__(policy, pool, **kwargs)
         self.state = state
         self.connected = False
