@@ -95,9 +95,14 @@ class Engines:
 
 @contextlib.contextmanager
 def fleet(
-    n_gateways: int, shared: bool, tenants_file: Path | None, engines: Engines = Engines()
+    n_gateways: int,
+    shared: bool,
+    tenants_file: Path | None,
+    engines: Engines = Engines(),
+    gateway_args: tuple[str, ...] = (),
 ) -> Iterator[tuple[list[str], dict]]:
-    """Engines, a store when `shared`, and `n_gateways` gateways; yields (gateway URLs, handles to the processes)."""
+    """Engines, a store when `shared`, and `n_gateways` gateways (with `gateway_args`); yields (gateway URLs,
+    handles to the processes)."""
     procs: dict[str, subprocess.Popen] = {}
     redis_port = free_port()
     try:
@@ -118,6 +123,7 @@ def fleet(
                 args += ["--state", f"redis://127.0.0.1:{redis_port}", "--gateway-id", f"g{g}"]
             if tenants_file is not None:
                 args += ["--tenants", str(tenants_file)]
+            args += gateway_args
             procs[f"gateway{g}"] = spawn(args, port)
             urls.append(f"http://127.0.0.1:{port}")
         yield urls, {"procs": procs, "redis_port": redis_port}

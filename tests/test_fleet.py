@@ -70,3 +70,26 @@ def test_the_learned_limit_keeps_the_queue_at_the_gateway_in_front_of_an_engine_
     assert abs(learned["shares"]["light"] - 0.5) <= 0.05, learned
     deep = _shares(tenants, n_gateways=1, shared=False, seconds=8.0, engines=Engines(1, batching, limit=48))
     assert deep["shares"]["light"] < 0.4, deep
+
+
+def test_idle_tenants_leave_the_shared_counters():
+    """Without a tenants file a client names its own tenant: 300 names, each once, leave the store's counters
+    within --tenant-idle-s (the heartbeats forget them)."""
+    import time
+
+    import httpx
+    import redis
+
+    from lab.fleet_bench import fleet
+
+    with fleet(1, True, None, Engines(count=1), gateway_args=("--tenant-idle-s", "1")) as (urls, handles):
+        store = redis.Redis(port=handles["redis_port"])
+        with httpx.Client(timeout=30) as client:
+            for i in range(300):
+                body = {"model": "fake", "prompt": "x", "max_tokens": 1, "user": f"rotating-{i}"}
+                assert client.post(urls[0] + "/v1/completions", json=body).status_code == 200
+        assert store.hlen("fairness:counters") > 0  # the last second's tenants are still there
+        deadline = time.monotonic() + 10
+        while store.hlen("fairness:counters") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.hlen("fairness:counters") == 0 and store.zcard("fairness:seen") == 0

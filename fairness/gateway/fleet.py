@@ -62,21 +62,33 @@ end
 local function counter(t)
   return tonumber(redis.call('HGET', p .. 'counters', t) or '0')
 end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 """
 
-# ARGV: prefix, gateway, ttl_ms, force, n waiting, (tenant, count) x n, n in flight, (upstream, count) x n.
-# Refresh the heartbeat; a gateway the fleet does not know (first call, reaped, or the store restarted empty), or
-# one back from an outage (force), writes its waiting and in-flight counts anew. Returns 1 when it did.
+# ARGV: prefix, gateway, ttl_ms, force, idle_ms, n waiting, (tenant, count) x n, n in flight, (upstream, count) x n.
+# Refresh the heartbeat, and forget (up to 256) tenants not seen for idle_ms: their counters leave the store (VTC's
+# lift gives one that returns a fair start). A gateway the fleet does not know (first call, reaped, or the store
+# restarted empty), or one back from an outage (force), writes its waiting and in-flight counts anew; returns 1
+# when it did.
 _HEARTBEAT = (
     _ALIVE
     + """
 local gw = ARGV[2]
+local idle = redis.call('ZRANGEBYSCORE', p .. 'seen', '-inf', now_ms() - tonumber(ARGV[5]), 'LIMIT', 0, 256)
+for _, t in ipairs(idle) do
+  redis.call('HDEL', p .. 'counters', t)
+  redis.call('ZREM', p .. 'seen', t)
+end
 local known = redis.call('EXISTS', p .. 'alive:' .. gw) == 1 and redis.call('SISMEMBER', p .. 'gws', gw) == 1
 redis.call('SET', p .. 'alive:' .. gw, '1', 'PX', ARGV[3])
 if known and ARGV[4] == '0' then return 0 end
 redis.call('SADD', p .. 'gws', gw)
 redis.call('DEL', p .. 'waiting:' .. gw, p .. 'inflight:' .. gw)
-local i = 5
+local i = 6
 for _, key in ipairs({'waiting:', 'inflight:'}) do
   local n = tonumber(ARGV[i])
   for j = 1, n do
@@ -113,6 +125,7 @@ if waiting == 0 then
   if least ~= nil and counter(tenant) < least then redis.call('HSET', p .. 'counters', tenant, least) end
 end
 redis.call('HINCRBY', p .. 'waiting:' .. gw, tenant, 1)
+redis.call('ZADD', p .. 'seen', now_ms(), tenant)
 return 1
 """
 )
@@ -166,6 +179,7 @@ redis.call('HINCRBYFLOAT', p .. 'counters', next, mine[next])
 redis.call('HINCRBY', p .. 'waiting:' .. gw, next, -1)
 redis.call('HINCRBY', p .. 'inflight:' .. gw, best, 1)
 redis.call('SET', p .. 'last', next)
+redis.call('ZADD', p .. 'seen', now_ms(), next)
 return {{'admit', next, best}, counters()}
 """
 )
@@ -185,10 +199,12 @@ class SharedState:
         self._join = self.client.register_script(_JOIN)
         self._admit = self.client.register_script(_ADMIT)
 
-    def heartbeat(self, waiting: dict[str, int], in_flight: dict[str, int], force: bool = False) -> bool:
-        """Refresh this gateway's heartbeat; True when the store took its counts anew (it did not know the gateway,
-        or `force`)."""
-        args = [self.prefix, self.gateway, int(HEARTBEAT_TTL_S * 1000), int(force), len(waiting)]
+    def heartbeat(
+        self, waiting: dict[str, int], in_flight: dict[str, int], force: bool = False, idle_s: float = 600.0
+    ) -> bool:
+        """Refresh this gateway's heartbeat and forget tenants unseen for `idle_s`; True when the store took this
+        gateway's counts anew (it did not know the gateway, or `force`)."""
+        args = [self.prefix, self.gateway, int(HEARTBEAT_TTL_S * 1000), int(force), int(idle_s * 1000), len(waiting)]
         args += [x for kv in waiting.items() for x in kv] + [len(in_flight)]
         args += [x for kv in in_flight.items() for x in kv]
         return bool(self._heartbeat(args=args))
@@ -212,6 +228,9 @@ class SharedState:
         pipe = self.client.pipeline(transaction=False)
         for t, amount in charges.items():
             pipe.hincrbyfloat(self.prefix + "counters", t, amount)
+        if charges:
+            now_ms = int(time.time() * 1000)
+            pipe.zadd(self.prefix + "seen", dict.fromkeys(charges, now_ms))
         for t, n in waiting.items():
             pipe.hincrby(f"{self.prefix}waiting:{self.gateway}", t, n)
         for u, n in in_flight.items():
@@ -299,7 +318,7 @@ class FleetAdmission(Admission):
             if t.upstream is not None:
                 flying[t.upstream.url] += 1
         was = self.connected
-        fresh = self._store(self.state.heartbeat, waiting, dict(flying), not was)
+        fresh = self._store(self.state.heartbeat, waiting, dict(flying), not was, self.tenant_idle_s)
         if fresh is None:
             return
         if not was:
