@@ -70,15 +70,15 @@ def redis_server(port: int, persist: Path | None = None) -> subprocess.Popen:
         raise RuntimeError("no redis-server or valkey-server on PATH: apt-get install redis-server")
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     args += ["--appendonly", "yes", "--dir", str(persist)] if persist else ["--appendonly", "no"]
+    import redis
+
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            import redis
-
             if redis.Redis(port=port, socket_timeout=0.2).ping():
                 return proc
-        except Exception:  # noqa: BLE001 (not up yet)
+        except redis.RedisError:  # not up yet
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("redis-server did not start")

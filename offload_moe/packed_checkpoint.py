@@ -52,8 +52,8 @@ def packed_experts(
     if not found:
         return None
     for key in used:  # scales are small (1/16 of MXFP4's bytes, less in the others): checked in full
-        if key.endswith(fmt.scales) and (why := fmt.bad_values(fmt.scales, tensors[key])) is not None:
-            raise CheckpointError(f"{shards[key]}: tensor {key} {why}; the checkpoint is damaged: re-download it")
+        if key.endswith(fmt.scales):
+            _check_scales(fmt, key, tensors[key], shards)
     layout = _layout(found[(blocks[0].index, 0)], blocks[0], fmt, dtype, shards)
     experts = []
     for b in blocks:
@@ -84,8 +84,7 @@ def decode_dense(
         rows, cols = f.matrix_shape(values, scales)
         stored = {fmt.values: (base + fmt.values, values), fmt.scales: (key, scales)}
         _check(stored, f, rows, cols, shards)
-        if (why := f.bad_values(fmt.scales, scales)) is not None:
-            raise CheckpointError(f"{shards[key]}: tensor {key} {why}; the checkpoint is damaged: re-download it")
+        _check_scales(f, key, scales, shards)
         parts = {s: t.unsqueeze(0) for s, (_, t) in stored.items()}
         out[base + fmt.weight] = f.decode(parts, rows, cols, dtype)[0]
         used.update((key, base + fmt.values, base + SHAPE))
@@ -204,6 +203,13 @@ def _check(stored: Stored, fmt: MatrixFormat, rows: int, cols: int, shards: dict
                 f"[{rows}, {cols}] matrix's {suffix or 'values'} as {dt} {list(shape)}: the checkpoint is damaged or "
                 "does not match its config.json; re-download it"
             )
+
+
+def _check_scales(fmt: MatrixFormat, key: str, scales: torch.Tensor, shards: dict) -> None:
+    """The scale tensor `key` holds values its format allows; else names the file and tensor."""
+    why = fmt.bad_values(fmt.scales, scales)
+    if why is not None:
+        raise CheckpointError(f"{shards[key]}: tensor {key} {why}; the checkpoint is damaged: re-download it")
 
 
 def _file_key(key: str) -> str:

@@ -167,12 +167,16 @@ class Admission:
             up = self.pool.pick(ticket.model)
             if up is None:
                 break  # its model's upstreams are full or down: it stays first in line
-            self.driver.admit(info, now)
-            del self.waiting[info.id]
-            self.running[info.id] = ticket
-            ticket.upstream = up
-            up.in_flight += 1
-            ticket.admitted.set_result(up)
+            self._start(ticket, up, now)
+
+    def _start(self, ticket: Ticket, up: Upstream, now: float) -> None:
+        """`ticket` leaves the queue to run on `up`; the policy and the observers see it admitted."""
+        self.driver.admit(ticket.info, now)
+        del self.waiting[ticket.info.id]
+        self.running[ticket.info.id] = ticket
+        ticket.upstream = up
+        up.in_flight += 1
+        ticket.admitted.set_result(up)
 
     def step(self) -> None:
         """Report the output tokens that streamed since the last step to the policy, as one engine step."""

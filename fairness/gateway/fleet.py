@@ -379,7 +379,8 @@ class FleetAdmission(Admission):
         if decision[0] != "admit":
             return False
         tenant, url = decision[1], decision[2]
-        self._start(self._queues[tenant].popleft(), next(u for u in self.pool.upstreams if u.url == url))
+        up = next(u for u in self.pool.upstreams if u.url == url)
+        self._start(self._queues[tenant].popleft(), up, time.monotonic())
         return True
 
     def _admit_local(self, heads: dict[str, Ticket]) -> bool:
@@ -393,18 +394,13 @@ class FleetAdmission(Admission):
         self._flight_delta[up.url] += 1
         if not ticket.requeues:
             self._charge(tenant, self._cost(ticket, ticket.info.input_tokens, 0))
-        self._start(ticket, up)
+        self._start(ticket, up, time.monotonic())
         return True
 
-    def _start(self, ticket: Ticket, up: Upstream) -> None:
-        """The ticket runs on `up`: the local policy and the metrics see it admitted."""
-        self.driver.admit(ticket.info, time.monotonic())
-        del self.waiting[ticket.info.id]
-        self.running[ticket.info.id] = ticket
-        ticket.upstream = up
-        up.in_flight += 1
+    def _start(self, ticket: Ticket, up: Upstream, now: float) -> None:
+        """As `Admission._start`; a resumed request keeps what it was charged at its first admission."""
         self._charged.setdefault(ticket.info.id, self._cost(ticket, ticket.info.input_tokens, 0))
-        ticket.admitted.set_result(up)
+        super()._start(ticket, up, now)
 
     def step(self) -> None:
         """Charge the output tokens streamed since the last step, fleet-wide in one round trip."""

@@ -125,7 +125,7 @@ class HostCompute:
                 "unset"
             )
         self._kernels = [HostKernel(m, precision) for m in experts_modules]  # snapshots: the hook swaps weights
-        self.direct = self._kernels[0].check(self.pieces(0, 0), hidden_size, store.expert_dtype)
+        self.direct = self._kernels[0].check(store.compute_pieces(0, 0), hidden_size, store.expert_dtype)
         if not self.direct:  # one class for every layer: where plain matmuls miss its bits, every layer keeps its twin
             for k in self._kernels:
                 k.layout = None
@@ -161,7 +161,7 @@ class HostCompute:
         """The most tokens per expert for which the low-bit kernel beats the native one, timed once on one expert:
         torch's weight-only kernels win at decode but grow with tokens where a native matmul stays flat, so longer
         calls (a prefill) take the native weights, which the store holds anyway."""
-        kernel, pieces, lowbit = self._kernels[0], self.pieces(0, 0), self._lowbit[(0, 0)]
+        kernel, pieces, lowbit = self._kernels[0], self.store.compute_pieces(0, 0), self._lowbit[(0, 0)]
         best = 1
         for n in LOWBIT_PROBE_TOKENS:
             x, w = torch.randn(n, self.hidden_size).to(self.store.expert_dtype), torch.ones(n)
@@ -185,10 +185,6 @@ class HostCompute:
             return self.store.expert_bytes()
         dense = sum(p.shape[0] * p.shape[1] for p in parts.values()) * self.store.expert_dtype.itemsize
         return self.store.expert_bytes() - dense + sum(p.nbytes for p in parts.values())
-
-    def pieces(self, layer: int, expert: int) -> dict[str, list[tuple[int, torch.Tensor]]]:
-        """One expert's weights as the kernel reads them (`HostStore.compute_pieces`)."""
-        return self.store.compute_pieces(layer, expert)
 
     def submit(
         self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, pairs: bool
@@ -231,7 +227,7 @@ class HostCompute:
                 pos, tok = np.nonzero((ids == e).T)  # in the order the stock kernels gather an expert's rows
                 rows = torch.from_numpy(tok * top_k + pos if pairs else tok)
                 x, w = hidden[rows], weights[torch.from_numpy(tok), torch.from_numpy(pos)]
-                y = kernel.forward(self.pieces(layer, e), x, w, self.lowbit_for(layer, e, len(tok)))
+                y = kernel.forward(self.store.compute_pieces(layer, e), x, w, self.lowbit_for(layer, e, len(tok)))
                 out.index_add_(0, rows, y.to(out.dtype))
                 n_pairs += len(tok)
         if self.emulated is not None:

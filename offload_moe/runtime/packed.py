@@ -88,9 +88,9 @@ class Unpacker:
 
     def decode(self, pool: dict[str, torch.Tensor], slots: list[int]) -> None:
         """Decode the experts in pool `slots` into scratch rows 0..len(slots)-1, in that order."""
-        n = len(slots)
-        if n > len(next(iter(self.scratch.values()))):
-            self._grow(max(n, 2 * len(next(iter(self.scratch.values())))))
+        n, capacity = len(slots), len(next(iter(self.scratch.values())))
+        if n > capacity:
+            self._grow(max(n, 2 * capacity))
         lo = slots[0]
         if slots == list(range(lo, lo + n)):  # consecutive: views, no gather
             parts = {k: t[lo : lo + n] for k, t in pool.items()}
