@@ -171,3 +171,14 @@ def test_host_precision_is_refused_for_packed_experts(tmp_path):
     save_quantized(_model("mixtral"), tmp_path, "int4", group=32)
     with pytest.raises(ValueError, match="already stores them low-bit"):
         offload_moe.load(tmp_path, budget=0.25, device="cpu", miss_path="host", host_precision="int8")
+
+
+def test_host_costs_of_packed_experts_are_cached_apart_from_plain_ones(tmp_path, monkeypatch, loaded, patched):
+    """Host compute of a packed expert decodes it first: its measured cost must not stand for plain experts of the
+    same shapes (nor theirs for it)."""
+    monkeypatch.setenv("OFFLOAD_MOE_CACHE_DIR", str(tmp_path / "cache"))
+    model = _model("mixtral")
+    save_quantized(model, tmp_path / "packed", "int4", group=32)
+    loaded(tmp_path / "packed", budget=0.5, device="cpu", miss_path="auto")
+    patched(model, budget=0.5, device="cpu", miss_path="auto")  # the same weights, plain, same shapes and dtype
+    assert len(json.loads((tmp_path / "cache" / "host_costs.json").read_text())) == 2

@@ -73,12 +73,15 @@ def _cpu_name() -> str:
 
 def measure_host(host: HostCompute, layer: int = 0, expert: int = 0) -> HostFit:
     """Time host jobs for BENCH_TOKENS tokens (best of BENCH_REPEATS each, through the worker pool as in use) and
-    fit a + b x tokens. Cached on disk per machine, expert shape, dtype, threads and emulation."""
+    fit a + b x tokens. Cached on disk per machine, expert shape, dtype, low-bit format, threads and emulation."""
     weights = host.store.expert_tensors(layer, expert)
     hidden = host.hidden_size
     dtype = next(iter(weights.values())).dtype
     shapes = sorted(host.store.expert_shapes.items())
-    key_src = json.dumps([_cpu_name(), torch.__version__, host.threads, str(dtype), shapes, repr(host.emulated)])
+    packed = host.store.packed.formats if host.store.packed is not None else None  # decoding is part of its cost
+    key_src = json.dumps(
+        [_cpu_name(), torch.__version__, host.threads, str(dtype), shapes, packed, repr(host.emulated)]
+    )
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     path = cache_dir() / "host_costs.json"
     try:
