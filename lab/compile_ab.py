@@ -13,8 +13,8 @@ import statistics
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lab import offload_bench as ob
-from lab.reference import corpus_text
 from offload_moe.patch import patch
+from tests.corpus import corpus_text
 
 
 def main(argv: list[str] | None = None) -> None:

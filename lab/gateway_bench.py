@@ -16,10 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,15 +29,15 @@ from fairness.measure.metrics import percentile
 from fairness.measure.records import record_metrics
 from fairness.serve import BackgroundServer, build_engine
 from fairness.serving.server import create_app
-from lab.fake_engine import MODEL as FAKE
 from lab.loadgen import replay
 from lab.reference import REFERENCE_MODEL
 from lab.served_bench import OUTPUT, PROMPT, measure_capacity
+from tests.fake_engine import MODEL as FAKE
+from tests.servers import free_port, process
 
 REPLICAS, MAX_RUNNING = 3, 4
 PATTERN = ("heavy", "heavy", "light-a", "heavy", "heavy", "light-b")  # round-robin puts every light one on replica 2
 SETUPS = ("gateway-vtc", "rr-vtc", "rr-fcfs")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def workload(capacity_tok_s: float, load: float, duration_s: float) -> list[Request]:
@@ -115,37 +112,6 @@ def gateway_overhead(model_dir: Path, n: int = 30) -> dict:
 
 
 @contextlib.contextmanager
-def process(args: list[str], port: int) -> Iterator[subprocess.Popen]:
-    """`spawn`, and stop it on exit."""
-    proc = spawn(args, port)
-    try:
-        yield proc
-    finally:
-        stop(proc)
-
-
-def spawn(args: list[str], port: int) -> subprocess.Popen:
-    """`python -m ARGS --port PORT` in the checkout, once its /health answers 200."""
-    proc = subprocess.Popen([sys.executable, "-m", *args, "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"python -m {args[0]} did not start")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
 def gateway_process(upstreams: list[str], limit: int = MAX_RUNNING) -> Iterator[str]:
     """`python -m fairness.gateway` in its own process, as users run it, stopped on exit; yields its base URL."""
     port = free_port()
@@ -154,11 +120,6 @@ def gateway_process(upstreams: list[str], limit: int = MAX_RUNNING) -> Iterator[
         args += ["--upstream", u]
     with process(args, port):
         yield f"http://127.0.0.1:{port}"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(30)
 
 
 def gateway_throughput(seconds: float = 5.0, concurrency: int = 64) -> dict:
@@ -181,7 +142,7 @@ def gateway_throughput(seconds: float = 5.0, concurrency: int = 64) -> dict:
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return done, errors
 
-    fake = ["lab.fake_engine", "--max-running", "4096", "--step-s", "0"]
+    fake = ["tests.fake_engine", "--max-running", "4096", "--step-s", "0"]
     with process(fake, fake_port), gateway_process([f"http://127.0.0.1:{fake_port}"], limit=4096) as url:
         t0 = time.perf_counter()
         done, errors = asyncio.run(load(url))

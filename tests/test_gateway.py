@@ -20,8 +20,8 @@ from fairness.gateway import ConcurrencyLimit, GatewayConfig, create_gateway
 from fairness.gateway.admission import Admission
 from fairness.gateway.upstreams import UpstreamPool
 from fairness.serve import BackgroundServer
-from lab.fake_engine import MODEL, create_fake_engine
-from lab.gateway_bench import free_port, spawn
+from tests.fake_engine import MODEL, create_fake_engine
+from tests.servers import free_port, spawn
 
 # --- no HTTP ------------------------------------------------------------------------------------------------------
 
@@ -54,7 +54,8 @@ def test_a_learned_limit_grows_while_throughput_rises_and_stops_where_it_stops()
 
 
 def test_a_fleet_shares_vtcs_counters_only_and_needs_a_store_url():
-    from fairness.gateway.fleet import FleetAdmission, SharedState
+    from fairness.gateway.fleet import FleetAdmission
+    from fairness.gateway.store import SharedState
 
     with pytest.raises(ValueError, match="--policy vtc"):
         FleetAdmission(SharedState("redis://127.0.0.1:1"), "fcfs", _pool(1, 1))
@@ -281,7 +282,7 @@ def test_a_client_that_disconnects_is_closed_upstream_refunded_and_leaves_nothin
 
 
 def _spawn_fake(port: int) -> subprocess.Popen:
-    return spawn(["lab.fake_engine", "--max-running", "4", "--step-s", "0.01"], port)
+    return spawn(["tests.fake_engine", "--max-running", "4", "--step-s", "0.01"], port)
 
 
 @pytest.mark.served

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import offload_moe
 from hooks import RoutingRecorder
-from lab.reference import corpus_text
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.miss_router import HostFit, MissRouter
+from tests.corpus import corpus_text
 from tests.helpers import DEVICES, FAMILIES, generate, load_reference, logits, tiny_model
 
 SLOW_LINK = offload_moe.EmulatedLink(gbps=0.02)  # a tiny model's expert: ~1 ms a copy, the host wins decode

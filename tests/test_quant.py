@@ -5,15 +5,15 @@ import pytest
 import torch
 
 import offload_moe
-from lab.evaluate import bits_per_byte
-from lab.reference import corpus_text
 from offload_moe.blocks import expert_geometry, moe_blocks
 from offload_moe.calibration import load_calibration
 from offload_moe.options import OffloadOptions
 from offload_moe.plan import make_plan
 from offload_moe.standins.catalog import quant_expert_bytes
 from offload_moe.standins.quant import pack, quant_bytes, quantize, unpack
+from tests.corpus import corpus_text
 from tests.helpers import load_reference, tiny_model
+from tests.measure import bits_per_byte
 
 # relative Frobenius error of a Gaussian matrix, group 64, asymmetric min-max: (max - min) / (2^b - 1) / sqrt(12)
 # over a group's spread of ~4.6 sigma gives 2-bit ~0.44, 3-bit ~0.19, 4-bit ~0.089, 8-bit ~0.0052; bounds with margin

@@ -8,7 +8,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed")
 
 from fairness.gateway.ray_app import deploy  # noqa: E402
-from lab.gateway_bench import free_port  # noqa: E402
+from tests.servers import free_port, redis_server  # noqa: E402
 
 pytestmark = [pytest.mark.served, pytest.mark.slow]
 
@@ -17,8 +17,6 @@ def test_two_offloaded_replicas_behind_two_gateway_replicas_on_ray_serve(referen
     """Two gateway replicas (`--gateways 2`) sharing one redis-server, in front of two offloaded engines."""
     import redis
     from ray import serve
-
-    from lab.fleet_bench import redis_server
 
     store_port = free_port()
     store = redis_server(store_port)

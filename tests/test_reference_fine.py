@@ -8,9 +8,9 @@ import torch
 from transformers import Qwen2MoeForCausalLM
 
 from lab import model_card
-from lab.evaluate import bits_per_byte
-from lab.reference import corpus_text
+from tests.corpus import corpus_text
 from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR, load_reference
+from tests.measure import bits_per_byte
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-from lab.evaluate import bits_per_byte
-from lab.reference import corpus_text
+from tests.corpus import corpus_text
 from tests.helpers import DEVICES, load_reference
+from tests.measure import bits_per_byte
 
 
 @pytest.fixture(scope="module")

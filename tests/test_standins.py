@@ -5,10 +5,10 @@ import torch
 
 import offload_moe
 from hooks import RoutingRecorder, attached_hook
-from lab.evaluate import bits_per_byte
-from lab.reference import corpus_text
 from offload_moe.standins.lowrank import LowRankFactors, lowrank, rank_for_fraction
+from tests.corpus import corpus_text
 from tests.helpers import DEVICES, generate, load_reference, tiny_model
+from tests.measure import bits_per_byte
 
 
 @pytest.fixture(scope="module")

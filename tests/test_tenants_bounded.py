@@ -13,7 +13,7 @@ from fairness.gateway import GatewayConfig
 from fairness.gateway.admission import Admission, TooManyTenants
 from fairness.gateway.metrics import GatewayMetrics
 from fairness.gateway.upstreams import UpstreamPool
-from lab.fake_engine import MODEL
+from tests.fake_engine import MODEL
 from tests.test_gateway import Stack
 
 

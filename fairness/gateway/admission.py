@@ -193,6 +193,9 @@ class Admission:
     def sync(self) -> None:
         """Once a tick, before stepping: a fleet's admission exchanges its state with the store."""
 
+    async def aclose(self) -> None:
+        """The gateway stops: a fleet's admission stops its tasks and closes its store connection."""
+
     async def run(self) -> None:
         """Step and admit every tick_s, and at once when something may have made room. Cancelling it ends it (no
         wait_for: on Python < 3.12 it can swallow the cancellation, and this loop would never end)."""

@@ -93,7 +93,8 @@ class Gateway:
         if config.state is None:
             self.admission = Admission(policy, pool, observers=[self.metrics], **bounds)
         else:
-            from fairness.gateway.fleet import FleetAdmission, SharedState
+            from fairness.gateway.fleet import FleetAdmission
+            from fairness.gateway.store import SharedState
 
             state = SharedState(config.state, config.gateway_id)
             self.admission = FleetAdmission(state, policy, pool, observers=[self.metrics], **bounds)
@@ -111,6 +112,7 @@ class Gateway:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.admission.aclose()
         await self.pool.aclose()
 
     # --- checks -----------------------------------------------------------------------------------------------------

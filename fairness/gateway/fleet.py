@@ -1,269 +1,47 @@
 """Fairness across gateway processes: VTC's per-tenant counters, what each gateway has waiting and what each
-upstream has in flight, kept in one Redis or Valkey store that every gateway of a fleet shares; queues stay local.
+upstream has in flight, kept in one store (`gateway.store`) that every gateway of a fleet shares; queues stay local.
 
-Each admission is one server-side script (one round trip). It finds the upstream with the fewest requests in flight
-across the fleet that is under its limit, then the backlogged tenant with the least service across the fleet. If
-that tenant waits at this gateway, the script charges the head request's prompt, moves one of the tenant's waiting
-requests to in flight, and returns the pair; otherwise this gateway admits nothing, and the gateway that holds the
+Each admission round is one server-side script. For each model with requests waiting here, it finds the upstream
+serving that model with the fewest requests in flight across the fleet that is under its limit, then the tenant
+waiting for that model with the least counter across the fleet. If that tenant waits at this gateway, the script
+charges the head request's prompt, moves it to in flight, and returns the pair; otherwise the gateway that holds the
 tenant admits it on its next round. A finish anywhere publishes a message that wakes every gateway, so a freed slot
-goes to the fleet's next tenant at once (work-conserving). Output tokens are charged every tick, in one pipelined
-call, and each request is settled at its end from the upstream's usage.
+goes to the fleet's next tenant at once (work-conserving). Output tokens are charged every tick in one call, and
+each request is settled at its end from the upstream's usage. Store calls go one at a time through a queue
+(`StoreQueue`, redis.asyncio): nothing on the event loop waits for them; at most one admission round is in the store
+at a time.
 
-A gateway that loses the store keeps serving on its local copy of the counters (`/metrics`:
-fairness_gateway_shared_state_up 0, and a log line), and merges back when the store answers again: the charges made
-meanwhile are added, and its waiting and in-flight counts are written anew. Gateways write a heartbeat; the state
-of one that stops (killed, or cut off) leaves the fleet's counts when its heartbeat expires. Counters survive a store
-restart where the store persists (Redis with AOF or RDB); without that they restart from the charges made since,
-and VTC's lift keeps a returning tenant from banking credit. Scripts touch keys they compute: a single Redis or
-Valkey, not a cluster.
+A gateway that loses the store keeps serving in its local VTC's order (`/metrics`:
+fairness_gateway_shared_state_up 0, and a log line): its counters are the fleet's as last seen plus its own charges
+since, and a tenant new since the outage is lifted as VTC lifts it. When the store answers again, the gateway writes
+its waiting and in-flight counts anew and adds the charges made meanwhile, each batch at most once (a sequence
+number per batch), and refunds an admission whose reply it lost. Gateways write a heartbeat; the counts of one that
+stops (killed, or cut off) leave the fleet when its heartbeat expires. Counters survive a store restart where the
+store persists (Redis with AOF or RDB); without that they restart from the charges made since, and VTC's lift keeps
+a returning tenant from banking credit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import threading
 import time
-import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable
 
 from fairness.core.policy import SchedulingPolicy, make_policy
 from fairness.core.service import W_P, W_Q, service
-from fairness.extras import missing
 from fairness.gateway.admission import Admission, Ticket
+from fairness.gateway.store import RETRY_S, Beat, SharedState, Skipped, StoreQueue, waiting_field
 from fairness.gateway.upstreams import Upstream, UpstreamPool
 
-try:
-    import redis
-except ImportError as e:
-    raise missing("fleet", e) from e
-
 log = logging.getLogger("fairness.gateway.fleet")
-
-HEARTBEAT_TTL_S = 2.0  # a gateway silent this long leaves the fleet's counts
-RETRY_S = 1.0  # after a store error, how long a gateway serves on local counters before it tries again
-TIMEOUT_S = 0.25  # a store call slower than this counts as the store being unreachable
-
-_ALIVE = """
-local p = ARGV[1]
-local function alive()
-  local out = {}
-  for _, g in ipairs(redis.call('SMEMBERS', p .. 'gws')) do
-    if redis.call('EXISTS', p .. 'alive:' .. g) == 1 then
-      out[#out + 1] = g
-    else
-      redis.call('DEL', p .. 'waiting:' .. g, p .. 'inflight:' .. g)
-      redis.call('SREM', p .. 'gws', g)
-    end
-  end
-  return out
-end
-local function counter(t)
-  return tonumber(redis.call('HGET', p .. 'counters', t) or '0')
-end
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-
-# ARGV: prefix, gateway, ttl_ms, force, idle_ms, n waiting, (tenant, count) x n, n in flight, (upstream, count) x n.
-# Refresh the heartbeat, and forget (up to 256) tenants not seen for idle_ms: their counters leave the store (VTC's
-# lift gives one that returns a fair start). A gateway the fleet does not know (first call, reaped, or the store
-# restarted empty), or one back from an outage (force), writes its waiting and in-flight counts anew; returns 1
-# when it did.
-_HEARTBEAT = (
-    _ALIVE
-    + """
-local gw = ARGV[2]
-local idle = redis.call('ZRANGEBYSCORE', p .. 'seen', '-inf', now_ms() - tonumber(ARGV[5]), 'LIMIT', 0, 256)
-for _, t in ipairs(idle) do
-  redis.call('HDEL', p .. 'counters', t)
-  redis.call('ZREM', p .. 'seen', t)
-end
-local known = redis.call('EXISTS', p .. 'alive:' .. gw) == 1 and redis.call('SISMEMBER', p .. 'gws', gw) == 1
-redis.call('SET', p .. 'alive:' .. gw, '1', 'PX', ARGV[3])
-if known and ARGV[4] == '0' then return 0 end
-redis.call('SADD', p .. 'gws', gw)
-redis.call('DEL', p .. 'waiting:' .. gw, p .. 'inflight:' .. gw)
-local i = 6
-for _, key in ipairs({'waiting:', 'inflight:'}) do
-  local n = tonumber(ARGV[i])
-  for j = 1, n do
-    redis.call('HSET', p .. key .. gw, ARGV[i + 2 * j - 1], ARGV[i + 2 * j])
-  end
-  i = i + 2 * n + 1
-end
-return 1
-"""
-)
-
-# ARGV: prefix, gateway, tenant. One more request of `tenant` waits here; a tenant that joins the fleet's backlog
-# is lifted to the least counter among the backlogged (or the last admitted tenant's): idle time banks no credit.
-_JOIN = (
-    _ALIVE
-    + """
-local gw, tenant = ARGV[2], ARGV[3]
-local waiting, least = 0, nil
-for _, g in ipairs(alive()) do
-  local w = redis.call('HGETALL', p .. 'waiting:' .. g)
-  for j = 1, #w, 2 do
-    if tonumber(w[j + 1]) > 0 then
-      if w[j] == tenant then waiting = waiting + tonumber(w[j + 1]) end
-      local c = counter(w[j])
-      if least == nil or c < least then least = c end
-    end
-  end
-end
-if waiting == 0 then
-  if least == nil then
-    local last = redis.call('GET', p .. 'last')
-    if last then least = counter(last) end
-  end
-  if least ~= nil and counter(tenant) < least then redis.call('HSET', p .. 'counters', tenant, least) end
-end
-redis.call('HINCRBY', p .. 'waiting:' .. gw, tenant, 1)
-redis.call('ZADD', p .. 'seen', now_ms(), tenant)
-return 1
-"""
-)
-
-# ARGV: prefix, gateway, n tenants, (tenant, prompt charge) x n, n upstreams, (upstream, limit) x n.
-# Returns {'admit', tenant, upstream}, {'other', tenant} (the fleet's next tenant waits elsewhere), {'full'} or
-# {'gone'} (this gateway is not registered: heartbeat first); and the counters of the tenants passed.
-_ADMIT = (
-    _ALIVE
-    + """
-local gw = ARGV[2]
-local gws = alive()
-local mine, names, i = {}, {}, 3
-local n = tonumber(ARGV[i])
-for j = 1, n do
-  mine[ARGV[i + 2 * j - 1]] = tonumber(ARGV[i + 2 * j])
-  names[#names + 1] = ARGV[i + 2 * j - 1]
-end
-i = i + 2 * n + 1
-local function counters()
-  local out = {}
-  for _, t in ipairs(names) do out[#out + 1] = tostring(counter(t)) end
-  return out
-end
-if redis.call('SISMEMBER', p .. 'gws', gw) == 0 then return {{'gone'}, counters()} end
-local best, load = nil, nil
-for j = 1, tonumber(ARGV[i]) do
-  local u, limit, used = ARGV[i + 2 * j - 1], tonumber(ARGV[i + 2 * j]), 0
-  for _, g in ipairs(gws) do used = used + tonumber(redis.call('HGET', p .. 'inflight:' .. g, u) or '0') end
-  if used < limit and (load == nil or used < load) then best, load = u, used end
-end
-if best == nil then return {{'full'}, counters()} end
-local next, least, last = nil, nil, redis.call('GET', p .. 'last')
-local function before(t, c)  -- ties (frequent: the lift makes them) go to a tenant other than the last admitted
-  if least == nil or c < least then return true end
-  if c > least then return false end
-  if (t == last) ~= (next == last) then return next == last end
-  return t < next
-end
-for _, g in ipairs(gws) do
-  local w = redis.call('HGETALL', p .. 'waiting:' .. g)
-  for j = 1, #w, 2 do
-    if tonumber(w[j + 1]) > 0 then
-      local c = counter(w[j])
-      if before(w[j], c) then next, least = w[j], c end
-    end
-  end
-end
-if next == nil or mine[next] == nil then return {{'other', next or ''}, counters()} end
-redis.call('HINCRBYFLOAT', p .. 'counters', next, mine[next])
-redis.call('HINCRBY', p .. 'waiting:' .. gw, next, -1)
-redis.call('HINCRBY', p .. 'inflight:' .. gw, best, 1)
-redis.call('SET', p .. 'last', next)
-redis.call('ZADD', p .. 'seen', now_ms(), next)
-return {{'admit', next, best}, counters()}
-"""
-)
-
-
-class SharedState:
-    """The fleet's store: a Redis or Valkey server at `url` (redis://HOST:PORT[/DB]), keys under `prefix`."""
-
-    def __init__(self, url: str, gateway_id: str | None = None, prefix: str = "fairness:"):
-        try:
-            self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
-        except ValueError as e:
-            raise ValueError(f"--state {url!r} is not a store URL; use redis://HOST:PORT") from e
-        self.url, self.prefix = url, prefix
-        self.gateway = gateway_id or uuid.uuid4().hex[:12]
-        self._heartbeat = self.client.register_script(_HEARTBEAT)
-        self._join = self.client.register_script(_JOIN)
-        self._admit = self.client.register_script(_ADMIT)
-
-    def heartbeat(
-        self, waiting: dict[str, int], in_flight: dict[str, int], force: bool = False, idle_s: float = 600.0
-    ) -> bool:
-        """Refresh this gateway's heartbeat and forget tenants unseen for `idle_s`; True when the store took this
-        gateway's counts anew (it did not know the gateway, or `force`)."""
-        args = [self.prefix, self.gateway, int(HEARTBEAT_TTL_S * 1000), int(force), int(idle_s * 1000), len(waiting)]
-        args += [x for kv in waiting.items() for x in kv] + [len(in_flight)]
-        args += [x for kv in in_flight.items() for x in kv]
-        return bool(self._heartbeat(args=args))
-
-    def join(self, tenant: str) -> bool:
-        """One more request of `tenant` waits at this gateway (lifting its counter if it joins the backlog)."""
-        return bool(self._join(args=[self.prefix, self.gateway, tenant]))
-
-    def admit(self, heads: dict[str, float], rooms: dict[str, int]) -> tuple[list[str], dict[str, float]]:
-        """One admission round: heads, tenant -> the prompt charge of its first waiting request here; rooms,
-        upstream -> its limit. Returns the decision ([kind, ...] as the script says) and the tenants' counters."""
-        args = [self.prefix, self.gateway, len(heads)] + [x for kv in heads.items() for x in kv]
-        args += [len(rooms)] + [x for kv in rooms.items() for x in kv]
-        decision, counters = self._admit(args=args)
-        kinds = [d.decode() if isinstance(d, bytes) else d for d in decision]
-        return kinds, {t: float(c) for t, c in zip(heads, counters, strict=True)}
-
-    def apply(self, charges: dict[str, float], waiting: dict[str, int], in_flight: dict[str, int]) -> bool:
-        """Add to counters, this gateway's waiting counts and its in-flight counts in one pipelined round trip, and
-        wake the fleet when something left an upstream."""
-        pipe = self.client.pipeline(transaction=False)
-        for t, amount in charges.items():
-            pipe.hincrbyfloat(self.prefix + "counters", t, amount)
-        if charges:
-            now_ms = int(time.time() * 1000)
-            pipe.zadd(self.prefix + "seen", dict.fromkeys(charges, now_ms))
-        for t, n in waiting.items():
-            pipe.hincrby(f"{self.prefix}waiting:{self.gateway}", t, n)
-        for u, n in in_flight.items():
-            pipe.hincrby(f"{self.prefix}inflight:{self.gateway}", u, n)
-        if any(n < 0 for n in in_flight.values()):
-            pipe.publish(self.prefix + "room", self.gateway)
-        pipe.execute()
-        return True
-
-    def listen(self, on_message: Callable[[], None]) -> threading.Thread:
-        """A daemon thread calling `on_message()` on every finish in the fleet (resubscribing after an outage)."""
-        # its own connection, which waits for messages as long as it takes (the client's timeout is for calls)
-        listener = redis.Redis.from_url(self.url, socket_connect_timeout=TIMEOUT_S, health_check_interval=5)
-
-        def run() -> None:
-            while True:
-                try:
-                    sub = listener.pubsub(ignore_subscribe_messages=True)
-                    sub.subscribe(self.prefix + "room")
-                    for _ in sub.listen():
-                        on_message()
-                except (redis.RedisError, OSError):
-                    time.sleep(RETRY_S)
-
-        thread = threading.Thread(target=run, name="fairness-fleet-listen", daemon=True)
-        thread.start()
-        return thread
 
 
 class FleetAdmission(Admission):
     """`Admission` whose order and upstream room come from the fleet's `SharedState` (VTC across gateways); the
-    local policy still sees every event, for the metrics. Without the store it admits by its local copy of the
-    counters (the last seen, plus its own charges since) into its own view of the upstreams' room."""
+    local VTC policy sees every event, and orders admissions while the store is away."""
 
     def __init__(
         self,
@@ -280,130 +58,225 @@ class FleetAdmission(Admission):
         super().__init__(policy, pool, **kwargs)
         self.state = state
         self.connected = False
+        self.store_errors = 0  # store calls that failed (timed out, refused, or broke off)
+        self.local_admissions = 0  # admissions made in the local order while the store was away
         self._retry_at = 0.0
-        self._queues: dict[str, deque[Ticket]] = defaultdict(deque)  # tenant -> its waiting tickets, oldest first
-        self._local: dict[str, float] = defaultdict(float)  # the counters as last seen, plus the charges since
-        self._unsent: dict[str, float] = defaultdict(float)  # charges not yet in the store
-        self._waiting_delta: dict[str, int] = defaultdict(int)  # changes to the store's counts not yet sent
-        self._flight_delta: dict[str, int] = defaultdict(int)
+        self._calls: StoreQueue | None = None  # started on the event loop at the first call
+        self._listener: asyncio.Task | None = None
+        self._queues: dict[tuple[str, str], deque[Ticket]] = {}  # (model, tenant) -> its waiting tickets, oldest first
+        self._unsent: dict[str, float] = defaultdict(float)  # charges not yet sent to the store
+        self._waiting_delta: dict[str, int] = defaultdict(int)  # waiting field -> change not yet sent
+        self._flight_delta: dict[str, int] = defaultdict(int)  # upstream -> change not yet sent
+        self._pending: tuple[int, dict[str, float]] | None = None  # a charge batch whose reply was lost: re-sent as is
+        self._doubt: int | None = None  # an admission round whose reply was lost (refunded if the store ran it)
         self._charged: dict[int, float] = {}  # request -> what it has been charged so far
+        self._seq = itertools.count(1)
+        self._admitting = False  # an admission round is in the store
+        self._pump_again = False  # pump was called while it was
+        self._beating = False  # a heartbeat is in the store
+        self._outage = False  # a store call failed since the store last took this gateway's counts
 
     def _cost(self, ticket: Ticket, input_tokens: int, output_tokens: int) -> float:
         return service(input_tokens, output_tokens, ticket.info.weight, W_P, W_Q)
 
-    # --- the store, or local counters while it is away --------------------------------------------------------------
+    # --- the store ---------------------------------------------------------------------------------------------------
 
-    def _store(self, call: Callable, *args):
-        """`call(*args)` on the store (every call returns something); None when it is unreachable (then local
-        counters for RETRY_S)."""
-        if not self.connected and time.monotonic() < self._retry_at:
-            return None
-        try:
-            out = call(*args)
-        except (redis.RedisError, OSError) as e:
+    def _submit(self, fn: Callable, args: tuple, done: Callable, probe: bool = False) -> None:
+        if self._calls is None:
+            self._calls = StoreQueue()
+        self._calls.submit(fn, args, done, probe)
+
+    def _lost(self, error: Exception) -> None:
+        """A store call failed: serve in the local order, and try the store again after RETRY_S."""
+        if not isinstance(error, Skipped):
+            self.store_errors += 1
             if self.connected:
-                log.warning("shared state %s unreachable (%s): serving on local counters", self.state.url, e)
-            self.connected, self._retry_at = False, time.monotonic() + RETRY_S
-            return None
-        return out
+                log.warning("shared state %s unreachable (%s): serving on local counters", self.state.url, error)
+            self._outage = True
+        self.connected, self._retry_at = False, time.monotonic() + RETRY_S
 
     def sync(self) -> None:
-        """Heartbeat; back from an outage (or unknown to the store), write this gateway's counts anew, then add the
-        charges made meanwhile."""
-        if not self.connected and time.monotonic() < self._retry_at:
+        """Heartbeat, once a tick. Back from an outage (or unknown to the store): write this gateway's counts anew,
+        refund an admission whose reply was lost, then send the charges made meanwhile."""
+        if self._beating or (not self.connected and time.monotonic() < self._retry_at):
             return
-        waiting = {t: len(q) for t, q in self._queues.items() if q}
-        flying: dict[str, int] = defaultdict(int)
-        for t in self.running.values():
-            if t.upstream is not None:
-                flying[t.upstream.url] += 1
-        was = self.connected
-        fresh = self._store(self.state.heartbeat, waiting, dict(flying), not was, self.tenant_idle_s)
-        if fresh is None:
-            return
-        if not was:
-            log.warning("shared state %s reachable: merging %d tenants' charges", self.state.url, len(self._unsent))
-        self.connected = True
-        if fresh:  # the store holds this gateway's counts as they are now
+        force = not self.connected
+        waiting, flying = {}, {}
+        if force:  # the counts as they are now; what changed before this call is in them
+            waiting = {waiting_field(*k): len(q) for k, q in self._queues.items()}
+            for t in self.running.values():
+                flying[t.upstream.url] = flying.get(t.upstream.url, 0) + 1
             self._waiting_delta.clear()
             self._flight_delta.clear()
+        self._beating = True
+        args = (waiting, flying, force, self.tenant_idle_s)
+        self._submit(self.state.heartbeat, args, lambda beat, err: self._beat(force, beat, err), probe=force)
+
+    def _beat(self, force: bool, beat: Beat | None, error: Exception | None) -> None:
+        self._beating = False
+        if error is not None:
+            self._lost(error)
+            return
+        if beat.state < 0:
+            self._resync()
+            return
+        if force:
+            if self._doubt is not None and beat.admit_seq == self._doubt:  # it ran, but the ticket never started
+                self._charge(beat.admit_tenant, -beat.admit_charge)
+            self._doubt = None
+            if self._outage:
+                self._outage = False
+                log.warning("shared state %s reachable: merging %d tenants' charges", self.state.url, len(self._unsent))
+        self.connected = True
         self._flush()
+        self.pump()
 
     def _flush(self) -> None:
-        if not self.connected or not (self._unsent or self._waiting_delta or self._flight_delta):
+        """Send the charges and count changes made since the last batch (a lost batch first, with its number)."""
+        if not self.connected:
             return
-        sent = (dict(self._unsent), dict(self._waiting_delta), dict(self._flight_delta))
-        if self._store(self.state.apply, *sent) is not None:
-            self._unsent.clear()
-            self._waiting_delta.clear()
-            self._flight_delta.clear()
+        if self._pending is not None:
+            (seq, charges), self._pending = self._pending, None
+            self._submit(self.state.apply, (seq, charges, {}, {}), self._applied(seq, charges))
+        if not (self._unsent or self._waiting_delta or self._flight_delta):
+            return
+        seq = next(self._seq)
+        batch = (seq, dict(self._unsent), dict(self._waiting_delta), dict(self._flight_delta))
+        self._unsent.clear()
+        self._waiting_delta.clear()
+        self._flight_delta.clear()
+        self._submit(self.state.apply, batch, self._applied(seq, batch[1]))
+
+    def _applied(self, seq: int, charges: dict[str, float]) -> Callable:
+        def done(result: int | None, error: Exception | None) -> None:
+            if error is None and result >= 0:
+                return
+            if error is None or isinstance(error, Skipped):  # stale, or never sent: in the next batch
+                for t, amount in charges.items():
+                    self._unsent[t] += amount
+            else:  # sent, and maybe applied: re-sent with its number, which the store applies at most once
+                self._pending = (seq, charges)
+            if error is None:
+                self._resync()
+            else:
+                self._lost(error)  # count changes are written anew on reconnection
+
+        return done
+
+    def _resync(self) -> None:
+        """The store does not know this gateway as it is (reaped while silent, restarted, or a stale call): write
+        its counts anew now."""
+        self.connected, self._retry_at = False, 0.0
+        self.sync()
 
     def _charge(self, tenant: str, amount: float) -> None:
-        self._local[tenant] += amount
         self._unsent[tenant] += amount
 
     # --- Admission's events -----------------------------------------------------------------------------------------
 
     def queued(self, ticket: Ticket) -> None:
-        """The fleet counts a waiting ticket for its tenant (joining its backlog lifts the tenant's counter)."""
-        self._queues[ticket.info.client].append(ticket)
-        if not self.connected or self._store(self.state.join, ticket.info.client) is None:
-            self._waiting_delta[ticket.info.client] += 1
+        """The fleet counts a waiting ticket for its tenant and model (joining a backlog lifts the tenant's counter);
+        a resumed one goes first."""
+        key = (ticket.model, ticket.info.client)
+        queue = self._queues.setdefault(key, deque())
+        (queue.appendleft if ticket.requeues else queue.append)(ticket)
+        if self.connected:
+            self._submit(self.state.join, key, self._joined)
+        else:
+            self._waiting_delta[waiting_field(*key)] += 1
+
+    def _joined(self, joined: bool | None, error: Exception | None) -> None:
+        if error is not None:  # the counts are written anew on reconnection
+            self._lost(error)
+        elif not joined:
+            self._resync()
 
     def pump(self) -> None:
-        """Admit while the fleet's next tenant waits here and an upstream has room."""
-        while any(self._queues.values()):
-            heads = {t: q[0] for t, q in self._queues.items() if q}
-            if not self.connected:
-                self.sync()
-            if not (self._admit_shared(heads) if self.connected else self._admit_local(heads)):
-                return
-
-    def _admit_shared(self, heads: dict[str, Ticket]) -> bool:
-        """One admission round in the store (a resumed request's prompt was charged at its first admission)."""
-        model = next(iter(heads.values())).model
-        rooms = {u.url: u.limit.value for u in self.pool.upstreams if u.healthy and model in u.models}
-        if not rooms:
-            return False
-        prompts = {t: 0.0 if h.requeues else self._cost(h, h.info.input_tokens, 0) for t, h in heads.items()}
-        got = self._store(self.state.admit, prompts, rooms)
-        if got is None:
-            return self._admit_local(heads)
-        decision, counters = got
-        self._local.update(counters)
-        if decision[0] == "gone":  # reaped while silent: register again, then the next round
-            self.connected = False
-            self._retry_at = 0.0
+        """One admission round in the store (each admission pumps again), or, while it is away, admissions in the
+        local policy's order."""
+        if not self._queues:
+            return
+        if not self.connected:
             self.sync()
-            return self.connected
-        if decision[0] != "admit":
-            return False
-        tenant, url = decision[1], decision[2]
-        up = next(u for u in self.pool.upstreams if u.url == url)
-        self._start(self._queues[tenant].popleft(), up, time.monotonic())
-        return True
+            super().pump()  # through `_start` below
+            return
+        if self._admitting:  # asked again when it answers: what made this call may have made room
+            self._pump_again = True
+            return
+        self._pump_again = False
+        heads: dict[str, dict[str, float]] = defaultdict(dict)
+        for (model, tenant), queue in self._queues.items():
+            h = queue[0]  # a resumed request's prompt was charged at its first admission
+            heads[model][tenant] = 0.0 if h.requeues else self._cost(h, h.info.input_tokens, 0)
+        groups = {}
+        for model, tenants in heads.items():
+            rooms = {u.url: u.limit.value for u in self.pool.upstreams if u.healthy and model in u.models}
+            if rooms:
+                groups[model] = (tenants, rooms)
+        if not groups:
+            return
+        seq, self._admitting = next(self._seq), True
+        self._submit(self.state.admit, (seq, groups), lambda got, err: self._admitted(seq, groups, got, err))
 
-    def _admit_local(self, heads: dict[str, Ticket]) -> bool:
-        tenant = min(heads, key=lambda t: (self._local[t], t))
-        ticket = heads[tenant]
-        up = self.pool.pick(ticket.model)
-        if up is None:
-            return False
-        self._queues[tenant].popleft()
-        self._waiting_delta[tenant] -= 1
-        self._flight_delta[up.url] += 1
-        if not ticket.requeues:
-            self._charge(tenant, self._cost(ticket, ticket.info.input_tokens, 0))
-        self._start(ticket, up, time.monotonic())
-        return True
+    def _admitted(self, seq: int, groups: dict, got, error: Exception | None) -> None:
+        self._admitting = False
+        if error is not None:
+            if not isinstance(error, Skipped):
+                self._doubt = seq
+            self._lost(error)
+            self.pump()
+            return
+        decision, counters = got
+        for t, c in counters.items():  # the local order, for an outage: the fleet's counters plus charges unsent
+            self.policy.counter.set(t, c + self._unsent.get(t, 0.0))
+        if decision[0] == "gone":
+            self._resync()
+            return
+        if decision[0] != "admit":
+            if self._pump_again:
+                self.pump()
+            return
+        model, tenant, url = decision[1:]
+        key, prompt = (model, tenant), groups[model][0][tenant]
+        up = next((u for u in self.pool.upstreams if u.url == url), None)
+        if key not in self._queues or up is None:  # cancelled while the round was in the store: undo it
+            self._waiting_delta[waiting_field(*key)] += 1
+            self._flight_delta[url] -= 1
+            self._charge(tenant, -prompt)
+            self._flush()
+        else:
+            self._begin(self._take(key), up, time.monotonic(), prompt)
+        self.pump()
+
+    def _take(self, key: tuple[str, str], ticket: Ticket | None = None) -> Ticket:
+        """`ticket` (default: the first) leaves the queue of `key`."""
+        queue = self._queues[key]
+        if ticket is None:
+            ticket = queue.popleft()
+        else:
+            queue.remove(ticket)
+        if not queue:
+            del self._queues[key]
+        return ticket
 
     def _start(self, ticket: Ticket, up: Upstream, now: float) -> None:
+        """An admission in the local order (the store is away), counted for the merge."""
+        key = (ticket.model, ticket.info.client)
+        self._take(key, ticket)
+        self._waiting_delta[waiting_field(*key)] -= 1
+        self._flight_delta[up.url] += 1
+        prompt = 0.0 if ticket.requeues else self._cost(ticket, ticket.info.input_tokens, 0)
+        self._charge(ticket.info.client, prompt)
+        self.local_admissions += 1
+        self._begin(ticket, up, now, prompt)
+
+    def _begin(self, ticket: Ticket, up: Upstream, now: float, prompt: float) -> None:
         """As `Admission._start`; a resumed request keeps what it was charged at its first admission."""
-        self._charged.setdefault(ticket.info.id, self._cost(ticket, ticket.info.input_tokens, 0))
+        self._charged.setdefault(ticket.info.id, prompt)
         super()._start(ticket, up, now)
 
     def step(self) -> None:
-        """Charge the output tokens streamed since the last step, fleet-wide in one round trip."""
+        """Charge the output tokens streamed since the last step, fleet-wide in one call."""
         for rid, t in self.running.items():
             if t.generated > t.reported:
                 amount = self._cost(t, 0, t.generated - t.reported)
@@ -429,10 +302,11 @@ class FleetAdmission(Admission):
         if up is not None:
             self._settle(ticket, up, ticket.info.input_tokens, generated)
             return
-        queue = self._queues[ticket.info.client]
-        if ticket in queue:
-            queue.remove(ticket)
-            self._waiting_delta[ticket.info.client] -= 1
+        self._charged.pop(ticket.info.id, None)  # a resumed request keeps its first admission's charge
+        key = (ticket.model, ticket.info.client)
+        if ticket in self._queues.get(key, ()):
+            self._take(key, ticket)
+            self._waiting_delta[waiting_field(*key)] -= 1
             self._flush()
 
     def _settle(self, ticket: Ticket, up: Upstream, input_tokens: int, output_tokens: int) -> None:
@@ -446,15 +320,23 @@ class FleetAdmission(Admission):
         super().requeue(ticket)
         self._flush()
 
-    def expire(self, now: float) -> None:
-        super().expire(now)
-        for t in [t for t in self._local if t not in self.known_tenants()]:
-            del self._local[t]
-            self._queues.pop(t, None)
-
     async def run(self) -> None:
         """Admission's loop with a heartbeat every tick, woken too by every finish in the fleet."""
-        loop = asyncio.get_running_loop()
-        self.state.listen(lambda: loop.call_soon_threadsafe(self.wake.set))
+        self._listener = asyncio.create_task(self.state.listen(self.wake.set), name="fairness-fleet-listen")
         self.sync()
         await super().run()
+
+    async def drained(self) -> None:
+        """Returns once the store has answered every call this gateway made, and those its answers led to."""
+        if self._calls is not None:
+            await self._calls.drained()
+
+    async def aclose(self) -> None:
+        """Stop the listener and the store's call queue, and close the connection."""
+        tasks = [t for t in (self._listener,) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._calls is not None:
+            await self._calls.aclose()
+        await self.state.aclose()

@@ -11,6 +11,8 @@ from fairness.extras import missing
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.core import CounterMetricFamily
+    from prometheus_client.registry import Collector
 except ImportError as e:
     raise missing("serve", e) from e
 
@@ -19,6 +21,24 @@ from fairness.gateway.upstreams import UpstreamPool
 TOKEN_KINDS = (("prompt",), ("completion",))
 OUTCOMES = (("ok",), ("cancelled",), ("no_upstream",), ("upstream_error",))  # of fairness_gateway_requests
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _FleetCounts(Collector):
+    """A fleet admission's own counts as Prometheus counters (their one owner is the admission)."""
+
+    def __init__(self, admission) -> None:
+        self.admission = admission
+
+    def collect(self):
+        errors = CounterMetricFamily(
+            "fairness_gateway_store_errors", "store calls that failed (timed out, refused or broke off)"
+        )
+        errors.add_metric([], self.admission.store_errors)
+        local = CounterMetricFamily(
+            "fairness_gateway_local_admissions", "admissions made in the local order while the store was away"
+        )
+        local.add_metric([], self.admission.local_admissions)
+        return [errors, local]
 
 
 class GatewayMetrics(EngineObserver):
@@ -59,13 +79,15 @@ class GatewayMetrics(EngineObserver):
         )
 
     def watch_state(self, admission) -> None:
-        """A fleet's gateway: export whether its shared state answers (`FleetAdmission.connected`)."""
+        """A fleet's gateway: export whether its shared state answers, its failed store calls and the admissions it
+        made while the store was away (`FleetAdmission`'s counts, read at scrape time)."""
         self._fleet = admission
         self.state_up = Gauge(
             "fairness_gateway_shared_state_up",
             "1 while the fleet's shared store answers; 0: admitting on this gateway's local counters",
             registry=self.registry,
         )
+        self.registry.register(_FleetCounts(admission))
 
     def refresh(self) -> None:
         """Upstream gauges, read at scrape time."""

@@ -4,7 +4,7 @@ served, as in an engine without fairness); or, with `batch_knee`, every request 
 past the knee (continuous batching); a prompt takes `prefill_s_per_token` per token. Tokens are "t0 t1 ...".
 Its usage reports cached prompt tokens: the longest prefix a recent prompt shared (`PrefixCache`).
 
-    python -m lab.fake_engine --port 8101 --max-running 8 --step-s 0.02
+    python -m tests.fake_engine --port 8101 --max-running 8 --step-s 0.02
 """
 
 from __future__ import annotations
