@@ -34,11 +34,10 @@ bench: install
 	$(PY) -m lab.offload_bench --mode default --eager-only
 	$(PY) -m lab.scale_bench --mode quick
 	$(PY) -m lab.host_bench --mode quick
-	$(PY) -m lab.packed_bench --mode quick
 	$(PY) -m lab.fairness_bench
 	$(PY) -m lab.served_bench
 	$(PY) -m lab.gateway_bench --mode quick
-	$(PY) -m lab.fleet_bench --scenarios skewed-2,dynamo-4-1 --seconds 6
+	$(PY) -m lab.fleet_bench --scenarios skewed-2 --seconds 6
 	$(PY) -m lab.cluster_bench --seconds 30
 	$(PY) -m lab.results_doc bench-results docs/results.md
 
@@ -50,7 +49,7 @@ bench-full: install
 	$(PY) -m lab.fairness_bench --mode full
 	$(PY) -m lab.served_bench --mode full
 	$(PY) -m lab.gateway_bench
-	$(PY) -m lab.fleet_bench
+	$(PY) -m lab.fleet_bench --faults all --growth 100000
 	$(PY) -m lab.cluster_bench
 
 bench-quick: install

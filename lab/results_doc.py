@@ -295,8 +295,26 @@ def fleet_section(doc: dict) -> list[str]:
              " / ".join(f"{_fmt(v)}" for v in r["fair_shares"].values()), _fmt(r["max_service_difference"], 0),
              _fmt(r["jain"], 3), _fmt(r["requests_per_s"], 1), _fmt(r["ttft_p50_s"] * 1e3, 0),
              _fmt(r["ttft_p99_s"] * 1e3, 0)] for r in doc["rows"]]  # fmt: skip
-    return out + _table(["scenario", "counters", "shares", "fair", "max weighted service diff", "Jain", "req/s",
-                         "TTFT p50 ms", "TTFT p99 ms"], rows) + [""]  # fmt: skip
+    out += _table(["scenario", "counters", "shares", "fair", "max weighted service diff", "Jain", "req/s",
+                   "TTFT p50 ms", "TTFT p99 ms"], rows) + [""]  # fmt: skip
+    if doc.get("faults"):
+        out += ["Faults on the skewed two-gateway fleet (fault at 3 s, recovery 5 s later, run ends 5 s after that):",
+                ""]  # fmt: skip
+        rows = [[f["fault"], str(f["lost"]), str(sum(f["errors"].values())),
+                 " / ".join(f"{t} {_fmt(f['charged'].get(t, 0), 0)} of {_fmt(u, 0)}" for t, u in f["usage"].items()),
+                 _fmt(f["shares_during"].get("light", 0.0)), _fmt(f["shares"].get("light", 0.0)),
+                 _fmt(f["shares_since_start"].get("light", 0.0))] for f in doc["faults"]]  # fmt: skip
+        out += _table(["fault", "lost", "errored", "billed of usage", "light during", "light after",
+                       "light since start"], rows) + [""]  # fmt: skip
+    if doc.get("growth"):
+        g = doc["growth"]
+        rows = [[name, str(r["tenants"]), str(r["waiting_fields_at_end"]), str(r["peak_keys"]),
+                 str(r["keys_after_sweep"]), _fmt(r["admission_round_p50_us"], 0),
+                 _fmt(r["admission_round_p99_us"], 0)] for name, r in (("10 tenants", g["ten_tenants"]),
+                                                                         ("rotating", g["rotating"]))]  # fmt: skip
+        out += _table(["names", "tenants", "waiting fields at end", "peak keys", "keys after sweep",
+                       "round p50 us", "round p99 us"], rows) + [""]  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
