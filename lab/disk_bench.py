@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from lab.disk_read import MIB, drop_cache, measure, write_file
+from lab.disk_read import MIB, measure, write_file
+from tests.page_cache import drop_cache
 
 GEOMETRIES = {  # "mixtral": Mixtral-8x7B's experts at a quarter of its width; "small": for the tests
     "mixtral": {"hidden_size": 2048, "intermediate_size": 7168, "num_local_experts": 8, "num_experts_per_tok": 2,

@@ -2,7 +2,7 @@
 
     python -m lab.packed_bench [--mode quick|default] [--out bench-results]
 
-Each case writes a routing-scale model (`lab.scale_models`) as the hub ships it in a low-bit format (`lab.quantize`:
+Each case writes a routing-scale model (`tests.scale_models`) as the hub ships it in a low-bit format (`tests.quantize`:
 gpt-oss-120b's shape in MXFP4, Mixtral-8x7B's in FP8 and int4) and the same weights dequantized, saved plain in bf16.
 Their token embeddings are scaled up so that routing follows the token as a trained model's does (`spread_routing`).
 Both are opened with `offload_moe.load` at the same budget fractions (the same number of experts resident) and
@@ -26,9 +26,9 @@ import torch
 from transformers import DynamicCache
 
 import offload_moe
-from lab.quantize import save_quantized
-from lab.scale_models import VOCAB, scale_model
 from offload_moe.runtime.transfer import EmulatedLink
+from tests.quantize import save_quantized
+from tests.scale_models import VOCAB, scale_model
 
 CASES = [  # shape, format, group (int formats), one bf16 expert copy over one layer's decode compute
     ("gpt-oss-120b", "mxfp4", 0, 4.0),  # ~50 MB bf16 experts over PCIe 5.0, against a layer of an RTX 5090's decode

@@ -1,4 +1,4 @@
-"""The offload runtime alone: a routing trace recorded from the DeepSeek-V3-shaped model (`lab.scale_models`)
+"""The offload runtime alone: a routing trace recorded from the DeepSeek-V3-shaped model (`tests.scale_models`)
 replayed through the real hooks of a model that has nothing but MoE layers of tiny experts (256 per layer, a
 quarter of them resident), from 16 to 234 layers: pools of 1,024 to 14,976 slots that all see the same routing per
 layer, so the same hit rate. What a layer call costs the runtime itself, and whether that grows with the pool:
@@ -11,8 +11,8 @@ import time
 import torch
 
 from hooks import RoutingRecorder
-from lab.scale_models import VOCAB, scale_model
 from offload_moe.patch import patch
+from tests.scale_models import VOCAB, scale_model
 
 LAYERS = (16, 32, 64, 128, 234)  # x 256 experts x 1/4: 1,024 to 14,976 slots
 BUDGET = 0.25

@@ -1,4 +1,4 @@
-"""The offload runtime at the routing scale of the models people run (`lab.scale_models`): resident and patched
+"""The offload runtime at the routing scale of the models people run (`tests.scale_models`): resident and patched
 greedy decoding side by side, and the runtime alone replaying a recorded routing trace.
 
     python -m lab.scale_bench [--mode quick|default] [--shapes qwen3-30b-a3b,...] [--out bench-results]
@@ -27,9 +27,9 @@ from transformers import DynamicCache
 from hooks import find_moe_blocks
 from lab import offload_bench as ob
 from lab.runtime_replay import replay_rows
-from lab.scale_models import SHAPES, VOCAB, scale_model
 from offload_moe.patch import patch
 from offload_moe.runtime.transfer import EmulatedLink
+from tests.scale_models import SHAPES, VOCAB, scale_model
 
 ROWS = [  # name, budget, patch options, emulated link and host
     ("patched-1.0", 1.0, {"miss_path": "fetch"}, False),

@@ -45,6 +45,7 @@ def test_copy_stream_and_events_under_slot_reuse(prefetch):
         handle.unpatch()
 
 
+@pytest.mark.bench
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_gpu_check_says_so_without_cuda(capsys, tmp_path):
     from lab.gpu_check import main
@@ -53,6 +54,7 @@ def test_gpu_check_says_so_without_cuda(capsys, tmp_path):
     assert "no CUDA device" in capsys.readouterr().out and not (tmp_path / "gpu-check.json").exists()
 
 
+@pytest.mark.bench
 def test_gpu_check_benchmark_runs_its_configurations():
     """The benchmark's code path, on a tiny Mixtral geometry on this machine's device."""
     from lab.gpu_check import CONFIGS, mixtral_geometry, run_benchmark

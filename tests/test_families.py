@@ -6,7 +6,7 @@ import pytest
 
 from lab.families import check_family, moe_families
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bench]  # tests of the lab's tools
 
 FAMILIES = moe_families()  # from the installed transformers, pinned by pyproject (5.24)
 MUST_BE_LOSSLESS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared",

@@ -1,7 +1,7 @@
 """Checkpoints in their own low-bit format (MXFP4, FP8 block scales, int4/int8 pack-quantized): `load` keeps the
 experts packed, copies packed bytes, and computes exactly what the model computes with the same weights dequantized.
 
-The checkpoints are written by `lab.quantize` from each format's public definition. The reference for MXFP4 and FP8
+The checkpoints are written by `tests.quantize` from each format's public definition. The reference for MXFP4 and FP8
 is transformers' own path: `from_pretrained` of the same low-bit checkpoint, which dequantizes on this CPU. For the
 int formats (transformers needs the compressed-tensors package for them) it is `from_pretrained` of the dequantized
 weights saved plain.
@@ -23,10 +23,10 @@ from transformers import (
 )
 
 import offload_moe
-from lab.quantize import save_quantized
 from offload_moe.errors import UnsupportedModelError
 from offload_moe.packed_checkpoint import CheckpointError
 from tests.helpers import generate, logits, tiny_model
+from tests.quantize import save_quantized
 
 ATTENTION = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16, max_position_embeddings=256)  # fmt: skip

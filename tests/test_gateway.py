@@ -414,6 +414,7 @@ def test_in_front_of_transformers_serve_with_continuous_batching(reference_dir):
         proc.wait(30)
 
 
+@pytest.mark.bench
 @pytest.mark.served
 @pytest.mark.slow
 def test_a_soak_with_clients_leaving_early_leaves_nothing_behind():

@@ -137,6 +137,7 @@ def test_the_cost_model_follows_a_host_slowdown_that_starts_and_stops():
     assert spent / oracle - 1 < 0.10
 
 
+@pytest.mark.bench
 def test_the_freetoken_split_gives_the_host_its_bandwidth_share_only_above_twice_the_link(patched):
     """The lab's FreeToken-style baseline plugs in as a miss policy class: decodes losslessly, and sends misses to
     the host only when the host's measured bandwidth is over twice the link's."""
@@ -248,6 +249,7 @@ def test_low_bit_host_experts_stay_near_the_model_at_decode(precision, bound, pa
     assert handle.stats().host_jobs > 0
 
 
+@pytest.mark.bench
 def test_low_bit_host_experts_give_calls_longer_than_their_crossover_the_native_weights():
     """A call with more tokens per expert than the low-bit kernel measured faster at reads the native weights: its
     result equals the lossless host path's; at one token it does not."""

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import offload_moe
-from lab.disk_read import cached_fraction, drop_cache
 from tests.helpers import DEVICES, generate, logits, tiny_model
+from tests.page_cache import cached_fraction, drop_cache
 
 
 @pytest.mark.parametrize("read", ["pread", "mmap"])

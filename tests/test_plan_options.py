@@ -137,6 +137,7 @@ def test_importing_the_packages_draws_nothing():
     assert out.strip() == "[]"  # installed here, but the core never imports them
 
 
+@pytest.mark.bench
 def test_every_option_has_a_documented_default_and_reason_and_docs_options_md_is_current():
     """One source per option: each OffloadOptions field carries its group, meaning and the reason for its default;
     docs/options.md is generated from them (python -m lab.options_doc) and fails here when it drifts."""

@@ -50,6 +50,7 @@ def test_simulated_records_add_up_to_the_simulators_service():
     assert m.metrics["ttft_p50_s"] == pytest.approx(res.metrics["ttft_p50_s"])
 
 
+@pytest.mark.bench
 @pytest.mark.served
 def test_loadgen_command_line_against_a_live_server(reference_dir, tmp_path):
     from fairness.serve import BackgroundServer, build_engine

@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import Qwen2MoeForCausalLM
 
-from lab import model_card
 from tests.corpus import corpus_text
 from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR, load_reference
 from tests.measure import bits_per_byte
@@ -61,9 +60,12 @@ def test_offloading_the_fine_model_is_lossless_and_keeps_the_shared_expert(fine,
         model.set_experts_implementation("grouped_mm")
 
 
+@pytest.mark.bench
 @pytest.mark.parametrize("model_dir", [REFERENCE_MODEL_DIR, FINE_MODEL_DIR], ids=["mixtral", "fine"])
 def test_card_numbers_are_reproduced_by_the_card_script(model_dir):
     """The routing table (router and load entropy, usage skew per layer) and the 64 kB held-out bits per byte."""
+    from lab import model_card
+
     card = json.loads((model_dir / "card.json").read_text())
     model, tokenizer = load_reference(model_dir)
     text = corpus_text("val", max_bytes=64_000)  # the card's routing table reads the first 8192 tokens of it

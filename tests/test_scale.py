@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import offload_moe
-from lab.scale_models import SHAPES, VOCAB, scale_model
 from offload_moe.runtime.store import HostStore
 from tests.helpers import REFERENCE_MODEL_DIR, generate, load_reference, logits, tiny_model
+from tests.scale_models import SHAPES, VOCAB, scale_model
 
 SLOW_LINK = offload_moe.EmulatedLink(gbps=0.002)  # a tiny expert (12 kB) takes ~6 ms: copies land during compute
 

@@ -20,7 +20,7 @@ from fairness.serving.server import create_app
 from lab.loadgen import replay
 from lab.served_bench import OUTPUT, PROMPT, measure_capacity
 
-pytestmark = pytest.mark.served
+pytestmark = [pytest.mark.served, pytest.mark.bench]  # the lab's load generator and served bench
 
 MODEL = "reference-moe"
 

@@ -11,6 +11,8 @@ from fairness.measure.bound import vtc_bound
 from fairness.sim.vtc_suite import SUITE, workload
 from lab.vtc_paper import artifact_reference
 
+pytestmark = pytest.mark.bench  # tests of the lab's tools (the VTC paper's reproduction)
+
 SLORA = EngineModel.preset("a10g-llama2-7b-slora")
 
 
