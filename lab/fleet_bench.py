@@ -65,9 +65,9 @@ def store_cost(n: int = 2000) -> dict:
 
 
 def growth(names: int, batch: int = 64) -> dict:
-    """`names` tenants, each one request through one of two in-process gateways (`FleetAdmission` objects over one
-    real store), admitted and finished `batch` at a time: the store's keys and memory at the end and after the idle
-    sweep, and the admission rounds' latency, with `names` rotating names against 10 tenants."""
+    """`names` requests through two in-process gateways (`FleetAdmission` objects over a real store, a fresh one per
+    case), admitted and finished `batch` at a time, from `names` rotating tenant names and from 10 tenants: the
+    store's keys and memory (peak, and after the idle sweep) and the admission rounds' latency."""
     import redis
 
     from fairness.gateway.fleet import FleetAdmission
@@ -88,6 +88,8 @@ def growth(names: int, batch: int = 64) -> dict:
         store = redis.Redis.from_url(url)
         peak_keys = peak_memory = 0
         for start in range(0, len(tenants), batch):
+            for g in gws:  # a tick's heartbeat: it forgets tenants idle for tenant_idle_s
+                g.sync()
             for i, name in enumerate(tenants[start : start + batch]):
                 gws[i % 2].arrive(name, 1.0, 10, 5, "m")
             while any(g.waiting or g.running for g in gws):
@@ -102,35 +104,46 @@ def growth(names: int, batch: int = 64) -> dict:
                     g.step()
                     await g.drained()
             if start % (batch * 64) == 0:
-                peak_keys = max(peak_keys, len(store.keys(prefix + "*")))
-                peak_memory = max(peak_memory, store.memory_usage(prefix + "counters") or 0)
+                peak_keys = max(peak_keys, store.dbsize())
+                peak_memory = max(peak_memory, store.info("memory")["used_memory"])
         waiting_fields = sum(store.hlen(f"{prefix}waiting:g{g}") for g in range(2))
         await asyncio.sleep(1.2)
         for _ in range(len(tenants) // 256 + 2):  # each heartbeat forgets up to 256 idle tenants
             for g in gws:
                 g.sync()
                 await g.drained()
-        keys = len(store.keys(prefix + "*"))
+        keys, memory = store.dbsize(), store.info("memory")["used_memory"]
         for g in gws:
             await g.aclose()
+        tenth = len(rounds) // 10
+
+        def p99(xs: list[float]) -> float:
+            return 1e6 * sorted(xs)[int(0.99 * len(xs))]
+
+        flat = {"round_p99_first_tenth_us": p99(rounds[:tenth]), "round_p99_last_tenth_us": p99(rounds[-tenth:])}
         rounds.sort()
-        return {"tenants": len(set(tenants)), "requests": len(tenants), "waiting_fields_at_end": waiting_fields,
-                "peak_keys": peak_keys, "keys_after_sweep": keys, "peak_counters_bytes": peak_memory,
+        return {**flat, "tenants": len(set(tenants)), "requests": len(tenants), "waiting_fields_at_end": waiting_fields,
+                "peak_keys": peak_keys, "keys_after_sweep": keys, "peak_used_memory": peak_memory,
+                "used_memory_after_sweep": memory,
                 "admission_round_p50_us": 1e6 * rounds[len(rounds) // 2],
                 "admission_round_p99_us": 1e6 * rounds[int(0.99 * len(rounds))]}  # fmt: skip
 
-    port = free_port()
-    proc = redis_server(port)
-    try:
-        url = f"redis://127.0.0.1:{port}"
-        few = asyncio.run(through(url, [f"tenant-{i % 10}" for i in range(names)], "few:"))
-        many = asyncio.run(through(url, [f"rotating-{i}" for i in range(names)], "many:"))
-        return {"ten_tenants": few, "rotating": many,
-                "p99_ratio": many["admission_round_p99_us"] / few["admission_round_p99_us"],
-                "keys_ratio": many["keys_after_sweep"] / few["keys_after_sweep"]}  # fmt: skip
-    finally:
-        proc.kill()
-        proc.wait()
+    def on_fresh_store(tenants: list[str]) -> dict:
+        port = free_port()
+        proc = redis_server(port)
+        try:
+            return asyncio.run(through(f"redis://127.0.0.1:{port}", tenants, "fairness:"))
+        finally:
+            proc.kill()
+            proc.wait()
+
+    few = on_fresh_store([f"tenant-{i % 10}" for i in range(names)])
+    many = on_fresh_store([f"rotating-{i}" for i in range(names)])
+    return {"ten_tenants": few, "rotating": many,
+            "p99_ratio": many["admission_round_p99_us"] / few["admission_round_p99_us"],
+            "p99_last_over_first_tenth": many["round_p99_last_tenth_us"] / many["round_p99_first_tenth_us"],
+            "peak_keys_ratio": many["peak_keys"] / few["peak_keys"],
+            "peak_memory_ratio": many["peak_used_memory"] / few["peak_used_memory"]}  # fmt: skip
 
 
 SCENARIOS = {  # name: (tenants, gateways)

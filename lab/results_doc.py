@@ -309,11 +309,13 @@ def fleet_section(doc: dict) -> list[str]:
     if doc.get("growth"):
         g = doc["growth"]
         rows = [[name, str(r["tenants"]), str(r["waiting_fields_at_end"]), str(r["peak_keys"]),
-                 str(r["keys_after_sweep"]), _fmt(r["admission_round_p50_us"], 0),
+                 str(r["keys_after_sweep"]), _fmt(r["peak_used_memory"] / 2**20, 2),
+                 _fmt(r["used_memory_after_sweep"] / 2**20, 2), _fmt(r["admission_round_p50_us"], 0),
                  _fmt(r["admission_round_p99_us"], 0)] for name, r in (("10 tenants", g["ten_tenants"]),
                                                                          ("rotating", g["rotating"]))]  # fmt: skip
-        out += _table(["names", "tenants", "waiting fields at end", "peak keys", "keys after sweep",
-                       "round p50 us", "round p99 us"], rows) + [""]  # fmt: skip
+        out += [f"{g['rotating']['requests']:,} requests through two gateways over one store:", ""]
+        out += _table(["names", "tenants", "waiting fields at end", "peak keys", "keys after sweep", "peak MiB",
+                       "MiB after sweep", "round p50 us", "round p99 us"], rows) + [""]  # fmt: skip
     return out
 
 
