@@ -120,6 +120,9 @@ class FleetAdmission(Admission):
         if beat.state < 0:
             self._resync()
             return
+        if not force and not self.connected:  # the gateway lost the store while this was in it: write counts anew
+            self.sync()
+            return
         if force:
             if self._doubt is not None and beat.admit_seq == self._doubt:  # it ran, but the ticket never started
                 self._charge(beat.admit_tenant, -beat.admit_charge)
