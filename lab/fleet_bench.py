@@ -112,6 +112,7 @@ def growth(names: int, batch: int = 64) -> dict:
             for g in gws:
                 g.sync()
                 await g.drained()
+            await asyncio.sleep(gws[0].tick_s)  # a heartbeat a tick
         keys, memory = store.dbsize(), store.info("memory")["used_memory"]
         for g in gws:
             await g.aclose()

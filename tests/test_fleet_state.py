@@ -121,6 +121,7 @@ def test_rotating_tenant_names_leave_no_waiting_fields_and_the_store_stays_bound
             for g in gws:
                 g.sync()
                 await g.drained()
+            await asyncio.sleep(gws[0].tick_s)  # a heartbeat a tick
         for g in gws:
             await g.aclose()
         return sorted(k[len(prefix) :] for k in store.keys(prefix + "*"))

@@ -157,7 +157,7 @@ class Admission:
     def pump(self) -> None:
         """Admit waiting requests in the policy's order while an upstream has room."""
         now = time.monotonic()
-        _, cap = self.driver.limits(now, 1 << 30, max(1, self.pool.capacity()))
+        _, cap = self.driver.limits(now, 1 << 30, max(1, self.capacity()))
 
         def room() -> bool:
             return len(self.running) < cap and self.pool.has_room()
@@ -168,6 +168,11 @@ class Admission:
             if up is None:
                 break  # its model's upstreams are full or down: it stays first in line
             self._start(ticket, up, now)
+
+    def capacity(self) -> int:
+        """The most requests this gateway runs at once: the healthy upstreams' limits (a fleet's gateway cut off from
+        the store keeps to its share)."""
+        return self.pool.capacity()
 
     def _start(self, ticket: Ticket, up: Upstream, now: float) -> None:
         """`ticket` leaves the queue to run on `up`; the policy and the observers see it admitted."""

@@ -74,7 +74,10 @@ class FleetAdmission(Admission):
         self._admitting = False  # an admission round is in the store
         self._pump_again = False  # pump was called while it was
         self._beating = False  # a heartbeat is in the store
+        self._beat_at = -1.0  # when the last heartbeat was sent
         self._outage = False  # a store call failed since the store last took this gateway's counts
+        self._gateways = 1  # live gateways in the fleet, as the last heartbeat saw
+        self._local_cap = 0  # while the store is away: the most requests this gateway runs at once
 
     def _cost(self, ticket: Ticket, input_tokens: int, output_tokens: int) -> float:
         return service(input_tokens, output_tokens, ticket.info.weight, W_P, W_Q)
@@ -92,14 +95,19 @@ class FleetAdmission(Admission):
             self.store_errors += 1
             if self.connected:
                 log.warning("shared state %s unreachable (%s): serving on local counters", self.state.url, error)
+                # the other gateways keep filling the upstreams: keep to what this one ran, or its share
+                share = -(-self.pool.capacity() // max(1, self._gateways))
+                self._local_cap = max(len(self.running), share)
             self._outage = True
         self.connected, self._retry_at = False, time.monotonic() + RETRY_S
 
     def sync(self) -> None:
         """Heartbeat, once a tick. Back from an outage (or unknown to the store): write this gateway's counts anew,
         refund an admission whose reply was lost, then send the charges made meanwhile."""
-        if self._beating or (not self.connected and time.monotonic() < self._retry_at):
-            return
+        now = time.monotonic()
+        if self._beating or (now < self._retry_at if not self.connected else now - self._beat_at < self.tick_s):
+            return  # one heartbeat a tick: the loop wakes on every finish in the fleet
+        self._beat_at = now
         force = not self.connected
         waiting, flying = {}, {}
         if force:  # the counts as they are now; what changed before this call is in them
@@ -117,6 +125,7 @@ class FleetAdmission(Admission):
         if error is not None:
             self._lost(error)
             return
+        self._gateways = beat.gateways
         if beat.state < 0:
             self._resync()
             return
@@ -187,6 +196,12 @@ class FleetAdmission(Admission):
             self._submit(self.state.join, key, self._joined)
         else:
             self._waiting_delta[waiting_field(*key)] += 1
+
+    def capacity(self) -> int:
+        """While the store is away, this gateway keeps to what it ran when it lost the store, or its share of the
+        upstreams' limits, whichever is larger: the others go on filling the upstreams."""
+        full = super().capacity()
+        return full if self.connected else min(full, self._local_cap or full)
 
     def _joined(self, joined: bool | None, error: Exception | None) -> None:
         if error is not None:  # the counts are written anew on reconnection

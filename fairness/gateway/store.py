@@ -48,12 +48,13 @@ def waiting_field(model: str, tenant: str) -> str:
 class Beat:
     """A heartbeat's answer: `state` 1 when this gateway's counts were written, 0 when the fleet knows it, -1 when it
     does not (heartbeat again with force); and the last admission this process was charged for (sequence number,
-    tenant, amount), so that one whose reply was lost can be refunded."""
+    tenant, amount), so that one whose reply was lost can be refunded; and the live gateways in the fleet."""
 
     state: int
     admit_seq: int
     admit_tenant: str
     admit_charge: float
+    gateways: int
 
 
 class SharedState:
@@ -84,8 +85,8 @@ class SharedState:
         before it are stale, and the store refuses those that arrive late."""
         self.epoch += force
         args = self._head() + [int(HEARTBEAT_TTL_S * 1000), int(force), int(idle_s * 1000)]
-        state, seq, tenant, amount = await self._heartbeat(args=args + _flat(waiting) + _flat(in_flight))
-        return Beat(int(state), int(seq), _text(tenant), float(amount))
+        state, seq, tenant, amount, gateways = await self._heartbeat(args=args + _flat(waiting) + _flat(in_flight))
+        return Beat(int(state), int(seq), _text(tenant), float(amount), int(gateways))
 
     async def join(self, model: str, tenant: str) -> bool:
         """One more request of `tenant` waits here for `model` (lifting its counter if it joins that backlog); False
