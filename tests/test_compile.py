@@ -102,11 +102,17 @@ def test_a_lossy_standin_compiled_equals_it_eager(patched, standin):
     handle.unpatch()
     patched(model, budget=0.5, device="cpu", standin=standin, prefetch=None, compile=True)
     compiled = static_decode(model, IDS, 12)
-    assert torch.equal(compiled[1], eager[1])
     # Whether the real expert's background copy lands before a given step depends on thread timing (a loaded
     # machine delays it), and a landed expert serves its pairs exactly instead of by the stand-in: the logits agree
-    # to float32 rounding when the timing does (a quiet run), else within the stand-in's own error.
-    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=2e-2)
+    # to float32 rounding when the timing does (a quiet run), else within the stand-in's own error. So the tokens
+    # agree up to a step whose top two logits are that close, where the two runs may pick either.
+    atol = 2e-2
+    differ = (compiled[1] != eager[1]).nonzero()
+    same = int(differ[0]) if len(differ) else len(eager[1])
+    torch.testing.assert_close(compiled[0][: same + 1], eager[0][: same + 1], rtol=0, atol=atol)
+    if same < len(eager[1]):
+        top2 = eager[0][same].topk(2).values
+        assert top2[0] - top2[1] <= 2 * atol, (same, top2)
 
 
 @pytest.mark.parametrize(("budget", "options"), [(1.0, {}), (0.5, {"miss_path": "auto", "prefetch": "lookahead"})])

@@ -10,6 +10,7 @@ without charging twice. Scripts touch keys they compute: a single Redis or Valke
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ except ImportError as e:
 HEARTBEAT_TTL_S = 2.0  # a gateway silent this long leaves the fleet's counts
 RETRY_S = 1.0  # after a store error, how long a gateway serves on local counters before it tries again
 TIMEOUT_S = 0.25  # a store call slower than this counts as the store being unreachable
+log = logging.getLogger("fairness.gateway.fleet")
 SEP = "\x1f"  # between model and tenant in a waiting field (the ASCII unit separator: in no model id)
 STORE_ERRORS = (redis.RedisError, OSError)  # OSError covers asyncio's TimeoutError
 
@@ -186,7 +188,10 @@ class StoreQueue:
                     self._broken = False
                 except STORE_ERRORS as e:
                     error, self._broken = e, True
-            done(result, error)
+            try:
+                done(result, error)
+            except Exception:  # a bug in the gateway's handling must not stop every later store call
+                log.exception("fleet: handling the store's answer to %s failed", getattr(fn, "__name__", fn))
 
 
 async def _nothing() -> None:
