@@ -29,6 +29,7 @@ from tests.fleet_harness import (
     STEP_S,
     Tenant,
     fault,
+    forget_idle,
     run,
     summary,
 )
@@ -108,11 +109,7 @@ def growth(names: int, batch: int = 64) -> dict:
                 peak_memory = max(peak_memory, store.info("memory")["used_memory"])
         waiting_fields = sum(store.hlen(f"{prefix}waiting:g{g}") for g in range(2))
         await asyncio.sleep(1.2)
-        for _ in range(len(tenants) // 256 + 2):  # each heartbeat forgets up to 256 idle tenants
-            for g in gws:
-                g.sync()
-                await g.drained()
-            await asyncio.sleep(gws[0].tick_s)  # a heartbeat a tick
+        await forget_idle(gws, len(tenants))
         keys, memory = store.dbsize(), store.info("memory")["used_memory"]
         for g in gws:
             await g.aclose()

@@ -33,6 +33,18 @@ MODEL = "fake"
 TICK_S = 0.05  # the gateway's admission tick: output tokens reach the store once a tick
 
 
+async def forget_idle(gateways: list, tenants: int) -> None:
+    """Heartbeat every in-process `FleetAdmission` a tick apart until the store has forgotten `tenants` idle
+    tenants (each heartbeat forgets up to 256)."""
+    import asyncio
+
+    for _ in range(tenants // 256 + 2):
+        for g in gateways:
+            g.sync()
+            await g.drained()
+        await asyncio.sleep(gateways[0].tick_s)  # a heartbeat a tick
+
+
 @dataclass
 class Tenant:
     name: str

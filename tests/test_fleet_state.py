@@ -13,6 +13,7 @@ import redis
 from fairness.gateway.fleet import FleetAdmission
 from fairness.gateway.store import SharedState
 from fairness.gateway.upstreams import UpstreamPool
+from tests.fleet_harness import forget_idle
 from tests.servers import free_port, redis_server
 from tests.tcp_proxy import TcpProxy
 
@@ -117,11 +118,7 @@ def test_rotating_tenant_names_leave_no_waiting_fields_and_the_store_stays_bound
             assert store.hlen(f"{prefix}waiting:{g.state.gateway}") == 0
             assert store.hlen(f"{prefix}inflight:{g.state.gateway}") == 0
         await asyncio.sleep(0.3)
-        for _ in range(len(names) // 256 + 2):  # each heartbeat forgets up to 256 idle tenants
-            for g in gws:
-                g.sync()
-                await g.drained()
-            await asyncio.sleep(gws[0].tick_s)  # a heartbeat a tick
+        await forget_idle(gws, len(names))
         for g in gws:
             await g.aclose()
         return sorted(k[len(prefix) :] for k in store.keys(prefix + "*"))
