@@ -4,7 +4,7 @@
 
 Each case writes a routing-scale model (`tests.scale_models`) as the hub ships it in a low-bit format (`tests.quantize`:
 gpt-oss-120b's shape in MXFP4, Mixtral-8x7B's in FP8 and int4) and the same weights dequantized, saved plain in bf16.
-Their token embeddings are scaled up so that routing follows the token as a trained model's does (`spread_routing`).
+Their token embeddings are scaled up so that routing follows the token as a trained model's does (`spread=True`).
 Both are opened with `offload_moe.load` at the same budget fractions (the same number of experts resident) and
 decode the same prompt with misses fetched over one EMULATED link: its speed is set so that one bf16 expert's copy
 takes `COPY_TO_LAYER_RATIO` x one layer's decode compute of the bf16 model, the ratio of the real model on PCIe
@@ -37,7 +37,6 @@ CASES = [  # shape, format, group (int formats), one bf16 expert copy over one l
 ]
 BUDGETS = (0.25, 0.5)
 MODES = {"quick": (1, 6), "default": (3, 10)}  # rounds, decode tokens
-EMBEDDING_SCALE = 30.0  # see spread_routing
 GOAL = 2.5  # 4-bit formats at 1/4: decode >= 2.5x bf16 (FP8 moves half of bf16's bytes: its ceiling is 2x)
 
 
@@ -67,18 +66,9 @@ def layer_seconds(path: Path, tokens: int) -> tuple[float, int]:
         handle.unpatch()
 
 
-def spread_routing(model: torch.nn.Module) -> None:
-    """Scale the token embeddings up so each token's routing follows the token, as a trained model's does. In these
-    random models the attention output, much the same for every token, dominates the residual stream, and most
-    tokens go to the same few experts: every row would hit the cache."""
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(EMBEDDING_SCALE)
-
-
 def run_case(shape: str, fmt: str, group: int, ratio: float, mode: str, root: Path) -> dict:
     rounds, tokens = MODES[mode]
-    model = scale_model(shape)
-    spread_routing(model)
+    model = scale_model(shape, spread=True)
     packed_bytes = save_quantized(model, root / fmt, fmt, group=group or 128)
     model.save_pretrained(root / "bf16")  # the same weights, dequantized
     del model

@@ -95,7 +95,8 @@ def scale_section(doc: dict) -> list[str]:
     out = [
         f"## The runtime at the routing scale of real models (`{doc['mode']}` mode; {doc['machine']})",
         "",
-        "Tiny dims (hidden 256, expert intermediate 64), random bf16 weights, CPU device: a copy is a memcpy "
+        "Tiny dims (hidden 256, expert intermediate 64), random bf16 weights, spread routing (each token's experts "
+        "follow the token, as a trained model's do), CPU device: a copy is a memcpy "
         "(nothing emulated) except in the rows marked EMULATED. Each row decodes the same greedy tokens as the "
         "resident model beside it, in alternating rounds; `x resident` is the ratio of their medians.",
         "",
@@ -110,13 +111,14 @@ def scale_section(doc: dict) -> list[str]:
         out += _table(["config", "budget", "decode tok/s", "x resident", "goal", "same tokens", "hit rate",
                        "misses/token", "passes/call", "runtime us/call", "runtime us/miss", "prefill x resident"],
                       rows) + [""]  # fmt: skip
-    out += ["The runtime alone: a DeepSeek-V3-shaped routing trace replayed through the hooks of a model of tiny "
+    out += ["The runtime alone: DeepSeek-V3-shaped routing traces replayed through the hooks of a model of tiny "
             "experts (256 per layer, a quarter resident), at pools of growing size:", ""]  # fmt: skip
-    rows = [[str(r["layers"]), str(r["slots"]), str(r["sets"]), _fmt(r["us_per_call"], 0),
-             _fmt(r["runtime_us_per_call"], 0), _fmt(r["hit_rate"]), _fmt(r["victim_steps_per_eviction"])]
+    rows = [[r["routing"], str(r["layers"]), str(r["slots"]), str(r["sets"]), _fmt(r["us_per_call"], 0),
+             _fmt(r["runtime_us_per_call"], 0), _fmt(r["misses_per_call"], 1), _fmt(r["us_per_miss"], 0),
+             _fmt(r["hit_rate"]), _fmt(r["victim_steps_per_eviction"])]
             for r in doc["replay"]]  # fmt: skip
-    out += _table(["layers", "slots", "slot sets", "us per layer call", "runtime us per call", "hit rate",
-                   "keys examined per eviction"], rows) + [""]  # fmt: skip
+    out += _table(["routing", "layers", "slots", "slot sets", "us per layer call", "runtime us per call",
+                   "misses per call", "us per miss", "hit rate", "keys per eviction"], rows) + [""]  # fmt: skip
     return out
 
 

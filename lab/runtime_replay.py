@@ -1,8 +1,8 @@
-"""The offload runtime alone: a routing trace recorded from the DeepSeek-V3-shaped model (`tests.scale_models`)
-replayed through the real hooks of a model that has nothing but MoE layers of tiny experts (256 per layer, a
-quarter of them resident), from 16 to 234 layers: pools of 1,024 to 14,976 slots that all see the same routing per
-layer, so the same hit rate. What a layer call costs the runtime itself, and whether that grows with the pool:
-nothing else runs."""
+"""The offload runtime alone: routing traces recorded from the DeepSeek-V3-shaped model (`tests.scale_models`, with
+its default routing and with spread routing, where most expert uses are misses) replayed through the real hooks of a
+model that has nothing but MoE layers of tiny experts (256 per layer, a quarter of them resident), from 16 to 234
+layers: pools of 1,024 to 14,976 slots that all see the same routing per layer, so the same hit rate. What a layer
+call and a miss cost the runtime itself, and whether that grows with the pool: nothing else runs."""
 
 from __future__ import annotations
 
@@ -52,13 +52,13 @@ class ExpertsOnly(torch.nn.Module):
 
 
 @torch.no_grad()
-def record_trace(model: torch.nn.Module | None = None, tokens: int = TRACE_TOKENS
-                 ) -> tuple[list[tuple[int, torch.Tensor]], int, int, int]:  # fmt: skip
+def record_trace(
+    model: torch.nn.Module, tokens: int = TRACE_TOKENS
+) -> tuple[list[tuple[int, torch.Tensor]], int, int, int]:
     """The routing of the DeepSeek-V3-shaped model over a prompt of `tokens` random tokens, replayed as decode calls
     one token at a time (a random-weight model's own decode settles on a few experts; its tokens' routing over a
-    varied prompt does not): [(layer, top_k_index [1, K])] token by token, then layers, experts, k. model: the
-    DeepSeek-V3-shaped model, when it is built already."""
-    model = scale_model("deepseek-v3") if model is None else model
+    varied prompt does not): [(layer, top_k_index [1, K])] token by token, then layers, experts, k. model: a
+    DeepSeek-V3-shaped model."""
     prompt = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(1))
     with RoutingRecorder(model) as trace:
         model(prompt)
@@ -66,10 +66,19 @@ def record_trace(model: torch.nn.Module | None = None, tokens: int = TRACE_TOKEN
     return calls, len(trace.index), model.config.n_routed_experts, model.config.num_experts_per_tok
 
 
-def replay_rows(sizes: int = len(LAYERS), model: torch.nn.Module | None = None) -> list[dict]:
-    """Per pool size (the smallest, the largest and `sizes` in all): microseconds per replayed layer call (all of
-    it, and the runtime's own share), the hit rate, and the keys the eviction policy examined per eviction."""
-    trace, trace_layers, experts, top_k = record_trace(model)
+def replay_rows(sizes: int = len(LAYERS), spread: torch.nn.Module | None = None) -> list[dict]:
+    """Per routing (default and spread) and pool size (the smallest, the largest and `sizes` in all): microseconds
+    per replayed layer call (all of it, and the runtime's own share) and per miss, the hit rate, and the keys the
+    eviction policy examined per eviction. spread: the spread DeepSeek-V3-shaped model, when it is built already."""
+    out = []
+    for routing, model in (("default", scale_model("deepseek-v3")), ("spread", spread)):
+        model = scale_model("deepseek-v3", spread=True) if model is None else model
+        out += [{"routing": routing, **r} for r in _replay(sizes, *record_trace(model))]
+    return out
+
+
+def _replay(sizes: int, trace: list[tuple[int, torch.Tensor]], trace_layers: int, experts: int, top_k: int
+            ) -> list[dict]:  # fmt: skip
     hidden, weights = torch.zeros(1, 2), torch.full((1, top_k), 1.0 / top_k)
     out = []
     picks = sorted({round(i * (len(LAYERS) - 1) / max(sizes - 1, 1)) for i in range(sizes)})
@@ -102,6 +111,8 @@ def replay_rows(sizes: int = len(LAYERS), model: torch.nn.Module | None = None) 
                     "sets": len(handle.cache.slots.sets),
                     "calls": n,
                     "us_per_call": 1e6 * took / n,
+                    "misses_per_call": s.misses / n,
+                    "us_per_miss": 1e6 * took / s.misses if s.misses else 0.0,
                     "runtime_us_per_call": s.runtime_us_per_call,
                     "hit_rate": s.hit_rate,
                     "evictions": s.evictions,

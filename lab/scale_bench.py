@@ -1,5 +1,6 @@
-"""The offload runtime at the routing scale of the models people run (`tests.scale_models`): resident and patched
-greedy decoding side by side, and the runtime alone replaying a recorded routing trace.
+"""The offload runtime at the routing scale of the models people run (`tests.scale_models`, with spread routing: each
+token's experts follow the token, as a trained model's do, so most expert uses at small budgets are misses):
+resident and patched greedy decoding side by side, and the runtime alone replaying recorded routing traces.
 
     python -m lab.scale_bench [--mode quick|default] [--shapes qwen3-30b-a3b,...] [--out bench-results]
 
@@ -134,6 +135,7 @@ def run_shape(shape: str, mode: str, resident: torch.nn.Module) -> dict:
         "hidden": resident.config.hidden_size,
         "expert_bytes": expert_bytes,
         "dtype": "bfloat16",
+        "routing": "spread",
         "decode_tokens": tokens,
         "prompt_tokens": PROMPT,
         "rounds": rounds,
@@ -146,7 +148,8 @@ def run_shape(shape: str, mode: str, resident: torch.nn.Module) -> dict:
 def print_shape(m: dict) -> None:
     print(
         f"\n{m['shape']}: {m['moe_layers']} MoE layers x {m['experts']} experts, top-{m['top_k']}, hidden "
-        f"{m['hidden']}, bf16, CPU device; {m['decode_tokens']} greedy tokens after {m['prompt_tokens']} "
+        f"{m['hidden']}, bf16, spread routing, CPU device; {m['decode_tokens']} greedy tokens after "
+        f"{m['prompt_tokens']} "
         f"(EMULATED rows fewer), {m['rounds']} alternating rounds; copies are memcpy unless EMULATED"
     )
     head = (
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     models = {}
     for shape in shapes:
-        models[shape] = scale_model(shape)
+        models[shape] = scale_model(shape, spread=True)
         result["shapes"].append(run_shape(shape, args.mode, models[shape]))
         if shape != "deepseek-v3":
             del models[shape]
@@ -194,10 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "scale.json").write_text(json.dumps(result, indent=1))
     for m in result["shapes"]:
         print_shape(m)
-    print("\nthe runtime alone, a recorded DeepSeek-V3-shaped routing trace replayed through the hooks (no model):")
+    print("\nthe runtime alone, recorded DeepSeek-V3-shaped routing traces replayed through the hooks (no model):")
     for r in result["replay"]:
         print(
-            f"  {r['slots']:>6} slots ({r['sets']} sets): {r['us_per_call']:.0f} us per layer call, hit rate "
+            f"  {r['routing']:>7} routing, {r['slots']:>6} slots ({r['sets']} sets): {r['us_per_call']:.0f} us per "
+            f"layer call, {r['misses_per_call']:.1f} misses, {r['us_per_miss']:.0f} us per miss, hit rate "
             f"{r['hit_rate']:.2f}, {r['victim_steps_per_eviction']:.2f} keys examined per eviction"
         )
     print(f"wrote {args.out / 'scale.json'} ({result['seconds']:.0f} s)")

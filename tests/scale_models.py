@@ -20,6 +20,7 @@ from transformers import (
 )
 
 HIDDEN, EXPERT_INTERMEDIATE, VOCAB = 256, 64, 1024
+EMBEDDING_SCALE = 30.0  # see `scale_model(spread=True)`
 _ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
 
 
@@ -59,11 +60,21 @@ def _deepseek_v3() -> torch.nn.Module:
 SHAPES = {"mixtral-8x7b": _mixtral, "qwen3-30b-a3b": _qwen3, "gpt-oss-120b": _gpt_oss, "deepseek-v3": _deepseek_v3}
 
 
-def scale_model(shape: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.nn.Module:
-    """The model of routing shape `shape` (one of `SHAPES`), random weights from `seed`, in eval mode."""
+def scale_model(
+    shape: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, spread: bool = False
+) -> torch.nn.Module:
+    """The model of routing shape `shape` (one of `SHAPES`), random weights from `seed`, in eval mode.
+
+    spread: token embeddings scaled up by `EMBEDDING_SCALE`, so each token's routing follows the token, spread over
+    the experts as a trained model's is. Without it the attention output, much the same for every token, dominates
+    the residual stream of these random models and most tokens go to the same few experts (hit rates near 0.9 at a
+    quarter of the experts resident)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown routing shape {shape!r}; choose one of {sorted(SHAPES)}")
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = SHAPES[shape]()
+    if spread:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(EMBEDDING_SCALE)
     return model.to(dtype).eval()

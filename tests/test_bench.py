@@ -68,9 +68,13 @@ def test_scale_bench_json_is_complete_and_its_replay_examines_one_key_per_evicti
         assert r["greedy_identical"] and r["x_resident"] > 0 and 0 <= r["hit_rate"] <= 1
     assert rows[("patched-1.0", 1.0)]["misses_per_token"] == 0
     assert any(r["emulated"] for r in shape["rows"])
-    replay = result["replay"]
-    assert [r["slots"] for r in replay] == sorted(r["slots"] for r in replay) and replay[-1]["slots"] > 14_000
-    assert all(r["evictions"] > 0 and r["victim_steps_per_eviction"] <= 2 for r in replay)
+    assert shape["routing"] == "spread"
+    for routing in ("default", "spread"):
+        replay = [r for r in result["replay"] if r["routing"] == routing]
+        assert [r["slots"] for r in replay] == sorted(r["slots"] for r in replay) and replay[-1]["slots"] > 14_000
+        assert all(r["evictions"] > 0 and r["victim_steps_per_eviction"] <= 2 for r in replay)
+    spread, default = (min(r["hit_rate"] for r in result["replay"] if r["routing"] == k) for k in ("spread", "default"))
+    assert spread < default  # spread routing misses more: what it is there for
     results_doc([str(tmp_path), str(tmp_path / "results.md")])
     assert "routing scale of real models" in (tmp_path / "results.md").read_text()
 
