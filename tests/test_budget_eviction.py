@@ -73,7 +73,7 @@ def test_a_policy_costs_a_bounded_number_of_steps_whatever_the_pool(policy):
         table = SlotTable(n_layers, 256, n_layers * 64, top_k=8, eviction=policy, device=torch.device("cpu"))
         for layer in range(n_layers):
             for e in range(64):
-                table.put((layer, e), table.take_free(layer))
+                table.put((layer, e), table.take_free(layer)[0])
         before = table.victim_steps
         for layer in range(n_layers):  # each layer evicts 32 experts for new ones
             table.at_layer(layer)

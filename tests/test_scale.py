@@ -147,9 +147,8 @@ def test_the_slot_sets_keep_a_layer_call_s_window_within_its_set():
         layer, e = int(rng.integers(58)), int(rng.integers(256))
         if table.slot((layer, e)) >= 0:
             continue
-        slot = table.take_free(layer)
-        if slot is None:
-            slot = table.remove(table.victim(layer, lambda k: False))
+        free = table.take_free(layer)
+        slot = free[0] if free else table.remove(table.victim(layer, lambda k: False))
         table.put((layer, e), slot)
     for layer in range(58):
         lo, hi = table.set_range(layer)

@@ -117,15 +117,42 @@ def test_file_spans_convert_dtype_and_refuse_a_short_file(device, file_span, tmp
     engine.shutdown()
 
 
-def test_chunks_are_whole_rows_in_order():
-    src, dst = [torch.arange(40.0).view(10, 4), torch.ones(3)], [torch.zeros(10, 4), torch.zeros(3)]
-    chunks = _chunks(src, dst, chunk_bytes=3 * 16)  # three rows of 16 bytes a chunk
-    assert [c[1][0].shape[0] for c in chunks] == [3, 3, 3, 1, 3]
-    for s, d in chunks:
-        d[0].copy_(s[0])
-    assert torch.equal(dst[0], src[0]) and torch.equal(dst[1], src[1])
+def test_chunks_are_whole_rows_in_order_small_tensors_together_and_each_part_ends_where_it_is_complete():
+    big, a, b, c = torch.arange(40.0).view(10, 4), torch.ones(3), torch.full((3,), 2.0), torch.full((2,), 3.0)
+    dst = [torch.zeros(10, 4), torch.zeros(3)], [torch.zeros(3)], [torch.zeros(2)]
+    parts = [([big, a], dst[0]), ([b], dst[1]), ([c], dst[2])]
+    chunks, ends, nbytes = _chunks(parts, chunk_bytes=3 * 16)  # three rows of 16 bytes a chunk
+    assert [c[1][0].shape[0] for c in chunks[:4]] == [3, 3, 3, 1] and len(chunks) == 5
+    assert [len(c[1]) for c in chunks] == [1, 1, 1, 1, 3]  # a, b and c fit one chunk
+    assert ends == [5, 5, 5] and [c[2] for c in chunks] == [1, 0, 0, 0, 2] and nbytes == 160 + 12 + 12 + 8
+    chunks, ends, _ = _chunks(parts, chunk_bytes=16)  # a row a chunk: each small tensor alone
+    assert len(chunks) == 13 and ends == [11, 12, 13] and sum(c[2] for c in chunks) == 3
+    for s, d, _ in chunks:
+        for x, y in zip(s, d, strict=True):
+            y.copy_(x)
+    assert torch.equal(dst[0][0], big) and torch.equal(dst[0][1], a)
+    assert torch.equal(dst[1][0], b) and torch.equal(dst[2][0], c)
     with pytest.raises(ValueError, match="chunk_bytes must be >= 1"):
         TransferEngine(torch.device("cpu"), chunk_bytes=0)
+
+
+def test_each_part_of_a_copy_can_be_waited_for_and_a_failure_fails_only_the_parts_it_reached():
+    """Parts land in order and each can be waited for alone (the waiting thread moves the chunks up to it, the worker
+    the rest); a part that fails fails itself and those after it, never those before."""
+    engine = TransferEngine(torch.device("cpu"), EmulatedLink(gbps=0.01), chunk_bytes=1024)  # 100 us a chunk
+    src = [torch.randn(256) for _ in range(4)]  # a chunk each
+    dst = [torch.zeros(256) for _ in range(4)]
+    transfer = engine.submit_parts([([s], [d]) for s, d in zip(src, dst, strict=True)], [], wake=False)
+    assert not transfer.done(0)
+    transfer.wait(1)
+    assert transfer.done(0) and transfer.done(1) and torch.equal(dst[1], src[1])
+    transfer.wait()
+    assert all(torch.equal(s, d) for s, d in zip(src, dst, strict=True))
+    broken = engine.submit_parts([([src[0]], [dst[0]]), ([torch.ones(3)], [dst[1]]), ([src[2]], [dst[2]])], [])
+    with pytest.raises(RuntimeError, match="expert transfer failed"):
+        broken.wait(2)
+    assert broken.wait(0) == 0.0 and not broken.failed(0) and broken.failed(1) and broken.failed(2)
+    engine.shutdown()
 
 
 def test_a_source_stops_when_its_copies_do_not_land_in_time_and_comes_back_when_they_would():
@@ -203,23 +230,23 @@ def test_emulated_link_rejects_nonsense():
         EmulatedLink(gbps=1, latency_us=-1)
 
 
-def _acquire(cache: ExpertCache, layer: int, need: list[int]):
-    """What the hook does for a layer call that needs `need` (ascending): count it, copy the missing experts in
-    (waiting for in-flight copies to free a slot where none can be evicted) and wait for them; then the kernel's
-    slot ids for them, and the end of the kernel."""
+def _batches(cache: ExpertCache, layer: int, need: list[int]):
+    """What the hook does for a layer call that needs `need` (ascending): count it, copy the missing experts in and
+    stream them (a set too small for them all at once evicts computed ones); per batch, its kernel slot ids, checked
+    by `check` before the next batch, then the end of the batch's kernel."""
     missing, inflight, _ = cache.prepare(layer, need)
-    protected, todo, waiting = {(layer, e) for e in need}, list(missing), list(inflight)
-    while todo:
-        started = cache.fetch(layer, todo, protected)
-        todo, waiting = todo[len(started) :], waiting + started
-        if todo and not started:
-            cache.make_room(layer, protected)
-    for e in waiting:
-        cache.wait(layer, e)
+    protected = {(layer, e) for e in need}
+    started = cache.fetch(layer, missing, protected)
+    waiting = [e for e in need if e in inflight or e in started]
     ids = np.array([need])
-    kidx = cache.kernel_index(layer, ids, torch.from_numpy(ids).to(cache.device), need)
-    cache.release(layer, need)
-    return kidx
+    for batch in cache.stream(layer, need, waiting, missing[len(started) :], protected, pass_seconds=0.0):
+        yield batch, cache.kernel_index(layer, ids, torch.from_numpy(ids).to(cache.device), batch)
+        cache.release(layer, batch)
+
+
+def _acquire(cache: ExpertCache, layer: int, need: list[int]) -> None:
+    for _ in _batches(cache, layer, need):
+        pass
 
 
 def _store(layers=4, experts=8, pinned=False):
@@ -254,12 +281,16 @@ def test_cache_stress_prefetch_racing_eviction(device):
                     key = (rng.randrange(4), rng.randrange(8))
                     if key not in cache.resident():
                         cache._load(key, set(), Source.LOOKAHEAD)
-                kidx = _acquire(cache, layer, sorted(need))
-                for e, local in zip(sorted(need), kidx.index[0].tolist(), strict=True):  # exactly that expert, landed
-                    slot = kidx.lo + local
-                    assert torch.equal(cache.pool["w"][slot].cpu(), weights[layer]["w"][e])
-                    assert torch.equal(cache.pool["v"][slot].cpu(), weights[layer]["v"][e])
-                assert int((kidx.index < kidx.hi - kidx.lo).sum()) == len(need)
+                computed = []
+                for batch, kidx in _batches(cache, layer, sorted(need)):
+                    for e, local in zip(sorted(need), kidx.index[0].tolist(), strict=True):
+                        if e in batch:  # exactly that expert, landed
+                            slot = kidx.lo + local
+                            assert torch.equal(cache.pool["w"][slot].cpu(), weights[layer]["w"][e])
+                            assert torch.equal(cache.pool["v"][slot].cpu(), weights[layer]["v"][e])
+                    assert int((kidx.index < kidx.hi - kidx.lo).sum()) == len(batch)
+                    computed += batch
+                assert sorted(computed) == sorted(need)
                 # invariants: one slot per key
                 slots = cache.resident()
                 assert len(set(slots.values())) == len(slots) <= 5

@@ -4,14 +4,16 @@ The pool is one tensor `[slots, ...]` per expert weight, so the stock transforme
 of it unchanged once expert ids are remapped to slot ids. The cache owns the slots (`runtime.slots`: which expert
 is where, which to evict), the copies in flight and their victims; it asks `runtime.speculation` whether speculative
 copies pay and `runtime.admission` whether a copy is worth its victim. What the experts hook asks of it, per layer
-call: `prepare` (count the routed experts, say which are not ready), `fetch` (start the demand copies), `landed` /
-`wait` (which copies are in), `kernel_index` (the slot ids of a kernel pass), `release` (a pass read these slots) and
-`speculate` (copies into link time no one waits for). All bookkeeping runs on the compute thread; the transfer engine
-only moves bytes, so no lock is needed.
+call: `prepare` (count the routed experts, say which are not ready), `fetch` (claim slots for the call's misses and
+queue their copies, as one copy), `stream` (the call's experts in batches, as they land), `kernel_index` (the slot ids
+of a kernel pass), `release` (a pass read these slots), `speculate` (copies into link time no one waits for), and for
+the host paths `admits` and `ready_experts`. All bookkeeping runs on the compute thread; the transfer engine only
+moves bytes, so no lock is needed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -81,8 +83,9 @@ class ExpertCache:
         self.slots = SlotTable(store.num_layers, store.num_experts, num_slots, top_k, eviction, self.device, frozen)
         self.speculation = Speculation(store.num_layers, counters, engine.copy_seconds)
         self.admission = Admission(store.num_layers, store.num_experts) if admission else None
-        self._pending: dict[ExpertKey, Transfer] = {}  # copies in flight, by the expert they bring
+        self._pending: dict[ExpertKey, tuple[Transfer, int]] = {}  # copies in flight (and part), by expert
         self._last_use: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last kernel reading the slot
+        self._views: list[list[torch.Tensor] | None] = [None] * num_slots  # per slot: where a copy's pieces go
         self._fixed: dict[int, slice] = {}  # layer -> its slots, for layers that never miss (set by warm)
 
     # --- queries --------------------------------------------------------------------------------------------------
@@ -111,12 +114,12 @@ class ExpertCache:
     def _in_flight(self, key: ExpertKey) -> bool:
         """A copy of `key` is still on its way. One that landed is settled now; a speculative one that failed (no one
         waits for it) gives its slot back, leaving `key` absent."""
-        transfer = self._pending.get(key)
-        if transfer is None:
+        got = self._pending.get(key)
+        if got is None:
             return False
-        if not transfer.done():
+        if not got[0].done(got[1]):
             return True
-        if transfer.failed():
+        if got[0].failed(got[1]):
             del self._pending[key]
             self.slots.free(key[0], self.slots.remove(key))
             return False
@@ -125,8 +128,8 @@ class ExpertCache:
 
     def _busy(self, key: ExpertKey) -> bool:
         """A copy into `key`'s slot is running (its slot cannot be reused yet); never changes anything."""
-        transfer = self._pending.get(key)
-        return transfer is not None and not transfer.done()
+        got = self._pending.get(key)
+        return got is not None and not got[0].done(got[1])
 
     # --- the hook's operations, once per layer call ---------------------------------------------------------------
 
@@ -153,33 +156,76 @@ class ExpertCache:
         return Residency(missing, inflight, slots)
 
     def fetch(self, layer: int, experts: list[int], protected: set[ExpertKey]) -> list[int]:
-        """Queue demand copies of `experts` of `layer`, in order, while a slot of its set can be freed without
-        waiting (never evicting `protected`); returns the experts whose copies are queued. The link starts on them
-        when the caller `wait`s for one (moving it on its own thread) or calls `start`."""
-        queued = []
-        for e in experts:
-            key = (layer, e)
-            if self._load(key, protected, wake=False) is None:
-                break
-            queued.append(e)
-        return queued
+        """Queue demand copies of `experts` of `layer`, as one copy in order, for as many as slots of its set can be
+        freed without waiting (never evicting `protected`); returns the experts whose copies are queued. The link
+        starts on them when the caller waits for one (moving it on its own thread) or calls `start`."""
+        if not experts:
+            return []
+        slots = self._claim(layer, len(experts), protected)
+        if slots:
+            self._copy([(layer, e) for e in experts[: len(slots)]], slots, DEMAND, wake=False)
+        return experts[: len(slots)]
 
     def start(self) -> None:
         """Start the link on the queued copies (the caller computes meanwhile)."""
         self._engine.wake()
 
+    def stream(
+        self,
+        layer: int,
+        pool: list[int],
+        waiting: list[int],
+        queued: list[int],
+        protected: set[ExpertKey],
+        pass_seconds: float,
+    ) -> Iterator[list[int]]:
+        """`pool`'s experts (resident or on their way) in batches, each ready to compute when yielded: the ready ones
+        first, then the copies as they land. waiting: the pool's experts whose copies are in flight; queued: those
+        not copied yet (no slot was free: computed experts make room, so the caller must be done with a batch when
+        it asks for the next, its slots leaving `protected`). Copies expected to land before another kernel pass
+        would take (`pass_seconds`) are waited for instead, so one pass does it all."""
+        if waiting and not queued and pass_seconds > self.landing_seconds():
+            for e in reversed(waiting):  # sooner than a pass: moved on this thread (the last first: all at once)
+                self.wait(layer, e)
+            waiting = []
+        if waiting or queued:
+            self.start()  # the link moves the rest while the ready experts compute
+        later = set(waiting).union(queued)
+        batch = [e for e in pool if e not in later] + self.landed(layer, waiting)
+        while True:
+            if batch:
+                yield batch
+                protected.difference_update((layer, e) for e in batch)
+                done = set(batch)
+                waiting = [e for e in waiting if e not in done]
+            if queued:
+                more = self.fetch(layer, queued, protected)
+                queued = queued[len(more) :]
+                waiting += more
+            if not waiting:
+                if not queued:
+                    return
+                self._make_room(layer, protected)  # every other slot of the set is being filled: wait for one
+                batch = []
+                continue
+            batch = self.landed(layer, waiting)
+            if not batch:
+                self.wait(layer, waiting[0])
+                batch = [waiting[0], *self.landed(layer, waiting[1:])]
+
     def landed(self, layer: int, experts: list[int]) -> list[int]:
         """Which of these experts (resident) are completely copied now (never blocks; raises if a copy failed)."""
-        out = []
+        out, pending = [], self._pending
         for e in experts:
-            transfer = self._pending.get((layer, e))
-            if transfer is not None and transfer.done():
+            got = pending.get((layer, e))
+            if got is not None:
+                if not got[0].done(got[1]):
+                    continue
                 self._settle((layer, e))
-            if transfer is None or (layer, e) not in self._pending:
-                out.append(e)
+            out.append(e)
         return out
 
-    def make_room(self, layer: int, protected: set[ExpertKey]) -> None:
+    def _make_room(self, layer: int, protected: set[ExpertKey]) -> None:
         """Block until a copy into `layer`'s set lands (not one of `protected`), so its slot becomes evictable."""
         lo, hi = self.slots.set_range(layer)
         for key in list(self._pending):
@@ -261,7 +307,7 @@ class ExpertCache:
                 return False
             if source is Source.HOST and not self.admits(key):
                 return False
-            if self._load(key, protected, source) is None:
+            if not self._load(key, protected, source):
                 return False  # every slot of the set is protected or in flight
         return True
 
@@ -273,7 +319,7 @@ class ExpertCache:
         """A copy of `key` (absent) is worth it: a slot of its set is free, or `key` has been needed more often than
         the expert it would evict."""
         layer = key[0]
-        if self.slots.sets[self.slots.set_of[layer]].free:
+        if self.slots.has_free(layer):
             return True
         victim = self.slots.victim(layer, self._busy)
         return victim is not None and (self.admission is None or self.admission.admits(key, victim))
@@ -283,17 +329,13 @@ class ExpertCache:
     def warm(self, keys: list[ExpertKey]) -> None:
         """Fill the slots with the first of `keys` that fit their sets before the first forward (not counted as
         misses), laid out layer by layer so a layer's experts sit in consecutive slots; then find the fixed layers."""
-        room = [len(s.free) for s in self.slots.sets]
-        chosen = []
-        for key in keys:
-            i = self.slots.set_of[key[0]]
-            if room[i]:
-                room[i] -= 1
-                chosen.append(key)
-        for key in sorted(chosen):
-            self._copy(key, self.slots.take_free(key[0]), DEMAND).wait()
-            self._pending.pop(key)
-            self._counters.warmup_copies += 1
+        chosen = sorted(self.slots.fitting(keys))
+        if chosen:
+            self._copy(chosen, [self.slots.take_free(k[0])[0] for k in chosen], DEMAND, warm=True)
+            for key in chosen:
+                transfer, part = self._pending.pop(key)
+                transfer.wait(part)
+            self._counters.warmup_copies += len(chosen)
         if self.all_resident or self.frozen:
             self._fixed = self._fixed_layers()
 
@@ -312,53 +354,72 @@ class ExpertCache:
 
     # --- slots and copies -----------------------------------------------------------------------------------------
 
-    def _load(
-        self, key: ExpertKey, protected: set[ExpertKey], source: Source | None = None, wake: bool = True
-    ) -> Transfer | None:
-        """Start copying `key` (absent) into a slot of its set, evicting the policy's victim (never a `protected` key
-        or one being copied) when none is free. source: None for a demand copy; else the speculation source (no one
-        waits yet, so demand copies go first and preempt it). None when no slot can be freed without waiting."""
+    def _load(self, key: ExpertKey, protected: set[ExpertKey], source: Source) -> bool:
+        """Start a speculative copy of `key` (absent) into a slot of its set (no one waits yet, so demand copies go
+        first and preempt it), evicting the policy's victim (never a `protected` key or one being copied) when none
+        is free. False when no slot can be freed without waiting."""
+        victims: list[ExpertKey] = []
+        slots = self._claim(key[0], 1, protected, victims)
+        if not slots:
+            return False
+        self._copy([key], slots, PREFETCH)
+        self.speculation.copied(key, source, victims[0] if victims else None)
+        return True
+
+    def _claim(
+        self, layer: int, n: int, protected: set[ExpertKey], victims: list[ExpertKey] | None = None
+    ) -> list[int]:
+        """Up to `n` slots of `layer`'s set for new experts: free ones, then the policy's victims' (never a
+        `protected` key or one being copied), evicted now (appended to `victims`). Fewer when no more can be freed
+        without waiting."""
         if self.frozen:
             raise RuntimeError(
-                f"expert {key} is not resident and this cache is frozen (a static placement): misses "
-                "must be computed on the host; this is a bug in the caller"
+                f"MoE layer {layer} misses an expert and this cache is frozen (a static placement): misses must be "
+                "computed on the host; this is a bug in the caller"
             )
-        layer, victim = key[0], None
-        slot = self.slots.take_free(layer)
-        if slot is None:
-            victim = self.slots.victim(layer, lambda k: k in protected or self._busy(k))
-            if victim is None:
-                return None
-            landed = self._pending.pop(victim, None)  # a copy that landed (or failed) and was never settled
-            if landed is not None and not landed.failed():
-                self._counters.stall_seconds += landed.wait()
-            slot = self.slots.remove(victim)
+        table, pending, st = self.slots, self._pending, self._counters
+        slots = table.take_free(layer, n)
+        if len(slots) == n:
+            return slots
+        out = table.victims(layer, n - len(slots), lambda k: k in protected or self._busy(k))
+        for victim in out:
+            landed = pending.pop(victim, None)  # a copy that landed (or failed) and was never settled
+            if landed is not None and not landed[0].failed(landed[1]):
+                st.stall_seconds += landed[0].wait(landed[1])
+            slots.append(table.remove(victim))
             self.speculation.evicted(victim)
-            self._counters.evictions += 1
-        transfer = self._copy(key, slot, DEMAND if source is None else PREFETCH, wake)
-        self._counters.copies += 1
-        self._counters.bytes_copied += transfer.nbytes
-        if source is not None:
-            self.speculation.copied(key, source, victim)
-        return transfer
+        st.evictions += len(out)
+        if victims is not None:
+            victims += out
+        return slots
 
-    def _copy(self, key: ExpertKey, slot: int, priority: int, wake: bool = True) -> Transfer:
-        """Put `key` in `slot` and queue its copy there."""
-        self.slots.put(key, slot)
-        dst = [self.pool[p.name][slot, p.row : p.row + p.src.shape[0]] for p in self.store.expert(*key)]
-        transfer = self._engine.submit(
-            self.store.copy_sources(*key), dst, after=self._last_use[slot], priority=priority, wake=wake
-        )
-        self.store.copied(*key, transfer)
-        self._pending[key] = transfer
-        return transfer
+    def _copy(
+        self, keys: list[ExpertKey], slots: list[int], priority: int, wake: bool = True, warm: bool = False
+    ) -> None:
+        """Put `keys` in `slots` and queue their copies there (counted unless they are the warm start's)."""
+        table, last_use = self.slots, self._last_use
+        for key, slot in zip(keys, slots, strict=True):
+            table.put(key, slot)
+        after = [] if self._on_host else [e for s in slots if (e := last_use[s]) is not None]
+        copies = self.store.copy_to(keys, [self._slot_views(s) for s in slots], self._engine, after, priority, wake)
+        if not warm:
+            self._counters.copies += len(keys)
+            self._counters.bytes_copied += len(keys) * self.slot_bytes
+        self._pending.update(zip(keys, copies, strict=True))
+
+    def _slot_views(self, slot: int) -> list[torch.Tensor]:
+        """Where an expert's pieces go in `slot` (views of the pool, made once per slot)."""
+        views = self._views[slot]
+        if views is None:
+            views = self._views[slot] = [self.pool[n][slot, lo:hi] for n, lo, hi in self.store.layout]
+        return views
 
     def _settle(self, key: ExpertKey) -> None:
         """Wait for `key`'s copy (no time if it landed) and count the stall. A failed copy gives its slot back, so
         nothing is ever computed from it, and raises."""
-        transfer = self._pending.pop(key)
+        transfer, part = self._pending.pop(key)
         try:
-            self._counters.stall_seconds += transfer.wait()
+            self._counters.stall_seconds += transfer.wait(part)
         except RuntimeError as e:
             self.slots.free(key[0], self.slots.remove(key))
             raise RuntimeError(

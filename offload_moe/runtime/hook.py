@@ -233,10 +233,9 @@ class _Call:
         residual: torch.Tensor | None,
         later: list[int],
     ) -> torch.Tensor | None:
-        """Compute the pool's experts in passes: what is ready first, then each batch of copies as it lands (a slot
-        set too small for the call's experts at once is streamed: computed experts make room for the rest). Copies
-        expected to land before another pass would take are waited for instead: one pass then does it all. whole:
-        the pool has every routed expert; not_ready: the call's experts absent or in flight. None: nothing to do."""
+        """Compute the pool's experts in passes as the cache streams them in (`ExpertCache.stream`): the stock call
+        when every routed expert is ready at once. whole: the pool has every routed expert; not_ready: the call's
+        experts absent or in flight. None: nothing to do."""
         cache, layer = self.cache, self.layer
         protected = {(layer, e) for e in pool}
         started = cache.fetch(layer, copy, protected)
@@ -246,38 +245,16 @@ class _Call:
         self._look_ahead(protected, later, residual)  # behind the demand copies
         if not pool:
             return None
-        waiting = [e for e in pool if e in not_ready and e not in queued]  # copies in flight
-        if waiting and not queued and self.hook.pass_seconds > cache.landing_seconds():
-            for e in waiting:  # sooner than a pass: moved on this thread, then one pass
-                cache.wait(layer, e)
-            waiting = []
-        if waiting or queued:
-            cache.start()  # the link moves the rest while the ready experts compute
-        if not waiting and not queued and whole:  # every routed expert ready now: the stock call
-            self.stock = True
-            return self.hook.stock(self.kernel, ids, plan.index, plan.weights, pool)
-        batch = [e for e in pool if e not in waiting and e not in queued] + cache.landed(layer, waiting)
+        skip = set(queued)
+        waiting = [e for e in pool if e in not_ready and e not in skip]  # copies in flight
         out = None
-        while True:
-            if batch:
-                part = self._pass(ids, plan, batch)
-                out = part if out is None else out + part
-                protected.difference_update((layer, e) for e in batch)
-                waiting = [e for e in waiting if e not in batch]
-                batch = []
-            if queued:
-                more = cache.fetch(layer, queued, protected)
-                queued = queued[len(more) :]
-                waiting += more
-            if not waiting:
-                if not queued:
-                    return out
-                cache.make_room(layer, protected)  # every other slot of the set is being filled: wait for one
-                continue
-            batch = cache.landed(layer, waiting)
-            if not batch:
-                cache.wait(layer, waiting[0])
-                batch = [waiting[0], *cache.landed(layer, waiting[1:])]
+        for batch in cache.stream(layer, pool, waiting, queued, protected, self.hook.pass_seconds):
+            if out is None and whole and len(batch) == len(pool):  # every routed expert ready now: the stock call
+                self.stock = True
+                return self.hook.stock(self.kernel, ids, plan.index, plan.weights, pool)
+            part = self._pass(ids, plan, batch)
+            out = part if out is None else out + part
+        return out
 
     def _pass(self, ids: np.ndarray, plan: MissPlan, experts: list[int]) -> torch.Tensor:
         """One kernel pass over `experts` (ready), laid out as `_Sum` needs."""

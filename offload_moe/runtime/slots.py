@@ -138,10 +138,27 @@ class SlotTable:
         for key in keys:
             touch(key)
 
-    def take_free(self, layer: int) -> int | None:
-        """A free slot of `layer`'s set, or None."""
+    def has_free(self, layer: int) -> bool:
+        """`layer`'s set has a free slot."""
+        return bool(self.sets[self.set_of[layer]].free)
+
+    def take_free(self, layer: int, n: int = 1) -> list[int]:
+        """Up to `n` free slots of `layer`'s set (fewer when it has fewer), lowest first."""
         free = self.sets[self.set_of[layer]].free
-        return free.pop() if free else None
+        taken = free[len(free) - n :] if n < len(free) else free[:]
+        del free[len(free) - len(taken) :]
+        return taken[::-1]
+
+    def fitting(self, keys: list[ExpertKey]) -> list[ExpertKey]:
+        """The first of `keys` that fit their sets' free slots, in order."""
+        room = [len(s.free) for s in self.sets]
+        out = []
+        for key in keys:
+            i = self.set_of[key[0]]
+            if room[i]:
+                room[i] -= 1
+                out.append(key)
+        return out
 
     def put(self, key: ExpertKey, slot: int) -> None:
         """`key` now occupies `slot` (free, taken from its set)."""
@@ -166,15 +183,27 @@ class SlotTable:
         self.sets[self.set_of[layer]].free.append(slot)
 
     def victim(self, layer: int, skip: Callable[[ExpertKey], bool]) -> ExpertKey | None:
-        """The expert `layer`'s set should give up for `layer`: the first of its policy's order that `skip` allows
-        and that is not another layer's last expert held by the floor. None: every key is skipped."""
+        """The expert `layer`'s set should give up for `layer` (see `victims`), or None."""
+        out = self.victims(layer, 1, skip)
+        return out[0] if out else None
+
+    def victims(self, layer: int, n: int, skip: Callable[[ExpertKey], bool]) -> list[ExpertKey]:
+        """Up to `n` experts `layer`'s set should give up for `layer`: the first of its policy's order that `skip`
+        allows, never leaving another layer below the floor (changes nothing: the caller removes them)."""
+        out: list[ExpertKey] = []
+        taken: dict[int, int] = {}
+        count, floor = self.count, self.floor
         for key in self.sets[self.set_of[layer]].policy.victims():
             self.victim_steps += 1
-            if key[0] != layer and self.count[key[0]] <= self.floor[key[0]]:
+            other = key[0]
+            if other != layer and count[other] - taken.get(other, 0) <= floor[other]:
                 continue
             if not skip(key):
-                return key
-        return None
+                out.append(key)
+                taken[other] = taken.get(other, 0) + 1
+                if len(out) == n:
+                    break
+        return out
 
     def _changed(self, layer: int) -> None:
         if self.device.type != "cpu":

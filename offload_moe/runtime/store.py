@@ -19,7 +19,7 @@ from offload_moe.runtime.disk import FileSpan
 if TYPE_CHECKING:
     from offload_moe.runtime.packed import PackedLayout
     from offload_moe.runtime.ram_tier import RamTier
-    from offload_moe.runtime.transfer import Transfer
+    from offload_moe.runtime.transfer import Transfer, TransferEngine
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -78,9 +78,16 @@ class HostStore:
         self.names = list(expert_shapes)
         self.num_layers = len(experts)
         self.num_experts = len(experts[0])
+        self.layout = _layout(experts[0][0])  # [(part name, first row, end row)]: where each piece goes in a slot
         for layer, xs in enumerate(experts):
             if len(xs) != self.num_experts:
                 raise ValueError(f"MoE layer {layer} has {len(xs)} experts, layer 0 has {self.num_experts}")
+            bad = next((e for e, x in enumerate(xs) if _layout(x) != self.layout), None)
+            if bad is not None:
+                raise ValueError(
+                    f"expert {bad} of MoE layer {layer} is stored as pieces {_layout(xs[bad])}, expert 0 of layer 0 as "
+                    f"{self.layout}: every expert must have the same layout"
+                )
 
     @classmethod
     def from_fused(cls, weights: list[dict[str, torch.Tensor]]) -> HostStore:
@@ -107,16 +114,36 @@ class HostStore:
     def copy_sources(self, layer: int, expert: int) -> list[torch.Tensor | FileSpan]:
         """What a copy of one expert to the device reads, piece by piece: its RAM tier slot where it holds the expert,
         else the file span where a piece has one (read with pread, its page cache released), else the host tensor.
-        Tell `copied` which transfer reads them."""
+        `copy_to` copies them."""
         pieces = self.experts[layer][expert]
         if self.ram is not None:
             return self.ram.sources((layer, expert), pieces)
         return [p.src if p.span is None else p.span for p in pieces]
 
-    def copied(self, layer: int, expert: int, transfer: Transfer) -> None:
-        """`transfer` reads what `copy_sources` returned for this expert."""
-        if self.ram is not None:
-            self.ram.used_by((layer, expert), transfer)
+    def copy_to(
+        self,
+        keys: list[tuple[int, int]],
+        dst: list[list[torch.Tensor]],
+        engine: TransferEngine,
+        after: list[torch.cuda.Event],
+        priority: int,
+        wake: bool,
+    ) -> list[tuple[Transfer, int]]:
+        """Queue copies of experts `keys` [(layer, expert)] into `dst` (each expert's pieces, as `layout`) on `engine`:
+        one copy of every key (`TransferEngine.submit_parts`), or one per key through a RAM tier (a tier slot claimed
+        for one key may be the one an earlier key's copy reads: the claim waits for that copy). Returns each key's
+        transfer and part."""
+        if self.ram is None:
+            transfer = engine.submit_parts(
+                [(self.copy_sources(*k), d) for k, d in zip(keys, dst, strict=True)], after, priority, wake
+            )
+            return [(transfer, i) for i in range(len(keys))]
+        out = []
+        for key, d in zip(keys, dst, strict=True):
+            transfer = engine.submit_parts([(self.copy_sources(*key), d)], after, priority, wake)
+            self.ram.used_by(key, transfer)
+            out.append((transfer, 0))
+        return out
 
     def pool_parts(self, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What a device slot or RAM tier slot holds of one expert: part name -> (shape, dtype); `dtype` for
@@ -175,6 +202,10 @@ class HostStore:
             for p in pieces:
                 out[p.name][e, p.row : p.row + p.src.shape[0]].copy_(p.src)
         return out
+
+
+def _layout(pieces: list[Piece]) -> list[tuple[str, int, int]]:
+    return [(p.name, p.row, p.row + p.src.shape[0]) for p in pieces]
 
 
 def expert_nbytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:

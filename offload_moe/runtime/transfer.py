@@ -1,16 +1,18 @@
 """Asynchronous host-to-device copies of experts, on one background worker that models one PCIe link.
 
-A copy moves in chunks of about `chunk_bytes` (whole rows of each weight). On CUDA the worker issues each chunk on a
-dedicated copy stream and records an event per chunk; the compute stream only waits when an expert it needs is really
-still in flight. On CPU the worker thread does the copy itself. Copies have priorities: a demand copy (something is
-waiting for it) goes before speculative ones (prefetches, background copies), a speculative copy in progress is
-preempted at its next chunk boundary when a demand copy arrives (and resumed later, where it stopped), and a
-speculative copy that someone starts waiting for is promoted. So a demand copy waits for at most one chunk of
-speculation, never for a whole expert. A thread that waits for a copy the worker has not started moves it itself
-(one chunk on the link at a time still): waking the worker and being woken by it costs more than a small copy.
+A copy moves one or more parts (an expert each: a layer call submits all its misses at once) in chunks of about
+`chunk_bytes` (whole rows of each weight, small weights together); each part lands, and is waited for, on its own.
+On CUDA the worker issues each chunk on a dedicated copy stream and waits for it; the compute stream only waits when
+an expert it needs is really still in flight. On CPU the worker thread does the copy itself. Copies have priorities:
+a demand copy (something is waiting for it) goes before speculative ones (prefetches, background copies), a
+speculative copy in progress is preempted at its next chunk boundary when a demand copy arrives (and resumed later,
+where it stopped), and a speculative copy that someone starts waiting for is promoted. So a demand copy waits for at
+most one chunk of speculation, never for a whole expert. A thread that waits for a part of a copy the worker has not
+started moves the chunks up to it itself (one chunk on the link at a time still): waking the worker and being woken
+by it costs more than a small copy.
 A source is a host tensor or a `FileSpan` (bytes of a checkpoint file, read with pread: the link is then the disk,
 and on CUDA the disk and the bus in turn through one pinned staging buffer).
-An `EmulatedLink` makes every copy take `latency + bytes / bandwidth` of wall time, so a CPU-only machine can
+An `EmulatedLink` makes every part take `latency + bytes / bandwidth` of wall time, so a CPU-only machine can
 reproduce the behaviour of a PCIe link; results measured with it are emulated and must be reported as such.
 """
 
@@ -48,79 +50,94 @@ CHUNK_BYTES = 2 << 20  # a copy's preemption granularity: 2 MiB chunks keep PCIe
 
 
 class Transfer:
-    """One queued copy of a list of source tensors into destination tensors, in chunks."""
+    """One queued copy of one or more parts (an expert each: a list of source tensors into destination tensors),
+    moved in chunks in order. Each part lands, and can be waited for, on its own: a layer call submits all its
+    misses as one transfer and computes each expert as soon as its part is in."""
 
     __slots__ = (
-        "src",
-        "dst",
         "after",
         "nbytes",
         "priority",
         "seq",
         "chunks",
+        "ends",
         "next_chunk",
         "link_s",
         "_engine",
-        "_issued",
-        "_event",
         "_error",
+        "_error_at",
     )
 
-    def __init__(self, src, dst, after, priority: int, seq: int, engine: TransferEngine, chunk_bytes: int):
-        self.src, self.dst, self.after = src, dst, after
-        self.nbytes = sum(t.numel() * t.element_size() for t in dst)
+    def __init__(self, parts, after, priority: int, seq: int, engine: TransferEngine, chunk_bytes: int):
+        self.after = after  # CUDA events the first chunk waits for (the last kernels that read the slots)
         self.priority, self.seq, self._engine = priority, seq, engine
-        self.chunks = _chunks(src, dst, chunk_bytes)  # [(src rows, dst rows)], in copy order
-        self.next_chunk = 0  # chunks before it are on the device (or queued on the copy stream)
+        self.chunks, self.ends, self.nbytes = _chunks(parts, chunk_bytes)  # [(src, dst, parts begun)], in order
+        self.next_chunk = 0  # chunks before it are in place (each chunk's copy is complete before it counts)
         self.link_s = 0.0  # link time spent on it so far
-        self._issued = threading.Event()
-        self._event: torch.cuda.Event | None = None
         self._error: BaseException | None = None
+        self._error_at = 0  # chunks in place when it failed
 
-    def done(self) -> bool:
-        """True once the data is in place (never blocks)."""
-        if not self._issued.is_set():
-            return False
-        return self._event is None or self._event.query()
+    def done(self, part: int = -1) -> bool:
+        """True once part `part` (default: the last, so every part) is in place or has failed (never blocks)."""
+        return self.next_chunk >= self.ends[part]
 
-    def failed(self) -> bool:
-        """True once the copy has ended in an error (never blocks)."""
-        return self._issued.is_set() and self._error is not None
+    def failed(self, part: int = -1) -> bool:
+        """True once the copy has ended in an error before part `part` was in place (never blocks)."""
+        return self._error is not None and self._error_at < self.ends[part]
 
-    def wait(self) -> float:
-        """Block until the data is in place; returns the seconds spent blocked (the stall)."""
-        if self.done():
-            self._raise_if_failed()
-            return 0.0
-        t0 = time.perf_counter()
-        if not self._engine.move_here(self):  # already on the link: wait for the worker
-            self._issued.wait()
-        self._raise_if_failed()
-        if self._event is not None:
-            self._event.synchronize()  # a real wait: the compute that needs this expert cannot start before
-        return time.perf_counter() - t0
+    def wait(self, part: int = -1) -> float:
+        """Block until part `part` is in place; returns the seconds spent blocked (the stall)."""
+        if not self.done(part):
+            t0 = time.perf_counter()
+            self._engine.move_here(self, self.ends[part])
+            self._raise_if_failed(part)
+            return time.perf_counter() - t0
+        self._raise_if_failed(part)
+        return 0.0
 
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
+    def _fail(self, error: BaseException) -> None:
+        self._error, self._error_at, self.next_chunk = error, self.next_chunk, len(self.chunks)
+
+    def _raise_if_failed(self, part: int) -> None:
+        if self.failed(part):
             raise RuntimeError(f"expert transfer failed: {self._error}") from self._error
 
 
-def _chunks(src: list[torch.Tensor | FileSpan], dst: list[torch.Tensor], chunk_bytes: int) -> list[tuple[list, list]]:
-    """Split the copy into pieces of about `chunk_bytes`: whole rows (dim 0) of each tensor, tensors in order."""
-    out: list[tuple[list, list]] = []
-    for s, d in zip(src, dst, strict=True):
-        rows = d.shape[0] if d.dim() else 1
-        row_bytes = max(1, d.numel() * d.element_size() // max(rows, 1))
-        step = max(1, chunk_bytes // row_bytes)
-        if d.dim() == 0 or step >= rows:
-            out.append(([s], [d]))
-            continue
-        out += [([s[r : r + step]], [d[r : r + step]]) for r in range(0, rows, step)]
-    return out
+def _chunks(parts: list[tuple[list, list]], chunk_bytes: int) -> tuple[list[tuple[list, list, int]], list[int], int]:
+    """Split a copy into pieces of about `chunk_bytes`: whole rows (dim 0) of each tensor, tensors in order, small
+    tensors (of one part or the next) together. Returns the chunks [(sources, destinations, parts begun in it)], the
+    chunk count once each part is complete, and the bytes."""
+    chunks: list[tuple[list, list, int]] = []
+    ends, total = [], 0
+    src: list = []
+    dst: list[torch.Tensor] = []
+    size = begun = 0
+    for part_src, part_dst in parts:
+        first = 1
+        for s, d in zip(part_src, part_dst, strict=True):
+            nbytes = d.numel() * d.element_size()
+            total += nbytes
+            rows = d.shape[0] if d.dim() else 1
+            step = max(1, chunk_bytes // max(1, nbytes // rows))
+            if src and (size + nbytes > chunk_bytes or step < rows):  # close the open chunk
+                chunks.append((src, dst, begun))
+                src, dst, size, begun = [], [], 0, 0
+            if d.dim() == 0 or step >= rows:  # the whole tensor in the open chunk
+                src.append(s)
+                dst.append(d)
+                size, begun, first = size + nbytes, begun + first, 0
+                continue
+            for r in range(0, rows, step):
+                chunks.append(([s[r : r + step]], [d[r : r + step]], first))
+                first = 0
+        ends.append(len(chunks) + (1 if src else 0))
+    if src:
+        chunks.append((src, dst, begun))
+    return chunks, ends, total
 
 
 class TransferEngine:
-    """Copy worker for one device. `submit` never blocks; `Transfer.wait` blocks only if the copy is not done.
+    """Copy worker for one device. `submit` never blocks; `Transfer.wait` blocks only if the part is not in place.
     chunk_bytes: the size of the pieces a copy moves in (where a speculative copy can be preempted)."""
 
     def __init__(self, device: torch.device, link: EmulatedLink | None = None, chunk_bytes: int = CHUNK_BYTES):
@@ -130,11 +147,14 @@ class TransferEngine:
         self.link, self.chunk_bytes = link, chunk_bytes
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._queued: list[Transfer] = []
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the worker waits for copies on it
+        self._landing = threading.Condition(lock)  # threads wait for a part the worker moves on it
+        self._waiters = 0  # threads waiting on `_landing`
         self._seq = itertools.count()
         self._closing = False
         self._link_free_at = 0.0
-        self._copy_s: float | None = None  # measured link seconds per whole copy (EMA over copies, warm-up included)
+        self._part_s: float | None = None  # measured link seconds per part (EMA over copies, warm-up included)
         self._link_seconds, self._link_bytes = 0.0, 0  # totals of every chunk
         self._speculative_seconds = 0.0  # ... of which for speculative copies
         self._preemptions = 0  # speculative copies set aside at a chunk boundary for a demand copy
@@ -153,12 +173,23 @@ class TransferEngine:
         priority: int = DEMAND,
         wake: bool = True,
     ) -> Transfer:
-        """Queue a copy of `src` into `dst` (same shapes); on CUDA it starts only after event `after` (if given).
-        wake: False leaves the worker asleep (the caller will wait for the copy, moving it itself, or call `wake`)."""
+        """Queue a copy of `src` into `dst` (same shapes), one part; see `submit_parts`."""
+        return self.submit_parts([(src, dst)], [after] if after is not None else [], priority, wake)
+
+    def submit_parts(
+        self,
+        parts: list[tuple[list[torch.Tensor | FileSpan], list[torch.Tensor]]],
+        after: list[torch.cuda.Event],
+        priority: int = DEMAND,
+        wake: bool = True,
+    ) -> Transfer:
+        """Queue one copy of `parts` [(sources, destinations)] in order; on CUDA it starts only after the events
+        `after`. wake: False leaves the worker asleep (the caller will wait for a part, moving it itself, or call
+        `wake`)."""
         with self._cond:
             if self._closing or not self._worker.is_alive():
                 raise RuntimeError("the transfer engine is shut down")
-            transfer = Transfer(src, dst, after, priority, next(self._seq), self, self.chunk_bytes)
+            transfer = Transfer(parts, after, priority, next(self._seq), self, self.chunk_bytes)
             self._queued.append(transfer)
             if wake:
                 self._cond.notify()
@@ -182,8 +213,9 @@ class TransferEngine:
             return self._current is None and not self._queued and not self._helpers
 
     def copy_seconds(self) -> float | None:
-        """Measured link time of one copy (an exponential average over every copy so far), None before any."""
-        return self._copy_s
+        """Measured link time of one part (one expert; an exponential average over every copy so far), None before
+        any."""
+        return self._part_s
 
     def link_use(self) -> dict[str, float]:
         """Totals so far: bytes and seconds on the link (their ratio is the bandwidth it achieved), the seconds on
@@ -196,34 +228,45 @@ class TransferEngine:
         }
 
     def demand_wait_seconds(self) -> float:
-        """Estimated wait before a new demand copy would start: the rest of the chunk on the link (the whole copy,
+        """Estimated wait before a new demand copy would start: the rest of the chunk on the link (of every chunk,
         when it is a demand copy) and every demand copy queued before it."""
-        copy_s = self._copy_s or 0.0
+        part_s = self._part_s or 0.0
         with self._cond:
             current = self._current
-            demand = sum(t.priority == DEMAND for t in self._queued)
+            demand = sum(_left(t) * len(t.ends) for t in self._queued if t.priority == DEMAND)
         rest = 0.0
         if current is not None:
-            left = (len(current.chunks) - current.next_chunk) / len(current.chunks)
-            rest = copy_s * (left if current.priority == DEMAND else 1 / len(current.chunks))
-        return rest + demand * copy_s
+            rest = len(current.ends) * (_left(current) if current.priority == DEMAND else 1 / len(current.chunks))
+        return (rest + demand) * part_s
 
-    def move_here(self, transfer: Transfer) -> bool:
-        """Someone waits for `transfer`: it becomes a demand copy, and if the worker has not started it, the calling
-        thread moves it now (False: it is on the link already)."""
+    def move_here(self, transfer: Transfer, upto: int) -> None:
+        """Someone waits for `transfer`'s chunks before `upto`: it becomes a demand copy, and if the worker has not
+        started it, the calling thread moves those chunks now (the rest goes back in the queue); else it waits
+        for the worker to move them."""
         with self._cond:
             transfer.priority = DEMAND
             if transfer not in self._queued:
-                return False
+                self._waiters += 1
+                while transfer.next_chunk < upto:
+                    self._landing.wait()
+                self._waiters -= 1
+                return
             self._queued.remove(transfer)
             self._helpers += 1
         try:
-            self._move_all(transfer)
-        finally:
-            with self._cond:
-                self._helpers -= 1
-                self._cond.notify()
-        return True
+            while transfer.next_chunk < upto:
+                self._move_chunk(transfer)
+        except BaseException as e:  # surfaced by Transfer.wait
+            transfer._fail(e)
+            self._landed()
+        rest = transfer.next_chunk < len(transfer.chunks)
+        with self._cond:
+            self._helpers -= 1
+            if rest:
+                self._queued.append(transfer)  # its seq keeps its place
+            self._cond.notify()
+        if not rest:
+            self._finish(transfer)
 
     def shutdown(self) -> None:
         """Finish the queued copies, then stop the worker."""
@@ -269,41 +312,37 @@ class TransferEngine:
                     if transfer.next_chunk < len(transfer.chunks) and self._preempted(transfer):
                         break
             except BaseException as e:  # surfaced to the waiter by Transfer.wait
-                transfer._error = e
-                transfer.next_chunk = len(transfer.chunks)
+                transfer._fail(e)
+                self._landed()
             if transfer.next_chunk < len(transfer.chunks):
                 continue  # preempted: resumed later where it stopped
             with self._cond:
                 self._current = None
             self._finish(transfer)
 
-    def _move_all(self, transfer: Transfer) -> None:
-        """Move every chunk of `transfer` left on the calling thread, then complete it."""
-        try:
-            while transfer.next_chunk < len(transfer.chunks):
-                self._move_chunk(transfer)
-        except BaseException as e:  # surfaced by Transfer.wait
-            transfer._error = e
-            transfer.next_chunk = len(transfer.chunks)
-        self._finish(transfer)
-
     def _finish(self, transfer: Transfer) -> None:
-        self._copy_s = transfer.link_s if self._copy_s is None else 0.8 * self._copy_s + 0.2 * transfer.link_s
-        transfer._issued.set()
+        part_s = transfer.link_s / len(transfer.ends)
+        self._part_s = part_s if self._part_s is None else 0.8 * self._part_s + 0.2 * part_s
+
+    def _landed(self) -> None:
+        """Wake the threads waiting for a part the worker moves."""
+        if self._waiters:
+            with self._landing:
+                self._landing.notify_all()
 
     def _move_chunk(self, transfer: Transfer) -> None:
         """Copy the transfer's next chunk, and hold the link for as long as the (emulated) link takes."""
         with self._link:
             self._move_chunk_on_link(transfer)
+        self._landed()
 
     def _move_chunk_on_link(self, transfer: Transfer) -> None:
         start = max(time.perf_counter(), self._link_free_at)
-        src, dst = transfer.chunks[transfer.next_chunk]
+        src, dst, begun = transfer.chunks[transfer.next_chunk]
         self._copy(transfer, src, dst)
         nbytes = sum(t.numel() * t.element_size() for t in dst)
         if self.link is not None:
-            first = transfer.next_chunk == 0
-            self._link_free_at = start + self.link.seconds(nbytes) - (0.0 if first else self.link.latency_us * 1e-6)
+            self._link_free_at = start + self.link.seconds(nbytes) - (1 - begun) * self.link.latency_us * 1e-6
             delay = self._link_free_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -321,13 +360,13 @@ class TransferEngine:
                 self._copy_one(s, d)
             return
         with torch.cuda.stream(self.stream):
-            if transfer.after is not None and transfer.next_chunk == 0:
-                self.stream.wait_event(transfer.after)  # the slot's previous expert is no longer read
+            if transfer.next_chunk == 0:
+                for event in transfer.after:
+                    self.stream.wait_event(event)  # the slots' previous experts are no longer read
             for s, d in zip(src, dst, strict=True):
                 self._copy_one(s, d)
             event = torch.cuda.Event()
             event.record(self.stream)
-            transfer._event = event
         event.synchronize()  # one chunk on the link at a time: priorities and preemption stay meaningful
 
     def _copy_one(self, src: torch.Tensor | FileSpan, dst: torch.Tensor) -> None:
@@ -337,3 +376,8 @@ class TransferEngine:
         if self._staging.numel() < src.nbytes:  # grown once to the largest chunk; reused after each chunk's sync
             self._staging = torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)
         read_span(src, dst, self._staging)
+
+
+def _left(transfer: Transfer) -> float:
+    """The share of a copy's chunks not moved yet."""
+    return (len(transfer.chunks) - transfer.next_chunk) / len(transfer.chunks)
