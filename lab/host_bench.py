@@ -93,7 +93,7 @@ def measure(name: str, repeats: int, working_set: int) -> dict:
             w, ids = torch.ones(tokens, 1), np.zeros((tokens, 1), dtype=np.int64)
 
             def run(e: int, host=host, x=x, w=w, ids=ids) -> None:
-                host.result(host.submit(0, [e], x.float(), w, ids + e, pairs=False))
+                host.result(host.submit(0, [e], x, w, ids + e, pairs=False, out_dtype=torch.float32))
 
             seconds = time_jobs(run, count, repeats)
             nbytes = host.host_bytes(0, 0, tokens)  # the bytes this call reads

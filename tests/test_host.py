@@ -262,7 +262,7 @@ def test_low_bit_host_experts_give_calls_longer_than_their_crossover_the_native_
     for n, same in ((1, False), (low.lowbit_tokens + 1, True)):
         x = torch.randn(n, 256, generator=gen)
         w, ids = torch.ones(n, 1), np.full((n, 1), 2, dtype=np.int64)
-        got, want = (h.result(h.submit(0, [2], x, w, ids, pairs=False))[0] for h in (low, exact))
+        got, want = (h.result(h.submit(0, [2], x, w, ids, False, torch.float32))[0] for h in (low, exact))
         assert torch.equal(got, want) == same
     exact.shutdown()
     low.shutdown()

@@ -194,10 +194,13 @@ class _Call:
         routed = needed if plan.index is top_k_index else np.unique(ids).tolist()
         copy, on_host = sorted(plan.exact), []
         if plan.exact and hook.router is not None:  # host or auto: some exact misses are computed on the host
-            counts = {e: int(np.count_nonzero(ids == e)) for e in plan.exact}
+            tally = np.bincount(ids.ravel())
+            counts = {e: int(tally[e]) for e in plan.exact}
             to_link, to_host = hook.router.split(counts, admit=lambda e: cache.admits((layer, e)))
             copy, on_host = sorted(to_link), sorted(to_host)
-        job = hook.host.submit(layer, on_host, self.sum.hidden, plan.weights, ids, self.sum.pairs) if on_host else None
+        job = None
+        if on_host:
+            job = hook.host.submit(layer, on_host, hidden, plan.weights, ids, self.sum.pairs, self.sum.out_dtype)
         absent = set(missing).difference(copy)  # served by a stand-in or the host: not on the pool
         pool = [e for e in routed if e not in absent]
         out = self._on_pool(
@@ -290,6 +293,11 @@ class _Sum:
         if not compat.casts_input(self._module):
             return None
         return torch.promote_types(torch.promote_types(self.dtype, self._weights.dtype), torch.float32)
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """The dtype of the passes' outputs, before `finish`."""
+        return self.dtype if self._acc is None else self._acc
 
     @functools.cached_property
     def pairs(self) -> bool:

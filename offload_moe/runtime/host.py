@@ -139,6 +139,7 @@ class HostCompute:
         self._lock = threading.Lock()
         self._memory_free_at = 0.0  # the emulated host's memory is busy until then
         self.expert_params = sum(torch.Size(s).numel() for s in store.expert_shapes.values())
+        self._views: dict[tuple[int, int], dict[str, list[tuple[int, torch.Tensor]]]] = {}  # see `_pieces`
 
     def _init(self) -> None:
         if hasattr(os, "sched_setaffinity"):
@@ -187,14 +188,24 @@ class HostCompute:
         return self.store.expert_bytes() - dense + sum(p.nbytes for p in parts.values())
 
     def submit(
-        self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, pairs: bool
+        self,
+        layer: int,
+        experts: list[int],
+        hidden: torch.Tensor,
+        weights: torch.Tensor,
+        ids: np.ndarray,
+        pairs: bool,
+        out_dtype: torch.dtype,
     ) -> HostJob:
-        """Compute `experts` of `layer` for the tokens routed to them. ids [T, K]: the routing, on the host; weights
-        [T, K] on the device; hidden: the device passes' input, [T, H], or [T x K, H] one row per (token, k) pair
-        when `pairs` (then each pair's product comes back in its own row, unsummed)."""
-        if self.device.type == "cuda":  # only activations cross the link: [T, H] down, [T, H] up
-            hidden, weights = hidden.to("cpu", non_blocking=False), weights.to("cpu", non_blocking=False)
-        job = HostJob(layer, experts, functools.partial(self._run, layer, experts, hidden, weights, ids, pairs))
+        """Compute `experts` of `layer` for the tokens routed to them. hidden [T, H] (the layer's input, in the
+        weights' dtype or cast to it here: the kernels multiply in the weights' dtype), weights [T, K] and ids [T, K]
+        the routing (ids on the host). The output, in `out_dtype`, has a row per (token, k) pair, [T x K, H], when
+        `pairs` (each pair's product unsummed), else [T, H]."""
+        hidden = hidden.to("cpu", self.store.expert_dtype)  # only activations cross the link: [T, H] down, up
+        weights = weights.to("cpu")
+        job = HostJob(
+            layer, experts, functools.partial(self._run, layer, experts, hidden, weights, ids, pairs, out_dtype)
+        )
         if self._pool is not None:
             job.future = self._pool.submit(job.run)
         return job
@@ -210,8 +221,25 @@ class HostCompute:
         c.host_seconds += seconds
         return (y.to(self.device, non_blocking=True) if self.device.type == "cuda" else y), seconds
 
+    def _pieces(self, layer: int, expert: int) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """An expert's weights as the kernel reads them: views, kept (a packed store decodes them on each use)."""
+        if self.store.packed is not None:
+            return self.store.compute_pieces(layer, expert)
+        key = (layer, expert)
+        pieces = self._views.get(key)
+        if pieces is None:
+            pieces = self._views[key] = self.store.compute_pieces(layer, expert)
+        return pieces
+
     def _run(
-        self, layer: int, experts: list[int], hidden: torch.Tensor, weights: torch.Tensor, ids: np.ndarray, pairs: bool
+        self,
+        layer: int,
+        experts: list[int],
+        hidden: torch.Tensor,  # [T, H]
+        weights: torch.Tensor,  # [T, K]
+        ids: np.ndarray,  # [T, K]
+        pairs: bool,
+        out_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, float, int]:
         start = time.perf_counter()
         if self.emulated is not None:  # reserve the emulated memory system before the real work starts
@@ -221,20 +249,59 @@ class HostCompute:
                 nbytes = sum(self.host_bytes(layer, e, int((ids == e).sum())) for e in experts)
                 self._memory_free_at = begin + self.emulated.seconds(nbytes, flops)
                 done_at = self._memory_free_at
-        kernel, out, n_pairs, top_k = self._kernels[layer], torch.zeros_like(hidden), 0, ids.shape[1]
         with torch.no_grad():
-            for e in experts:
-                pos, tok = np.nonzero((ids == e).T)  # in the order the stock kernels gather an expert's rows
-                rows = torch.from_numpy(tok * top_k + pos if pairs else tok)
-                x, w = hidden[rows], weights[torch.from_numpy(tok), torch.from_numpy(pos)]
-                y = kernel.forward(self.store.compute_pieces(layer, e), x, w, self.lowbit_for(layer, e, len(tok)))
-                out.index_add_(0, rows, y.to(out.dtype))
-                n_pairs += len(tok)
+            if len(ids) == 1 and self._kernels[layer].direct:  # decode: every expert at once
+                out, n_pairs = self._one_token(layer, experts, hidden, weights, ids[0].tolist(), pairs, out_dtype)
+            else:
+                out, n_pairs = self._tokens(layer, experts, hidden, weights, ids, pairs, out_dtype)
         if self.emulated is not None:
             delay = done_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
         return out, time.perf_counter() - start, n_pairs
+
+    def _one_token(
+        self,
+        layer: int,
+        experts: list[int],
+        hidden: torch.Tensor,  # [1, H]
+        weights: torch.Tensor,  # [1, K]
+        row: list[int],  # [K] the token's experts
+        pairs: bool,
+        out_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, int]:
+        kernel, ks = self._kernels[layer], torch.tensor([row.index(e) for e in experts])
+        ys = [kernel.project(self._pieces(layer, e), hidden, self.lowbit_for(layer, e, 1)) for e in experts]
+        # [n, H]: each expert's product scaled as the kernel scales it (in the wider of the two dtypes, exactly)
+        scale = weights.view(-1, 1).index_select(0, ks)
+        wide = torch.promote_types(ys[0].dtype, scale.dtype)
+        y = torch.cat(ys).to(wide).mul_(scale)
+        if not pairs:
+            return y.sum(0, keepdim=True).to(out_dtype), len(experts)
+        out = torch.zeros(len(row), hidden.shape[1], dtype=out_dtype)  # [K, H]: a row per pair
+        return out.index_copy_(0, ks, y.to(out_dtype)), len(experts)
+
+    def _tokens(
+        self,
+        layer: int,
+        experts: list[int],
+        hidden: torch.Tensor,  # [T, H]
+        weights: torch.Tensor,  # [T, K]
+        ids: np.ndarray,  # [T, K]
+        pairs: bool,
+        out_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, int]:
+        kernel, (tokens, top_k) = self._kernels[layer], ids.shape
+        out = torch.zeros(tokens * top_k if pairs else tokens, hidden.shape[1], dtype=out_dtype)
+        n_pairs = 0
+        for e in experts:
+            pos, tok = np.nonzero((ids == e).T)  # in the order the stock kernels gather an expert's rows
+            rows = torch.from_numpy(tok * top_k + pos if pairs else tok)
+            x, w = hidden[torch.from_numpy(tok)], weights[torch.from_numpy(tok), torch.from_numpy(pos)]
+            y = kernel.forward(self._pieces(layer, e), x, w, self.lowbit_for(layer, e, len(tok)))
+            out.index_add_(0, rows, y.to(out_dtype))
+            n_pairs += len(tok)
+        return out, n_pairs
 
     def shutdown(self) -> None:
         if self._pool is not None:

@@ -63,7 +63,7 @@ class HostKernel:
 
     `forward(weights, x, w)`: weights maps each expert parameter name to its pieces [(first row, tensor)] (one piece
     for a fused weight); x [n, H]; w [n] routing weights. Returns w[:, None] * expert(x) [n, H] in the kernel's
-    accumulation dtype (as `kernels.expert_forward` does), or None where the module does not declare its layout.
+    accumulation dtype (as `kernels.expert_forward` does): `project(weights, x)`, scaled.
     """
 
     def __init__(self, module: torch.nn.Module, precision: str | None = None):
@@ -85,6 +85,12 @@ class HostKernel:
     ) -> torch.Tensor:
         if not self.direct:
             return expert_forward(self._twin, list(weights), _whole(weights), x, w)
+        return self.project(weights, x, lowbit) * w[:, None]
+
+    def project(
+        self, weights: dict[str, list[tuple[int, torch.Tensor]]], x: torch.Tensor, lowbit: dict[str, LowBit] | None
+    ) -> torch.Tensor:
+        """expert(x) [n, H] in the weights' dtype, not yet scaled by the routing weights (`direct` modules only)."""
         layout = self.layout
         proj = self._linear(weights[self.up], x, lowbit and lowbit.get(self.up))
         if layout.has_bias:
@@ -95,7 +101,7 @@ class HostKernel:
             out.add_(_whole(weights)["down_proj_bias"])
         if layout.has_post_expert_norm:
             out = self.module.post_expert_norm(out)
-        return out * w[:, None]
+        return out
 
     def _linear(self, pieces: list[tuple[int, torch.Tensor]], x: torch.Tensor, lowbit: LowBit | None) -> torch.Tensor:
         """x @ W.T for W in its pieces of rows (output features), as the stock kernel multiplies: input in the
@@ -105,8 +111,10 @@ class HostKernel:
         if self.layout.is_transposed:  # [in, out]: pieces split the input rows only in a per-expert checkpoint
             ((_, weight),) = pieces
             return x.to(weight.dtype) @ weight
-        outs = [F.linear(x.to(t.dtype), t) for _, t in pieces]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if len(pieces) == 1:
+            t = pieces[0][1]
+            return F.linear(x if x.dtype == t.dtype else x.to(t.dtype), t)
+        return torch.cat([F.linear(x.to(t.dtype), t) for _, t in pieces], dim=-1)
 
     def lowbit(self, weights: dict[str, torch.Tensor]) -> dict[str, LowBit]:
         """This expert's matrices in the kernel's precision (built once, at patch time); biases stay as they are."""

@@ -98,7 +98,7 @@ def measure_host(host: HostCompute, layer: int = 0, expert: int = 0) -> HostFit:
         best = float("inf")
         for _ in range(BENCH_REPEATS):
             t0 = time.perf_counter()
-            host.result(host.submit(layer, [expert], x, w[:, None], np.full((n, 1), expert), pairs=False))
+            host.result(host.submit(layer, [expert], x, w[:, None], np.full((n, 1), expert), False, torch.float32))
             best = min(best, time.perf_counter() - t0)
         times.append(best)
     b, a = np.polyfit(np.array(BENCH_TOKENS, dtype=float), np.array(times), 1)
