@@ -18,6 +18,8 @@ HOST_OVER_LINK = 2.0  # the host takes a share only when its bandwidth exceeds t
 class FreeTokenSplit(MissPolicy):
     """Misses, most tokens first, go to the host in the share host bandwidth / (host + link bandwidth)."""
 
+    name = "freetoken-split"
+
     def split(self, tokens: dict[int, int], admit: Callable[[int], bool] = lambda e: True) -> tuple[set[int], set[int]]:
         expert_bytes = self.host.store.expert_bytes()
         copy_s, host_s = self.engine.copy_seconds(), self.fit.seconds(1)

@@ -51,7 +51,7 @@ class OffloadStats:
     device: str
     link: dict[str, Any]  # {"emulated": bool, "gbps", ...} or {"emulated": False, "kind": "memcpy", "pcie", "disk+..."}
     host: dict[str, Any]  # {"emulated": bool, "gbps", "gflops"} of host compute
-    miss_path: str  # the exact-miss path in effect: "fetch", "host" or "auto"
+    miss_path: str  # the exact-miss path in effect: "fetch", "host", "auto" or a custom MissPolicy's name
     standin: str | None
     prefetch: str | None
     slots: int

@@ -15,7 +15,7 @@ from typing import Any
 from offload_moe.runtime.eviction import EVICTION_POLICIES, EvictionPolicy
 from offload_moe.runtime.host import EmulatedHost
 from offload_moe.runtime.host_kernel import PRECISIONS as HOST_PRECISIONS
-from offload_moe.runtime.miss_router import MissPolicy
+from offload_moe.runtime.miss_router import MissPath, MissPolicy, MissRouter
 from offload_moe.runtime.transfer import EmulatedLink
 from offload_moe.standins.kinds import KINDS
 from offload_moe.standins.quant import BITS
@@ -279,15 +279,15 @@ class OffloadOptions:
             return cls(**kwargs)
         return cls(**{**{n: getattr(options, n) for n in names}, **kwargs})
 
-    def resolved_miss_path(self, device_type: str) -> str:
-        """The exact-miss path in effect: `miss_path` ("auto" for a policy class), or its default for this device."""
+    def miss_setup(self, device_type: str) -> MissPath:
+        """The exact-miss path in effect on a `device_type` device: `miss_path` (a policy class runs as "auto"), or
+        its default for this device and placement."""
         if isinstance(self.miss_path, type):
-            return "auto"
-        if self.miss_path is not None:
-            return self.miss_path
-        if self.placement != "dynamic":
-            return "host"
-        return "auto" if device_type == "cuda" or self.link is not None else "fetch"
+            return MissPath("auto", self.miss_path)
+        mode = self.miss_path
+        if mode is None:
+            mode = "host" if self.placement != "dynamic" else "auto" if device_type == "cuda" or self.link else "fetch"
+        return MissPath(mode, None if mode == "fetch" else MissRouter)
 
 
 def reference() -> str:

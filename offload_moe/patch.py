@@ -23,7 +23,6 @@ from offload_moe.runtime.counters import Counters, FixedHits
 from offload_moe.runtime.hook import ExpertsHook
 from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.miss import StandinPolicy
-from offload_moe.runtime.miss_router import MissRouter, measure_host
 from offload_moe.runtime.prefetch import LookaheadPrefetcher
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.store import HostStore
@@ -83,7 +82,7 @@ def offload(
         workers = [engine.shutdown]
         counters = Counters(len(blocks))
         frozen = options.placement != "dynamic" and not plan.all_resident  # static: what warm() puts there stays
-        miss_path = options.resolved_miss_path(dev.type)
+        miss_path = options.miss_setup(dev.type)
         cache = ExpertCache(
             store,
             plan.slots,
@@ -94,7 +93,7 @@ def offload(
             counters,
             geometry.top_k,
             frozen,
-            admission=miss_path != "fetch",
+            admission=miss_path.uses_host,
         )
         fixed_hits = FixedHits(counters, store.num_experts, dev)
         home = _non_expert_device(model, blocks)
@@ -105,7 +104,7 @@ def offload(
         prefetcher = _prefetcher(blocks, cache, options, undo) if not plan.all_resident else None
         standin = _standin(options, calib, blocks, store, engine, counters, plan, dev, dtype)
         host = None
-        if miss_path != "fetch" and not plan.all_resident:
+        if miss_path.uses_host and not plan.all_resident:
             experts = [b.experts for b in blocks]
             host = HostCompute(
                 store,
@@ -120,12 +119,10 @@ def offload(
             )
             undo.callback(host.shutdown)
             workers.append(host.shutdown)
-        fit = measure_host(host) if host is not None and miss_path == "auto" else None
+        router = miss_path.router(engine, host, counters)
         counters.reset()  # the micro-benchmark's jobs are not the model's
         cache.warm(_warm_order(blocks, calib, plan.all_resident, options.placement))  # measures the link
         _hold_fixed_slots(blocks, names, cache)
-        policy = options.miss_path if isinstance(options.miss_path, type) else MissRouter
-        router = policy(miss_path, engine, host, fit, counters) if host is not None else None
         for b in blocks:
             hook = ExpertsHook(b.index, cache, names, router, standin, prefetcher, host, counters, fixed_hits)
             attach(b.experts, hook)
@@ -136,7 +133,7 @@ def offload(
         undo.close()
         raise
     return OffloadHandle(
-        model, blocks, cache, plan, options, undo, miss_path, counters, fixed_hits, workers, read_base, host
+        model, blocks, cache, plan, options, undo, miss_path.name, counters, fixed_hits, workers, read_base, host
     )
 
 

@@ -12,7 +12,7 @@ import offload_moe
 from hooks import RoutingRecorder
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.host import HostCompute
-from offload_moe.runtime.miss_router import HostFit, MissRouter
+from offload_moe.runtime.miss_router import HostFit, MissPolicy, MissRouter
 from tests.corpus import corpus_text
 from tests.helpers import DEVICES, FAMILIES, generate, load_reference, logits, tiny_model
 
@@ -135,6 +135,29 @@ def test_the_cost_model_follows_a_host_slowdown_that_starts_and_stops():
     in_slow = on_host[110:300]
     assert sum(in_slow) <= len(in_slow) / EXPLORE_EVERY + 1  # during it: only the exploration jobs
     assert spent / oracle - 1 < 0.10
+
+
+class _EveryOtherMissOnTheHost(MissPolicy):
+    name = "every-other"
+
+    def split(self, tokens, admit=lambda e: True):
+        order = sorted(tokens)
+        return set(order[1::2]), set(order[::2])
+
+
+def test_a_custom_miss_policy_is_lossless_and_reported_by_its_own_name(patched):
+    """A `MissPolicy` subclass is resolved once (`OffloadOptions.miss_setup`): it runs with the host's costs
+    measured, both paths serve its misses exactly, and the stats name it (its `name`, else its class name)."""
+    model = tiny_model("mixtral")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(8))
+    ref = logits(model, ids)
+    handle = patched(model, budget=0.25, device="cpu", miss_path=_EveryOtherMissOnTheHost)
+    assert torch.equal(logits(model, ids), ref)
+    s = handle.stats()
+    assert s.miss_path == "every-other" and s.host_jobs > 0 and s.copies > 0
+    handle.unpatch()
+    unnamed = type("SplitInHalves", (_EveryOtherMissOnTheHost,), {"name": ""})
+    assert patched(model, budget=0.25, device="cpu", miss_path=unnamed).stats().miss_path == "SplitInHalves"
 
 
 @pytest.mark.bench

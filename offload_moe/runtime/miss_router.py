@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -116,7 +117,9 @@ class MissPolicy:
     """Splits a layer call's missed experts that must be exact between the link (copy, then compute on the device)
     and the host. The runtime asks `split` once per layer call with misses and tells `observe` how long each host job
     took; a policy is built by `patch` as cls(miss_path, engine, host, fit, counters) (`OffloadOptions.miss_path`
-    may name a subclass)."""
+    may name a subclass, which runs as "auto": with the host's costs measured)."""
+
+    name: ClassVar[str] = ""  # what the stats report as the miss path; empty: the class's own name
 
     def __init__(
         self, miss_path: str, engine: TransferEngine, host: HostCompute, fit: HostFit | None, counters: Counters
@@ -177,3 +180,33 @@ class MissRouter(MissPolicy):
         self.counters.auto_host += len(host)
         self.counters.auto_copy += len(copy)
         return copy, host
+
+
+@dataclass(frozen=True)
+class MissPath:
+    """The exact-miss path in effect, resolved once from the options and the device (`OffloadOptions.miss_setup`):
+    `mode` "fetch" (every miss copied in: no host, no policy), "host" or "auto" (a measured cost model), and the
+    `policy` class that splits each call's misses between the link and the host."""
+
+    mode: str
+    policy: type[MissPolicy] | None = None
+
+    @property
+    def name(self) -> str:
+        """What the stats report: the mode, or a custom policy's own name."""
+        if self.policy is None or self.policy is MissRouter:
+            return self.mode
+        return self.policy.name or self.policy.__name__
+
+    @property
+    def uses_host(self) -> bool:
+        """Some misses may be computed on the host (and copies are admitted, weighing their victims)."""
+        return self.policy is not None
+
+    def router(self, engine: TransferEngine, host: HostCompute | None, counters: Counters) -> MissPolicy | None:
+        """The policy for a patched model (the host's costs measured first where the mode needs them); None where
+        every miss is fetched, or where nothing can miss (no host)."""
+        if self.policy is None or host is None:
+            return None
+        fit = measure_host(host) if self.mode == "auto" else None
+        return self.policy(self.mode, engine, host, fit, counters)
