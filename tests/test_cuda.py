@@ -1,6 +1,8 @@
 """CUDA checks (skipped without a GPU): pinned host copies, the copy stream and its events under slot reuse; and
 `make gpu-check`, whose benchmark path also runs on CPU so that it is exercised everywhere."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -41,6 +43,37 @@ def test_copy_stream_and_events_under_slot_reuse(prefetch):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         stats = handle.stats()
         assert stats.slots == 2 and stats.evictions > 1000 and stats.copies == stats.evictions
+    finally:
+        handle.unpatch()
+
+
+@requires_cuda
+@pytest.mark.parametrize("miss_path", ["fetch", "host", "auto"])
+def test_a_decode_step_makes_no_synchronizing_call_beyond_the_routing(miss_path):
+    """Under torch.cuda.set_sync_debug_mode("warn"), one decode step at a quarter of the experts: none of the
+    synchronizing CUDA calls the mode reports comes from offload_moe's own code. The routing's one wait per layer call
+    (an event on its pinned copies, `hook.routing_on_host`) is the allowed synchronisation; the host path's input and
+    output cross without blocking; lookahead is off (it predicts from the routing too)."""
+    model = tiny_model("mixtral").to("cuda")
+    handle = offload_moe.patch(model, budget=0.25, device="cuda", miss_path=miss_path, prefetch=None)
+    try:
+        ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3)).to("cuda")
+        with torch.no_grad():
+            cache = DynamicCache()
+            nxt = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            handle.reset_stats()
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    model(input_ids=nxt, cache=cache, use_cache=True)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        ours = [f"{w.filename}:{w.lineno}" for w in caught if "offload_moe" in w.filename]
+        assert not ours, ours
+        s = handle.stats()
+        assert s.missing_calls > 0 and (s.host_jobs > 0 if miss_path == "host" else True)
     finally:
         handle.unpatch()
 

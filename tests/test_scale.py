@@ -113,25 +113,33 @@ def test_a_pool_smaller_than_one_token_still_hits(patched):
 
 
 def test_routing_takes_one_host_round_trip_per_call_that_may_miss(patched, monkeypatch):
-    """The routing of a layer that may miss crosses to the host once per call; a layer whose experts are all resident
-    never does."""
+    """The routing of a layer that may miss crosses to the host once per call (`routing_on_host`, ids and weights
+    together), and nothing else does (no `Tensor.cpu`); a layer whose experts are all resident never crosses."""
+    from offload_moe.runtime import hook
+
     model = tiny_model("qwen3_moe")
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(7))
-    moves = []
-    real = torch.Tensor.cpu
+    routings, moves = [], []
+    real_routing, real_cpu = hook.routing_on_host, torch.Tensor.cpu
 
-    def counted(t, *args, **kwargs):
+    def routing(index, weights):
+        routings.append(index.shape)
+        return real_routing(index, weights)
+
+    def cpu(t, *args, **kwargs):
         moves.append(t.shape)
-        return real(t, *args, **kwargs)
+        return real_cpu(t, *args, **kwargs)
 
     for budget in (1.0, 0.5):
         handle = patched(model, budget=budget, device="cpu", miss_path="fetch")
-        moves.clear()
-        monkeypatch.setattr(torch.Tensor, "cpu", counted)
+        routings.clear()
+        monkeypatch.setattr(hook, "routing_on_host", routing)
+        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
         logits(model, ids)
-        monkeypatch.setattr(torch.Tensor, "cpu", real)
+        monkeypatch.setattr(torch.Tensor, "cpu", real_cpu)
+        monkeypatch.setattr(hook, "routing_on_host", real_routing)
         s = handle.stats()
-        assert len(moves) == s.layer_calls == (0 if budget == 1.0 else 3)
+        assert len(routings) == s.layer_calls == (0 if budget == 1.0 else 3) and not moves
         handle.unpatch()
 
 

@@ -80,39 +80,28 @@ class Counters:
 
 
 class FixedHits:
-    """Hits of the layers that never miss (every expert resident in its own slot), counted off the decode path with
-    no host sync: eager, their routing is kept and counted when the counters are read; compiled, it is counted on
-    the device inside the graph (no Python side effect to trace)."""
+    """Hits of the layers that never miss (every expert resident in its own slot), counted on the device, eager and
+    compiled alike: no host sync on the decode path and O(1) memory; the counts reach the counters when they are
+    read."""
 
     def __init__(self, counters: Counters, num_experts: int, device: torch.device):
         self._counters, self._num_experts = counters, num_experts
-        self._uncounted: list[tuple[int, torch.Tensor]] = []
-        self._traced = torch.zeros(counters.num_layers, dtype=torch.long, device=device)
-        compat.mark_static_address(self._traced)  # a graph may update it in place under CUDA graphs
+        self._counts = torch.zeros(counters.num_layers, dtype=torch.long, device=device)
+        compat.mark_static_address(self._counts)  # a graph may update it in place under CUDA graphs
 
     def count(self, layer: int, top_k_index: torch.Tensor) -> None:
-        if torch.compiler.is_compiling():
-            if top_k_index.shape[0] == 1:  # one token: its top-k experts are distinct (a constant in the graph)
-                self._traced[layer] += top_k_index.numel()
-            else:
-                seen = torch.zeros(self._num_experts, dtype=torch.long, device=top_k_index.device)
-                self._traced[layer] += seen.index_fill_(0, top_k_index.flatten(), 1).sum()
-            return
-        self._uncounted.append((layer, top_k_index))
-        if len(self._uncounted) >= 4096:
-            self.flush()
+        if top_k_index.shape[0] == 1:  # one token: its top-k experts are distinct (a constant in a graph)
+            self._counts[layer] += top_k_index.numel()
+        else:
+            seen = torch.zeros(self._num_experts, dtype=torch.long, device=top_k_index.device)
+            self._counts[layer] += seen.index_fill_(0, top_k_index.flatten(), 1).sum()
 
     def flush(self) -> None:
-        """Add the kept routing and the device counts to the counters."""
+        """Add the device counts to the counters."""
         c = self._counters
-        for layer, idx in self._uncounted:
-            n = int(idx.unique().numel())
-            c.hits += n
-            c.layer_hits[layer] += n
-        self._uncounted.clear()
-        traced = self._traced.tolist()
-        if any(traced):
-            c.hits += sum(traced)
-            for layer, n in enumerate(traced):
+        counts = self._counts.tolist()
+        if any(counts):
+            c.hits += sum(counts)
+            for layer, n in enumerate(counts):
                 c.layer_hits[layer] += n
-            self._traced.zero_()
+            self._counts.zero_()

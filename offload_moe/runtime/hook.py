@@ -1,16 +1,17 @@
-"""The per-call hot path: a hook on each layer's experts module makes the routed experts resident, remaps expert ids
-to slot ids and runs the stock transformers kernel on the slot pool, with the exact miss path, the stand-ins and the
+"""The per-call hot path: a hook on each layer's experts module makes the routed experts resident, remaps expert ids to
+slot ids and runs the stock transformers kernel on the slot pool, with the exact miss path, the stand-ins and the
 prefetcher.
 
-A layer call that may miss takes its routing to the host once (its one synchronisation), then computes in passes of
-the stock kernel over windows of the pool: first every routed expert that is ready, then each batch of missing
-experts as their copies land, while the host computes the experts sent there. The passes return their sums of
-weighted products unrounded where the kernel allows it (grouped_mm, the default, casts its input to the weights'
-dtype and sums in float32 or wider): each pass computes its (token, expert) pairs as rows of their own, and the
-call sums each token's rows in routing order and rounds once, as the stock kernel does, so outputs are bit-identical
-to the unpatched model's (for calls of up to `PAIR_ELEMENTS` pair-row elements; larger ones add per-pass float32
-sums, which agree to float32 rounding before the final rounding). With another kernel the passes' outputs are
-added: bit-identical with top-2 routing (each token's two products rounded once), within rounding above it.
+A layer call that may miss takes its routing to the host once (`routing_on_host`: the lossless paths' one
+synchronisation; lookahead, low-bit passes and stand-ins add theirs, see docs/offloading.md), then computes in passes of
+the stock kernel over windows of the pool: first every routed expert that is ready, then each batch of missing experts
+as their copies land (`ExpertCache.stream`), while the host computes the experts sent there. The passes return their
+sums of weighted products unrounded where the kernel allows it (grouped_mm, the default, casts its input to the weights'
+dtype and sums in float32 or wider): each pass computes its (token, expert) pairs as rows of their own, and the call
+sums each token's rows in routing order and rounds once, as the stock kernel does, so outputs are bit-identical to the
+unpatched model's (for calls of up to `PAIR_ELEMENTS` pair-row elements; larger ones add per-pass float32 sums, which
+agree to float32 rounding before the final rounding). With another kernel the passes' outputs are added: bit-identical
+with top-2 routing (each token's two products rounded once), within rounding above it.
 """
 
 from __future__ import annotations
@@ -110,12 +111,12 @@ class ExpertsHook(ModuleHook):
         the layer's residual stream for the prefetcher, when a compiled graph passes it (eager, its hook keeps it)."""
         start = time.perf_counter()
         c, kernel_before = self.counters, self.counters.kernel_seconds
-        ids = top_k_index.cpu().numpy()  # [T, K]: the call's one host synchronisation
+        ids, host_weights = routing_on_host(top_k_index, top_k_weights)  # the call's one host synchronisation
         needed = sorted(set(ids[0].tolist())) if len(ids) == 1 else np.unique(ids).tolist()
         residency = self.cache.prepare(self.layer, needed)
         kernel = _Kernel(self._module, self._forward, self.names, hidden_states, args, kwargs)
         if residency.missing or residency.inflight:
-            call = _Call(self, kernel, ids, needed, residency)
+            call = _Call(self, kernel, ids, host_weights, needed, residency)
             out = call.run(hidden_states, top_k_index, top_k_weights, residual)
         else:  # every routed expert ready: the stock call on the pool, as unpatched
             if self.prefetcher is not None:
@@ -166,9 +167,17 @@ class ExpertsHook(ModuleHook):
 class _Call:
     """One call of a layer that may miss, from its routing to its output."""
 
-    def __init__(self, hook: ExpertsHook, kernel: _Kernel, ids: np.ndarray, needed: list[int], residency: Residency):
+    def __init__(
+        self,
+        hook: ExpertsHook,
+        kernel: _Kernel,
+        ids: np.ndarray,
+        host_weights: torch.Tensor,
+        needed: list[int],
+        residency: Residency,
+    ):
         self.hook, self.kernel, self.cache, self.layer = hook, kernel, hook.cache, hook.layer
-        self.ids, self.needed, self.residency = ids, needed, residency
+        self.ids, self.host_weights, self.needed, self.residency = ids, host_weights, needed, residency
         self.stock = False  # the output is the stock kernel's own call (final as it is)
 
     def run(
@@ -199,8 +208,9 @@ class _Call:
             to_link, to_host = hook.router.split(counts, admit=lambda e: cache.admits((layer, e)))
             copy, on_host = sorted(to_link), sorted(to_host)
         job = None
-        if on_host:
-            job = hook.host.submit(layer, on_host, hidden, plan.weights, ids, self.sum.pairs, self.sum.out_dtype)
+        if on_host:  # the routing weights' host copy, unless stand-ins changed them
+            weights = self.host_weights if plan.weights is top_k_weights else plan.weights
+            job = hook.host.submit(layer, on_host, hidden, weights, ids, self.sum.pairs, self.sum.out_dtype)
         absent = set(missing).difference(copy)  # served by a stand-in or the host: not on the pool
         pool = [e for e in routed if e not in absent]
         out = self._on_pool(
@@ -351,6 +361,21 @@ class _Kernel:
             return self.forward(hidden, kidx.index, weights, *self.args, **self.kwargs)
         finally:
             compat.restore_experts(module, saved)
+
+
+def routing_on_host(index: torch.Tensor, weights: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """A layer call's routing on the host: ids [T, K] and weights [T, K]. On CUDA both are copied into pinned memory
+    without blocking and waited for once, behind the router that computed them: the call's one synchronisation."""
+    if index.device.type == "cpu":
+        return index.numpy(), weights
+    ids = torch.empty(index.shape, dtype=index.dtype, pin_memory=True)
+    host = torch.empty(weights.shape, dtype=weights.dtype, pin_memory=True)
+    ids.copy_(index, non_blocking=True)
+    host.copy_(weights, non_blocking=True)
+    landed = torch.cuda.Event()
+    landed.record(torch.cuda.current_stream(index.device))
+    landed.synchronize()
+    return ids.numpy(), host
 
 
 _KEYS = itertools.count()

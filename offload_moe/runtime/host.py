@@ -201,10 +201,18 @@ class HostCompute:
         weights' dtype or cast to it here: the kernels multiply in the weights' dtype), weights [T, K] and ids [T, K]
         the routing (ids on the host). The output, in `out_dtype`, has a row per (token, k) pair, [T x K, H], when
         `pairs` (each pair's product unsummed), else [T, H]."""
-        hidden = hidden.to("cpu", self.store.expert_dtype)  # only activations cross the link: [T, H] down, up
-        weights = weights.to("cpu")
+        ready = None  # CUDA: the event after which the input is on the host
+        if hidden.device.type == "cuda":  # only activations cross the link: [T, H] down, [T, H] or [T x K, H] up
+            staged = torch.empty(hidden.shape, dtype=self.store.expert_dtype, pin_memory=True)
+            staged.copy_(hidden, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(hidden.device))
+            hidden = staged
+        else:
+            hidden = hidden.to(self.store.expert_dtype)
+        weights = weights.to("cpu")  # the routing's host copy already, unless stand-ins changed the weights
         job = HostJob(
-            layer, experts, functools.partial(self._run, layer, experts, hidden, weights, ids, pairs, out_dtype)
+            layer, experts, functools.partial(self._run, layer, experts, hidden, weights, ids, pairs, out_dtype, ready)
         )
         if self._pool is not None:
             job.future = self._pool.submit(job.run)
@@ -219,7 +227,7 @@ class HostCompute:
         c.host_jobs += len(job.experts)
         c.host_tokens += pairs
         c.host_seconds += seconds
-        return (y.to(self.device, non_blocking=True) if self.device.type == "cuda" else y), seconds
+        return (y.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else y), seconds
 
     def _pieces(self, layer: int, expert: int) -> dict[str, list[tuple[int, torch.Tensor]]]:
         """An expert's weights as the kernel reads them: views, kept (a packed store decodes them on each use)."""
@@ -240,7 +248,10 @@ class HostCompute:
         ids: np.ndarray,  # [T, K]
         pairs: bool,
         out_dtype: torch.dtype,
+        ready: torch.cuda.Event | None,
     ) -> tuple[torch.Tensor, float, int]:
+        if ready is not None:
+            ready.synchronize()  # the input's copy to the host (the compute thread never waits for it)
         start = time.perf_counter()
         if self.emulated is not None:  # reserve the emulated memory system before the real work starts
             with self._lock:
