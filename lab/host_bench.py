@@ -3,12 +3,13 @@ memory reads, for Mixtral-8x7B-sized (hidden 4096, intermediate 14336) and Qwen3
 
     python -m lab.host_bench [--mode quick|default] [--sizes mixtral-8x7b qwen3-30b-a3b] [--out bench-results]
 
-The memory probe sums a 1 GiB tensor with the host path's own threads (the fastest of 9 reads: the ceiling). The
-host path computes one expert per job for 1, 4 and 16 tokens through `HostCompute` (the path `miss_path="host"`
-takes), cycling over enough distinct experts (random bf16 weights) that none is in a cache when read; its bandwidth
-is the expert's bytes over the job's time. Beside it: the stock experts kernel on a one-expert twin (the host path
-before the direct kernel), and the low-bit host experts (`host_precision`, LOSSY up to the measured number of tokens
-per expert at which they beat the native weights), whose bandwidth counts their own (packed) bytes. REAL CPU and
+The memory probe sums a 1 GiB tensor with the host path's own threads (the fastest of 9 reads: the ceiling). The host
+path computes one expert per job for 1, 4 and 16 tokens through `HostCompute` (the path `miss_path="host"` takes),
+cycling over enough distinct experts (random bf16 weights) that none is in a cache when read; its bandwidth is the
+expert's bytes over the job's time. Beside it: three plain `F.linear` calls on the same weights (the most plain torch
+gets from them: the host path's goal is to add nothing to it), the stock experts kernel on a one-expert twin (the host
+path before the direct kernel), and the low-bit host experts (`host_precision`, LOSSY up to the measured number of
+tokens per expert at which they beat the native weights), whose bandwidth counts their own (packed) bytes. REAL CPU and
 memory, nothing emulated.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
@@ -101,6 +103,17 @@ def measure(name: str, repeats: int, working_set: int) -> dict:
             rows.append({"path": path, "tokens": tokens,
                          "seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9})  # fmt: skip
         host.shutdown()
+    for tokens in TOKENS:  # the ceiling of plain torch: the expert's three matrices, one F.linear each
+        x = torch.randn(tokens, hidden).to(torch.bfloat16)
+
+        def raw(e: int, x=x) -> None:
+            w = store.expert_tensors(0, e)
+            gate, up = w["gate_up_proj"].chunk(2)
+            F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), w["down_proj"])
+
+        seconds = time_jobs(raw, count, repeats)
+        rows.append({"path": "three F.linear (raw matmuls)", "tokens": tokens, "seconds": seconds, "bytes": one,
+                     "gbps": one / seconds / 1e9})  # fmt: skip
     twin = one_expert_twin(module)
     for tokens in TOKENS:
         x, w = torch.randn(tokens, hidden).to(torch.bfloat16), torch.ones(tokens)

@@ -260,6 +260,11 @@ def host_section(doc: dict) -> list[str]:
         out += [f"### {m['experts']}-sized experts ({m['hidden']} x {m['intermediate']}, "
                 f"{_fmt(m['expert_bytes'] / 1e6, 1)} MB bf16)", ""]  # fmt: skip
         out += _table(["path", "tokens", "ms per expert", "GB/s", "x memory"], rows) + [""]
+        secs = {(r["path"], r["tokens"]): r["seconds"] for r in m["rows"]}
+        over = [f"{t} tokens {_fmt(secs[('host', t)] / secs[('three F.linear (raw matmuls)', t)])}x"
+                for (p, t) in secs if p == "host" and ("three F.linear (raw matmuls)", t) in secs]  # fmt: skip
+        if over:
+            out += [f"Host path over three plain `F.linear` on the same weights (goal <= 1.1x): {', '.join(over)}.", ""]
     return out
 
 

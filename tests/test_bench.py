@@ -89,7 +89,7 @@ def test_host_bench_sets_each_path_beside_the_memory_probe(tmp_path):
     (size,) = result["sizes"]
     assert size["expert_bytes"] == 3 * 2048 * 768 * 2
     paths = {r["path"].split(" (")[0] for r in size["rows"]}
-    assert paths == {"host", "host int8", "host int4", "stock kernel on a one-expert twin"}
+    assert paths == {"host", "host int8", "host int4", "three F.linear", "stock kernel on a one-expert twin"}
     assert all(r["gbps"] > 0 for r in size["rows"]) and {r["tokens"] for r in size["rows"]} == set(TOKENS)
     results_doc([str(tmp_path), str(tmp_path / "results.md")])
     assert "Host compute against the memory's speed" in (tmp_path / "results.md").read_text()
