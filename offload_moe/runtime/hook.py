@@ -213,18 +213,20 @@ class _Call:
             job = hook.host.submit(layer, on_host, hidden, weights, ids, self.sum.pairs, self.sum.out_dtype)
         absent = set(missing).difference(copy)  # served by a stand-in or the host: not on the pool
         pool = [e for e in routed if e not in absent]
-        out = self._on_pool(
-            ids,
-            plan,
-            pool,
-            len(pool) == len(routed),
-            copy,
-            set(missing) | set(inflight),
-            residual,
-            later=sorted(set(missing).difference(plan.exact)),
-        )
+        protected = {(layer, e) for e in pool}
+        queued = self._start(copy, protected, sorted(set(missing).difference(plan.exact)), residual)
+        done = None
+        if job is not None and job.future is None:  # computed on this thread: while the link moves the copies
+            if copy:
+                cache.start()
+            done = hook.host.result(job)
+        out = None
+        if pool:
+            out = self._on_pool(
+                ids, plan, pool, len(pool) == len(routed), set(missing) | set(inflight), queued, protected
+            )
         if job is not None:
-            y, seconds = hook.host.result(job)
+            y, seconds = done if done is not None else hook.host.result(job)
             hook.router.observe([counts[e] for e in on_host], seconds)
             out = y if out is None else out + y
             # experts computed on the host and used more than what they would evict: copied in, in idle link time
@@ -235,33 +237,33 @@ class _Call:
             out = self.sum.finish(out)
         return out if plan.extra is None else out + plan.extra
 
+    def _start(self, copy: list[int], protected: set, later: list[int], residual: torch.Tensor | None) -> list[int]:
+        """Queue the call's demand copies (`copy`), then the speculative ones behind them; returns the experts whose
+        copies could not start yet (no slot free: computed experts make room)."""
+        started = self.cache.fetch(self.layer, copy, protected)
+        queued = copy[len(started) :]
+        if queued:
+            self.hook.counters.waves += 1
+        self._look_ahead(protected, later, residual)  # behind the demand copies
+        return queued
+
     def _on_pool(
         self,
         ids: np.ndarray,
         plan: MissPlan,
         pool: list[int],
         whole: bool,
-        copy: list[int],
         not_ready: set[int],
-        residual: torch.Tensor | None,
-        later: list[int],
-    ) -> torch.Tensor | None:
+        queued: list[int],
+        protected: set,
+    ) -> torch.Tensor:
         """Compute the pool's experts in passes as the cache streams them in (`ExpertCache.stream`): the stock call
         when every routed expert is ready at once. whole: the pool has every routed expert; not_ready: the call's
-        experts absent or in flight. None: nothing to do."""
-        cache, layer = self.cache, self.layer
-        protected = {(layer, e) for e in pool}
-        started = cache.fetch(layer, copy, protected)
-        queued = copy[len(started) :]  # no slot free yet: copied once computed experts make room
-        if queued:
-            self.hook.counters.waves += 1
-        self._look_ahead(protected, later, residual)  # behind the demand copies
-        if not pool:
-            return None
+        experts absent or in flight; queued: those whose copies have not started."""
         skip = set(queued)
         waiting = [e for e in pool if e in not_ready and e not in skip]  # copies in flight
         out = None
-        for batch in cache.stream(layer, pool, waiting, queued, protected, self.hook.pass_seconds):
+        for batch in self.cache.stream(self.layer, pool, waiting, queued, protected, self.hook.pass_seconds):
             if out is None and whole and len(batch) == len(pool):  # every routed expert ready now: the stock call
                 self.stock = True
                 return self.hook.stock(self.kernel, ids, plan.index, plan.weights, pool)
