@@ -336,7 +336,7 @@ TICK_SERVICE = ENGINES * MAX_RUNNING * (TICK_S / STEP_S) * 2
 REQUEST_SERVICE = 1 + 2 * MAX_TOKENS  # one request's service ("x" is one prompt token)
 
 
-def fault(kind: str, at: float = 3.0, outage_s: float = 5.0, after_s: float = 5.0) -> dict:
+def fault(kind: str, at: float = 3.0, outage_s: float = 5.0, after_s: float = 8.0) -> dict:
     """One of FAULTS on the skewed two-gateway fleet: the fault at `at`, recovery `outage_s` later, the run's end
     `after_s` after that. Returns what the checks read: requests lost, errors per gateway, the shares since the
     warm-up (`shares_since_start`: VTC repays after recovery what an outage's local orders skewed), during the
