@@ -184,7 +184,7 @@ class ExpertCache:
         not copied yet (no slot was free: computed experts make room, so the caller must be done with a batch when
         it asks for the next, its slots leaving `protected`). Copies expected to land before another kernel pass
         would take (`pass_seconds`) are waited for instead, so one pass does it all."""
-        if waiting and not queued and pass_seconds > self.landing_seconds():
+        if waiting and not queued and pass_seconds > self._landing_seconds():
             for e in reversed(waiting):  # sooner than a pass: moved on this thread (the last first: all at once)
                 self.wait(layer, e)
             waiting = []
@@ -237,7 +237,7 @@ class ExpertCache:
             "(a call computes what it can and frees those slots first)"
         )
 
-    def landing_seconds(self) -> float:
+    def _landing_seconds(self) -> float:
         """Estimated time until every demand copy started so far has landed (the link's own measurements)."""
         return self._engine.demand_wait_seconds() + (self._engine.copy_seconds() or 0.0)
 
