@@ -305,10 +305,16 @@ def fleet_section(doc: dict) -> list[str]:
     out += _table(["scenario", "counters", "shares", "fair", "max weighted service diff", "Jain", "req/s",
                    "TTFT p50 ms", "TTFT p99 ms"], rows) + [""]  # fmt: skip
     if doc.get("faults"):
-        out += ["Faults on the skewed two-gateway fleet (fault at 3 s, recovery 5 s later, run ends 5 s after that):",
-                ""]  # fmt: skip
+        f0 = doc["faults"][0]
+        out += [f"Faults on the skewed two-gateway fleet (fault at {f0['at_s']:g} s, recovery at "
+                f"{f0['recovered_at_s']:g} s, run ends at {f0['seconds']:g} s); a restarted store's bill is the old "
+                "store's just before the kill plus the new one's:", ""]  # fmt: skip
+
+        def billed(f: dict, t: str) -> float:
+            return (f.get("billed_before_restart") or {}).get(t, 0.0) + f["charged"].get(t, 0.0)
+
         rows = [[f["fault"], str(f["lost"]), str(sum(f["errors"].values())),
-                 " / ".join(f"{t} {_fmt(f['charged'].get(t, 0), 0)} of {_fmt(u, 0)}" for t, u in f["usage"].items()),
+                 " / ".join(f"{t} {_fmt(billed(f, t), 0)} of {_fmt(u, 0)}" for t, u in f["usage"].items()),
                  _fmt(f["shares_during"].get("light", 0.0)), _fmt(f["shares"].get("light", 0.0)),
                  _fmt(f["shares_since_start"].get("light", 0.0))] for f in doc["faults"]]  # fmt: skip
         out += _table(["fault", "lost", "errored", "billed of usage", "light during", "light after",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import signal
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ from tests.tcp_proxy import ProxyProcess
 ENGINES, MAX_RUNNING, STEP_S, MAX_TOKENS = 3, 4, 0.01, 20
 MODEL = "fake"
 TICK_S = 0.05  # the gateway's admission tick: output tokens reach the store once a tick
+STREAMS_PER_PROCESS = 12  # a tenant's client threads per process
 
 
 async def forget_idle(gateways: list, tenants: int) -> None:
@@ -225,9 +227,7 @@ def run(
               stop_after_error=stop_after_error)  # fmt: skip
         after = {}
         if shared:
-            time.sleep(4 * TICK_S)  # the last charges reach the store
-            store = f.store()
-            after["charged"] = {k.decode(): float(v) for k, v in store.hgetall("fairness:charged").items()}
+            after["charged"] = settled_charges(f.store())
             after["metrics"] = {
                 g: {name: f.metric(g, f"fairness_gateway_{name}")
                     for name in ("store_errors_total", "local_admissions_total", "shared_state_up")}
@@ -236,38 +236,62 @@ def run(
         return out, after
 
 
-def drive(
-    urls: list[str],
-    tenants: list[Tenant],
-    seconds: float,
-    measure_from: float,
-    out: Run | None = None,
-    keyed: bool = False,
-    events: list[tuple[float, Callable[[], None]]] = (),
-    stop_after_error: set[int] = frozenset(),
-    model: str = MODEL,
-    prompt: str = "x",
-    max_tokens: int = MAX_TOKENS,
-) -> Run:
-    """Each tenant's streams, closed loop through its gateways (`urls`) for `seconds`, counting service from
-    `measure_from`; `events` run at their times. keyed: tenants authenticate as `key-<name>`, else name themselves
-    in `user`. stop_after_error: gateways whose clients stop at their first error (after a kill)."""
-    out = out or Run()
-    start = out.start = time.monotonic()
-    window = (start + measure_from, start + seconds)
-    lock = threading.Lock()
+def charged(store) -> dict[str, float]:
+    """What the store has billed each tenant."""
+    return {k.decode(): float(v) for k, v in store.hgetall("fairness:charged").items()}
 
-    def stream(tenant: Tenant, g: int) -> None:
-        client = openai.OpenAI(base_url=urls[g] + "/v1", api_key=f"key-{tenant.name}" if keyed else "none",
+
+def settled_charges(store, timeout_s: float = 5.0) -> dict[str, float]:
+    """The store's bill once the gateways' last charges have reached it: unchanged over 4 ticks (a loaded machine
+    delays a gateway's tick), or as it stands after `timeout_s`."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        time.sleep(4 * TICK_S)
+        now = charged(store)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+@dataclass(frozen=True)
+class Load:
+    """What every tenant's clients do: closed loop through their gateways for `seconds` from a start (monotonic s)
+    that the driver sets once every client process is up, service counted from `measure_from` on. keyed: tenants
+    authenticate as `key-<name>`, else name themselves in `user`; stop_after_error: gateways whose clients stop at
+    their first error (after a kill)."""
+
+    urls: list[str]
+    seconds: float
+    measure_from: float
+    keyed: bool
+    stop_after_error: frozenset[int]
+    model: str
+    prompt: str
+    max_tokens: int
+
+
+def clients(tenant: Tenant, streams: list[int], load: Load, go, start, results) -> None:
+    """Some of a tenant's streams (the gateway of each), in a process of their own, as clients are in a deployment:
+    with every stream a thread of one process, the side with more streams holds the GIL more often on two cores and
+    the other's clients stop keeping it backlogged, which is unfairness of the load generator, not of the gateways.
+    Puts None when ready, waits for `go` and reads `start` (a shared double), then puts its `Run`."""
+    results.put(None)
+    go.wait()
+    out, lock = Run(start=start.value), threading.Lock()
+    window = (out.start + load.measure_from, out.start + load.seconds)
+
+    def stream(g: int) -> None:
+        client = openai.OpenAI(base_url=load.urls[g] + "/v1", api_key=f"key-{tenant.name}" if load.keyed else "none",
                                max_retries=0, timeout=60)  # fmt: skip
-        while time.monotonic() < start + seconds:
+        while time.monotonic() < out.start + load.seconds:
             t0 = time.monotonic()
             try:
                 first, usage = None, None
                 for chunk in client.completions.create(
-                    model=model,
-                    prompt=prompt,
-                    max_tokens=max_tokens,
+                    model=load.model,
+                    prompt=load.prompt,
+                    max_tokens=load.max_tokens,
                     stream=True,
                     user=tenant.name,
                     stream_options={"include_usage": True},
@@ -277,7 +301,7 @@ def drive(
             except (openai.APIError, httpx.HTTPError) as e:
                 with lock:
                     out.errors[g].append(f"{type(e).__name__}: {e}"[:200])
-                if g in stop_after_error:  # its gateway is gone: the client stops (or fails over, elsewhere)
+                if g in load.stop_after_error:  # its gateway is gone: the client stops (or fails over, elsewhere)
                     return
                 time.sleep(0.05)
                 continue
@@ -293,18 +317,68 @@ def drive(
                         if first is not None:
                             out.ttft.append(first - t0)
 
-    threads = [threading.Thread(target=stream, args=(t, g), daemon=True)
-               for t in tenants for g in t.gateways for _ in range(t.streams)]  # fmt: skip
+    threads = [threading.Thread(target=stream, args=(g,), daemon=True) for g in streams]
     for th in threads:
         th.start()
-    for at, event in sorted(events, key=lambda e: e[0]):
-        time.sleep(max(0.0, start + at - time.monotonic()))
-        event()
-    deadline = start + seconds + 90
+    deadline = out.start + load.seconds + 90
     for th in threads:
         th.join(max(0.0, deadline - time.monotonic()))
     out.lost = sum(th.is_alive() for th in threads)
-    out.seconds = window[1] - window[0]
+    with lock:
+        results.put(out)
+
+
+def drive(
+    urls: list[str],
+    tenants: list[Tenant],
+    seconds: float,
+    measure_from: float,
+    out: Run | None = None,
+    keyed: bool = False,
+    events: list[tuple[float, Callable[[], None]]] = (),
+    stop_after_error: set[int] = frozenset(),
+    model: str = MODEL,
+    prompt: str = "x",
+    max_tokens: int = MAX_TOKENS,
+) -> Run:
+    """Each tenant's streams (`clients`, STREAMS_PER_PROCESS to a process), closed loop through its gateways
+    (`urls`) for `seconds`, counting service from `measure_from`; `events` run at their times. keyed,
+    stop_after_error: as `Load`'s."""
+    out = out or Run()
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.fleet_harness"])  # one import of the client for all runs
+    results, go, shared_start = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
+    load = Load(urls, seconds, measure_from, keyed, frozenset(stop_after_error), model, prompt, max_tokens)
+    procs = []
+    for t in tenants:
+        streams = [g for g in t.gateways for _ in range(t.streams)]
+        for i in range(0, len(streams), STREAMS_PER_PROCESS):
+            part = streams[i : i + STREAMS_PER_PROCESS]
+            procs.append(ctx.Process(target=clients, args=(t, part, load, go, shared_start, results), daemon=True))
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        results.get(timeout=60)  # each process is up, its client imported
+    start = out.start = shared_start.value = time.monotonic()
+    go.set()
+    for at, event in sorted(events, key=lambda e: e[0]):
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        event()
+    for _ in procs:
+        part = results.get(timeout=max(1.0, start + seconds + 120 - time.monotonic()))
+        for g, n in part.ok.items():
+            out.ok[g] += n
+        for g, errors in part.errors.items():
+            out.errors[g] += errors
+        for t, v in part.service.items():
+            out.service[t] += v
+        out.done += part.done
+        out.ttft += part.ttft
+        out.requests += part.requests
+        out.lost += part.lost
+    for proc in procs:
+        proc.join(10)
+    out.seconds = seconds - measure_from
     return out
 
 
@@ -340,11 +414,13 @@ def fault(kind: str, at: float = 3.0, outage_s: float = 5.0, after_s: float = 8.
     """One of FAULTS on the skewed two-gateway fleet: the fault at `at`, recovery `outage_s` later, the run's end
     `after_s` after that. Returns what the checks read: requests lost, errors per gateway, the shares since the
     warm-up (`shares_since_start`: VTC repays after recovery what an outage's local orders skewed), during the
-    outage and after recovery (`shares`), what the store billed against the usage the responses reported, and what
-    /metrics showed during the outage and 2 s after recovery."""
+    outage and after recovery (`shares`), what the store billed (store-restart: and what the old one had billed just
+    before the kill) against the usage the responses reported, and what /metrics showed during the outage and 2 s
+    after recovery."""
     back = at + outage_s
     seconds = back + after_s
     seen: dict[str, list] = defaultdict(list)
+    billed_before: dict[str, float] = {}  # store-restart: the old store's bill just before it was killed
 
     def events(f: Fleet, out: Run) -> list[tuple[float, Callable[[], None]]]:
         def look(label: str) -> Callable[[], None]:
@@ -363,18 +439,23 @@ def fault(kind: str, at: float = 3.0, outage_s: float = 5.0, after_s: float = 8.
         acts = {
             "slow-store": [(at, slow(0.05)), (back, slow(0.0))],
             "partition": [(at, f.proxies[1].cut), (at + 1.5, look("during")), (back, f.proxies[1].heal)],
-            "store-restart": [(at, f.stop_store), (at + 1.5, look("during")), (back, f.start_store)],
+            "store-restart": [
+                (at, lambda: billed_before.update(charged(f.store())) or f.stop_store()),
+                (at + 1.5, look("during")),
+                (back, f.start_store),
+            ],
             "gateway-restart": [(at, lambda: f.kill_gateway(1)), (back, lambda: f.start_gateway(1))],
         }[kind]
         return acts + [(back + 2.0, look("after"))]
 
     r, after = run(SKEWED, 2, True, seconds, measure_from=back, events=events, proxied=True)
-    usage = r.usage(ended_after=at if kind == "store-restart" else 0.0)
+    usage = r.usage()
     return {
-        "fault": kind, "at_s": at, "recovered_at_s": back, "lost": r.lost,
+        "fault": kind, "at_s": at, "recovered_at_s": back, "seconds": seconds, "lost": r.lost,
         "errors": {g: len(e) for g, e in r.errors.items()}, "shares": r.shares({"heavy": 1.0, "light": 1.0}),
         "shares_since_start": r.shares_between(2.0, seconds), "shares_during": r.shares_between(at, back),
         "charged": after["charged"], "usage": dict(usage),
+        "billed_before_restart": billed_before or None,
         "usage_sent_after_restart": dict(r.usage(sent_after=back)) if kind == "store-restart" else None,
         "state_up_seen": dict(seen), "metrics": after["metrics"], "tick_service": TICK_SERVICE,
     }  # fmt: skip

@@ -37,9 +37,6 @@ def test_two_gateways_with_shared_state_hold_the_light_tenants_share_that_indepe
     assert abs(shared["shares"]["light"] - 0.5) <= 0.05, shared
     assert independent["shares"]["light"] < 0.35, independent
     assert not any(shared["errors"].values()) and not any(independent["errors"].values())
-    # one fleet-wide order costs some throughput: 0.92-0.94x measured side by side here (0.86-0.91x before the store
-    # calls left the event loop)
-    assert shared["requests_per_s"] >= 0.85 * independent["requests_per_s"], (shared, independent)
 
 
 def test_three_gateways_and_dynamos_weighted_case():
@@ -75,17 +72,20 @@ def test_a_slow_store_and_a_gateway_cut_off_from_it_lose_nothing_and_charge_each
     assert all(m["shared_state_up"] == 1.0 for m in r["metrics"].values()), r
 
 
-def test_a_store_restarted_empty_keeps_serving_and_bills_only_what_was_served_since():
+def test_a_store_restarted_empty_keeps_serving_and_bills_each_request_once_across_the_two_stores():
     """The store killed and started empty 5 s later: both gateways serve on local counters meanwhile (/metrics says
-    so), then write their counts anew and merge the charges made meanwhile. The new store bills no more than the
-    requests that ended after the restart cost, and at least those sent after it came back."""
+    so), then write their counts anew and merge the charges made meanwhile, those not yet sent when the store died
+    included. What the old store had billed just before the kill and what the new one bills add up to the usage the
+    responses reported (within one tick of streamed tokens), and the new one bills at least the requests sent after
+    it came back."""
     r = fault("store-restart")
     _recovered(r)
     assert not any(r["errors"].values()), r
     assert r["state_up_seen"]["during"][0] == {0: 0.0, 1: 0.0}, r
-    for tenant, charged in r["charged"].items():
-        assert charged <= r["usage"][tenant] + TICK_SERVICE, r
-        assert charged >= r["usage_sent_after_restart"][tenant] - TICK_SERVICE, r
+    for tenant, used in r["usage"].items():
+        billed = r["billed_before_restart"].get(tenant, 0.0) + r["charged"][tenant]
+        assert abs(billed - used) <= TICK_SERVICE, r
+        assert r["charged"][tenant] >= r["usage_sent_after_restart"][tenant] - TICK_SERVICE, r
 
 
 def test_a_gateway_killed_and_restarted_with_its_id_rejoins_and_charges_each_request_at_most_once():
@@ -104,14 +104,14 @@ def test_a_gateway_killed_and_restarted_with_its_id_rejoins_and_charges_each_req
 def test_the_learned_limit_keeps_the_queue_at_the_gateway_in_front_of_an_engine_that_batches_everything():
     """One engine that batches every request (throughput flat past 4 at once, every request starting at once): the
     heavy tenant keeps twice the light one's requests open. A limit learned from throughput stops near 4, so the
-    queue (and VTC's order) stays at the gateway; a limit of 48 lets it form inside the engine, first come first
-    served, where the light tenant gets a third."""
+    queue (and VTC's order) stays at the gateway; a limit above every open request (96) lets it form inside the
+    engine, first come first served, where each tenant gets the share of the requests it keeps open: a third."""
     batching = ("--batch-knee", "4", "--step-s", "0.01")
     tenants = [Tenant("heavy", [0], streams=48), Tenant("light", [0], streams=24)]
     learned = _shares(tenants, n_gateways=1, shared=False, seconds=14.0, warmup_s=6.0,
                       engines=Engines(count=1, args=batching, limit=None))  # fmt: skip
     assert abs(learned["shares"]["light"] - 0.5) <= 0.05, learned
-    deep = _shares(tenants, n_gateways=1, shared=False, seconds=8.0, engines=Engines(1, batching, limit=48))
+    deep = _shares(tenants, n_gateways=1, shared=False, seconds=8.0, engines=Engines(1, batching, limit=96))
     assert deep["shares"]["light"] < 0.4, deep
 
 
