@@ -51,6 +51,7 @@ bench-full: install
 	$(PY) -m lab.gateway_bench
 	$(PY) -m lab.fleet_bench --faults all --growth 100000
 	$(PY) -m lab.cluster_bench
+	$(PY) -m lab.vllm_bench
 
 bench-quick: install
 	$(PY) -m lab.offload_bench --mode quick
@@ -78,4 +79,4 @@ reference-model: install
 	$(PY) -m lab.model_card examples/reference-moe-fine
 
 clean:
-	rm -rf $(VENV) bench-results .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm bench-results .pytest_cache .ruff_cache

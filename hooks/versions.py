@@ -7,3 +7,15 @@ from __future__ import annotations
 class IncompatibleVersionError(RuntimeError):
     """An internal of torch or transformers this project relies on is missing from the installed version; the
     message names the internal and the versions it is tested with."""
+
+
+def require_release(package: str, installed: str, tested: str, extra: str) -> None:
+    """Refuse `installed` unless it is a release of the `tested` line ("5.24": any 5.24.x), naming the extra of
+    this project that installs it: its pins differ from another engine's (vLLM pins an older transformers), so an
+    environment may hold either."""
+    if installed.split("+")[0].split(".")[:2] != tested.split("."):
+        raise IncompatibleVersionError(
+            f"{package} {installed} is installed; this part of offload-moe is tested with {package} {tested}.x: "
+            f"pip install 'offload-moe[{extra}]' (in an environment of its own where another engine pins "
+            f"{package} elsewhere)"
+        )

@@ -107,10 +107,11 @@ def measure_static(model, device: str, decode_tokens: int, prompt_tokens: int) -
     return speed
 
 
-def run_compiled(model, device: str, decode_tokens: int, prompt_tokens: int) -> list[dict]:
-    """Each COMPILED configuration eager, compiled and under CUDA graphs (compile="reduce-overhead")."""
+def run_compiled(model, device: str, decode_tokens: int, prompt_tokens: int, modes: dict = MODES) -> list[dict]:
+    """Each COMPILED configuration in each of `modes` (MODES: eager, compiled, and under CUDA graphs, which is
+    compile="reduce-overhead")."""
     rows = []  # CUDA graphs last: a crash there (seen with torch 2.11's graph partitions) keeps the other rows
-    for mode, compile_as in MODES.items():
+    for mode, compile_as in modes.items():
         for name, budget, options in COMPILED:
             as_users = budget is None and compile_as  # the unpatched model, compiled as users compile it
             mode_arg = None if compile_as is True else compile_as
@@ -126,8 +127,10 @@ def run_compiled(model, device: str, decode_tokens: int, prompt_tokens: int) -> 
     return rows
 
 
-def run_benchmark(config, device: str, dtype: torch.dtype, decode_tokens: int, prompt_tokens: int) -> dict:
-    """Every configuration of CONFIGS on one model: speed, copies, achieved bandwidth, overlap."""
+def run_benchmark(config, device: str, dtype: torch.dtype, decode_tokens: int, prompt_tokens: int,
+                  modes: dict = MODES) -> dict:  # fmt: skip
+    """Every configuration of CONFIGS on one model: speed, copies, achieved bandwidth, overlap; then COMPILED's in
+    each of `modes`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -156,7 +159,7 @@ def run_benchmark(config, device: str, dtype: torch.dtype, decode_tokens: int, p
         print(json.dumps(row, default=str), flush=True)
     resident = runs[0]["decode_tokens_per_s"]
     overhead = 1 - runs[1]["decode_tokens_per_s"] / resident
-    compiled = run_compiled(model, device, decode_tokens, prompt_tokens)
+    compiled = run_compiled(model, device, decode_tokens, prompt_tokens, modes)
     return {"build_seconds": build_s, "runs": runs, "hook_overhead_at_budget_1": overhead, "compiled": compiled}
 
 

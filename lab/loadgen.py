@@ -41,9 +41,11 @@ async def replay(
     api_keys: dict[str, str] | None = None,
     ignore_eos: bool = True,
     stop_at_s: float | None = None,
+    tenant_xargs: bool = False,
 ) -> list[RequestRecord]:
     """Send every request (arrival <= duration) at arrival / speedup seconds; records on the replay's clock.
-    stop_at_s: abandon what is still running at this time (the server cancels it), for a fixed measurement window."""
+    stop_at_s: abandon what is still running at this time (the server cancels it), for a fixed measurement window.
+    tenant_xargs: also name the client in `vllm_xargs` ({"tenant": ...}), where vLLM's fairness plug-in reads it."""
     if speedup <= 0:
         raise ValueError(f"speedup must be > 0, got {speedup}")
     todo = sorted((r for r in requests if duration_s is None or r.arrival_s / speedup <= duration_s),
@@ -57,10 +59,12 @@ async def replay(
         await asyncio.sleep(max(0.0, t0 + arrival - time.monotonic()))
         seen: dict[str, float | int] = {"out": 0}
 
+        extra = {"ignore_eos": ignore_eos, **({"vllm_xargs": {"tenant": r.client}} if tenant_xargs else {})}
+
         async def send() -> None:
             stream = await clients[r.client].completions.create(
                 model=model, prompt=prompt_ids(r.input_tokens), max_tokens=r.output_tokens, stream=True,
-                stream_options={"include_usage": True}, user=r.client, extra_body={"ignore_eos": ignore_eos},
+                stream_options={"include_usage": True}, user=r.client, extra_body=extra,
             )  # fmt: skip
             async for chunk in stream:
                 if chunk.choices and "first" not in seen:

@@ -8,16 +8,16 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import transformers
 
-from hooks.versions import IncompatibleVersionError
+from hooks.versions import IncompatibleVersionError, require_release
 
 TESTED = "torch 2.13, transformers 5.24"
+require_release("transformers", transformers.__version__, "5.24", "offload")
 
 
 def _require(ok: bool, what: str) -> None:
     if not ok:
-        import transformers
-
         raise IncompatibleVersionError(
             f"{what}: not found in torch {torch.__version__} / transformers {transformers.__version__}; offload_moe "
             f"is tested with {TESTED}: install a version in pyproject's range"

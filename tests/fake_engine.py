@@ -48,6 +48,7 @@ def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per
     slots = asyncio.Semaphore(max_running if batch_knee is None else 1 << 30)
     app.state.served = 0  # requests that reached generation
     app.state.running = 0
+    app.state.xargs = []  # each request's vllm_xargs, as vLLM would read them (None where it sent none)
 
     @app.get("/health")
     async def health() -> dict:
@@ -59,6 +60,7 @@ def create_fake_engine(max_running: int = 8, step_s: float = 0.02, prefill_s_per
 
     async def serve(request: Request, chat: bool) -> object:
         body = await read_json(request)
+        app.state.xargs.append(body.get("vllm_xargs"))
         common = common_params(body, None)
         if common.model != model:
             raise ApiError(404, f"the model {common.model!r} does not exist", "model_not_found", "model")

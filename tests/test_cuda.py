@@ -89,13 +89,16 @@ def test_gpu_check_says_so_without_cuda(capsys, tmp_path):
 
 @pytest.mark.bench
 def test_gpu_check_benchmark_runs_its_configurations():
-    """The benchmark's code path, on a tiny Mixtral geometry on this machine's device."""
-    from lab.gpu_check import CONFIGS, mixtral_geometry, run_benchmark
+    """The benchmark's code path, on a tiny Mixtral geometry on this machine's device (on a CPU, its compiled rows
+    eager only: compiling them is most of a minute here, and test_compile covers compile=True)."""
+    from lab.gpu_check import COMPILED, CONFIGS, MODES, mixtral_geometry, run_benchmark
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    modes = MODES if device == "cuda" else {"eager": False}
     config = mixtral_geometry(layers=2, hidden=64, intermediate=96, vocab=256)
     config.num_attention_heads, config.num_key_value_heads = 4, 2
-    result = run_benchmark(config, device, torch.float32, decode_tokens=4, prompt_tokens=16)
+    result = run_benchmark(config, device, torch.float32, decode_tokens=4, prompt_tokens=16, modes=modes)
+    assert [(r["mode"], r["name"]) for r in result["compiled"]] == [(m, n) for m in modes for n, _, _ in COMPILED]
     runs = result["runs"]
     assert [r["name"] for r in runs] == [name for name, _, _ in CONFIGS]
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in runs)

@@ -185,6 +185,25 @@ def test_bad_input_is_refused_before_any_upstream_is_touched(stack):
 
 
 @pytest.mark.served
+def test_tenant_xargs_names_each_requests_tenant_to_the_upstream_for_vllms_plugin():
+    """--tenant-xargs: the upstream reads the tenant in vllm_xargs (kept beside the client's own xargs); without it
+    the body goes on as the client sent it."""
+    for flag, expected in (
+        (True, [{"tenant": "u1"}, {"seed_hint": 3, "tenant": "u2"}]),
+        (False, [None, {"seed_hint": 3}]),
+    ):
+        s = Stack(engines=1, config=GatewayConfig(tenant_xargs=flag))
+        try:
+            client = _client(s.url)
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, user="u1")
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, user="u2",
+                                      extra_body={"vllm_xargs": {"seed_hint": 3}})  # fmt: skip
+            assert s.engines[0].state.xargs == expected, flag
+        finally:
+            s.close()
+
+
+@pytest.mark.served
 def test_tenants_come_from_api_keys_then_the_fairness_header_then_user(tmp_path):
     keys = tmp_path / "tenants.json"
     keys.write_text(json.dumps({"k-a": {"name": "acme", "weight": 2}}))

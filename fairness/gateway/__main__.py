@@ -9,7 +9,7 @@ from fairness.extras import missing
 try:
     import uvicorn
 except ImportError as e:
-    raise missing("serve", e) from e
+    raise missing("gateway", e) from e
 
 from fairness.core.driver import OracleUnavailableError
 from fairness.core.policy import policy_names
@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         help="a Redis or Valkey store shared by every gateway of a fleet (VTC's counters, the fleet's backlog and "
         "in-flight counts); needs pip install 'offload-moe[fleet]'",
     )
+    ap.add_argument(
+        "--tenant-xargs",
+        action="store_true",
+        help="name each request's tenant to the upstreams in vllm_xargs, for vLLM running fairness.vllm.FairScheduler",
+    )
     ap.add_argument("--gateway-id", default=None, help="this gateway's name in the shared store (default: random)")
     ap.add_argument("--probe-interval", type=float, default=1.0, help="seconds between probes of a down upstream")
     ap.add_argument("--host", default="127.0.0.1")
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             charge=args.charge,
             state=args.state,
             gateway_id=args.gateway_id,
+            tenant_xargs=args.tenant_xargs,
         )
         app = create_gateway(
             args.upstream,

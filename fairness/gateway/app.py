@@ -24,7 +24,7 @@ try:
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 except ImportError as e:
-    raise missing("serve", e) from e
+    raise missing("gateway", e) from e
 
 from fairness.core.policy import SchedulingPolicy
 from fairness.gateway.admission import Admission, NoUpstream, Ticket, TooManyTenants
@@ -57,7 +57,8 @@ class GatewayConfig:
     its `usage.prompt_tokens_details.cached_tokens` reports: Dynamo's rule, which rewards tenants whose prompts
     share prefixes). state: a Redis or Valkey URL whose store the gateways of one fleet share (`gateway.fleet`:
     VTC's counters, what each gateway has waiting and each upstream has in flight); None: this gateway alone.
-    gateway_id: this gateway's name in the store (default: a random one)."""
+    gateway_id: this gateway's name in the store (default: a random one). tenant_xargs: name each request's tenant
+    to the upstream in `vllm_xargs` ({"tenant": ...}), where vLLM's fairness plug-in (`fairness.vllm`) reads it."""
 
     queue_timeout_s: float = 300.0
     max_requeues: int = 3
@@ -67,6 +68,7 @@ class GatewayConfig:
     charge: str = "all"
     state: str | None = None
     gateway_id: str | None = None
+    tenant_xargs: bool = False
 
     def __post_init__(self) -> None:
         if self.charge not in CHARGES:
@@ -151,6 +153,8 @@ class Gateway:
         except TooManyTenants as e:
             raise ApiError(429, str(e), "too_many_tenants", type_="rate_limit_error") from e
         upstream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        if self.config.tenant_xargs:
+            upstream_body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), "tenant": tenant.name}
         events = self._relay(ticket, path, upstream_body, {FAIRNESS_ID_HEADER: tenant.name})
         try:
             if body.get("stream"):

@@ -14,7 +14,7 @@ try:
     from prometheus_client.core import CounterMetricFamily
     from prometheus_client.registry import Collector
 except ImportError as e:
-    raise missing("serve", e) from e
+    raise missing("gateway", e) from e
 
 from fairness.gateway.upstreams import UpstreamPool
 

