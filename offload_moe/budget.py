@@ -1,8 +1,13 @@
-"""Parse the expert budget a user gives `patch`: a fraction of the experts' bytes, or a byte size like "6GiB"."""
+"""Parse the expert budget a user gives `patch` (a fraction of the experts' bytes, or a byte size like "6GiB"), and
+read what a device has free for it."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from pathlib import Path
+
+import torch
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
@@ -39,3 +44,23 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Bytes free on `device` now: CUDA's `mem_get_info`; on a CPU, the kernel's MemAvailable, lowered to what the
+    cgroup's `memory.max` leaves (containers); None where neither is known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = None
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = left if free is None else min(free, left)
+    return free

@@ -219,6 +219,13 @@ def _open_checkpoint(
             f"{path} has no model.safetensors or model.safetensors.index.json; offload_moe.load reads safetensors "
             "checkpoints only (re-save others with save_pretrained(safe_serialization=True))"
         )
+    absent = [s for s in shards if not (path / s).is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"{path} is missing {len(absent)} of the {len(shards)} shards its model.safetensors.index.json lists: "
+            f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}; finish the download (a hub client resumes "
+            "it) or copy those files in, then load again"
+        )
     tensors: dict[str, torch.Tensor] = {}
     files: dict[int, io.FileIO] = {}
     shard_of: dict[str, Path] = {}

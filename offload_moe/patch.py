@@ -14,7 +14,9 @@ import torch
 from hooks import MoEBlock, attach, detach
 from offload_moe import compat
 from offload_moe.blocks import expert_geometry, moe_blocks
+from offload_moe.budget import format_bytes, free_device_bytes
 from offload_moe.calibration import Calibration, load_calibration
+from offload_moe.errors import BudgetError
 from offload_moe.handle import OffloadHandle, handle_of
 from offload_moe.options import OffloadOptions
 from offload_moe.plan import Plan, make_plan
@@ -70,6 +72,7 @@ def offload(
         calib.check_fits(blocks)
     geometry = expert_geometry(blocks, store.expert_bytes() if store is not None and store.packed else None)
     plan = make_plan(geometry, budget, options, calib.catalog() if calib is not None else None)
+    _check_fits_device(plan, blocks, names, dev)
     dtype = getattr(blocks[0].experts, names[0]).dtype
     undo = ExitStack()
     try:
@@ -153,6 +156,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"device={device!r} is not supported; offload-moe runs on 'cuda' or 'cpu'")
     return dev
+
+
+def _check_fits_device(plan: Plan, blocks: list[MoEBlock], names: list[str], device: torch.device) -> None:
+    """Refuse, before any work, a plan whose expert slots and stand-ins need more of `device` than is free there (the
+    experts now on an accelerator count as free: patch moves them to the host first)."""
+    free = free_device_bytes(device)
+    if free is None:
+        return
+    if device.type != "cpu":  # on a CPU device the host copies are the experts themselves: nothing is released
+        params = [getattr(b.experts, n) for b in blocks for n in names]
+        free += sum(p.numel() * p.element_size() for p in params if p.device == device)
+    if plan.device_expert_bytes > free:
+        raise BudgetError(
+            f"budget {format_bytes(plan.budget_bytes)} needs {format_bytes(plan.device_expert_bytes)} on {device} for "
+            f"its expert slots and stand-ins, but {format_bytes(free)} is free there; lower the budget (a size such "
+            f"as budget='{free * 0.9 / 2**30:.1f}GiB' leaves a margin) or free memory on the device"
+        )
 
 
 def _host_store(

@@ -106,6 +106,17 @@ def test_load_errors_are_clear(tmp_path):
         offload_moe.load(tmp_path)
 
 
+def test_a_checkpoint_missing_shards_is_refused_before_anything_is_read(tmp_path):
+    tiny_model("mixtral").save_pretrained(tmp_path, max_shard_size="20KB")  # several shards and their index
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    for shard in shards[1:3]:
+        shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing 2 of the {len(shards)} shards") as e:
+        offload_moe.load(tmp_path)
+    assert shards[1].name in str(e.value) and "finish the download" in str(e.value)
+
+
 def test_stats_report_storage_reads_and_resident_memory(loaded, tmp_path):
     tiny_model("mixtral").save_pretrained(tmp_path)
     for shard in tmp_path.glob("*.safetensors"):  # written back, then out of the page cache: loading reads storage

@@ -122,7 +122,7 @@ def test_the_core_packages_import_without_any_extra():
 
 
 @pytest.mark.parametrize(("module", "extra"), [("fairness.serve", "serve"), ("fairness.serving.server", "serve"),
-                                               ("fairness.mope.onnx_export", "mope"), ("fairness.gateway", "serve"),
+                                               ("fairness.mope.onnx_export", "mope"), ("fairness.gateway", "gateway"),
                                                ("fairness.gateway.ray_app", "ray")])  # fmt: skip
 def test_a_missing_extra_is_named(module, extra):
     failed = _run(f"import {module}", ("ray",) if extra == "ray" else OPTIONAL)  # ray's extra includes serve
