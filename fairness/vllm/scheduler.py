@@ -14,7 +14,6 @@ policy's queue keeping what it was charged. The tenant is `vllm_xargs={"tenant":
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,6 +25,7 @@ from fairness.core.engine_model import EngineModel
 from fairness.core.policy import SchedulingPolicy, make_policy, policy_names
 from fairness.core.request import RequestInfo
 from fairness.core.telemetry import Telemetry
+from fairness.serving.api import load_tenants
 from fairness.vllm import compat
 from fairness.vllm.compat import Request
 
@@ -70,18 +70,11 @@ class Settings:
 
 
 def load_weights(path: str) -> dict[str, float]:
-    """Tenant name -> weight from a tenants file (FAIRNESS_TENANTS)."""
+    """Tenant name -> weight from a tenants file (FAIRNESS_TENANTS), read as the gateway reads it."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        weights = {str(v["name"]): float(v.get("weight", 1.0)) for v in raw.values()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ValueError(
-            f"FAIRNESS_TENANTS={path!r}: not a tenants file ({type(e).__name__}: {e}); expected "
-            '{"<api key>": {"name": "<tenant>", "weight": 1.0}, ...}'
-        ) from e
-    if any(w <= 0 for w in weights.values()):
-        raise ValueError(f"FAIRNESS_TENANTS={path!r}: tenant weights must be > 0")
-    return weights
+        return {t.name: t.weight for t in load_tenants(path).values()}
+    except ValueError as e:
+        raise ValueError(f"FAIRNESS_TENANTS={path!r}: {e}") from e
 
 
 class FairQueue(compat.RequestQueue):
@@ -94,6 +87,7 @@ class FairQueue(compat.RequestQueue):
         self._info: dict[str, RequestInfo] = {}  # request id -> what the policy knows of it, until it ends
         self._requests: dict[int, Request] = {}  # the policy's id -> request
         self.admitted: dict[str, Request] = {}  # taken by the engine, not yet ended
+        self._reported: dict[str, int] = {}  # request id -> output tokens the policy has been told of
         self._ids = itertools.count()
 
     # --- vLLM's RequestQueue --------------------------------------------------------------------------------------
@@ -157,6 +151,21 @@ class FairQueue(compat.RequestQueue):
 
     # --- the scheduler reports ------------------------------------------------------------------------------------
 
+    def stepped(self, step_s: float, now: float) -> None:
+        """A step ended: the policy learns the output tokens each admitted request produced, then the finishes."""
+        generated, ended = {}, []
+        for rid, request in self.admitted.items():
+            total = compat.output_tokens(request)
+            if total > self._reported.get(rid, 0):
+                generated[self._info[rid].id] = total - self._reported.get(rid, 0)
+                self._reported[rid] = total
+            if request.is_finished():
+                ended.append(request)
+        if generated:
+            self.driver.step(generated, step_s, now)
+        for request in ended:
+            self.finished(request, now)
+
     def finished(self, request: Request, now: float, cancelled: bool = False) -> None:
         """An admitted request ended: settled at its service (`FAIRNESS_CHARGE=uncached`: less its cached prompt)."""
         if self.admitted.pop(request.request_id, None) is None:
@@ -170,6 +179,7 @@ class FairQueue(compat.RequestQueue):
         self.driver.finish(info, out, now, input_tokens=prompt)
 
     def _forget(self, request: Request) -> RequestInfo:
+        self._reported.pop(request.request_id, None)
         info = self._info.pop(request.request_id)
         del self._requests[info.id]
         return info
@@ -193,26 +203,13 @@ class FairnessMixin:
         engine = EngineModel(kv_tokens=max(1, kv_tokens), max_step_tokens=step_tokens, max_running=running)
         self.driver.start(engine, Telemetry(), oracle=None)
         self.waiting = FairQueue(self.driver, settings)
-        self._reported: dict[str, int] = {}  # request id -> output tokens the policy has been told of
         self._last_step = time.monotonic()
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         now = time.monotonic()
-        generated, ended = {}, []
-        for rid, request in self.waiting.admitted.items():
-            total = compat.output_tokens(request)
-            if total > self._reported.get(rid, 0):
-                generated[self.waiting._info[rid].id] = total - self._reported.get(rid, 0)
-                self._reported[rid] = total
-            if request.is_finished():
-                ended.append(request)
-        if generated:
-            self.driver.step(generated, now - self._last_step, now)
+        self.waiting.stepped(now - self._last_step, now)
         self._last_step = now
-        for request in ended:
-            self._reported.pop(request.request_id, None)
-            self.waiting.finished(request, now)
         return outputs
 
     def finish_requests(self, request_ids, finished_status):
@@ -220,7 +217,6 @@ class FairnessMixin:
         done = super().finish_requests(request_ids, finished_status)
         now = time.monotonic()
         for request in done:
-            self._reported.pop(request.request_id, None)
             self.waiting.finished(request, now, cancelled=True)
         return done
 
