@@ -22,7 +22,7 @@ from pathlib import Path
 from fairness.core.engine_model import EngineModel
 from fairness.core.request import Request
 from fairness.core.service import service
-from fairness.measure.metrics import percentile
+from fairness.measure.metrics import jain_index, percentile
 from fairness.measure.records import RequestRecord
 from fairness.sim.simulator import simulate
 from lab.loadgen import replay
@@ -81,7 +81,7 @@ def summary(records: list[RequestRecord], warmup_s: float, end_s: float) -> dict
     return {
         "service": dict(zip(tenants, values, strict=True)),
         "shares": {t: v / total if total else 0.0 for t, v in zip(tenants, values, strict=True)},
-        "jain": total**2 / (len(values) * sum(v * v for v in values)) if total else 0.0,
+        "jain": jain_index(values),
         "max_service_difference": max(values) - min(values),
         "throughput_tok_s": out_tokens / (end_s - warmup_s),
         "ttft_p50_s": percentile(ttft, 50) if ttft else None,
