@@ -34,10 +34,10 @@ from lab.routing_stats import hit_rate_vs_budget, lookahead_recall
 from lab.standin_quality import standin_quality
 from offload_moe.blocks import moe_blocks
 from offload_moe.calibration import calibrate
+from offload_moe.options import default_miss_path
 from offload_moe.patch import patch, resolve_device
-from offload_moe.runtime.host import EmulatedHost
-from offload_moe.runtime.transfer import EmulatedLink
 from tests.corpus import corpus_text
+from tests.emulation import EmulatedHost, EmulatedLink, emulated
 from tests.measure import bits_per_byte, decode_logits
 
 COPY_TO_LAYER_RATIO = 15.0  # Mixtral-8x7B on PCIe 4.0: one expert copy takes ~15x one layer's decode compute
@@ -51,7 +51,7 @@ DTYPE = torch.bfloat16  # the dtype deployments use: every byte counted is a dep
 class Config:
     name: str
     budget: float | None  # None: the unpatched model, every expert resident
-    options: dict = field(default_factory=dict)  # patch() keywords besides link, host and calibration
+    options: dict = field(default_factory=dict)  # patch() keywords besides the emulation and calibration
     compiled: bool = False  # compile=True (resident: torch.compile(model.forward)), static KV cache
     loaded: bool = False  # patch() (its host-cost measurement) runs while two busy processes load the CPU
 
@@ -250,6 +250,13 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+def as_on_gpu(cfg: Config, link: EmulatedLink | None) -> dict:
+    """Behind an emulated link the device stands for a GPU: a row with no miss path gets a GPU's default one."""
+    if link is None or "miss_path" in cfg.options:
+        return {}
+    return {"miss_path": default_miss_path("cuda", cfg.options.get("placement", "dynamic"))}
+
+
 def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, prompts, eval_text, all_bytes,
                expert_bytes) -> dict:  # fmt: skip
     handle = None
@@ -258,9 +265,9 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
         needs_calibration = any(u in (*CALIBRATED, "static-frequency") for u in uses)
         chunk = None if link is None else max(1, expert_bytes // CHUNKS_PER_EXPERT)
         with loaded_cpu() if cfg.loaded else contextlib.nullcontext():
-            handle = patch(model, budget=cfg.budget, device=device, link=link, host=host, chunk_bytes=chunk,
+            handle = patch(model, budget=cfg.budget, device=device, options=emulated(link, host, chunk_bytes=chunk),
                            calibration=calibration if needs_calibration else None, compile=cfg.compiled,
-                           **cfg.options)  # fmt: skip
+                           **as_on_gpu(cfg, link), **cfg.options)  # fmt: skip
     try:
         with compiled_forward(model) if cfg.compiled and handle is None else contextlib.nullcontext():
             if cfg.compiled:

@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 import offload_moe
-from offload_moe.runtime.transfer import EmulatedLink
+from tests.emulation import EmulatedLink, emulated
 from tests.quantize import save_quantized
 from tests.scale_models import VOCAB, scale_model
 
@@ -80,7 +80,9 @@ def run_case(shape: str, fmt: str, group: int, ratio: float, mode: str, root: Pa
         speeds: dict[str, list[float]] = {"bf16": [], fmt: []}
         stats, tokens_of = {}, {}
         for name in ("bf16", fmt):
-            opened[name] = offload_moe.load(root / name, budget=budget, device="cpu", miss_path="fetch", link=link)
+            opened[name] = offload_moe.load(
+                root / name, budget=budget, device="cpu", options=emulated(link), miss_path="fetch"
+            )
             decode(opened[name][0], 2, opened[name][1])  # warm-up
         for r in range(rounds):
             for name in ("bf16", fmt) if r % 2 == 0 else (fmt, "bf16"):  # drift hits both alike

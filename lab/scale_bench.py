@@ -28,8 +28,9 @@ from transformers import DynamicCache
 from hooks import find_moe_blocks
 from lab import offload_bench as ob
 from lab.runtime_replay import replay_rows
+from offload_moe.options import default_miss_path
 from offload_moe.patch import patch
-from offload_moe.runtime.transfer import EmulatedLink
+from tests.emulation import EmulatedLink, emulated
 from tests.scale_models import SHAPES, VOCAB, scale_model
 
 ROWS = [  # name, budget, patch options, emulated link and host
@@ -37,7 +38,7 @@ ROWS = [  # name, budget, patch options, emulated link and host
     ("fetch", 0.5, {"miss_path": "fetch"}, False),
     ("fetch", 0.25, {"miss_path": "fetch"}, False),
     ("host", 0.25, {"miss_path": "host"}, False),
-    ("default (EMULATED link, host)", 0.25, {}, True),
+    ("default (EMULATED link, host)", 0.25, {"miss_path": default_miss_path("cuda")}, True),  # a GPU's default
     ("fetch (EMULATED link)", 0.25, {"miss_path": "fetch"}, True),
 ]
 MODES = {  # rounds, greedy tokens, emulated rows' tokens, the shapes with emulated rows, replay pool sizes
@@ -85,12 +86,12 @@ def run_shape(shape: str, mode: str, resident: torch.nn.Module) -> dict:
     link = EmulatedLink(gbps=expert_bytes / (ob.COPY_TO_LAYER_RATIO * layer_s) / 1e9)
     host = ob.emulated_host(link, expert_bytes, expert_params)
     rows = []
-    for name, budget, options, emulated in ROWS:
-        if emulated and shape not in emulated_shapes:
+    for name, budget, options, on_link in ROWS:
+        if on_link and shape not in emulated_shapes:
             continue
-        n = emulated_tokens if emulated else tokens
-        extra = {"link": link, "host": host, "chunk_bytes": max(1, expert_bytes // ob.CHUNKS_PER_EXPERT)}
-        handle = patch(patched, budget, "cpu", **options, **(extra if emulated else {}))
+        n = emulated_tokens if on_link else tokens
+        paced = emulated(link, host, chunk_bytes=max(1, expert_bytes // ob.CHUNKS_PER_EXPERT)) if on_link else None
+        handle = patch(patched, budget, "cpu", options=paced, **options)
         try:
             greedy(patched, prompt, 4)  # warm-up
             res, pat, same = [], [], True
@@ -108,7 +109,7 @@ def run_shape(shape: str, mode: str, resident: torch.nn.Module) -> dict:
             {
                 "name": name,
                 "budget": budget,
-                "emulated": emulated,
+                "emulated": on_link,
                 "options": {k: str(v) for k, v in options.items()},
                 "decode_tokens_per_s": statistics.median(p for p, _ in pat),
                 "resident_tokens_per_s": statistics.median(r for r, _ in res),

@@ -9,14 +9,10 @@ from offload_moe.options import OffloadOptions
 from offload_moe.patch import patch
 from offload_moe.plan import Plan, make_plan
 from offload_moe.runtime.eviction import LFU, LRU, EvictionPolicy
-from offload_moe.runtime.host import EmulatedHost
-from offload_moe.runtime.transfer import EmulatedLink
 
 __all__ = [
     "BudgetError",
     "Calibration",
-    "EmulatedHost",
-    "EmulatedLink",
     "EvictionPolicy",
     "ExpertGeometry",
     "LFU",

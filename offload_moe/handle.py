@@ -202,17 +202,11 @@ class OffloadHandle:
         on_link = {k: v - self._link_base[k] for k, v in self.cache.link_use().items()}  # since patch / reset_stats
         read, rss = storage_read_bytes(), resident_memory()
         ram_hits, ram_misses = _ram_counts(self.cache)
-        opt, link, emulated_host = self.options, self.options.link, self.options.host
+        opt, link_pace, host_pace = self.options, self.options.link_pace(), self.options.host_pace()
         link_info = (
-            {"emulated": True, "gbps": link.gbps, "latency_us": link.latency_us}
-            if link is not None
-            else {"emulated": False, "kind": _link_kind(self.cache)}
+            link_pace.describe() if link_pace is not None else {"emulated": False, "kind": _link_kind(self.cache)}
         )
-        host_info = (
-            {"emulated": True, "gbps": emulated_host.gbps, "gflops": emulated_host.gflops}
-            if emulated_host is not None
-            else {"emulated": False}
-        )
+        host_info = host_pace.describe() if host_pace is not None else {"emulated": False}
         if self._host is not None and self._host.precision is not None:  # LOSSY: named wherever it is reported
             host_info |= {"precision": self._host.precision, "lowbit_tokens": self._host.lowbit_tokens}
         return OffloadStats(

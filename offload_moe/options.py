@@ -8,15 +8,14 @@ live in its `doc` metadata and nowhere else: the class docstring and docs/option
 from __future__ import annotations
 
 import warnings
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from offload_moe.runtime.eviction import EVICTION_POLICIES, EvictionPolicy
-from offload_moe.runtime.host import EmulatedHost
 from offload_moe.runtime.host_kernel import PRECISIONS as HOST_PRECISIONS
 from offload_moe.runtime.miss_router import MissPath, MissPolicy, MissRouter
-from offload_moe.runtime.transfer import EmulatedLink
+from offload_moe.runtime.pace import HostPace, LinkPace
 from offload_moe.standins.kinds import KINDS
 from offload_moe.standins.quant import BITS
 
@@ -26,7 +25,7 @@ PREFETCHERS = ("lookahead", None)
 PREFETCH_DEFAULT = None
 PLACEMENTS = ("dynamic", "static-layers", "static-frequency")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-GROUPS = ("cache", "miss path", "stand-ins", "prefetch", "host", "compile", "emulation")
+GROUPS = ("cache", "miss path", "stand-ins", "prefetch", "host", "compile")
 DEPRECATED = {"fallback": "miss_path"}  # old spelling -> new; accepted with a DeprecationWarning until 0.2
 
 
@@ -66,8 +65,8 @@ class OffloadOptions:
         "How a routed expert that is not on the device (a miss) is computed exactly (outputs equal the unpatched "
         'model\'s): "fetch" (copy it in and wait), "host" (compute it on the host, where its weights live; only '
         'activations cross the link), "auto" (per miss, whichever a measured cost model says finishes first), or '
-        'a `MissPolicy` subclass. None: "auto" when the device is not the host (CUDA, or an emulated link), else '
-        '"fetch"; "host" under a static placement. Was `fallback`.',
+        'a `MissPolicy` subclass. None: "auto" when the device is not the host (CUDA), else "fetch"; "host" under a '
+        "static placement. Was `fallback`.",
         "Copying and host compute each win somewhere (decode vs a long prefill; a fast vs a slow link): the cost "
         "model picks per miss, and on a CPU device the host is the device, so there is nothing to choose.",
     )
@@ -174,20 +173,6 @@ class OffloadOptions:
         "Compiling takes minutes on first use and recompiles as shapes change: worth it for long decoding, "
         "which the user knows of.",
     )
-    link: EmulatedLink | None = option(
-        None,
-        "emulation",
-        "An `EmulatedLink`: every copy takes latency + bytes / bandwidth, so a CPU-only machine reproduces a PCIe "
-        "link. What is measured with it is emulated, and says so.",
-        "A real device's link needs no emulation.",
-    )
-    host: EmulatedHost | None = option(
-        None,
-        "emulation",
-        "An `EmulatedHost`: every host job takes at least max(bytes / bandwidth, FLOPs / rate), one at a time. What "
-        "is measured with it is emulated, and says so.",
-        "A real host needs no emulation.",
-    )
 
     def __post_init__(self) -> None:
         policy_class = isinstance(self.eviction, type) and issubclass(self.eviction, EvictionPolicy)
@@ -225,10 +210,6 @@ class OffloadOptions:
             raise ValueError(f"bits={self.bits} is not supported; choose one of {list(BITS)}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.link is not None and not isinstance(self.link, EmulatedLink):
-            raise TypeError(f"link must be an offload_moe.EmulatedLink or None, got {type(self.link).__name__}")
-        if self.host is not None and not isinstance(self.host, EmulatedHost):
-            raise TypeError(f"host must be an offload_moe.EmulatedHost or None, got {type(self.host).__name__}")
         if self.host_threads is not None and self.host_threads < 1:
             raise ValueError(f"host_threads must be >= 1, got {self.host_threads}")
         if self.host_precision not in HOST_PRECISIONS:
@@ -262,8 +243,8 @@ class OffloadOptions:
 
     @classmethod
     def of(cls, options: OffloadOptions | None = None, **kwargs: Any) -> OffloadOptions:
-        """`options` with `kwargs` replacing its fields (or the defaults); unknown names are refused by name."""
-        names = [f.name for f in fields(cls)]
+        """`options` (of its own class: a subclass's extension points stay) with `kwargs` replacing its fields, or
+        the defaults; unknown names are refused by name."""
         for old, new in DEPRECATED.items():
             if old in kwargs:
                 warnings.warn(
@@ -272,22 +253,35 @@ class OffloadOptions:
                 if new in kwargs:
                     raise TypeError(f"pass {new}= only (not also its old name {old}=)")
                 kwargs[new] = kwargs.pop(old)
+        names = [f.name for f in fields(cls if options is None else options)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; the options are {names}")
-        if options is None:
-            return cls(**kwargs)
-        return cls(**{**{n: getattr(options, n) for n in names}, **kwargs})
+        return cls(**kwargs) if options is None else replace(options, **kwargs)
 
     def miss_setup(self, device_type: str) -> MissPath:
         """The exact-miss path in effect on a `device_type` device: `miss_path` (a policy class runs as "auto"), or
         its default for this device and placement."""
         if isinstance(self.miss_path, type):
             return MissPath("auto", self.miss_path)
-        mode = self.miss_path
-        if mode is None:
-            mode = "host" if self.placement != "dynamic" else "auto" if device_type == "cuda" or self.link else "fetch"
+        mode = self.miss_path or default_miss_path(device_type, self.placement)
         return MissPath(mode, None if mode == "fetch" else MissRouter)
+
+    def link_pace(self) -> LinkPace | None:
+        """Extension point: how long each copy must take at least (a benchmark's emulated link, `tests/emulation.py`).
+        None: as long as the real link takes."""
+        return None
+
+    def host_pace(self) -> HostPace | None:
+        """Extension point: how long each host job must take at least (a benchmark's emulated host). None: as long as
+        the real host takes."""
+        return None
+
+
+def default_miss_path(device_type: str, placement: str = "dynamic") -> str:
+    """`miss_path=None` on a `device_type` device: a static placement computes misses on the host; otherwise "auto"
+    where the device is not the host (CUDA), "fetch" where it is (nothing to choose between)."""
+    return "host" if placement != "dynamic" else "auto" if device_type == "cuda" else "fetch"
 
 
 def reference() -> str:

@@ -80,7 +80,7 @@ def offload(
             store = _host_store(blocks, names, dev, options, undo)
         else:
             undo.callback(_materialize, blocks, store, dtype)  # unpatch: experts from the checkpoint, as loaded
-        engine = TransferEngine(dev, options.link, options.chunk_bytes or CHUNK_BYTES)
+        engine = TransferEngine(dev, options.link_pace(), options.chunk_bytes or CHUNK_BYTES)
         undo.callback(engine.shutdown)
         workers = [engine.shutdown]
         counters = Counters(len(blocks))
@@ -116,7 +116,7 @@ def offload(
                 _hidden_size(model),
                 dev,
                 counters,
-                options.host,
+                options.host_pace(),
                 threads=options.host_threads,
                 precision=options.host_precision,
             )

@@ -10,13 +10,15 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import offload_moe
 from hooks import RoutingRecorder
+from offload_moe.options import default_miss_path
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.miss_router import HostFit, MissPolicy, MissRouter
 from tests.corpus import corpus_text
+from tests.emulation import EmulatedHost, EmulatedLink, emulated
 from tests.helpers import DEVICES, FAMILIES, generate, load_reference, logits, tiny_model
 
-SLOW_LINK = offload_moe.EmulatedLink(gbps=0.02)  # a tiny model's expert: ~1 ms a copy, the host wins decode
+SLOW_LINK = EmulatedLink(gbps=0.02)  # a tiny model's expert: ~1 ms a copy, the host wins decode
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -28,7 +30,7 @@ def test_host_and_auto_are_lossless(family, budget, miss_path, device, patched):
     ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1)).to(device)
     ref_logits, ref_tokens = logits(model, ids), generate(model, ids)
     link = SLOW_LINK if device == "cpu" else None  # on CUDA the real link, and auto decides from its measurements
-    handle = patched(model, budget=budget, device=device, miss_path=miss_path, link=link)
+    handle = patched(model, budget=budget, device=device, options=emulated(link), miss_path=miss_path)
     try:
         torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
         assert torch.equal(generate(model, ids), ref_tokens)
@@ -52,8 +54,8 @@ def test_reference_model_host_compute_is_lossless(reference_dir, impl, miss_path
     ids = torch.tensor(tokenizer(corpus_text("val", max_bytes=4000))["input_ids"])
     prompt, batch = ids[:300][None], torch.stack([ids[300:340], ids[400:440]])
     ref_logits, ref_tokens = logits(model, prompt), generate(model, batch, 10)
-    link = offload_moe.EmulatedLink(gbps=0.05)
-    handle = patched(model, budget=0.25, device="cpu", miss_path=miss_path, link=link,
+    link = EmulatedLink(gbps=0.05)
+    handle = patched(model, budget=0.25, device="cpu", options=emulated(link), miss_path=miss_path,
                                host_threads=torch.get_num_threads())  # fmt: skip
     try:
         got = logits(model, prompt)
@@ -169,14 +171,14 @@ def test_the_freetoken_split_gives_the_host_its_bandwidth_share_only_above_twice
     model = tiny_model("mixtral")
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(8))
     ref = logits(model, ids)
-    fast_link = offload_moe.EmulatedLink(gbps=50)  # copies far faster than the host: nothing goes to the host
-    handle = patched(model, budget=0.25, device="cpu", miss_path=FreeTokenSplit, link=fast_link)
+    fast_link = EmulatedLink(gbps=50)  # copies far faster than the host: nothing goes to the host
+    handle = patched(model, budget=0.25, device="cpu", options=emulated(fast_link), miss_path=FreeTokenSplit)
     assert torch.equal(logits(model, ids), ref)
     s = handle.stats()
     assert s.auto_copy > 0 and s.auto_host == 0
     handle.unpatch()
-    slow_link = offload_moe.EmulatedLink(gbps=0.001)  # copies far slower: the host takes its share
-    handle = patched(model, budget=0.25, device="cpu", miss_path=FreeTokenSplit, link=slow_link)
+    slow_link = EmulatedLink(gbps=0.001)  # copies far slower: the host takes its share
+    handle = patched(model, budget=0.25, device="cpu", options=emulated(slow_link), miss_path=FreeTokenSplit)
     assert torch.equal(logits(model, ids), ref)
     assert handle.stats().auto_host > 0
 
@@ -192,9 +194,9 @@ def test_stress_host_pool_copy_worker_and_compute_together(patched):
         cache, ref = DynamicCache(), []
         for ids in steps:
             ref.append(model(input_ids=ids, cache=cache, use_cache=True).logits)
-    host = offload_moe.EmulatedHost(gbps=0.05)
+    host = EmulatedHost(gbps=0.05)
     handle = patched(
-        model, budget=0.25, device="cpu", miss_path="auto", link=SLOW_LINK, host=host, prefetch="lookahead"
+        model, budget=0.25, device="cpu", options=emulated(SLOW_LINK, host), miss_path="auto", prefetch="lookahead"
     )
     errors, worst = [], [0.0]
 
@@ -240,12 +242,10 @@ def test_host_jobs_do_not_fire_forward_hooks(patched):
 
 def test_bad_host_options(patched):
     model = tiny_model("mixtral")
-    with pytest.raises(TypeError, match="EmulatedHost"):
-        patched(model, budget=0.5, device="cpu", host=3.0)
     with pytest.raises(ValueError, match="host_threads must be >= 1"):
         patched(model, budget=0.5, device="cpu", host_threads=0)
     with pytest.raises(ValueError, match="gbps > 0 and gflops > 0"):
-        offload_moe.EmulatedHost(gbps=0)
+        EmulatedHost(gbps=0)
     with pytest.raises(ValueError, match="unknown miss_path 'cpu'"):
         patched(model, budget=0.5, device="cpu", miss_path="cpu")
 
@@ -296,14 +296,16 @@ def test_bad_host_precision(patched):
         patched(tiny_model("mixtral"), budget=0.5, device="cpu", miss_path="host", host_precision="fp8")
 
 
-def test_default_miss_path_is_auto_only_when_the_device_is_not_the_host(patched):
+def test_default_miss_path_depends_on_the_device_only(patched):
+    """ "auto" where the device is not the host (CUDA), "fetch" on a CPU device, emulated link or not."""
     model = tiny_model("mixtral")
     plain = patched(model, budget=0.5, device="cpu")
     assert plain.stats().miss_path == "fetch"
     plain.unpatch()
-    emulated = patched(model, budget=0.5, device="cpu", link=SLOW_LINK)
-    assert emulated.stats().miss_path == "auto"
-    emulated.unpatch()
+    paced = patched(model, budget=0.5, device="cpu", options=emulated(SLOW_LINK))
+    assert paced.stats().miss_path == "fetch" and paced.stats().link["emulated"]
+    paced.unpatch()
+    assert default_miss_path("cuda") == "auto" and default_miss_path("cuda", "static-layers") == "host"
 
 
 def test_auto_sends_to_the_host_a_copy_the_cache_should_not_admit_unless_the_host_is_much_slower():

@@ -9,6 +9,7 @@ import offload_moe
 from hooks import RoutingRecorder, find_moe_blocks, is_attached
 from offload_moe import BudgetError, UnsupportedModelError
 from offload_moe.runtime.cache import ExpertCache
+from tests.emulation import EmulatedLink, emulated
 from tests.helpers import DEVICES, FAMILIES, generate, logits, tiny_dense_model, tiny_model
 
 
@@ -118,7 +119,7 @@ def test_lfu_eviction_is_lossless_too(patched):
 
 def test_emulated_link_is_reported(patched):
     model = tiny_model("mixtral")
-    handle = patched(model, budget=0.5, device="cpu", link=offload_moe.EmulatedLink(gbps=1.0))
+    handle = patched(model, budget=0.5, device="cpu", options=emulated(EmulatedLink(gbps=1.0)))
     logits(model, torch.randint(0, 128, (1, 8)))
     assert handle.stats().link == {"emulated": True, "gbps": 1.0, "latency_us": 0.0}
     handle.unpatch()
@@ -147,7 +148,7 @@ def _assert_untouched(model, before):
         ({"device": "mps"}, ValueError, "not supported"),
         ({"miss_path": "pray"}, ValueError, "unknown miss_path 'pray'"),
         ({"eviction": "fifo"}, ValueError, "unknown eviction policy 'fifo'"),
-        ({"link": 12.0}, TypeError, "EmulatedLink"),
+        ({"link": 12.0}, TypeError, r"unknown option\(s\) \['link'\]"),
     ],
 )
 def test_bad_arguments_are_clear_and_leave_the_model_untouched(kwargs, error, match, patched):

@@ -6,9 +6,10 @@ import torch
 
 import offload_moe
 from offload_moe.runtime.speculation import Payoff
+from tests.emulation import EmulatedLink, emulated
 from tests.helpers import DEVICES, generate, logits, tiny_model
 
-SLOW = offload_moe.EmulatedLink(gbps=0.005)  # a tiny expert (18 kB) takes ~3.7 ms: copies overlap compute
+SLOW = EmulatedLink(gbps=0.005)  # a tiny expert (18 kB) takes ~3.7 ms: copies overlap compute
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -19,7 +20,7 @@ def test_lossless_with_chunked_and_preempted_copies(device, patched, monkeypatch
     model = tiny_model("mixtral").to(device)
     ids = torch.randint(0, 128, (2, 24), device=device)
     ref_logits, ref_tokens = logits(model, ids), generate(model, ids, 12)
-    handle = patched(model, budget=0.25, device=device, miss_path="fetch", prefetch="lookahead", link=SLOW,
+    handle = patched(model, budget=0.25, device=device, options=emulated(SLOW), miss_path="fetch", prefetch="lookahead",
                      chunk_bytes=1024)  # fmt: skip
     torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
     assert torch.equal(generate(model, ids, 12), ref_tokens)

@@ -82,7 +82,7 @@ def test_budget_errors_say_how_much_is_needed():
         ({"miss_path": "drop"}, ValueError, "pass standin='drop'"),
         ({"standin": "magic"}, ValueError, "unknown standin 'magic'"),
         ({"compile": "fast"}, ValueError, "a torch.compile mode"),
-        ({"link": 3}, TypeError, "EmulatedLink"),
+        ({"link": 3}, TypeError, r"unknown option\(s\) \['link'\]"),
         ({"budgte": 0.5}, TypeError, r"unknown option\(s\) \['budgte'\]"),
     ],
 )

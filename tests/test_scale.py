@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-import offload_moe
 from offload_moe.runtime.store import HostStore
+from tests.emulation import EmulatedLink, emulated
 from tests.helpers import REFERENCE_MODEL_DIR, generate, load_reference, logits, tiny_model
 from tests.scale_models import SHAPES, VOCAB, scale_model
 
-SLOW_LINK = offload_moe.EmulatedLink(gbps=0.002)  # a tiny expert (12 kB) takes ~6 ms: copies land during compute
+SLOW_LINK = EmulatedLink(gbps=0.002)  # a tiny expert (12 kB) takes ~6 ms: copies land during compute
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_other_kernels_sum_their_passes_within_float32_rounding(impl, patched):
         model.set_experts_implementation(impl)
         ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(4))
         ref_logits, ref_tokens = logits(model, ids), generate(model, ids, 8)
-        handle = patched(model, budget=0.25, device="cpu", miss_path="fetch", link=SLOW_LINK)
+        handle = patched(model, budget=0.25, device="cpu", options=emulated(SLOW_LINK), miss_path="fetch")
         torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=0 if family == "mixtral" else 1e-5)
         assert torch.equal(generate(model, ids, 8), ref_tokens)
         assert handle.stats().kernel_passes > handle.stats().layer_calls  # copies landed while experts computed
@@ -67,7 +67,7 @@ def test_resident_experts_compute_before_a_slow_copy_lands(patched):
     model = tiny_model("qwen3_moe")  # top-4, grouped_mm
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(5))
     ref = logits(model, ids)
-    handle = patched(model, budget=0.5, device="cpu", miss_path="fetch", link=SLOW_LINK)
+    handle = patched(model, budget=0.5, device="cpu", options=emulated(SLOW_LINK), miss_path="fetch")
     assert torch.equal(logits(model, ids), ref)
     s = handle.stats()
     assert s.missing_calls > 0 and s.kernel_passes > s.layer_calls

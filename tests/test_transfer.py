@@ -16,7 +16,8 @@ from offload_moe.runtime.eviction import LRU
 from offload_moe.runtime.ram_tier import RamTier
 from offload_moe.runtime.speculation import Payoff, Source
 from offload_moe.runtime.store import HostStore, Piece
-from offload_moe.runtime.transfer import PREFETCH, EmulatedLink, TransferEngine, _chunks
+from offload_moe.runtime.transfer import PREFETCH, TransferEngine, _chunks
+from tests.emulation import EmulatedLink
 from tests.helpers import DEVICES
 
 

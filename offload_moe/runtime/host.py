@@ -6,16 +6,14 @@ plain matmuls on the host weights, checked bit for bit against its stock kernel 
 worker pinned to the host's physical cores while the device computes the layer's resident experts, or on the
 calling thread where the device is this CPU.
 
-An `EmulatedHost` makes every job take at least `bytes / bandwidth` (and `flops / FLOP rate`) of wall time, one job
-at a time on the host's memory, so a CPU-only machine reproduces the host-versus-link trade-off; results measured
-with it are emulated and must be reported as such.
+A `HostPace` (a benchmark's emulated host) makes every job take at least the time it says, so a CPU-only machine
+reproduces the host-versus-link trade-off; results measured with it are emulated and must be reported as such.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,28 +25,10 @@ import torch
 
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.host_kernel import HostKernel, LowBit
+from offload_moe.runtime.pace import HostPace
 from offload_moe.runtime.store import HostStore
 
 LOWBIT_PROBE_TOKENS = (2, 4, 8, 16, 32)  # tokens per expert at which the low-bit kernel is timed against the native
-
-
-@dataclass(frozen=True)
-class EmulatedHost:
-    """A host of `gbps` gigabytes per second of memory bandwidth and `gflops` of compute (emulated).
-
-    Computing an expert for n tokens takes at least max(expert bytes / bandwidth, n x 2 x expert parameters / FLOP
-    rate) of wall time, on top of the real compute; jobs share one memory system, so they do not overlap.
-    """
-
-    gbps: float
-    gflops: float = float("inf")
-
-    def __post_init__(self) -> None:
-        if not self.gbps > 0 or not self.gflops > 0:
-            raise ValueError(f"EmulatedHost needs gbps > 0 and gflops > 0, got {self.gbps} and {self.gflops}")
-
-    def seconds(self, nbytes: int, flops: float) -> float:
-        return max(nbytes / (self.gbps * 1e9), flops / (self.gflops * 1e9))
 
 
 @dataclass
@@ -111,13 +91,13 @@ class HostCompute:
         hidden_size: int,
         device: torch.device,
         counters: Counters,
-        emulated: EmulatedHost | None = None,
+        pace: HostPace | None = None,
         threads: int | None = None,
         precision: str | None = None,
     ):
         self.store, self.names, self.hidden_size, self.device = store, names, hidden_size, device
         self.counters = counters  # writes host_jobs, host_tokens, host_seconds, host_wait_seconds
-        self.emulated, self.precision = emulated, precision
+        self.pace, self.precision = pace, precision
         if precision is not None and store.packed is not None:
             raise ValueError(
                 f"host_precision={precision!r} re-quantizes the experts, but this checkpoint already stores them "
@@ -131,13 +111,11 @@ class HostCompute:
                 k.layout = None
         self._lowbit = self._build_lowbit() if precision is not None else {}
         self.lowbit_tokens = self._lowbit_crossover() if precision is not None else 0
-        self.inline = device.type == "cpu" and emulated is None
+        self.inline = device.type == "cpu"  # the host is the device: the calling thread computes
         cores = physical_cores()
         self.cores = cores if device.type == "cpu" or len(cores) == 1 else cores[1:]
         self.threads = threads or len(self.cores)
         self._pool = None if self.inline else ThreadPoolExecutor(1, "offload-moe-host", initializer=self._init)
-        self._lock = threading.Lock()
-        self._memory_free_at = 0.0  # the emulated host's memory is busy until then
         self.expert_params = sum(torch.Size(s).numel() for s in store.expert_shapes.values())
         self._views: dict[tuple[int, int], dict[str, list[tuple[int, torch.Tensor]]]] = {}  # see `_pieces`
 
@@ -253,19 +231,16 @@ class HostCompute:
         if ready is not None:
             ready.synchronize()  # the input's copy to the host (the compute thread never waits for it)
         start = time.perf_counter()
-        if self.emulated is not None:  # reserve the emulated memory system before the real work starts
-            with self._lock:
-                begin = max(start, self._memory_free_at)
-                flops = 2.0 * self.expert_params * int(np.isin(ids, experts).sum())
-                nbytes = sum(self.host_bytes(layer, e, int((ids == e).sum())) for e in experts)
-                self._memory_free_at = begin + self.emulated.seconds(nbytes, flops)
-                done_at = self._memory_free_at
+        if self.pace is not None:  # reserve the paced host before the real work starts
+            flops = 2.0 * self.expert_params * int(np.isin(ids, experts).sum())
+            nbytes = sum(self.host_bytes(layer, e, int((ids == e).sum())) for e in experts)
+            done_at = self.pace.reserve(start, nbytes, flops)
         with torch.no_grad():
             if len(ids) == 1 and self._kernels[layer].direct:  # decode: every expert at once
                 out, n_pairs = self._one_token(layer, experts, hidden, weights, ids[0].tolist(), pairs, out_dtype)
             else:
                 out, n_pairs = self._tokens(layer, experts, hidden, weights, ids, pairs, out_dtype)
-        if self.emulated is not None:
+        if self.pace is not None:
             delay = done_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)

@@ -80,9 +80,7 @@ def measure_host(host: HostCompute, layer: int = 0, expert: int = 0) -> HostFit:
     dtype = next(iter(weights.values())).dtype
     shapes = sorted(host.store.expert_shapes.items())
     packed = host.store.packed.formats if host.store.packed is not None else None  # decoding is part of its cost
-    key_src = json.dumps(
-        [_cpu_name(), torch.__version__, host.threads, str(dtype), shapes, packed, repr(host.emulated)]
-    )
+    key_src = json.dumps([_cpu_name(), torch.__version__, host.threads, str(dtype), shapes, packed, repr(host.pace)])
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     path = cache_dir() / "host_costs.json"
     try:

@@ -12,8 +12,8 @@ started moves the chunks up to it itself (one chunk on the link at a time still)
 by it costs more than a small copy.
 A source is a host tensor or a `FileSpan` (bytes of a checkpoint file, read with pread: the link is then the disk,
 and on CUDA the disk and the bus in turn through one pinned staging buffer).
-An `EmulatedLink` makes every part take `latency + bytes / bandwidth` of wall time, so a CPU-only machine can
-reproduce the behaviour of a PCIe link; results measured with it are emulated and must be reported as such.
+A `LinkPace` (a benchmark's emulated link) makes every chunk take at least the time it says, so a CPU-only machine
+can reproduce the behaviour of a PCIe link; results measured with it are emulated and must be reported as such.
 """
 
 from __future__ import annotations
@@ -21,29 +21,11 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
 from offload_moe.runtime.disk import FileSpan, read_span
-
-
-@dataclass(frozen=True)
-class EmulatedLink:
-    """A host-to-device link of `gbps` gigabytes per second and a fixed `latency_us` per copy (emulated)."""
-
-    gbps: float
-    latency_us: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.gbps > 0:
-            raise ValueError(f"EmulatedLink needs gbps > 0, got {self.gbps}")
-        if self.latency_us < 0:
-            raise ValueError(f"EmulatedLink needs latency_us >= 0, got {self.latency_us}")
-
-    def seconds(self, nbytes: int) -> float:
-        return self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
-
+from offload_moe.runtime.pace import LinkPace
 
 DEMAND, PREFETCH = 0, 1  # copy priorities: lower goes first
 CHUNK_BYTES = 2 << 20  # a copy's preemption granularity: 2 MiB chunks keep PCIe near its peak bandwidth
@@ -140,11 +122,11 @@ class TransferEngine:
     """Copy worker for one device. `submit` never blocks; `Transfer.wait` blocks only if the part is not in place.
     chunk_bytes: the size of the pieces a copy moves in (where a speculative copy can be preempted)."""
 
-    def __init__(self, device: torch.device, link: EmulatedLink | None = None, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, device: torch.device, pace: LinkPace | None = None, chunk_bytes: int = CHUNK_BYTES):
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self.device = torch.device(device)
-        self.link, self.chunk_bytes = link, chunk_bytes
+        self.pace, self.chunk_bytes = pace, chunk_bytes
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._queued: list[Transfer] = []
         lock = threading.Lock()
@@ -331,7 +313,7 @@ class TransferEngine:
                 self._landing.notify_all()
 
     def _move_chunk(self, transfer: Transfer) -> None:
-        """Copy the transfer's next chunk, and hold the link for as long as the (emulated) link takes."""
+        """Copy the transfer's next chunk, and hold the link for as long as the link (or its pace) takes."""
         with self._link:
             self._move_chunk_on_link(transfer)
         self._landed()
@@ -341,8 +323,8 @@ class TransferEngine:
         src, dst, begun = transfer.chunks[transfer.next_chunk]
         self._copy(transfer, src, dst)
         nbytes = sum(t.numel() * t.element_size() for t in dst)
-        if self.link is not None:
-            self._link_free_at = start + self.link.seconds(nbytes) - (1 - begun) * self.link.latency_us * 1e-6
+        if self.pace is not None:
+            self._link_free_at = start + self.pace.chunk_seconds(nbytes, begun)
             delay = self._link_free_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
