@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from lab.disk_read import MIB, measure, write_file
+from offload_moe.progress import progress
+from tests.memory_limit import MemoryLimit
 from tests.page_cache import drop_cache
 
 GEOMETRIES = {  # "mixtral": Mixtral-8x7B's experts at a quarter of its width; "small": for the tests
@@ -66,7 +68,7 @@ def write_checkpoint(path: Path, layers: int, geometry: dict) -> None:
         return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
 
     weight_map: dict[str, str] = {}
-    for layer in range(layers + 1):
+    for layer in progress(range(layers + 1), "writing the checkpoint", unit="shard"):
         p = f"model.layers.{layer}."
         if layer == layers:  # the last shard: embeddings, final norm, head
             tensors = {"model.embed_tokens.weight": rand(cfg.vocab_size, h), "lm_head.weight": rand(cfg.vocab_size, h),
@@ -170,62 +172,17 @@ def run_mxfp4(args: argparse.Namespace, ram: int) -> None:
     print(f"wrote {args.out / 'disk-mxfp4.json'}")
 
 
-class MemoryLimit:
-    """A memory cgroup that counts the page cache (v1 `memory.limit_in_bytes` or v2 `memory.max`), or None where
-    this machine does not let us make one."""
-
-    def __init__(self, path: Path, version: int):
-        self.path, self.version = path, version
-
-    @classmethod
-    def make(cls, limit: int) -> MemoryLimit | None:
-        name = f"offload-moe-bench-{uuid.uuid4().hex[:8]}"
-        for root, version, knob in ((Path("/sys/fs/cgroup/memory"), 1, "memory.limit_in_bytes"),
-                                    (Path("/sys/fs/cgroup"), 2, "memory.max")):  # fmt: skip
-            if version == 2 and "memory" not in _read(root / "cgroup.controllers"):
-                continue
-            try:
-                (root / name).mkdir()
-                (root / name / knob).write_text(str(limit))
-            except OSError:
-                continue
-            return cls(root / name, version)
-        return None
-
-    def enter(self) -> None:
-        """Move the calling process into the group (run in the child before exec)."""
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
-
-    def peak(self) -> int:
-        return int(_read(self.path / ("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")) or 0)
-
-    def close(self) -> None:
-        for _ in range(50):  # the group can be removed once its last process has been reaped
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
 def run_child(spec: dict) -> dict:
     """One configuration in this process: load, time to first token of the prompt, then greedy decode."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from offload_moe import load
+    from offload_moe import fit, load
     from offload_moe.runtime.process import resident_memory, storage_read_bytes
 
     torch.manual_seed(0)
     path, name = Path(spec["path"]), spec["name"]
     t0 = time.perf_counter()
-    handle = None
+    handle, plan = None, None
     if name == "accelerate-disk":
         model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", dtype=torch.bfloat16,
                                                      max_memory={"cpu": spec["ram_bytes"]},
@@ -235,6 +192,10 @@ def run_child(spec: dict) -> dict:
                 drop_cache(f)
     elif name == "mxfp4":  # every expert packed in a RAM tier, a budget of them in the device pool
         model, handle = load(path, budget=spec["budget"], device="cpu", ram_budget=1.0, miss_path="fetch")
+    elif name == "sized":  # --sizing: the budget as given ("auto" or a fraction), the plan fit() makes of it first
+        plan = fit(path, spec["budget"], "cpu", ram_budget=spec["ram_budget"], max_tokens=spec["prompt"] + 64)
+        model, handle = load(path, budget=spec["budget"], device="cpu", ram_budget=spec["ram_budget"],
+                             max_tokens=spec["prompt"] + 64)  # fmt: skip
     else:
         options = dict(CONFIGS[name])
         budget = spec["two_experts"] if name == "page-cache" else spec["budget"]  # fractions of the experts
@@ -260,7 +221,8 @@ def run_child(spec: dict) -> dict:
     return {"load_s": load_s, "ttft_s": ttft, "decode_tokens_per_s": spec["tokens"] / decode_s, "tokens": tokens,
             "disk_bytes_per_token": None if read is None else (read - read0) / spec["tokens"],
             "hit_rate": None if stats is None else stats.hit_rate, "rss_anon_bytes": rss and rss[0],
-            "rss_file_bytes": rss and rss[1]}  # fmt: skip
+            "rss_file_bytes": rss and rss[1], "budget_bytes": stats and stats.budget_bytes,
+            "fit_tokens_per_s": plan and plan.decode_tokens_per_s, "fit": plan and str(plan)}  # fmt: skip
 
 
 def run_one(spec: dict, limit: int) -> dict:
@@ -345,6 +307,53 @@ def plot(result: dict, out: Path) -> None:
     fig.savefig(out)
 
 
+def run_sizing(args: argparse.Namespace) -> None:
+    """budget="auto" (and ram_budget="auto": none on a CPU device) against each hand-chosen budget, every run in its
+    own process under the same memory limit; fit()'s decode estimate beside each measured rate."""
+    geometry = GEOMETRIES[args.geometry]
+    layers = max(2, math.ceil(args.gib * (1 << 30) / (geometry["num_local_experts"] * expert_bytes(geometry))))
+    root = args.dir or Path(tempfile.gettempdir())
+    ckpt = root / f"offload-moe-disk-bench-{args.geometry}-{layers}L"
+    limit = int(args.limit_gib * (1 << 30))
+    try:
+        if not (ckpt / "model.safetensors.index.json").exists():
+            write_checkpoint(ckpt, layers, geometry)
+        size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        runs = []
+        for budget in ["auto", *(float(b) for b in args.budgets.split(","))]:
+            ram_budget = "auto" if budget == "auto" else None
+            spec = {"path": str(ckpt), "name": "sized", "budget": budget, "ram_budget": ram_budget,
+                    "prompt": args.prompt, "tokens": args.tokens, "vocab": geometry["vocab_size"]}  # fmt: skip
+            t0 = time.perf_counter()
+            row = {"budget": budget, "memory_limit_bytes": limit, **run_one(spec, limit)}
+            row["seconds"] = time.perf_counter() - t0
+            if "error" not in row:
+                row["fit_over_measured"] = row["fit_tokens_per_s"] / row["decode_tokens_per_s"]
+            runs.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "fit")}), flush=True)
+    finally:
+        if not args.keep:
+            for f in ckpt.glob("*"):
+                f.unlink()
+            if ckpt.exists():
+                ckpt.rmdir()
+    done = [r for r in runs if "error" not in r and r["budget"] != "auto"]
+    auto = next((r for r in runs if r["budget"] == "auto" and "error" not in r), None)
+    best = max((r["decode_tokens_per_s"] for r in done), default=None)
+    result = {"checkpoint_bytes": size, "layers": layers, "memory_limit_bytes": limit, "runs": runs,
+              "auto_over_best_hand_chosen": auto and best and auto["decode_tokens_per_s"] / best,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cpus"}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "disk-sizing.json").write_text(json.dumps(result, indent=1))
+    for r in runs:
+        print(r.get("fit", ""))
+        print(f"budget {r['budget']}: " + (r["error"] if "error" in r else
+              f"{r['decode_tokens_per_s']:.3f} tok/s measured, {r['fit_tokens_per_s']:.3f} estimated, budget "
+              f"{r['budget_bytes'] / 2**30:.2f} GiB, peak {r['peak_memory_bytes'] / 2**30:.2f} GiB"))  # fmt: skip
+    print(f"auto over the best hand-chosen budget: {result['auto_over_best_hand_chosen']}")
+    print(f"wrote {args.out / 'disk-sizing.json'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=None, help="checkpoint size (default: 1.1x this machine's RAM)")
@@ -358,6 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--mxfp4", action="store_true", help="run only the MXFP4 row (bench-results/disk-mxfp4.json)")
     ap.add_argument("--mxfp4-budget", type=float, default=0.25, help="the MXFP4 row's device budget")
+    ap.add_argument(
+        "--sizing",
+        action="store_true",
+        help="budget='auto' and ram_budget='auto' against hand-chosen "
+        "budgets under one memory limit, each after fit()'s plan (bench-results/disk-sizing.json)",
+    )
+    ap.add_argument("--limit-gib", type=float, default=9.0, help="--sizing's memory limit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -365,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.mxfp4:
         run_mxfp4(args, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        return
+    if args.sizing:
+        run_sizing(args)
         return
     names = args.configs.split(",")
     unknown = set(names) - set(CONFIGS)

@@ -122,6 +122,38 @@ def scale_section(doc: dict) -> list[str]:
     return out
 
 
+def miss_path_section(doc: dict) -> list[str]:
+    """fetch, host, auto and FreeToken's split at link speeds where each should win (`lab.miss_path_bench`)."""
+    out = [f"## Which miss path wins at which link speed (`{doc['mode']}` mode; {doc['machine']})", "",
+           f"The {doc['shape']} routing shape ({doc['moe_layers']} MoE layers x {doc['experts']} experts, "
+           f"top-{doc['top_k']}; spread routing) at {doc['budget']:g} of its experts' bytes on the CPU device, the "
+           f"host real (this CPU: {_fmt(doc['host_seconds_per_expert'] * 1e6, 0)} us per missed expert at decode), "
+           "the link EMULATED at the speed at which one expert's copy takes the stated multiple of that. The rows of "
+           f"one speed decode the same greedy tokens in {doc['rounds']} alternating rounds of {doc['decode_tokens']}; "
+           f"`x best` is over the better of `host` and `fetch` (goal for `auto`: {doc['goal_auto_x_best']:g}).",
+           ""]  # fmt: skip
+    rows = [[_fmt(p["copy_over_host"], 1), f"`{r['name']}`", _fmt(r["decode_tokens_per_s"], 1),
+             _fmt(r["x_resident"]), _fmt(r["x_best_of_host_and_fetch"]),
+             "yes" if r["greedy_identical"] else "**no**", _fmt(r["hit_rate"]), _fmt(r["host_per_token"], 1),
+             _fmt(r["copies_per_token"], 1)] for p in doc["points"] for r in p["rows"]]  # fmt: skip
+    return out + _table(["copy / host job", "row", "decode tok/s", "x resident", "x best", "same tokens", "hit rate",
+                         "host experts/token", "copies/token"], rows) + [""]  # fmt: skip
+
+
+def fit_section(doc: dict) -> list[str]:
+    """`offload_moe.fit`'s decode estimate against the measured decode (`lab.fit_bench`)."""
+    out = [f"## The plan's estimate against the measured decode ({doc['machine']}, CPU device)", "",
+           "`fit(checkpoint)` estimates a resident step from bandwidth; `fit(model)` times it. Both add the expected "
+           f"misses per token times the probed cost of one. Goal: within {doc['goal']:.0%} of the measured rate.",
+           ""]  # fmt: skip
+    rows = [[r["model"], _fmt(r["budget"]), _fmt(r["measured_tokens_per_s"], 1),
+             _fmt(r["fit_checkpoint_tokens_per_s"], 1), _fmt(r["fit_checkpoint_over_measured"]),
+             _fmt(r["fit_in_memory_tokens_per_s"], 1), _fmt(r["fit_in_memory_over_measured"]),
+             _fmt(r["measured_hit_rate"]), _fmt(r["expected_hit_rate"])] for r in doc["rows"]]  # fmt: skip
+    return out + _table(["model", "budget", "measured tok/s", "fit(checkpoint)", "x measured", "fit(model)",
+                         "x measured", "hit rate", "expected hit rate"], rows) + [""]  # fmt: skip
+
+
 def compiled_rows(m: dict) -> list[str]:
     """compile=True rows beside their eager twins, and the goals of issue 25."""
     rows, goals = compile_summary(m)
@@ -362,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     sections = (
         ("offload.json", offload_section),
         ("scale.json", scale_section),
+        ("miss_path.json", miss_path_section),
+        ("fit.json", fit_section),
         ("host.json", host_section),
         ("packed.json", packed_section),
         ("fairness.json", fairness_section),

@@ -2,6 +2,7 @@
 
 from offload_moe.calibration import Calibration, calibrate, load_calibration
 from offload_moe.errors import BudgetError, UnsupportedModelError
+from offload_moe.fit_plan import FitPlan, fit
 from offload_moe.geometry import ExpertGeometry
 from offload_moe.handle import LayerStats, OffloadHandle, OffloadStats, handle_of
 from offload_moe.load import load
@@ -15,6 +16,7 @@ __all__ = [
     "Calibration",
     "EvictionPolicy",
     "ExpertGeometry",
+    "FitPlan",
     "LFU",
     "LRU",
     "LayerStats",
@@ -24,6 +26,7 @@ __all__ = [
     "Plan",
     "UnsupportedModelError",
     "calibrate",
+    "fit",
     "handle_of",
     "load",
     "load_calibration",

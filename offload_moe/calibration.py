@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from hooks import MoEBlock
 from offload_moe.blocks import moe_blocks
 from offload_moe.handle import handle_of
+from offload_moe.progress import progress
 from offload_moe.standins.catalog import StandinCatalog
 from offload_moe.standins.lowrank import LowRankFactors, lowrank, rank_for_fraction
 from offload_moe.standins.quant import BITS, quantize
@@ -175,7 +176,7 @@ def calibrate(
 
     handles = [b.experts.register_forward_pre_hook(capture(b.index)) for b in blocks]
     try:
-        for s in range(0, ids.numel() - seq_len + 1, seq_len):
+        for s in progress(range(0, ids.numel() - seq_len + 1, seq_len), "calibrate: routing", unit="chunk"):
             model(input_ids=ids[s : s + seq_len][None].to(device))
     finally:
         for h in handles:
@@ -186,7 +187,7 @@ def calibrate(
     v = {n: [] for n in ("gate_up_proj", "down_proj")}
     buddies = torch.full((n_layers, n_exp, min(buddy_list, n_exp - 1)), -1, dtype=torch.long)
     errors = torch.ones(n_layers, n_exp, len(BITS) + 1)  # no samples: as bad as leaving the expert out
-    for b in blocks:
+    for b in progress(blocks, "calibrate: stand-ins and buddies", unit="layer"):
         act = b.experts.act_fn
         outs = {}
         layer_w = [expert_weights(b, store, b.index, e) for e in range(n_exp)] if n_exp <= 64 else None

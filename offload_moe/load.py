@@ -26,10 +26,12 @@ from offload_moe.handle import OffloadHandle
 from offload_moe.options import OffloadOptions
 from offload_moe.packed_checkpoint import FUSED, PART, PER_EXPERT, decode_dense, packed_experts, unreadable
 from offload_moe.patch import offload, resolve_device
+from offload_moe.progress import progress
 from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.ram_tier import RamTier
 from offload_moe.runtime.store import HostStore, Piece, mmap_safetensors
+from offload_moe.sizing import AUTO, host_room
 
 READS = ("pread", "mmap")  # how load() reads an expert for a copy
 
@@ -39,7 +41,7 @@ _RENAMES = [(re.compile(r"\.block_sparse_moe\."), ".mlp.")]
 
 def load(
     path: str | Path,
-    budget: float | str = 1.0,
+    budget: float | str = "auto",
     device: str | torch.device | None = None,
     *,
     dtype: torch.dtype | None = None,
@@ -61,7 +63,9 @@ def load(
         fits, and competes with everything else for RAM).
     ram_budget: experts to keep in RAM between the disk and a GPU (a fraction of the experts' bytes or a size such
         as "32GiB"; pinned on CUDA), so an expert the device evicted comes back from RAM, not from disk; needs
-        read="pread". Default None: no RAM tier, since how much RAM may be spent is the user's to say.
+        read="pread". "auto": the RAM this process may still take (its cgroup's limit respected) less
+        `memory_margin`; on a CPU device none, since there the device budget is RAM already and "auto" gives it all.
+        Default None: no RAM tier, since how much RAM may be spent is the user's to say.
     """
     if read not in READS:
         raise ValueError(
@@ -110,7 +114,7 @@ def load(
         decoded, decoded_keys = decode_dense({k: t for k, t in tensors.items() if k not in used}, shards, fmt, dtype)
         dense.update(decoded)
         used |= decoded_keys
-    for name, t in tensors.items():
+    for name, t in progress(tensors.items(), f"offload_moe.load: {path.name}", unit="tensor"):
         if name in used:
             continue
         if ".experts." in name and any(name.startswith(f"{b.name}.experts.") for b in blocks):
@@ -120,9 +124,11 @@ def load(
         dense[name] = t.to(dtype) if t.is_floating_point() else t
 
     shapes = {n: tuple(getattr(blocks[0].experts, n).shape[1:]) for n in blocks[0].expert_param_names()}
-    ram = None
-    if ram_budget is not None:
-        ram = _ram_tier(HostStore(experts, shapes, packed=layout), ram_budget, resolve_device(device))
+    ram, dev = None, resolve_device(device)
+    if ram_budget == AUTO and dev.type != "cpu":
+        ram = _ram_tier(HostStore(experts, shapes, packed=layout), str(host_room(opt.margin_bytes())), dev, True)
+    elif ram_budget is not None and ram_budget != AUTO:
+        ram = _ram_tier(HostStore(experts, shapes, packed=layout), ram_budget, dev)
     store = HostStore(experts, shapes, files=list(files.values()), ram=ram, packed=layout)
     _load_dense(model, dense, path)
     handle = offload(model, budget, device, opt, store=store, read_base=read_base)
@@ -175,12 +181,15 @@ def _plain_experts(
     return experts, used
 
 
-def _ram_tier(store: HostStore, ram_budget: float | str, device: torch.device) -> RamTier:
+def _ram_tier(store: HostStore, ram_budget: float | str, device: torch.device, auto: bool = False) -> RamTier | None:
     """A RAM tier of `ram_budget` (of every expert's bytes as the checkpoint stores them), pinned for a CUDA
-    device."""
+    device. auto: the budget is what RAM has left; none when that holds no expert (no tier then)."""
     file_dtype = store.experts[0][0][0].src.dtype
     one = store.expert_bytes(file_dtype)
-    slots = budget_bytes(ram_budget, one * store.num_layers * store.num_experts) // one
+    every = one * store.num_layers * store.num_experts
+    slots = min(budget_bytes(ram_budget, every), every) // one if not auto or int(ram_budget) >= one else 0
+    if slots < 1 and auto:
+        return None
     if slots < 1:
         raise ValueError(
             f"ram_budget={ram_budget!r} holds no expert (one is {one / 2**20:.1f} MiB); give at least "
@@ -202,11 +211,9 @@ def _rename(key: str) -> str:
     return key
 
 
-def _open_checkpoint(
-    path: Path, open_files: bool
-) -> tuple[dict[str, torch.Tensor], dict[int, io.FileIO], dict[str, Path]]:
-    """Every tensor of the checkpoint's safetensors shards, memory-mapped, by its name as transformers loads it;
-    (open_files) each shard open for reading, by the data pointer of its memory map; and each tensor's shard."""
+def shard_names(path: Path) -> list[str]:
+    """The checkpoint directory's safetensors shards, each checked present; errors that say how to fix the
+    directory."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a checkpoint directory")
     index = path / "model.safetensors.index.json"
@@ -226,6 +233,15 @@ def _open_checkpoint(
             f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}; finish the download (a hub client resumes "
             "it) or copy those files in, then load again"
         )
+    return shards
+
+
+def _open_checkpoint(
+    path: Path, open_files: bool
+) -> tuple[dict[str, torch.Tensor], dict[int, io.FileIO], dict[str, Path]]:
+    """Every tensor of the checkpoint's safetensors shards, memory-mapped, by its name as transformers loads it;
+    (open_files) each shard open for reading, by the data pointer of its memory map; and each tensor's shard."""
+    shards = shard_names(path)
     tensors: dict[str, torch.Tensor] = {}
     files: dict[int, io.FileIO] = {}
     shard_of: dict[str, Path] = {}

@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from offload_moe.budget import size_bytes
 from offload_moe.runtime.eviction import EVICTION_POLICIES, EvictionPolicy
 from offload_moe.runtime.host_kernel import PRECISIONS as HOST_PRECISIONS
 from offload_moe.runtime.miss_router import MissPath, MissPolicy, MissRouter
@@ -25,7 +26,7 @@ PREFETCHERS = ("lookahead", None)
 PREFETCH_DEFAULT = None
 PLACEMENTS = ("dynamic", "static-layers", "static-frequency")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-GROUPS = ("cache", "miss path", "stand-ins", "prefetch", "host", "compile")
+GROUPS = ("sizing", "cache", "miss path", "stand-ins", "prefetch", "host", "compile")
 DEPRECATED = {"fallback": "miss_path"}  # old spelling -> new; accepted with a DeprecationWarning until 0.2
 
 
@@ -163,6 +164,25 @@ class OffloadOptions:
         "applies (experts in RAM, device CUDA); `load()` keeps experts memory-mapped and never pins.",
         "Only pinned memory copies asynchronously at the link's full bandwidth.",
     )
+    max_tokens: int = option(
+        4096,
+        "sizing",
+        'Positions per sequence that `budget="auto"` keeps room for in the KV cache.',
+        "A common context for local use; a longer one is the user's to name, as its cache is theirs to pay for.",
+    )
+    max_batch: int = option(
+        1,
+        "sizing",
+        'Sequences decoded at once that `budget="auto"` keeps KV-cache room for.',
+        "One user decoding one sequence is what an offloaded model mostly serves; a server names its batch.",
+    )
+    memory_margin: str | int = option(
+        "1GiB",
+        "sizing",
+        '`budget="auto"` and `ram_budget="auto"` leave this much free (a size such as "512MiB", or bytes): '
+        "activations, the allocator's slack, other processes.",
+        "llama.cpp's --fit leaves 1,024 MiB by default; activations of a long prefill need about that.",
+    )
     compile: bool | str = option(
         False,
         "compile",
@@ -233,6 +253,9 @@ class OffloadOptions:
             raise ValueError(
                 f"compile={self.compile!r}: pass True, False or a torch.compile mode {list(COMPILE_MODES)}"
             )
+        if self.max_tokens < 1 or self.max_batch < 1:
+            raise ValueError(f"max_tokens and max_batch must be >= 1, got {self.max_tokens} and {self.max_batch}")
+        self.margin_bytes()  # a bad size is refused now, with budget_bytes' message
         if self.chunk_bytes is not None and self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
         needs = KINDS[self.standin].calibration_for if self.standin is not None else None
@@ -266,6 +289,16 @@ class OffloadOptions:
             return MissPath("auto", self.miss_path)
         mode = self.miss_path or default_miss_path(device_type, self.placement)
         return MissPath(mode, None if mode == "fetch" else MissRouter)
+
+    def margin_bytes(self) -> int:
+        """`memory_margin` in bytes."""
+        if isinstance(self.memory_margin, int) and not isinstance(self.memory_margin, bool):
+            if self.memory_margin < 0:
+                raise ValueError(f"memory_margin must be >= 0 bytes, got {self.memory_margin}")
+            return self.memory_margin
+        if not isinstance(self.memory_margin, str):
+            raise TypeError(f"memory_margin must be a size such as '1GiB' or bytes, got {self.memory_margin!r}")
+        return size_bytes(self.memory_margin, "memory_margin")
 
     def link_pace(self) -> LinkPace | None:
         """Extension point: how long each copy must take at least (a benchmark's emulated link, `tests/emulation.py`).

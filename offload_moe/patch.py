@@ -29,12 +29,13 @@ from offload_moe.runtime.prefetch import LookaheadPrefetcher
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import CHUNK_BYTES, TransferEngine
+from offload_moe.sizing import AUTO, device_room
 from offload_moe.standins.kinds import KINDS, BuildContext
 
 
 def patch(
     model: torch.nn.Module,
-    budget: float | str = 1.0,
+    budget: float | str = "auto",
     device: str | torch.device | None = None,
     *,
     options: OffloadOptions | None = None,
@@ -42,8 +43,12 @@ def patch(
 ) -> OffloadHandle:
     """Keep only `budget` of `model`'s expert weights on `device`; every other weight goes to `device`.
 
-    budget: a fraction of all experts' bytes in (0, 1], or a size such as "6GiB"; it must hold at least one layer's
-        top-k experts. Everything expert-related on the device counts: the slot pool and any stand-ins.
+    budget: a fraction of all experts' bytes in (0, 1], a size such as "6GiB", or "auto" (the default): what the
+        device has free, less the model's other weights, the KV cache for `max_tokens` x `max_batch` and
+        `memory_margin` (every expert, when they fit). It must hold at least one layer's top-k experts. Everything
+        expert-related on the device counts: the slot pool and any stand-ins. Why "auto" is the default: decode
+        speed only grows with the budget (a miss costs a copy or a host job; the benches' budget rows), so the
+        largest budget that fits is the fastest one, and a larger one fails.
     device: "cuda" (default when present), "cuda:N" or "cpu".
     options / kwargs: an `OffloadOptions`, and/or its fields as keywords (eviction, miss_path, prefetch, ...;
         docs/options.md lists them).
@@ -71,9 +76,11 @@ def offload(
     if calib is not None:
         calib.check_fits(blocks)
     geometry = expert_geometry(blocks, store.expert_bytes() if store is not None and store.packed else None)
+    dtype = getattr(blocks[0].experts, names[0]).dtype
+    room = device_room(model, blocks, geometry, dev, options, dtype) if budget == AUTO else None
+    budget = str(room.experts) if room is not None else budget
     plan = make_plan(geometry, budget, options, calib.catalog() if calib is not None else None)
     _check_fits_device(plan, blocks, names, dev)
-    dtype = getattr(blocks[0].experts, names[0]).dtype
     undo = ExitStack()
     try:
         if store is None:

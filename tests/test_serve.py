@@ -98,8 +98,14 @@ def test_metrics_parse_as_prometheus_text(server):
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
     for name in ("fairness_client_service", "fairness_requests_queued", "fairness_requests_running",
                  "fairness_ttft_seconds", "fairness_inter_token_seconds", "fairness_tokens_per_second",
-                 "offload_hits", "offload_misses", "offload_bytes_copied", "offload_stall_seconds"):  # fmt: skip
+                 "offload_moe:expert_hit_rate", "offload_moe:expert_hits", "offload_moe:expert_misses",
+                 "offload_moe:bytes_copied", "offload_moe:host_experts", "offload_moe:stall_seconds",
+                 "offload_moe:layer_expert_hits"):  # fmt: skip
         assert name in families, name
+    counted = {s.name: s for s in families["offload_moe:expert_misses"].samples}
+    assert counted["offload_moe:expert_misses_total"].labels == {"model_name": MODEL}
+    per_layer = families["offload_moe:layer_expert_misses"].samples
+    assert sum(s.value for s in per_layer) == counted["offload_moe:expert_misses_total"].value > 0
     carol = [s.value for s in families["fairness_client_service"].samples if s.labels.get("client") == "carol"]
     assert carol and carol[0] > 0
 

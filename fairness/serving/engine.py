@@ -20,7 +20,7 @@ from fairness.extras import missing
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 except ImportError as e:
     raise missing("serve", e) from e
 from transformers import GenerationConfig
@@ -82,7 +82,8 @@ class _Metrics:
 
 
 class _OffloadCollector:
-    """Reads the offload handle's counters at scrape time."""
+    """The offload runtime's counters at scrape time, named and labelled as vLLM's `vllm:` series are
+    (`offload_moe:` prefix, a `model_name` label; counters end in `_total`); hits and misses also per MoE layer."""
 
     def __init__(self, engine: ServingEngine):
         self.engine = engine
@@ -91,15 +92,28 @@ class _OffloadCollector:
         handle = self.engine.offload
         if handle is None:
             return
-        s = handle.stats()
+        s, model = handle.stats(), self.engine.model_name
+        rate = GaugeMetricFamily(
+            "offload_moe:expert_hit_rate", "share of routed experts found resident", labels=["model_name"]
+        )
+        rate.add_metric([model], s.hit_rate)
+        yield rate
         for name, value, doc in (
-            ("hits", s.hits, "routed experts already resident"),
-            ("misses", s.misses, "routed experts not resident"),
+            ("expert_hits", s.hits, "routed experts already resident (or being copied) when their layer ran"),
+            ("expert_misses", s.misses, "routed experts not resident when their layer ran"),
             ("bytes_copied", s.bytes_copied, "expert bytes copied to the device"),
-            ("stall_seconds", s.stall_seconds, "compute blocked on expert copies"),
-            ("host_jobs", s.host_jobs, "missed experts computed on the host"),
+            ("host_experts", s.host_jobs, "missed experts computed on the host"),
+            ("stall_seconds", s.stall_seconds, "seconds compute waited for expert copies"),
+            ("link_seconds", s.link_seconds, "seconds the link (or disk) was busy copying experts"),
         ):
-            yield GaugeMetricFamily(f"offload_{name}", doc, value=float(value))
+            family = CounterMetricFamily(f"offload_moe:{name}", doc, labels=["model_name"])
+            family.add_metric([model], float(value))
+            yield family
+        for name, attr in (("layer_expert_hits", "hits"), ("layer_expert_misses", "misses")):
+            family = CounterMetricFamily(f"offload_moe:{name}", f"{attr} per MoE layer", labels=["model_name", "layer"])
+            for layer in s.per_layer:
+                family.add_metric([model, str(layer.layer)], float(getattr(layer, attr)))
+            yield family
 
 
 class ServingEngine:

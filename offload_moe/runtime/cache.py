@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from offload_moe import compat
+from offload_moe.progress import progress
 from offload_moe.runtime.admission import Admission
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.eviction import EvictionPolicy
@@ -332,7 +333,7 @@ class ExpertCache:
         chosen = sorted(self.slots.fitting(keys))
         if chosen:
             self._copy(chosen, [self.slots.take_free(k[0])[0] for k in chosen], DEMAND, warm=True)
-            for key in chosen:
+            for key in progress(chosen, "offload_moe: filling the expert cache", unit="expert"):
                 transfer, part = self._pending.pop(key)
                 transfer.wait(part)
             self._counters.warmup_copies += len(chosen)

@@ -1,0 +1,93 @@
+"""`offload_moe.fit`'s decode estimate against the decode it then measures: the reference models loaded from their
+checkpoints at each budget on the CPU device (a copy is a memcpy; nothing emulated), each after the plan made of the
+checkpoint (the resident step estimated from bandwidth) and of the model in memory (the resident step timed).
+
+    python -m lab.fit_bench [--budgets 0.25,0.5,1.0] [--tokens 24] [--out bench-results]
+
+Writes bench-results/fit.json. The goal (issue 43): each estimate within 30% of the measured rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import offload_moe
+from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR
+
+MODELS = {"mixtral": REFERENCE_MODEL_DIR, "fine": FINE_MODEL_DIR}
+GOAL = 0.30  # |estimate / measured - 1|
+
+
+@torch.no_grad()
+def decode_speed(model, tokens: int) -> float:
+    """Greedy decode tokens/s after an 8-token prompt (the first two steps are a warm-up)."""
+    cache, ids = DynamicCache(), torch.zeros(1, 8, dtype=torch.long)
+    nxt = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    for _ in range(2):
+        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return tokens / (time.perf_counter() - t0)
+
+
+def run(name: str, path: Path, budget: float, tokens: int) -> dict:
+    from_file = offload_moe.fit(path, budget, "cpu")
+    model, handle = offload_moe.load(path, budget=budget, device="cpu")
+    try:
+        measured = decode_speed(model, tokens)
+        hit = handle.stats().hit_rate
+    finally:
+        handle.unpatch()
+    resident = offload_moe.load(path, budget=1.0, device="cpu")
+    resident[1].unpatch()
+    in_memory = offload_moe.fit(resident[0], budget, "cpu")
+    return {
+        "model": name,
+        "budget": budget,
+        "measured_tokens_per_s": measured,
+        "measured_hit_rate": hit,
+        "fit_checkpoint_tokens_per_s": from_file.decode_tokens_per_s,
+        "fit_checkpoint_over_measured": from_file.decode_tokens_per_s / measured,
+        "fit_in_memory_tokens_per_s": in_memory.decode_tokens_per_s,
+        "fit_in_memory_over_measured": in_memory.decode_tokens_per_s / measured,
+        "expected_hit_rate": from_file.hit_rate,
+        "misses_per_token": from_file.misses_per_token,
+        "probes": from_file.probes,
+        "step_seconds_bandwidth": from_file.step_seconds,
+        "step_seconds_measured": in_memory.step_seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="0.25,0.5,1.0")
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    rows = [run(n, p, float(b), args.tokens) for n, p in MODELS.items() for b in args.budgets.split(",")]
+    doc = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+           "device": "cpu", "tokens": args.tokens, "goal": GOAL, "rows": rows, "seconds": time.time() - t0}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fit.json").write_text(json.dumps(doc, indent=1))
+    print(
+        f"{'model':<9}{'budget':>7}{'measured':>10}{'fit(file)':>11}{'x':>6}{'fit(mem)':>10}{'x':>6}{'hits':>6}{'exp':>6}"
+    )
+    for r in rows:
+        print(f"{r['model']:<9}{r['budget']:>7.2f}{r['measured_tokens_per_s']:>10.1f}"
+              f"{r['fit_checkpoint_tokens_per_s']:>11.1f}{r['fit_checkpoint_over_measured']:>6.2f}"
+              f"{r['fit_in_memory_tokens_per_s']:>10.1f}{r['fit_in_memory_over_measured']:>6.2f}"
+              f"{r['measured_hit_rate']:>6.2f}{r['expected_hit_rate']:>6.2f}")  # fmt: skip
+    print(f"wrote {args.out / 'fit.json'} ({doc['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

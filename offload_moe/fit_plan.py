@@ -1,0 +1,282 @@
+"""`offload_moe.fit(path_or_model, ...)`: what `load` or `patch` would put where, and the decode speed to expect,
+before anything is loaded (llama.cpp's `--fit` table). The placement is the plan `patch` makes; the speed is
+estimated from probes run now on this machine (a copy of one expert over the link, one expert computed on the host
+for one token, one expert read from the checkpoint's file past the page cache) and the hit rate the routing allows
+(a calibration file's expert frequencies, else every expert equally likely).
+
+    python -m offload_moe fit PATH [--budget auto] [--device cpu] [--ram-budget auto] [--calibration FILE]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from offload_moe.blocks import expert_geometry, moe_blocks
+from offload_moe.budget import budget_bytes, format_bytes
+from offload_moe.calibration import load_calibration
+from offload_moe.geometry import ExpertGeometry
+from offload_moe.load import shard_names
+from offload_moe.options import OffloadOptions
+from offload_moe.patch import resolve_device
+from offload_moe.plan import make_plan
+from offload_moe.sizing import AUTO, DeviceRoom, device_room, host_room, kv_cache_bytes, non_expert_bytes
+
+PROBE_REPEATS = 5  # each probe's time is the median of this many runs
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """Where the experts go and what decode speed to expect. Bytes are as stored (a low-bit checkpoint's packed)."""
+
+    source: str
+    device: str
+    layers: int
+    experts: int
+    top_k: int
+    expert_bytes: int
+    other_bytes: int  # the model's other weights (on the device)
+    kv_bytes: int  # KV cache for max_tokens x max_batch
+    room: DeviceRoom | None  # budget="auto": what the device budget was computed from
+    device_experts: int  # expert slots on the device
+    ram_experts: int  # experts kept in RAM: a RAM tier (load), or every expert's host copy (patch)
+    disk_experts: int  # experts read from the checkpoint's files on a miss
+    hit_rate: float  # expected share of expert uses found resident
+    hit_rate_source: str  # "calibration" or "uniform"
+    misses_per_token: float
+    miss_path: str
+    probes: dict[str, float]  # seconds: "copy" (one expert over the link), "host" (one expert, one token), "disk"
+    miss_seconds: float  # expected seconds per miss on `miss_path`
+    step_seconds: float  # one decode step with every routed expert resident
+    step_source: str  # "measured" (the model ran here) or "bandwidth" (active bytes / the host probe's rate)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1.0 / (self.step_seconds + self.misses_per_token * self.miss_seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        room = None if self.room is None else self.room.__dict__
+        return {**self.__dict__, "room": room, "decode_tokens_per_s": self.decode_tokens_per_s}
+
+    def __str__(self) -> str:
+        e, total = self.expert_bytes, self.layers * self.experts
+        rows = [
+            ("device", f"{self.device_experts} of {total} experts", self.device_experts * e),
+            ("device", "other weights", self.other_bytes),
+            ("device", "KV cache", self.kv_bytes),
+            ("RAM", f"{self.ram_experts} experts", self.ram_experts * e),
+            ("disk", f"{self.disk_experts} experts", self.disk_experts * e),
+        ]
+        lines = [
+            f"offload_moe fit: {self.source}: {self.layers} MoE layers x {self.experts} experts, top-{self.top_k}, "
+            f"{format_bytes(e)} per expert",
+        ]
+        if self.room is not None:
+            lines.append(f"budget auto: {self.room.describe()}")
+        lines += [f"  {'where':<8}{'what':<28}{'bytes':>12}"]
+        lines += [f"  {w:<8}{what:<28}{format_bytes(b):>12}" for w, what, b in rows]
+        p = self.probes
+        lines += [
+            f"expected hit rate {self.hit_rate:.2f} ({self.hit_rate_source}), {self.misses_per_token:.1f} misses per "
+            f"token, miss_path {self.miss_path}: {self.miss_seconds * 1e3:.3f} ms per miss",
+            "probes: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in p.items()) + " per expert",
+            f"estimate: {self.decode_tokens_per_s:.1f} tokens/s decode (a step with every expert resident "
+            f"{self.step_seconds * 1e3:.2f} ms, {self.step_source})",
+        ]
+        return "\n".join(lines)
+
+
+def fit(
+    source: str | Path | torch.nn.Module,
+    budget: float | str = AUTO,
+    device: str | torch.device | None = None,
+    *,
+    ram_budget: float | str | None = None,
+    options: OffloadOptions | None = None,
+    **kwargs: Any,
+) -> FitPlan:
+    """The plan `load(source, budget, device, ram_budget=...)` (a checkpoint directory) or `patch(source, budget,
+    device)` (a model in memory) would make, with a decode estimate; reads no expert weights but the probe's one."""
+    opt = OffloadOptions.of(options, **kwargs)
+    dev = resolve_device(device)
+    if isinstance(source, torch.nn.Module):
+        model, path, name = source, None, type(source).__name__
+    else:
+        path = Path(source)
+        model, name = _meta_model(path), str(path)
+    blocks = moe_blocks(model)
+    files = _expert_files(path, blocks) if path is not None else None
+    packed = files["expert_bytes"] if files is not None else None
+    geometry = expert_geometry(blocks, packed)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    other = files["other_bytes"] if files is not None else non_expert_bytes(model, blocks)
+    room = device_room(model, blocks, geometry, dev, opt, dtype) if budget == AUTO else None
+    budget = str(room.experts) if room is not None else budget
+    plan = make_plan(geometry, budget, opt)
+    total = geometry.total_experts
+    ram = total if path is None else _ram_experts(ram_budget, geometry, dev, opt, plan.slots)
+    disk = 0 if path is None else max(0, total - plan.slots - ram)
+    calib = load_calibration(opt.calibration) if opt.calibration is not None else None
+    hit, hit_source = _hit_rate(plan.slots, geometry, calib.frequencies if calib is not None else None)
+    misses = geometry.layers * geometry.top_k * (1 - hit)
+    probes = _probes(geometry, blocks, dev, files)
+    miss_path = opt.miss_setup(dev.type).name
+    copy_s = probes["copy"] + _disk_share(plan.slots, ram, disk) * probes.get("disk", 0.0)
+    miss_s = {"fetch": copy_s, "host": probes["host"]}.get(miss_path, min(copy_s, probes["host"]))
+    step, step_source = _step_seconds(model if path is None else None, dev, geometry, other, probes["host"])
+    return FitPlan(
+        name, str(dev), geometry.layers, geometry.experts, geometry.top_k, geometry.expert_bytes, other,
+        kv_cache_bytes(model.config, dtype, opt.max_tokens, opt.max_batch), room, plan.slots,
+        ram, disk, hit, hit_source, misses, miss_path,
+        probes, miss_s, step, step_source,
+    )  # fmt: skip
+
+
+def _meta_model(path: Path) -> torch.nn.Module:
+    """The checkpoint's model on the meta device (no weights): its blocks, shapes and config."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    config.__dict__.pop("quantization_config", None)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.bfloat16)
+
+
+def _expert_files(path: Path, blocks: list) -> dict[str, Any]:
+    """Bytes of one expert as stored and of everything else, from the safetensors headers (no weights read); the
+    first shard holding experts, for the disk probe."""
+
+    expert_total, other, probe = 0, 0, None
+    for shard in shard_names(path):
+        with safe_open(path / shard, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                s = f.get_slice(key)
+                n = _nbytes(s.get_shape(), s.get_dtype())
+                if ".experts." in key:  # a shared expert's keys read "shared_experts."
+                    expert_total += n
+                    probe = probe or path / shard
+                else:
+                    other += n
+    experts = len(blocks) * blocks[0].num_experts
+    return {"expert_bytes": expert_total // experts, "other_bytes": other, "probe_file": probe}
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1,
+             "F8_E5M2": 1, "BOOL": 1, "F8_E8M0": 1}  # fmt: skip
+
+
+def _nbytes(shape: list[int], dtype: str) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * _ITEMSIZE.get(dtype, 2)
+
+
+def _ram_experts(ram_budget, geometry: ExpertGeometry, dev, opt: OffloadOptions, slots: int) -> int:
+    """Experts `load` keeps in a RAM tier."""
+    if ram_budget is None or (ram_budget == AUTO and dev.type == "cpu"):
+        return 0
+    size = host_room(opt.margin_bytes()) if ram_budget == AUTO else budget_bytes(ram_budget, geometry.total_bytes)
+    return min(size // geometry.expert_bytes, geometry.total_experts - slots)
+
+
+def _hit_rate(slots: int, g: ExpertGeometry, frequencies: torch.Tensor | None) -> tuple[float, str]:
+    """Share of expert uses resident when each layer holds its share of the slots, its most used experts (LRU
+    approaches this on a stable workload)."""
+    per_layer = min(g.experts, slots // g.layers)
+    if frequencies is None:
+        return per_layer / g.experts, "uniform"
+    f = frequencies.float() / frequencies.float().sum(dim=1, keepdim=True).clamp_min(1e-12)  # [L, E]
+    return float(f.sort(dim=1, descending=True).values[:, :per_layer].sum(dim=1).mean()), "calibration"
+
+
+def _disk_share(slots: int, ram: int, disk: int) -> float:
+    """Share of misses read from disk: the experts outside the device that the RAM tier does not hold."""
+    return disk / (ram + disk) if ram + disk else 0.0
+
+
+def _probes(g: ExpertGeometry, blocks: list, dev: torch.device, files: dict | None) -> dict[str, float]:
+    """Seconds per expert: a copy to `dev` (pinned source on CUDA), the host computing it for one token, and (a
+    checkpoint) reading it from its file past the page cache."""
+    nbytes = g.expert_bytes
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    out = {"copy": _median(lambda: dst.copy_(src, non_blocking=False), dev)}
+    weights = [torch.randn(s, dtype=torch.bfloat16) for s in g.shapes.values() if len(s) == 2]  # [out, in] each
+    x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch.bfloat16) for w in weights}
+    out["host"] = _median(lambda: [F.linear(x[w.shape[1]], w) for w in weights], torch.device("cpu"))
+    if files is not None and files["probe_file"] is not None:
+        out["disk"] = _disk_probe(files["probe_file"], nbytes)
+    return out
+
+
+def _median(fn, dev: torch.device) -> float:
+    fn()
+    times = []
+    for _ in range(PROBE_REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _disk_probe(file: Path, nbytes: int) -> float:
+    """Seconds to read `nbytes` from the file's end past the page cache (dropped first for that range)."""
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        times = []
+        for i in range(min(PROBE_REPEATS, max(1, size // nbytes))):
+            off = max(0, size - (i + 1) * nbytes)
+            os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            os.pread(fd, nbytes, off)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        os.close(fd)
+
+
+def _step_seconds(model, dev, g: ExpertGeometry, other: int, host_s: float) -> tuple[float, str]:
+    """One decode step with every routed expert resident: timed when the model is in memory on this device type,
+    else its active bytes (other weights and one token's experts) at the rate the host probe read one expert."""
+    if model is not None and next(model.parameters()).device.type == dev.type:
+        ids = torch.zeros(1, 8, dtype=torch.long, device=next(model.parameters()).device)
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            step = lambda: model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)  # noqa: E731
+            return _median(step, dev), "measured"
+    active = other + g.layers * g.top_k * g.expert_bytes
+    return active / g.expert_bytes * host_s, "bandwidth"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m offload_moe fit PATH ...`: print the plan (and --json, its fields)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m offload_moe fit", description=fit.__doc__.splitlines()[0])
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--budget", default=AUTO)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--ram-budget", default=None)
+    ap.add_argument("--calibration", default=None)
+    ap.add_argument("--max-tokens", type=int, default=OffloadOptions.max_tokens)
+    ap.add_argument("--max-batch", type=int, default=OffloadOptions.max_batch)
+    ap.add_argument("--json", action="store_true", help="print the plan's fields as JSON")
+    args = ap.parse_args(argv)
+    budget = args.budget if args.budget == AUTO or not args.budget.replace(".", "").isdigit() else float(args.budget)
+    plan = fit(args.path, budget, args.device, ram_budget=args.ram_budget, calibration=args.calibration,
+               max_tokens=args.max_tokens, max_batch=args.max_batch)  # fmt: skip
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else plan)
