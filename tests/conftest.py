@@ -64,3 +64,13 @@ def patched():
 def loaded():
     """`offload_moe.load` (returns model, handle), unpatched at teardown."""
     yield from _unpatched_at_teardown(offload_moe.load)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building vLLM's environment (`tests/vllm_server.py`) while the tests before its own run: on a fresh
+    machine the build is minutes of downloading and unpacking, which the CPU-bound tests hardly notice."""
+    if any(item.path.name == "test_vllm.py" for item in session.items):
+        from tests.vllm_server import BUILD, VENV
+
+        if not (VENV / ".installed.json").exists():
+            BUILD.start()

@@ -80,16 +80,31 @@ def test_host_compute_from_a_memory_mapped_per_expert_checkpoint(tmp_path):
 
 
 class _Link:
-    """A transfer engine as the cost model sees it: a fixed copy time and wait."""
+    """A transfer engine as the cost model sees it: a fixed copy time and wait, to a GPU unless `device` says."""
 
-    def __init__(self, copy_s, wait_s=0.0):
-        self.copy_s, self.wait_s = copy_s, wait_s
+    def __init__(self, copy_s, wait_s=0.0, device="cuda"):
+        self.copy_s, self.wait_s, self.device = copy_s, wait_s, torch.device(device)
 
     def copy_seconds(self):
         return self.copy_s
 
     def demand_wait_seconds(self):
         return self.wait_s
+
+
+def test_on_a_cpu_device_a_copied_expert_also_costs_the_cpu_its_kernel_pass():
+    """Six one-token misses, 1 ms each on the host. Behind a GPU's link of 2 ms a copy, host and link share them
+    (4 and 2); on a CPU device a copied expert is then computed on the host's own cores, so the same link copies
+    none; a fast link to a CPU device whose passes cost 0.5 ms an expert copies them all."""
+    fit, misses = HostFit(a=1e-3, b=0.0), {e: 1 for e in range(6)}
+    gpu = MissRouter("auto", _Link(2e-3), host=None, fit=fit, counters=Counters(num_layers=1))
+    copy, host = gpu.split(misses)
+    assert (len(copy), len(host)) == (2, 4)
+    cpu = MissRouter("auto", _Link(2e-3, device="cpu"), host=None, fit=fit, counters=Counters(num_layers=1))
+    assert cpu.split(misses) == (set(), set(misses))  # no pass timed yet: a pass costs as much as a host job
+    fast = MissRouter("auto", _Link(0.25e-3, device="cpu"), host=None, fit=fit, counters=Counters(num_layers=1))
+    fast.observe_pass(experts=4, seconds=2e-3)  # 0.5 ms an expert
+    assert fast.split(misses) == (set(misses), set())
 
 
 def test_cost_model_computes_decode_on_the_host_and_copies_long_prefills():

@@ -2,11 +2,13 @@
 use by `tests.vllm_server`), over real HTTP on loopback with the official openai client; the environment's pins;
 settings refused at start."""
 
+import json
 import subprocess
 
 import pytest
 
 from lab.vllm_bench import PLUGIN, overload, run_setup
+from tests.servers import ROOT
 from tests.vllm_server import VllmUnavailable, server_log_error, vllm_env
 
 pytestmark = [pytest.mark.served, pytest.mark.slow, pytest.mark.bench]
@@ -29,16 +31,24 @@ def test_the_vllm_extra_installs_beside_vllm_without_moving_its_pins(env):
 
 
 def test_bad_settings_are_refused_before_the_engine_starts(env, tmp_path):
-    code = "import os; from fairness.vllm import Settings; Settings.from_env(os.environ)"
     bad = tmp_path / "tenants.json"
     bad.write_text("[1, 2]")
-    for var, value, message in (
-        ("FAIRNESS_TENANTS", str(tmp_path / "missing.json"), "FAIRNESS_TENANTS="),
-        ("FAIRNESS_TENANTS", str(bad), "not a tenants file"),
-        ("FAIRNESS_CHARGE", "half", "FAIRNESS_CHARGE='half': choose one of ['prompt', 'uncached']"),
-    ):
-        done = subprocess.run([env["python"], "-c", code], env={var: value}, capture_output=True, text=True)
-        assert done.returncode != 0 and message in done.stderr, (var, done.stderr[-1500:])
+    cases = [
+        ({"FAIRNESS_TENANTS": str(tmp_path / "missing.json")}, "FAIRNESS_TENANTS="),
+        ({"FAIRNESS_TENANTS": str(bad)}, "not a tenants file"),
+        ({"FAIRNESS_CHARGE": "half"}, "FAIRNESS_CHARGE='half': choose one of ['prompt', 'uncached']"),
+    ]
+    code = (  # one interpreter for every case: importing vLLM takes seconds
+        "import json, sys\nfrom fairness.vllm import Settings\nfor env in json.loads(sys.argv[1]):\n"
+        "    try:\n        Settings.from_env(env)\n        print(json.dumps('accepted'))\n"
+        "    except Exception as e:\n        print(json.dumps(f'{type(e).__name__}: {e}'))\n"
+    )
+    done = subprocess.run([env["python"], "-c", code, json.dumps([c for c, _ in cases])], capture_output=True,
+                          text=True, cwd=ROOT)  # fmt: skip
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 0 and len(lines) == len(cases), done.stderr[-1500:]
+    for line, (case, message) in zip(lines, cases, strict=True):
+        assert not line.startswith("accepted") and message in line, (case, line)
     log = server_log_error({"FAIRNESS_POLICY": "fair-ish"}, args=PLUGIN)
     assert "FAIRNESS_POLICY='fair-ish' is not a policy" in log, log[-3000:]
 

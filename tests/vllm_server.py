@@ -10,8 +10,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -45,12 +47,35 @@ def _versions(python: Path) -> dict[str, str]:
     return json.loads(out)
 
 
+class _Build:
+    """The one build of the environment: started early (`start`, while other tests run: it is mostly downloading
+    and unpacking) or on first use, and waited for by every `vllm_env` call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._future: Future | None = None
+
+    def start(self) -> Future:
+        with self._lock:
+            if self._future is None:
+                self._future = ThreadPoolExecutor(1, "vllm-env-build").submit(_build)
+            return self._future
+
+
+BUILD = _Build()
+
+
 def vllm_env() -> dict:
     """The environment, built once: {"python": its interpreter, "before": / "after": the versions of PINNED before
     and after `pip install -e ".[vllm]"` of this checkout}. Raises VllmUnavailable when pip cannot install vLLM."""
     marker = VENV / ".installed.json"
     if marker.exists():
         return json.loads(marker.read_text())
+    return BUILD.start().result()
+
+
+def _build() -> dict:
+    marker = VENV / ".installed.json"
     python = VENV / "bin" / "python"
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]

@@ -139,17 +139,20 @@ class ExpertsHook(ModuleHook):
         kidx = self.cache.kernel_index(self.layer, ids, top_k_index, experts, every=True)
         out = kernel.run(self.params(kidx.lo, kidx.hi), kidx, kernel.hidden, weights)
         self.cache.release(self.layer, experts)
-        self.timed_pass(time.perf_counter() - t0, len(ids))
+        self.timed_pass(time.perf_counter() - t0, len(ids), len(experts))
         return out
 
-    def timed_pass(self, took: float, tokens: int) -> None:
-        """A kernel pass over `tokens` tokens took `took` seconds. Splitting a call into passes computes nothing
-        twice, so what another pass costs is a pass's fixed part: measured on passes of few tokens."""
+    def timed_pass(self, took: float, tokens: int, experts: int) -> None:
+        """A kernel pass over `tokens` tokens and `experts` experts took `took` seconds. Splitting a call into passes
+        computes nothing twice, so what another pass costs is a pass's fixed part: measured on passes of few tokens,
+        which also tell the miss policy what computing a copied expert costs the device."""
         c = self.counters
         c.kernel_passes += 1
         c.kernel_seconds += took
         if tokens <= FEW_TOKENS:
             self.pass_seconds = PASS_DECAY * self.pass_seconds + (1 - PASS_DECAY) * took
+            if self.router is not None:
+                self.router.observe_pass(experts, took)
 
     def params(self, lo: int, hi: int) -> list[torch.nn.Parameter]:
         """The kernel weights' rows [lo, hi) as Parameters (views, cached while the weights stay the same tensors):
@@ -278,7 +281,7 @@ class _Call:
         hidden, kidx, weights = self.sum.pass_args(kidx, plan.weights)
         out = self.kernel.run(self.hook.params(kidx.lo, kidx.hi), kidx, hidden, weights)
         self.cache.release(self.layer, experts)
-        self.hook.timed_pass(time.perf_counter() - t0, len(ids))
+        self.hook.timed_pass(time.perf_counter() - t0, len(ids), len(experts))
         return out
 
     def _look_ahead(self, protected: set, later: list[int], residual: torch.Tensor | None) -> None:

@@ -124,6 +124,7 @@ class MissPolicy:
     ):
         self.miss_path, self.engine, self.host, self.fit = miss_path, engine, host, fit
         self.counters = counters  # writes auto_host, auto_copy, explored
+        self.pass_s: float | None = None  # device seconds per expert of a few-token kernel pass (None: not yet timed)
 
     def split(self, tokens: dict[int, int], admit: Callable[[int], bool] = lambda e: True) -> tuple[set[int], set[int]]:
         """tokens: missed expert -> tokens routed to it; admit: whether the cache would keep a copy of it (it evicts
@@ -134,6 +135,12 @@ class MissPolicy:
         """A host job for experts of these token counts took `seconds`: refine the host estimate."""
         if self.fit is not None:
             self.fit.observe(tokens, seconds)
+
+    def observe_pass(self, experts: int, seconds: float) -> None:
+        """A kernel pass on the device over `experts` experts at few tokens took `seconds`: what computing a copied
+        expert costs the device (on a CPU device, the same cores the host computes on)."""
+        per = seconds / max(1, experts)
+        self.pass_s = per if self.pass_s is None else FIT_DECAY * self.pass_s + (1 - FIT_DECAY) * per
 
 
 class MissRouter(MissPolicy):
@@ -160,14 +167,21 @@ class MissRouter(MissPolicy):
         copy, host = set(), set()
         copy_s = self.engine.copy_seconds() or 0.0
         link_t, host_t = self.engine.demand_wait_seconds(), 0.0
+        # a CPU device computes on the host's own cores: a copied expert then costs that CPU a device pass after it
+        # lands, and host jobs and passes take turns; a GPU's pass costs the host nothing
+        shared = self.engine.device.type == "cpu"
         for e, n in sorted(tokens.items(), key=lambda kv: (-kv[1], kv[0])):  # most tokens first
-            on_host, on_link = host_t + self.fit.seconds(n), link_t + copy_s
+            h = self.fit.seconds(n)
+            on_host, on_link = host_t + h, link_t + copy_s
+            if shared:
+                on_link = max(on_link, host_t) + (self.pass_s if self.pass_s is not None else h)
             if on_host <= on_link or (on_host <= ADMIT_SLACK * on_link and not admit(e)):
                 host.add(e)
                 host_t = on_host
             else:
                 copy.add(e)
-                link_t = on_link
+                link_t += copy_s
+                host_t = on_link if shared else host_t
         self._since_host = 0 if host else self._since_host + 1
         if self._since_host >= EXPLORE_EVERY:  # keep the host's estimate measured: its cheapest miss goes there
             e = min(copy, key=lambda e: (tokens[e], e))
