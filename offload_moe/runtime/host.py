@@ -111,7 +111,9 @@ class HostCompute:
                 k.layout = None
         self._lowbit = self._build_lowbit() if precision is not None else {}
         self.lowbit_tokens = self._lowbit_crossover() if precision is not None else 0
-        self.inline = device.type == "cpu"  # the host is the device: the calling thread computes
+        # the host is the device: the calling thread computes. A paced host stands for a GPU machine's, whose jobs run
+        # beside the device's compute: on its worker
+        self.inline = device.type == "cpu" and pace is None
         cores = physical_cores()
         self.cores = cores if device.type == "cpu" or len(cores) == 1 else cores[1:]
         self.threads = threads or len(self.cores)

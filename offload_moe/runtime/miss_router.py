@@ -167,9 +167,9 @@ class MissRouter(MissPolicy):
         copy, host = set(), set()
         copy_s = self.engine.copy_seconds() or 0.0
         link_t, host_t = self.engine.demand_wait_seconds(), 0.0
-        # a CPU device computes on the host's own cores: a copied expert then costs that CPU a device pass after it
-        # lands, and host jobs and passes take turns; a GPU's pass costs the host nothing
-        shared = self.engine.device.type == "cpu"
+        # a CPU device computes on the host's own cores (host jobs on the calling thread): a copied expert then
+        # costs that CPU a kernel pass after it lands, and jobs and passes take turns; a GPU's pass costs it nothing
+        shared = self.host.inline if self.host is not None else self.engine.device.type == "cpu"
         for e, n in sorted(tokens.items(), key=lambda kv: (-kv[1], kv[0])):  # most tokens first
             h = self.fit.seconds(n)
             on_host, on_link = host_t + h, link_t + copy_s
