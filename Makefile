@@ -33,6 +33,8 @@ lint: install
 bench: install
 	$(PY) -m lab.offload_bench --mode default --eager-only
 	$(PY) -m lab.scale_bench --mode quick
+	$(PY) -m lab.miss_path_bench
+	$(PY) -m lab.fit_bench
 	$(PY) -m lab.host_bench --mode quick
 	$(PY) -m lab.fairness_bench
 	$(PY) -m lab.served_bench
@@ -44,6 +46,8 @@ bench: install
 bench-full: install
 	$(PY) -m lab.offload_bench --mode full
 	$(PY) -m lab.scale_bench --mode full
+	$(PY) -m lab.miss_path_bench
+	$(PY) -m lab.fit_bench
 	$(PY) -m lab.host_bench
 	$(PY) -m lab.packed_bench
 	$(PY) -m lab.fairness_bench --mode full
@@ -65,6 +69,7 @@ bench-quick: install
 bench-disk: install
 	$(PY) -m lab.disk_bench
 	$(PY) -m lab.disk_bench --mxfp4
+	$(PY) -m lab.disk_bench --sizing --gib 27 --limit-gib 9
 
 # On a CUDA machine: a real-link benchmark (bench-results/gpu-check.json), then the CUDA tests; elsewhere it says so.
 gpu-check: install

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import offload_moe
 from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR
@@ -46,9 +46,8 @@ def run(name: str, path: Path, budget: float, tokens: int) -> dict:
         hit = handle.stats().hit_rate
     finally:
         handle.unpatch()
-    resident = offload_moe.load(path, budget=1.0, device="cpu")
-    resident[1].unpatch()
-    in_memory = offload_moe.fit(resident[0], budget, "cpu")
+    resident = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()  # as users hold it
+    in_memory = offload_moe.fit(resident, budget, "cpu")
     return {
         "model": name,
         "budget": budget,

@@ -191,13 +191,17 @@ def _ram_experts(ram_budget, geometry: ExpertGeometry, dev, opt: OffloadOptions,
 
 
 def _hit_rate(slots: int, g: ExpertGeometry, frequencies: torch.Tensor | None) -> tuple[float, str]:
-    """Share of expert uses resident when each layer holds its share of the slots, its most used experts (LRU
-    approaches this on a stable workload)."""
-    per_layer = min(g.experts, slots // g.layers)
+    """Share of expert uses resident when each layer holds its share of the slots (fractional: the pool is shared),
+    its most used experts (LRU approaches this on a stable workload)."""
+    per_layer = min(float(g.experts), slots / g.layers)
     if frequencies is None:
         return per_layer / g.experts, "uniform"
     f = frequencies.float() / frequencies.float().sum(dim=1, keepdim=True).clamp_min(1e-12)  # [L, E]
-    return float(f.sort(dim=1, descending=True).values[:, :per_layer].sum(dim=1).mean()), "calibration"
+    top = f.sort(dim=1, descending=True).values.cumsum(dim=1)  # [L, E] mass of the k most used
+    whole = int(per_layer)
+    below = top[:, whole - 1] if whole > 0 else torch.zeros(g.layers)
+    nxt = top[:, whole] - below if whole < g.experts else torch.zeros(g.layers)
+    return float((below + (per_layer - whole) * nxt).mean()), "calibration"
 
 
 def _disk_share(slots: int, ram: int, disk: int) -> float:

@@ -22,7 +22,7 @@ def test_fit_of_a_checkpoint_is_the_plan_load_makes(budget, loaded):
     s = handle.stats()
     assert plan.device_experts == s.slots and plan.expert_bytes == s.expert_bytes
     assert plan.disk_experts == plan.layers * plan.experts - s.slots and plan.ram_experts == 0
-    assert plan.hit_rate_source == "uniform" and plan.hit_rate == pytest.approx(s.slots // plan.layers / plan.experts)
+    assert plan.hit_rate_source == "uniform" and plan.hit_rate == pytest.approx(s.slots / plan.layers / plan.experts)
     assert plan.misses_per_token == pytest.approx(plan.layers * plan.top_k * (1 - plan.hit_rate))
     assert plan.decode_tokens_per_s > 0 and set(plan.probes) == {"copy", "host", "disk"}
     text = str(plan)
