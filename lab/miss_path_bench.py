@@ -3,7 +3,8 @@ link at which one expert's copy takes 0.5x, 1x, 2x and 4x what the host takes to
 machine's CPU, the device's twin). At 0.5x copying should win, at 4x computing on the host; `auto` should match the
 better of the two everywhere, also when its patch-time measurement of the host ran on a loaded CPU.
 
-    python -m lab.miss_path_bench [--mode quick|default] [--shape qwen3-30b-a3b] [--out bench-results]
+    python -m lab.miss_path_bench [--mode tiny|quick|default] [--shape qwen3-30b-a3b] [--ratios 0.5,1,2,4]
+                                  [--out bench-results]
 
 The model has a real model's routing shape and spread routing (`tests.scale_models`), at a quarter of its experts'
 bytes, so most expert uses are misses. A host job's time per expert is measured first, by decoding with
@@ -40,7 +41,7 @@ ROWS = {  # name: patch options, whether patch (its host measurement) runs on a 
     "freetoken": ({"miss_path": FreeTokenSplit}, False),
     "auto (measured loaded)": ({"miss_path": "auto"}, True),
 }
-MODES = {"quick": (2, 6), "default": (3, 10)}  # alternating rounds, greedy tokens per round
+MODES = {"tiny": (1, 3), "quick": (2, 6), "default": (3, 10)}  # alternating rounds, greedy tokens per round
 BUDGET = 0.25
 GOAL = 0.95  # auto over the better of host and fetch
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=list(MODES), default="default")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
+    ap.add_argument("--ratios", default=",".join(f"{r:g}" for r in COPY_OVER_HOST), help="copy / host job, each")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
     rounds, tokens = MODES[args.mode]
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     models = {name: copy.deepcopy(resident) for name in ROWS}
     host_s = host_seconds_per_expert(models["host"], prompt, tokens)
     points = []
-    for ratio in COPY_OVER_HOST:
+    for ratio in (float(r) for r in args.ratios.split(",")):
         link = EmulatedLink(gbps=expert_bytes / (ratio * host_s) / 1e9)
         rows = sweep_point(models, resident, prompt, ref, link, rounds, tokens)
         points.append({"copy_over_host": ratio, "emulated_link_gbps": link.gbps, "rows": rows})

@@ -81,6 +81,42 @@ def test_scale_bench_json_is_complete_and_its_replay_examines_one_key_per_evicti
     assert "routing scale of real models" in (tmp_path / "results.md").read_text()
 
 
+def test_miss_path_bench_runs_every_path_at_each_link_speed_and_keeps_the_tokens(tmp_path):
+    from lab.miss_path_bench import ROWS, main
+    from lab.results_doc import main as results_doc
+
+    main(["--mode", "tiny", "--shape", "mixtral-8x7b", "--ratios", "0.5,4", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "miss_path.json").read_text())
+    assert result["link"] == "EMULATED" and result["host_seconds_per_expert"] > 0
+    assert [p["copy_over_host"] for p in result["points"]] == [0.5, 4.0]
+    for p in result["points"]:
+        rows = {r["name"]: r for r in p["rows"]}
+        assert list(rows) == list(ROWS) and all(r["greedy_identical"] for r in rows.values())
+        assert max(rows["host"]["x_best_of_host_and_fetch"], rows["fetch"]["x_best_of_host_and_fetch"]) == 1.0
+        assert rows["fetch"]["host_per_token"] == 0 and rows["host"]["host_per_token"] > 0
+        assert rows["freetoken"]["miss_path"] == "freetoken-split" and rows["auto"]["miss_path"] == "auto"
+    slow, fast = result["points"][1]["emulated_link_gbps"], result["points"][0]["emulated_link_gbps"]
+    assert fast == pytest.approx(8 * slow)
+    results_doc([str(tmp_path), str(tmp_path / "results.md")])
+    assert "Which miss path wins at which link speed" in (tmp_path / "results.md").read_text()
+
+
+def test_fit_bench_sets_the_plans_estimates_beside_the_measured_decode(tmp_path):
+    from lab.fit_bench import main
+    from lab.results_doc import main as results_doc
+
+    main(["--budgets", "0.5", "--tokens", "3", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "fit.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["mixtral", "fine"]
+    for r in rows:
+        assert r["measured_tokens_per_s"] > 0 and r["fit_checkpoint_tokens_per_s"] > 0
+        assert r["fit_in_memory_over_measured"] == pytest.approx(
+            r["fit_in_memory_tokens_per_s"] / r["measured_tokens_per_s"])  # fmt: skip
+        assert r["expected_hit_rate"] == pytest.approx(0.5) and 0 < r["measured_hit_rate"] <= 1
+    results_doc([str(tmp_path), str(tmp_path / "results.md")])
+    assert "The plan's estimate against the measured decode" in (tmp_path / "results.md").read_text()
+
+
 def test_host_bench_sets_each_path_beside_the_memory_probe(tmp_path):
     from lab.host_bench import TOKENS, main
     from lab.results_doc import main as results_doc
