@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -142,6 +144,33 @@ def write_mxfp4_checkpoint(path: Path) -> tuple[int, int]:
     return stored, bf16
 
 
+@contextmanager
+def mixtral_checkpoint(args: argparse.Namespace, ram: int) -> Iterator[tuple[Path, int]]:
+    """The Mixtral-layout checkpoint of `args.geometry` and `args.gib` (default 1.1x `ram`): (its directory, its
+    layers), written unless one is there, removed afterwards unless `args.keep`."""
+    geometry = GEOMETRIES[args.geometry]
+    layer_bytes = geometry["num_local_experts"] * expert_bytes(geometry)
+    layers = max(2, math.ceil((args.gib * (1 << 30) if args.gib else 1.1 * ram) / layer_bytes))
+    ckpt = (args.dir or Path(tempfile.gettempdir())) / f"offload-moe-disk-bench-{args.geometry}-{layers}L"
+    try:
+        if not (ckpt / "model.safetensors.index.json").exists():
+            t0 = time.perf_counter()
+            write_checkpoint(ckpt, layers, geometry)
+            print(f"wrote a {layers}-layer checkpoint in {time.perf_counter() - t0:.0f} s: {ckpt}", flush=True)
+        yield ckpt, layers
+    finally:
+        if not args.keep:
+            remove_checkpoint(ckpt)
+
+
+def remove_checkpoint(ckpt: Path) -> None:
+    """Delete a checkpoint directory the bench wrote (its files are flat)."""
+    for f in ckpt.glob("*"):
+        f.unlink()
+    if ckpt.exists():
+        ckpt.rmdir()
+
+
 def run_mxfp4(args: argparse.Namespace, ram: int) -> None:
     """The MXFP4 row: a checkpoint larger than RAM in bf16 but not in MXFP4, run from `load` with every expert
     packed in a RAM tier, inside a memory limit below the bf16 experts' size."""
@@ -159,10 +188,7 @@ def run_mxfp4(args: argparse.Namespace, ram: int) -> None:
         t0 = time.perf_counter()
         result = run_one(spec, limit)
     finally:
-        for f in ckpt.glob("*"):
-            f.unlink()
-        if ckpt.exists():
-            ckpt.rmdir()
+        remove_checkpoint(ckpt)
     row = {"shape": "gpt-oss-120b routing, hidden = intermediate = 1024", "format": "mxfp4", "machine_ram_bytes": ram,
            "checkpoint_bytes": size, "expert_bytes": stored, "bf16_expert_bytes": bf16, "memory_limit_bytes": limit,
            "budget": args.mxfp4_budget, "ram_budget": 1.0, "seconds": time.perf_counter() - t0, **result}  # fmt: skip
@@ -311,13 +337,8 @@ def run_sizing(args: argparse.Namespace) -> None:
     """budget="auto" (and ram_budget="auto": none on a CPU device) against each hand-chosen budget, every run in its
     own process under the same memory limit; fit()'s decode estimate beside each measured rate."""
     geometry = GEOMETRIES[args.geometry]
-    layers = max(2, math.ceil(args.gib * (1 << 30) / (geometry["num_local_experts"] * expert_bytes(geometry))))
-    root = args.dir or Path(tempfile.gettempdir())
-    ckpt = root / f"offload-moe-disk-bench-{args.geometry}-{layers}L"
     limit = int(args.limit_gib * (1 << 30))
-    try:
-        if not (ckpt / "model.safetensors.index.json").exists():
-            write_checkpoint(ckpt, layers, geometry)
+    with mixtral_checkpoint(args, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) as (ckpt, layers):
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         runs = []
         for budget in ["auto", *(float(b) for b in args.budgets.split(","))]:
@@ -331,12 +352,6 @@ def run_sizing(args: argparse.Namespace) -> None:
                 row["fit_over_measured"] = row["fit_tokens_per_s"] / row["decode_tokens_per_s"]
             runs.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("tokens", "fit")}), flush=True)
-    finally:
-        if not args.keep:
-            for f in ckpt.glob("*"):
-                f.unlink()
-            if ckpt.exists():
-                ckpt.rmdir()
     done = [r for r in runs if "error" not in r and r["budget"] != "auto"]
     auto = next((r for r in runs if r["budget"] == "auto" and "error" not in r), None)
     best = max((r["decode_tokens_per_s"] for r in done), default=None)
@@ -392,17 +407,10 @@ def main(argv: list[str] | None = None) -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     geometry = GEOMETRIES[args.geometry]
-    layer_bytes = geometry["num_local_experts"] * expert_bytes(geometry)
-    layers = max(2, math.ceil((args.gib * (1 << 30) if args.gib else 1.1 * ram) / layer_bytes))
     root = args.dir or Path(tempfile.gettempdir())
-    ckpt = root / f"offload-moe-disk-bench-{args.geometry}-{layers}L"
-    try:
-        if not (ckpt / "model.safetensors.index.json").exists():
-            t0 = time.perf_counter()
-            write_checkpoint(ckpt, layers, geometry)
-            print(f"wrote a {layers}-layer checkpoint in {time.perf_counter() - t0:.0f} s: {ckpt}", flush=True)
+    with mixtral_checkpoint(args, ram) as (ckpt, layers):
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-        total_experts = layers * layer_bytes
+        total_experts = layers * geometry["num_local_experts"] * expert_bytes(geometry)
         dense = size - total_experts
         probe = root / f"disk-read-{uuid.uuid4().hex[:8]}.bin"
         write_file(probe, min(1 << 30, size))
@@ -431,12 +439,6 @@ def main(argv: list[str] | None = None) -> None:
                 row["ceiling_tokens_per_s"] = gbps * 1e9 / per_token if per_token else None
                 runs.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
-    finally:
-        if not args.keep:
-            for f in ckpt.glob("*"):
-                f.unlink()
-            if ckpt.exists():
-                ckpt.rmdir()
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cpus, {ram / 2**30:.1f} GiB RAM",
               "checkpoint_bytes": size, "layers": layers, "geometry": geometry, "disk_read_gbps": gbps,
               "expert_bytes": expert_bytes(geometry),
