@@ -16,33 +16,22 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 import offload_moe
+from lab.scale_bench import greedy
 from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR
 
 MODELS = {"mixtral": REFERENCE_MODEL_DIR, "fine": FINE_MODEL_DIR}
 GOAL = 0.30  # |estimate / measured - 1|
-
-
-@torch.no_grad()
-def decode_speed(model, tokens: int) -> float:
-    """Greedy decode tokens/s after an 8-token prompt (the first two steps are a warm-up)."""
-    cache, ids = DynamicCache(), torch.zeros(1, 8, dtype=torch.long)
-    nxt = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    for _ in range(2):
-        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    t0 = time.perf_counter()
-    for _ in range(tokens):
-        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    return tokens / (time.perf_counter() - t0)
+PROMPT_IDS = torch.zeros(1, 8, dtype=torch.long)
 
 
 def run(name: str, path: Path, budget: float, tokens: int) -> dict:
     from_file = offload_moe.fit(path, budget, "cpu")
     model, handle = offload_moe.load(path, budget=budget, device="cpu")
     try:
-        measured = decode_speed(model, tokens)
+        measured = greedy(model, PROMPT_IDS, tokens + 1)[2]  # decode tokens/s over `tokens` steps
         hit = handle.stats().hit_rate
     finally:
         handle.unpatch()

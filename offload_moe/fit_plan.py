@@ -19,18 +19,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from offload_moe.blocks import expert_geometry, moe_blocks
-from offload_moe.budget import budget_bytes, format_bytes
+from offload_moe.budget import format_bytes
 from offload_moe.calibration import load_calibration
 from offload_moe.geometry import ExpertGeometry
 from offload_moe.load import shard_names
 from offload_moe.options import OffloadOptions
 from offload_moe.patch import resolve_device
 from offload_moe.plan import make_plan
-from offload_moe.sizing import AUTO, DeviceRoom, device_room, host_room, kv_cache_bytes, non_expert_bytes
+from offload_moe.runtime.store import mmap_safetensors
+from offload_moe.sizing import AUTO, DeviceRoom, device_room, kv_cache_bytes, non_expert_bytes, ram_tier_slots
 
 PROBE_REPEATS = 5  # each probe's time is the median of this many runs
 
@@ -131,7 +131,7 @@ def fit(
     misses = geometry.layers * geometry.top_k * (1 - hit)
     probes = _probes(geometry, blocks, dev, files)
     miss_path = opt.miss_setup(dev.type).name
-    copy_s = probes["copy"] + _disk_share(plan.slots, ram, disk) * probes.get("disk", 0.0)
+    copy_s = probes["copy"] + _disk_share(ram, disk) * probes.get("disk", 0.0)
     miss_s = {"fetch": copy_s, "host": probes["host"]}.get(miss_path, min(copy_s, probes["host"]))
     step, step_source = _step_seconds(model if path is None else None, dev, geometry, other, probes["host"])
     return FitPlan(
@@ -153,41 +153,26 @@ def _meta_model(path: Path) -> torch.nn.Module:
 
 
 def _expert_files(path: Path, blocks: list) -> dict[str, Any]:
-    """Bytes of one expert as stored and of everything else, from the safetensors headers (no weights read); the
+    """Bytes of one expert as stored and of everything else, from the shards' memory maps (no weights read); the
     first shard holding experts, for the disk probe."""
-
     expert_total, other, probe = 0, 0, None
     for shard in shard_names(path):
-        with safe_open(path / shard, framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                s = f.get_slice(key)
-                n = _nbytes(s.get_shape(), s.get_dtype())
-                if ".experts." in key:  # a shared expert's keys read "shared_experts."
-                    expert_total += n
-                    probe = probe or path / shard
-                else:
-                    other += n
+        for key, t in mmap_safetensors(path / shard).items():
+            if ".experts." in key:  # a shared expert's keys read "shared_experts."
+                expert_total += t.nbytes
+                probe = probe or path / shard
+            else:
+                other += t.nbytes
     experts = len(blocks) * blocks[0].num_experts
     return {"expert_bytes": expert_total // experts, "other_bytes": other, "probe_file": probe}
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1,
-             "F8_E5M2": 1, "BOOL": 1, "F8_E8M0": 1}  # fmt: skip
-
-
-def _nbytes(shape: list[int], dtype: str) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * _ITEMSIZE.get(dtype, 2)
-
-
-def _ram_experts(ram_budget, geometry: ExpertGeometry, dev, opt: OffloadOptions, slots: int) -> int:
-    """Experts `load` keeps in a RAM tier."""
-    if ram_budget is None or (ram_budget == AUTO and dev.type == "cpu"):
+def _ram_experts(ram_budget, g: ExpertGeometry, dev: torch.device, opt: OffloadOptions, slots: int) -> int:
+    """Experts `load` keeps in a RAM tier besides the device's `slots`."""
+    if ram_budget is None:
         return 0
-    size = host_room(opt.margin_bytes()) if ram_budget == AUTO else budget_bytes(ram_budget, geometry.total_bytes)
-    return min(size // geometry.expert_bytes, geometry.total_experts - slots)
+    tier = ram_tier_slots(ram_budget, g.expert_bytes, g.total_bytes, dev, opt.margin_bytes())
+    return min(tier, g.total_experts - slots)
 
 
 def _hit_rate(slots: int, g: ExpertGeometry, frequencies: torch.Tensor | None) -> tuple[float, str]:
@@ -204,7 +189,7 @@ def _hit_rate(slots: int, g: ExpertGeometry, frequencies: torch.Tensor | None) -
     return float((below + (per_layer - whole) * nxt).mean()), "calibration"
 
 
-def _disk_share(slots: int, ram: int, disk: int) -> float:
+def _disk_share(ram: int, disk: int) -> float:
     """Share of misses read from disk: the experts outside the device that the RAM tier does not hold."""
     return disk / (ram + disk) if ram + disk else 0.0
 
@@ -258,10 +243,10 @@ def _step_seconds(model, dev, g: ExpertGeometry, other: int, host_s: float) -> t
     else its active bytes (other weights and one token's experts) at the rate the host probe read one expert."""
     if model is not None and next(model.parameters()).device.type == dev.type:
         ids = torch.zeros(1, 8, dtype=torch.long, device=next(model.parameters()).device)
+        cache = DynamicCache()
         with torch.no_grad():
-            out = model(input_ids=ids, use_cache=True)
-            step = lambda: model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)  # noqa: E731
-            return _median(step, dev), "measured"
+            model(input_ids=ids, cache=cache, use_cache=True)
+            return _median(lambda: model(input_ids=ids[:, :1], cache=cache, use_cache=True), dev), "measured"
     active = other + g.layers * g.top_k * g.expert_bytes
     return active / g.expert_bytes * host_s, "bandwidth"
 

@@ -20,7 +20,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from offload_moe import compat
 from offload_moe.blocks import moe_blocks
-from offload_moe.budget import budget_bytes
 from offload_moe.formats import matrix_format
 from offload_moe.handle import OffloadHandle
 from offload_moe.options import OffloadOptions
@@ -31,7 +30,7 @@ from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.ram_tier import RamTier
 from offload_moe.runtime.store import HostStore, Piece, mmap_safetensors
-from offload_moe.sizing import AUTO, host_room
+from offload_moe.sizing import ram_tier_slots
 
 READS = ("pread", "mmap")  # how load() reads an expert for a copy
 
@@ -124,11 +123,11 @@ def load(
         dense[name] = t.to(dtype) if t.is_floating_point() else t
 
     shapes = {n: tuple(getattr(blocks[0].experts, n).shape[1:]) for n in blocks[0].expert_param_names()}
-    ram, dev = None, resolve_device(device)
-    if ram_budget == AUTO and dev.type != "cpu":
-        ram = _ram_tier(HostStore(experts, shapes, packed=layout), str(host_room(opt.margin_bytes())), dev, True)
-    elif ram_budget is not None and ram_budget != AUTO:
-        ram = _ram_tier(HostStore(experts, shapes, packed=layout), ram_budget, dev)
+    ram = None
+    if ram_budget is not None:
+        ram = _ram_tier(
+            HostStore(experts, shapes, packed=layout), ram_budget, resolve_device(device), opt.margin_bytes()
+        )
     store = HostStore(experts, shapes, files=list(files.values()), ram=ram, packed=layout)
     _load_dense(model, dense, path)
     handle = offload(model, budget, device, opt, store=store, read_base=read_base)
@@ -181,21 +180,13 @@ def _plain_experts(
     return experts, used
 
 
-def _ram_tier(store: HostStore, ram_budget: float | str, device: torch.device, auto: bool = False) -> RamTier | None:
-    """A RAM tier of `ram_budget` (of every expert's bytes as the checkpoint stores them), pinned for a CUDA
-    device. auto: the budget is what RAM has left; none when that holds no expert (no tier then)."""
+def _ram_tier(store: HostStore, ram_budget: float | str, device: torch.device, margin: int) -> RamTier | None:
+    """A RAM tier of `ram_budget` (of every expert's bytes as the checkpoint stores them; `ram_tier_slots`), pinned
+    for a CUDA device; None where "auto" leaves it no expert."""
     file_dtype = store.experts[0][0][0].src.dtype
     one = store.expert_bytes(file_dtype)
-    every = one * store.num_layers * store.num_experts
-    slots = min(budget_bytes(ram_budget, every), every) // one if not auto or int(ram_budget) >= one else 0
-    if slots < 1 and auto:
-        return None
-    if slots < 1:
-        raise ValueError(
-            f"ram_budget={ram_budget!r} holds no expert (one is {one / 2**20:.1f} MiB); give at least "
-            "that, or leave ram_budget unset"
-        )
-    return RamTier(store.pool_parts(file_dtype), slots, pin=device.type == "cuda")
+    slots = ram_tier_slots(ram_budget, one, one * store.num_layers * store.num_experts, device, margin)
+    return RamTier(store.pool_parts(file_dtype), slots, pin=device.type == "cuda") if slots else None
 
 
 def _read(t: torch.Tensor, fd: int) -> torch.Tensor:

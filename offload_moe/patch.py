@@ -14,7 +14,7 @@ import torch
 from hooks import MoEBlock, attach, detach
 from offload_moe import compat
 from offload_moe.blocks import expert_geometry, moe_blocks
-from offload_moe.budget import format_bytes, free_device_bytes
+from offload_moe.budget import format_bytes
 from offload_moe.calibration import Calibration, load_calibration
 from offload_moe.errors import BudgetError
 from offload_moe.handle import OffloadHandle, handle_of
@@ -29,7 +29,7 @@ from offload_moe.runtime.prefetch import LookaheadPrefetcher
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import CHUNK_BYTES, TransferEngine
-from offload_moe.sizing import AUTO, device_room
+from offload_moe.sizing import AUTO, device_room, free_for_experts
 from offload_moe.standins.kinds import KINDS, BuildContext
 
 
@@ -80,7 +80,7 @@ def offload(
     room = device_room(model, blocks, geometry, dev, options, dtype) if budget == AUTO else None
     budget = str(room.experts) if room is not None else budget
     plan = make_plan(geometry, budget, options, calib.catalog() if calib is not None else None)
-    _check_fits_device(plan, blocks, names, dev)
+    _check_fits_device(plan, blocks, dev)
     undo = ExitStack()
     try:
         if store is None:
@@ -165,16 +165,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _check_fits_device(plan: Plan, blocks: list[MoEBlock], names: list[str], device: torch.device) -> None:
-    """Refuse, before any work, a plan whose expert slots and stand-ins need more of `device` than is free there (the
-    experts now on an accelerator count as free: patch moves them to the host first)."""
-    free = free_device_bytes(device)
-    if free is None:
-        return
-    if device.type != "cpu":  # on a CPU device the host copies are the experts themselves: nothing is released
-        params = [getattr(b.experts, n) for b in blocks for n in names]
-        free += sum(p.numel() * p.element_size() for p in params if p.device == device)
-    if plan.device_expert_bytes > free:
+def _check_fits_device(plan: Plan, blocks: list[MoEBlock], device: torch.device) -> None:
+    """Refuse, before any work, a plan whose expert slots and stand-ins need more of `device` than is free there."""
+    free = free_for_experts(blocks, device)
+    if free is not None and plan.device_expert_bytes > free:
         raise BudgetError(
             f"budget {format_bytes(plan.budget_bytes)} needs {format_bytes(plan.device_expert_bytes)} on {device} for "
             f"its expert slots and stand-ins, but {format_bytes(free)} is free there; lower the budget (a size such "

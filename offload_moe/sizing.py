@@ -10,7 +10,7 @@ import torch
 
 from hooks import MoEBlock
 from offload_moe import compat
-from offload_moe.budget import available_host_bytes, format_bytes, free_device_bytes
+from offload_moe.budget import available_host_bytes, budget_bytes, format_bytes, free_device_bytes
 from offload_moe.errors import BudgetError
 from offload_moe.geometry import ExpertGeometry
 from offload_moe.options import OffloadOptions
@@ -66,6 +66,17 @@ def non_expert_bytes(model: torch.nn.Module, blocks: list[MoEBlock], device: tor
     return sum(t.numel() * t.element_size() for t in tensors if device is None or t.device != device)
 
 
+def free_for_experts(blocks: list[MoEBlock], device: torch.device) -> int | None:
+    """Bytes free on `device` for patch's slots: free now, plus the experts now on an accelerator (patch moves them
+    to the host first; on a CPU device the host copies are the experts themselves, so nothing is released). None
+    where the free memory is not known."""
+    free = free_device_bytes(device)
+    if free is not None and device.type != "cpu":
+        params = [p for b in blocks for p in compat.parameters(b.experts).values()]
+        free += sum(p.numel() * p.element_size() for p in params if p.device == device)
+    return free
+
+
 def device_room(
     model: torch.nn.Module,
     blocks: list[MoEBlock],
@@ -76,12 +87,9 @@ def device_room(
 ) -> DeviceRoom:
     """The room `budget="auto"` gives the experts on `device`. Refused (BudgetError) where the free memory is not
     known, or where it does not hold one token's working set (one layer's top-k experts)."""
-    free = free_device_bytes(device)
+    free = free_for_experts(blocks, device)
     if free is None:
         raise BudgetError(f'budget="auto" needs to know the memory free on {device}, which it cannot read; pass a size')
-    if device.type != "cpu":  # experts now on the accelerator move to the host first: their bytes come free
-        params = [p for b in blocks for p in compat.parameters(b.experts).values()]
-        free += sum(p.numel() * p.element_size() for p in params if p.device == device)
     room = DeviceRoom(
         str(device),
         free,
@@ -99,10 +107,24 @@ def device_room(
     return room
 
 
-def host_room(margin: int, device_share: int = 0) -> int:
+def host_room(margin: int) -> int:
     """Bytes `ram_budget="auto"` gives the RAM tier: what this process may still take (cgroup limits respected), less
-    the margin and `device_share` (the device budget, when the device is this host's RAM)."""
+    the margin."""
     left = available_host_bytes()
     if left is None:
         raise BudgetError('ram_budget="auto" needs to know the RAM available here, which it cannot read; pass a size')
-    return max(0, left - margin - device_share)
+    return max(0, left - margin)
+
+
+def ram_tier_slots(ram_budget: float | str, one: int, every: int, device: torch.device, margin: int) -> int:
+    """Experts of `one` byte each (of `every` bytes in all) a RAM tier of `ram_budget` holds. "auto": what RAM has
+    left less `margin`, none on a CPU device (its budget is RAM already); a given budget that holds none is refused."""
+    if ram_budget == AUTO:
+        return 0 if device.type == "cpu" else min(host_room(margin), every) // one
+    slots = min(budget_bytes(ram_budget, every), every) // one
+    if slots < 1:
+        raise ValueError(
+            f"ram_budget={ram_budget!r} holds no expert (one is {one / 2**20:.1f} MiB); give at least "
+            "that, or leave ram_budget unset"
+        )
+    return slots

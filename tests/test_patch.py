@@ -1,11 +1,10 @@
 """patch() is lossless with miss_path="fetch", accounts honestly, and unpatch() restores the model exactly."""
 
-import importlib
-
 import pytest
 import torch
 
 import offload_moe
+import offload_moe.sizing as sizing
 from hooks import RoutingRecorder, find_moe_blocks, is_attached
 from offload_moe import BudgetError, UnsupportedModelError
 from offload_moe.runtime.cache import ExpertCache
@@ -163,16 +162,14 @@ def test_bad_arguments_are_clear_and_leave_the_model_untouched(kwargs, error, ma
 def test_a_budget_larger_than_the_devices_free_memory_is_refused_before_any_work(patched, monkeypatch):
     """A device with less free memory than the plan's slots (this machine's RAM stands in for a small device):
     refused with both sizes and a budget that fits, the model untouched; with room, the same budget patches."""
-    patch_module = importlib.import_module("offload_moe.patch")  # the module: offload_moe.patch is the function
-
     model = tiny_model("mixtral")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(patch_module, "free_device_bytes", lambda device: 4096)
+    monkeypatch.setattr(sizing, "free_device_bytes", lambda device: 4096)
     with pytest.raises(BudgetError, match=r"is free there; lower the budget \(a size such as budget='0.0GiB'") as e:
         patched(model, budget=0.5, device="cpu")
     assert "4.0 KiB is free" in str(e.value) and "for its expert slots" in str(e.value)
     _assert_untouched(model, before)
-    monkeypatch.setattr(patch_module, "free_device_bytes", lambda device: 1 << 40)
+    monkeypatch.setattr(sizing, "free_device_bytes", lambda device: 1 << 40)
     patched(model, budget=0.5, device="cpu").unpatch()
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache
 
+import offload_moe
 import offload_moe.sizing as sizing
 from offload_moe import BudgetError
 from offload_moe.blocks import expert_geometry, moe_blocks
 from offload_moe.budget import available_host_bytes, cgroup_left_bytes
 from offload_moe.sizing import kv_cache_bytes
-from tests.helpers import tiny_model
+from tests.helpers import REFERENCE_MODEL_DIR, tiny_model
 from tests.memory_limit import MemoryLimit
 
 MIB = 1 << 20
@@ -122,3 +123,10 @@ def test_available_ram_respects_a_real_memory_cgroup():
         assert 0 < int(out.stdout) <= 600 * MIB < available_host_bytes()
     finally:
         group.close()
+
+
+def test_ram_budget_auto_makes_no_tier_on_a_cpu_device_and_fit_agrees(loaded):
+    """On a CPU device the device budget is RAM already: "auto" builds no RAM tier there, and `fit` plans none."""
+    _, handle = loaded(REFERENCE_MODEL_DIR, budget=0.25, device="cpu", ram_budget="auto")
+    assert handle.stats().ram_bytes == 0
+    assert offload_moe.fit(REFERENCE_MODEL_DIR, 0.25, "cpu", ram_budget="auto").ram_experts == 0

@@ -181,7 +181,8 @@ class MissRouter(MissPolicy):
             else:
                 copy.add(e)
                 link_t += copy_s
-                host_t = on_link if shared else host_t
+                if shared:  # the CPU computes it after it lands
+                    host_t = on_link
         self._since_host = 0 if host else self._since_host + 1
         if self._since_host >= EXPLORE_EVERY:  # keep the host's estimate measured: its cheapest miss goes there
             e = min(copy, key=lambda e: (tokens[e], e))
