@@ -33,7 +33,6 @@ lint: install
 bench: install
 	$(PY) -m lab.offload_bench --mode default --eager-only
 	$(PY) -m lab.scale_bench --mode quick
-	$(PY) -m lab.miss_path_bench
 	$(PY) -m lab.fit_bench
 	$(PY) -m lab.host_bench --mode quick
 	$(PY) -m lab.fairness_bench
