@@ -1,6 +1,7 @@
 """`offload_moe.fit`'s decode estimate against the decode it then measures: the reference models loaded from their
-checkpoints at each budget on the CPU device (a copy is a memcpy; nothing emulated), each after the plan made of the
-checkpoint (the resident step estimated from bandwidth) and of the model in memory (the resident step timed).
+checkpoints at each budget on the CPU device (a copy is a memcpy; nothing emulated), decoding held-out text, each
+after the plan made of the checkpoint (its resident step and miss cost timed on skeletons) and of the model in memory
+(the resident step timed on it), both with the expert frequencies of a calibration on the training split.
 
     python -m lab.fit_bench [--budgets 0.25,0.5,1.0] [--tokens 24] [--out bench-results]
 
@@ -16,27 +17,38 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import offload_moe
 from lab.scale_bench import greedy
+from tests.corpus import corpus_text
 from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR
 
 MODELS = {"mixtral": REFERENCE_MODEL_DIR, "fine": FINE_MODEL_DIR}
 GOAL = 0.30  # |estimate / measured - 1|
-PROMPT_IDS = torch.zeros(1, 8, dtype=torch.long)
+PROMPT_TOKENS = 64
+CALIBRATION_BYTES = 30_000
 
 
-def run(name: str, path: Path, budget: float, tokens: int) -> dict:
-    from_file = offload_moe.fit(path, budget, "cpu")
+def calibration_of(name: str, path: Path, out: Path) -> Path:
+    """A calibration of the model on the training split's first bytes (the decode reads held-out text)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    file, text = out / f"fit-calibration-{name}.safetensors", corpus_text("train", CALIBRATION_BYTES)
+    offload_moe.calibrate(model, [text], AutoTokenizer.from_pretrained(path), path=file)
+    return file
+
+
+def run(name: str, path: Path, budget: float, tokens: int, calibration: Path) -> dict:
+    prompt = AutoTokenizer.from_pretrained(path)(corpus_text("val", 4000), return_tensors="pt")["input_ids"]
+    from_file = offload_moe.fit(path, budget, "cpu", calibration=calibration)
     model, handle = offload_moe.load(path, budget=budget, device="cpu")
     try:
-        measured = greedy(model, PROMPT_IDS, tokens + 1)[2]  # decode tokens/s over `tokens` steps
+        measured = greedy(model, prompt[:, :PROMPT_TOKENS], tokens + 1, handle)[2]  # tokens/s over `tokens` steps
         hit = handle.stats().hit_rate
     finally:
         handle.unpatch()
     resident = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()  # as users hold it
-    in_memory = offload_moe.fit(resident, budget, "cpu")
+    in_memory = offload_moe.fit(resident, budget, "cpu", calibration=calibration)
     return {
         "model": name,
         "budget": budget,
@@ -49,7 +61,8 @@ def run(name: str, path: Path, budget: float, tokens: int) -> dict:
         "expected_hit_rate": from_file.hit_rate,
         "misses_per_token": from_file.misses_per_token,
         "probes": from_file.probes,
-        "step_seconds_bandwidth": from_file.step_seconds,
+        "miss_seconds": from_file.miss_seconds,
+        "step_seconds_skeleton": from_file.step_seconds,
         "step_seconds_measured": in_memory.step_seconds,
     }
 
@@ -61,10 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
     t0 = time.time()
-    rows = [run(n, p, float(b), args.tokens) for n, p in MODELS.items() for b in args.budgets.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    calibrations = {n: calibration_of(n, p, args.out) for n, p in MODELS.items()}
+    rows = [
+        run(n, p, float(b), args.tokens, calibrations[n]) for n, p in MODELS.items() for b in args.budgets.split(",")
+    ]
     doc = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
            "device": "cpu", "tokens": args.tokens, "goal": GOAL, "rows": rows, "seconds": time.time() - t0}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fit.json").write_text(json.dumps(doc, indent=1))
     print(
         f"{'model':<9}{'budget':>7}{'measured':>10}{'fit(file)':>11}{'x':>6}{'fit(mem)':>10}{'x':>6}{'hits':>6}{'exp':>6}"

@@ -143,8 +143,10 @@ def miss_path_section(doc: dict) -> list[str]:
 def fit_section(doc: dict) -> list[str]:
     """`offload_moe.fit`'s decode estimate against the measured decode (`lab.fit_bench`)."""
     out = [f"## The plan's estimate against the measured decode ({doc['machine']}, CPU device)", "",
-           "`fit(checkpoint)` estimates a resident step from bandwidth; `fit(model)` times it. Both add the expected "
-           f"misses per token times the probed cost of one. Goal: within {doc['goal']:.0%} of the measured rate.",
+           "`fit(checkpoint)` times a resident step on skeletons built at the model's widths; `fit(model)` times the "
+           "model. Both add the misses per token a calibration's expert frequencies leave times the runtime's cost per "
+           "miss timed on a skeleton. The decode reads held-out text. Goal: within "
+           f"{doc['goal']:.0%} of the measured rate.",
            ""]  # fmt: skip
     rows = [[r["model"], _fmt(r["budget"]), _fmt(r["measured_tokens_per_s"], 1),
              _fmt(r["fit_checkpoint_tokens_per_s"], 1), _fmt(r["fit_checkpoint_over_measured"]),

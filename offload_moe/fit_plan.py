@@ -9,6 +9,8 @@ for one token, one expert read from the checkpoint's file past the page cache) a
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -27,12 +29,15 @@ from offload_moe.calibration import load_calibration
 from offload_moe.geometry import ExpertGeometry
 from offload_moe.load import shard_names
 from offload_moe.options import OffloadOptions
-from offload_moe.patch import resolve_device
+from offload_moe.patch import offload, resolve_device
 from offload_moe.plan import make_plan
 from offload_moe.runtime.store import mmap_safetensors
 from offload_moe.sizing import AUTO, DeviceRoom, device_room, kv_cache_bytes, non_expert_bytes, ram_tier_slots
 
 PROBE_REPEATS = 5  # each probe's time is the median of this many runs
+DECODE_STEPS = 16  # a decode step's time is the median of this many (a step is short, and this machine noisy)
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config names of the routed expert count
+GROUPS = ("n_group", "topk_group", "num_expert_groups")  # group-limited routing: one group once experts are cut
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class FitPlan:
     probes: dict[str, float]  # seconds: "copy" (one expert over the link), "host" (one expert, one token), "disk"
     miss_seconds: float  # expected seconds per miss on `miss_path`
     step_seconds: float  # one decode step with every routed expert resident
-    step_source: str  # "measured" (the model ran here) or "bandwidth" (active bytes / the host probe's rate)
+    step_source: str  # "measured" (the model ran here), "skeleton" (timed on 1- and 3-layer builds) or "bandwidth"
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -130,10 +135,20 @@ def fit(
     hit, hit_source = _hit_rate(plan.slots, geometry, calib.frequencies if calib is not None else None)
     misses = geometry.layers * geometry.top_k * (1 - hit)
     probes = _probes(geometry, blocks, dev, files)
+    timed = _timings(model, path is None, dev, geometry.top_k, dtype, opt)
     miss_path = opt.miss_setup(dev.type).name
-    copy_s = probes["copy"] + _disk_share(ram, disk) * probes.get("disk", 0.0)
-    miss_s = {"fetch": copy_s, "host": probes["host"]}.get(miss_path, min(copy_s, probes["host"]))
-    step, step_source = _step_seconds(model if path is None else None, dev, geometry, other, probes["host"])
+    disk_s = _disk_share(ram, disk) * probes.get("disk", 0.0)
+    if timed.miss is not None:
+        probes["runtime miss"] = timed.miss
+        miss_s = timed.miss + disk_s
+    else:
+        copy_s = probes["copy"] + disk_s
+        miss_s = {"fetch": copy_s, "host": probes["host"]}.get(miss_path, min(copy_s, probes["host"]))
+    step, step_source = timed.step, timed.source
+    if step is None:
+        step = (
+            (other + geometry.layers * geometry.top_k * geometry.expert_bytes) / geometry.expert_bytes * probes["host"]
+        )
     return FitPlan(
         name, str(dev), geometry.layers, geometry.experts, geometry.top_k, geometry.expert_bytes, other,
         kv_cache_bytes(model.config, dtype, opt.max_tokens, opt.max_batch), room, plan.slots,
@@ -209,10 +224,10 @@ def _probes(g: ExpertGeometry, blocks: list, dev: torch.device, files: dict | No
     return out
 
 
-def _median(fn, dev: torch.device) -> float:
+def _median(fn, dev: torch.device, repeats: int = PROBE_REPEATS) -> float:
     fn()
     times = []
-    for _ in range(PROBE_REPEATS):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         if dev.type == "cuda":
@@ -238,17 +253,81 @@ def _disk_probe(file: Path, nbytes: int) -> float:
         os.close(fd)
 
 
-def _step_seconds(model, dev, g: ExpertGeometry, other: int, host_s: float) -> tuple[float, str]:
-    """One decode step with every routed expert resident: timed when the model is in memory on this device type,
-    else its active bytes (other weights and one token's experts) at the rate the host probe read one expert."""
-    if model is not None and next(model.parameters()).device.type == dev.type:
-        ids = torch.zeros(1, 8, dtype=torch.long, device=next(model.parameters()).device)
+@dataclass(frozen=True)
+class _Timings:
+    """What was timed here: one decode step with every routed expert resident (None: not timed, estimate it from
+    bandwidth) and how it was timed; the seconds the runtime adds per miss of an expert held in RAM (None: unknown)."""
+
+    step: float | None
+    source: str
+    miss: float | None
+
+
+def _timings(
+    model: torch.nn.Module, in_memory: bool, dev: torch.device, top_k: int, dtype: torch.dtype, opt: OffloadOptions
+) -> _Timings:
+    """Time skeletons built from the model's config at its widths (each layer with top-k experts: what one token
+    computes) with one and with three decoder layers; the step is the one-layer time plus the per-layer difference for
+    each further layer (a model in memory on this device type is timed as it is). The three-layer skeleton, patched
+    with one layer's experts (every token misses), gives the runtime's cost per miss on the configured miss path.
+    A family whose config this cannot cut leaves both unknown."""
+    try:
+        one = _decode_seconds(_skeleton(model.config, 1, top_k, dtype, dev))
+        three_layers = _skeleton(model.config, 3, top_k, dtype, dev)
+        three = _decode_seconds(three_layers)
+        miss = _miss_seconds(three_layers, three, dev, opt)
+    except Exception:  # noqa: BLE001 - a family this cannot cut falls back to the bandwidth estimate
+        one = three = miss = None
+    if in_memory and next(model.parameters()).device.type == dev.type:
+        return _Timings(_decode_seconds(model), "measured", miss)
+    if one is None:
+        return _Timings(None, "bandwidth", None)
+    return _Timings(one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2, "skeleton", miss)
+
+
+def _miss_seconds(skeleton: torch.nn.Module, resident_s: float, dev: torch.device, opt: OffloadOptions) -> float | None:
+    """Seconds per miss: the skeleton's decode step patched with a third of its experts (one layer's), less its step
+    resident, over the misses per step."""
+    handle = offload(skeleton, 1 / 3, dev, dataclasses.replace(opt, calibration=None, standin=None))
+    try:
+        ids = torch.zeros(1, 8, dtype=torch.long, device=dev)
         cache = DynamicCache()
         with torch.no_grad():
-            model(input_ids=ids, cache=cache, use_cache=True)
-            return _median(lambda: model(input_ids=ids[:, :1], cache=cache, use_cache=True), dev), "measured"
-    active = other + g.layers * g.top_k * g.expert_bytes
-    return active / g.expert_bytes * host_s, "bandwidth"
+            skeleton(input_ids=ids, cache=cache, use_cache=True)
+            before = handle.stats().misses
+            step = _median(lambda: skeleton(input_ids=ids[:, :1], cache=cache, use_cache=True), dev, DECODE_STEPS)
+        per_step = (handle.stats().misses - before) / (DECODE_STEPS + 1)
+    finally:
+        handle.unpatch()
+    return max(0.0, step - resident_s) / per_step if per_step else None
+
+
+def _decode_seconds(model: torch.nn.Module) -> float:
+    """Median seconds of one-token decode steps after an 8-token prompt."""
+    dev = next(model.parameters()).device
+    ids = torch.zeros(1, 8, dtype=torch.long, device=dev)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+        return _median(lambda: model(input_ids=ids[:, :1], cache=cache, use_cache=True), dev, DECODE_STEPS)
+
+
+def _skeleton(config, layers: int, top_k: int, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
+    """The checkpoint's model at its widths with `layers` decoder layers of `top_k` experts each (routing limited to
+    one group), random weights on `dev`."""
+    cfg = copy.deepcopy(config)
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, list) and len(types) == cfg.num_hidden_layers:
+        cfg.layer_types = types[:layers]
+    cfg.num_hidden_layers = layers
+    for name in EXPERT_COUNTS:
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, top_k)
+    for name in GROUPS:
+        if getattr(cfg, name, None) is not None:
+            setattr(cfg, name, 1)
+    with torch.device(dev):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,7 +112,7 @@ def test_fit_bench_sets_the_plans_estimates_beside_the_measured_decode(tmp_path)
         assert r["measured_tokens_per_s"] > 0 and r["fit_checkpoint_tokens_per_s"] > 0
         assert r["fit_in_memory_over_measured"] == pytest.approx(
             r["fit_in_memory_tokens_per_s"] / r["measured_tokens_per_s"])  # fmt: skip
-        assert r["expected_hit_rate"] == pytest.approx(0.5) and 0 < r["measured_hit_rate"] <= 1
+        assert 0.5 <= r["expected_hit_rate"] <= 1 and 0 < r["measured_hit_rate"] <= 1  # calibrated: >= uniform
     results_doc([str(tmp_path), str(tmp_path / "results.md")])
     assert "The plan's estimate against the measured decode" in (tmp_path / "results.md").read_text()
 

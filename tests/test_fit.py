@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import offload_moe
+import offload_moe.fit_plan as fit_plan
 import offload_moe.sizing as sizing
 from offload_moe import UnsupportedModelError
 from tests.helpers import REFERENCE_MODEL_DIR, REPO, load_reference, tiny_dense_model, tiny_model
@@ -24,7 +25,8 @@ def test_fit_of_a_checkpoint_is_the_plan_load_makes(budget, loaded):
     assert plan.disk_experts == plan.layers * plan.experts - s.slots and plan.ram_experts == 0
     assert plan.hit_rate_source == "uniform" and plan.hit_rate == pytest.approx(s.slots / plan.layers / plan.experts)
     assert plan.misses_per_token == pytest.approx(plan.layers * plan.top_k * (1 - plan.hit_rate))
-    assert plan.decode_tokens_per_s > 0 and set(plan.probes) == {"copy", "host", "disk"}
+    assert plan.decode_tokens_per_s > 0 and set(plan.probes) == {"copy", "host", "disk", "runtime miss"}
+    assert plan.step_source == "skeleton" and plan.miss_seconds >= plan.probes["runtime miss"]
     text = str(plan)
     assert f"{s.slots} of {plan.layers * plan.experts} experts" in text and "tokens/s decode" in text
 
@@ -39,6 +41,18 @@ def test_fit_of_a_model_in_memory_is_the_plan_patch_makes(patched, monkeypatch):
     assert plan.room.experts == s.budget_bytes and plan.step_source == "measured"
     assert plan.ram_experts == plan.layers * plan.experts and plan.disk_experts == 0
     assert "budget auto:" in str(plan) and "GiB margin" in str(plan)
+
+
+def test_fit_estimates_from_bandwidth_where_no_skeleton_can_be_built(monkeypatch):
+    """A family whose config fit cannot cut to a skeleton: the step from active bytes, the miss from the probes."""
+
+    def refuse(*args):
+        raise ValueError("unknown family")
+
+    monkeypatch.setattr(fit_plan, "_skeleton", refuse)
+    plan = offload_moe.fit(REFERENCE_MODEL_DIR, 0.25, "cpu")
+    assert plan.step_source == "bandwidth" and "runtime miss" not in plan.probes and plan.decode_tokens_per_s > 0
+    assert plan.miss_seconds == pytest.approx(plan.probes["copy"] + plan.probes["disk"])  # fetch: every miss from disk
 
 
 def test_fit_reads_the_hit_rate_from_a_calibration(tmp_path):
