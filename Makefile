@@ -18,14 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# Every tier: unit, slow, bench and served (real servers on loopback). CI runs this. Two phases: the tests that need
-# no server in TEST_WORKERS processes of one thread each (they are mostly Python-bound on tiny models; threads of two
-# processes on two cores would spin against each other), then the served ones alone, since they measure shares of
-# wall-clock service. Both phases run; the exit status is the first failure's.
+# Every tier: unit, slow, bench and served (real servers on loopback). CI runs this. Two phases: all but the `timed`
+# tests in TEST_WORKERS processes of one thread each (they are mostly Python-bound on tiny models; threads of two
+# processes on two cores would spin against each other), then the `timed` ones alone, since they assert shares or
+# latencies of wall-clock service. Both phases run; the exit status is the first failure's.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not served" -n $(TEST_WORKERS) --dist worksteal; a=$$?; \
-	$(PY) -m pytest -m served; b=$$?; exit $$(( a ? a : b ))
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not timed" -n $(TEST_WORKERS) --dist worksteal; a=$$?; \
+	$(PY) -m pytest -m timed; b=$$?; exit $$(( a ? a : b ))
 
 # The edit loop: everything but the slow, bench and served tiers (about a minute here).
 test-quick: install

@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print the plan's fields as JSON")
     args = ap.parse_args(argv)
     budget = args.budget if args.budget == AUTO or not args.budget.replace(".", "").isdigit() else float(args.budget)
-    plan = fit(args.path, budget, args.device, ram_budget=args.ram_budget, calibration=args.calibration,
-               max_tokens=args.max_tokens, max_batch=args.max_batch)  # fmt: skip
+    try:
+        plan = fit(args.path, budget, args.device, ram_budget=args.ram_budget, calibration=args.calibration,
+                   max_tokens=args.max_tokens, max_batch=args.max_batch)  # fmt: skip
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad input: its message, not a traceback
+        ap.error(str(e))
     print(json.dumps(plan.as_dict(), indent=1) if args.json else plan)

@@ -19,14 +19,14 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import openai
 
-from tests.servers import free_port, redis_server, spawn
+from tests.servers import free_port, redis_server, spawn_all
 from tests.tcp_proxy import ProxyProcess
 
 ENGINES, MAX_RUNNING, STEP_S, MAX_TOKENS = 3, 4, 0.01, 20
@@ -122,11 +122,10 @@ class Fleet:
         self.redis_port = free_port()
         self.urls: list[str] = []
         self._args: list[list[str]] = []
-        upstreams = []
-        for i in range(engines.count):
-            port = free_port()
-            self.procs[f"engine{i}"] = spawn(["tests.fake_engine", *engines.args], port)
-            upstreams.append(f"http://127.0.0.1:{port}")
+        ports = [free_port() for _ in range(engines.count)]
+        started = spawn_all([(["tests.fake_engine", *engines.args], port) for port in ports])
+        self.procs.update({f"engine{i}": proc for i, proc in enumerate(started)})
+        upstreams = [f"http://127.0.0.1:{port}" for port in ports]
         if shared:
             self.procs["redis"] = redis_server(self.redis_port)
         for g in range(n_gateways):
@@ -143,11 +142,13 @@ class Fleet:
                 args += ["--tenants", str(tenants_file)]
             self._args.append(args + list(gateway_args))
             self.urls.append(f"http://127.0.0.1:{free_port()}")
-            self.start_gateway(g)
+        self.start_gateways(range(n_gateways))
 
-    def start_gateway(self, g: int) -> None:
-        """(Re)start gateway g on its port, with its id."""
-        self.procs[f"gateway{g}"] = spawn(self._args[g], int(self.urls[g].rsplit(":", 1)[1]))
+    def start_gateways(self, gateways: Iterable[int]) -> None:
+        """(Re)start these gateways on their ports, with their ids, side by side."""
+        gateways = list(gateways)
+        started = spawn_all([(self._args[g], int(self.urls[g].rsplit(":", 1)[1])) for g in gateways])
+        self.procs.update({f"gateway{g}": proc for g, proc in zip(gateways, started, strict=True)})
 
     def kill_gateway(self, g: int) -> None:
         proc = self.procs[f"gateway{g}"]
@@ -444,7 +445,7 @@ def fault(kind: str, at: float = 3.0, outage_s: float = 5.0, after_s: float = 8.
                 (at + 1.5, look("during")),
                 (back, f.start_store),
             ],
-            "gateway-restart": [(at, lambda: f.kill_gateway(1)), (back, lambda: f.start_gateway(1))],
+            "gateway-restart": [(at, lambda: f.kill_gateway(1)), (back, lambda: f.start_gateways([1]))],
         }[kind]
         return acts + [(back + 2.0, look("after"))]
 

@@ -26,19 +26,34 @@ def free_port() -> int:
 
 def spawn(args: list[str], port: int) -> subprocess.Popen:
     """`python -m ARGS --port PORT` in the checkout, once its /health answers 200."""
-    proc = subprocess.Popen([sys.executable, "-m", *args, "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return spawn_all([(args, port)])[0]
+
+
+def spawn_all(commands: list[tuple[list[str], int]]) -> list[subprocess.Popen]:
+    """`spawn` each (ARGS, PORT) at once, returned once every /health answers 200: the processes start (imports,
+    mostly) side by side."""
+    quiet = {"cwd": ROOT, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([sys.executable, "-m", *args, "--port", str(port)], **quiet) for args, port in commands]
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    waiting = list(zip(procs, commands, strict=True))
+    while waiting and time.monotonic() < deadline:
+        proc, (args, port) = waiting[0]
         if proc.poll() is not None:
+            for p in procs:
+                p.kill()
             raise RuntimeError(f"python -m {' '.join(args)} exited with {proc.returncode} before answering /health")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+                waiting.pop(0)
+                continue
         except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"python -m {args[0]} did not start")
+            pass
+        time.sleep(0.1)
+    if waiting:
+        for p in procs:
+            p.kill()
+        raise RuntimeError(f"python -m {waiting[0][1][0][0]} did not start")
+    return procs
 
 
 def stop(proc: subprocess.Popen) -> None:

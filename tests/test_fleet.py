@@ -21,7 +21,7 @@ from tests.fleet_harness import (
     summary,
 )
 
-pytestmark = [pytest.mark.served, pytest.mark.slow]
+pytestmark = [pytest.mark.served, pytest.mark.slow, pytest.mark.timed]
 
 
 def _shares(tenants, **kw):

@@ -254,6 +254,7 @@ def _flood(url: str, tenant: str, n: int, max_tokens: int, ttft: list[float], th
 
 
 @pytest.mark.served
+@pytest.mark.timed
 @pytest.mark.parametrize("policy", ["vtc", "fcfs"])
 def test_a_light_tenant_is_not_starved_by_a_heavy_one_under_vtc(policy, request):
     s = Stack(engines=2, max_running=2, step_s=0.01, policy=policy)

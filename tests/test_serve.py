@@ -183,6 +183,7 @@ def test_an_oracle_policy_is_refused_before_serving(reference_dir):
         serve_main([str(reference_dir), "--policy", "vtc-oracle", "--device", "cpu"])
 
 
+@pytest.mark.timed
 def test_vtc_keeps_a_light_client_from_starving_on_the_real_engine(reference_dir):
     """A heavy client at twice this engine's measured capacity (it varies with the machine and what else runs), two
     light ones at an eighth of its rate each, well under their fair share: FCFS lets the backlogged gap grow and makes

