@@ -202,8 +202,8 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
     n_experts = len(blocks) * blocks[0].num_experts
     all_bytes = sum(p.numel() * p.element_size() for p in experts)
     expert_bytes, expert_params = all_bytes // n_experts, sum(p.numel() for p in experts) // n_experts
-    calibration = args.out / f"calibration-{name}.safetensors"
-    calibrate(model, [corpus_text("train", max_bytes=120_000)], tokenizer, path=calibration)  # train split only
+    calibration = args.out / f"calibration-{name}.safetensors"  # calibrated on the training split only
+    calibrate(model, [corpus_text("train", max_bytes=args.calibration_bytes)], tokenizer, path=calibration)
     quality = standin_quality(model, tokenizer, calibration, corpus_text("val", max_bytes=args.quality_bytes))
     link, host, layer_s = None, None, None
     quarter = eval_text[: len(eval_text) // 4]
@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--eval-bytes", type=int, default=None, help="held-out text decoded per config (mode's)")
     ap.add_argument("--quality-bytes", type=int, default=None, help="held-out text of the stand-in quality table")
+    ap.add_argument("--calibration-bytes", type=int, default=120_000, help="training text the calibration reads")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--eager-only", action="store_true", help="no compile=True twins (full mode: half the time)")
     args = ap.parse_args(argv)

@@ -14,7 +14,7 @@ def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
     # eager rows only: their compiled twins are most of the run, and test_compile covers compile=True
     main(["--mode", "quick", "--model", str(reference_dir), "--out", str(tmp_path), "--prompts", "1",
           "--prompt-len", "16", "--eval-bytes", "300", "--quality-bytes", "1500", "--link-gbps", "50",
-          "--eager-only"])  # fmt: skip
+          "--eager-only", "--calibration-bytes", "12000"])  # fmt: skip
     result = json.loads((tmp_path / "offload.json").read_text())
     (model,) = result["models"]
     assert model["model"] == "custom" and model["experts"] == 8 and model["dtype"] == "bfloat16"

@@ -186,8 +186,10 @@ def test_the_freetoken_split_gives_the_host_its_bandwidth_share_only_above_twice
     model = tiny_model("mixtral")
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(8))
     ref = logits(model, ids)
-    fast_link = EmulatedLink(gbps=50)  # copies far faster than the host: nothing goes to the host
-    handle = patched(model, budget=0.25, device="cpu", options=emulated(fast_link), miss_path=FreeTokenSplit)
+    fast_link, slow_host = EmulatedLink(gbps=50), EmulatedHost(gbps=0.001)  # both paced: a loaded CPU changes no
+    handle = patched(  # decision (copies measure far faster than the host's jobs): nothing goes to the host
+        model, budget=0.25, device="cpu", options=emulated(fast_link, slow_host), miss_path=FreeTokenSplit
+    )
     assert torch.equal(logits(model, ids), ref)
     s = handle.stats()
     assert s.auto_copy > 0 and s.auto_host == 0
