@@ -169,17 +169,19 @@ def _meta_model(path: Path) -> torch.nn.Module:
 
 def _expert_files(path: Path, blocks: list) -> dict[str, Any]:
     """Bytes of one expert as stored and of everything else, from the shards' memory maps (no weights read); the
-    first shard holding experts, for the disk probe."""
-    expert_total, other, probe = 0, 0, None
+    first shard holding experts and the tensors one expert is read from (the disk probe reads as many)."""
+    expert_total, other, tensors, probe = 0, 0, 0, None
     for shard in shard_names(path):
         for key, t in mmap_safetensors(path / shard).items():
             if ".experts." in key:  # a shared expert's keys read "shared_experts."
                 expert_total += t.nbytes
+                tensors += 1
                 probe = probe or path / shard
             else:
                 other += t.nbytes
     experts = len(blocks) * blocks[0].num_experts
-    return {"expert_bytes": expert_total // experts, "other_bytes": other, "probe_file": probe}
+    pieces = tensors // experts if tensors >= experts else tensors // len(blocks)  # per expert, or fused per layer
+    return {"expert_bytes": expert_total // experts, "other_bytes": other, "probe_file": probe, "pieces": pieces}
 
 
 def _ram_experts(ram_budget, g: ExpertGeometry, dev: torch.device, opt: OffloadOptions, slots: int) -> int:
@@ -220,7 +222,7 @@ def _probes(g: ExpertGeometry, blocks: list, dev: torch.device, files: dict | No
     x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch.bfloat16) for w in weights}
     out["host"] = _median(lambda: [F.linear(x[w.shape[1]], w) for w in weights], torch.device("cpu"))
     if files is not None and files["probe_file"] is not None:
-        out["disk"] = _disk_probe(files["probe_file"], nbytes)
+        out["disk"] = _disk_probe(files["probe_file"], nbytes, max(1, files["pieces"]))
     return out
 
 
@@ -236,17 +238,22 @@ def _median(fn, dev: torch.device, repeats: int = PROBE_REPEATS) -> float:
     return statistics.median(times)
 
 
-def _disk_probe(file: Path, nbytes: int) -> float:
-    """Seconds to read `nbytes` from the file's end past the page cache (dropped first for that range)."""
+def _disk_probe(file: Path, nbytes: int, pieces: int) -> float:
+    """Seconds to read `nbytes` from the file past the page cache (dropped first for those ranges) in `pieces` reads
+    far apart, as the runtime reads an expert's tensors."""
     fd = os.open(file, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
+        size, piece = os.fstat(fd).st_size, max(1, nbytes // pieces)
+        repeats = min(PROBE_REPEATS, max(1, size // nbytes))
+        stride = max(piece, size // (repeats * pieces))
         times = []
-        for i in range(min(PROBE_REPEATS, max(1, size // nbytes))):
-            off = max(0, size - (i + 1) * nbytes)
-            os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
+        for i in range(repeats):
+            offsets = [max(0, size - (i + 1 + j * repeats) * stride) for j in range(pieces)]
+            for off in offsets:
+                os.posix_fadvise(fd, off, piece, os.POSIX_FADV_DONTNEED)
             t0 = time.perf_counter()
-            os.pread(fd, nbytes, off)
+            for off in offsets:
+                os.pread(fd, piece, off)
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
     finally:

@@ -56,7 +56,6 @@ def reference():
 CONFIGS = [
     pytest.param(1.0, {}, id="budget-1.0"),
     pytest.param(0.5, {"miss_path": "fetch", "prefetch": None}, id="fetch"),
-    pytest.param(0.5, {"miss_path": "fetch", "prefetch": "lookahead"}, id="lookahead"),
     pytest.param(0.5, {"miss_path": "host"}, id="host"),
     pytest.param(0.5, {"miss_path": "auto", "prefetch": "lookahead"}, id="auto+lookahead"),
     pytest.param(0.5, {"placement": "static-layers"}, id="static-layers"),

@@ -21,7 +21,7 @@ from tests.fleet_harness import (
     summary,
 )
 
-pytestmark = [pytest.mark.served, pytest.mark.slow, pytest.mark.timed]
+pytestmark = [pytest.mark.served, pytest.mark.slow]
 
 
 def _shares(tenants, **kw):
@@ -29,6 +29,7 @@ def _shares(tenants, **kw):
     return summary(run(tenants, **kw)[0], weights)
 
 
+@pytest.mark.timed
 def test_two_gateways_with_shared_state_hold_the_light_tenants_share_that_independent_ones_lose():
     """The heavy tenant sends through both gateways, the light one through A only: with one counter the light
     tenant gets half the service; with independent gateways about a quarter."""
@@ -39,6 +40,7 @@ def test_two_gateways_with_shared_state_hold_the_light_tenants_share_that_indepe
     assert not any(shared["errors"].values()) and not any(independent["errors"].values())
 
 
+@pytest.mark.timed
 def test_three_gateways_and_dynamos_weighted_case():
     three = _shares([Tenant("heavy", [0, 1, 2]), Tenant("light", [0])], n_gateways=3, shared=True)
     assert abs(three["shares"]["light"] - 0.5) <= 0.05, three
@@ -56,6 +58,7 @@ def _recovered(r: dict) -> None:
     assert abs(r["shares_since_start"]["light"] - 0.5) <= 0.05, r
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize("kind", ["slow-store", "partition"])
 def test_a_slow_store_and_a_gateway_cut_off_from_it_lose_nothing_and_charge_each_request_once(kind):
     """Every store call 50 ms slower for 5 s; or gateway B cut off from the store for 5 s (its calls wait in the
@@ -72,6 +75,7 @@ def test_a_slow_store_and_a_gateway_cut_off_from_it_lose_nothing_and_charge_each
     assert all(m["shared_state_up"] == 1.0 for m in r["metrics"].values()), r
 
 
+@pytest.mark.timed
 def test_a_store_restarted_empty_keeps_serving_and_bills_each_request_once_across_the_two_stores():
     """The store killed and started empty 5 s later: both gateways serve on local counters meanwhile (/metrics says
     so), then write their counts anew and merge the charges made meanwhile, those not yet sent when the store died
@@ -88,6 +92,7 @@ def test_a_store_restarted_empty_keeps_serving_and_bills_each_request_once_acros
         assert r["charged"][tenant] >= r["usage_sent_after_restart"][tenant] - TICK_SERVICE, r
 
 
+@pytest.mark.timed
 def test_a_gateway_killed_and_restarted_with_its_id_rejoins_and_charges_each_request_at_most_once():
     """Gateway B SIGKILLed, then restarted with the same --gateway-id 5 s later: its clients' requests err (the
     connection broke, then was refused until the restart), nothing hangs, the restarted process starts a new
@@ -101,6 +106,7 @@ def test_a_gateway_killed_and_restarted_with_its_id_rejoins_and_charges_each_req
         assert used - TICK_SERVICE <= r["charged"][tenant] <= used + open_at_b.get(tenant, 0) * REQUEST_SERVICE, r
 
 
+@pytest.mark.timed
 def test_the_learned_limit_keeps_the_queue_at_the_gateway_in_front_of_an_engine_that_batches_everything():
     """One engine that batches every request (throughput flat past 4 at once, every request starting at once): the
     heavy tenant keeps twice the light one's requests open. A limit learned from throughput stops near 4, so the
