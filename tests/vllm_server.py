@@ -132,13 +132,3 @@ def vllm_server(env: dict[str, str] | None = None, args: tuple[str, ...] = (), m
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def server_log_error(env: dict[str, str], args: tuple[str, ...] = (), timeout_s: float = 600) -> str:
-    """Start vLLM with `env` and `args` expecting it to refuse: all it printed (raises if it served)."""
-    try:
-        with vllm_server(env, args, timeout_s=timeout_s):
-            pass
-    except ServerExited as e:
-        return e.log
-    raise AssertionError(f"vLLM started with {env}")
