@@ -135,7 +135,7 @@ def fit(
     hit, hit_source = _hit_rate(plan.slots, geometry, calib.frequencies if calib is not None else None)
     misses = geometry.layers * geometry.top_k * (1 - hit)
     probes = _probes(geometry, blocks, dev, files)
-    timed = _timings(model, path is None, dev, geometry.top_k, dtype, opt)
+    timed = _timings(model, path is None, dev, geometry, dtype, opt)
     miss_path = opt.miss_setup(dev.type).name
     disk_s = _disk_share(ram, disk) * probes.get("disk", 0.0)
     if timed.miss is not None:
@@ -270,32 +270,48 @@ class _Timings:
     miss: float | None
 
 
+_NONE = _Timings(None, "bandwidth", None)  # nothing timed: estimated from bandwidth
+
+
 def _timings(
-    model: torch.nn.Module, in_memory: bool, dev: torch.device, top_k: int, dtype: torch.dtype, opt: OffloadOptions
+    model: torch.nn.Module,
+    in_memory: bool,
+    dev: torch.device,
+    g: ExpertGeometry,
+    dtype: torch.dtype,
+    opt: OffloadOptions,
 ) -> _Timings:
     """Time skeletons built from the model's config at its widths (each layer with top-k experts: what one token
     computes) with one and with three decoder layers; the step is the one-layer time plus the per-layer difference for
-    each further layer (a model in memory on this device type is timed as it is). The three-layer skeleton, patched
-    with one layer's experts (every token misses), gives the runtime's cost per miss on the configured miss path.
-    A family whose config this cannot cut leaves both unknown."""
+    each further layer (a model in memory on this device type is timed as it is). The three-layer skeleton patched
+    with every expert gives the runtime's own cost per MoE layer call (added for each of the model's MoE layers);
+    patched with one layer's experts (every token misses), its cost per miss on the configured miss path. A family
+    whose config this cannot cut leaves all unknown."""
     try:
-        one = _decode_seconds(_skeleton(model.config, 1, top_k, dtype, dev))
-        three_layers = _skeleton(model.config, 3, top_k, dtype, dev)
+        one = _decode_seconds(_skeleton(model.config, 1, g.top_k, dtype, dev))
+        three_layers = _skeleton(model.config, 3, g.top_k, dtype, dev)
         three = _decode_seconds(three_layers)
-        miss = _miss_seconds(three_layers, three, dev, opt)
+        full, _ = _patched_seconds(three_layers, 1.0, dev, opt)
+        third, misses = _patched_seconds(three_layers, 1 / 3, dev, opt)
     except Exception:  # noqa: BLE001 - a family this cannot cut falls back to the bandwidth estimate
-        one = three = miss = None
-    if in_memory and next(model.parameters()).device.type == dev.type:
-        return _Timings(_decode_seconds(model), "measured", miss)
-    if one is None:
-        return _Timings(None, "bandwidth", None)
-    return _Timings(one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2, "skeleton", miss)
+        return _Timings(_decode_seconds(model), "measured", None) if _timed_here(model, in_memory, dev) else _NONE
+    hooks = g.layers * max(0.0, full - three) / 3  # the runtime's cost at full residency, every MoE layer
+    miss = max(0.0, third - full) / misses if misses else None
+    if _timed_here(model, in_memory, dev):
+        return _Timings(_decode_seconds(model) + hooks, "measured", miss)
+    return _Timings(one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2 + hooks, "skeleton", miss)
 
 
-def _miss_seconds(skeleton: torch.nn.Module, resident_s: float, dev: torch.device, opt: OffloadOptions) -> float | None:
-    """Seconds per miss: the skeleton's decode step patched with a third of its experts (one layer's), less its step
-    resident, over the misses per step."""
-    handle = offload(skeleton, 1 / 3, dev, dataclasses.replace(opt, calibration=None, standin=None))
+def _timed_here(model: torch.nn.Module, in_memory: bool, dev: torch.device) -> bool:
+    """A model in memory on the device's type: its own step is timed."""
+    return in_memory and next(model.parameters()).device.type == dev.type
+
+
+def _patched_seconds(
+    skeleton: torch.nn.Module, budget: float, dev: torch.device, opt: OffloadOptions
+) -> tuple[float, float]:
+    """The skeleton's decode step patched at `budget`, and its misses per step."""
+    handle = offload(skeleton, budget, dev, dataclasses.replace(opt, calibration=None, standin=None))
     try:
         ids = torch.zeros(1, 8, dtype=torch.long, device=dev)
         cache = DynamicCache()
@@ -303,10 +319,9 @@ def _miss_seconds(skeleton: torch.nn.Module, resident_s: float, dev: torch.devic
             skeleton(input_ids=ids, cache=cache, use_cache=True)
             before = handle.stats().misses
             step = _median(lambda: skeleton(input_ids=ids[:, :1], cache=cache, use_cache=True), dev, DECODE_STEPS)
-        per_step = (handle.stats().misses - before) / (DECODE_STEPS + 1)
+        return step, (handle.stats().misses - before) / (DECODE_STEPS + 1)
     finally:
         handle.unpatch()
-    return max(0.0, step - resident_s) / per_step if per_step else None
 
 
 def _decode_seconds(model: torch.nn.Module) -> float:
