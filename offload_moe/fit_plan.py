@@ -138,9 +138,9 @@ def fit(
     timed = _timings(model, path is None, dev, geometry, dtype, opt)
     miss_path = opt.miss_setup(dev.type).name
     disk_s = _disk_share(ram, disk) * probes.get("disk", 0.0)
-    if timed.miss is not None:
+    if timed.miss is not None:  # a miss from disk reads into the slot: the read takes the copy's place
         probes["runtime miss"] = timed.miss
-        miss_s = timed.miss + disk_s
+        miss_s = timed.miss + _disk_share(ram, disk) * max(0.0, probes.get("disk", 0.0) - probes["copy"])
     else:
         copy_s = probes["copy"] + disk_s
         miss_s = {"fetch": copy_s, "host": probes["host"]}.get(miss_path, min(copy_s, probes["host"]))
@@ -239,21 +239,18 @@ def _median(fn, dev: torch.device, repeats: int = PROBE_REPEATS) -> float:
 
 
 def _disk_probe(file: Path, nbytes: int, pieces: int) -> float:
-    """Seconds to read `nbytes` from the file past the page cache (dropped first for those ranges) in `pieces` reads
-    far apart, as the runtime reads an expert's tensors."""
+    """Seconds to read `nbytes` from the file past the page cache (dropped first for that range) in `pieces`
+    consecutive reads, as the runtime reads an expert's tensors one by one."""
     fd = os.open(file, os.O_RDONLY)
     try:
         size, piece = os.fstat(fd).st_size, max(1, nbytes // pieces)
-        repeats = min(PROBE_REPEATS, max(1, size // nbytes))
-        stride = max(piece, size // (repeats * pieces))
         times = []
-        for i in range(repeats):
-            offsets = [max(0, size - (i + 1 + j * repeats) * stride) for j in range(pieces)]
-            for off in offsets:
-                os.posix_fadvise(fd, off, piece, os.POSIX_FADV_DONTNEED)
+        for i in range(min(PROBE_REPEATS, max(1, size // nbytes))):
+            off = max(0, size - (i + 1) * nbytes)
+            os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
             t0 = time.perf_counter()
-            for off in offsets:
-                os.pread(fd, piece, off)
+            for j in range(pieces):
+                os.pread(fd, piece, off + j * piece)
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
     finally:
