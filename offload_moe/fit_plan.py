@@ -15,6 +15,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,12 @@ def fit(
     probes = _probes(geometry, blocks, dev, files)
     timed = _timings(model, path is None, dev, geometry, dtype, opt)
     miss_path = opt.miss_setup(dev.type).name
-    disk_s = _disk_share(ram, disk) * probes.get("disk", 0.0)
+    share, disk_s = _disk_share(ram, disk), probes.get("disk", 0.0)
     if timed.miss is not None:  # a miss from disk reads into the slot: the read takes the copy's place
         probes["runtime miss"] = timed.miss
-        miss_s = timed.miss + _disk_share(ram, disk) * max(0.0, probes.get("disk", 0.0) - probes["copy"])
+        miss_s = timed.miss + share * max(0.0, disk_s - probes["copy"])
     else:
-        copy_s = probes["copy"] + disk_s
+        copy_s = probes["copy"] + share * disk_s
         miss_s = {"fetch": copy_s, "host": probes["host"]}.get(miss_path, min(copy_s, probes["host"]))
     step, step_source = timed.step, timed.source
     if step is None:
@@ -307,27 +308,24 @@ def _timed_here(model: torch.nn.Module, in_memory: bool, dev: torch.device) -> b
 def _patched_seconds(
     skeleton: torch.nn.Module, budget: float, dev: torch.device, opt: OffloadOptions
 ) -> tuple[float, float]:
-    """The skeleton's decode step patched at `budget`, and its misses per step."""
+    """The skeleton's decode step patched at `budget`, and its misses per step (the prompt's not counted)."""
     handle = offload(skeleton, budget, dev, dataclasses.replace(opt, calibration=None, standin=None))
     try:
-        ids = torch.zeros(1, 8, dtype=torch.long, device=dev)
-        cache = DynamicCache()
-        with torch.no_grad():
-            skeleton(input_ids=ids, cache=cache, use_cache=True)
-            before = handle.stats().misses
-            step = _median(lambda: skeleton(input_ids=ids[:, :1], cache=cache, use_cache=True), dev, DECODE_STEPS)
-        return step, (handle.stats().misses - before) / (DECODE_STEPS + 1)
+        step = _decode_seconds(skeleton, after_prompt=handle.reset_stats)
+        return step, handle.stats().misses / (DECODE_STEPS + 1)
     finally:
         handle.unpatch()
 
 
-def _decode_seconds(model: torch.nn.Module) -> float:
-    """Median seconds of one-token decode steps after an 8-token prompt."""
+def _decode_seconds(model: torch.nn.Module, after_prompt: Callable[[], object] = lambda: None) -> float:
+    """Median seconds of one-token decode steps (one warm-up and DECODE_STEPS timed) after an 8-token prompt;
+    `after_prompt` runs between the two."""
     dev = next(model.parameters()).device
     ids = torch.zeros(1, 8, dtype=torch.long, device=dev)
     cache = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids, cache=cache, use_cache=True)
+        after_prompt()
         return _median(lambda: model(input_ids=ids[:, :1], cache=cache, use_cache=True), dev, DECODE_STEPS)
 
 
