@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml
 # latencies of wall-clock service. Both phases run; the exit status is the first failure's.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not timed" -n $(TEST_WORKERS) --dist worksteal; a=$$?; \
-	$(PY) -m pytest -m timed; b=$$?; exit $$(( a ? a : b ))
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not timed" -n $(TEST_WORKERS) --dist worksteal --durations=30; a=$$?; \
+	$(PY) -m pytest -m timed --durations=0; b=$$?; exit $$(( a ? a : b ))
 
 # The edit loop: everything but the slow, bench and served tiers (about a minute here).
 test-quick: install
