@@ -30,10 +30,10 @@ PROMPT_TOKENS = 64
 CALIBRATION_BYTES = 30_000
 
 
-def calibration_of(name: str, path: Path, out: Path) -> Path:
-    """A calibration of the model on the training split's first bytes (the decode reads held-out text)."""
+def calibration_of(name: str, path: Path, out: Path, nbytes: int = CALIBRATION_BYTES) -> Path:
+    """A calibration of the model on the training split's first `nbytes` (the decode reads held-out text)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    file, text = out / f"fit-calibration-{name}.safetensors", corpus_text("train", CALIBRATION_BYTES)
+    file, text = out / f"fit-calibration-{name}.safetensors", corpus_text("train", nbytes)
     offload_moe.calibrate(model, [text], AutoTokenizer.from_pretrained(path), path=file)
     return file
 
@@ -71,11 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="0.25,0.5,1.0")
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--calibration-bytes", type=int, default=CALIBRATION_BYTES, help="training text calibrated on")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
-    calibrations = {n: calibration_of(n, p, args.out) for n, p in MODELS.items()}
+    calibrations = {n: calibration_of(n, p, args.out, args.calibration_bytes) for n, p in MODELS.items()}
     rows = [
         run(n, p, float(b), args.tokens, calibrations[n]) for n, p in MODELS.items() for b in args.budgets.split(",")
     ]

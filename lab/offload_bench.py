@@ -80,7 +80,7 @@ LEAN = SHORT - {"lru+buddy"} | {
 # compiled twins outside full mode (where every row has one): the goals' rows, the default being the best lossless
 # one; a lossy twin cost make bench ~15 s it does not have (10-minute limit)
 COMPILED = {"resident", "patched-1.0", "default"}
-RESIDENT_REPEATS = 5  # rows with every expert resident decode in well under a second: the median of 5 passes
+RESIDENT_REPEATS = 5  # rows with every expert resident decode in well under a second: the median of 5 passes (default)
 STATIC_LEN = 256  # compiled rows decode through a static KV cache of this many positions (the eval window)
 
 
@@ -233,7 +233,7 @@ def run_model(name: str, path: Path, args: argparse.Namespace) -> dict:
             c_host = emulated_host(c_link, expert_bytes, expert_params)
         out, lk, hs = (compiled_runs, c_link, c_host) if cfg.compiled else (runs, link, host)
         out.append(run_config(model, tokenizer, cfg, device, lk, hs, calibration, prompts, eval_text, all_bytes,
-                              expert_bytes))  # fmt: skip
+                              expert_bytes, args.resident_repeats))  # fmt: skip
     return {
         "model": name, "path": str(path), "dtype": str(DTYPE).removeprefix("torch."), "device": str(device),
         "layers": len(blocks), "experts": blocks[0].num_experts, "top_k": blocks[0].top_k,
@@ -258,7 +258,7 @@ def as_on_gpu(cfg: Config, link: EmulatedLink | None) -> dict:
 
 
 def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, prompts, eval_text, all_bytes,
-               expert_bytes) -> dict:  # fmt: skip
+               expert_bytes, resident_repeats: int = RESIDENT_REPEATS) -> dict:  # fmt: skip
     handle = None
     if cfg.budget is not None:
         uses = (cfg.options.get("standin"), cfg.options.get("placement"))
@@ -275,7 +275,7 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
             # compiled rows measure decode only: a prefill graph would cost every row another compile (bench time)
             prefill = None if cfg.compiled else prefill_speed(model, prompts)
             speeds = []
-            for _ in range(RESIDENT_REPEATS if cfg.budget in (None, 1.0) else 1):
+            for _ in range(resident_repeats if cfg.budget in (None, 1.0) else 1):
                 if handle:
                     handle.reset_stats()  # the counters of the last pass
                 decode, bpb, tokens = decode_speed_and_bpb(model, tokenizer, eval_text, static=cfg.compiled)
@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-bytes", type=int, default=None, help="held-out text decoded per config (mode's)")
     ap.add_argument("--quality-bytes", type=int, default=None, help="held-out text of the stand-in quality table")
     ap.add_argument("--calibration-bytes", type=int, default=120_000, help="training text the calibration reads")
+    ap.add_argument(
+        "--resident-repeats",
+        type=int,
+        default=RESIDENT_REPEATS,
+        help="decode passes of the rows with every expert resident (their median is reported)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--eager-only", action="store_true", help="no compile=True twins (full mode: half the time)")
     args = ap.parse_args(argv)

@@ -12,7 +12,7 @@ import torch
 
 from hooks import RoutingRecorder
 from offload_moe.patch import patch
-from tests.scale_models import VOCAB, scale_model
+from tests.scale_models import VOCAB, scale_model, spread_routing
 
 LAYERS = (16, 32, 64, 128, 234)  # x 256 experts x 1/4: 1,024 to 14,976 slots
 BUDGET = 0.25
@@ -70,11 +70,13 @@ def replay_rows(sizes: int = len(LAYERS), spread: torch.nn.Module | None = None)
     """Per routing (default and spread) and pool size (the smallest, the largest and `sizes` in all): microseconds
     per replayed layer call (all of it, and the runtime's own share) and per miss, the hit rate, and the keys the
     eviction policy examined per eviction. spread: the spread DeepSeek-V3-shaped model, when it is built already."""
-    out = []
-    for routing, model in (("default", scale_model("deepseek-v3")), ("spread", spread)):
-        model = scale_model("deepseek-v3", spread=True) if model is None else model
-        out += [{"routing": routing, **r} for r in _replay(sizes, *record_trace(model))]
-    return out
+    model = scale_model("deepseek-v3")
+    traces = {"default": record_trace(model)}
+    if spread is None:  # the same model with its embeddings scaled: one 730M-parameter build, not two
+        spread_routing(model)
+        spread = model
+    traces["spread"] = record_trace(spread)
+    return [{"routing": routing, **r} for routing, trace in traces.items() for r in _replay(sizes, *trace)]
 
 
 def _replay(sizes: int, trace: list[tuple[int, torch.Tensor]], trace_layers: int, experts: int, top_k: int

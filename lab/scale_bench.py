@@ -2,7 +2,7 @@
 token's experts follow the token, as a trained model's do, so most expert uses at small budgets are misses):
 resident and patched greedy decoding side by side, and the runtime alone replaying recorded routing traces.
 
-    python -m lab.scale_bench [--mode quick|default] [--shapes qwen3-30b-a3b,...] [--out bench-results]
+    python -m lab.scale_bench [--mode tiny|quick|default|full] [--shapes qwen3-30b-a3b,...] [--out bench-results]
 
 Each shape's resident model and a copy of it (patched, one configuration at a time) decode the same prompt in
 alternating rounds, so machine drift hits both alike; a ratio is the median patched decode speed over the median
@@ -42,6 +42,7 @@ ROWS = [  # name, budget, patch options, emulated link and host
     ("fetch (EMULATED link)", 0.25, {"miss_path": "fetch"}, True),
 ]
 MODES = {  # rounds, greedy tokens, emulated rows' tokens, the shapes with emulated rows, replay pool sizes
+    "tiny": (1, 4, 2, ("mixtral-8x7b",), 2),  # the test's: every code path, numbers too short to read
     "quick": (1, 6, 3, ("mixtral-8x7b",), 2),
     "default": (1, 10, 4, ("mixtral-8x7b",), 3),  # emulated at 256 experts: ~20 s a prefill (make bench's time)
     "full": (3, 24, 12, tuple(SHAPES), 5),

@@ -75,6 +75,12 @@ def scale_model(
     with torch.device("cpu"):
         model = SHAPES[shape]()
     if spread:
-        with torch.no_grad():
-            model.get_input_embeddings().weight.mul_(EMBEDDING_SCALE)
+        spread_routing(model)
     return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def spread_routing(model: torch.nn.Module) -> None:
+    """Scale `model`'s token embeddings by `EMBEDDING_SCALE` in place: what `scale_model(spread=True)` does before
+    the cast to its dtype (after a bf16 cast the scaled weights may differ in the last bit; routing is alike)."""
+    model.get_input_embeddings().weight.mul_(EMBEDDING_SCALE)

@@ -11,10 +11,15 @@ pytestmark = pytest.mark.bench
 def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
     from lab.offload_bench import main
 
+    # the rows checked below; the quick mode's other rows run in make bench
+    rows = ("resident", "patched-1.0", "default", "lru", "lookahead", "auto", "auto+lookahead", "static-frequency",
+            "lru+buddy", "auto+mixed")  # fmt: skip
+
     # eager rows only: their compiled twins are most of the run, and test_compile covers compile=True
     main(["--mode", "quick", "--model", str(reference_dir), "--out", str(tmp_path), "--prompts", "1",
-          "--prompt-len", "16", "--eval-bytes", "300", "--quality-bytes", "1500", "--link-gbps", "50",
-          "--eager-only", "--calibration-bytes", "12000"])  # fmt: skip
+          "--prompt-len", "16", "--eval-bytes", "200", "--quality-bytes", "1000", "--link-gbps", "50",
+          "--eager-only", "--calibration-bytes", "12000", "--resident-repeats", "1",
+          "--rows", ",".join(rows)])  # fmt: skip
     result = json.loads((tmp_path / "offload.json").read_text())
     (model,) = result["models"]
     assert model["model"] == "custom" and model["experts"] == 8 and model["dtype"] == "bfloat16"
@@ -23,8 +28,7 @@ def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
               "bytes_per_token", "bits_per_byte", "substituted_per_token", "device_expert_bytes"}  # fmt: skip
     runs = {(r["name"], r["budget"]): r for r in model["runs"]}
     assert all(fields <= set(r) for r in model["runs"])
-    names = {name for name, _ in runs}
-    assert names >= {"resident", "default", "lru", "lookahead", "auto", "static-frequency", "lru+buddy", "auto+mixed"}
+    assert {name for name, _ in runs} == set(rows)
     resident, lru = runs[("resident", 1.0)], runs[("lru", 0.25)]
     for name in ("patched-1.0", "lru", "lookahead"):  # lossless, and on the device's own kernel: the same bits/byte
         r = next(r for (n, _), r in runs.items() if n == name)
@@ -60,7 +64,7 @@ def test_scale_bench_json_is_complete_and_its_replay_examines_one_key_per_evicti
     from lab.results_doc import main as results_doc
     from lab.scale_bench import GOALS, main
 
-    main(["--mode", "quick", "--shapes", "mixtral-8x7b", "--out", str(tmp_path)])
+    main(["--mode", "tiny", "--shapes", "mixtral-8x7b", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "scale.json").read_text())
     (shape,) = result["shapes"]
     assert (shape["moe_layers"], shape["experts"], shape["top_k"]) == (32, 8, 2)
@@ -105,7 +109,7 @@ def test_fit_bench_sets_the_plans_estimates_beside_the_measured_decode(tmp_path)
     from lab.fit_bench import main
     from lab.results_doc import main as results_doc
 
-    main(["--budgets", "0.5", "--tokens", "3", "--out", str(tmp_path)])
+    main(["--budgets", "0.5", "--tokens", "3", "--calibration-bytes", "6000", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "fit.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["mixtral", "fine"]
     for r in rows:
