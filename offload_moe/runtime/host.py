@@ -190,7 +190,8 @@ class HostCompute:
             hidden = staged
         else:
             hidden = hidden.to(self.store.expert_dtype)
-        weights = weights.to("cpu")  # the routing's host copy already, unless stand-ins changed the weights
+        if weights.device.type != "cpu":  # the routing's host copy already, unless stand-ins changed the weights
+            weights = weights.cpu()
         job = HostJob(
             layer, experts, functools.partial(self._run, layer, experts, hidden, weights, ids, pairs, out_dtype, ready)
         )
@@ -258,16 +259,21 @@ class HostCompute:
         pairs: bool,
         out_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, int]:
-        kernel, ks = self._kernels[layer], torch.tensor([row.index(e) for e in experts])
+        kernel, ks = self._kernels[layer], [row.index(e) for e in experts]
         ys = [kernel.project(self._pieces(layer, e), hidden, self.lowbit_for(layer, e, 1)) for e in experts]
-        # [n, H]: each expert's product scaled as the kernel scales it (in the wider of the two dtypes, exactly)
-        scale = weights.view(-1, 1).index_select(0, ks)
-        wide = torch.promote_types(ys[0].dtype, scale.dtype)
-        y = torch.cat(ys).to(wide).mul_(scale)
-        if not pairs:
-            return y.sum(0, keepdim=True).to(out_dtype), len(experts)
-        out = torch.zeros(len(row), hidden.shape[1], dtype=out_dtype)  # [K, H]: a row per pair
-        return out.index_copy_(0, ks, y.to(out_dtype)), len(experts)
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)  # [n, H] in the weights' dtype
+        per_k = weights.view(-1, 1)  # [K, 1]
+        scale = per_k[ks[0] : ks[0] + 1] if len(ks) == 1 else per_k[ks]  # [n, 1] (one expert: a view, no gather)
+        # each product scaled as the kernel scales it: promoted to the wider of the two dtypes, exactly, in one op
+        y = y * scale
+        if pairs:
+            out = torch.zeros(len(row), hidden.shape[1], dtype=out_dtype)  # [K, H]: a row per pair
+            if len(ks) == 1:
+                out[ks[0] : ks[0] + 1] = y
+            else:
+                out[ks] = y.to(out_dtype)
+            return out, len(experts)
+        return (y if len(ks) == 1 else y.sum(0, keepdim=True)).to(out_dtype), len(experts)
 
     def _tokens(
         self,
