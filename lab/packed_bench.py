@@ -1,6 +1,6 @@
 """Experts kept in their checkpoint's low-bit format against the same model dequantized to bf16, on an EMULATED link.
 
-    python -m lab.packed_bench [--mode quick|default] [--out bench-results]
+    python -m lab.packed_bench [--mode tiny|quick|default] [--out bench-results]
 
 Each case writes a routing-scale model (`tests.scale_models`) as the hub ships it in a low-bit format (`tests.quantize`:
 gpt-oss-120b's shape in MXFP4, Mixtral-8x7B's in FP8 and int4) and the same weights dequantized, saved plain in bf16.
@@ -36,7 +36,7 @@ CASES = [  # shape, format, group (int formats), one bf16 expert copy over one l
     ("mixtral-8x7b", "int4", 64, 15.0),
 ]
 BUDGETS = (0.25, 0.5)
-MODES = {"quick": (1, 6), "default": (3, 10)}  # rounds, decode tokens
+MODES = {"tiny": (1, 3), "quick": (1, 6), "default": (3, 10)}  # rounds, decode tokens (tiny: the test's)
 GOAL = 2.5  # 4-bit formats at 1/4: decode >= 2.5x bf16 (FP8 moves half of bf16's bytes: its ceiling is 2x)
 
 

@@ -141,7 +141,7 @@ def test_packed_bench_copies_packed_bytes_and_matches_bf16_step_for_step(tmp_pat
     from lab.packed_bench import main
     from lab.results_doc import main as results_doc
 
-    main(["--mode", "quick", "--cases", "mixtral-8x7b:int4", "--out", str(tmp_path)])
+    main(["--mode", "tiny", "--cases", "mixtral-8x7b:int4", "--out", str(tmp_path)])
     (case,) = json.loads((tmp_path / "packed.json").read_text())["cases"]
     assert case["format"] == "int4" and case["link"]["emulated"]
     for r in case["rows"]:

@@ -57,13 +57,22 @@ def reference(reference_dir):
     return load_reference(reference_dir)
 
 
+HELD_OUT = 1500  # bytes of held-out text the accuracy tests decode
+
+
+@pytest.fixture(scope="module")
+def exact_bpb(reference):
+    """The unpatched reference model's bits per byte on the held-out text, decoded one token at a time."""
+    model, tokenizer = reference
+    return bits_per_byte(model, tokenizer, corpus_text("val", max_bytes=HELD_OUT), decode=True)
+
+
 @pytest.mark.slow
-def test_8_bit_standins_are_nearly_lossless_and_inside_the_budget(reference, patched):
+def test_8_bit_standins_are_nearly_lossless_and_inside_the_budget(reference, exact_bpb, patched):
     """Every miss served by an 8-bit copy (critical_weight 1.01: none fetched): within 0.3% of the exact bits per
     byte, while 2-bit copies cost more; the stand-ins and the slot pool fit the budget."""
     model, tokenizer = reference
-    text = corpus_text("val", max_bytes=1500)
-    base = bits_per_byte(model, tokenizer, text, decode=True)
+    text, base = corpus_text("val", max_bytes=HELD_OUT), exact_bpb
     bpb = {}
     for bits in (8, 2):
         handle = patched(model, budget=0.75, device="cpu", standin="quant", bits=bits, critical_weight=1.01)
@@ -81,12 +90,12 @@ def test_8_bit_standins_are_nearly_lossless_and_inside_the_budget(reference, pat
 @pytest.mark.slow
 def test_calibration_gives_the_same_file_twice(reference, tmp_path):
     model, tokenizer = reference
-    text = [corpus_text("train", max_bytes=6000)]
+    text = [corpus_text("train", max_bytes=3000)]
     paths = []
     for i in range(2):
         torch.manual_seed(0)
         paths.append(tmp_path / f"cal{i}.safetensors")
-        offload_moe.calibrate(model, text, tokenizer, path=paths[-1], max_tokens=1024, seq_len=128)
+        offload_moe.calibrate(model, text, tokenizer, path=paths[-1], max_tokens=512, seq_len=128)
     a, b = (load_calibration(p) for p in paths)
     assert torch.equal(a.buddies, b.buddies)
     assert a.meta == b.meta and torch.equal(a.standin_errors, b.standin_errors)
@@ -96,12 +105,11 @@ def test_calibration_gives_the_same_file_twice(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_lowbit_copies_cross_the_link_at_their_packed_size(reference, patched):
+def test_lowbit_copies_cross_the_link_at_their_packed_size(reference, exact_bpb, patched):
     """standin="lowbit" (HOBBIT): nothing resident besides the slots; each non-critical miss copies the expert's
     4-bit copy (28% of its bf16 bytes) and uses it at once; the real expert follows in idle link time."""
     model, tokenizer = reference
-    text = corpus_text("val", max_bytes=1500)
-    base = bits_per_byte(model, tokenizer, text, decode=True)
+    text, base = corpus_text("val", max_bytes=HELD_OUT), exact_bpb
     handle = patched(model, budget=0.25, device="cpu", standin="lowbit", bits=4, critical_weight=1.01,
                                prefetch=None, miss_path="fetch")  # fmt: skip
     try:

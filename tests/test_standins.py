@@ -136,16 +136,16 @@ def test_lookahead_raises_the_hit_rate_with_layer_aware_eviction(reference_dir, 
 
 @pytest.mark.slow
 def test_accuracy_ordering_on_the_reference_model(reference_dir, calibration, patched):
-    """Budget 0.25, lookahead, decode regime: lossless without a stand-in, then lowrank well closer to it than drop."""
+    """Budget 0.25, lookahead, decode regime: lowrank well closer to the exact model than drop (that offloading
+    without a stand-in is exact, test_reference_model checks)."""
     model, tokenizer = load_reference(reference_dir)
     text = corpus_text("val", max_bytes=3000)
     base = bits_per_byte(model, tokenizer, text, decode=True)
     bpb = {}
-    for standin in (None, "drop", "lowrank"):
+    for standin in ("drop", "lowrank"):
         handle = patched(model, budget=0.25, device="cpu", standin=standin, calibration=calibration)
         bpb[standin] = bits_per_byte(model, tokenizer, text, decode=True)
         handle.unpatch()
-    assert bpb[None] == pytest.approx(base, abs=1e-6)
     assert bpb["lowrank"] < bpb["drop"]
     assert bpb["lowrank"] < base * 1.03
 
