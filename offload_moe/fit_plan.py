@@ -28,11 +28,11 @@ from offload_moe.blocks import expert_geometry, moe_blocks
 from offload_moe.budget import format_bytes
 from offload_moe.calibration import load_calibration
 from offload_moe.geometry import ExpertGeometry
-from offload_moe.load import checkpoint_store, shard_names
+from offload_moe.load import shard_names
 from offload_moe.options import OffloadOptions
 from offload_moe.patch import offload, resolve_device
 from offload_moe.plan import make_plan
-from offload_moe.runtime.store import HostStore, mmap_safetensors
+from offload_moe.runtime.store import mmap_safetensors
 from offload_moe.sizing import AUTO, DeviceRoom, device_room, kv_cache_bytes, non_expert_bytes, ram_tier_slots
 
 PROBE_REPEATS = 5  # each probe's time is the median of this many runs
@@ -62,10 +62,7 @@ class FitPlan:
     hit_rate_source: str  # "calibration" or "uniform"
     misses_per_token: float
     miss_path: str
-    # seconds per expert: "copy" (over the link), "host" (computed there, one token), "disk" (read past the page
-    # cache); where timed on skeletons, the runtime's whole cost of a miss from RAM ("runtime miss") and from the
-    # checkpoint's files ("disk miss")
-    probes: dict[str, float]
+    probes: dict[str, float]  # seconds: "copy" (one expert over the link), "host" (one expert, one token), "disk"
     miss_seconds: float  # expected seconds per miss on `miss_path`
     step_seconds: float  # one decode step with every routed expert resident
     step_source: str  # "measured" (the model ran here), "skeleton" (timed on 1- and 3-layer builds) or "bandwidth"
@@ -140,13 +137,10 @@ def fit(
     hit, hit_source = _hit_rate(plan.slots, geometry, calib.frequencies if calib is not None else None)
     misses = geometry.layers * geometry.top_k * (1 - hit)
     probes = _probes(geometry, blocks, dev, files)
-    share, disk_s = _disk_share(ram, disk), probes.get("disk", 0.0)
-    timed = _timings(model, path is None, dev, geometry, dtype, opt, path if share > 0 else None)
+    timed = _timings(model, path is None, dev, geometry, dtype, opt)
     miss_path = opt.miss_setup(dev.type).name
-    if timed.miss is not None and timed.disk_miss is not None:  # both timed as the runtime meets them
-        probes["runtime miss"], probes["disk miss"] = timed.miss, timed.disk_miss
-        miss_s = (1 - share) * timed.miss + share * timed.disk_miss
-    elif timed.miss is not None:  # a miss from disk reads into the slot: the read takes the copy's place
+    share, disk_s = _disk_share(ram, disk), probes.get("disk", 0.0)
+    if timed.miss is not None:  # a miss from disk reads into the slot: the read takes the copy's place
         probes["runtime miss"] = timed.miss
         miss_s = timed.miss + share * max(0.0, disk_s - probes["copy"])
     else:
@@ -276,7 +270,6 @@ class _Timings:
     step: float | None
     source: str
     miss: float | None
-    disk_miss: float | None = None  # ... per miss read from the checkpoint's files as `load` reads (None: untimed)
 
 
 _NONE = _Timings(None, "bandwidth", None)  # nothing timed: estimated from bandwidth
@@ -289,16 +282,13 @@ def _timings(
     g: ExpertGeometry,
     dtype: torch.dtype,
     opt: OffloadOptions,
-    disk_path: Path | None = None,
 ) -> _Timings:
     """Time skeletons built from the model's config at its widths (each layer with top-k experts: what one token
     computes) with one and with three decoder layers; the step is the one-layer time plus the per-layer difference for
     each further layer (a model in memory on this device type is timed as it is). The three-layer skeleton patched
     with every expert gives the runtime's own cost per MoE layer call (added for each of the model's MoE layers);
-    patched with one layer's experts (every token misses), its cost per miss on the configured miss path; and where
-    misses read from disk (`disk_path`: a checkpoint of float experts), patched so again with its experts read from
-    the checkpoint's own first layers as `load` reads them (past the page cache, beside the compute), its cost per
-    miss from disk. A family whose config this cannot cut leaves all unknown."""
+    patched with one layer's experts (every token misses), its cost per miss on the configured miss path. A family
+    whose config this cannot cut leaves all unknown."""
     try:
         one = _decode_seconds(_skeleton(model.config, 1, g.top_k, dtype, dev))
         three_layers = _skeleton(model.config, 3, g.top_k, dtype, dev)
@@ -309,19 +299,9 @@ def _timings(
         return _Timings(_decode_seconds(model), "measured", None) if _timed_here(model, in_memory, dev) else _NONE
     hooks = g.layers * max(0.0, full - three) / 3  # the runtime's cost at full residency, every MoE layer
     miss = max(0.0, third - full) / misses if misses else None
-    disk_miss = None
-    if disk_path is not None and misses:
-        try:
-            store = checkpoint_store(disk_path, three_layers)
-        except ValueError:  # low-bit experts: their disk misses are priced from the probe
-            store = None
-        if store is not None:
-            from_disk, disk_misses = _patched_seconds(three_layers, 1 / 3, dev, opt, store)
-            disk_miss = max(0.0, from_disk - full) / disk_misses if disk_misses else None
     if _timed_here(model, in_memory, dev):
-        return _Timings(_decode_seconds(model) + hooks, "measured", miss, disk_miss)
-    step = one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2 + hooks
-    return _Timings(step, "skeleton", miss, disk_miss)
+        return _Timings(_decode_seconds(model) + hooks, "measured", miss)
+    return _Timings(one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2 + hooks, "skeleton", miss)
 
 
 def _timed_here(model: torch.nn.Module, in_memory: bool, dev: torch.device) -> bool:
@@ -330,11 +310,10 @@ def _timed_here(model: torch.nn.Module, in_memory: bool, dev: torch.device) -> b
 
 
 def _patched_seconds(
-    skeleton: torch.nn.Module, budget: float, dev: torch.device, opt: OffloadOptions, store: HostStore | None = None
+    skeleton: torch.nn.Module, budget: float, dev: torch.device, opt: OffloadOptions
 ) -> tuple[float, float]:
-    """The skeleton's decode step patched at `budget` (its experts read from `store` where given), and its misses
-    per step (the prompt's not counted)."""
-    handle = offload(skeleton, budget, dev, dataclasses.replace(opt, calibration=None, standin=None), store=store)
+    """The skeleton's decode step patched at `budget`, and its misses per step (the prompt's not counted)."""
+    handle = offload(skeleton, budget, dev, dataclasses.replace(opt, calibration=None, standin=None))
     try:
         step = _decode_seconds(skeleton, after_prompt=handle.reset_stats)
         return step, handle.stats().misses / (DECODE_STEPS + 1)

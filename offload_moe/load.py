@@ -134,21 +134,6 @@ def load(
     return model, handle
 
 
-def checkpoint_store(path: Path, model: torch.nn.Module) -> HostStore:
-    """`model`'s experts as `load` reads a checkpoint of float experts: spans of its files, read with pread past the
-    page cache. `model` has the checkpoint's config or is cut from it (its first layers, fewer experts each: `fit`
-    times a miss from disk on such a skeleton). Raises ValueError for a low-bit checkpoint."""
-    tensors, files, _ = _open_checkpoint(path, open_files=True)
-
-    def piece(name: str, row: int, t: torch.Tensor) -> Piece:
-        return Piece(name, row, t, FileSpan.of(files[t.untyped_storage().data_ptr()].fileno(), t))
-
-    blocks = moe_blocks(model)
-    experts, _ = _plain_experts(tensors, blocks, piece, path)
-    shapes = {n: tuple(getattr(blocks[0].experts, n).shape[1:]) for n in blocks[0].expert_param_names()}
-    return HostStore(experts, shapes, files=list(files.values()))
-
-
 def _saved_dtype(config: Any, tensors: dict[str, torch.Tensor]) -> torch.dtype:
     """The dtype the model was saved in: its config's, else its float weights' (by bytes; a low-bit checkpoint's
     float32 scales are a small share)."""

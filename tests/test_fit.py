@@ -25,9 +25,8 @@ def test_fit_of_a_checkpoint_is_the_plan_load_makes(budget, loaded):
     assert plan.disk_experts == plan.layers * plan.experts - s.slots and plan.ram_experts == 0
     assert plan.hit_rate_source == "uniform" and plan.hit_rate == pytest.approx(s.slots / plan.layers / plan.experts)
     assert plan.misses_per_token == pytest.approx(plan.layers * plan.top_k * (1 - plan.hit_rate))
-    assert plan.decode_tokens_per_s > 0 and set(plan.probes) == {"copy", "host", "disk", "runtime miss", "disk miss"}
-    assert plan.step_source == "skeleton"
-    assert plan.miss_seconds == pytest.approx(plan.probes["disk miss"])  # no RAM tier: every miss reads the files
+    assert plan.decode_tokens_per_s > 0 and set(plan.probes) == {"copy", "host", "disk", "runtime miss"}
+    assert plan.step_source == "skeleton" and plan.miss_seconds >= plan.probes["runtime miss"]
     text = str(plan)
     assert f"{s.slots} of {plan.layers * plan.experts} experts" in text and "tokens/s decode" in text
 
@@ -41,7 +40,6 @@ def test_fit_of_a_model_in_memory_is_the_plan_patch_makes(patched, monkeypatch):
     assert plan.room is not None and plan.device_experts == s.slots < plan.layers * plan.experts
     assert plan.room.experts == s.budget_bytes and plan.step_source == "measured"
     assert plan.ram_experts == plan.layers * plan.experts and plan.disk_experts == 0
-    assert "disk miss" not in plan.probes and "disk" not in plan.probes  # no files: nothing read from disk
     assert "budget auto:" in str(plan) and "GiB margin" in str(plan)
 
 
