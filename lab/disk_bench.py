@@ -156,6 +156,7 @@ def mixtral_checkpoint(args: argparse.Namespace, ram: int) -> Iterator[tuple[Pat
         if not (ckpt / "model.safetensors.index.json").exists():
             t0 = time.perf_counter()
             write_checkpoint(ckpt, layers, geometry)
+            os.sync()  # on the disk before any run: reads beside the write-back are slower (the first run's were)
             print(f"wrote a {layers}-layer checkpoint in {time.perf_counter() - t0:.0f} s: {ckpt}", flush=True)
         yield ckpt, layers
     finally:

@@ -36,7 +36,7 @@ from offload_moe.runtime.store import mmap_safetensors
 from offload_moe.sizing import AUTO, DeviceRoom, device_room, kv_cache_bytes, non_expert_bytes, ram_tier_slots
 
 PROBE_REPEATS = 5  # each probe's time is the median of this many runs
-DISK_PROBES = 16  # places the disk probe reads an expert at (its mean)
+DISK_PROBES = 16  # places the disk probe reads an expert at (their median)
 DECODE_STEPS = 16  # a decode step's time is the median of this many (a step is short, and this machine noisy)
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config names of the routed expert count
 GROUPS = ("n_group", "topk_group", "num_expert_groups")  # group-limited routing: one group once experts are cut
@@ -241,9 +241,9 @@ def _median(fn, dev: torch.device, repeats: int = PROBE_REPEATS) -> float:
 
 
 def _disk_probe(file: Path, nbytes: int, pieces: int) -> float:
-    """Mean seconds to read `nbytes` from the file past the page cache (dropped first for that range) in `pieces`
+    """Median seconds to read `nbytes` from the file past the page cache (dropped first for that range) in `pieces`
     consecutive reads, as the runtime reads an expert's tensors one by one, at `DISK_PROBES` places spread over the
-    file. The mean, not the median: a disk's slow reads come in a tail that decode pays as often as it occurs."""
+    file (one place, read again, would find the storage's own cache warm)."""
     fd = os.open(file, os.O_RDONLY)
     try:
         size, piece = os.fstat(fd).st_size, max(1, nbytes // pieces)
@@ -257,7 +257,7 @@ def _disk_probe(file: Path, nbytes: int, pieces: int) -> float:
                 os.pread(fd, piece, off + j * piece)
             times.append(time.perf_counter() - t0)
             os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)  # leave the page cache as it was
-        return statistics.fmean(times)
+        return statistics.median(times)
     finally:
         os.close(fd)
 
