@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fairness.gateway import ConcurrencyLimit, GatewayConfig, create_gateway
 from fairness.gateway.admission import Admission
-from fairness.gateway.upstreams import UpstreamPool
+from fairness.gateway.upstreams import UpstreamDown, UpstreamPool
 from fairness.serve import BackgroundServer
 from tests.fake_engine import MODEL, create_fake_engine
 from tests.servers import free_port, spawn
@@ -303,6 +303,28 @@ def test_a_client_that_disconnects_is_closed_upstream_refunded_and_leaves_nothin
 
 def _spawn_fake(port: int) -> subprocess.Popen:
     return spawn(["tests.fake_engine", "--max-running", "4", "--step-s", "0.01"], port)
+
+
+def test_a_connection_its_peer_closes_as_it_opens_is_an_upstream_down():
+    """httpcore over anyio can surface a peer killed while its socket opens as an AttributeError (seen when an
+    upstream was SIGKILLed mid-run): the pool reports the upstream down, so the gateway requeues the request rather
+    than answering a bare 500."""
+
+    def dies(request: httpx.Request) -> httpx.Response:
+        raise AttributeError("'NoneType' object has no attribute 'getpeername'")
+
+    pool = UpstreamPool(["http://127.0.0.1:9"])
+    pool.client = httpx.AsyncClient(transport=httpx.MockTransport(dies))
+
+    async def relay() -> None:
+        try:
+            async for _ in pool.stream(pool.upstreams[0], "/v1/completions", {"stream": True}, {}):
+                pass
+        finally:
+            await pool.aclose()
+
+    with pytest.raises(UpstreamDown, match="closed the connection as it opened"):
+        asyncio.run(relay())
 
 
 @pytest.mark.served

@@ -136,7 +136,13 @@ class UpstreamPool:
     async def stream(self, up: Upstream, path: str, body: dict, headers: dict[str, str]) -> AsyncIterator[dict]:
         """POST `body` (asked to stream) to `up`; yields each server-sent event as a JSON object."""
         try:
-            async with self.client.stream("POST", up.url + path, json=body, headers=headers) as r:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    r = await stack.enter_async_context(
+                        self.client.stream("POST", up.url + path, json=body, headers=headers)
+                    )
+                except AttributeError as e:  # httpcore over anyio: a peer that dies while its socket opens
+                    raise UpstreamDown(f"{up.url} closed the connection as it opened ({e})") from e
                 if r.status_code == 503:
                     raise UpstreamDown(f"{up.url} answered 503")
                 if r.status_code != 200:
