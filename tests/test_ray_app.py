@@ -1,6 +1,8 @@
 """fairness.gateway on Ray Serve: a local Ray instance, two offloaded engine replicas with their own budgets behind
 the gateway as ingress, over real HTTP with the openai client; Serve and Ray shut down afterwards."""
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -24,7 +26,14 @@ def test_two_offloaded_replicas_behind_two_gateway_replicas_on_ray_serve(referen
     try:
         url = deploy(reference_dir, [0.5, 0.25], "vtc", max_running=2, max_tokens_limit=32, port=free_port(),
                      gateways=2, state=f"redis://127.0.0.1:{store_port}")  # fmt: skip
-        health = httpx.get(url + "/health", timeout=30).json()
+        # each gateway replica probes the engines every 0.5 s, 1 s allowed each: on a loaded machine the first
+        # probes may time out, and the gateway reports the engines healthy once one passes
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            health = httpx.get(url + "/health", timeout=30).json()
+            if all(u["healthy"] for u in health["upstreams"]):
+                break
+            time.sleep(0.5)
         assert [u["healthy"] for u in health["upstreams"]] == [True, True]
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == [reference_dir.name]
