@@ -32,7 +32,7 @@ MODES = ("quick", "default", "full")
 SEEDS = (0, 1, 2)  # MoPE and the single regressor are each trained with these seeds; the scheduler uses the first
 
 
-def simulator_speed(requests: int = 10_000) -> dict[str, float]:
+def simulator_speed(requests: int) -> dict[str, float]:
     """Wall time to simulate `requests` requests of 30 clients, 1,000 a minute (VTC policy)."""
     rng = random.Random(0)
     reqs = [Request(f"c{rng.randrange(30)}", rng.uniform(0, requests * 0.06), rng.randint(16, 512),

@@ -30,7 +30,7 @@ PROMPT_TOKENS = 64
 CALIBRATION_BYTES = 30_000
 
 
-def calibration_of(name: str, path: Path, out: Path, nbytes: int = CALIBRATION_BYTES) -> Path:
+def calibration_of(name: str, path: Path, out: Path, nbytes: int) -> Path:
     """A calibration of the model on the training split's first `nbytes` (the decode reads held-out text)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     file, text = out / f"fit-calibration-{name}.safetensors", corpus_text("train", nbytes)

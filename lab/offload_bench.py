@@ -258,7 +258,7 @@ def as_on_gpu(cfg: Config, link: EmulatedLink | None) -> dict:
 
 
 def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, prompts, eval_text, all_bytes,
-               expert_bytes, resident_repeats: int = RESIDENT_REPEATS) -> dict:  # fmt: skip
+               expert_bytes, resident_repeats: int) -> dict:  # fmt: skip
     handle = None
     if cfg.budget is not None:
         uses = (cfg.options.get("standin"), cfg.options.get("placement"))

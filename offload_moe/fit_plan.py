@@ -250,7 +250,7 @@ def _disk_probe(file: Path, nbytes: int, pieces: int) -> float:
         places = max(1, min(DISK_PROBES, size // nbytes))
         times = []
         for i in range(places):
-            off = (size - nbytes) * i // max(1, places - 1) if places > 1 else 0
+            off = (size - nbytes) * i // (places - 1) if places > 1 else 0
             os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
             t0 = time.perf_counter()
             for j in range(pieces):
