@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibration-bytes", type=int, default=CALIBRATION_BYTES, help="training text calibrated on")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
+    if args.calibration_bytes < 1:
+        ap.error(f"--calibration-bytes must be at least 1 (bytes of training text), got {args.calibration_bytes}")
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     calibrations = {n: calibration_of(n, p, args.out, args.calibration_bytes) for n, p in MODELS.items()}

@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     ap.add_argument("--eager-only", action="store_true", help="no compile=True twins (full mode: half the time)")
     args = ap.parse_args(argv)
+    if args.resident_repeats < 1:
+        ap.error(f"--resident-repeats must be at least 1 (the median of that many passes), got {args.resident_repeats}")
     args.prompts = args.prompts or {"quick": 1, "default": 2, "full": 2, "cw-sweep": 1}[args.mode]
     args.quality_bytes = args.quality_bytes or {"quick": 4000, "default": 4000}.get(args.mode, 16_000)
     args.eval_bytes = args.eval_bytes or {"quick": 500, "default": 500, "full": 700, "cw-sweep": 700}[args.mode]

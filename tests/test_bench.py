@@ -60,6 +60,19 @@ def test_offload_bench_json_is_complete_and_consistent(tmp_path, reference_dir):
     assert any(k.startswith("best buddy row") for k in goals)
 
 
+def test_bench_options_out_of_range_are_refused_before_any_work(tmp_path, capsys):
+    from lab.fit_bench import main as fit_bench
+    from lab.offload_bench import main as offload_bench
+
+    with pytest.raises(SystemExit):
+        offload_bench(["--resident-repeats", "0", "--out", str(tmp_path)])
+    assert "--resident-repeats must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fit_bench(["--calibration-bytes", "0", "--out", str(tmp_path)])
+    assert "--calibration-bytes must be at least 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
 def test_scale_bench_json_is_complete_and_its_replay_examines_one_key_per_eviction(tmp_path):
     from lab.results_doc import main as results_doc
     from lab.scale_bench import GOALS, main
