@@ -47,6 +47,21 @@ def test_emulated_link_takes_at_least_bytes_over_bandwidth():
     engine.shutdown()
 
 
+def test_the_engine_measures_how_much_of_a_copy_keeps_a_cpu_busy():
+    """A memcpy keeps its thread on a CPU; an emulated link's copy mostly sleeps. The cache decides by this whether a
+    copy competes with the kernels on a CPU device."""
+    shares = []
+    for pace in (None, EmulatedLink(gbps=0.01, latency_us=1000)):
+        engine = TransferEngine(torch.device("cpu"), pace)
+        assert engine.cpu_share() == 0.0  # nothing measured yet
+        for _ in range(4):
+            engine.submit([torch.ones(1 << 20)], [torch.zeros(1 << 20)]).wait()  # 4 MB: ~1 ms of memcpy
+        shares.append(engine.cpu_share())
+        engine.shutdown()
+    memcpy, paced = shares
+    assert memcpy >= 0.5 > paced
+
+
 def test_a_failed_copy_raises_on_wait():
     engine = TransferEngine(torch.device("cpu"))
     bad = engine.submit([torch.ones(3)], [torch.zeros(4)])
@@ -307,6 +322,20 @@ def test_cache_stress_prefetch_racing_eviction(device):
     s = counters.snapshot()
     assert s.copies > s.misses > 0 and s.hits > 0 and s.inflight_hits > 0
     assert s.bytes_copied == s.copies * cache.slot_bytes
+
+
+@pytest.mark.parametrize("pace", [None, EmulatedLink(gbps=0.05, latency_us=2000)])
+def test_on_a_cpu_device_a_call_moves_copies_that_keep_a_cpu_busy_before_its_one_pass(pace):
+    """A memcpy beside a kernel pass on a CPU device takes a core the pass waits for: the call's copies land first
+    and one batch computes everything. A copy that mostly waits (an emulated link) overlaps the ready experts' pass,
+    which the hook estimates shorter than the copy (pass_seconds=0 here)."""
+    store, _ = _store()
+    engine = TransferEngine(torch.device("cpu"), pace)
+    cache = ExpertCache(store, 6, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4), top_k=3)
+    _acquire(cache, 0, [0, 1, 2])  # the copies measure how much of a copy keeps its thread on a CPU
+    batches = [list(b) for b, _ in _batches(cache, 0, [0, 3, 4])]  # 0 resident, 3 and 4 copied
+    engine.shutdown()
+    assert batches == ([[0, 3, 4]] if pace is None else [[0], [3, 4]])
 
 
 def test_a_ram_tier_reads_again_what_a_failed_copy_never_brought(file_span):

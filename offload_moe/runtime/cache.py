@@ -31,6 +31,8 @@ from offload_moe.runtime.store import HostStore
 from offload_moe.runtime.transfer import DEMAND, PREFETCH, Transfer, TransferEngine
 from offload_moe.runtime.types import ExpertKey
 
+CPU_BOUND = 0.5  # copies whose thread is on a CPU for at least this share of their time compete with the kernels
+
 
 class Residency(NamedTuple):
     """What `prepare` found for a layer call: routed experts not resident, resident ones whose copy is still in
@@ -174,8 +176,9 @@ class ExpertCache:
         first, then the copies as they land. waiting: the pool's experts whose copies are in flight; queued: those
         not copied yet (no slot was free: computed experts make room, so the caller must be done with a batch when
         it asks for the next, its slots leaving `protected`). Copies expected to land before another kernel pass
-        would take (`pass_seconds`) are waited for instead, so one pass does it all."""
-        if waiting and not queued and pass_seconds > self._landing_seconds():
+        would take (`pass_seconds`) are waited for instead, so one pass does it all; so are copies that keep a CPU
+        busy when the device is the host's CPU (`_copies_take_the_cores`)."""
+        if waiting and not queued and (self._copies_take_the_cores() or pass_seconds > self._landing_seconds()):
             for e in reversed(waiting):  # sooner than a pass: moved on this thread (the last first: all at once)
                 self.wait(layer, e)
             waiting = []
@@ -227,6 +230,12 @@ class ExpertCache:
             f"MoE layer {layer}: its slot set holds {hi - lo} experts, all needed by this call at once; this is a bug "
             "(a call computes what it can and frees those slots first)"
         )
+
+    def _copies_take_the_cores(self) -> bool:
+        """The device is the host's CPU and the copies keep a CPU busy (a memcpy, a read from the page cache): a copy
+        beside a kernel pass then takes a core the pass's threads wait for, so both run slower than in turn, and the
+        call pays a second pass. A copy that mostly waits (for a disk, or an emulated link) still overlaps."""
+        return self._on_host and self._engine.cpu_share() >= CPU_BOUND
 
     def _landing_seconds(self) -> float:
         """Estimated time until every demand copy started so far has landed (the link's own measurements)."""

@@ -29,6 +29,7 @@ from offload_moe.runtime.pace import LinkPace
 
 DEMAND, PREFETCH = 0, 1  # copy priorities: lower goes first
 CHUNK_BYTES = 2 << 20  # a copy's preemption granularity: 2 MiB chunks keep PCIe near its peak bandwidth
+CPU_SHARE_DECAY = 0.8  # weight of the past in the copies' measured CPU share
 
 
 class Transfer:
@@ -137,6 +138,7 @@ class TransferEngine:
         self._closing = False
         self._link_free_at = 0.0
         self._part_s: float | None = None  # measured link seconds per part (EMA over copies, warm-up included)
+        self._cpu_share: float | None = None  # the share of a chunk's time its thread was on a CPU (EMA over chunks)
         self._link_seconds, self._link_bytes = 0.0, 0  # totals of every chunk
         self._speculative_seconds = 0.0  # ... of which for speculative copies
         self._preemptions = 0  # speculative copies set aside at a chunk boundary for a demand copy
@@ -208,6 +210,11 @@ class TransferEngine:
             "speculative_link_seconds": self._speculative_seconds,
             "preemptions": float(self._preemptions),
         }
+
+    def cpu_share(self) -> float:
+        """The share of link time the copying thread spends on a CPU (measured, 0 before any copy): near 1 for a
+        memcpy or a read from the page cache, low for a DMA, a paced link or a read that waits for a disk."""
+        return self._cpu_share or 0.0
 
     def demand_wait_seconds(self) -> float:
         """Estimated wait before a new demand copy would start: the rest of the chunk on the link (of every chunk,
@@ -319,7 +326,8 @@ class TransferEngine:
         self._landed()
 
     def _move_chunk_on_link(self, transfer: Transfer) -> None:
-        start = max(time.perf_counter(), self._link_free_at)
+        now, cpu = time.perf_counter(), time.thread_time()
+        start = max(now, self._link_free_at)
         src, dst, begun = transfer.chunks[transfer.next_chunk]
         self._copy(transfer, src, dst)
         nbytes = sum(t.numel() * t.element_size() for t in dst)
@@ -328,7 +336,11 @@ class TransferEngine:
             delay = self._link_free_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        took = time.perf_counter() - start
+        end = time.perf_counter()
+        took = end - start
+        share = min(1.0, (time.thread_time() - cpu) / (end - now)) if end > now else 1.0
+        past = self._cpu_share
+        self._cpu_share = share if past is None else CPU_SHARE_DECAY * past + (1 - CPU_SHARE_DECAY) * share
         transfer.next_chunk += 1
         transfer.link_s += took
         self._link_seconds += took
