@@ -25,12 +25,14 @@ from offload_moe.standins.lowrank import LowRankFactors, lowrank, rank_for_fract
 from offload_moe.standins.quant import BITS, quantize
 
 FORMAT = "offload-moe-calibration/2"
+TRACE_TOKENS = 4096  # the routing trace keeps the first this many tokens (`fit` replays them through the cache)
 
 
 @dataclass
 class Calibration:
     """Per MoE layer: frequencies [L, E], buddies [L, E, Kmax] (-1 padded, best first), tau [L] (TAE threshold),
-    stand-ins (factors at `standins.rank`; lower ranks are their leading columns)."""
+    stand-ins (factors at `standins.rank`; lower ranks are their leading columns); the routing trace [T, L, K] of the
+    first TRACE_TOKENS tokens (None in files written before it was kept)."""
 
     meta: dict
     frequencies: torch.Tensor
@@ -38,6 +40,7 @@ class Calibration:
     tau: torch.Tensor
     standins: LowRankFactors
     standin_errors: torch.Tensor  # [L, E, K] relative output error of each candidate stand-in (meta "standin_kinds")
+    routing: torch.Tensor | None = None  # [T, L, K] int16 expert ids, in token order
 
     def catalog(self) -> StandinCatalog:
         """What `standin="mixed"` chooses from: each candidate's error per expert, and how often experts are used."""
@@ -66,6 +69,8 @@ class Calibration:
             "tau": self.tau,
             "standin_errors": self.standin_errors,
         }
+        if self.routing is not None:
+            tensors["routing"] = self.routing.contiguous()
         for n in self.standins.u:
             tensors[f"standin.{n}.u"] = self.standins.u[n].contiguous()
             tensors[f"standin.{n}.v"] = self.standins.v[n].contiguous()
@@ -91,7 +96,7 @@ def load_calibration(path: str | Path) -> Calibration:
         )
     names = meta["standin_names"]
     standins = LowRankFactors({n: t[f"standin.{n}.u"] for n in names}, {n: t[f"standin.{n}.v"] for n in names})
-    return Calibration(meta, t["frequencies"], t["buddies"], t["tau"], standins, t["standin_errors"])
+    return Calibration(meta, t["frequencies"], t["buddies"], t["tau"], standins, t["standin_errors"], t.get("routing"))
 
 
 def expert_weights(block, store, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -153,6 +158,7 @@ def calibrate(
     coact = torch.zeros(n_layers, n_exp, n_exp)
     samples: list[list[list[torch.Tensor]]] = [[[] for _ in range(n_exp)] for _ in range(n_layers)]
     taes: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    trace: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # per layer, [T, K] per chunk
 
     def capture(layer: int):
         def hook(module, args):
@@ -170,6 +176,9 @@ def calibrate(
             coact[layer] += one_hot.T @ one_hot
             p = weights.clamp_min(1e-12)
             k = index.shape[-1]
+            kept = sum(r.shape[0] for r in trace[layer])
+            if kept < TRACE_TOKENS:
+                trace[layer].append(index[: TRACE_TOKENS - kept].to(torch.int16))
             taes[layer].append(-(p * p.log()).sum(-1) / math.log(k) if k > 1 else torch.zeros(index.shape[0]))
 
         return hook
@@ -240,7 +249,8 @@ def calibrate(
         "standin_kinds": [f"quant{bits}" for bits in BITS] + [f"lowrank{rank}"],
         "group_size": group_size,
     }
-    result = Calibration(meta, count, buddies, tau, standins, errors)
+    routing = torch.stack([torch.cat(t) for t in trace], dim=1)  # [T, L, K]
+    result = Calibration(meta, count, buddies, tau, standins, errors, routing)
     if path is not None:
         result.save(path)
     return result

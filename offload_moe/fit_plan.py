@@ -2,7 +2,8 @@
 before anything is loaded (llama.cpp's `--fit` table). The placement is the plan `patch` makes; the speed is
 estimated from probes run now on this machine (a copy of one expert over the link, one expert computed on the host
 for one token, one expert read from the checkpoint's file past the page cache) and the hit rate the routing allows
-(a calibration file's expert frequencies, else every expert equally likely).
+(a calibration file's routing trace replayed through the cache, else its expert frequencies, else every expert
+equally likely).
 
     python -m offload_moe fit PATH [--budget auto] [--device cpu] [--ram-budget auto] [--calibration FILE]
 """
@@ -13,6 +14,7 @@ import copy
 import dataclasses
 import json
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -26,17 +28,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from offload_moe.blocks import expert_geometry, moe_blocks
 from offload_moe.budget import format_bytes
-from offload_moe.calibration import load_calibration
+from offload_moe.calibration import Calibration, load_calibration
 from offload_moe.geometry import ExpertGeometry
-from offload_moe.load import shard_names
+from offload_moe.load import expert_spans, shard_names
 from offload_moe.options import OffloadOptions
 from offload_moe.patch import offload, resolve_device
 from offload_moe.plan import make_plan
+from offload_moe.routing_replay import replay
+from offload_moe.runtime.disk import FileSpan
 from offload_moe.runtime.store import mmap_safetensors
 from offload_moe.sizing import AUTO, DeviceRoom, device_room, kv_cache_bytes, non_expert_bytes, ram_tier_slots
 
 PROBE_REPEATS = 5  # each probe's time is the median of this many runs
-DISK_PROBES = 16  # places the disk probe reads an expert at (their median)
+DISK_PROBES = 16  # experts the disk probe reads (their median)
 DECODE_STEPS = 16  # a decode step's time is the median of this many (a step is short, and this machine noisy)
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config names of the routed expert count
 GROUPS = ("n_group", "topk_group", "num_expert_groups")  # group-limited routing: one group once experts are cut
@@ -59,17 +63,21 @@ class FitPlan:
     ram_experts: int  # experts kept in RAM: a RAM tier (load), or every expert's host copy (patch)
     disk_experts: int  # experts read from the checkpoint's files on a miss
     hit_rate: float  # expected share of expert uses found resident
-    hit_rate_source: str  # "calibration" or "uniform"
+    hit_rate_source: str  # "calibration trace" (replayed through the cache), "calibration" (frequencies) or "uniform"
     misses_per_token: float
+    missing_calls_per_token: float  # MoE layer calls that miss at least one expert
     miss_path: str
-    probes: dict[str, float]  # seconds: "copy" (one expert over the link), "host" (one expert, one token), "disk"
-    miss_seconds: float  # expected seconds per miss on `miss_path`
+    probes: dict[str, float]  # seconds: "copy" (one expert over the link), "host" (one expert, one token), "disk";
+    # "runtime call": what the runtime adds to a layer call with misses beyond their transfers (timed on a skeleton)
+    miss_seconds: float  # expected seconds per miss on `miss_path`: its transfer or host compute
+    call_seconds: float  # expected seconds a layer call with misses adds beyond them (0: not timed)
     step_seconds: float  # one decode step with every routed expert resident
     step_source: str  # "measured" (the model ran here), "skeleton" (timed on 1- and 3-layer builds) or "bandwidth"
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return 1.0 / (self.step_seconds + self.misses_per_token * self.miss_seconds)
+        calls = self.missing_calls_per_token * self.call_seconds
+        return 1.0 / (self.step_seconds + calls + self.misses_per_token * self.miss_seconds)
 
     def as_dict(self) -> dict[str, Any]:
         room = None if self.room is None else self.room.__dict__
@@ -95,7 +103,8 @@ class FitPlan:
         p = self.probes
         lines += [
             f"expected hit rate {self.hit_rate:.2f} ({self.hit_rate_source}), {self.misses_per_token:.1f} misses per "
-            f"token, miss_path {self.miss_path}: {self.miss_seconds * 1e3:.3f} ms per miss",
+            f"token in {self.missing_calls_per_token:.1f} layer calls, miss_path {self.miss_path}: "
+            f"{self.miss_seconds * 1e3:.3f} ms per miss, {self.call_seconds * 1e3:.3f} ms per call",
             "probes: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in p.items()) + " per expert",
             f"estimate: {self.decode_tokens_per_s:.1f} tokens/s decode (a step with every expert resident "
             f"{self.step_seconds * 1e3:.2f} ms, {self.step_source})",
@@ -134,18 +143,13 @@ def fit(
     ram = total if path is None else _ram_experts(ram_budget, geometry, dev, opt, plan.slots)
     disk = 0 if path is None else max(0, total - plan.slots - ram)
     calib = load_calibration(opt.calibration) if opt.calibration is not None else None
-    hit, hit_source = _hit_rate(plan.slots, geometry, calib.frequencies if calib is not None else None)
-    misses = geometry.layers * geometry.top_k * (1 - hit)
-    probes = _probes(geometry, blocks, dev, files)
-    timed = _timings(model, path is None, dev, geometry, dtype, opt)
+    routing = _routing(plan.slots, geometry, calib, opt)
+    probes = _probes(geometry, dev, path, blocks, dtype)
     miss_path = opt.miss_setup(dev.type).name
-    share, disk_s = _disk_share(ram, disk), probes.get("disk", 0.0)
-    if timed.miss is not None:  # a miss from disk reads into the slot: the read takes the copy's place
-        probes["runtime miss"] = timed.miss
-        miss_s = timed.miss + share * max(0.0, disk_s - probes["copy"])
-    else:
-        copy_s = probes["copy"] + share * disk_s
-        miss_s = {"fetch": copy_s, "host": probes["host"]}.get(miss_path, min(copy_s, probes["host"]))
+    timed = _timings(model, path is None, dev, geometry, dtype, opt, _miss_seconds(miss_path, probes, 0.0))
+    miss_s = _miss_seconds(miss_path, probes, _disk_share(ram, disk))
+    if timed.call is not None:
+        probes["runtime call"] = timed.call
     step, step_source = timed.step, timed.source
     if step is None:
         step = (
@@ -154,8 +158,8 @@ def fit(
     return FitPlan(
         name, str(dev), geometry.layers, geometry.experts, geometry.top_k, geometry.expert_bytes, other,
         kv_cache_bytes(model.config, dtype, opt.max_tokens, opt.max_batch), room, plan.slots,
-        ram, disk, hit, hit_source, misses, miss_path,
-        probes, miss_s, step, step_source,
+        ram, disk, routing.hit_rate, routing.source, routing.misses, routing.missing_calls, miss_path,
+        probes, miss_s, timed.call or 0.0, step, step_source,
     )  # fmt: skip
 
 
@@ -169,21 +173,16 @@ def _meta_model(path: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.bfloat16)
 
 
-def _expert_files(path: Path, blocks: list) -> dict[str, Any]:
-    """Bytes of one expert as stored and of everything else, from the shards' memory maps (no weights read); the
-    first shard holding experts and the tensors one expert is read from (the disk probe reads as many)."""
-    expert_total, other, tensors, probe = 0, 0, 0, None
+def _expert_files(path: Path, blocks: list) -> dict[str, int]:
+    """Bytes of one expert as stored and of everything else, from the shards' memory maps (no weights read)."""
+    expert_total, other = 0, 0
     for shard in shard_names(path):
         for key, t in mmap_safetensors(path / shard).items():
             if ".experts." in key:  # a shared expert's keys read "shared_experts."
                 expert_total += t.nbytes
-                tensors += 1
-                probe = probe or path / shard
             else:
                 other += t.nbytes
-    experts = len(blocks) * blocks[0].num_experts
-    pieces = tensors // experts if tensors >= experts else tensors // len(blocks)  # per expert, or fused per layer
-    return {"expert_bytes": expert_total // experts, "other_bytes": other, "probe_file": probe, "pieces": pieces}
+    return {"expert_bytes": expert_total // (len(blocks) * blocks[0].num_experts), "other_bytes": other}
 
 
 def _ram_experts(ram_budget, g: ExpertGeometry, dev: torch.device, opt: OffloadOptions, slots: int) -> int:
@@ -194,9 +193,29 @@ def _ram_experts(ram_budget, g: ExpertGeometry, dev: torch.device, opt: OffloadO
     return min(tier, g.total_experts - slots)
 
 
-def _hit_rate(slots: int, g: ExpertGeometry, frequencies: torch.Tensor | None) -> tuple[float, str]:
+@dataclass(frozen=True)
+class _Routing:
+    """Per decode token: the expected share of expert uses resident, the misses and the layer calls with one."""
+
+    hit_rate: float
+    misses: float
+    missing_calls: float
+    source: str  # "calibration trace" (replayed through the cache), "calibration" (frequencies) or "uniform"
+
+
+def _routing(slots: int, g: ExpertGeometry, calib: Calibration | None, opt: OffloadOptions) -> _Routing:
+    """What the routing leaves missing at `slots`: the calibration's routing trace replayed through the cache, else
+    its expert frequencies, else every expert equally likely (the last two with calls missing independently)."""
+    if calib is not None and calib.routing is not None and opt.placement == "dynamic" and slots < g.total_experts:
+        r = replay(calib.routing, slots, g.experts, g.top_k, opt.eviction)
+        return _Routing(r.hit_rate, r.misses, r.missing_calls, "calibration trace")
+    hit, source = _top_share(slots, g, calib.frequencies if calib is not None else None)
+    return _Routing(hit, g.layers * g.top_k * (1 - hit), g.layers * (1 - hit**g.top_k), source)
+
+
+def _top_share(slots: int, g: ExpertGeometry, frequencies: torch.Tensor | None) -> tuple[float, str]:
     """Share of expert uses resident when each layer holds its share of the slots (fractional: the pool is shared),
-    its most used experts (LRU approaches this on a stable workload)."""
+    its most used experts (a static placement by frequency holds these; LRU holds fewer)."""
     per_layer = min(float(g.experts), slots / g.layers)
     if frequencies is None:
         return per_layer / g.experts, "uniform"
@@ -208,14 +227,23 @@ def _hit_rate(slots: int, g: ExpertGeometry, frequencies: torch.Tensor | None) -
     return float((below + (per_layer - whole) * nxt).mean()), "calibration"
 
 
+def _miss_seconds(miss_path: str, probes: dict[str, float], disk_share: float) -> float:
+    """Seconds per miss on `miss_path`: its copy (a `disk_share` of misses read from disk first) or its host compute
+    ("auto": the cheaper)."""
+    copy_s = probes["copy"] + disk_share * probes.get("disk", 0.0)
+    return {"fetch": copy_s, "host": probes["host"]}.get(miss_path, min(copy_s, probes["host"]))
+
+
 def _disk_share(ram: int, disk: int) -> float:
     """Share of misses read from disk: the experts outside the device that the RAM tier does not hold."""
     return disk / (ram + disk) if ram + disk else 0.0
 
 
-def _probes(g: ExpertGeometry, blocks: list, dev: torch.device, files: dict | None) -> dict[str, float]:
+def _probes(
+    g: ExpertGeometry, dev: torch.device, path: Path | None, blocks: list, dtype: torch.dtype
+) -> dict[str, float]:
     """Seconds per expert: a copy to `dev` (pinned source on CUDA), the host computing it for one token, and (a
-    checkpoint) reading it from its file past the page cache."""
+    checkpoint at `path`) reading it from its files past the page cache, as `load` reads it."""
     nbytes = g.expert_bytes
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=dev.type == "cuda")
     dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
@@ -223,8 +251,9 @@ def _probes(g: ExpertGeometry, blocks: list, dev: torch.device, files: dict | No
     weights = [torch.randn(s, dtype=torch.bfloat16) for s in g.shapes.values() if len(s) == 2]  # [out, in] each
     x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch.bfloat16) for w in weights}
     out["host"] = _median(lambda: [F.linear(x[w.shape[1]], w) for w in weights], torch.device("cpu"))
-    if files is not None and files["probe_file"] is not None:
-        out["disk"] = _disk_probe(files["probe_file"], nbytes, max(1, files["pieces"]))
+    if path is not None:
+        with expert_spans(path, blocks, dtype) as spans:
+            out["disk"] = _disk_probe([e for layer in spans for e in layer])
     return out
 
 
@@ -240,36 +269,32 @@ def _median(fn, dev: torch.device, repeats: int = PROBE_REPEATS) -> float:
     return statistics.median(times)
 
 
-def _disk_probe(file: Path, nbytes: int, pieces: int) -> float:
-    """Median seconds to read `nbytes` from the file past the page cache (dropped first for that range) in `pieces`
-    consecutive reads, as the runtime reads an expert's tensors one by one, at `DISK_PROBES` places spread over the
-    file (one place, read again, would find the storage's own cache warm)."""
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        size, piece = os.fstat(fd).st_size, max(1, nbytes // pieces)
-        places = max(1, min(DISK_PROBES, size // nbytes))
-        times = []
-        for i in range(places):
-            off = (size - nbytes) * i // (places - 1) if places > 1 else 0
-            os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
-            t0 = time.perf_counter()
-            for j in range(pieces):
-                os.pread(fd, piece, off + j * piece)
-            times.append(time.perf_counter() - t0)
-            os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)  # leave the page cache as it was
-        return statistics.median(times)
-    finally:
-        os.close(fd)
+def _disk_probe(experts: list[list[FileSpan]]) -> float:
+    """Median seconds to read an expert (its spans) past the page cache (dropped first for those bytes) through the
+    runtime's own read path, over `DISK_PROBES` experts chosen at random (one expert read again would find the
+    storage's own cache warm)."""
+    picks = random.Random(0).sample(experts, min(DISK_PROBES, len(experts)))
+    buf = torch.empty(max(s.nbytes for spans in picks for s in spans), dtype=torch.uint8)
+    times = []
+    for spans in picks:
+        for s in spans:
+            os.posix_fadvise(s.fd, s.offset, s.nbytes, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        for s in spans:
+            s.read_into(buf[: s.nbytes])  # drops those bytes from the page cache again after reading
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 @dataclass(frozen=True)
 class _Timings:
     """What was timed here: one decode step with every routed expert resident (None: not timed, estimate it from
-    bandwidth) and how it was timed; the seconds the runtime adds per miss of an expert held in RAM (None: unknown)."""
+    bandwidth) and how it was timed; the seconds the runtime adds to a layer call with misses beyond their transfers
+    (None: unknown)."""
 
     step: float | None
     source: str
-    miss: float | None
+    call: float | None
 
 
 _NONE = _Timings(None, "bandwidth", None)  # nothing timed: estimated from bandwidth
@@ -282,26 +307,28 @@ def _timings(
     g: ExpertGeometry,
     dtype: torch.dtype,
     opt: OffloadOptions,
+    miss_s: float,
 ) -> _Timings:
     """Time skeletons built from the model's config at its widths (each layer with top-k experts: what one token
     computes) with one and with three decoder layers; the step is the one-layer time plus the per-layer difference for
     each further layer (a model in memory on this device type is timed as it is). The three-layer skeleton patched
     with every expert gives the runtime's own cost per MoE layer call (added for each of the model's MoE layers);
-    patched with one layer's experts (every token misses), its cost per miss on the configured miss path. A family
-    whose config this cannot cut leaves all unknown."""
+    patched with one layer's experts (every call misses), what a call with misses costs beyond its misses' `miss_s`
+    each (their transfer or host compute from RAM): a call's bookkeeping and kernel pass on the pool, which a call
+    pays whether it misses one expert or all. A family whose config this cannot cut leaves all unknown."""
     try:
         one = _decode_seconds(_skeleton(model.config, 1, g.top_k, dtype, dev))
         three_layers = _skeleton(model.config, 3, g.top_k, dtype, dev)
         three = _decode_seconds(three_layers)
-        full, _ = _patched_seconds(three_layers, 1.0, dev, opt)
-        third, misses = _patched_seconds(three_layers, 1 / 3, dev, opt)
+        full, _, _ = _patched_seconds(three_layers, 1.0, dev, opt)
+        third, misses, calls = _patched_seconds(three_layers, 1 / 3, dev, opt)
     except Exception:  # noqa: BLE001 - a family this cannot cut falls back to the bandwidth estimate
         return _Timings(_decode_seconds(model), "measured", None) if _timed_here(model, in_memory, dev) else _NONE
     hooks = g.layers * max(0.0, full - three) / 3  # the runtime's cost at full residency, every MoE layer
-    miss = max(0.0, third - full) / misses if misses else None
+    call = max(0.0, third - full - misses * miss_s) / calls if calls else None
     if _timed_here(model, in_memory, dev):
-        return _Timings(_decode_seconds(model) + hooks, "measured", miss)
-    return _Timings(one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2 + hooks, "skeleton", miss)
+        return _Timings(_decode_seconds(model) + hooks, "measured", call)
+    return _Timings(one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2 + hooks, "skeleton", call)
 
 
 def _timed_here(model: torch.nn.Module, in_memory: bool, dev: torch.device) -> bool:
@@ -311,12 +338,14 @@ def _timed_here(model: torch.nn.Module, in_memory: bool, dev: torch.device) -> b
 
 def _patched_seconds(
     skeleton: torch.nn.Module, budget: float, dev: torch.device, opt: OffloadOptions
-) -> tuple[float, float]:
-    """The skeleton's decode step patched at `budget`, and its misses per step (the prompt's not counted)."""
+) -> tuple[float, float, float]:
+    """The skeleton's decode step patched at `budget`, and its misses and layer calls with misses per step (the
+    prompt's not counted)."""
     handle = offload(skeleton, budget, dev, dataclasses.replace(opt, calibration=None, standin=None))
     try:
         step = _decode_seconds(skeleton, after_prompt=handle.reset_stats)
-        return step, handle.stats().misses / (DECODE_STEPS + 1)
+        s = handle.stats()
+        return step, s.misses / (DECODE_STEPS + 1), s.missing_calls / (DECODE_STEPS + 1)
     finally:
         handle.unpatch()
 

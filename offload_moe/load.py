@@ -11,22 +11,25 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hooks import MoEBlock
 from offload_moe import compat
 from offload_moe.blocks import moe_blocks
-from offload_moe.formats import matrix_format
+from offload_moe.formats import MatrixFormat, matrix_format
 from offload_moe.handle import OffloadHandle
 from offload_moe.options import OffloadOptions
 from offload_moe.packed_checkpoint import FUSED, PART, PER_EXPERT, decode_dense, packed_experts, unreadable
 from offload_moe.patch import offload, resolve_device
 from offload_moe.progress import progress
 from offload_moe.runtime.disk import FileSpan
+from offload_moe.runtime.packed import PackedLayout
 from offload_moe.runtime.process import storage_read_bytes
 from offload_moe.runtime.ram_tier import RamTier
 from offload_moe.runtime.store import HostStore, Piece, mmap_safetensors
@@ -85,16 +88,9 @@ def load(
     path = Path(path)
     read_base = storage_read_bytes()  # handle.stats() counts the checkpoint's reads from here
     tensors, files, shards = _open_checkpoint(path, open_files=read == "pread")
-
-    def piece(name: str, row: int, t: torch.Tensor) -> Piece:
-        span = FileSpan.of(files[t.untyped_storage().data_ptr()].fileno(), t) if read == "pread" else None
-        return Piece(name, row, t, span)
-
+    piece = _piece_maker(files)
     config = AutoConfig.from_pretrained(path)
-    try:
-        fmt = matrix_format(json.loads((path / "config.json").read_text()).get("quantization_config"))
-    except ValueError as e:
-        raise unreadable([k for k in tensors if ".experts." in k], str(e)) from None
+    fmt = _format(path, tensors)
     config.__dict__.pop("quantization_config", None)  # the model is built plain; its experts are ours to decode
     if dtype is None:
         dtype = _saved_dtype(config, tensors)
@@ -103,12 +99,8 @@ def load(
     model.eval()
     blocks = moe_blocks(model)
 
-    layout, dense = None, {}
-    found = packed_experts(tensors, shards, blocks, fmt, dtype, lambda n, t: piece(n, 0, t)) if fmt else None
-    if found is not None:
-        experts, layout, used = found
-    else:
-        experts, used = _plain_experts(tensors, blocks, piece, path)
+    dense = {}
+    experts, layout, used = _experts(tensors, shards, blocks, fmt, dtype, piece, path)
     if fmt is not None:  # the other low-bit weights (DeepSeek's FP8 attention), decoded now
         decoded, decoded_keys = decode_dense({k: t for k, t in tensors.items() if k not in used}, shards, fmt, dtype)
         dense.update(decoded)
@@ -145,6 +137,54 @@ def _saved_dtype(config: Any, tensors: dict[str, torch.Tensor]) -> torch.dtype:
         if t.is_floating_point() and t.dtype.itemsize > 1:
             nbytes[t.dtype] = nbytes.get(t.dtype, 0) + t.nbytes
     return max(nbytes, key=nbytes.__getitem__)
+
+
+@contextmanager
+def expert_spans(path: Path, blocks: list[MoEBlock], dtype: torch.dtype) -> Iterator[list[list[list[FileSpan]]]]:
+    """Where each expert's pieces lie in the checkpoint's files ([layer][expert] -> spans), as `load` reads them
+    (`fit` times reading a few); the files stay open inside the `with`."""
+    tensors, files, shards = _open_checkpoint(path, open_files=True)
+    try:
+        experts = _experts(tensors, shards, blocks, _format(path, tensors), dtype, _piece_maker(files), path)[0]
+        yield [[[p.span for p in pieces] for pieces in layer] for layer in experts]
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def _piece_maker(files: dict[int, io.FileIO]) -> Callable[[str, int, torch.Tensor], Piece]:
+    """Pieces of memory-mapped tensors, each with its span in its file where the files are open (read="pread")."""
+
+    def piece(name: str, row: int, t: torch.Tensor) -> Piece:
+        span = FileSpan.of(files[t.untyped_storage().data_ptr()].fileno(), t) if files else None
+        return Piece(name, row, t, span)
+
+    return piece
+
+
+def _format(path: Path, tensors: dict[str, torch.Tensor]) -> MatrixFormat | None:
+    """The low-bit format config.json names for the experts (None: plain floats), or an error naming the experts."""
+    try:
+        return matrix_format(json.loads((path / "config.json").read_text()).get("quantization_config"))
+    except ValueError as e:
+        raise unreadable([k for k in tensors if ".experts." in k], str(e)) from None
+
+
+def _experts(
+    tensors: dict[str, torch.Tensor],
+    shards: dict[str, Path],
+    blocks: list[MoEBlock],
+    fmt: MatrixFormat | None,
+    dtype: torch.dtype,
+    piece: Callable[[str, int, torch.Tensor], Piece],
+    path: Path,
+) -> tuple[list[list[list[Piece]]], PackedLayout | None, set[str]]:
+    """Every expert's pieces ([layer][expert]), their packed layout (None: plain floats) and the keys they use."""
+    found = packed_experts(tensors, shards, blocks, fmt, dtype, lambda n, t: piece(n, 0, t)) if fmt else None
+    if found is not None:
+        return found
+    experts, used = _plain_experts(tensors, blocks, piece, path)
+    return experts, None, used
 
 
 def _plain_experts(

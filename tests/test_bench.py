@@ -127,8 +127,11 @@ def test_fit_bench_sets_the_plans_estimates_beside_the_measured_decode(tmp_path)
     assert [r["model"] for r in rows] == ["mixtral", "fine"]
     for r in rows:
         assert r["measured_tokens_per_s"] > 0 and r["fit_checkpoint_tokens_per_s"] > 0
-        assert r["fit_in_memory_over_measured"] == pytest.approx(
-            r["fit_in_memory_tokens_per_s"] / r["measured_tokens_per_s"])  # fmt: skip
+        assert r["fit_checkpoint_over_measured"] == pytest.approx(
+            r["fit_checkpoint_tokens_per_s"] / r["measured_tokens_per_s"])  # fmt: skip
+        patched = r["measured_patched_tokens_per_s"]  # each plan against the run it plans
+        assert r["fit_in_memory_over_measured"] == pytest.approx(r["fit_in_memory_tokens_per_s"] / patched)
+        assert r["hit_rate_source"] == "calibration trace"
         assert 0.5 <= r["expected_hit_rate"] <= 1 and 0 < r["measured_hit_rate"] <= 1  # calibrated: >= uniform
     results_doc([str(tmp_path), str(tmp_path / "results.md")])
     assert "The plan's estimate against the measured decode" in (tmp_path / "results.md").read_text()

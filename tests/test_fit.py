@@ -3,6 +3,7 @@ its command line; its errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import offload_moe
 import offload_moe.fit_plan as fit_plan
 import offload_moe.sizing as sizing
 from offload_moe import UnsupportedModelError
+from offload_moe.calibration import load_calibration
 from tests.helpers import REFERENCE_MODEL_DIR, REPO, load_reference, tiny_dense_model, tiny_model
 
 
@@ -25,8 +27,10 @@ def test_fit_of_a_checkpoint_is_the_plan_load_makes(budget, loaded):
     assert plan.disk_experts == plan.layers * plan.experts - s.slots and plan.ram_experts == 0
     assert plan.hit_rate_source == "uniform" and plan.hit_rate == pytest.approx(s.slots / plan.layers / plan.experts)
     assert plan.misses_per_token == pytest.approx(plan.layers * plan.top_k * (1 - plan.hit_rate))
-    assert plan.decode_tokens_per_s > 0 and set(plan.probes) == {"copy", "host", "disk", "runtime miss"}
-    assert plan.step_source == "skeleton" and plan.miss_seconds >= plan.probes["runtime miss"]
+    assert plan.missing_calls_per_token == pytest.approx(plan.layers * (1 - plan.hit_rate**plan.top_k))
+    assert plan.decode_tokens_per_s > 0 and set(plan.probes) == {"copy", "host", "disk", "runtime call"}
+    assert plan.step_source == "skeleton" and plan.call_seconds == plan.probes["runtime call"]
+    assert plan.miss_seconds == pytest.approx(plan.probes["copy"] + plan.probes["disk"])  # fetch: each from disk
     text = str(plan)
     assert f"{s.slots} of {plan.layers * plan.experts} experts" in text and "tokens/s decode" in text
 
@@ -51,7 +55,8 @@ def test_fit_estimates_from_bandwidth_where_no_skeleton_can_be_built(monkeypatch
 
     monkeypatch.setattr(fit_plan, "_skeleton", refuse)
     plan = offload_moe.fit(REFERENCE_MODEL_DIR, 0.25, "cpu")
-    assert plan.step_source == "bandwidth" and "runtime miss" not in plan.probes and plan.decode_tokens_per_s > 0
+    assert plan.step_source == "bandwidth" and "runtime call" not in plan.probes and plan.call_seconds == 0.0
+    assert plan.decode_tokens_per_s > 0
     assert plan.miss_seconds == pytest.approx(plan.probes["copy"] + plan.probes["disk"])  # fetch: every miss from disk
 
 
@@ -60,8 +65,12 @@ def test_fit_reads_the_hit_rate_from_a_calibration(tmp_path):
     path = tmp_path / "calib.safetensors"
     offload_moe.calibrate(model, ["The quick brown fox jumps over the lazy dog. " * 20], tokenizer, path=path)
     uniform = offload_moe.fit(REFERENCE_MODEL_DIR, 0.25, "cpu")
-    measured = offload_moe.fit(REFERENCE_MODEL_DIR, 0.25, "cpu", calibration=path)
-    assert measured.hit_rate_source == "calibration" and measured.hit_rate >= uniform.hit_rate
+    traced = offload_moe.fit(REFERENCE_MODEL_DIR, 0.25, "cpu", calibration=path)
+    assert traced.hit_rate_source == "calibration trace" and traced.hit_rate >= uniform.hit_rate
+    calib = load_calibration(path)  # a file written before calibrations kept the routing trace: the frequencies
+    dataclasses.replace(calib, routing=None).save(path)
+    frequent = offload_moe.fit(REFERENCE_MODEL_DIR, 0.25, "cpu", calibration=path)
+    assert frequent.hit_rate_source == "calibration" and frequent.hit_rate >= uniform.hit_rate
 
 
 def test_fit_command_line_prints_the_plan_and_its_json(capsys):
