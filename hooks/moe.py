@@ -38,6 +38,10 @@ class MoEBlock:
             if p.dim() >= 2 and p.shape[0] == self.num_experts
         ]
 
+    def expert_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each per-expert parameter's shape for one expert (without the expert dimension), by name."""
+        return {n: tuple(getattr(self.experts, n).shape[1:]) for n in self.expert_param_names()}
+
 
 def is_stacked_experts(module: torch.nn.Module) -> bool:
     """An experts module whose weights are stacked per expert: `num_experts` and at least one [E, ...] parameter."""

@@ -31,18 +31,16 @@ def moe_blocks(model: torch.nn.Module) -> list[MoEBlock]:
 def expert_geometry(blocks: list[MoEBlock], packed_bytes: int | None = None) -> ExpertGeometry:
     """Shapes and sizes of the experts of `blocks`, which must all be alike (one pool serves them all);
     packed_bytes: one expert's bytes in its checkpoint's low-bit format, where the store keeps that."""
-    names = blocks[0].expert_param_names()
-    first = blocks[0].experts
-    shapes = {n: tuple(getattr(first, n).shape[1:]) for n in names}
+    shapes = blocks[0].expert_shapes()
     for b in blocks:
-        got = {n: tuple(getattr(b.experts, n).shape[1:]) for n in names}
+        got = b.expert_shapes()
         if got != shapes or b.num_experts != blocks[0].num_experts:
             raise UnsupportedModelError(
                 f"MoE block {b.name} has {b.num_experts} experts of shapes {got}, the first has "
                 f"{blocks[0].num_experts} of {shapes}: offload-moe shares one slot pool across layers and needs "
                 "every layer's experts to have the same shapes"
             )
-    weight = getattr(first, names[0])
+    weight = getattr(blocks[0].experts, blocks[0].expert_param_names()[0])
     if not weight.is_floating_point() or weight.dtype.itemsize == 1:
         raise UnsupportedModelError(
             f"MoE block {blocks[0].name} holds its experts packed ({weight.dtype}), as transformers keeps a low-bit "

@@ -117,6 +117,46 @@ def _gated_hidden(w: dict[str, torch.Tensor], x: torch.Tensor, act_fn) -> torch.
     return act_fn(gate) * up  # [T, I]
 
 
+class _Seen:
+    """What calibration records at each MoE layer as the model runs: per expert the sum of x x^T over its inputs,
+    their count and up to `samples_per_expert` of them; per token the routing entropy; the first TRACE_TOKENS tokens'
+    routing."""
+
+    def __init__(self, layers: int, experts: int, hidden: int, samples_per_expert: int):
+        self.cov = torch.zeros(layers, experts, hidden, hidden, dtype=torch.float64)
+        self.count = torch.zeros(layers, experts)
+        self.samples: list[list[list[torch.Tensor]]] = [[[] for _ in range(experts)] for _ in range(layers)]
+        self.taes: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        self._trace: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # per layer, [T, K] per call
+        self._experts, self._samples = experts, samples_per_expert
+
+    def hook(self, layer: int):
+        """A forward pre-hook on `layer`'s experts module (called with hidden states, top-k ids, top-k weights)."""
+
+        def record(module, args):
+            x, index, weights = args[0].float().cpu(), args[1].cpu(), args[2].float().cpu()
+            for e in range(self._experts):
+                rows = (index == e).any(-1)
+                if rows.any():
+                    xe = x[rows].double()
+                    self.cov[layer, e] += xe.T @ xe
+                    self.count[layer, e] += xe.shape[0]
+                    have = sum(s.shape[0] for s in self.samples[layer][e])
+                    if have < self._samples:
+                        self.samples[layer][e].append(x[rows][: self._samples - have])
+            p, k = weights.clamp_min(1e-12), index.shape[-1]
+            self.taes[layer].append(-(p * p.log()).sum(-1) / math.log(k) if k > 1 else torch.zeros(index.shape[0]))
+            kept = sum(r.shape[0] for r in self._trace[layer])
+            if kept < TRACE_TOKENS:
+                self._trace[layer].append(index[: TRACE_TOKENS - kept].to(torch.int16))
+
+        return record
+
+    def routing(self) -> torch.Tensor:
+        """[T, L, K] the recorded tokens' expert ids."""
+        return torch.stack([torch.cat(t) for t in self._trace], dim=1)
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
@@ -153,45 +193,17 @@ def calibrate(
         raise ValueError(f"calibration text gives {ids.numel()} tokens; need at least seq_len={seq_len}")
     device = next(p.device for p in model.parameters() if not p.is_meta)
 
-    cov = torch.zeros(n_layers, n_exp, hidden, hidden, dtype=torch.float64)  # sum of x x^T per expert
-    count = torch.zeros(n_layers, n_exp)
-    coact = torch.zeros(n_layers, n_exp, n_exp)
-    samples: list[list[list[torch.Tensor]]] = [[[] for _ in range(n_exp)] for _ in range(n_layers)]
-    taes: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-    trace: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]  # per layer, [T, K] per chunk
-
-    def capture(layer: int):
-        def hook(module, args):
-            x, index, weights = args[0].float().cpu(), args[1].cpu(), args[2].float().cpu()
-            for e in range(n_exp):
-                rows = (index == e).any(-1)
-                if rows.any():
-                    xe = x[rows].double()
-                    cov[layer, e] += xe.T @ xe
-                    count[layer, e] += xe.shape[0]
-                    have = sum(s.shape[0] for s in samples[layer][e])
-                    if have < samples_per_expert:
-                        samples[layer][e].append(x[rows][: samples_per_expert - have])
-            one_hot = torch.zeros(index.shape[0], n_exp).scatter_(1, index, 1.0)  # [T, E]
-            coact[layer] += one_hot.T @ one_hot
-            p = weights.clamp_min(1e-12)
-            k = index.shape[-1]
-            kept = sum(r.shape[0] for r in trace[layer])
-            if kept < TRACE_TOKENS:
-                trace[layer].append(index[: TRACE_TOKENS - kept].to(torch.int16))
-            taes[layer].append(-(p * p.log()).sum(-1) / math.log(k) if k > 1 else torch.zeros(index.shape[0]))
-
-        return hook
-
-    handles = [b.experts.register_forward_pre_hook(capture(b.index)) for b in blocks]
+    seen = _Seen(n_layers, n_exp, hidden, samples_per_expert)
+    handles = [b.experts.register_forward_pre_hook(seen.hook(b.index)) for b in blocks]
     try:
         for s in progress(range(0, ids.numel() - seq_len + 1, seq_len), "calibrate: routing", unit="chunk"):
             model(input_ids=ids[s : s + seq_len][None].to(device))
     finally:
         for h in handles:
             h.remove()
+    cov, count, samples = seen.cov, seen.count, seen.samples
 
-    rank = max(1, rank_for_fraction(standin_fraction, _shapes(blocks[0])))
+    rank = max(1, rank_for_fraction(standin_fraction, blocks[0].expert_shapes()))
     u = {n: [] for n in ("gate_up_proj", "down_proj")}
     v = {n: [] for n in ("gate_up_proj", "down_proj")}
     buddies = torch.full((n_layers, n_exp, min(buddy_list, n_exp - 1)), -1, dtype=torch.long)
@@ -233,7 +245,7 @@ def calibrate(
         {n: torch.stack(t).view(n_layers, n_exp, *t[0].shape) for n, t in u.items()},
         {n: torch.stack(t).view(n_layers, n_exp, *t[0].shape) for n, t in v.items()},
     )
-    tau = torch.tensor([float(torch.quantile(torch.cat(t), tae_percentile / 100)) for t in taes])
+    tau = torch.tensor([float(torch.quantile(torch.cat(t), tae_percentile / 100)) for t in seen.taes])
     meta = {
         "format": FORMAT,
         "model": type(model).__name__,
@@ -249,12 +261,7 @@ def calibrate(
         "standin_kinds": [f"quant{bits}" for bits in BITS] + [f"lowrank{rank}"],
         "group_size": group_size,
     }
-    routing = torch.stack([torch.cat(t) for t in trace], dim=1)  # [T, L, K]
-    result = Calibration(meta, count, buddies, tau, standins, errors, routing)
+    result = Calibration(meta, count, buddies, tau, standins, errors, seen.routing())
     if path is not None:
         result.save(path)
     return result
-
-
-def _shapes(block) -> dict[str, tuple[int, int]]:
-    return {n: tuple(getattr(block.experts, n).shape[1:]) for n in block.expert_param_names()}

@@ -41,6 +41,7 @@ from offload_moe.sizing import AUTO, DeviceRoom, device_room, kv_cache_bytes, no
 
 PROBE_REPEATS = 5  # each probe's time is the median of this many runs
 DISK_PROBES = 16  # experts the disk probe reads (their median)
+EXPERT_PROBES = ("copy", "host", "disk")  # the probes timed per expert (the plan's "runtime call" is per call)
 DECODE_STEPS = 16  # a decode step's time is the median of this many (a step is short, and this machine noisy)
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config names of the routed expert count
 GROUPS = ("n_group", "topk_group", "num_expert_groups")  # group-limited routing: one group once experts are cut
@@ -105,7 +106,7 @@ class FitPlan:
             f"expected hit rate {self.hit_rate:.2f} ({self.hit_rate_source}), {self.misses_per_token:.1f} misses per "
             f"token in {self.missing_calls_per_token:.1f} layer calls, miss_path {self.miss_path}: "
             f"{self.miss_seconds * 1e3:.3f} ms per miss, {self.call_seconds * 1e3:.3f} ms per call",
-            "probes: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in p.items()) + " per expert",
+            "probes: " + ", ".join(f"{k} {p[k] * 1e3:.3f} ms" for k in EXPERT_PROBES if k in p) + " per expert",
             f"estimate: {self.decode_tokens_per_s:.1f} tokens/s decode (a step with every expert resident "
             f"{self.step_seconds * 1e3:.2f} ms, {self.step_source})",
         ]

@@ -25,7 +25,15 @@ from offload_moe.blocks import moe_blocks
 from offload_moe.formats import MatrixFormat, matrix_format
 from offload_moe.handle import OffloadHandle
 from offload_moe.options import OffloadOptions
-from offload_moe.packed_checkpoint import FUSED, PART, PER_EXPERT, decode_dense, packed_experts, unreadable
+from offload_moe.packed_checkpoint import (
+    FUSED,
+    PART,
+    PER_EXPERT,
+    decode_dense,
+    each_expert,
+    packed_experts,
+    unreadable,
+)
 from offload_moe.patch import offload, resolve_device
 from offload_moe.progress import progress
 from offload_moe.runtime.disk import FileSpan
@@ -100,7 +108,7 @@ def load(
     blocks = moe_blocks(model)
 
     dense = {}
-    experts, layout, used = _experts(tensors, shards, blocks, fmt, dtype, piece, path)
+    experts, layout, used = _experts(tensors, shards, blocks, fmt, dtype, piece)
     if fmt is not None:  # the other low-bit weights (DeepSeek's FP8 attention), decoded now
         decoded, decoded_keys = decode_dense({k: t for k, t in tensors.items() if k not in used}, shards, fmt, dtype)
         dense.update(decoded)
@@ -114,7 +122,7 @@ def load(
             t = _read(t, files[t.untyped_storage().data_ptr()].fileno())
         dense[name] = t.to(dtype) if t.is_floating_point() else t
 
-    shapes = {n: tuple(getattr(blocks[0].experts, n).shape[1:]) for n in blocks[0].expert_param_names()}
+    shapes = blocks[0].expert_shapes()
     ram = None
     if ram_budget is not None:
         ram = _ram_tier(
@@ -145,7 +153,7 @@ def expert_spans(path: Path, blocks: list[MoEBlock], dtype: torch.dtype) -> Iter
     (`fit` times reading a few); the files stay open inside the `with`."""
     tensors, files, shards = _open_checkpoint(path, open_files=True)
     try:
-        experts = _experts(tensors, shards, blocks, _format(path, tensors), dtype, _piece_maker(files), path)[0]
+        experts = _experts(tensors, shards, blocks, _format(path, tensors), dtype, _piece_maker(files))[0]
         yield [[[p.span for p in pieces] for pieces in layer] for layer in experts]
     finally:
         for f in files.values():
@@ -177,18 +185,17 @@ def _experts(
     fmt: MatrixFormat | None,
     dtype: torch.dtype,
     piece: Callable[[str, int, torch.Tensor], Piece],
-    path: Path,
 ) -> tuple[list[list[list[Piece]]], PackedLayout | None, set[str]]:
     """Every expert's pieces ([layer][expert]), their packed layout (None: plain floats) and the keys they use."""
     found = packed_experts(tensors, shards, blocks, fmt, dtype, lambda n, t: piece(n, 0, t)) if fmt else None
     if found is not None:
         return found
-    experts, used = _plain_experts(tensors, blocks, piece, path)
+    experts, used = _plain_experts(tensors, blocks, piece)
     return experts, None, used
 
 
 def _plain_experts(
-    tensors: dict[str, torch.Tensor], blocks: list, piece: Callable[[str, int, torch.Tensor], Piece], path: Path
+    tensors: dict[str, torch.Tensor], blocks: list, piece: Callable[[str, int, torch.Tensor], Piece]
 ) -> tuple[list[list[list[Piece]]], set[str]]:
     """Every expert's pieces from a checkpoint of float experts, fused or per expert, and the keys they use."""
     block_index = {b.name: b for b in blocks}
@@ -208,16 +215,7 @@ def _plain_experts(
             for e in range(b.num_experts):
                 pieces.setdefault((b.index, e), []).append(piece(m["name"], 0, t[e]))
             used.add(name)
-    experts = []
-    for b in blocks:
-        layer = []
-        for e in range(b.num_experts):
-            got = pieces.get((b.index, e))
-            if not got:
-                raise ValueError(f"{path}: no weights found for expert {e} of {b.name}; is this the right checkpoint?")
-            layer.append(sorted(got, key=lambda p: (p.name, p.row)))
-        experts.append(layer)
-    return experts, used
+    return each_expert(blocks, pieces, lambda got, _: sorted(got, key=lambda p: (p.name, p.row))), used
 
 
 def _ram_tier(store: HostStore, ram_budget: float | str, device: torch.device, margin: int) -> RamTier | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -31,6 +32,7 @@ PART = {  # a per-expert checkpoint's matrices: (the fused weight they are rows 
 SHAPE = ".weight_shape"  # compressed-tensors stores each matrix's shape beside it; the model's shape is checked
 
 Stored = dict[str, tuple[str, torch.Tensor]]  # suffix -> (checkpoint key, tensor) of one matrix of one expert
+T = TypeVar("T")
 MakePiece = Callable[[str, torch.Tensor], Piece]  # (pool part name, tensor) -> a store piece (with its file span)
 
 
@@ -55,6 +57,15 @@ def packed_experts(
         if key.endswith(fmt.scales):
             _check_scales(fmt, key, tensors[key], shards)
     layout = _layout(found[(blocks[0].index, 0)], blocks[0], fmt, dtype, shards)
+    experts = each_expert(blocks, found, lambda stored, what: _pieces(stored, layout, shards, make_piece, what))
+    return experts, layout, used
+
+
+def each_expert(
+    blocks: list[MoEBlock], found: dict[tuple[int, int], T], pieces: Callable[[T, str], list[Piece]]
+) -> list[list[list[Piece]]]:
+    """[layer][expert] -> `pieces(stored, what)` of what the checkpoint holds for each expert (`found`, by (layer,
+    expert)); an expert it lacks is refused by name."""
     experts = []
     for b in blocks:
         layer = []
@@ -62,9 +73,9 @@ def packed_experts(
             stored = found.get((b.index, e))
             if stored is None:
                 raise CheckpointError(f"no weights found for expert {e} of {b.name}; is this the right checkpoint?")
-            layer.append(_pieces(stored, layout, shards, make_piece, f"expert {e} of {b.name}"))
+            layer.append(pieces(stored, f"expert {e} of {b.name}"))
         experts.append(layer)
-    return experts, layout, used
+    return experts
 
 
 def decode_dense(
@@ -145,7 +156,7 @@ def _layout(
     """The layout every expert must share, from the model's weight shapes and the first expert's tensors."""
     layout = compat.expert_layout(block.experts)
     transposed = layout is not None and layout.is_transposed
-    dense = {n: tuple(getattr(block.experts, n).shape[1:]) for n in block.expert_param_names()}
+    dense = block.expert_shapes()
     halves = {w: sum(1 for w2, _ in first if w2 == w) for w, _ in first}
     if set(halves) != set(dense):
         raise CheckpointError(

@@ -59,6 +59,8 @@ def test_find_moe_blocks(family):
         assert b.top_k == model.config.num_experts_per_tok
         assert b.norm is not None and b.norm.weight.shape == (model.config.hidden_size,)
         assert set(b.expert_param_names()) == {"gate_up_proj", "down_proj"}
+        h, i = model.config.hidden_size, b.experts.down_proj.shape[-1]  # one expert: [2I, H] and [H, I]
+        assert b.expert_shapes() == {"gate_up_proj": (2 * i, h), "down_proj": (h, i)}
     if family == "qwen2_moe":  # the shared expert is not part of the offloaded experts
         assert all("shared_expert" not in n for b in blocks for n in b.expert_param_names())
 

@@ -29,6 +29,7 @@ from offload_moe.runtime.pace import LinkPace
 
 DEMAND, PREFETCH = 0, 1  # copy priorities: lower goes first
 CHUNK_BYTES = 2 << 20  # a copy's preemption granularity: 2 MiB chunks keep PCIe near its peak bandwidth
+PART_DECAY = 0.8  # weight of the past in the measured link time of a part
 CPU_SHARE_DECAY = 0.8  # weight of the past in the copies' measured CPU share
 
 
@@ -311,7 +312,8 @@ class TransferEngine:
 
     def _finish(self, transfer: Transfer) -> None:
         part_s = transfer.link_s / len(transfer.ends)
-        self._part_s = part_s if self._part_s is None else 0.8 * self._part_s + 0.2 * part_s
+        past = self._part_s
+        self._part_s = part_s if past is None else PART_DECAY * past + (1 - PART_DECAY) * part_s
 
     def _landed(self) -> None:
         """Wake the threads waiting for a part the worker moves."""
