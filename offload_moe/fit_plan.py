@@ -44,6 +44,8 @@ DISK_PROBES = 16  # experts the disk probe reads (their median)
 EXPERT_PROBES = ("copy", "host", "disk")  # the probes timed per expert (the plan's "runtime call" is per call)
 DECODE_STEPS = 16  # a decode step's time is the median of this many (a step is short, and this machine noisy)
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config names of the routed expert count
+WIDTHS = ("hidden_size", "intermediate_size", "moe_intermediate_size")  # config names of the experts' widths
+IDLE_WIDTH = 64  # their width in `_idle_experts_seconds` (what an idle expert costs a kernel barely depends on it)
 GROUPS = ("n_group", "topk_group", "num_expert_groups")  # group-limited routing: one group once experts are cut
 
 
@@ -147,7 +149,9 @@ def fit(
     routing = _routing(plan.slots, geometry, calib, opt)
     probes = _probes(geometry, dev, path, blocks, dtype)
     miss_path = opt.miss_setup(dev.type).name
-    timed = _timings(model, path is None, dev, geometry, dtype, opt, _miss_seconds(miss_path, probes, 0.0))
+    timed = _timings(
+        model, path is None, dev, blocks[0].experts, geometry, dtype, opt, _miss_seconds(miss_path, probes, 0.0)
+    )
     miss_s = _miss_seconds(miss_path, probes, _disk_share(ram, disk))
     if timed.call is not None:
         probes["runtime call"] = timed.call
@@ -305,6 +309,7 @@ def _timings(
     model: torch.nn.Module,
     in_memory: bool,
     dev: torch.device,
+    experts: torch.nn.Module,
     g: ExpertGeometry,
     dtype: torch.dtype,
     opt: OffloadOptions,
@@ -316,20 +321,24 @@ def _timings(
     with every expert gives the runtime's own cost per MoE layer call (added for each of the model's MoE layers);
     patched with one layer's experts (every call misses), what a call with misses costs beyond its misses' `miss_s`
     each (their transfer or host compute from RAM): a call's bookkeeping and kernel pass on the pool, which a call
-    pays whether it misses one expert or all. A family whose config this cannot cut leaves all unknown."""
+    pays whether it misses one expert or all. The skeleton's step lacks what every layer call's kernel spends on the
+    experts no token is routed to (`_idle_experts_seconds`), added per MoE layer. A family whose config this cannot
+    cut leaves all unknown."""
     try:
         one = _decode_seconds(_skeleton(model.config, 1, g.top_k, dtype, dev))
         three_layers = _skeleton(model.config, 3, g.top_k, dtype, dev)
         three = _decode_seconds(three_layers)
         full, _, _ = _patched_seconds(three_layers, 1.0, dev, opt)
         third, misses, calls = _patched_seconds(three_layers, 1 / 3, dev, opt)
+        idle = _idle_experts_seconds(model.config, type(experts), g, dtype, dev)
     except Exception:  # noqa: BLE001 - a family this cannot cut falls back to the bandwidth estimate
         return _Timings(_decode_seconds(model), "measured", None) if _timed_here(model, in_memory, dev) else _NONE
     hooks = g.layers * max(0.0, full - three) / 3  # the runtime's cost at full residency, every MoE layer
     call = max(0.0, third - full - misses * miss_s) / calls if calls else None
     if _timed_here(model, in_memory, dev):
         return _Timings(_decode_seconds(model) + hooks, "measured", call)
-    return _Timings(one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2 + hooks, "skeleton", call)
+    step = one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2 + hooks + g.layers * idle
+    return _Timings(step, "skeleton", call)
 
 
 def _timed_here(model: torch.nn.Module, in_memory: bool, dev: torch.device) -> bool:
@@ -361,6 +370,39 @@ def _decode_seconds(model: torch.nn.Module, after_prompt: Callable[[], object] =
         model(input_ids=ids, cache=cache, use_cache=True)
         after_prompt()
         return _median(lambda: model(input_ids=ids[:, :1], cache=cache, use_cache=True), dev, DECODE_STEPS)
+
+
+def _idle_experts_seconds(
+    config, experts_class: type, g: ExpertGeometry, dtype: torch.dtype, dev: torch.device
+) -> float:
+    """What one layer call's kernel spends on the experts no token is routed to, which a skeleton of top-k experts
+    lacks (grouped_mm on a CPU visits every expert's group): the model's experts module class at IDLE_WIDTH with
+    every expert, less the same with top-k, one token routed to top-k."""
+    every = _experts_call_seconds(config, experts_class, g.experts, g.top_k, dtype, dev)
+    return max(0.0, every - _experts_call_seconds(config, experts_class, g.top_k, g.top_k, dtype, dev))
+
+
+def _experts_call_seconds(
+    config, experts_class: type, count: int, top_k: int, dtype: torch.dtype, dev: torch.device
+) -> float:
+    """Median seconds of one call of an experts module of `count` experts at IDLE_WIDTH, one token routed to the
+    first `top_k`."""
+    cfg = copy.deepcopy(config)
+    for name in WIDTHS:
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, IDLE_WIDTH)
+    for name in EXPERT_COUNTS:
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, count)
+    with torch.device(dev):
+        module = experts_class(cfg).to(dtype)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.02)  # allocated uninitialised: garbage may hold NaNs or denormals
+    x = torch.randn(1, IDLE_WIDTH, dtype=dtype, device=dev)
+    index = torch.arange(top_k, device=dev)[None]  # [1, K]
+    weights = torch.full((1, top_k), 1.0 / top_k, dtype=dtype, device=dev)
+    with torch.no_grad():
+        return _median(lambda: module(x, index, weights), dev, DECODE_STEPS)
 
 
 def _skeleton(config, layers: int, top_k: int, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
