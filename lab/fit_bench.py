@@ -4,7 +4,7 @@ after the plan made of the checkpoint (its resident step and miss cost timed on 
 the plan made of the model (the resident step timed on it); both plans replay the routing trace of a calibration on
 the training split through the cache.
 
-    python -m lab.fit_bench [--budgets 0.25,0.5,1.0] [--tokens 64] [--out bench-results]
+    python -m lab.fit_bench [--budgets 0.25,0.5,1.0] [--tokens 64] [--rounds 3] [--out bench-results]
 
 Writes bench-results/fit.json. The goal (issue 43): each estimate within 30% of the measured rate.
 """
@@ -29,7 +29,6 @@ from tests.helpers import FINE_MODEL_DIR, REFERENCE_MODEL_DIR
 MODELS = {"mixtral": REFERENCE_MODEL_DIR, "fine": FINE_MODEL_DIR}
 GOAL = 0.30  # |estimate / measured - 1|
 PROMPT_TOKENS = 64
-ROUNDS = 3  # decode runs per row, their median
 CALIBRATION_BYTES = 30_000
 
 
@@ -41,16 +40,16 @@ def calibration_of(name: str, path: Path, out: Path, nbytes: int) -> Path:
     return file
 
 
-def run(name: str, path: Path, budget: float, tokens: int, calibration: Path) -> dict:
+def run(name: str, path: Path, budget: float, tokens: int, rounds: int, calibration: Path) -> dict:
     """Each plan against the run it plans: fit(checkpoint) against `load` (misses read from the files), fit(model)
     against `patch` of the model in memory (misses copied from RAM)."""
     prompt = AutoTokenizer.from_pretrained(path)(corpus_text("val", 4000), return_tensors="pt")["input_ids"]
     from_file = offload_moe.fit(path, budget, "cpu", calibration=calibration)
     model, handle = offload_moe.load(path, budget=budget, device="cpu")
-    loaded, loaded_hit = decode(model, handle, prompt, tokens)
+    loaded, loaded_hit = decode(model, handle, prompt, tokens, rounds)
     resident = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()  # as users hold it
     in_memory = offload_moe.fit(resident, budget, "cpu", calibration=calibration)
-    patched, patched_hit = decode(resident, offload_moe.patch(resident, budget, "cpu"), prompt, tokens)
+    patched, patched_hit = decode(resident, offload_moe.patch(resident, budget, "cpu"), prompt, tokens, rounds)
     return {
         "model": name,
         "budget": budget,
@@ -74,11 +73,11 @@ def run(name: str, path: Path, budget: float, tokens: int, calibration: Path) ->
     }
 
 
-def decode(model, handle, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
-    """Decode tokens/s over `tokens` greedy steps after a PROMPT_TOKENS prompt (the median of ROUNDS runs: this
+def decode(model, handle, prompt: torch.Tensor, tokens: int, rounds: int) -> tuple[float, float]:
+    """Decode tokens/s over `tokens` greedy steps after a PROMPT_TOKENS prompt (the median of `rounds` runs: this
     machine has slow spells), and the last run's hit rate; unpatches."""
     try:
-        speeds = [greedy(model, prompt[:, :PROMPT_TOKENS], tokens + 1, handle)[2] for _ in range(ROUNDS)]
+        speeds = [greedy(model, prompt[:, :PROMPT_TOKENS], tokens + 1, handle)[2] for _ in range(rounds)]
         return statistics.median(speeds), handle.stats().hit_rate
     finally:
         handle.unpatch()
@@ -88,16 +87,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="0.25,0.5,1.0")
     ap.add_argument("--tokens", type=int, default=64, help="decode steps timed (fewer: a noisier hit rate)")
+    ap.add_argument("--rounds", type=int, default=3, help="decode runs per row (their median)")
     ap.add_argument("--calibration-bytes", type=int, default=CALIBRATION_BYTES, help="training text calibrated on")
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.calibration_bytes < 1:
         ap.error(f"--calibration-bytes must be at least 1 (bytes of training text), got {args.calibration_bytes}")
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     calibrations = {n: calibration_of(n, p, args.out, args.calibration_bytes) for n, p in MODELS.items()}
     rows = [
-        run(n, p, float(b), args.tokens, calibrations[n]) for n, p in MODELS.items() for b in args.budgets.split(",")
+        run(n, p, float(b), args.tokens, args.rounds, calibrations[n])
+        for n, p in MODELS.items()
+        for b in args.budgets.split(",")
     ]
     doc = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
            "device": "cpu", "tokens": args.tokens, "goal": GOAL, "rows": rows, "seconds": time.time() - t0}  # fmt: skip

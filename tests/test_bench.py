@@ -70,6 +70,9 @@ def test_bench_options_out_of_range_are_refused_before_any_work(tmp_path, capsys
     with pytest.raises(SystemExit):
         fit_bench(["--calibration-bytes", "0", "--out", str(tmp_path)])
     assert "--calibration-bytes must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fit_bench(["--rounds", "0", "--out", str(tmp_path)])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before writing anything
 
 
@@ -122,7 +125,7 @@ def test_fit_bench_sets_the_plans_estimates_beside_the_measured_decode(tmp_path)
     from lab.fit_bench import main
     from lab.results_doc import main as results_doc
 
-    main(["--budgets", "0.5", "--tokens", "3", "--calibration-bytes", "6000", "--out", str(tmp_path)])
+    main(["--budgets", "0.5", "--tokens", "3", "--rounds", "1", "--calibration-bytes", "6000", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "fit.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["mixtral", "fine"]
     for r in rows:
