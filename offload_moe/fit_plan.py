@@ -106,8 +106,8 @@ class FitPlan:
         p = self.probes
         lines += [
             f"expected hit rate {self.hit_rate:.2f} ({self.hit_rate_source}), {self.misses_per_token:.1f} misses per "
-            f"token in {self.missing_calls_per_token:.1f} layer calls, miss_path {self.miss_path}: "
-            f"{self.miss_seconds * 1e3:.3f} ms per miss, {self.call_seconds * 1e3:.3f} ms per call",
+            f"token in {self.missing_calls_per_token:.1f} of its {self.layers} MoE layer calls, miss_path "
+            f"{self.miss_path}: {self.miss_seconds * 1e3:.3f} ms per miss, {self.call_seconds * 1e3:.3f} ms per call",
             "probes: " + ", ".join(f"{k} {p[k] * 1e3:.3f} ms" for k in EXPERT_PROBES if k in p) + " per expert",
             f"estimate: {self.decode_tokens_per_s:.1f} tokens/s decode (a step with every expert resident "
             f"{self.step_seconds * 1e3:.2f} ms, {self.step_source})",
