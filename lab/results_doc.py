@@ -144,10 +144,11 @@ def fit_section(doc: dict) -> list[str]:
     """`offload_moe.fit`'s decode estimate against the measured decode (`lab.fit_bench`)."""
     out = [f"## The plan's estimate against the measured decode ({doc['machine']}, CPU device)", "",
            "`fit(checkpoint)` times a resident step on skeletons built at the model's widths and is set against "
-           "`load`; `fit(model)` times the model and is set against `patch` of it. Both add the misses per token that "
-           "a calibration's routing trace, replayed through the cache, leaves times the runtime's cost per miss timed "
-           "on a skeleton (and a read of the checkpoint's experts for `load`). The decode reads held-out text. Goal: "
-           f"within {doc['goal']:.0%} of the measured rate.",
+           "`load`; `fit(model)` times the model and is set against `patch` of it. Both replay a calibration's "
+           "routing trace through the cache for the misses per token and the layer calls with misses, and add the "
+           "cost of such a call (timed on a skeleton) and each miss's transfer (for `load`, a read of the "
+           "checkpoint's experts). The decode reads held-out text; the median of three runs. Goal: within "
+           f"{doc['goal']:.0%} of the measured rate.",
            ""]  # fmt: skip
     rows = [[r["model"], _fmt(r["budget"]), _fmt(r["measured_tokens_per_s"], 1),
              _fmt(r["fit_checkpoint_tokens_per_s"], 1), _fmt(r["fit_checkpoint_over_measured"]),
