@@ -330,12 +330,13 @@ def _timings(
         three = _decode_seconds(three_layers)
         full, _, _ = _patched_seconds(three_layers, 1.0, dev, opt)
         third, misses, calls = _patched_seconds(three_layers, 1 / 3, dev, opt)
-        idle = _idle_experts_seconds(model.config, type(experts), g, dtype, dev)
+        timed_here = _timed_here(model, in_memory, dev)  # its own step has its idle experts in it
+        idle = 0.0 if timed_here else _idle_experts_seconds(model.config, type(experts), g, dtype, dev)
     except Exception:  # noqa: BLE001 - a family this cannot cut falls back to the bandwidth estimate
         return _Timings(_decode_seconds(model), "measured", None) if _timed_here(model, in_memory, dev) else _NONE
     hooks = g.layers * max(0.0, full - three) / 3  # the runtime's cost at full residency, every MoE layer
     call = max(0.0, third - full - misses * miss_s) / calls if calls else None
-    if _timed_here(model, in_memory, dev):
+    if timed_here:
         return _Timings(_decode_seconds(model) + hooks, "measured", call)
     step = one + (model.config.num_hidden_layers - 1) * max(0.0, three - one) / 2 + hooks + g.layers * idle
     return _Timings(step, "skeleton", call)
@@ -388,12 +389,8 @@ def _experts_call_seconds(
     """Median seconds of one call of an experts module of `count` experts at IDLE_WIDTH, one token routed to the
     first `top_k`."""
     cfg = copy.deepcopy(config)
-    for name in WIDTHS:
-        if isinstance(getattr(cfg, name, None), int):
-            setattr(cfg, name, IDLE_WIDTH)
-    for name in EXPERT_COUNTS:
-        if isinstance(getattr(cfg, name, None), int):
-            setattr(cfg, name, count)
+    _set_counts(cfg, WIDTHS, IDLE_WIDTH)
+    _set_counts(cfg, EXPERT_COUNTS, count)
     with torch.device(dev):
         module = experts_class(cfg).to(dtype)
     for p in module.parameters():
@@ -405,6 +402,13 @@ def _experts_call_seconds(
         return _median(lambda: module(x, index, weights), dev, DECODE_STEPS)
 
 
+def _set_counts(config, names: tuple[str, ...], value: int) -> None:
+    """Set each of the config's integer fields `names` that it has to `value`."""
+    for name in names:
+        if isinstance(getattr(config, name, None), int):
+            setattr(config, name, value)
+
+
 def _skeleton(config, layers: int, top_k: int, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
     """The checkpoint's model at its widths with `layers` decoder layers of `top_k` experts each (routing limited to
     one group), random weights on `dev`."""
@@ -413,9 +417,7 @@ def _skeleton(config, layers: int, top_k: int, dtype: torch.dtype, dev: torch.de
     if isinstance(types, list) and len(types) == cfg.num_hidden_layers:
         cfg.layer_types = types[:layers]
     cfg.num_hidden_layers = layers
-    for name in EXPERT_COUNTS:
-        if isinstance(getattr(cfg, name, None), int):
-            setattr(cfg, name, top_k)
+    _set_counts(cfg, EXPERT_COUNTS, top_k)
     for name in GROUPS:
         if getattr(cfg, name, None) is not None:
             setattr(cfg, name, 1)

@@ -28,7 +28,7 @@ import torch
 
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.host import HostCompute
-from offload_moe.runtime.transfer import TransferEngine
+from offload_moe.runtime.transfer import TransferEngine, moving_average
 
 # A copy that would evict an expert needed more often than the missed one goes to the host instead, unless the host
 # is more than this much slower (a long prefill); the offload bench's auto rows measure what it buys (CHANGELOG).
@@ -140,7 +140,7 @@ class MissPolicy:
         """A kernel pass on the device over `experts` experts at few tokens took `seconds`: what computing a copied
         expert costs the device (on a CPU device, the same cores the host computes on)."""
         per = seconds / max(1, experts)
-        self.pass_s = per if self.pass_s is None else FIT_DECAY * self.pass_s + (1 - FIT_DECAY) * per
+        self.pass_s = moving_average(self.pass_s, per, FIT_DECAY)
 
 
 class MissRouter(MissPolicy):

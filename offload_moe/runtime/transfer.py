@@ -312,8 +312,7 @@ class TransferEngine:
 
     def _finish(self, transfer: Transfer) -> None:
         part_s = transfer.link_s / len(transfer.ends)
-        past = self._part_s
-        self._part_s = part_s if past is None else PART_DECAY * past + (1 - PART_DECAY) * part_s
+        self._part_s = moving_average(self._part_s, part_s, PART_DECAY)
 
     def _landed(self) -> None:
         """Wake the threads waiting for a part the worker moves."""
@@ -341,8 +340,7 @@ class TransferEngine:
         end = time.perf_counter()
         took = end - start
         share = min(1.0, (time.thread_time() - cpu) / (end - now)) if end > now else 1.0
-        past = self._cpu_share
-        self._cpu_share = share if past is None else CPU_SHARE_DECAY * past + (1 - CPU_SHARE_DECAY) * share
+        self._cpu_share = moving_average(self._cpu_share, share, CPU_SHARE_DECAY)
         transfer.next_chunk += 1
         transfer.link_s += took
         self._link_seconds += took
@@ -372,6 +370,11 @@ class TransferEngine:
         if self._staging.numel() < src.nbytes:  # grown once to the largest chunk; reused after each chunk's sync
             self._staging = torch.empty(src.nbytes, dtype=torch.uint8, pin_memory=self.stream is not None)
         read_span(src, dst, self._staging)
+
+
+def moving_average(past: float | None, new: float, decay: float) -> float:
+    """An exponential moving average: `new` weighted 1 - `decay` against `past` (the first value as it is)."""
+    return new if past is None else decay * past + (1 - decay) * new
 
 
 def _left(transfer: Transfer) -> float:
