@@ -28,13 +28,13 @@ PROMPT, OUTPUT = 48, 48  # tokens per request
 COMPARED = ("max_service_diff", "ttft_p50_s", "e2e_p50_s", "throughput_tok_s")
 
 
-def measure_capacity(model_dir: Path, offload: dict | None, max_running: int) -> float:
-    """Output tokens/s of the engine kept busy: `4 x max_running` requests at once."""
+def measure_capacity(model_dir: Path, offload: dict | None, max_running: int, waves: int = 4) -> float:
+    """Output tokens/s of the engine kept busy: `waves x max_running` requests at once."""
     engine = build_engine(model_dir, "fcfs", device="cpu", max_running=max_running, **(offload or {}))
     srv = BackgroundServer(create_app(engine, max_tokens_limit=OUTPUT))
     url = srv.start()
     try:
-        burst = [Request("probe", 0.0, PROMPT, OUTPUT) for _ in range(4 * max_running)]
+        burst = [Request("probe", 0.0, PROMPT, OUTPUT) for _ in range(waves * max_running)]
         records = asyncio.run(replay(url, engine.model_name, burst, timeout_s=300))
     finally:
         srv.stop()

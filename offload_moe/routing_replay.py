@@ -52,8 +52,11 @@ def replay(
                 hits += len(experts) - len(missing)
                 misses += len(missing)
                 calls += bool(missing)
-            if missing:
-                _admit(table, layer, missing, {(layer, e) for e in experts})
+            if missing:  # free slots, then victims (never an expert of this call), as the runtime's fetch does
+                protected = {(layer, e) for e in experts}
+                slots, _ = table.claim(layer, len(missing), protected.__contains__)
+                for e, slot in zip(missing, slots, strict=False):  # a set smaller than the misses takes what fits
+                    table.put((layer, e), slot)
     n = tokens - warmup
     return ReplayResult(hits / n, misses / n, calls / n)
 
@@ -61,13 +64,3 @@ def replay(
 def warmup_tokens(tokens: int) -> int:
     """The first tokens of a trace of `tokens` that only fill the cache."""
     return min(WARMUP_TOKENS, tokens // 4)
-
-
-def _admit(table: SlotTable, layer: int, missing: list[int], protected: set) -> None:
-    """Put `missing` in free slots of the layer's set, then in its victims' (as `ExpertCache._claim` does)."""
-    slots = table.take_free(layer, len(missing))
-    if len(slots) < len(missing):
-        for victim in table.victims(layer, len(missing) - len(slots), protected.__contains__):
-            slots.append(table.remove(victim))
-    for e, slot in zip(missing, slots, strict=False):  # a set smaller than the call's misses admits what fits
-        table.put((layer, e), slot)

@@ -85,15 +85,15 @@ def deploy(
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     engine = serve.deployment(EngineReplica, ray_actor_options={"num_cpus": cpus_per_engine})
-    for i, budget in enumerate(budgets):
-        serve.run(
-            engine.bind(str(model), budget, max_running, max_tokens_limit),
-            name=f"engine-{i}",
-            route_prefix=f"/engine-{i}",
-        )
     gateway = serve.deployment(GatewayIngress, num_replicas=gateways, ray_actor_options={"num_cpus": 0})
     urls = [f"{base}/engine-{i}" for i in range(len(budgets))]
-    serve.run(gateway.bind(urls, policy, max_running, state), name="gateway", route_prefix="/")
+    # every application at once: the engines load their models side by side, and the gateway reports an engine
+    # unhealthy (and sends it nothing) until its probe passes
+    engines = [
+        serve.RunTarget(engine.bind(str(model), b, max_running, max_tokens_limit), f"engine-{i}", f"/engine-{i}")
+        for i, b in enumerate(budgets)
+    ]
+    serve.run_many([*engines, serve.RunTarget(gateway.bind(urls, policy, max_running, state), "gateway", "/")])
     return base
 
 

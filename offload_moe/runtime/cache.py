@@ -367,16 +367,12 @@ class ExpertCache:
                 f"MoE layer {layer} misses an expert and this cache is frozen (a static placement): misses must be "
                 "computed on the host; this is a bug in the caller"
             )
-        table, pending, st = self.slots, self._pending, self._counters
-        slots = table.take_free(layer, n)
-        if len(slots) == n:
-            return slots
-        out = table.victims(layer, n - len(slots), lambda k: k in protected or self._busy(k))
+        pending, st = self._pending, self._counters
+        slots, out = self.slots.claim(layer, n, lambda k: k in protected or self._busy(k))
         for victim in out:
             landed = pending.pop(victim, None)  # a copy that landed (or failed) and was never settled
             if landed is not None and not landed[0].failed(landed[1]):
                 st.stall_seconds += landed[0].wait(landed[1])
-            slots.append(table.remove(victim))
             self.speculation.evicted(victim)
         st.evictions += len(out)
         if victims is not None:

@@ -213,6 +213,15 @@ class SlotTable:
         """Give `slot` (of `layer`'s set, emptied by `remove`) back to the set's free slots."""
         self.sets[self.set_of[layer]].free.append(slot)
 
+    def claim(self, layer: int, n: int, skip: Callable[[ExpertKey], bool]) -> tuple[list[int], list[ExpertKey]]:
+        """Up to `n` slots of `layer`'s set for new experts: its free slots, then those of the policy's victims that
+        `skip` allows (see `victims`), removed now. Returns the slots and the evicted keys; fewer slots when no more
+        can be freed."""
+        slots = self.take_free(layer, n)
+        evicted = self.victims(layer, n - len(slots), skip) if len(slots) < n else []
+        slots += [self.remove(key) for key in evicted]
+        return slots, evicted
+
     def victim(self, layer: int, skip: Callable[[ExpertKey], bool]) -> ExpertKey | None:
         """The expert `layer`'s set should give up for `layer` (see `victims`), or None."""
         out = self.victims(layer, 1, skip)
