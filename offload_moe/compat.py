@@ -42,7 +42,7 @@ def swap_parameters(module: torch.nn.Module, params: dict[str, torch.nn.Paramete
 
 
 def point_experts(
-    module: torch.nn.Module, params: dict[str, torch.nn.Parameter], num_experts: int, expert_parallel: bool
+    module: torch.nn.Module, params: dict[str, torch.Tensor], num_experts: int, expert_parallel: bool
 ) -> tuple:
     """Point a stock experts module at `params` (a window of the slot pool) holding `num_experts` experts, the
     kernels skipping sentinel ids when `expert_parallel`; returns what `restore_experts` puts back. Plain attributes

@@ -141,10 +141,15 @@ def test_chunks_are_whole_rows_in_order_small_tensors_together_and_each_part_end
     assert [c[1][0].shape[0] for c in chunks[:4]] == [3, 3, 3, 1] and len(chunks) == 5
     assert [len(c[1]) for c in chunks] == [1, 1, 1, 1, 3]  # a, b and c fit one chunk
     assert ends == [5, 5, 5] and [c[2] for c in chunks] == [1, 0, 0, 0, 2] and nbytes == 160 + 12 + 12 + 8
+    assert [c.nbytes for c in chunks] == [48, 48, 48, 16, 32]
+    one, ends, _ = _chunks(parts, chunk_bytes=nbytes)  # everything fits: one chunk, every part complete in it
+    assert len(one) == 1 and ends == [1, 1, 1] and one[0].begun == 3 and one[0].nbytes == nbytes
+    assert [t.data_ptr() for t in one[0].dst] == [t.data_ptr() for part in dst for t in part]
     chunks, ends, _ = _chunks(parts, chunk_bytes=16)  # a row a chunk: each small tensor alone
     assert len(chunks) == 13 and ends == [11, 12, 13] and sum(c[2] for c in chunks) == 3
-    for s, d, _ in chunks:
-        for x, y in zip(s, d, strict=True):
+    assert [c.nbytes for c in chunks] == [16] * 10 + [12, 12, 8]
+    for chunk in chunks:
+        for x, y in zip(chunk.src, chunk.dst, strict=True):
             y.copy_(x)
     assert torch.equal(dst[0][0], big) and torch.equal(dst[0][1], a)
     assert torch.equal(dst[1][0], b) and torch.equal(dst[2][0], c)

@@ -38,7 +38,6 @@ from offload_moe.runtime.prefetch import LookaheadPrefetcher
 from offload_moe.runtime.slots import KernelIndex
 from offload_moe.runtime.speculation import Source
 
-VIEW_CACHE = 4096  # pool windows kept as Parameter views per layer (a window is reused across calls)
 PASS_DECAY = 0.9  # weight of the past in the exponential average of a kernel pass's time
 FEW_TOKENS = 16  # passes of up to this many tokens measure what another pass costs (its compute is not repeated)
 PAIR_ELEMENTS = 1 << 22  # a call of up to this many (T x K x H) elements computes its pairs as rows (16 MiB float32)
@@ -62,7 +61,6 @@ class ExpertsHook(ModuleHook):
         self.layer, self.cache, self.names, self.counters = layer, cache, names, counters
         self.router, self.standin, self.prefetcher, self.host = router, standin, prefetcher, host
         self.fixed_hits = fixed_hits
-        self._views: dict[tuple[int, int, int], list[torch.nn.Parameter]] = {}  # (lo, hi, ptr) -> views
         self.pass_seconds = 0.0  # what one more kernel pass costs (exponential average over calls of few tokens)
         self.fixed = cache.fixed_slots(layer) is not None  # never misses: the module holds its slots (patch)
         self.key = next(_KEYS)  # how a compiled graph's `offloaded_experts` op finds this hook
@@ -156,17 +154,12 @@ class ExpertsHook(ModuleHook):
             if self.router is not None:
                 self.router.observe_pass(experts, took)
 
-    def params(self, lo: int, hi: int) -> list[torch.nn.Parameter]:
-        """The kernel weights' rows [lo, hi) as Parameters (views, cached while the weights stay the same tensors):
-        the kernel sees hi - lo experts."""
+    def params(self, lo: int, hi: int) -> list[torch.Tensor]:
+        """The kernel weights' rows [lo, hi) (views: the kernel sees hi - lo experts). Plain tensors, not Parameters:
+        `compat.point_experts` writes them into the module's parameter table, and a Parameter per window costs more
+        than the window's own view (with spread routing most calls see a window of their own)."""
         weights = self.cache.kernel_weights()
-        key = (lo, hi, weights[self.names[0]].data_ptr())
-        views = self._views.get(key)
-        if views is None:
-            if len(self._views) >= VIEW_CACHE:
-                self._views.clear()
-            views = self._views[key] = [torch.nn.Parameter(weights[n][lo:hi], requires_grad=False) for n in self.names]
-        return views
+        return [weights[n][lo:hi] for n in self.names]
 
 
 class Serve(enum.Enum):
@@ -367,7 +360,7 @@ class _Kernel:
         self.hidden, self.args, self.kwargs = hidden, args, kwargs
 
     def run(
-        self, params: list[torch.nn.Parameter], kidx: KernelIndex, hidden: torch.Tensor, weights: torch.Tensor
+        self, params: list[torch.Tensor], kidx: KernelIndex, hidden: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """[T, H]: the pass's pairs (`kidx`) on `hidden` [T, H], weighted by `weights` [T, K]; skipped pairs weigh
         0."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -55,7 +56,7 @@ class Transfer:
     def __init__(self, parts, after, priority: int, seq: int, engine: TransferEngine, chunk_bytes: int):
         self.after = after  # CUDA events the first chunk waits for (the last kernels that read the slots)
         self.priority, self.seq, self._engine = priority, seq, engine
-        self.chunks, self.ends, self.nbytes = _chunks(parts, chunk_bytes)  # [(src, dst, parts begun)], in order
+        self.chunks, self.ends, self.nbytes = _chunks(parts, chunk_bytes)  # in order
         self.next_chunk = 0  # chunks before it are in place (each chunk's copy is complete before it counts)
         self.link_s = 0.0  # link time spent on it so far
         self._error: BaseException | None = None
@@ -87,24 +88,38 @@ class Transfer:
             raise RuntimeError(f"expert transfer failed: {self._error}") from self._error
 
 
-def _chunks(parts: list[tuple[list, list]], chunk_bytes: int) -> tuple[list[tuple[list, list, int]], list[int], int]:
-    """Split a copy into pieces of about `chunk_bytes`: whole rows (dim 0) of each tensor, tensors in order, small
-    tensors (of one part or the next) together. Returns the chunks [(sources, destinations, parts begun in it)], the
-    chunk count once each part is complete, and the bytes."""
-    chunks: list[tuple[list, list, int]] = []
-    ends, total = [], 0
+class Chunk(NamedTuple):
+    """What a copy moves in one go: `src` into `dst` (tensors in order), `begun` parts starting in it, `nbytes`."""
+
+    src: list
+    dst: list[torch.Tensor]
+    begun: int
+    nbytes: int
+
+
+def _chunks(parts: list[tuple[list, list]], chunk_bytes: int) -> tuple[list[Chunk], list[int], int]:
+    """Split a copy into chunks of about `chunk_bytes`: whole rows (dim 0) of each tensor, tensors in order, small
+    tensors (of one part or the next) together. Returns the chunks, the chunk count once each part is complete, and
+    the bytes."""
+    sizes = [[d.numel() * d.element_size() for d in part_dst] for _, part_dst in parts]
+    total = sum(map(sum, sizes))
+    if total <= chunk_bytes:  # a layer call's misses of small experts: one chunk, built in one step
+        src = [t for part_src, _ in parts for t in part_src]
+        dst = [t for _, part_dst in parts for t in part_dst]
+        return [Chunk(src, dst, sum(bool(p) for p, _ in parts), total)], [1] * len(parts), total
+    chunks: list[Chunk] = []
+    ends = []
     src: list = []
     dst: list[torch.Tensor] = []
     size = begun = 0
-    for part_src, part_dst in parts:
+    for (part_src, part_dst), part_sizes in zip(parts, sizes, strict=True):
         first = 1
-        for s, d in zip(part_src, part_dst, strict=True):
-            nbytes = d.numel() * d.element_size()
-            total += nbytes
+        for s, d, nbytes in zip(part_src, part_dst, part_sizes, strict=True):
             rows = d.shape[0] if d.dim() else 1
-            step = max(1, chunk_bytes // max(1, nbytes // rows))
+            row_bytes = max(1, nbytes // rows)
+            step = max(1, chunk_bytes // row_bytes)
             if src and (size + nbytes > chunk_bytes or step < rows):  # close the open chunk
-                chunks.append((src, dst, begun))
+                chunks.append(Chunk(src, dst, begun, size))
                 src, dst, size, begun = [], [], 0, 0
             if d.dim() == 0 or step >= rows:  # the whole tensor in the open chunk
                 src.append(s)
@@ -112,11 +127,11 @@ def _chunks(parts: list[tuple[list, list]], chunk_bytes: int) -> tuple[list[tupl
                 size, begun, first = size + nbytes, begun + first, 0
                 continue
             for r in range(0, rows, step):
-                chunks.append(([s[r : r + step]], [d[r : r + step]], first))
+                chunks.append(Chunk([s[r : r + step]], [d[r : r + step]], first, min(step, rows - r) * row_bytes))
                 first = 0
         ends.append(len(chunks) + (1 if src else 0))
     if src:
-        chunks.append((src, dst, begun))
+        chunks.append(Chunk(src, dst, begun, size))
     return chunks, ends, total
 
 
@@ -329,9 +344,8 @@ class TransferEngine:
     def _move_chunk_on_link(self, transfer: Transfer) -> None:
         now, cpu = time.perf_counter(), time.thread_time()
         start = max(now, self._link_free_at)
-        src, dst, begun = transfer.chunks[transfer.next_chunk]
+        src, dst, begun, nbytes = transfer.chunks[transfer.next_chunk]
         self._copy(transfer, src, dst)
-        nbytes = sum(t.numel() * t.element_size() for t in dst)
         if self.pace is not None:
             self._link_free_at = start + self.pace.chunk_seconds(nbytes, begun)
             delay = self._link_free_at - time.perf_counter()
@@ -350,18 +364,26 @@ class TransferEngine:
 
     def _copy(self, transfer: Transfer, src: list[torch.Tensor | FileSpan], dst: list[torch.Tensor]) -> None:
         if self.stream is None:
-            for s, d in zip(src, dst, strict=True):
-                self._copy_one(s, d)
+            self._copy_all(src, dst)
             return
         with torch.cuda.stream(self.stream):
             if transfer.next_chunk == 0:
                 for event in transfer.after:
                     self.stream.wait_event(event)  # the slots' previous experts are no longer read
-            for s, d in zip(src, dst, strict=True):
-                self._copy_one(s, d)
+            self._copy_all(src, dst)
             event = torch.cuda.Event()
             event.record(self.stream)
         event.synchronize()  # one chunk on the link at a time: priorities and preemption stay meaningful
+
+    def _copy_all(self, src: list[torch.Tensor | FileSpan], dst: list[torch.Tensor]) -> None:
+        """A chunk's copies: host tensors in one dispatch (a layer call's misses are one op, not one per piece),
+        file spans one by one."""
+        if len(src) > 1 and all(isinstance(t, torch.Tensor) for t in src):
+            pinned = self.stream is not None and all(t.is_pinned() for t in src)
+            torch._foreach_copy_(dst, src, non_blocking=pinned)
+            return
+        for s, d in zip(src, dst, strict=True):
+            self._copy_one(s, d)
 
     def _copy_one(self, src: torch.Tensor | FileSpan, dst: torch.Tensor) -> None:
         if isinstance(src, torch.Tensor):
