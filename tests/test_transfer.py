@@ -16,7 +16,7 @@ from offload_moe.runtime.eviction import LRU
 from offload_moe.runtime.ram_tier import RamTier
 from offload_moe.runtime.speculation import Payoff, Source
 from offload_moe.runtime.store import HostStore, Piece
-from offload_moe.runtime.transfer import PREFETCH, TransferEngine, _chunks
+from offload_moe.runtime.transfer import PREFETCH, TransferEngine, chunk_parts
 from tests.emulation import EmulatedLink
 from tests.helpers import DEVICES
 
@@ -137,15 +137,15 @@ def test_chunks_are_whole_rows_in_order_small_tensors_together_and_each_part_end
     big, a, b, c = torch.arange(40.0).view(10, 4), torch.ones(3), torch.full((3,), 2.0), torch.full((2,), 3.0)
     dst = [torch.zeros(10, 4), torch.zeros(3)], [torch.zeros(3)], [torch.zeros(2)]
     parts = [([big, a], dst[0]), ([b], dst[1]), ([c], dst[2])]
-    chunks, ends, nbytes = _chunks(parts, chunk_bytes=3 * 16)  # three rows of 16 bytes a chunk
+    chunks, ends, nbytes = chunk_parts(parts, chunk_bytes=3 * 16)  # three rows of 16 bytes a chunk
     assert [c[1][0].shape[0] for c in chunks[:4]] == [3, 3, 3, 1] and len(chunks) == 5
     assert [len(c[1]) for c in chunks] == [1, 1, 1, 1, 3]  # a, b and c fit one chunk
     assert ends == [5, 5, 5] and [c[2] for c in chunks] == [1, 0, 0, 0, 2] and nbytes == 160 + 12 + 12 + 8
     assert [c.nbytes for c in chunks] == [48, 48, 48, 16, 32]
-    one, ends, _ = _chunks(parts, chunk_bytes=nbytes)  # everything fits: one chunk, every part complete in it
+    one, ends, _ = chunk_parts(parts, chunk_bytes=nbytes)  # everything fits: one chunk, every part complete in it
     assert len(one) == 1 and ends == [1, 1, 1] and one[0].begun == 3 and one[0].nbytes == nbytes
     assert [t.data_ptr() for t in one[0].dst] == [t.data_ptr() for part in dst for t in part]
-    chunks, ends, _ = _chunks(parts, chunk_bytes=16)  # a row a chunk: each small tensor alone
+    chunks, ends, _ = chunk_parts(parts, chunk_bytes=16)  # a row a chunk: each small tensor alone
     assert len(chunks) == 13 and ends == [11, 12, 13] and sum(c[2] for c in chunks) == 3
     assert [c.nbytes for c in chunks] == [16] * 10 + [12, 12, 8]
     for chunk in chunks:

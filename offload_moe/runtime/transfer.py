@@ -56,7 +56,7 @@ class Transfer:
     def __init__(self, parts, after, priority: int, seq: int, engine: TransferEngine, chunk_bytes: int):
         self.after = after  # CUDA events the first chunk waits for (the last kernels that read the slots)
         self.priority, self.seq, self._engine = priority, seq, engine
-        self.chunks, self.ends, self.nbytes = _chunks(parts, chunk_bytes)  # in order
+        self.chunks, self.ends, self.nbytes = chunk_parts(parts, chunk_bytes)  # in order
         self.next_chunk = 0  # chunks before it are in place (each chunk's copy is complete before it counts)
         self.link_s = 0.0  # link time spent on it so far
         self._error: BaseException | None = None
@@ -97,7 +97,7 @@ class Chunk(NamedTuple):
     nbytes: int
 
 
-def _chunks(parts: list[tuple[list, list]], chunk_bytes: int) -> tuple[list[Chunk], list[int], int]:
+def chunk_parts(parts: list[tuple[list, list]], chunk_bytes: int) -> tuple[list[Chunk], list[int], int]:
     """Split a copy into chunks of about `chunk_bytes`: whole rows (dim 0) of each tensor, tensors in order, small
     tensors (of one part or the next) together. Returns the chunks, the chunk count once each part is complete, and
     the bytes."""
