@@ -198,7 +198,8 @@ class TransferEngine:
     def wake(self) -> None:
         """Start the worker on the queued copies."""
         with self._cond:
-            self._cond.notify()
+            if self._queued:
+                self._cond.notify()
 
     def queued(self, priority: int | None = None) -> int:
         """Copies waiting for the link (not counting the one in progress), of `priority` if given."""
@@ -269,7 +270,8 @@ class TransferEngine:
             self._helpers -= 1
             if rest:
                 self._queued.append(transfer)  # its seq keeps its place
-            self._cond.notify()
+            if self._queued:  # the worker may take them now; woken for nothing, it would only take the GIL
+                self._cond.notify()
         if not rest:
             self._finish(transfer)
 
