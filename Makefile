@@ -19,13 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Every tier: unit, slow, bench and served (real servers on loopback). CI runs this. Two phases: all but the `timed`
-# tests in TEST_WORKERS processes of one thread each (they are mostly Python-bound on tiny models; threads of two
-# processes on two cores would spin against each other), then the `timed` ones alone, since they assert shares or
-# latencies of wall-clock service. Both phases run; the exit status is the first failure's.
+# and `alone` tests in TEST_WORKERS processes of one thread each (they are mostly Python-bound on tiny models; threads
+# of two processes on two cores would spin against each other; heavier files first), then those in one process, since
+# they assert shares or latencies of wall-clock service, or start a cluster of processes that crawls beside other
+# tests. Both phases run; the exit status is the first failure's.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not timed" -n $(TEST_WORKERS) --dist worksteal --durations=30; a=$$?; \
-	$(PY) -m pytest -m timed --durations=0; b=$$?; exit $$(( a ? a : b ))
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not timed and not alone" -n $(TEST_WORKERS) --dist worksteal --durations=30; a=$$?; \
+	$(PY) -m pytest -m "timed or alone" --durations=0; b=$$?; exit $$(( a ? a : b ))
 
 # The edit loop: everything but the slow, bench and served tiers (about a minute here).
 test-quick: install

@@ -66,6 +66,24 @@ def loaded():
     yield from _unpatched_at_teardown(offload_moe.load)
 
 
+HEAVY_MARKERS = ("bench", "served")  # the suite's longest tests: benches end to end, real servers
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with bench tests first, then those with served ones: `make test` spreads the suite over workers, and a
+    long file left for last keeps one worker busy while the others idle. The vLLM plug-in's file goes last: its
+    environment builds while the others run (`pytest_collection_finish`). Each file's tests stay together and in
+    order, so its module-scoped fixtures are built once."""
+    rank: dict[str, int] = {}
+    for item in items:
+        file = item.nodeid.split("::")[0]
+        own = next((i for i, m in enumerate(HEAVY_MARKERS) if item.get_closest_marker(m)), len(HEAVY_MARKERS))
+        if item.path.name == "test_vllm.py":
+            own = len(HEAVY_MARKERS) + 1
+        rank[file] = min(rank.get(file, own), own)
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: files keep their order otherwise
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start building vLLM's environment (`tests/vllm_server.py`) while the tests before its own run: on a fresh
     machine the build is minutes of downloading and unpacking, which the CPU-bound tests hardly notice."""

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray", reason="the 'ray' extra is not installed")
 from fairness.gateway.ray_app import deploy  # noqa: E402
 from tests.servers import free_port, redis_server  # noqa: E402
 
-pytestmark = [pytest.mark.served, pytest.mark.slow]
+pytestmark = [pytest.mark.served, pytest.mark.slow, pytest.mark.alone]  # Ray beside other tests: 5x slower
 
 
 def test_two_offloaded_replicas_behind_two_gateway_replicas_on_ray_serve(reference_dir):
