@@ -183,15 +183,18 @@ def test_an_oracle_policy_is_refused_before_serving(reference_dir):
         serve_main([str(reference_dir), "--policy", "vtc-oracle", "--device", "cpu"])
 
 
+ARRIVALS_S = 7  # seconds of arrivals: at twice the capacity, FCFS's backlog grows for 3.5 s of service
+
+
 @pytest.mark.timed
 def test_vtc_keeps_a_light_client_from_starving_on_the_real_engine(reference_dir):
     """A heavy client at twice this engine's measured capacity (it varies with the machine and what else runs), two
     light ones at an eighth of its rate each, well under their fair share: FCFS lets the backlogged gap grow and makes
     the light clients wait behind the heavy one; VTC keeps the gap small and the light clients' first tokens prompt."""
     rate = 2.0 * measure_capacity(reference_dir, None, max_running=6, waves=2) / OUTPUT  # heavy req/s
-    requests = [Request("heavy", i / rate, PROMPT, OUTPUT) for i in range(int(10 * rate))]
+    requests = [Request("heavy", i / rate, PROMPT, OUTPUT) for i in range(int(ARRIVALS_S * rate))]
     requests += [Request(c, 0.1 + k * 0.05 + 8 * i / rate, PROMPT, OUTPUT) for k, c in enumerate(("light-a", "light-b"))
-                 for i in range(int(10 * rate / 8))]  # fmt: skip
+                 for i in range(int(ARRIVALS_S * rate / 8))]  # fmt: skip
     measured = {}
     for policy in ("fcfs", "vtc"):
         engine = build_engine(reference_dir, policy, device="cpu", max_running=6)
