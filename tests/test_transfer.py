@@ -224,11 +224,27 @@ def test_a_prefetch_whose_victim_is_needed_first_did_not_pay(first):
     assert cache.speculation.payoff(Source.LOOKAHEAD, 1).allows() == (first == "copy")
 
 
-def test_copies_of_host_computed_experts_are_judged_by_admission_not_by_payoff():
+class _CopiesWait(TransferEngine):
+    """Copies that leave the CPU free while they run (a DMA engine, a disk): measured so, whatever this machine does."""
+
+    def cpu_share(self) -> float:
+        return 0.0
+
+
+class _CopiesTakeACore(_CopiesWait):
+    """Copies that keep a CPU busy (a memcpy): on a CPU device they take the cores the kernels run on."""
+
+    def cpu_share(self) -> float:
+        return 1.0
+
+
+@pytest.mark.parametrize("engine_class", [_CopiesWait, _CopiesTakeACore])
+def test_copies_of_host_computed_experts_are_judged_by_admission_and_never_take_the_cores(engine_class):
     """A "host" copy is made when its expert was needed more often than its victim, whatever its pay-off; a stand-in
-    source whose copies did not pay copies nothing."""
+    source whose copies did not pay copies nothing. On a CPU device whose copies keep a CPU busy no "host" copy is
+    made: the host job already ran on those cores from the same memory."""
     store, _ = _store(pinned=False)
-    engine = TransferEngine(torch.device("cpu"))
+    engine = engine_class(torch.device("cpu"))
     cache = ExpertCache(store, 2, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4), top_k=1)
     for e in (0, 1):  # resident, each needed once
         _acquire(cache, 0, [e])
@@ -238,9 +254,12 @@ def test_copies_of_host_computed_experts_are_judged_by_admission_not_by_payoff()
     for _ in range(2):
         cache.prepare(0, [2])  # missed twice: computed on the host
     cache.prepare(0, [3])  # missed once
-    assert cache.speculate([(0, 3)], set(), Source.HOST) is False  # needed once, like its victim: not admitted
     assert cache.speculate([(0, 4)], set(), Source.STANDIN) and (0, 4) not in cache.resident()  # judged only
-    assert cache.speculate([(0, 2)], set(), Source.HOST) and (0, 2) in cache.resident()
+    if engine_class is _CopiesTakeACore:
+        assert cache.speculate([(0, 2)], set(), Source.HOST) and (0, 2) not in cache.resident()  # admitted, not copied
+    else:
+        assert cache.speculate([(0, 3)], set(), Source.HOST) is False  # needed once, like its victim: not admitted
+        assert cache.speculate([(0, 2)], set(), Source.HOST) and (0, 2) in cache.resident()
     engine.shutdown()
 
 

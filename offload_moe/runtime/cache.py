@@ -277,10 +277,12 @@ class ExpertCache:
         """Copy `keys` in, in order, behind every demand copy, while at most `max_queued` other speculative copies wait
         for the link;
         resident ones are kept (touched); never evicts `protected` (nor an earlier key of the list). STANDIN and
-        HOST copies go only into idle link time; HOST copies only when admitted. A source that does not pay at the
-        keys' layer copies nothing and has its suggestions judged (`Speculation`). False when it stopped before the
-        end (the link's queue was full, no slot could be freed, or a key was not admitted)."""
-        if self.frozen or not keys:
+        HOST copies go only into idle link time; HOST copies only when admitted, and never where the copies take the
+        cores (`_copies_take_the_cores`: there the host job already ran on the device's own cores from the same
+        memory, so a copy costs compute and buys none). A source that does not pay at the keys' layer copies nothing
+        and has its suggestions judged (`Speculation`). False when it stopped before the end (the link's queue was
+        full, no slot could be freed, or a key was not admitted)."""
+        if self.frozen or not keys or source is Source.HOST and self._copies_take_the_cores():
             return True
         if not self.speculation.allows(source, keys[0][0]):
             self.speculation.judge_later(source, [k for k in keys if self.slots.slot(k) < 0])

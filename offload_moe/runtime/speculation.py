@@ -27,7 +27,7 @@ class Source(enum.Enum):
 
     LOOKAHEAD = "lookahead"  # the router-lookahead prefetcher: the next layers' predicted experts
     STANDIN = "standin"  # experts a stand-in served: copied for the next tokens, in idle link time
-    HOST = "host"  # experts computed on the host: copied when admitted, in idle link time
+    HOST = "host"  # experts computed on the host: copied when admitted, in idle link time, unless copies take the cores
 
 
 JUDGED_BY_ADMISSION = frozenset({Source.HOST})
