@@ -144,7 +144,9 @@ class SlotTable:
             return KernelIndex(self.device_row(layer)[top_k_index] - lo, lo, hi, False)
         if hi - lo < compat.MASKED_WINDOW and self.num_slots >= compat.MASKED_WINDOW:
             hi, lo = (hi + 1, lo) if hi < self.num_slots else (hi, lo - 1)
-        local = np.where(np.isin(ids, experts), row[ids] - lo, hi - lo)  # [T, K]
+        local = np.full(len(row), hi - lo, dtype=row.dtype)  # [E]: a skipped expert points past the window
+        local[experts] = row[experts] - lo
+        local = local[ids]  # [T, K]
         return KernelIndex(torch.from_numpy(local).to(self.device, non_blocking=True), lo, hi, True)
 
     def set_range(self, layer: int) -> tuple[int, int]:
