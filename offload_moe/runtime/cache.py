@@ -5,10 +5,12 @@ of it unchanged once expert ids are remapped to slot ids. The cache owns the slo
 is where, which to evict), the copies in flight and their victims; it asks `runtime.speculation` whether speculative
 copies pay and `runtime.admission` whether a copy is worth its victim. What the experts hook asks of it, per layer
 call: `prepare` (count the routed experts, say which are not ready), `fetch` (claim slots for the call's misses and
-queue their copies, as one copy), `stream` (the call's experts in batches, as they land), `kernel_index` (a kernel
-pass's slot ids: the slot table's remap, or a packed store's decode), `release` (a pass read these slots),
-`speculate` (copies into link time no one waits for), and for the host paths `admits` and `ready_experts`. All
-bookkeeping runs on the compute thread; the transfer engine only moves bytes, so no lock is needed.
+queue their copies, as one copy), `start` (set the link on the queued copies while the host computes), `stream` (the
+call's experts in batches, as they land), `kernel_index` and `kernel_weights` (a kernel pass's slot ids and the
+weights they index: the slot table's remap on the pool, or a packed store's decode scratch), `release` (a pass read
+these slots), `speculate` (copies into link time no one waits for), and for the host paths `admits` and
+`ready_experts`; at attach, `fixed_slots` (a layer that never misses). All bookkeeping runs on the compute thread;
+the transfer engine only moves bytes, so no lock is needed.
 """
 
 from __future__ import annotations
