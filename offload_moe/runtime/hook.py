@@ -63,12 +63,13 @@ class ExpertsHook(ModuleHook):
         self.fixed_hits = fixed_hits
         self.pass_seconds = 0.0  # what one more kernel pass costs (exponential average over calls of few tokens)
         self.fixed = cache.fixed_slots(layer) is not None  # never misses: the module holds its slots (patch)
-        self.key = next(_KEYS)  # how a compiled graph's `offloaded_experts` op finds this hook
+        self.key = -1  # how a compiled graph's `offloaded_experts` op finds this hook: given on attach
         self._module: torch.nn.Module | None = None
         self._forward: Callable | None = None
 
     def init_hook(self, module: torch.nn.Module) -> None:
         self._module, self._forward = module, module.forward  # the forward before attach wraps it
+        self.key = next(k for k in itertools.count() if k not in _LIVE)
         _LIVE[self.key] = self
 
     def detach_hook(self, module: torch.nn.Module) -> None:
@@ -389,8 +390,9 @@ def routing_on_host(index: torch.Tensor, weights: torch.Tensor) -> tuple[np.ndar
     return ids.numpy(), host
 
 
-_KEYS = itertools.count()
-_LIVE: weakref.WeakValueDictionary[int, ExpertsHook] = weakref.WeakValueDictionary()  # attached hooks by key
+# attached hooks by key. A hook takes the smallest free key, so a model patched again after `unpatch` compiles to
+# the same graph as before, which inductor's cache then serves instead of compiling it anew.
+_LIVE: weakref.WeakValueDictionary[int, ExpertsHook] = weakref.WeakValueDictionary()
 
 
 # cudagraph_unsafe: a CUDA graph would replay its kernels without the decisions (inductor leaves such graphs uncaptured)
