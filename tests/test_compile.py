@@ -16,13 +16,15 @@ from tests.helpers import requires_cuda, tiny_model
 pytestmark = pytest.mark.slow  # every test compiles a model (seconds each)
 
 IDS = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+CACHE_LEN = 110  # every static cache here has this length: tests whose graphs match share inductor's cached code
 
 
 @torch.no_grad()
 def static_decode(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill `ids` [1, P], then `steps` greedy tokens one at a time through a static KV cache:
     (logits [steps + 1, V] of every step, tokens [steps]). Logits are cloned: CUDA graphs reuse their outputs."""
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 1)
+    assert ids.shape[1] + steps < CACHE_LEN
+    cache = StaticCache(config=model.config, max_cache_len=CACHE_LEN)
     pos = torch.arange(ids.shape[1], device=ids.device)[None]
     out = [model(input_ids=ids, cache=cache, use_cache=True, position_ids=pos).logits[0, -1].clone()]
     tokens = []
@@ -118,7 +120,7 @@ def test_a_lossy_standin_compiled_equals_it_eager(patched, standin):
 def test_no_recompilation_after_warmup_in_a_100_step_decode(patched, budget, options):
     model = tiny_model("mixtral")
     patched(model, budget=budget, device="cpu", compile=True, **options)
-    cache = StaticCache(config=model.config, max_cache_len=110)
+    cache = StaticCache(config=model.config, max_cache_len=CACHE_LEN)
     token = torch.tensor([[5]])
     with torch.no_grad():
         for t in range(3):  # warm-up: the first call and the static cache's first update compile
