@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from transformers import GenerationConfig, StaticCache
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from hooks import find_moe_blocks, is_attached
+from hooks import attached_hook, find_moe_blocks, is_attached
 from tests.helpers import requires_cuda, tiny_model
 
 pytestmark = pytest.mark.slow  # every test compiles a model (seconds each)
@@ -149,6 +149,24 @@ def test_unpatch_restores_an_uncompiled_model_exactly_and_leaves_dynamo_settings
     got = static_decode(model, IDS, 6)
     assert compiles() == graphs  # nothing compiled runs any more
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_a_model_patched_again_gets_the_same_graph_keys_and_two_patched_models_distinct_ones(patched):
+    """The compiled op finds its layer's hook by a key in the graph: the smallest keys free on attach, so a model
+    patched again compiles to its earlier graph (inductor's cache serves it), while two models patched at once never
+    share a key."""
+
+    def keys(handle) -> list[int]:
+        return [attached_hook(b.experts).key for b in handle.blocks]
+
+    a, b = tiny_model("mixtral"), tiny_model("mixtral")
+    first = patched(a, budget=0.5, device="cpu")
+    before = keys(first)
+    first.unpatch()
+    again = patched(a, budget=0.5, device="cpu")
+    assert keys(again) == before
+    other = patched(b, budget=0.5, device="cpu")
+    assert not set(keys(other)) & set(keys(again))
 
 
 def test_continuous_batching_runs_eager_with_compile(patched):
