@@ -98,8 +98,9 @@ class SlotTable:
         self._lists = [[-1] * num_experts for _ in range(num_layers)]  # the same as Python ints: a call reads a few
         self.key_of: list[ExpertKey | None] = [None] * num_slots
         self.device = torch.device(device)
+        self._on_host = self.device.type == "cpu"  # read per change and per pass: `device.type` costs a lookup
         # the device mirror: on a CPU device the same memory; on CUDA a copy, its rows refreshed before use
-        self._mirror = torch.from_numpy(self.host) if self.device.type == "cpu" else self._upload()
+        self._mirror = torch.from_numpy(self.host) if self._on_host else self._upload()
         self._stale: set[int] = set()
         self.victim_steps = 0  # keys examined by `victim`, for the record: O(1) per eviction
 
@@ -139,7 +140,7 @@ class SlotTable:
         slots = self.slots_of(layer, experts)
         lo, hi = min(slots), max(slots) + 1
         if every:
-            if self.device.type == "cpu":  # the table is the device's own memory: remap in place of a gather
+            if self._on_host:  # the table is the device's own memory: remap in place of a gather
                 return KernelIndex(torch.from_numpy(row[ids] - lo), lo, hi, False)
             return KernelIndex(self.device_row(layer)[top_k_index] - lo, lo, hi, False)
         if hi - lo < compat.MASKED_WINDOW and self.num_slots >= compat.MASKED_WINDOW:
@@ -248,5 +249,5 @@ class SlotTable:
         return out
 
     def _changed(self, layer: int) -> None:
-        if self.device.type != "cpu":
+        if not self._on_host:
             self._stale.add(layer)
