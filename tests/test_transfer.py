@@ -352,11 +352,17 @@ def test_cache_stress_prefetch_racing_eviction(device):
 def test_on_a_cpu_device_a_call_moves_copies_that_keep_a_cpu_busy_before_its_one_pass(pace):
     """A memcpy beside a kernel pass on a CPU device takes a core the pass waits for: the call's copies land first
     and one batch computes everything. A copy that mostly waits (an emulated link) overlaps the ready experts' pass,
-    which the hook estimates shorter than the copy (pass_seconds=0 here)."""
+    which the hook estimates shorter than the copy (pass_seconds=0 here). The engine learns how much of a copy keeps
+    its thread on a CPU from the copies before: nine, so that a thread descheduled mid-copy on a loaded machine (its
+    share near 0; after one copy, 6 times in 150 beside two busy processes) leaves the average where the others put
+    it."""
     store, _ = _store()
     engine = TransferEngine(torch.device("cpu"), pace)
     cache = ExpertCache(store, 6, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4), top_k=3)
-    _acquire(cache, 0, [0, 1, 2])  # the copies measure how much of a copy keeps its thread on a CPU
+    for layer in (1, 2):
+        for e in range(4, 8):
+            _acquire(cache, layer, [e])
+    _acquire(cache, 0, [0, 1, 2])
     batches = [list(b) for b, _ in _batches(cache, 0, [0, 3, 4])]  # 0 resident, 3 and 4 copied
     engine.shutdown()
     assert batches == ([[0, 3, 4]] if pace is None else [[0], [3, 4]])
