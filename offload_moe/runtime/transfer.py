@@ -101,10 +101,10 @@ def chunk_parts(parts: list[tuple[list, list]], chunk_bytes: int) -> tuple[list[
     """Split a copy into chunks of about `chunk_bytes`: whole rows (dim 0) of each tensor, tensors in order, small
     tensors (of one part or the next) together. Returns the chunks, the chunk count once each part is complete, and
     the bytes."""
-    dst = [t for _, part_dst in parts for t in part_dst]
-    total = sum(d.nbytes for d in dst)
+    total = sum(d.nbytes for _, part_dst in parts for d in part_dst)
     if total <= chunk_bytes:  # a layer call's misses of small experts: one chunk, built in one step
         src = [t for part_src, _ in parts for t in part_src]
+        dst = [t for _, part_dst in parts for t in part_dst]
         return [Chunk(src, dst, sum(bool(p) for p, _ in parts), total)], [1] * len(parts), total
     sizes = [[d.nbytes for d in part_dst] for _, part_dst in parts]
     chunks: list[Chunk] = []
