@@ -421,7 +421,7 @@ def test_in_front_of_fairness_serve_replicas_unpatched_and_offloaded(reference_d
 @pytest.mark.slow
 def test_in_front_of_transformers_serve_with_continuous_batching(reference_dir):
     """A server this project did not write (transformers' own `transformers serve`). Its KV cache is given a size
-    (64 blocks): sized from the memory it finds, the cache takes 20 s to set up on the first request."""
+    (64 blocks): sized from the memory it finds, the cache is large and slow to set up on the first request."""
     port = free_port()
     exe = Path(sys.executable).with_name("transformers")
     proc = subprocess.Popen([str(exe), "serve", "--continuous-batching", "--cb-num-blocks", "64", "--device", "cpu",

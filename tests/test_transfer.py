@@ -354,8 +354,7 @@ def test_on_a_cpu_device_a_call_moves_copies_that_keep_a_cpu_busy_before_its_one
     and one batch computes everything. A copy that mostly waits (an emulated link) overlaps the ready experts' pass,
     which the hook estimates shorter than the copy (pass_seconds=0 here). The engine learns how much of a copy keeps
     its thread on a CPU from the copies before: nine, so that a thread descheduled mid-copy on a loaded machine (its
-    share near 0; after one copy, 6 times in 150 beside two busy processes) leaves the average where the others put
-    it."""
+    share near 0) leaves the average where the others put it."""
     store, _ = _store()
     engine = TransferEngine(torch.device("cpu"), pace)
     cache = ExpertCache(store, 6, torch.device("cpu"), torch.float32, engine, LRU(), Counters(num_layers=4), top_k=3)

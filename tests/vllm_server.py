@@ -86,8 +86,8 @@ def _build() -> dict:
 def _build_locked(marker: Path) -> dict:
     python = VENV / "bin" / "python"
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-    # this environment's packages after its own, so pip installs only what vLLM needs in other versions: its torch
-    # pin is this torch (a second 750 MB copy took a minute of CPU to unpack), its transformers pin is not
+    # this environment's packages after its own, so pip installs only what vLLM needs in other versions (its
+    # transformers pin), not a second copy of this torch, which its torch pin already names
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
     Path(site, "main-environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
