@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 import transformers
+from transformers.integrations import moe as transformers_moe
 
 from hooks.versions import IncompatibleVersionError, require_release
 
@@ -103,6 +104,27 @@ def expert_layout(module: torch.nn.Module) -> ExpertLayout | None:
     if not all(isinstance(attrs.get(n), bool) for n in names) or not callable(getattr(module, "_apply_gate", None)):
         return None
     return ExpertLayout(*(attrs[n] for n in names))
+
+
+def gate_function(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's `_apply_gate` (its gate-up output [n, 2I] to the activated [n, I]). Where that is transformers'
+    default (chunk, activation, product), the same three ops with the activation's forward called directly: the
+    same math without a module call's dispatch, which costs a decode's host job more than the product itself."""
+    gate = module._apply_gate
+    default = getattr(transformers_moe, "_default_apply_gate", None)  # None: an unknown version keeps the module's
+    if (
+        default is None
+        or getattr(gate, "__func__", None) is not default
+        or not isinstance(module.act_fn, torch.nn.Module)
+    ):
+        return gate
+    act = module.act_fn.forward
+
+    def apply(gate_up: torch.Tensor) -> torch.Tensor:
+        g, up = gate_up.chunk(2, dim=-1)
+        return act(g) * up
+
+    return apply
 
 
 # --- torch's CPU kernels for weight-only low-bit matrices (host_precision) ------------------------------------------

@@ -7,14 +7,15 @@ import weakref
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GptOssConfig, GptOssForCausalLM
 from transformers.generation.continuous_batching.scheduler import Scheduler
 
 import offload_moe
 from fairness.serving import compat as cb_compat
 from fairness.serving.cb_scheduler import FairScheduler
+from hooks import find_moe_blocks
 from offload_moe import compat
-from tests.helpers import tiny_model
+from tests.helpers import FAMILIES, tiny_model
 
 
 def _experts():
@@ -72,6 +73,25 @@ def test_grouped_mm_casts_its_input_and_bins_one_slot_windows_over_the_ids_range
         ids = torch.tensor([0.0, window])
         assert int(torch.histc(ids, bins=window, min=0, max=window - 1)[0]) == counted
     assert compat.MASKED_WINDOW == 2
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss"])
+def test_the_host_kernels_gate_is_the_modules_own_to_the_bit(family):
+    """`gate_function` calls transformers' default gate's activation without a module call, and keeps a model's own
+    gate (gpt-oss clamps) as it is: either way the module's `_apply_gate` bits."""
+    if family == "gpt_oss":
+        cfg = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                           num_local_experts=4, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8)  # fmt: skip
+        experts = GptOssForCausalLM(cfg).model.layers[0].mlp.experts
+    else:
+        experts = next(b.experts for b in find_moe_blocks(tiny_model(family)))
+    gate = compat.gate_function(experts)
+    assert (gate == experts._apply_gate) == (family == "gpt_oss")  # a bound method compares by function and module
+    gate_up = torch.randn(5, 48, generator=torch.Generator().manual_seed(0)) * 4
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(gate(gate_up.to(dtype)), experts._apply_gate(gate_up.to(dtype)))
 
 
 def test_paged_cache_check_and_init_weights_exist():

@@ -82,7 +82,7 @@ def read_span(span: FileSpan, dst: torch.Tensor, staging: torch.Tensor) -> None:
         span.read_into(span.into.view(-1).view(torch.uint8))
         dst.copy_(span.into, non_blocking=dst.is_cuda)  # the RAM tier is pinned on CUDA
         return
-    if dst.device.type == "cpu" and dst.dtype == span.dtype and dst.is_contiguous():
+    if dst.is_cpu and dst.dtype == span.dtype and dst.is_contiguous():
         span.read_into(dst.view(-1).view(torch.uint8))
         return
     staged = staging[: span.nbytes]

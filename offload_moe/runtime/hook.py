@@ -378,7 +378,7 @@ class _Kernel:
 def routing_on_host(index: torch.Tensor, weights: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     """A layer call's routing on the host: ids [T, K] and weights [T, K]. On CUDA both are copied into pinned memory
     without blocking and waited for once, behind the router that computed them: the call's one synchronisation."""
-    if index.device.type == "cpu":
+    if index.is_cpu:
         return index.numpy(), weights
     ids = torch.empty(index.shape, dtype=index.dtype, pin_memory=True)
     host = torch.empty(weights.shape, dtype=weights.dtype, pin_memory=True)

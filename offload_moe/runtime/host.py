@@ -96,6 +96,8 @@ class HostCompute:
         precision: str | None = None,
     ):
         self.store, self.names, self.hidden_size, self.device = store, names, hidden_size, device
+        self._dtype = store.expert_dtype  # the kernels' input dtype
+        self._cuda = device.type == "cuda"  # read per job: a device's `type` costs more than a flag
         self.counters = counters  # writes host_jobs, host_tokens, host_seconds, host_wait_seconds
         self.pace, self.precision = pace, precision
         if precision is not None and store.packed is not None:
@@ -125,6 +127,7 @@ class HostCompute:
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, self.cores)  # this thread only; torch's threads it starts inherit the set
         torch.set_num_threads(self.threads)
+        torch.set_grad_enabled(False)  # this thread's mode: its jobs never build an autograd graph
 
     def _build_lowbit(self) -> dict[tuple[int, int], dict[str, LowBit]]:
         if not self._kernels[0].direct:
@@ -182,15 +185,15 @@ class HostCompute:
         the routing (ids on the host). The output, in `out_dtype`, has a row per (token, k) pair, [T x K, H], when
         `pairs` (each pair's product unsummed), else [T, H]."""
         ready = None  # CUDA: the event after which the input is on the host
-        if hidden.device.type == "cuda":  # only activations cross the link: [T, H] down, [T, H] or [T x K, H] up
-            staged = torch.empty(hidden.shape, dtype=self.store.expert_dtype, pin_memory=True)
+        if hidden.is_cuda:  # only activations cross the link: [T, H] down, [T, H] or [T x K, H] up
+            staged = torch.empty(hidden.shape, dtype=self._dtype, pin_memory=True)
             staged.copy_(hidden, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(hidden.device))
             hidden = staged
-        else:
-            hidden = hidden.to(self.store.expert_dtype)
-        if weights.device.type != "cpu":  # the routing's host copy already, unless stand-ins changed the weights
+        elif hidden.dtype != self._dtype:
+            hidden = hidden.to(self._dtype)
+        if not weights.is_cpu:  # the routing's host copy already, unless stand-ins changed the weights
             weights = weights.cpu()
         job = HostJob(
             layer, experts, functools.partial(self._run, layer, experts, hidden, weights, ids, pairs, out_dtype, ready)
@@ -208,7 +211,7 @@ class HostCompute:
         c.host_jobs += len(job.experts)
         c.host_tokens += pairs
         c.host_seconds += seconds
-        return (y.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else y), seconds
+        return (y.pin_memory().to(self.device, non_blocking=True) if self._cuda else y), seconds
 
     def _pieces(self, layer: int, expert: int) -> dict[str, list[tuple[int, torch.Tensor]]]:
         """An expert's weights as the kernel reads them: views, kept (a packed store decodes them on each use)."""
@@ -238,16 +241,30 @@ class HostCompute:
             flops = 2.0 * self.expert_params * int(np.isin(ids, experts).sum())
             nbytes = sum(self.host_bytes(layer, e, int((ids == e).sum())) for e in experts)
             done_at = self.pace.reserve(start, nbytes, flops)
-        with torch.no_grad():
-            if len(ids) == 1 and self._kernels[layer].direct:  # decode: every expert at once
-                out, n_pairs = self._one_token(layer, experts, hidden, weights, ids[0].tolist(), pairs, out_dtype)
-            else:
-                out, n_pairs = self._tokens(layer, experts, hidden, weights, ids, pairs, out_dtype)
+        if torch.is_grad_enabled():  # a model run with autograd on: no graph of the host's products
+            with torch.no_grad():
+                out, n_pairs = self._compute(layer, experts, hidden, weights, ids, pairs, out_dtype)
+        else:  # the worker's mode, and a generation's: no context to enter on the decode path
+            out, n_pairs = self._compute(layer, experts, hidden, weights, ids, pairs, out_dtype)
         if self.pace is not None:
             delay = done_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
         return out, time.perf_counter() - start, n_pairs
+
+    def _compute(
+        self,
+        layer: int,
+        experts: list[int],
+        hidden: torch.Tensor,
+        weights: torch.Tensor,
+        ids: np.ndarray,
+        pairs: bool,
+        out_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, int]:
+        if len(ids) == 1 and self._kernels[layer].direct:  # decode: every expert at once
+            return self._one_token(layer, experts, hidden, weights, ids[0].tolist(), pairs, out_dtype)
+        return self._tokens(layer, experts, hidden, weights, ids, pairs, out_dtype)
 
     def _one_token(
         self,
@@ -262,18 +279,17 @@ class HostCompute:
         kernel, ks = self._kernels[layer], [row.index(e) for e in experts]
         ys = [kernel.project(self._pieces(layer, e), hidden, self.lowbit_for(layer, e, 1)) for e in experts]
         y = ys[0] if len(ys) == 1 else torch.cat(ys)  # [n, H] in the weights' dtype
-        per_k = weights.view(-1, 1)  # [K, 1]
-        scale = per_k[ks[0] : ks[0] + 1] if len(ks) == 1 else per_k[ks]  # [n, 1] (one expert: a view, no gather)
+        scale = weights[:, ks[0] : ks[0] + 1] if len(ks) == 1 else weights.view(-1, 1)[ks]  # [n, 1]
         # each product scaled as the kernel scales it: promoted to the wider of the two dtypes, exactly, in one op
-        y = y * scale
         if pairs:
             out = torch.zeros(len(row), hidden.shape[1], dtype=out_dtype)  # [K, H]: a row per pair
-            if len(ks) == 1:
-                out[ks[0] : ks[0] + 1] = y
+            if len(ks) == 1:  # written straight into its row
+                torch.mul(y, scale, out=out[ks[0] : ks[0] + 1])
             else:
-                out[ks] = y.to(out_dtype)
+                out[ks] = (y * scale).to(out_dtype)
             return out, len(experts)
-        return (y if len(ks) == 1 else y.sum(0, keepdim=True)).to(out_dtype), len(experts)
+        y = y * scale if len(ks) == 1 else (y * scale).sum(0, keepdim=True)  # [1, H]
+        return (y if y.dtype == out_dtype else y.to(out_dtype)), len(experts)
 
     def _tokens(
         self,

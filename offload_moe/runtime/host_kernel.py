@@ -69,7 +69,9 @@ class HostKernel:
     def __init__(self, module: torch.nn.Module, precision: str | None = None):
         self.module, self.layout, self.precision = module, compat.expert_layout(module), precision
         self._twin = one_expert_twin(module)
-        self.up = "gate_up_proj" if self.layout is not None and self.layout.has_gate else "up_proj"
+        gated = self.layout is not None and self.layout.has_gate
+        self.up = "gate_up_proj" if gated else "up_proj"
+        self._gate = compat.gate_function(module) if gated else None
 
     @property
     def direct(self) -> bool:
@@ -95,7 +97,7 @@ class HostKernel:
         proj = self._linear(weights[self.up], x, lowbit and lowbit.get(self.up))
         if layout.has_bias:
             proj.add_(_whole(weights)[self.up + "_bias"])
-        proj = self.module._apply_gate(proj) if layout.has_gate else self.module.act_fn(proj)
+        proj = self._gate(proj) if layout.has_gate else self.module.act_fn(proj)
         out = self._linear(weights["down_proj"], proj, lowbit and lowbit.get("down_proj"))
         if layout.has_bias:
             out.add_(_whole(weights)["down_proj_bias"])
