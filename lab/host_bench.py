@@ -10,16 +10,18 @@ expert's bytes over the job's time. Beside it: three plain `F.linear` calls on t
 gets from them: the host path's goal is to add nothing to it), the stock experts kernel on a one-expert twin (the host
 path before the direct kernel), and the low-bit host experts (`host_precision`, LOSSY up to the measured number of
 tokens per expert at which they beat the native weights), whose bandwidth counts their own (packed) bytes. REAL CPU and
-memory, nothing emulated.
+memory, nothing emulated. The paths take turns call by call, so a shared machine's drift hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,8 @@ SIZES = {"mixtral-8x7b": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}  # hidden,
 TOKENS = (1, 4, 16)
 WORKING_SET = {"quick": 1 << 28, "default": 1 << 30}  # bytes of distinct experts cycled through: past any cache
 PRECISIONS = (None, "int8", "int4")
+SECONDS = {"quick": 2.0, "default": 5.0}  # each token count's least time in rounds of calls: small experts take more
+MAX_ROUNDS = 200
 
 
 def memory_gbps(threads: int, repeats: int = 9) -> float:
@@ -70,62 +74,68 @@ def experts_of(hidden: int, intermediate: int, count: int) -> tuple[torch.nn.Mod
     return module, HostStore.from_fused([weights])
 
 
-def time_jobs(run, count: int, repeats: int) -> float:
-    """Median seconds of `run(expert)` over `repeats` passes through `count` distinct experts (first pass: warm)."""
-    run(0)
-    times = []
-    for i in range(repeats):
-        e = 1 + i % (count - 1)
-        t0 = time.perf_counter()
-        run(e)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_paths(paths: dict[str, Callable[[int], None]], count: int, repeats: int, seconds: float) -> dict[str, float]:
+    """Median seconds of each path's `run(expert)` over rounds in which the paths take turns call by call (a shared
+    machine's drift hits them alike), each call on the next of `count` distinct experts (none in a cache when read):
+    at least `repeats` rounds, more (up to MAX_ROUNDS) until `seconds` have passed; one warm-up call each first."""
+    for run in paths.values():
+        run(0)
+    times: dict[str, list[float]] = {n: [] for n in paths}
+    e, start, rounds = 0, time.perf_counter(), 0
+    while rounds < repeats or (time.perf_counter() - start < seconds and rounds < MAX_ROUNDS):
+        for n, run in paths.items():
+            e = 1 + e % (count - 1)
+            t0 = time.perf_counter()
+            run(e)
+            times[n].append(time.perf_counter() - t0)
+        rounds += 1
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
-def measure(name: str, repeats: int, working_set: int) -> dict:
+@torch.no_grad()  # as in generation, where the host path runs
+def measure(name: str, repeats: int, working_set: int, least_seconds: float) -> dict:
     hidden, inter = SIZES[name]
     one = 3 * hidden * inter * 2  # bf16 bytes of one expert
     count = max(2, working_set // one + 1)
     module, store = experts_of(hidden, inter, count)
-    rows = []
-    for precision in PRECISIONS:
-        host = HostCompute(store, [module], store.names, hidden, torch.device("cpu"), Counters(1), precision=precision)
-        for tokens in TOKENS:
-            x = torch.randn(tokens, hidden).to(torch.bfloat16)
-            w, ids = torch.ones(tokens, 1), np.zeros((tokens, 1), dtype=np.int64)
-
-            def run(e: int, host=host, x=x, w=w, ids=ids) -> None:
-                host.result(host.submit(0, [e], x, w, ids + e, pairs=False, out_dtype=torch.float32))
-
-            seconds = time_jobs(run, count, repeats)
-            nbytes = host.host_bytes(0, 0, tokens)  # the bytes this call reads
-            path = "host" if precision is None else f"host {precision} (LOSSY to {host.lowbit_tokens} tokens)"
-            rows.append({"path": path, "tokens": tokens,
-                         "seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9})  # fmt: skip
-        host.shutdown()
-    for tokens in TOKENS:  # the ceiling of plain torch: the expert's three matrices, one F.linear each
-        x = torch.randn(tokens, hidden).to(torch.bfloat16)
-
-        def raw(e: int, x=x) -> None:
-            w = store.expert_tensors(0, e)
-            gate, up = w["gate_up_proj"].chunk(2)
-            F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), w["down_proj"])
-
-        seconds = time_jobs(raw, count, repeats)
-        rows.append({"path": "three F.linear (raw matmuls)", "tokens": tokens, "seconds": seconds, "bytes": one,
-                     "gbps": one / seconds / 1e9})  # fmt: skip
+    hosts = {p: HostCompute(store, [module], store.names, hidden, torch.device("cpu"), Counters(1), precision=p)
+             for p in PRECISIONS}  # fmt: skip
     twin = one_expert_twin(module)
+    rows: dict[str, list[dict]] = {}
     for tokens in TOKENS:
-        x, w = torch.randn(tokens, hidden).to(torch.bfloat16), torch.ones(tokens)
+        x = torch.randn(tokens, hidden).to(torch.bfloat16)
+        w = torch.ones(tokens, 1)
+        ids = [
+            np.full((tokens, 1), e, dtype=np.int64) for e in range(count)
+        ]  # each expert's routing, as the hook has it
+        paths, nbytes = {}, {}
+        for precision, host in hosts.items():
+            path = "host" if precision is None else f"host {precision} (LOSSY to {host.lowbit_tokens} tokens)"
+            paths[path] = functools.partial(_host_job, host, x, w, ids)
+            nbytes[path] = host.host_bytes(0, 0, tokens)  # the bytes this call reads
 
-        def stock(e: int, x=x, w=w) -> None:
+        def raw(e: int, x=x) -> None:  # the ceiling of plain torch: the expert's three matrices, one F.linear each
+            t = store.expert_tensors(0, e)
+            gate, up = t["gate_up_proj"].chunk(2)
+            F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), t["down_proj"])
+
+        def stock(e: int, x=x, w=w[:, 0]) -> None:
             expert_forward(twin, store.names, store.expert_tensors(0, e), x.float(), w)
 
-        seconds = time_jobs(stock, count, repeats)
-        rows.append({"path": "stock kernel on a one-expert twin", "tokens": tokens, "seconds": seconds,
-                     "bytes": one, "gbps": one / seconds / 1e9})  # fmt: skip
+        paths["three F.linear (raw matmuls)"], paths["stock kernel on a one-expert twin"] = raw, stock
+        for path, seconds in time_paths(paths, count, repeats, least_seconds).items():
+            b = nbytes.get(path, one)
+            rows.setdefault(path, []).append({"path": path, "tokens": tokens, "seconds": seconds, "bytes": b,
+                                              "gbps": b / seconds / 1e9})  # fmt: skip
+    for host in hosts.values():
+        host.shutdown()
     return {"experts": name, "hidden": hidden, "intermediate": inter, "expert_bytes": one, "distinct": count,
-            "rows": rows}  # fmt: skip
+            "rows": [r for path_rows in rows.values() for r in path_rows]}  # fmt: skip
+
+
+def _host_job(host: HostCompute, x: torch.Tensor, w: torch.Tensor, ids: list[np.ndarray], e: int) -> None:
+    """One job of `host` for expert `e` on every token of x (the path `miss_path="host"` takes)."""
+    host.result(host.submit(0, [e], x, w, ids[e], pairs=False, out_dtype=torch.float32))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,11 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
-    repeats = 3 if args.mode == "quick" else 9
+    repeats = 5 if args.mode == "quick" else 9
     threads = torch.get_num_threads()  # a CPU device's host path computes on the calling thread
     result = {"machine": f"{platform.machine()}, {len(physical_cores())} physical cores, torch {torch.__version__}",
               "threads": threads, "memory_gbps": memory_gbps(threads),
-              "sizes": [measure(name, repeats, WORKING_SET[args.mode]) for name in args.sizes]}  # fmt: skip
+              "sizes": [measure(name, repeats, WORKING_SET[args.mode], SECONDS[args.mode])
+                        for name in args.sizes]}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host.json").write_text(json.dumps(result, indent=1))
     print(f"memory read bandwidth ({threads} threads): {result['memory_gbps']:.1f} GB/s")
