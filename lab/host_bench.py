@@ -1,7 +1,7 @@
 """Host compute against the memory's speed: how fast the host path reads expert weights, beside what this machine's
 memory reads, for Mixtral-8x7B-sized (hidden 4096, intermediate 14336) and Qwen3-30B-A3B-sized (2048, 768) experts.
 
-    python -m lab.host_bench [--mode quick|default] [--sizes mixtral-8x7b qwen3-30b-a3b] [--out bench-results]
+    python -m lab.host_bench [--mode tiny|quick|default] [--sizes mixtral-8x7b qwen3-30b-a3b] [--out bench-results]
 
 The memory probe sums a 1 GiB tensor with the host path's own threads (the fastest of 9 reads: the ceiling). The host
 path computes one expert per job for 1, 4 and 16 tokens through `HostCompute` (the path `miss_path="host"` takes),
@@ -37,9 +37,10 @@ from offload_moe.runtime.store import HostStore
 
 SIZES = {"mixtral-8x7b": (4096, 14336), "qwen3-30b-a3b": (2048, 768)}  # hidden, expert intermediate
 TOKENS = (1, 4, 16)
-WORKING_SET = {"quick": 1 << 28, "default": 1 << 30}  # bytes of distinct experts cycled through: past any cache
+WORKING_SET = {"tiny": 1 << 26, "quick": 1 << 28, "default": 1 << 30}  # distinct experts cycled through: past caches
 PRECISIONS = (None, "int8", "int4")
-SECONDS = {"quick": 2.0, "default": 5.0}  # each token count's least time in rounds of calls: small experts take more
+SECONDS = {"tiny": 0.0, "quick": 2.0, "default": 5.0}  # each token count's least time: small experts take more rounds
+REPEATS = {"tiny": 3, "quick": 5, "default": 9}  # the least rounds
 MAX_ROUNDS = 200
 
 
@@ -140,15 +141,14 @@ def _host_job(host: HostCompute, x: torch.Tensor, w: torch.Tensor, ids: list[np.
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=["quick", "default"], default="default")
+    ap.add_argument("--mode", choices=list(REPEATS), default="default")
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
-    repeats = 5 if args.mode == "quick" else 9
     threads = torch.get_num_threads()  # a CPU device's host path computes on the calling thread
     result = {"machine": f"{platform.machine()}, {len(physical_cores())} physical cores, torch {torch.__version__}",
               "threads": threads, "memory_gbps": memory_gbps(threads),
-              "sizes": [measure(name, repeats, WORKING_SET[args.mode], SECONDS[args.mode])
+              "sizes": [measure(name, REPEATS[args.mode], WORKING_SET[args.mode], SECONDS[args.mode])
                         for name in args.sizes]}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host.json").write_text(json.dumps(result, indent=1))

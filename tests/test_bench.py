@@ -144,7 +144,7 @@ def test_host_bench_sets_each_path_beside_the_memory_probe(tmp_path):
     from lab.host_bench import TOKENS, main
     from lab.results_doc import main as results_doc
 
-    main(["--mode", "quick", "--sizes", "qwen3-30b-a3b", "--out", str(tmp_path)])
+    main(["--mode", "tiny", "--sizes", "qwen3-30b-a3b", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "host.json").read_text())
     assert result["memory_gbps"] > 0
     (size,) = result["sizes"]
