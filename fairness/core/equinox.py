@@ -190,10 +190,10 @@ class Equinox(SchedulingPolicy):
             per_token = sum(shares.values()) / max(sum(generated.values()), 1)
             self.gpu_s_per_token += 0.05 * (per_token - self.gpu_s_per_token)
         for rid, n in generated.items():
-            req = self._running[rid]
+            req, out = self._running[rid], self.predicted[rid][_OUT]
             before = self._generated[rid]
             self._generated[rid] = before + n
-            self._footprint += max(before + n, self.predicted[rid][_OUT]) - max(before, self.predicted[rid][_OUT])
+            self._footprint += max(before + n, out) - max(before, out)
             self.ufc.accrue(rid, service(0, n, req.weight, self.w_p, self.w_q))
             self.rfc.accrue(rid, shares[rid] / req.weight)
 

@@ -41,9 +41,11 @@ class Ledger:
 
     def accrue(self, rid: int, amount: float) -> None:
         """Actual use as it happens: only what goes beyond the prediction is charged now."""
-        before = self._actual[rid]
-        self._actual[rid] = before + amount
-        self._value[self._client[rid]] += max(0.0, self._actual[rid] - max(before, self._predicted[rid]))
+        before, predicted = self._actual[rid], self._predicted[rid]
+        after = self._actual[rid] = before + amount
+        charged = predicted if predicted > before else before  # max(before, predicted): branches cost less than max()
+        if after > charged:  # called per request and engine step: the schedulers' most frequent call
+            self._value[self._client[rid]] += after - charged
 
     def charged(self, rid: int) -> float:
         return max(self._predicted[rid], self._actual[rid])

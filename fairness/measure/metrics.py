@@ -66,7 +66,7 @@ class FairnessTracker:
         if mask.sum() >= 2:
             gained = self.s[:, None] - self._base  # [C, C] service of i since (i, j) became jointly backlogged
             diff = gained - gained.T
-            both = np.ix_(mask, mask)
+            both = mask[:, None] & mask  # [C, C]: jointly backlogged pairs
             self.max_diff = max(self.max_diff, float(diff[both].max()))
             np.maximum(self._hi, now, out=self._hi)
             np.minimum(self._lo, now, out=self._lo)
