@@ -306,10 +306,11 @@ class HostCompute:
         n_pairs = 0
         for e in experts:
             pos, tok = np.nonzero((ids == e).T)  # in the order the stock kernels gather an expert's rows
-            rows = torch.from_numpy(tok * top_k + pos if pairs else tok)
-            x, w = hidden[torch.from_numpy(tok)], weights[torch.from_numpy(tok), torch.from_numpy(pos)]
+            picked = torch.from_numpy(tok)  # [n] the tokens routed to e
+            rows = torch.from_numpy(tok * top_k + pos) if pairs else picked
+            x, w = hidden[picked], weights[picked, torch.from_numpy(pos)]
             y = kernel.forward(self._pieces(layer, e), x, w, self.lowbit_for(layer, e, len(tok)))
-            out.index_add_(0, rows, y.to(out_dtype))
+            out.index_add_(0, rows, y if y.dtype == out_dtype else y.to(out_dtype))
             n_pairs += len(tok)
         return out, n_pairs
 
