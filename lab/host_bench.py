@@ -106,9 +106,8 @@ def measure(name: str, repeats: int, working_set: int, least_seconds: float) -> 
     for tokens in TOKENS:
         x = torch.randn(tokens, hidden).to(torch.bfloat16)
         w = torch.ones(tokens, 1)
-        ids = [
-            np.full((tokens, 1), e, dtype=np.int64) for e in range(count)
-        ]  # each expert's routing, as the hook has it
+        # each expert's routing, built before the timing as the hook gets it from the router
+        ids = [np.full((tokens, 1), e, dtype=np.int64) for e in range(count)]
         paths, nbytes = {}, {}
         for precision, host in hosts.items():
             path = "host" if precision is None else f"host {precision} (LOSSY to {host.lowbit_tokens} tokens)"

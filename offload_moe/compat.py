@@ -109,7 +109,7 @@ def expert_layout(module: torch.nn.Module) -> ExpertLayout | None:
 def gate_function(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The module's `_apply_gate` (its gate-up output [n, 2I] to the activated [n, I]). Where that is transformers'
     default (chunk, activation, product), the same three ops with the activation's forward called directly: the
-    same math without a module call's dispatch, which costs a decode's host job more than the product itself."""
+    same math without a module call's dispatch, which on a decode's one-row inputs costs more than the ops do."""
     gate = module._apply_gate
     default = getattr(transformers_moe, "_default_apply_gate", None)  # None: an unknown version keeps the module's
     if (
