@@ -12,6 +12,7 @@ reproduces the host-versus-link trade-off; results measured with it are emulated
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -241,30 +242,17 @@ class HostCompute:
             flops = 2.0 * self.expert_params * int(np.isin(ids, experts).sum())
             nbytes = sum(self.host_bytes(layer, e, int((ids == e).sum())) for e in experts)
             done_at = self.pace.reserve(start, nbytes, flops)
-        if torch.is_grad_enabled():  # a model run with autograd on: no graph of the host's products
-            with torch.no_grad():
-                out, n_pairs = self._compute(layer, experts, hidden, weights, ids, pairs, out_dtype)
-        else:  # the worker's mode, and a generation's: no context to enter on the decode path
-            out, n_pairs = self._compute(layer, experts, hidden, weights, ids, pairs, out_dtype)
+        # no graph of the host's products where autograd is on; none to turn off in generation or on the worker
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            if len(ids) == 1 and self._kernels[layer].direct:  # decode: every expert at once
+                out, n_pairs = self._one_token(layer, experts, hidden, weights, ids[0].tolist(), pairs, out_dtype)
+            else:
+                out, n_pairs = self._tokens(layer, experts, hidden, weights, ids, pairs, out_dtype)
         if self.pace is not None:
             delay = done_at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
         return out, time.perf_counter() - start, n_pairs
-
-    def _compute(
-        self,
-        layer: int,
-        experts: list[int],
-        hidden: torch.Tensor,
-        weights: torch.Tensor,
-        ids: np.ndarray,
-        pairs: bool,
-        out_dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, int]:
-        if len(ids) == 1 and self._kernels[layer].direct:  # decode: every expert at once
-            return self._one_token(layer, experts, hidden, weights, ids[0].tolist(), pairs, out_dtype)
-        return self._tokens(layer, experts, hidden, weights, ids, pairs, out_dtype)
 
     def _one_token(
         self,
