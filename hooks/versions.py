@@ -19,3 +19,12 @@ def require_release(package: str, installed: str, tested: str, extra: str) -> No
             f"pip install 'offload-moe[{extra}]' (in an environment of its own where another engine pins "
             f"{package} elsewhere)"
         )
+
+
+def require(ok: bool, what: str, installed: str, user: str, tested: str) -> None:
+    """Unless `ok`, refuse the `installed` versions: they lack `what`, a private internal that `user` (a package of
+    this project) relies on and is tested with in `tested`."""
+    if not ok:
+        raise IncompatibleVersionError(
+            f"{what}: not found in {installed}; {user} is tested with {tested}: install a version in pyproject's range"
+        )

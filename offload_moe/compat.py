@@ -11,18 +11,14 @@ import torch
 import transformers
 from transformers.integrations import moe as transformers_moe
 
-from hooks.versions import IncompatibleVersionError, require_release
+from hooks.versions import require, require_release
 
 TESTED = "torch 2.13, transformers 5.24"
 require_release("transformers", transformers.__version__, "5.24", "offload")
 
 
 def _require(ok: bool, what: str) -> None:
-    if not ok:
-        raise IncompatibleVersionError(
-            f"{what}: not found in torch {torch.__version__} / transformers {transformers.__version__}; offload_moe "
-            f"is tested with {TESTED}: install a version in pyproject's range"
-        )
+    require(ok, what, f"torch {torch.__version__} / transformers {transformers.__version__}", "offload_moe", TESTED)
 
 
 # --- nn.Module parameters: the slot pool is swapped into a stock experts module for one kernel call ---------------

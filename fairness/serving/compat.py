@@ -9,18 +9,15 @@ import transformers
 from transformers.generation.continuous_batching.requests import RequestState
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, Scheduler
 
-from hooks.versions import IncompatibleVersionError, require_release
+from hooks import versions
+from hooks.versions import require_release
 
 TESTED = "transformers 5.24"
 require_release("transformers", transformers.__version__, "5.24", "serve")
 
 
 def require(ok: bool, what: str) -> None:
-    if not ok:
-        raise IncompatibleVersionError(
-            f"{what}: not found in transformers {transformers.__version__}; fairness.serving is tested with "
-            f"{TESTED}: install a version in pyproject's range"
-        )
+    versions.require(ok, what, f"transformers {transformers.__version__}", "fairness.serving", TESTED)
 
 
 def total_generated(state: RequestState) -> int:
