@@ -30,6 +30,12 @@ def parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return module._parameters
 
 
+def own_parameters(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Give `module` a parameter table of its own, `params` (a shallow copy of a module shares its original's)."""
+    _require(isinstance(getattr(module, "_parameters", None), dict), "nn.Module._parameters")
+    module._parameters = params
+
+
 def swap_parameters(module: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
     """Put `params` in place of the module's parameters of those names; returns the ones they replaced."""
     table = parameters(module)

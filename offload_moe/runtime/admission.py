@@ -8,7 +8,7 @@ from __future__ import annotations
 from offload_moe.runtime.types import ExpertKey
 
 
-class Admission:
+class UseCounts:
     """How many layer calls needed each expert, and the admission test built on it."""
 
     def __init__(self, num_layers: int, num_experts: int):

@@ -23,7 +23,7 @@ import torch
 
 from offload_moe import compat
 from offload_moe.progress import progress
-from offload_moe.runtime.admission import Admission
+from offload_moe.runtime.admission import UseCounts
 from offload_moe.runtime.counters import Counters
 from offload_moe.runtime.eviction import EvictionPolicy
 from offload_moe.runtime.packed import Unpacker
@@ -77,7 +77,7 @@ class ExpertCache:
         self.all_resident = num_slots == store.num_layers * store.num_experts
         self.slots = SlotTable(store.num_layers, store.num_experts, num_slots, top_k, eviction, self.device, frozen)
         self.speculation = Speculation(store.num_layers, counters, engine.copy_seconds)
-        self.admission = Admission(store.num_layers, store.num_experts) if admission else None
+        self.uses = UseCounts(store.num_layers, store.num_experts) if admission else None
         self._pending: dict[ExpertKey, tuple[Transfer, int]] = {}  # copies in flight (and part), by expert
         self._last_use: list[torch.cuda.Event | None] = [None] * num_slots  # CUDA: last kernel reading the slot
         self._views: list[list[torch.Tensor] | None] = [None] * num_slots  # per slot: where a copy's pieces go
@@ -138,8 +138,8 @@ class ExpertCache:
         slots = table.slots_of(layer, experts)
         missing = [e for e, s in zip(experts, slots, strict=True) if s < 0]
         self.speculation.needed(layer, keys, lambda k: k not in self._pending and table.slot(k) >= 0)
-        if self.admission is not None:
-            self.admission.used(layer, experts)
+        if self.uses is not None:
+            self.uses.used(layer, experts)
         st = self._counters
         hits = len(keys) - len(missing)
         st.hits += hits
@@ -316,7 +316,7 @@ class ExpertCache:
         if self.slots.has_free(layer):
             return True
         victim = self.slots.victim(layer, self._busy)
-        return victim is not None and (self.admission is None or self.admission.admits(key, victim))
+        return victim is not None and (self.uses is None or self.uses.admits(key, victim))
 
     # --- warm start and the fixed layers ---------------------------------------------------------------------------
 

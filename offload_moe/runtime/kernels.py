@@ -14,7 +14,7 @@ def one_expert_twin(module: torch.nn.Module) -> torch.nn.Module:
     """A shallow copy of an experts module that holds one expert and runs its class's forward (no hooks)."""
     twin = copy.copy(module)
     twin.__dict__.pop("forward", None)  # the class's forward, not a hook's wrapper
-    twin._parameters = dict(compat.parameters(module))
+    compat.own_parameters(twin, dict(compat.parameters(module)))
     twin.num_experts = 1
     compat.set_expert_parallel(twin, False)
     return twin
@@ -29,9 +29,8 @@ def expert_forward(
     where the kernel casts its input, so pass x in that dtype to get the sum unrounded)."""
     dtype = next(iter(weights.values())).dtype
     call = copy.copy(twin)  # per call: workers run concurrently
-    call._parameters = {**twin._parameters}
-    for n in names:
-        call._parameters[n] = torch.nn.Parameter(weights[n].unsqueeze(0), requires_grad=False)
+    one = {n: torch.nn.Parameter(weights[n].unsqueeze(0), requires_grad=False) for n in names}
+    compat.own_parameters(call, {**compat.parameters(twin), **one})
     index = torch.zeros((x.shape[0], 1), dtype=torch.long, device=x.device)
     x = x if compat.casts_input(twin) else x.to(dtype)
     with torch.no_grad():  # the class's forward, called directly: forward hooks on the module do not fire
