@@ -55,7 +55,7 @@ def host_seconds_per_expert(model: torch.nn.Module, prompt: torch.Tensor, tokens
         s = handle.stats()
     finally:
         handle.unpatch()
-    return s.host_seconds / max(1, s.host_jobs)
+    return s.host_seconds / max(1, s.host_experts)
 
 
 def sweep_point(models: dict, resident, prompt, ref: list[int], link: EmulatedLink, rounds: int, tokens: int) -> list:
@@ -94,7 +94,7 @@ def sweep_point(models: dict, resident, prompt, ref: list[int], link: EmulatedLi
                 "greedy_identical": same[name],
                 "hit_rate": s.hit_rate,
                 "misses_per_token": s.misses / n,
-                "host_per_token": s.host_jobs / n,
+                "host_per_token": s.host_experts / n,
                 "copies_per_token": s.copies / n,
                 "explored_per_token": s.explored / n,
                 "stall_seconds_per_token": s.stall_seconds / n,

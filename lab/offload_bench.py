@@ -294,7 +294,7 @@ def run_config(model, tokenizer, cfg: Config, device, link, host, calibration, p
         "decode_tokens_per_s": decode, "prefill_tokens_per_s": prefill, "bits_per_byte": bpb,
         "hit_rate": s.hit_rate if s else 1.0, "misses_per_token": per_token(s.misses if s else 0),
         "substituted_per_token": per_token(s.substituted if s else 0),
-        "host_per_token": per_token(s.host_jobs if s else 0), "copies_per_token": per_token(s.copies if s else 0),
+        "host_per_token": per_token(s.host_experts if s else 0), "copies_per_token": per_token(s.copies if s else 0),
         "lowbit_copies_per_token": per_token(s.lowbit_copies if s else 0),
         "bytes_per_token": per_token(s.bytes_copied if s else 0), "stall_seconds": s.stall_seconds if s else 0.0,
         "host_wait_seconds": s.host_wait_seconds if s else 0.0, "slots": s.slots if s else None,

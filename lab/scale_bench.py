@@ -136,7 +136,7 @@ def run_shape(shape: str, mode: str, resident: torch.nn.Module) -> dict:
                 "slots": s.slots,
                 "decode_tokens": n,
                 "misses_per_token": s.misses / (n - 1),
-                "host_per_token": s.host_jobs / (n - 1),
+                "host_per_token": s.host_experts / (n - 1),
                 "kernel_passes_per_call": s.kernel_passes / s.layer_calls if s.layer_calls else 1.0,
                 "runtime_us_per_call": s.runtime_us_per_call,
                 "runtime_us_per_miss": s.runtime_us_per_miss,

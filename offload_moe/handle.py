@@ -80,7 +80,7 @@ class OffloadStats:
     substituted: int
     critical_misses: int
     lowbit_copies: int  # standin="lowbit": low-bit copies fetched for one use (their bytes are in bytes_copied)
-    host_jobs: int  # missed experts computed on the host (per layer call)
+    host_experts: int  # missed experts computed on the host (per layer call)
     host_tokens: int  # (token, expert) pairs they served
     host_seconds: float  # host worker time
     host_wait_seconds: float  # compute thread blocked on host results

@@ -73,7 +73,7 @@ def test_a_decode_step_makes_no_synchronizing_call_beyond_the_routing(miss_path)
         ours = [f"{w.filename}:{w.lineno}" for w in caught if "offload_moe" in w.filename]
         assert not ours, ours
         s = handle.stats()
-        assert s.missing_calls > 0 and (s.host_jobs > 0 if miss_path == "host" else True)
+        assert s.missing_calls > 0 and (s.host_experts > 0 if miss_path == "host" else True)
     finally:
         handle.unpatch()
 
@@ -104,4 +104,4 @@ def test_gpu_check_benchmark_runs_its_configurations():
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in runs)
     lru = next(r for r in runs if r["name"] == "lru")
     assert lru["copies"] > 0 and lru["copy_gbps"] > 0 and lru["overlap"] <= 1
-    assert next(r for r in runs if r["name"] == "host")["host_jobs"] > 0
+    assert next(r for r in runs if r["name"] == "host")["host_experts"] > 0

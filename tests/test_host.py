@@ -35,8 +35,8 @@ def test_host_and_auto_are_lossless(family, budget, miss_path, device, patched):
         torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
         assert torch.equal(generate(model, ids), ref_tokens)
         stats = handle.stats()
-        assert stats.miss_path == miss_path and stats.host_tokens >= stats.host_jobs
-        assert stats.host_jobs > 0 or (miss_path == "auto" and device == "cuda")  # a real link may always win
+        assert stats.miss_path == miss_path and stats.host_tokens >= stats.host_experts
+        assert stats.host_experts > 0 or (miss_path == "auto" and device == "cuda")  # a real link may always win
         assert stats.resident_bytes <= stats.budget_bytes
         if miss_path == "host":
             assert stats.auto_copy == 0 and stats.copies < stats.misses  # only background copies
@@ -64,7 +64,7 @@ def test_reference_model_host_compute_is_lossless(reference_dir, impl, miss_path
         else:
             torch.testing.assert_close(got, ref_logits, rtol=1e-5, atol=1e-5)
         assert torch.equal(generate(model, batch, 10), ref_tokens)
-        assert handle.stats().host_jobs > 0
+        assert handle.stats().host_experts > 0
     finally:
         handle.unpatch()
 
@@ -75,7 +75,7 @@ def test_host_compute_from_a_memory_mapped_per_expert_checkpoint(tmp_path):
     ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(0))
     model, handle = offload_moe.load(tmp_path, budget=0.25, device="cpu", miss_path="host")
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=0, atol=1e-5)
-    assert handle.stats().host_jobs > 0
+    assert handle.stats().host_experts > 0
     handle.unpatch()
 
 
@@ -171,7 +171,7 @@ def test_a_custom_miss_policy_is_lossless_and_reported_by_its_own_name(patched):
     handle = patched(model, budget=0.25, device="cpu", miss_path=_EveryOtherMissOnTheHost)
     assert torch.equal(logits(model, ids), ref)
     s = handle.stats()
-    assert s.miss_path == "every-other" and s.host_jobs > 0 and s.copies > 0
+    assert s.miss_path == "every-other" and s.host_experts > 0 and s.copies > 0
     handle.unpatch()
     unnamed = type("SplitInHalves", (_EveryOtherMissOnTheHost,), {"name": ""})
     assert patched(model, budget=0.25, device="cpu", miss_path=unnamed).stats().miss_path == "SplitInHalves"
@@ -235,8 +235,8 @@ def test_stress_host_pool_copy_worker_and_compute_together(patched):
     assert not errors, errors
     assert worst[0] <= 1e-5, worst[0]
     stats = handle.stats()
-    assert stats.host_jobs > 0 and stats.copies > 0 and stats.prefetches > 0
-    assert stats.host_jobs <= stats.host_tokens <= 2 * stats.host_jobs  # batch 2: one or two tokens per job
+    assert stats.host_experts > 0 and stats.copies > 0 and stats.prefetches > 0
+    assert stats.host_experts <= stats.host_tokens <= 2 * stats.host_experts  # batch 2: one or two tokens per job
     handle.unpatch()
     assert time.monotonic() - t0 < 300
 
@@ -250,7 +250,7 @@ def test_host_jobs_do_not_fire_forward_hooks(patched):
     handle = patched(model, budget=0.25, device="cpu", miss_path="host")
     with RoutingRecorder(model) as trace:
         generate(model, ids, 4)
-    assert handle.stats().host_jobs > 0
+    assert handle.stats().host_experts > 0
     assert [len(calls) for calls in trace.index] == [len(calls) for calls in ref_trace.index]
     assert all(torch.equal(a, b) for x, y in zip(trace.index, ref_trace.index, strict=True)
                for a, b in zip(x, y, strict=True))  # fmt: skip
@@ -286,7 +286,7 @@ def test_low_bit_host_experts_stay_near_the_model_at_decode(precision, bound, pa
             got.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, ref, strict=True))
     assert 0 < err <= bound, err
-    assert handle.stats().host_jobs > 0
+    assert handle.stats().host_experts > 0
 
 
 @pytest.mark.bench

@@ -39,7 +39,7 @@ def test_static_layers_keeps_whole_last_layers_and_computes_misses_on_the_host(p
     torch.testing.assert_close(logits(model, ids), ref_logits, rtol=0, atol=1e-5)
     assert torch.equal(generate(model, ids, 8), ref_tokens)
     stats = handle.stats()
-    assert stats.copies == 0 and stats.host_jobs > 0
+    assert stats.copies == 0 and stats.host_experts > 0
     assert stats.miss_path == "host" and stats.placement == "static-layers"
     assert sorted(handle.cache.resident()) == resident  # nothing ever moved
 

@@ -41,7 +41,7 @@ def test_routing_scale_shapes_are_bit_identical_through_every_exact_miss_path(sh
     s = handle.stats()
     assert (s.misses > 0) == (budget < 1.0)
     if miss_path == "host" and budget < 1.0:
-        assert s.host_jobs > 0
+        assert s.host_experts > 0
 
 
 @pytest.mark.slow

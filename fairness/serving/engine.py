@@ -102,7 +102,7 @@ class _OffloadCollector:
             ("expert_hits", s.hits, "routed experts already resident (or being copied) when their layer ran"),
             ("expert_misses", s.misses, "routed experts not resident when their layer ran"),
             ("bytes_copied", s.bytes_copied, "expert bytes copied to the device"),
-            ("host_experts", s.host_jobs, "missed experts computed on the host"),
+            ("host_experts", s.host_experts, "missed experts computed on the host"),
             ("stall_seconds", s.stall_seconds, "seconds compute waited for expert copies"),
             ("link_seconds", s.link_seconds, "seconds the link (or disk) was busy copying experts"),
         ):

@@ -46,7 +46,7 @@ class Counters:
     substituted: int = 0  # (token, expert) pairs served by a stand-in instead of the real expert
     critical_misses: int = 0  # missed experts kept exact although a stand-in was configured (critical pairs)
     # host compute
-    host_jobs: int = 0  # experts computed on the host (one job per expert and layer call)
+    host_experts: int = 0  # experts computed on the host (per layer call: its one host job computes them all)
     host_tokens: int = 0  # (token, expert) pairs they served
     host_seconds: float = 0.0  # worker time of those jobs
     host_wait_seconds: float = 0.0  # compute thread on host results: blocked (a worker's), or computing them (inline)

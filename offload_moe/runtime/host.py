@@ -99,7 +99,7 @@ class HostCompute:
         self.store, self.names, self.hidden_size, self.device = store, names, hidden_size, device
         self._dtype = store.expert_dtype  # the kernels' input dtype
         self._cuda = device.type == "cuda"  # read per job: a device's `type` costs more than a flag
-        self.counters = counters  # writes host_jobs, host_tokens, host_seconds, host_wait_seconds
+        self.counters = counters  # writes host_experts, host_tokens, host_seconds, host_wait_seconds
         self.pace, self.precision = pace, precision
         if precision is not None and store.packed is not None:
             raise ValueError(
@@ -209,7 +209,7 @@ class HostCompute:
         y, seconds, pairs = job.run() if job.future is None else job.future.result()
         c = self.counters
         c.host_wait_seconds += time.perf_counter() - t0  # the compute thread's wait (inline: the job itself)
-        c.host_jobs += len(job.experts)
+        c.host_experts += len(job.experts)
         c.host_tokens += pairs
         c.host_seconds += seconds
         return (y.pin_memory().to(self.device, non_blocking=True) if self._cuda else y), seconds
