@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -36,7 +37,16 @@ CASES = [  # shape, format, group (int formats), one bf16 expert copy over one l
     ("mixtral-8x7b", "int4", 64, 15.0),
 ]
 BUDGETS = (0.25, 0.5)
-MODES = {"tiny": (1, 3), "quick": (1, 6), "default": (3, 10)}  # rounds, decode tokens (tiny: the test's)
+
+
+class Mode(NamedTuple):
+    rounds: int  # alternating rounds of bf16 and packed decoding
+    tokens: int  # decode tokens per round
+    budgets: tuple[float, ...]
+
+
+# tiny: the test's, every path once at the goal's budget (each budget loads and decodes both checkpoints anew)
+MODES = {"tiny": Mode(1, 3, BUDGETS[:1]), "quick": Mode(1, 6, BUDGETS), "default": Mode(3, 10, BUDGETS)}
 GOAL = 2.5  # 4-bit formats at 1/4: decode >= 2.5x bf16 (FP8 moves half of bf16's bytes: its ceiling is 2x)
 
 
@@ -67,14 +77,14 @@ def layer_seconds(path: Path, tokens: int) -> tuple[float, int]:
 
 
 def run_case(shape: str, fmt: str, group: int, ratio: float, mode: str, root: Path) -> dict:
-    rounds, tokens = MODES[mode]
+    rounds, tokens, budgets = MODES[mode]
     model = scale_model(shape, spread=True)
     packed_bytes = save_quantized(model, root / fmt, fmt, group=group or 128)
     model.save_pretrained(root / "bf16")  # the same weights, dequantized
     del model
     layer_s, bf16_expert = layer_seconds(root / "bf16", tokens)
     rows = []
-    for budget in BUDGETS:
+    for budget in budgets:
         link = EmulatedLink(gbps=bf16_expert / (ratio * layer_s) / 1e9)
         opened = {}
         speeds: dict[str, list[float]] = {"bf16": [], fmt: []}
