@@ -150,7 +150,7 @@ def run_benchmark(config, device: str, dtype: torch.dtype, decode_tokens: int, p
             row.update({"slots": s.slots, "hit_rate": s.hit_rate, "copies": s.copies, "host_experts": s.host_experts,
                         "auto_host": s.auto_host, "auto_copy": s.auto_copy, "stall_seconds": s.stall_seconds,
                         "copy_gbps": moved / link_s / 1e9 if link_s else None, "link_busy_seconds": link_s,
-                        # what auto weighs, as it happened: seconds per host job and per copy on the link
+                        # what auto weighs, as it happened: seconds per host expert and per copy on the link
                         "host_seconds_per_expert": s.host_seconds / s.host_experts if s.host_experts else None,
                         "link_seconds_per_copy": s.link_seconds / s.copies if s.copies else None,
                         "overlap": 1 - s.stall_seconds / link_s if link_s else None})  # fmt: skip

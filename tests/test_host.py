@@ -236,7 +236,7 @@ def test_stress_host_pool_copy_worker_and_compute_together(patched):
     assert worst[0] <= 1e-5, worst[0]
     stats = handle.stats()
     assert stats.host_experts > 0 and stats.copies > 0 and stats.prefetches > 0
-    assert stats.host_experts <= stats.host_tokens <= 2 * stats.host_experts  # batch 2: one or two tokens per job
+    assert stats.host_experts <= stats.host_tokens <= 2 * stats.host_experts  # batch 2: one or two tokens per expert
     handle.unpatch()
     assert time.monotonic() - t0 < 300
 
