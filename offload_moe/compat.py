@@ -32,7 +32,7 @@ def parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 def own_parameters(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
     """Give `module` a parameter table of its own, `params` (a shallow copy of a module shares its original's)."""
-    _require(isinstance(getattr(module, "_parameters", None), dict), "nn.Module._parameters")
+    parameters(module)  # refuses a version that keeps the table elsewhere
     module._parameters = params
 
 
